@@ -1,0 +1,30 @@
+"""Shared fixtures: tiny models built on the spot, nothing from the network."""
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("WANDB_MODE", "offline")
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer():
+    from auxiliary.tiny_model import build_tiny_tokenizer
+
+    return build_tiny_tokenizer()
+
+
+@pytest.fixture()
+def tiny_model(tiny_tokenizer):
+    from auxiliary.tiny_model import build_tiny_model
+
+    return build_tiny_model(tiny_tokenizer, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    """A saved tiny model folder (config, weights, tokenizer with chat template)."""
+    from auxiliary.tiny_model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))

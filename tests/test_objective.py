@@ -1,0 +1,259 @@
+"""The objective against independent computations: contexts, signal, padding, truncation, losses, gradients."""
+import pytest
+import torch
+
+from sdpo_objective import (
+    DEFAULT_HINDSIGHT_TEMPLATE,
+    ObjectiveOptions,
+    build_scoring_batch,
+    chat_template_kwargs,
+    compute_signal,
+    hindsight_messages,
+    normalize_messages,
+    render_context_ids,
+    reverse_kl_topk,
+    sdpo_loss,
+    shape_signal,
+    validate_template,
+)
+
+CONVERSATIONS = [
+    [{"role": "user", "content": "Write a short email to my manager."}],
+    [{"role": "system", "content": "Be nice."}, {"role": "user", "content": "What is 27 times 4? Explain."}],
+    [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi! How can I help?"},
+     {"role": "user", "content": "Give me three tips for better sleep."}],
+]
+FOLLOWUPS = ["Use a formal tone.", "  Too long, be concise.  ", "No emojis please."]
+RESPONSES = [[5, 6, 7, 8, 9, 2], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 2]]
+
+
+def contexts(tokenizer):
+    cx = [render_context_ids(tokenizer, m) for m in CONVERSATIONS]
+    cxo = [render_context_ids(tokenizer, hindsight_messages(m, o)) for m, o in zip(CONVERSATIONS, FOLLOWUPS)]
+    return cx, cxo
+
+
+def independent_logprobs(model, context, response):
+    """Plain fp32 forward on the concatenated ids, full log-softmax: no padding, no chunking."""
+    with torch.no_grad():
+        logits = model(torch.tensor([list(context) + list(response)])).logits[0].float()
+    logp = torch.log_softmax(logits, dim=-1)
+    return torch.stack([logp[len(context) - 1 + t, token] for t, token in enumerate(response)])
+
+
+# ----------------------------------------------------------------------------- contexts
+
+def test_hindsight_block_goes_into_last_user_message():
+    xo = hindsight_messages(CONVERSATIONS[2], "  Please be brief. ")
+    assert len(xo) == len(CONVERSATIONS[2])  # no new turn
+    assert xo[:2] == CONVERSATIONS[2][:2]
+    assert xo[2]["content"].startswith("Give me three tips for better sleep.")
+    assert "=== HINDSIGHT CONTEXT ===" in xo[2]["content"]
+    assert xo[2]["content"].endswith("\nPlease be brief.")
+    assert CONVERSATIONS[2][2]["content"] == "Give me three tips for better sleep."  # input untouched
+    with_system = hindsight_messages(CONVERSATIONS[1], "ok")
+    assert with_system[0] == {"role": "system", "content": "Be nice."}
+
+
+def test_hindsight_errors_and_template_validation():
+    with pytest.raises(ValueError, match="empty"):
+        hindsight_messages(CONVERSATIONS[0], "   ")
+    with pytest.raises(ValueError, match="no user message"):
+        hindsight_messages([{"role": "system", "content": "x"}], "ok")
+    with pytest.raises(ValueError, match="followup"):
+        validate_template("no placeholder")
+    assert validate_template(DEFAULT_HINDSIGHT_TEMPLATE)
+
+
+def test_normalize_messages_accepts_from_value():
+    assert normalize_messages([{"from": "human", "value": "hi"}, {"from": "gpt", "value": "yo"}]) == [
+        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    with pytest.raises(ValueError, match="message 0"):
+        normalize_messages([{"text": "hi"}])
+
+
+def test_enable_thinking_only_where_template_accepts_it(tiny_tokenizer):
+    assert chat_template_kwargs(tiny_tokenizer) == {"enable_thinking": False}
+    text = tiny_tokenizer.decode(render_context_ids(tiny_tokenizer, CONVERSATIONS[0]))
+    assert text.endswith("<|im_start|>assistant\n<think>\n\n</think>\n\n")
+
+    class PlainTemplate:
+        chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+
+    assert chat_template_kwargs(PlainTemplate()) == {}
+
+
+# ----------------------------------------------------------------------------- scoring
+
+def test_signal_equals_independent_unbatched_computation(tiny_model, tiny_tokenizer):
+    tiny_model.eval()
+    cx, cxo = contexts(tiny_tokenizer)
+    results = compute_signal(tiny_model, cx, cxo, RESPONSES, tiny_tokenizer.pad_token_id, chunk_size=4)
+    for i, result in enumerate(results):
+        expected_x = independent_logprobs(tiny_model, cx[i], RESPONSES[i])
+        expected_xo = independent_logprobs(tiny_model, cxo[i], RESPONSES[i])
+        assert len(result["signal"]) == len(RESPONSES[i])
+        torch.testing.assert_close(torch.tensor(result["logp_x"]), expected_x, atol=1e-5, rtol=0)
+        torch.testing.assert_close(torch.tensor(result["signal"]), expected_xo - expected_x, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_signal_independent_of_batch_padding_and_chunks(tiny_model, tiny_tokenizer, chunk_size):
+    tiny_model.eval()
+    cx, cxo = contexts(tiny_tokenizer)
+    pad = tiny_tokenizer.pad_token_id
+    alone = compute_signal(tiny_model, cx[1:2], cxo[1:2], RESPONSES[1:2], pad, chunk_size=chunk_size)[0]
+    together = compute_signal(tiny_model, cx, cxo, RESPONSES, pad, chunk_size=chunk_size)
+    reordered = compute_signal(tiny_model, cx[::-1], cxo[::-1], RESPONSES[::-1], pad, chunk_size=chunk_size)
+    torch.testing.assert_close(torch.tensor(together[1]["signal"]), torch.tensor(alone["signal"]), atol=1e-5, rtol=0)
+    for a, b in zip(together, reordered[::-1]):
+        torch.testing.assert_close(torch.tensor(a["signal"]), torch.tensor(b["signal"]), atol=1e-5, rtol=0)
+
+
+def test_batch_layout_left_pads_contexts_and_right_pads_responses():
+    batch = build_scoring_batch([[1, 2, 3], [4]], [[7], [8, 9]], pad_token_id=0)
+    assert batch.context_width == 3
+    assert batch.input_ids.tolist() == [[1, 2, 3, 7, 0], [0, 0, 4, 8, 9]]
+    assert batch.attention_mask.tolist() == [[1, 1, 1, 1, 0], [0, 0, 1, 1, 1]]
+    assert batch.position_ids[1].tolist()[2:] == [0, 1, 2]
+    assert batch.response_mask.tolist() == [[True, False], [True, True]]
+    with pytest.raises(ValueError, match="empty"):
+        build_scoring_batch([[1]], [[]], pad_token_id=0)
+
+
+def test_left_truncation_keeps_assistant_header_and_alignment(tiny_model, tiny_tokenizer):
+    tiny_model.eval()
+    long_conversation = [{"role": "user", "content": "alpha beta gamma delta " * 40 + "Write an email."}]
+    context = render_context_ids(tiny_tokenizer, long_conversation)
+    limit = 24
+    assert len(context) > limit
+    response = RESPONSES[0]
+    batch = build_scoring_batch([context], [response], tiny_tokenizer.pad_token_id, max_context_length=limit)
+    kept = batch.input_ids[0, : batch.context_width].tolist()
+    assert batch.truncated == [True]
+    assert kept == context[-limit:]
+    header = tiny_tokenizer("<|im_start|>assistant\n", add_special_tokens=False)["input_ids"]
+    decoded_tail = tiny_tokenizer.decode(kept)
+    assert "<|im_start|>assistant\n" in decoded_tail and len(kept) >= len(header)
+    assert batch.input_ids[0, batch.context_width:].tolist() == response
+    result = compute_signal(tiny_model, [context], [context], [response], tiny_tokenizer.pad_token_id,
+                            max_context_length=limit)[0]
+    expected = independent_logprobs(tiny_model, context[-limit:], response)
+    torch.testing.assert_close(torch.tensor(result["logp_x"]), expected, atol=1e-5, rtol=0)
+
+
+# ----------------------------------------------------------------------------- losses
+
+def _batches(tokenizer):
+    cx, cxo = contexts(tokenizer)
+    pad = tokenizer.pad_token_id
+    return build_scoring_batch(cx, RESPONSES, pad), build_scoring_batch(cxo, RESPONSES, pad), cx, cxo
+
+
+def test_simple_signal_gradient_matches_formula(tiny_model, tiny_tokenizer):
+    batch_x, batch_xo, cx, cxo = _batches(tiny_tokenizer)
+    tiny_model.eval()
+    loss, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal", logits_chunk_size=2))
+    loss.backward()
+    ours = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
+    tiny_model.zero_grad()
+    # -(1/B) sum_b (1/|y_b|) sum_t A_t grad log p(y_t | x), with A from the independent computation
+    total = 0.0
+    for i, response in enumerate(RESPONSES):
+        signal = independent_logprobs(tiny_model, cxo[i], response) - independent_logprobs(tiny_model, cx[i], response)
+        logits = tiny_model(torch.tensor([cx[i] + response])).logits[0].float()
+        logp = torch.log_softmax(logits, -1)
+        logp_y = torch.stack([logp[len(cx[i]) - 1 + t, tok] for t, tok in enumerate(response)])
+        total = total - (signal * logp_y).sum() / len(response)
+    (total / len(RESPONSES)).backward()
+    torch.testing.assert_close(loss.detach(), (total / len(RESPONSES)).detach(), atol=1e-5, rtol=1e-4)
+    for name, param in tiny_model.named_parameters():
+        torch.testing.assert_close(ours[name], param.grad, atol=1e-6, rtol=1e-4, msg=name)
+    assert [len(s) for s in stats["signal_per_sequence"]] == [len(r) for r in RESPONSES]
+
+
+def test_full_distillation_with_full_vocab_and_no_tail_is_exact_reverse_kl(tiny_model, tiny_tokenizer):
+    batch_x, batch_xo, cx, cxo = _batches(tiny_tokenizer)
+    tiny_model.eval()
+    vocab = tiny_model.config.vocab_size
+    opts = ObjectiveOptions(loss_mode="full_distillation", distillation_topk=vocab, distillation_tail=False,
+                            logits_chunk_size=5)
+    loss, _ = sdpo_loss(tiny_model, batch_x, batch_xo, opts)
+    kls = []
+    with torch.no_grad():
+        for i, response in enumerate(RESPONSES):
+            ls = torch.log_softmax(tiny_model(torch.tensor([cx[i] + response])).logits[0].float(), -1)
+            lt = torch.log_softmax(tiny_model(torch.tensor([cxo[i] + response])).logits[0].float(), -1)
+            for t in range(len(response)):
+                s, te = ls[len(cx[i]) - 1 + t], lt[len(cxo[i]) - 1 + t]
+                kls.append((s.exp() * (s - te)).sum())
+    torch.testing.assert_close(loss.detach(), torch.stack(kls).mean(), atol=1e-6, rtol=1e-4)
+
+
+def test_tail_bucket_by_hand():
+    student = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]]), -1)
+    teacher = torch.log_softmax(torch.tensor([[0.5, 1.5, 0.0, 0.2, -1.0]]), -1)
+    top = student[:, :2]  # the student's top-2 ids are 0 and 1
+    t_top = teacher[:, :2]
+    ps, pt = top.exp(), t_top.exp()
+    tail_s, tail_t = 1 - ps.sum(), 1 - pt.sum()
+    expected = (ps * (top - t_top)).sum() + tail_s * (tail_s.log() - tail_t.log())
+    torch.testing.assert_close(reverse_kl_topk(top, t_top, tail=True)[0], expected)
+    renorm_s, renorm_t = top - top.logsumexp(-1, keepdim=True), t_top - t_top.logsumexp(-1, keepdim=True)
+    expected_renorm = (renorm_s.exp() * (renorm_s - renorm_t)).sum()
+    torch.testing.assert_close(reverse_kl_topk(top, t_top, tail=False)[0], expected_renorm)
+
+
+def test_no_nan_when_topk_mass_is_one():
+    logits = torch.tensor([[60.0, 0.0, -5.0, -5.0]], requires_grad=True)
+    student = torch.log_softmax(logits, -1)[:, :2]
+    teacher = torch.log_softmax(torch.tensor([[70.0, 1.0, -5.0, -5.0]]), -1)[:, :2]
+    kl = reverse_kl_topk(student, teacher, tail=True)
+    kl.sum().backward()
+    assert torch.isfinite(kl).all() and torch.isfinite(logits.grad).all()
+    assert kl.item() >= -1e-6
+
+
+def test_full_distillation_gradient_is_finite_and_loss_nonnegative(tiny_model, tiny_tokenizer):
+    batch_x, batch_xo, _, _ = _batches(tiny_tokenizer)
+    loss, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(distillation_topk=5, logits_chunk_size=3))
+    loss.backward()
+    assert loss.item() >= 0 and stats["distill_kl"] == pytest.approx(loss.item())
+    assert all(torch.isfinite(p.grad).all() for p in tiny_model.parameters() if p.grad is not None)
+
+
+def test_signal_shaping_ignore_center_clip_by_hand():
+    raw = torch.tensor([1.0, -2.0, 3.0, 0.5, -0.5])
+    seq = torch.tensor([0, 0, 0, 1, 1])
+    pos = torch.tensor([0, 1, 2, 0, 1])
+    signal, weight = shape_signal(raw, seq, pos, 2, ObjectiveOptions(loss_mode="simple_signal", ignore_first_k=1))
+    assert weight.tolist() == [0, 1, 1, 0, 1] and signal.tolist() == [0, -2, 3, 0, -0.5]
+    centred, _ = shape_signal(raw, seq, pos, 2, ObjectiveOptions(loss_mode="simple_signal", center_signal=True))
+    assert centred.tolist() == pytest.approx([1 - 2 / 3, -2 - 2 / 3, 3 - 2 / 3, 0.5, -0.5])
+    clipped, _ = shape_signal(raw, seq, pos, 2, ObjectiveOptions(loss_mode="simple_signal", signal_clip=1.0))
+    assert clipped.tolist() == [1, -1, 1, 0.5, -0.5]
+    negated, _ = shape_signal(raw, seq, pos, 2, ObjectiveOptions(loss_mode="simple_signal", negate_signal=True))
+    assert negated.tolist() == [-1, 2, -3, -0.5, 0.5]
+
+
+def test_bad_options_fail_clearly():
+    with pytest.raises(ValueError, match="simple_signal, full_distillation"):
+        ObjectiveOptions(loss_mode="ppo")
+    with pytest.raises(ValueError, match="negate_signal"):
+        ObjectiveOptions(loss_mode="full_distillation", negate_signal=True)
+
+
+def test_reference_kl_is_zero_against_itself_and_adds_to_loss(tiny_model, tiny_tokenizer):
+    from auxiliary.tiny_model import build_tiny_model
+
+    batch_x, batch_xo, _, _ = _batches(tiny_tokenizer)
+    tiny_model.eval()
+    same = build_tiny_model(tiny_tokenizer, seed=0).eval()
+    other = build_tiny_model(tiny_tokenizer, seed=1).eval()
+    base, _ = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
+    with_same, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal", beta=0.5), same)
+    assert stats["ref_kl"] == pytest.approx(0.0, abs=1e-6)
+    torch.testing.assert_close(with_same, base)
+    with_other, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal", beta=0.5), other)
+    assert stats["ref_kl"] > 0
+    torch.testing.assert_close(with_other, base + 0.5 * stats["ref_kl"], atol=1e-5, rtol=1e-5)
