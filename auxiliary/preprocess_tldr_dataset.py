@@ -1,0 +1,97 @@
+"""TL;DR (openai/summarize_from_feedback, "comparisons") -> Reddit summarisation prompts.
+
+    python auxiliary/preprocess_tldr_dataset.py --out_dir data/tldr_prompts_unique
+
+writes `train.jsonl` and `validation.jsonl`, one `{"prompt": ...}` per line: the post's
+subreddit, title and text under a TL;DR instruction. The comparisons data hold many
+summary pairs per post, so prompts are deduplicated within a split and across splits
+(no validation prompt also appears in train). Rows without a Reddit post (the CNN/DM
+articles of the validation data) and posts outside the length limits are dropped.
+A row's own `split` field (train / valid1 / valid2) decides its split when present.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
+
+from auxiliary.preprocess_common import (  # noqa: E402  (stdlib-only module: --help stays light)
+    Summary, canonical_split, load_splits, normalize_prompt_key, progress, run_cli, write_jsonl,
+)
+from auxiliary.io_utils import DataError  # noqa: E402
+
+INSTRUCTION = "Write a TL;DR for the following Reddit post: a summary of a sentence or two."
+
+
+def format_prompt(info: dict) -> str:
+    subreddit = (info.get("subreddit") or "").strip()
+    title = (info.get("title") or "").strip()
+    post = (info.get("post") or "").strip()
+    header = [f"SUBREDDIT: r/{subreddit}"] if subreddit else []
+    header += [f"TITLE: {title}"] if title else []
+    return f"{INSTRUCTION}\n\n" + "\n".join(header + [f"POST: {post}"])
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="openai/summarize_from_feedback", help="hub name or local file/folder (default: %(default)s)")
+    parser.add_argument("--config", default="comparisons", help="hub config (default: %(default)s)")
+    parser.add_argument("--out_dir", default="data/tldr_prompts_unique", help="output folder (default: %(default)s)")
+    parser.add_argument("--min_post_chars", type=int, default=50, help="drop shorter posts (default: %(default)s)")
+    parser.add_argument("--max_post_chars", type=int, default=3000, help="drop longer posts (default: %(default)s)")
+    return parser
+
+
+def select_prompts(splits, args, summary: Summary) -> dict[str, list[dict]]:
+    candidates: dict[str, list[str]] = {"train": [], "validation": []}
+    for split_name, rows in splits.items():
+        for where, record in progress(rows, total=len(rows), desc=f"TL;DR {split_name}"):
+            summary.count("rows read")
+            info = record.get("info")
+            if not isinstance(info, dict):
+                raise DataError(f"{where}: record has no 'info' object (expected the 'comparisons' schema)")
+            target = canonical_split(record.get("split") or split_name)
+            post = (info.get("post") or "").strip()
+            if target not in candidates:
+                summary.drop("unknown_split", "row")
+            elif not post:
+                summary.drop("no_post", "row")
+            elif len(post) < args.min_post_chars:
+                summary.drop("post_too_short", "row")
+            elif len(post) > args.max_post_chars:
+                summary.drop("post_too_long", "row")
+            else:
+                candidates[target].append(format_prompt(info))
+    # dedup after reading everything, so the row order of the input cannot let a
+    # validation prompt slip in before its train twin is seen
+    kept: dict[str, list[dict]] = {"train": [], "validation": []}
+    seen: dict[str, set[str]] = {"train": set(), "validation": set()}
+    for target in ("train", "validation"):
+        for prompt in candidates[target]:
+            key = normalize_prompt_key(prompt)
+            if key in seen[target]:
+                summary.drop("duplicate_in_split", "row")
+            elif target == "validation" and key in seen["train"]:
+                summary.drop("duplicate_of_train", "row")
+            else:
+                seen[target].add(key)
+                kept[target].append({"prompt": prompt})
+    return kept
+
+
+def main(argv=None) -> Summary:
+    args = build_parser().parse_args(argv)
+    summary = Summary("preprocess_tldr_dataset")
+    prompts = select_prompts(load_splits(args.dataset, args.config), args, summary)
+    for split, records in prompts.items():
+        if not records:
+            summary.notes.append(f"{split}.jsonl is empty: the input had no usable {split} prompts")
+        write_jsonl(os.path.join(args.out_dir, f"{split}.jsonl"), records, summary)
+    summary.print()
+    return summary
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

@@ -1,0 +1,89 @@
+"""HelpSteer2 and TL;DR prompt preprocessors on fixture files shaped like the real data."""
+import json
+from pathlib import Path
+
+import pytest
+
+from auxiliary import preprocess_helpsteer, preprocess_tldr_dataset
+from auxiliary.io_utils import DataError, read_jsonl
+
+FIXTURES = Path(__file__).resolve().parent / "fixtures" / "preprocess"
+
+
+def prompts(path):
+    return [r["prompt"] for r in read_jsonl(path)]
+
+
+# ----------------------------------------------------------------- HelpSteer2
+def test_helpsteer_outputs_and_every_filter(tmp_path):
+    out = tmp_path / "helpsteer_prompts"
+    summary = preprocess_helpsteer.main(["--dataset", str(FIXTURES / "helpsteer2"), "--out_dir", str(out),
+                                         "--max_prompt_chars", "200"])
+    assert sorted(p.name for p in out.iterdir()) == ["train.jsonl", "validation.jsonl"]
+    assert prompts(out / "train.jsonl") == [
+        "What is the capital of France? Answer briefly.",
+        "Explain photosynthesis to a ten-year-old.",
+        "List three prime numbers greater than 50.",
+    ]
+    assert prompts(out / "validation.jsonl") == [
+        "Write a haiku about autumn leaves.",
+        "Give me three tips for a job interview.",
+    ]
+    assert all(list(r) == ["prompt"] for r in read_jsonl(out / "train.jsonl"))
+    # 9 train rows: 2 repeats of the France prompt (one with extra spaces), a multi-turn,
+    # "Hi", an empty and a 350-character prompt; 4 validation rows: a repeat and a train prompt
+    assert summary.counts["rows read"] == 13
+    assert dict(summary.dropped) == {"duplicate_in_split": 3, "duplicate_of_train": 1, "empty_prompt": 1,
+                                     "multi_turn": 1, "prompt_too_short": 1, "prompt_too_long": 1}
+
+
+def test_helpsteer_default_length_limit_keeps_the_long_prompt(tmp_path):
+    summary = preprocess_helpsteer.main(["--dataset", str(FIXTURES / "helpsteer2"), "--out_dir", str(tmp_path)])
+    assert "prompt_too_long" not in summary.dropped
+    assert len(prompts(tmp_path / "train.jsonl")) == 4
+
+
+def test_helpsteer_missing_prompt_field_is_reported_with_its_line(tmp_path):
+    src = tmp_path / "train.jsonl"
+    src.write_text(json.dumps({"prompt": "A fine prompt here."}) + "\n" + json.dumps({"response": "no prompt"}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:2: record has no 'prompt' field"):
+        preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
+
+
+# ----------------------------------------------------------------- TL;DR
+def test_tldr_outputs_prompt_format_and_every_filter(tmp_path):
+    out = tmp_path / "tldr_prompts_unique"
+    summary = preprocess_tldr_dataset.main(["--dataset", str(FIXTURES / "tldr"), "--out_dir", str(out),
+                                            "--max_post_chars", "400"])
+    train, validation = prompts(out / "train.jsonl"), prompts(out / "validation.jsonl")
+    assert [p.split("SUBREDDIT: r/")[1].split("\n")[0] for p in train] == ["relationships", "Guitar"]
+    assert [p.split("SUBREDDIT: r/")[1].split("\n")[0] for p in validation] == ["dogs", "careerguidance"]
+    first = train[0]
+    assert first.startswith(preprocess_tldr_dataset.INSTRUCTION) and "TL;DR" in first
+    assert "\nTITLE: Roommate eats my food\nPOST: My roommate keeps eating my food" in first
+    assert summary.counts["rows read"] == 10
+    assert dict(summary.dropped) == {"duplicate_in_split": 2, "duplicate_of_train": 1, "no_post": 1,
+                                     "post_too_short": 1, "post_too_long": 1}
+    assert not set(train) & set(validation)
+
+
+def test_tldr_cross_split_dedup_does_not_depend_on_row_order(tmp_path):
+    # one file, validation rows first: each row's own `split` field decides its split
+    rows = read_jsonl(FIXTURES / "tldr" / "validation.jsonl") + read_jsonl(FIXTURES / "tldr" / "train.jsonl")
+    src = tmp_path / "comparisons.jsonl"
+    src.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    summary = preprocess_tldr_dataset.main(["--dataset", str(src), "--out_dir", str(out), "--max_post_chars", "400"])
+    train, validation = prompts(out / "train.jsonl"), prompts(out / "validation.jsonl")
+    assert len(train) == 2 and len(validation) == 2
+    assert not set(train) & set(validation)
+    assert summary.dropped["duplicate_of_train"] == 1
+
+
+def test_tldr_record_without_info_is_reported(tmp_path):
+    src = tmp_path / "train.jsonl"
+    src.write_text(json.dumps({"summaries": [], "choice": 0, "split": "train"}) + "\n")
+    with pytest.raises(DataError, match=r"train.jsonl:1: record has no 'info' object"):
+        preprocess_tldr_dataset.main(["--dataset", str(src), "--out_dir", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
