@@ -114,7 +114,11 @@ def _load_local(path: Path) -> dict[str, Rows]:
         return {_split_from_filename(path): _load_file(path)}
     if (path / "dataset_dict.json").exists() or (path / "state.json").exists():
         return _load_saved_to_disk(path)
-    files = sorted(p for p in path.rglob("*") if p.is_file() and p.name.lower().endswith(LOCAL_SUFFIXES))
+    files = sorted(
+        p for p in path.rglob("*")
+        if p.is_file() and p.name.lower().endswith(LOCAL_SUFFIXES)
+        and not any(part.startswith(".") for part in p.relative_to(path).parts)  # e.g. .cache/ of a hub download
+    )
     if not files:
         raise DataError(f"{path}: folder holds no .jsonl/.json/.parquet file and is not a save_to_disk folder")
     splits: dict[str, list[Rows]] = {}
