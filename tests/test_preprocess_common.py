@@ -203,3 +203,11 @@ def test_help_writes_nothing_and_imports_nothing_heavy(script, tmp_path):
     assert "usage:" in result.stdout and "--out" in result.stdout
     assert "HEAVY []" in result.stdout
     assert list(tmp_path.iterdir()) == []
+
+
+def test_hidden_folders_of_a_download_are_ignored(tmp_path):
+    (tmp_path / ".cache").mkdir()
+    (tmp_path / ".cache" / "train.jsonl").write_text('{"prompt": "stale copy"}\n')
+    (tmp_path / "train.jsonl").write_text('{"prompt": "real"}\n')
+    splits = load_splits(str(tmp_path))
+    assert [r for _, r in splits["train"]] == [{"prompt": "real"}]
