@@ -1,0 +1,324 @@
+"""Offline SDPO: train a policy on logged (prompt, completion, user_response) interactions.
+
+    python offline_sdpo/main_offline_sdpo.py --train_jsonl data.jsonl --output_dir out/
+    accelerate launch --config_file offline_sdpo/configs/multigpu.yaml --num_processes 4 \
+        offline_sdpo/main_offline_sdpo.py --train_jsonl data.jsonl --output_dir out/
+    torchrun --nproc_per_node 2 offline_sdpo/main_offline_sdpo.py --train_jsonl data.jsonl ...
+
+Every flag is also a YAML key (`--config file.yaml`; flags win). The final model is saved to
+--output_dir so that AutoModelForCausalLM.from_pretrained(output_dir) loads it (with --use_lora
+the adapter goes to output_dir/adapter and a merged full model to output_dir).
+"""
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Optional
+
+if __package__ in (None, ""):  # run as a script: make the repository root importable
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, LOSS_MODES, ObjectiveOptions, validate_template  # noqa: E402
+
+CONFIG_FILENAME = "offline_sdpo_config.json"  # not config.json: that name belongs to the saved model
+METRICS_FILENAME = "metrics.jsonl"
+logger = logging.getLogger("offline_sdpo")
+
+
+@dataclass
+class OfflineSDPOArguments:
+    # data and model
+    train_jsonl: Optional[str] = field(default=None, metadata={"help": "interactions JSONL: prompt, completion, user_response (required)"})
+    base_model: str = field(default="Qwen/Qwen3-4B", metadata={"help": "policy: hub id, local folder, smollm2-135m-instruct or tiny-random"})
+    output_dir: Optional[str] = field(default=None, metadata={"help": "where checkpoints and the final model go (default: $OUTPUT_DIR)"})
+    max_prompt_length: int = field(default=2048, metadata={"help": "context tokens kept, cut from the LEFT (the assistant header survives)"})
+    max_completion_length: int = field(default=2048, metadata={"help": "completion tokens kept (a cut completion gets no EOS)"})
+    hindsight_template: str = field(default=DEFAULT_HINDSIGHT_TEMPLATE, metadata={"help": "block appended to the last user message; must contain {followup}"})
+    # objective
+    loss_mode: str = field(default="simple_signal", metadata={"help": f"one of {', '.join(LOSS_MODES)}"})
+    ignore_first_k: int = field(default=2, metadata={"help": "give no signal to the first k completion tokens"})
+    signal_clip: float = field(default=0.0, metadata={"help": "clamp the signal to +-c (0 = off)"})
+    center_signal: bool = field(default=False, metadata={"help": "subtract each completion's mean signal"})
+    distillation_topk: int = field(default=20, metadata={"help": "student top-k support of full_distillation"})
+    distillation_tail: bool = field(default=True, metadata={"help": "full_distillation: keep a tail bucket for the remaining mass"})
+    beta: float = field(default=0.0, metadata={"help": "weight of a KL to a frozen reference model (0 = off)"})
+    ref_model: Optional[str] = field(default=None, metadata={"help": "reference model for beta > 0 (default: --base_model)"})
+    logits_chunk_size: int = field(default=256, metadata={"help": "completion positions per chunk of the LM head"})
+    # optimisation
+    learning_rate: float = field(default=2e-6, metadata={"help": "peak learning rate"})
+    batch_size: int = field(default=4, metadata={"help": "interactions per device per micro-batch"})
+    grad_accum: int = field(default=8, metadata={"help": "gradient-accumulation steps"})
+    num_epochs: float = field(default=2.0, metadata={"help": "passes over the data"})
+    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --num_epochs when > 0"})
+    warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
+    lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
+    optim: str = field(default="auto", metadata={"help": "auto (8-bit AdamW where CUDA and bitsandbytes exist, else adamw_torch) or a transformers optim name"})
+    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPUs that support it, fp32 on CPU), bf16, fp16, fp32"})
+    attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, eager, flash_attention_2"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward (less memory)"})
+    # LoRA
+    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter (saved, then merged into a full model)"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (not tied to r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "comma-separated module names, or all-linear"})
+    # bookkeeping
+    seed: int = field(default=1234, metadata={"help": "random seed (data order, init of LoRA)"})
+    logging_steps: int = field(default=1, metadata={"help": "log every N optimizer steps"})
+    save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps"})
+    save_total_limit: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint folder, or 'latest' (newest in --output_dir; fresh start if none)"})
+    wandb: bool = field(default=False, metadata={"help": "report to Weights & Biases (WANDB_PROJECT etc. from the environment)"})
+    run_name: Optional[str] = field(default=None, metadata={"help": "run name for wandb"})
+    dataloader_num_workers: int = field(default=0, metadata={"help": "collator worker processes"})
+
+    def __post_init__(self):
+        if self.output_dir is None:
+            self.output_dir = os.environ.get("OUTPUT_DIR") or None
+        validate_template(self.hindsight_template)
+        self.objective_options()  # validates the loss options
+        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
+            raise ValueError(f"unknown --precision '{self.precision}'; choose auto, bf16, fp16 or fp32")
+        for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "lora_r"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1")
+        if not 0 <= self.warmup_ratio < 1:
+            raise ValueError("--warmup_ratio must be in [0, 1)")
+        if self.learning_rate <= 0:
+            raise ValueError("--learning_rate must be > 0")
+
+    def objective_options(self) -> ObjectiveOptions:
+        return ObjectiveOptions(loss_mode=self.loss_mode, distillation_topk=self.distillation_topk,
+                                distillation_tail=self.distillation_tail, signal_clip=self.signal_clip,
+                                ignore_first_k=self.ignore_first_k, center_signal=self.center_signal,
+                                beta=self.beta, logits_chunk_size=self.logits_chunk_size)
+
+
+# --------------------------------------------------------------------------- machine-dependent choices
+
+def resolve_precision(precision: str) -> str:
+    import torch
+
+    if precision != "auto":
+        return precision
+    return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "fp32"
+
+
+def resolve_optim(optim: str) -> str:
+    import torch
+
+    if optim != "auto":
+        return optim
+    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None:
+        return "adamw_bnb_8bit"
+    return "adamw_torch"
+
+
+def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
+    if not value:
+        return None
+    if value == "latest":
+        from transformers.trainer_utils import get_last_checkpoint
+
+        found = get_last_checkpoint(output_dir) if Path(output_dir).is_dir() else None
+        if found is None:
+            logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", output_dir)
+        return found
+    if not (Path(value) / "trainer_state.json").exists():
+        raise ValueError(f"--resume_from_checkpoint {value}: not a checkpoint folder (no trainer_state.json)")
+    return value
+
+
+def build_training_arguments(cfg: OfflineSDPOArguments, precision: str, optim: str):
+    import torch
+    from transformers import TrainingArguments
+
+    # The accelerate launcher exports its config's mixed_precision; --precision is the one that counts
+    # (a GPU config must not switch a CPU run to bf16 autocast).
+    os.environ["ACCELERATE_MIXED_PRECISION"] = "no" if precision == "fp32" else precision
+    return TrainingArguments(
+        output_dir=cfg.output_dir,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        num_train_epochs=cfg.num_epochs,
+        max_steps=cfg.max_steps,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type=cfg.lr_scheduler_type,
+        warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a share of the total steps
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        optim=optim,
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        activation_checkpointing=cfg.gradient_checkpointing,  # transformers 5 name of gradient checkpointing
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        logging_steps=cfg.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=cfg.save_total_limit,
+        seed=cfg.seed,
+        report_to=["wandb"] if cfg.wandb else "none",
+        run_name=cfg.run_name,
+        remove_unused_columns=False,  # the collator needs prompt / completion / user_response
+        label_names=[],               # no labels: the loss is computed from the raw records
+        dataloader_num_workers=cfg.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        # Without CUDA, say so: accelerate then runs one process per torchrun/accelerate rank over gloo
+        # (otherwise every rank would train alone on the whole data set).
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=False,
+    )
+
+
+# --------------------------------------------------------------------------- model
+
+def load_policy(cfg: OfflineSDPOArguments, model_path: str, attn: str):
+    """fp32 master weights everywhere; bf16 is autocast by the Trainer (a 2e-6 update vanishes in bf16 weights)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn)
+    model.config.use_cache = False
+    if cfg.use_lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = cfg.lora_target_modules
+        target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+                                                 target_modules=target_modules, task_type="CAUSAL_LM"))
+        if cfg.gradient_checkpointing:
+            model.enable_input_require_grads()  # frozen embeddings would cut the checkpointed graph
+    return model
+
+
+def load_reference(cfg: OfflineSDPOArguments, precision: str, attn: str):
+    if cfg.beta <= 0:
+        return None
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from auxiliary.model_loading import resolve_model_path
+
+    path = resolve_model_path(cfg.ref_model or cfg.base_model)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+
+
+def save_final_model(trainer, cfg: OfflineSDPOArguments, base_path: str, tokenizer) -> None:
+    """output_dir holds a model AutoModelForCausalLM loads; with LoRA also the adapter in output_dir/adapter."""
+    if not cfg.use_lora:
+        trainer.save_model(cfg.output_dir)  # gathers ZeRO-3 / FSDP shards; rank 0 writes
+        return
+    adapter_dir = os.path.join(cfg.output_dir, "adapter")
+    trainer.save_model(adapter_dir)
+    trainer.accelerator.wait_for_everyone()
+    if trainer.is_world_process_zero():
+        # Merge on a fresh CPU copy of the base model: works whatever sharding training used.
+        import torch
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32)
+        merged = PeftModel.from_pretrained(base, adapter_dir).merge_and_unload()
+        merged.save_pretrained(cfg.output_dir)
+        tokenizer.save_pretrained(cfg.output_dir)
+    trainer.accelerator.wait_for_everyone()
+
+
+# --------------------------------------------------------------------------- main
+
+def main(argv: Optional[list[str]] = None) -> dict:
+    from auxiliary.cli import parse_dataclasses
+
+    try:
+        (cfg,) = parse_dataclasses([OfflineSDPOArguments], argv, prog="main_offline_sdpo.py")
+    except ValueError as err:  # bad values (ConfigError included): one line, no traceback
+        raise SystemExit(f"error: {err}") from None
+    if not cfg.train_jsonl:
+        raise SystemExit("error: --train_jsonl is required (an interactions JSONL: prompt, completion, user_response)")
+    if not cfg.output_dir:
+        raise SystemExit("error: no output folder: pass --output_dir or set OUTPUT_DIR")
+    return train(cfg)
+
+
+def train(cfg: OfflineSDPOArguments) -> dict:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+    import transformers
+
+    from auxiliary.io_utils import atomic_write_json
+    from auxiliary.model_loading import load_tokenizer, pick_attn_implementation, resolve_model_path
+    from offline_sdpo.offline_sdpo_trainer import (InteractionDataset, MetricsJsonlCallback, OfflineSDPOTrainer,
+                                                   SDPOCollator, load_interactions)
+    from online_sdpo_updater import public_config
+
+    precision = resolve_precision(cfg.precision)
+    optim = resolve_optim(cfg.optim)
+    args = build_training_arguments(cfg, precision, optim)  # also sets up the process group (torchrun/accelerate)
+    transformers.set_seed(cfg.seed)
+    is_main = args.process_index == 0
+    if not is_main:
+        transformers.utils.logging.set_verbosity_warning()
+
+    records, summary = load_interactions(cfg.train_jsonl)
+    if is_main:
+        print(f"[offline_sdpo] {summary.describe()}", flush=True)
+
+    model_path = resolve_model_path(cfg.base_model)
+    tokenizer = load_tokenizer(model_path)
+    attn = pick_attn_implementation(cfg.attn_implementation, "cuda" if args.device.type == "cuda" else "cpu")
+    model = load_policy(cfg, model_path, attn)
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
+
+    resolved = {
+        **public_config(asdict(cfg)),
+        "resolved": {"model_path": model_path, "precision": precision, "optim": optim, "attn_implementation": attn,
+                     "world_size": args.world_size,
+                     "effective_batch_size": cfg.batch_size * cfg.grad_accum * args.world_size,
+                     "resume_from": resume, "data": summary.to_dict(),
+                     "versions": {"transformers": transformers.__version__}},
+    }
+    if is_main:
+        atomic_write_json(Path(cfg.output_dir) / CONFIG_FILENAME, resolved)
+
+    trainer = OfflineSDPOTrainer(
+        model=model,
+        args=args,
+        train_dataset=InteractionDataset(records),
+        data_collator=SDPOCollator(tokenizer, cfg.max_prompt_length, cfg.max_completion_length, cfg.hindsight_template),
+        processing_class=tokenizer,
+        callbacks=[MetricsJsonlCallback(Path(cfg.output_dir) / METRICS_FILENAME)],
+        objective=cfg.objective_options(),
+        max_prompt_length=cfg.max_prompt_length,
+        ref_model=load_reference(cfg, precision, attn),
+    )
+    result = trainer.train(resume_from_checkpoint=resume)
+    save_final_model(trainer, cfg, model_path, tokenizer)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    print(f"[offline_sdpo] rank {args.process_index}/{args.world_size}: trained on {trainer.interactions_seen} "
+          f"interactions in this run", flush=True)
+    if is_main:
+        print(f"[offline_sdpo] {result.global_step} steps, final model in {cfg.output_dir}", flush=True)
+    return {"global_step": result.global_step, "metrics": result.metrics, "config": resolved,
+            "interactions_seen": trainer.interactions_seen}
+
+
+if __name__ == "__main__":
+    from auxiliary.cli import ConfigError
+    from auxiliary.io_utils import DataError
+
+    try:
+        main()
+    except (DataError, ConfigError) as err:
+        raise SystemExit(f"error: {err}") from None
