@@ -1,0 +1,61 @@
+"""Simulated user played by Claude through auxiliary/claude_client.ClaudeClient.
+
+    ClaudeUserSimulator(style, model="claude-haiku-4-5-20251001", api_concurrency=8, max_tokens=150,
+                        temperature=1.0, client=None, seed=None, empty_retries=2, **client_kwargs)
+    .generate_feedback(prompts, completions) -> list[str]
+
+The prompt is user_simulator.build_simulator_messages (persona as system prompt). All pairs
+go out concurrently (at most api_concurrency in flight) via ClaudeClient.complete_many, which
+retries 429/5xx/timeouts and raises ClaudeAuthError / ClaudeRequestError otherwise: a follow-up
+is always Claude's own answer, never a substitute. An empty answer is asked again up to
+`empty_retries` times, then EmptyFeedbackError. client_kwargs (max_retries, timeout_s,
+base_url, api_key, ...) go to ClaudeClient; or pass a ready `client`.
+"""
+from __future__ import annotations
+
+import logging
+
+from auxiliary.personas import get_persona
+from auxiliary.user_simulator import EmptyFeedbackError, UserSimulator, build_simulator_messages, clean_feedback
+
+logger = logging.getLogger(__name__)
+
+
+def to_claude_request(messages: list[dict]) -> dict:
+    """Chat messages -> {"system", "messages"} as the Messages API wants them (system apart)."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
+    return {"system": system, "messages": [m for m in messages if m["role"] != "system"]}
+
+
+class ClaudeUserSimulator(UserSimulator):
+    def __init__(self, style: str, model: str | None = None, api_concurrency: int = 8, max_tokens: int = 150,
+                 temperature: float | None = 1.0, client=None, seed: int | None = None, empty_retries: int = 2,
+                 **client_kwargs):
+        from auxiliary.claude_client import DEFAULT_MODEL, ClaudeClient
+
+        get_persona(style)
+        self.style = style
+        self.max_tokens, self.temperature, self.empty_retries = max_tokens, temperature, empty_retries
+        self.client = client or ClaudeClient(model=model or DEFAULT_MODEL, max_concurrency=api_concurrency,
+                                             seed=seed, **client_kwargs)
+
+    def _ask(self, requests: list[dict]) -> list[str]:
+        answers = self.client.complete_many(requests, max_tokens=self.max_tokens, temperature=self.temperature)
+        return [clean_feedback(a) for a in answers]
+
+    def _feedback(self, prompts, completions):
+        requests = [to_claude_request(build_simulator_messages(self.style, p, c)) for p, c in zip(prompts, completions)]
+        feedback = self._ask(requests)
+        for attempt in range(1, self.empty_retries + 1):
+            empty = [i for i, text in enumerate(feedback) if not text]
+            if not empty:
+                break
+            logger.warning("Claude user: %d empty follow-ups, asking again (%d/%d)", len(empty), attempt,
+                           self.empty_retries)
+            for i, text in zip(empty, self._ask([requests[i] for i in empty])):
+                feedback[i] = text
+        empty = [i for i, text in enumerate(feedback) if not text]
+        if empty:
+            raise EmptyFeedbackError(f"Claude returned empty follow-ups for items {empty[:10]} "
+                                     f"after {self.empty_retries} retries")
+        return feedback

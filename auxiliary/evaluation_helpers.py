@@ -1,0 +1,222 @@
+"""Prompts, win-rate metrics and the win-rate plot of the online evaluation.
+
+Prompts
+    A prompt is either a string (one user message) or a conversation: a list of
+    {"role", "content"} messages ending with a user message.
+    prompt_as_messages(prompt) -> list[dict]   what the policy generates from
+    prompt_as_text(prompt) -> str              what simulated users and judges read
+    load_prompts(path, n=None, seed=0, tokenizer=None, max_prompt_tokens=None) -> (prompts, dropped)
+        JSONL lines with `prompt` (a string or a message list) or `messages` (a message list;
+        role/content or from/value). Bad lines raise DataError naming file:line and field.
+        With a tokenizer and max_prompt_tokens, prompts whose chat-templated length (generation
+        prompt included) exceeds the limit are dropped and counted. The rest are shuffled with
+        `seed` and the first n kept; n larger than the data is clamped with a warning.
+
+Metrics (decisions come from PairwiseJudge.compare: "A" = the evaluated policy wins,
+"B" = the baseline wins, "C" = tie)
+    win_rate_stats(decisions, n_bootstrap=10000, seed=0) -> dict with
+        n, wins, losses, ties
+        coverage      = (wins + losses) / n, the fraction of decisive pairs (0..1)
+        win_rate      = 100 * wins / (wins + losses)                 (ties excluded)
+        se            = 100 * sqrt(p (1 - p) / (wins + losses))      (analytic, p = win_rate / 100)
+        se_bootstrap  = standard deviation (ddof=1) of the win rate over n_bootstrap resamples of the
+                        n decisions drawn with replacement (ties included in the resampling; a resample
+                        with no decisive pair is skipped), numpy Generator seeded with `seed`
+        win_rate, se and se_bootstrap are None when no pair is decisive.
+    net_effect(feedback_stats, placebo_stats) -> {"diff", "se"}
+        diff = win_rate(feedback) - win_rate(placebo), se = sqrt(se_f^2 + se_p^2) (analytic SEs,
+        independent samples); both None when either win rate is None.
+    plot_win_rates(history_records, path) -> path
+        win rate vs interaction step, one line per style (and one line style per `arm` when the
+        records carry it), a +-SE band, and the 50% reference line; written atomically.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from pathlib import Path
+from typing import Sequence, Union
+
+import numpy as np
+
+from auxiliary.io_utils import DataError, iter_jsonl
+
+logger = logging.getLogger(__name__)
+
+Prompt = Union[str, list]
+DECISIONS = ("A", "B", "C")
+
+
+# --------------------------------------------------------------------------- prompts
+
+def prompt_as_messages(prompt: Prompt) -> list[dict]:
+    if isinstance(prompt, str):
+        return [{"role": "user", "content": prompt}]
+    return [dict(message) for message in prompt]
+
+
+def prompt_as_text(prompt: Prompt) -> str:
+    """The request as a reader sees it; earlier turns of a conversation are labelled."""
+    if isinstance(prompt, str):
+        return prompt
+    turns = [m for m in prompt if m.get("role") != "system"]
+    if len(turns) == 1:
+        return turns[0]["content"]
+    return "\n\n".join(f"{m['role'].capitalize()}: {m['content']}" for m in turns)
+
+
+def _parse_prompt(record: dict, where: str) -> Prompt:
+    from sdpo_objective import normalize_messages
+
+    if "prompt" in record:
+        field, value = "prompt", record["prompt"]
+    elif "messages" in record:
+        field, value = "messages", record["messages"]
+    else:
+        raise DataError(f"{where}: missing field 'prompt' (a string or a message list) or 'messages'; "
+                        f"found keys {sorted(record)}")
+    if isinstance(value, str):
+        if field == "messages":
+            raise DataError(f"{where}: field 'messages' must be a list of messages, got a string")
+        if not value.strip():
+            raise DataError(f"{where}: field 'prompt' is empty")
+        return value
+    if not isinstance(value, list) or not value:
+        raise DataError(f"{where}: field '{field}' must be a non-empty string or message list, "
+                        f"got {type(value).__name__}")
+    try:
+        messages = normalize_messages(value)
+    except ValueError as err:
+        raise DataError(f"{where}: field '{field}': {err}") from None
+    if messages[-1]["role"] != "user":
+        raise DataError(f"{where}: field '{field}' must end with a user message, ends with "
+                        f"{messages[-1]['role']!r}")
+    return messages
+
+
+def load_prompts(path: str | os.PathLike, n: int | None = None, seed: int = 0, tokenizer=None,
+                 max_prompt_tokens: int | None = None) -> tuple[list[Prompt], int]:
+    """Returns (prompts, dropped_count); see the module docstring."""
+    prompts = [_parse_prompt(record, f"{path}:{line}") for line, record in iter_jsonl(path)]
+    if not prompts:
+        raise DataError(f"{path}: no prompts in the file")
+    dropped = 0
+    if max_prompt_tokens is not None:
+        if tokenizer is None:
+            raise ValueError("load_prompts: max_prompt_tokens needs a tokenizer")
+        from sdpo_objective import render_context_ids
+
+        kept = [p for p in prompts if len(render_context_ids(tokenizer, prompt_as_messages(p))) <= max_prompt_tokens]
+        dropped = len(prompts) - len(kept)
+        prompts = kept
+        if dropped:
+            logger.info("%s: dropped %d prompts longer than %d tokens", path, dropped, max_prompt_tokens)
+    order = np.random.default_rng(seed).permutation(len(prompts))
+    prompts = [prompts[i] for i in order]
+    if n is not None:
+        if n < 0:
+            raise ValueError(f"load_prompts: n must be >= 0, got {n}")
+        if n > len(prompts):
+            logger.warning("%s: asked for %d prompts, only %d available%s; using %d", path, n, len(prompts),
+                           f" after dropping {dropped} over {max_prompt_tokens} tokens" if dropped else "",
+                           len(prompts))
+        prompts = prompts[:n]
+    return prompts, dropped
+
+
+# --------------------------------------------------------------------------- metrics
+
+def win_rate_stats(decisions: Sequence[str], n_bootstrap: int = 10000, seed: int = 0) -> dict:
+    bad = [d for d in decisions if d not in DECISIONS]
+    if bad:
+        raise ValueError(f"decisions must be 'A', 'B' or 'C'; got {bad[:5]!r}")
+    counts = Counter(decisions)
+    n, wins, losses, ties = len(decisions), counts["A"], counts["B"], counts["C"]
+    decisive = wins + losses
+    stats = {"n": n, "wins": wins, "losses": losses, "ties": ties,
+             "coverage": decisive / n if n else 0.0, "win_rate": None, "se": None, "se_bootstrap": None}
+    if decisive == 0:
+        return stats
+    p = wins / decisive
+    stats["win_rate"] = 100.0 * p
+    stats["se"] = 100.0 * math.sqrt(p * (1.0 - p) / decisive)
+    stats["se_bootstrap"] = bootstrap_se(wins, losses, ties, n_bootstrap, seed)
+    return stats
+
+
+def bootstrap_se(wins: int, losses: int, ties: int, n_bootstrap: int = 10000, seed: int = 0) -> float | None:
+    """SE of the win rate over resamples of the n decisions with replacement. Counting how often each
+    outcome is drawn in a resample of size n is a multinomial draw, so the whole bootstrap is one
+    vectorised call instead of n_bootstrap x n index draws."""
+    n = wins + losses + ties
+    if n == 0 or wins + losses == 0 or n_bootstrap < 2:
+        return None
+    rng = np.random.default_rng(seed)
+    draws = rng.multinomial(n, [wins / n, losses / n, ties / n], size=n_bootstrap)
+    decisive = draws[:, 0] + draws[:, 1]
+    valid = decisive > 0
+    if valid.sum() < 2:
+        return None
+    rates = 100.0 * draws[valid, 0] / decisive[valid]
+    return float(np.std(rates, ddof=1))
+
+
+def net_effect(feedback_stats: dict, placebo_stats: dict) -> dict:
+    wf, wp = feedback_stats.get("win_rate"), placebo_stats.get("win_rate")
+    if wf is None or wp is None:
+        return {"diff": None, "se": None}
+    se_f, se_p = feedback_stats.get("se") or 0.0, placebo_stats.get("se") or 0.0
+    return {"diff": wf - wp, "se": math.sqrt(se_f ** 2 + se_p ** 2)}
+
+
+# --------------------------------------------------------------------------- plot
+
+_ARM_LINESTYLES = {"feedback": "-", "placebo": "--"}
+
+
+def plot_win_rates(history_records: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> str:
+    """history_records: dicts with `step`, `style`, `win_rate` (None allowed: a gap), `se`, optional `arm`.
+    Matplotlib's Agg renderer is used, so no display is needed."""
+    # A bare Figure renders with Agg and leaves pyplot's global state (and backend) alone.
+    import matplotlib
+    from matplotlib.figure import Figure
+
+    path = Path(path)
+    series: dict[tuple[str, str | None], list[dict]] = {}
+    for record in history_records:
+        series.setdefault((record["style"], record.get("arm")), []).append(record)
+    styles = sorted({style for style, _ in series})
+    colours = {style: matplotlib.colormaps["tab10"](i % 10) for i, style in enumerate(styles)}
+    other_arms = sorted({arm for _, arm in series if arm and arm not in _ARM_LINESTYLES})
+    linestyles = {**_ARM_LINESTYLES, **{arm: ls for arm, ls in zip(other_arms, [":", "-.", (0, (5, 1))] * 10)}}
+
+    fig = Figure(figsize=(7, 4.2))
+    ax = fig.subplots()
+    ax.axhline(50.0, color="grey", linewidth=1, linestyle=":", label="50% (no change)")
+    for (style, arm), records in sorted(series.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
+        records = sorted(records, key=lambda r: r["step"])
+        steps = np.array([r["step"] for r in records], dtype=float)
+        rates = np.array([np.nan if r.get("win_rate") is None else r["win_rate"] for r in records], dtype=float)
+        errors = np.array([np.nan if r.get("se") is None else r["se"] for r in records], dtype=float)
+        label = style if arm is None else f"{style} ({arm})"
+        ax.plot(steps, rates, marker="o", markersize=3, color=colours[style],
+                linestyle=linestyles.get(arm, "-"), label=label)
+        ax.fill_between(steps, rates - errors, rates + errors, color=colours[style], alpha=0.15, linewidth=0)
+    ax.set_xlabel("interaction step")
+    ax.set_ylabel("win rate vs baseline (%)")
+    ax.set_ylim(0, 100)
+    ax.set_title(title or "Style win rate (ties excluded), band = +-1 SE")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
+    try:
+        fig.savefig(tmp, dpi=120)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return str(path)

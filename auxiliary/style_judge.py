@@ -1,0 +1,304 @@
+"""Pairwise style judges: which of two replies better fits a user's style?
+
+Interface (every judge)
+    judge.compare(prompts, completions_a, completions_b) -> list[str]
+        "A": completions_a fits the style better, "B": completions_b does, "C": tie.
+        Protocol: each pair is judged twice, (a, b) and (b, a), in one batch. A decision counts
+        only when both orders agree on the same reply; disagreement, a tie in either order or an
+        unparseable verdict gives "C". judge.last_verdicts holds the raw (forward, backward)
+        verdicts of the last call; judge.stats counts pairs, agreements, disagreements and
+        unparseable verdicts over the judge's life.
+    Subclasses implement judge_once(prompts, first, second) -> list["A"|"B"|"C"|None]
+    (verdict for one order: "A" = first is better; None = could not parse).
+
+Judges
+    RuleBasedJudge(style)                          scores the checkable property
+                                                   (auxiliary/style_checks.py); equal scores -> C
+    LocalHFJudge(model_name_or_path | (model, tokenizer), style, mode="generate"|"logprob",
+                 max_new_tokens=192, batch_size=8, dtype/device="auto")
+        generate: batched greedy generation of build_judge_messages, then parse_verdict.
+        logprob:  the prompt asks for the verdict line only; after the assistant prefix
+                  "Judgement:" the summed log-probs of the continuations " A", " B", " C" are
+                  compared and the largest wins (no generation, never unparseable).
+    ClaudeStyleJudge / VLLMStyleJudge: auxiliary/claude_style_judge.py, auxiliary/vllm_style_judge.py.
+
+    make_judge(kind, style, model_name_or_path=None, api_concurrency=8, **kw), kind in
+    {"rule", "local", "claude", "vllm"}.
+
+Verdict parsing (parse_verdict): the LAST "Judgement: X" (or "Judgment") line wins; markdown
+(**Judgement:** **B**), quotes, JSON ("judgement": "a"), lowercase, "Response B", "tie" and a
+verdict on the line after the label are understood. Without such a line, labels such as
+"Verdict:", "Final answer:" or "Winner:" are tried, then a reply whose last line is a lone
+letter. A letter is only taken as a whole word: "Both" is not B and "a tie" is a tie, not A.
+"""
+from __future__ import annotations
+
+import re
+from collections import Counter
+from typing import Sequence
+
+from auxiliary.evaluation_helpers import Prompt, prompt_as_text
+from auxiliary.personas import get_persona
+from auxiliary.style_checks import RULE_CHECKABLE_STYLES, build_style_checks
+from auxiliary.user_simulator import UnsupportedStyleError, load_local_model
+
+JUDGE_KINDS = ("rule", "local", "claude", "vllm")
+VERDICTS = ("A", "B", "C")
+JUDGEMENT_PREFIX = "Judgement:"
+RULE_JUDGE_STYLES: tuple[str, ...] = RULE_CHECKABLE_STYLES
+_SWAPPED = {"A": "B", "B": "A", "C": "C"}
+
+# --------------------------------------------------------------------------- parsing
+
+_PRIMARY_LABEL = r"judge?ment"
+_SECONDARY_LABEL = r"(?:final\s+)?(?:verdict|answer|decision|winner|choice)|better\s+response"
+# the next line is read through a lookahead so that it can still hold a later label of its own
+_AFTER_LABEL = r"[\s*_`\"'\)\]]*(?:[:=]|\bis\b)[ \t]*([^\n]*)(?=(?:\n[ \t]*([^\n]*))?)"
+_SKIP_WORDS = {"response", "assistant", "option", "answer", "output", "candidate", "reply", "the", "is", "verdict"}
+_TIE_WORDS = {"tie", "tied", "draw", "neither", "equal", "equally", "both", "same", "c"}
+
+
+def _verdict_from_words(rest: str) -> str | None:
+    words = re.findall(r"[A-Za-z]+", rest)
+    index = 0
+    while index < len(words) and words[index].lower() in _SKIP_WORDS:
+        index += 1
+    if index == len(words):
+        return None
+    word, following = words[index], [w.lower() for w in words[index + 1:index + 2]]
+    if word in ("A", "B", "C"):
+        return word
+    lower = word.lower()
+    if lower == "a" and following and following[0] in _TIE_WORDS:
+        return "C"  # "a tie", "a draw"
+    if lower in ("a", "b") and (not following or following[0] in ("is", "wins", "better")):
+        return lower.upper()
+    if lower in _TIE_WORDS:
+        return "C"
+    return None
+
+
+def _labelled_verdicts(text: str, label: str) -> list[str]:
+    found = []
+    for match in re.finditer(rf"(?<![A-Za-z])(?:{label})(?![A-Za-z]){_AFTER_LABEL}", text, re.I):
+        same_line, next_line = match.group(1), match.group(2) or ""
+        verdict = _verdict_from_words(same_line) if re.search(r"[A-Za-z]", same_line) else _verdict_from_words(next_line)
+        if verdict:
+            found.append(verdict)
+    return found
+
+
+def parse_verdict(text: str | None) -> str | None:
+    """"A", "B", "C" or None; see the module docstring."""
+    if not text or not text.strip():
+        return None
+    for label in (_PRIMARY_LABEL, _SECONDARY_LABEL):
+        verdicts = _labelled_verdicts(text, label)
+        if verdicts:
+            return verdicts[-1]
+    last_line = [line for line in text.strip().splitlines() if line.strip()][-1]
+    bare = re.sub(r"[\s*_`\"'()\[\]{}<>.,:;!]+", "", last_line)
+    if bare in ("A", "B", "C", "a", "b", "c"):
+        return bare.upper()
+    return None
+
+
+# --------------------------------------------------------------------------- prompt
+
+JUDGE_SYSTEM = "You are an impartial, careful judge of writing style."
+
+
+def build_judge_messages(style: str, prompt: Prompt, response_a: str, response_b: str,
+                         explain: bool = True) -> list[dict]:
+    """[system, user] asking which response better fits the persona's style; verdict A, B or C (tie).
+    explain=False asks for the verdict line only (used by the log-prob judge)."""
+    persona = get_persona(style)
+    if explain:
+        ending = ("Explain your reasoning in at most two sentences, then end with a final line that is exactly "
+                  f"\"{JUDGEMENT_PREFIX} A\", \"{JUDGEMENT_PREFIX} B\" or \"{JUDGEMENT_PREFIX} C\".")
+    else:
+        ending = (f"Answer with one line only: \"{JUDGEMENT_PREFIX} A\", \"{JUDGEMENT_PREFIX} B\" "
+                  f"or \"{JUDGEMENT_PREFIX} C\".")
+    content = (
+        "A user sent the request below and received two candidate responses. This is the user's profile, "
+        "written to the user:\n"
+        f"<profile>\n{persona}\n</profile>\n\n"
+        f"Request:\n<request>\n{prompt_as_text(prompt).strip()}\n</request>\n\n"
+        f"Response A:\n<response_a>\n{response_a.strip()}\n</response_a>\n\n"
+        f"Response B:\n<response_b>\n{response_b.strip()}\n</response_b>\n\n"
+        "Which response better matches this user's style preferences? Judge style only: tone, length, format, "
+        "wording and whatever the profile mentions. Ignore factual accuracy and helpfulness beyond the profile, "
+        "and do not favour a response for its position. A means Response A fits better, B means Response B "
+        "fits better, C means a tie (equally well or equally badly).\n" + ending)
+    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
+
+
+# --------------------------------------------------------------------------- protocol
+
+def combine_verdicts(forward: str | None, backward: str | None) -> str:
+    """forward judged (a, b), backward judged (b, a): a win counts only when both orders agree."""
+    if forward in ("A", "B") and backward is not None and _SWAPPED.get(backward) == forward:
+        return forward
+    return "C"
+
+
+class PairwiseJudge:
+    style: str | None = None
+
+    def __init__(self):
+        self.last_verdicts: list[tuple[str | None, str | None]] = []
+        self.stats: Counter = Counter()
+
+    def judge_once(self, prompts: list[Prompt], first: list[str], second: list[str]) -> list[str | None]:
+        raise NotImplementedError
+
+    def compare(self, prompts: Sequence[Prompt], completions_a: Sequence[str],
+                completions_b: Sequence[str]) -> list[str]:
+        prompts, a, b = list(prompts), list(completions_a), list(completions_b)
+        if not len(prompts) == len(a) == len(b):
+            raise ValueError(f"compare: {len(prompts)} prompts, {len(a)} completions_a, {len(b)} completions_b")
+        if not prompts:
+            return []
+        n = len(prompts)
+        verdicts = list(self.judge_once(prompts + prompts, a + b, b + a))
+        if len(verdicts) != 2 * n:
+            raise RuntimeError(f"{type(self).__name__}.judge_once returned {len(verdicts)} verdicts for {2 * n}")
+        bad = [v for v in verdicts if v is not None and v not in VERDICTS]
+        if bad:
+            raise RuntimeError(f"{type(self).__name__}.judge_once returned invalid verdicts {bad[:5]!r}")
+        self.last_verdicts = list(zip(verdicts[:n], verdicts[n:]))
+        decisions = [combine_verdicts(f, r) for f, r in self.last_verdicts]
+        for (forward, backward), decision in zip(self.last_verdicts, decisions):
+            self.stats["pairs"] += 1
+            self.stats["unparseable"] += (forward is None) + (backward is None)
+            if decision != "C":
+                self.stats["agreed_decisive"] += 1
+            elif forward is not None and backward is not None and _SWAPPED[backward] != forward:
+                self.stats["disagreements"] += 1
+        return decisions
+
+
+class RuleBasedJudge(PairwiseJudge):
+    def __init__(self, style: str):
+        super().__init__()
+        get_persona(style)
+        checks = build_style_checks()
+        if style not in checks:
+            raise UnsupportedStyleError(
+                f"the rule-based judge cannot check style {style!r}; rule-checkable styles: "
+                f"{', '.join(RULE_JUDGE_STYLES)} (use a model-based judge: local, claude or vllm)")
+        self.style = style
+        self.check = checks[style]
+
+    def judge_once(self, prompts, first, second):
+        verdicts = []
+        for x, y in zip(first, second):
+            sx, sy = self.check.score(x), self.check.score(y)
+            verdicts.append("A" if sx > sy else "B" if sy > sx else "C")
+        return verdicts
+
+
+class LocalHFJudge(PairwiseJudge):
+    def __init__(self, model_name_or_path, style: str, mode: str = "generate", max_new_tokens: int = 192,
+                 batch_size: int = 8, dtype: str = "auto", device: str = "auto", progress: bool = False):
+        super().__init__()
+        if mode not in ("generate", "logprob"):
+            raise ValueError(f"LocalHFJudge mode must be 'generate' or 'logprob', got {mode!r}")
+        get_persona(style)
+        self.style, self.mode = style, mode
+        self.max_new_tokens, self.batch_size, self.progress = max_new_tokens, batch_size, progress
+        self.model, self.tokenizer = load_local_model(model_name_or_path, dtype, device)
+        self.last_outputs: list[str] = []
+        self.last_label_logprobs: list[dict[str, float]] = []
+
+    def judge_once(self, prompts, first, second):
+        if self.mode == "generate":
+            from auxiliary.generation import generate_responses
+
+            conversations = [build_judge_messages(self.style, p, x, y) for p, x, y in zip(prompts, first, second)]
+            replies = generate_responses(self.model, self.tokenizer, conversations, max_new_tokens=self.max_new_tokens,
+                                         temperature=0.0, batch_size=self.batch_size, progress=self.progress,
+                                         desc="style judge")
+            self.last_outputs = [r.text for r in replies]
+            return [parse_verdict(text) for text in self.last_outputs]
+        conversations = [build_judge_messages(self.style, p, x, y, explain=False)
+                         for p, x, y in zip(prompts, first, second)]
+        self.last_label_logprobs = label_logprobs(self.model, self.tokenizer, conversations, self.batch_size)
+        return [max(VERDICTS, key=scores.__getitem__) for scores in self.last_label_logprobs]
+
+
+def _label_continuations(tokenizer) -> tuple[list[int], dict[str, list[int]]]:
+    """Token ids of the "Judgement:" prefix and of each label as it continues that prefix."""
+    prefix = tokenizer(JUDGEMENT_PREFIX, add_special_tokens=False)["input_ids"]
+    continuations = {}
+    for label in VERDICTS:
+        full = tokenizer(f"{JUDGEMENT_PREFIX} {label}", add_special_tokens=False)["input_ids"]
+        if full[:len(prefix)] == prefix and len(full) > len(prefix):
+            continuations[label] = full[len(prefix):]
+        else:  # the tokenizer merged across the boundary: tokenize the label on its own
+            continuations[label] = tokenizer(f" {label}", add_special_tokens=False)["input_ids"]
+    return prefix, continuations
+
+
+def label_logprobs(model, tokenizer, conversations: list[list[dict]], batch_size: int = 8) -> list[dict[str, float]]:
+    """For each conversation: {label: sum log p(label tokens | chat context + "Judgement:")}.
+    Sequences are left-padded so every label ends at the last position, and only the last
+    (longest label + 1) positions go through the LM head (logits_to_keep)."""
+    import torch
+
+    from sdpo_objective import render_context_ids
+
+    prefix, continuations = _label_continuations(tokenizer)
+    device = next(model.parameters()).device
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    rows = []  # (conversation index, label, ids)
+    for index, conversation in enumerate(conversations):
+        context = render_context_ids(tokenizer, conversation) + prefix
+        rows.extend((index, label, context + continuations[label]) for label in VERDICTS)
+    results: list[dict[str, float]] = [{} for _ in conversations]
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for start in range(0, len(rows), batch_size * len(VERDICTS)):
+                chunk = rows[start:start + batch_size * len(VERDICTS)]
+                width = max(len(ids) for _, _, ids in chunk)
+                input_ids = torch.full((len(chunk), width), pad_id, dtype=torch.long)
+                attention = torch.zeros((len(chunk), width), dtype=torch.long)
+                for row, (_, _, ids) in enumerate(chunk):
+                    input_ids[row, width - len(ids):] = torch.tensor(ids)
+                    attention[row, width - len(ids):] = 1
+                positions = (attention.cumsum(-1) - 1).clamp(min=0)
+                keep = max(len(continuations[label]) for _, label, _ in chunk) + 1
+                logits = model(input_ids=input_ids.to(device), attention_mask=attention.to(device),
+                               position_ids=positions.to(device), logits_to_keep=keep).logits.float()
+                logprobs = torch.log_softmax(logits, dim=-1)  # [rows, keep, vocab]; position j predicts token j+1
+                for row, (index, label, _) in enumerate(chunk):
+                    targets = continuations[label]
+                    offset = keep - 1 - len(targets)
+                    total = sum(logprobs[row, offset + j, token].item() for j, token in enumerate(targets))
+                    results[index][label] = total
+    finally:
+        model.train(was_training)
+    return results
+
+
+# --------------------------------------------------------------------------- factory
+
+def make_judge(kind: str, style: str, model_name_or_path=None, api_concurrency: int = 8, **kw) -> PairwiseJudge:
+    if kind not in JUDGE_KINDS:
+        raise ValueError(f"unknown judge kind {kind!r}; choose one of {', '.join(JUDGE_KINDS)}")
+    get_persona(style)  # fail on an unknown style before loading anything
+    if kind == "rule":
+        return RuleBasedJudge(style, **kw)
+    if kind == "local":
+        return LocalHFJudge(model_name_or_path, style, **kw)
+    if kind == "claude":
+        from auxiliary.claude_style_judge import ClaudeStyleJudge
+
+        if model_name_or_path:
+            kw["model"] = model_name_or_path
+        return ClaudeStyleJudge(style, api_concurrency=api_concurrency, **kw)
+    from auxiliary.vllm_style_judge import VLLMStyleJudge
+
+    return VLLMStyleJudge(model_name_or_path, style, **kw)

@@ -1,0 +1,63 @@
+"""Simulated user served by vLLM (optional; `pip install -r requirements-vllm.txt` on a GPU).
+
+    VLLMUserSimulator(model_name_or_path, style, max_new_tokens=96, temperature=0.7, top_p=0.95,
+                      seed=0, llm=None, gpu_memory_utilization=0.4, tensor_parallel_size=1, **llm_kwargs)
+    .generate_feedback(prompts, completions) -> list[str]
+
+`vllm` is imported inside the constructor only, so nothing else needs it installed. Pass a
+running `vllm.LLM` as `llm` to share an engine. The prompt is
+user_simulator.build_simulator_messages; Qwen3 thinking is switched off where the chat
+template knows the switch. Empty messages raise EmptyFeedbackError.
+"""
+from __future__ import annotations
+
+from auxiliary.personas import get_persona
+from auxiliary.user_simulator import EmptyFeedbackError, UserSimulator, build_simulator_messages, clean_feedback
+
+
+def import_vllm():
+    try:
+        import vllm
+    except ImportError as err:
+        raise ImportError("the vLLM components need the optional package vllm: "
+                          "pip install -r requirements-vllm.txt (GPU machines only)") from err
+    return vllm
+
+
+def vllm_chat(llm, conversations: list[list[dict]], sampling_params) -> list[str]:
+    """Batched chat generation with thinking off (where the template has the switch)."""
+    tokenizer = llm.get_tokenizer()
+    template = getattr(tokenizer, "chat_template", "") or ""
+    extra = {"chat_template_kwargs": {"enable_thinking": False}} if "enable_thinking" in str(template) else {}
+    outputs = llm.chat(conversations, sampling_params, use_tqdm=False, **extra)
+    return [output.outputs[0].text for output in outputs]
+
+
+def make_llm(vllm, model_name_or_path: str, gpu_memory_utilization: float, tensor_parallel_size: int,
+             seed: int, **llm_kwargs):
+    if not model_name_or_path:
+        raise ValueError("a vLLM component needs model_name_or_path")
+    from auxiliary.model_loading import resolve_model_path
+
+    return vllm.LLM(model=resolve_model_path(model_name_or_path), gpu_memory_utilization=gpu_memory_utilization,
+                    tensor_parallel_size=tensor_parallel_size, seed=seed, **llm_kwargs)
+
+
+class VLLMUserSimulator(UserSimulator):
+    def __init__(self, model_name_or_path, style: str, max_new_tokens: int = 96, temperature: float = 0.7,
+                 top_p: float = 0.95, seed: int = 0, llm=None, gpu_memory_utilization: float = 0.4,
+                 tensor_parallel_size: int = 1, **llm_kwargs):
+        get_persona(style)
+        vllm = import_vllm()
+        self.style = style
+        self.llm = llm or make_llm(vllm, model_name_or_path, gpu_memory_utilization, tensor_parallel_size, seed,
+                                   **llm_kwargs)
+        self.sampling = vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
+
+    def _feedback(self, prompts, completions):
+        conversations = [build_simulator_messages(self.style, p, c) for p, c in zip(prompts, completions)]
+        feedback = [clean_feedback(text) for text in vllm_chat(self.llm, conversations, self.sampling)]
+        empty = [i for i, text in enumerate(feedback) if not text]
+        if empty:
+            raise EmptyFeedbackError(f"the vLLM user model gave empty follow-ups for items {empty[:10]}")
+        return feedback

@@ -1,0 +1,162 @@
+"""Win-rate metrics against hand-computed values, the plot, prompt loading and the bundled prompts."""
+import json
+import logging
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from auxiliary.evaluation_helpers import (load_prompts, net_effect, plot_win_rates, prompt_as_messages,
+                                          prompt_as_text, win_rate_stats)
+from auxiliary.io_utils import DataError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_win_rate_stats_hand_computed():
+    stats = win_rate_stats(["A"] * 6 + ["B"] * 2 + ["C"] * 2)
+    assert (stats["n"], stats["wins"], stats["losses"], stats["ties"]) == (10, 6, 2, 2)
+    assert stats["coverage"] == pytest.approx(0.8)
+    assert stats["win_rate"] == pytest.approx(75.0)  # 6 / (6 + 2), ties excluded
+    assert stats["se"] == pytest.approx(100 * math.sqrt(0.75 * 0.25 / 8))  # 15.309
+    assert stats["se"] == pytest.approx(15.3093, abs=1e-4)
+
+
+def _bootstrap_by_index_resampling(decisions, n_bootstrap, seed):
+    """Independent recomputation: resample the decision list itself, row by row."""
+    rng = np.random.default_rng(seed)
+    values = np.array(decisions)
+    rates = []
+    for _ in range(n_bootstrap):
+        sample = values[rng.integers(0, len(values), len(values))]
+        wins, losses = np.sum(sample == "A"), np.sum(sample == "B")
+        if wins + losses:
+            rates.append(100.0 * wins / (wins + losses))
+    return float(np.std(rates, ddof=1))
+
+
+def test_bootstrap_se_matches_index_resampling_and_is_seeded():
+    decisions = ["A"] * 30 + ["B"] * 14 + ["C"] * 16
+    stats = win_rate_stats(decisions, n_bootstrap=10000, seed=3)
+    independent = _bootstrap_by_index_resampling(decisions, 4000, seed=11)
+    assert stats["se_bootstrap"] == pytest.approx(independent, rel=0.06)
+    # ties make the number of decisive pairs random, so the bootstrap SE is close to, not equal to, the analytic one
+    assert stats["se_bootstrap"] == pytest.approx(stats["se"], rel=0.1)
+    again = win_rate_stats(decisions, n_bootstrap=10000, seed=3)
+    assert again["se_bootstrap"] == stats["se_bootstrap"]  # reproducible with the seed
+    other = win_rate_stats(decisions, n_bootstrap=10000, seed=4)["se_bootstrap"]
+    assert other != stats["se_bootstrap"] and other == pytest.approx(stats["se_bootstrap"], rel=0.05)
+
+
+def test_bootstrap_without_ties_equals_the_binomial_se():
+    # resampling n decisions without ties: Var = p(1-p)/n exactly, so only Monte-Carlo noise (~0.7%) remains
+    stats = win_rate_stats(["A"] * 70 + ["B"] * 30, n_bootstrap=10000, seed=0)
+    assert stats["se"] == pytest.approx(100 * math.sqrt(0.7 * 0.3 / 100))  # 4.583
+    assert stats["se_bootstrap"] == pytest.approx(stats["se"], rel=0.03)
+
+
+def test_degenerate_cases():
+    perfect = win_rate_stats(["A"] * 5)
+    assert perfect["win_rate"] == 100.0 and perfect["se"] == 0.0 and perfect["se_bootstrap"] == 0.0
+    ties = win_rate_stats(["C"] * 4)
+    assert ties["coverage"] == 0.0 and ties["win_rate"] is None and ties["se"] is None and ties["se_bootstrap"] is None
+    empty = win_rate_stats([])
+    assert empty["n"] == 0 and empty["win_rate"] is None and empty["coverage"] == 0.0
+    with pytest.raises(ValueError, match="'A', 'B' or 'C'"):
+        win_rate_stats(["A", "win"])
+
+
+def test_net_effect_adds_variances():
+    effect = net_effect({"win_rate": 70.0, "se": 3.0}, {"win_rate": 55.0, "se": 4.0})
+    assert effect["diff"] == pytest.approx(15.0) and effect["se"] == pytest.approx(5.0)
+    assert net_effect({"win_rate": None, "se": None}, {"win_rate": 55.0, "se": 4.0}) == {"diff": None, "se": None}
+    # computed from real stats: 75 (se 15.309) minus 50 (se 0.5/sqrt(4)*100 = 25)
+    feedback = win_rate_stats(["A"] * 6 + ["B"] * 2)
+    placebo = win_rate_stats(["A", "A", "B", "B"])
+    effect = net_effect(feedback, placebo)
+    assert effect["diff"] == pytest.approx(25.0)
+    assert effect["se"] == pytest.approx(math.sqrt(15.3093 ** 2 + 25.0 ** 2), abs=1e-3)
+
+
+def test_plot_win_rates_writes_a_png(tmp_path):
+    records = []
+    for step in (0, 5, 10):
+        for style in ("no_emojis", "concise"):
+            for arm, rate in (("feedback", 50 + 2 * step), ("placebo", 50 + step)):
+                records.append({"step": step, "style": style, "arm": arm, "win_rate": rate, "se": 5.0})
+    records.append({"step": 15, "style": "concise", "arm": "feedback", "win_rate": None, "se": None})
+    path = plot_win_rates(records, tmp_path / "plots" / "winrate.png")
+    data = Path(path).read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 5000
+    assert sorted(p.name for p in (tmp_path / "plots").iterdir()) == ["winrate.png"]  # no temp file left
+    plain = plot_win_rates([{"step": 0, "style": "concise", "win_rate": 50.0, "se": 0.0}], tmp_path / "plain.png")
+    assert Path(plain).exists()
+
+
+def _write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+    return path
+
+
+def test_load_prompts_formats_shuffle_and_clamp(tmp_path, caplog):
+    rows = [{"prompt": f"question {i}"} for i in range(8)]
+    rows.append({"messages": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"},
+                              {"from": "human", "value": "what now?"}]})
+    rows.append({"prompt": [{"role": "user", "content": "a conversation prompt"}]})
+    path = _write_jsonl(tmp_path / "p.jsonl", rows)
+    prompts, dropped = load_prompts(path)
+    assert dropped == 0 and len(prompts) == 10
+    assert sorted(map(str, prompts)) == sorted(map(str, [r.get("prompt", None) or
+                                                        [{"role": "user", "content": "hi"},
+                                                         {"role": "assistant", "content": "hello"},
+                                                         {"role": "user", "content": "what now?"}] for r in rows]))
+    assert load_prompts(path, seed=1)[0] == load_prompts(path, seed=1)[0]
+    assert load_prompts(path, seed=1)[0] != load_prompts(path, seed=2)[0]
+    assert load_prompts(path, n=3, seed=1)[0] == load_prompts(path, seed=1)[0][:3]
+    with caplog.at_level(logging.WARNING):
+        clamped, _ = load_prompts(path, n=50)
+    assert len(clamped) == 10 and "asked for 50 prompts, only 10 available" in caplog.text
+    conversation = next(p for p in prompts if isinstance(p, list) and len(p) == 3)
+    assert prompt_as_messages(conversation)[-1] == {"role": "user", "content": "what now?"}
+    assert prompt_as_text(conversation) == "User: hi\n\nAssistant: hello\n\nUser: what now?"
+    assert prompt_as_messages("plain") == [{"role": "user", "content": "plain"}]
+
+
+def test_load_prompts_drops_and_counts_long_prompts(tmp_path, tiny_tokenizer):
+    from sdpo_objective import render_context_ids
+
+    texts = ["short one", "tell me a joke", " ".join(["word"] * 300), "another short request", " ".join(["x y"] * 200)]
+    path = _write_jsonl(tmp_path / "p.jsonl", [{"prompt": t} for t in texts])
+    lengths = [len(render_context_ids(tiny_tokenizer, [{"role": "user", "content": t}])) for t in texts]
+    limit = 60
+    assert sorted(lengths)[2] <= limit < sorted(lengths)[3]  # the fixture really has 3 short and 2 long prompts
+    prompts, dropped = load_prompts(path, tokenizer=tiny_tokenizer, max_prompt_tokens=limit)
+    assert dropped == 2 and sorted(prompts) == sorted(t for t, n in zip(texts, lengths) if n <= limit)
+    with pytest.raises(ValueError, match="needs a tokenizer"):
+        load_prompts(path, max_prompt_tokens=10)
+
+
+@pytest.mark.parametrize("rows, expected", [
+    ([{"prompt": "ok"}, {"text": "no prompt"}], r"p\.jsonl:2: missing field 'prompt'"),
+    ([{"prompt": ""}], r"p\.jsonl:1: field 'prompt' is empty"),
+    ([{"prompt": 3}], r"p\.jsonl:1: field 'prompt' must be"),
+    ([{"messages": "hi"}], r"p\.jsonl:1: field 'messages' must be a list"),
+    ([{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}]}],
+     r"p\.jsonl:1: field 'messages' must end with a user message"),
+    ([{"messages": [{"role": "user"}]}], r"p\.jsonl:1: field 'messages': message 0 needs role/content"),
+    (['{"prompt": "ok"}', '{"prompt": '], r"p\.jsonl:2: malformed JSON"),
+])
+def test_load_prompts_errors_name_file_line_and_field(tmp_path, rows, expected):
+    path = _write_jsonl(tmp_path / "p.jsonl", rows)
+    with pytest.raises(DataError, match=expected):
+        load_prompts(path)
+
+
+def test_bundled_sample_prompts():
+    train, _ = load_prompts(REPO / "data/samples/train.jsonl")
+    validation, _ = load_prompts(REPO / "data/samples/validation.jsonl")
+    assert len(train) >= 55 and len(validation) >= 25 and len(train) + len(validation) >= 80
+    everything = [p.strip().lower() for p in train + validation]
+    assert len(set(everything)) == len(everything)  # no duplicates within or across splits
+    assert all(isinstance(p, str) and 4 <= len(p.split()) <= 40 for p in train + validation)

@@ -1,0 +1,43 @@
+"""Personas: the named styles of the spec exist, are ours and distinct; unknown names fail helpfully."""
+from itertools import product
+
+import pytest
+
+from auxiliary.personas import PERSONAS, UnknownStyleError, get_persona, list_styles
+
+NAMED_PROFILES = [
+    "no_emojis", "less_filler_praise_sycophancy", "answer_directly_reduce_formatting", "poetic", "no_punctuation",
+    "no_first_person", "clarification_first", "single_answer", "answer_first", "no_filler_followup",
+    "high_initiative", "committing", "no_lists", "more_lists", "more_formatting", "less_formatting", "opinionated",
+    "exclamation", "no_sycophantic", "concise", "detailed",
+]
+
+
+def test_all_named_styles_and_the_eight_combinations_exist():
+    combos = [f"{a}_{b}_{c}" for a, b, c in product(("concise", "detailed"), ("casual", "professional"),
+                                                     ("beginner", "expert"))]
+    assert len(combos) == 8
+    missing = [s for s in combos + NAMED_PROFILES if s not in PERSONAS]
+    assert missing == []
+    assert list_styles() == sorted(PERSONAS)
+
+
+def test_descriptions_are_distinct_and_substantial():
+    texts = list(PERSONAS.values())
+    assert len(set(texts)) == len(texts)
+    assert all(len(t.split()) >= 20 for t in texts), [s for s, t in PERSONAS.items() if len(t.split()) < 20]
+    # the combinations really combine their three parts
+    text = get_persona("detailed_professional_expert")
+    assert "thorough" in text and "professional" in text and "terminology" in text
+    assert "short answers" in get_persona("concise_casual_beginner") and "jargon" in get_persona("concise_casual_beginner")
+
+
+def test_unknown_style_lists_the_known_ones():
+    with pytest.raises(UnknownStyleError) as info:
+        get_persona("no_emoji")  # typo of no_emojis
+    message = str(info.value)
+    assert "'no_emoji'" in message and "no_emojis" in message and "concise_casual_beginner" in message
+    assert isinstance(info.value, ValueError)
+    assert info.value.known == list_styles()
+    with pytest.raises(UnknownStyleError):
+        get_persona(None)
