@@ -115,7 +115,11 @@ def resolve_optim(optim: str) -> str:
 
     if optim != "auto":
         return optim
-    if torch.cuda.is_available() and importlib.util.find_spec("bitsandbytes") is not None:
+    # bitsandbytes' kernels know nothing of FSDP's sharded DTensors (seen failing on an H100) and are
+    # untested under DeepSpeed's optimizer wrapping: 8-bit AdamW only for single-GPU and DDP runs.
+    sharded = any(os.environ.get(flag, "false").lower() == "true"
+                  for flag in ("ACCELERATE_USE_FSDP", "ACCELERATE_USE_DEEPSPEED"))
+    if torch.cuda.is_available() and not sharded and importlib.util.find_spec("bitsandbytes") is not None:
         return "adamw_bnb_8bit"
     return "adamw_torch"
 
