@@ -114,6 +114,13 @@ sdpo_render() {
 
 # Parse the wrapper's own options, source .env, set the work/cache folders and the interpreter.
 sdpo_init() {
+    sdpo_init_light "$@"
+    _sdpo_common_vars
+    _sdpo_read_config_keys
+}
+
+# Only the options and .env: for the SLURM templates, which hand everything else to a wrapper.
+sdpo_init_light() {
     local arg passthrough=0
     for arg in "$@"; do
         if [[ $passthrough == 1 ]]; then
@@ -128,8 +135,6 @@ sdpo_init() {
         esac
     done
     _sdpo_source_env_file
-    _sdpo_common_vars
-    _sdpo_read_config_keys
 }
 
 _sdpo_source_env_file() {
@@ -178,6 +183,7 @@ _sdpo_common_vars() {
     [[ -x $REPO_ROOT/.venv/bin/python ]] && python="$REPO_ROOT/.venv/bin/python"
     sdpo_var SDPO_PYTHON "$python" "Python interpreter" "(.venv/bin/python if present, else python3)" common
     sdpo_var SDPO_ENV_FILE "" "Settings file sourced first (set it empty for none)" "(.env in the repo root)" common
+    sdpo_var SDPO_RUN_TAG "" "Suffix of default OUTPUT_DIR names" "(job<SLURM_JOB_ID>, else the time)" common
     sdpo_var HF_TOKEN "" "Hugging Face token for gated models (never printed)" "" common
     sdpo_var ANTHROPIC_API_KEY "" "Claude user simulator / judge (never printed)" "" common
     sdpo_var WANDB_API_KEY "" "Weights & Biases, when a run reports there (never printed)" "" common
@@ -186,17 +192,17 @@ _sdpo_common_vars() {
     # `huggingface-cli login` stays usable when HF_HOME moves.
     local old_token="${XDG_CACHE_HOME:-${HOME:-/nonexistent}/.cache}/huggingface/token"
     if [[ -z ${HF_HOME:-} && -z ${HF_TOKEN_PATH:-} && -f $old_token ]]; then
-        _sdpo_export HF_TOKEN_PATH "$old_token"
+        sdpo_export HF_TOKEN_PATH "$old_token"
     fi
-    [[ -n ${HF_HOME:-} ]] || _sdpo_export HF_HOME "$CACHE_DIR/huggingface"
-    [[ -n ${TORCH_HOME:-} ]] || _sdpo_export TORCH_HOME "$CACHE_DIR/torch"
-    [[ -n ${TRITON_CACHE_DIR:-} ]] || _sdpo_export TRITON_CACHE_DIR "$CACHE_DIR/triton"
-    [[ -n ${VLLM_CACHE_ROOT:-} ]] || _sdpo_export VLLM_CACHE_ROOT "$CACHE_DIR/vllm"
+    [[ -n ${HF_HOME:-} ]] || sdpo_export HF_HOME "$CACHE_DIR/huggingface"
+    [[ -n ${TORCH_HOME:-} ]] || sdpo_export TORCH_HOME "$CACHE_DIR/torch"
+    [[ -n ${TRITON_CACHE_DIR:-} ]] || sdpo_export TRITON_CACHE_DIR "$CACHE_DIR/triton"
+    [[ -n ${VLLM_CACHE_ROOT:-} ]] || sdpo_export VLLM_CACHE_ROOT "$CACHE_DIR/vllm"
     # The repo root on the path: the entry points import each other with any interpreter.
-    _sdpo_export PYTHONPATH "$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
+    sdpo_export PYTHONPATH "$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 }
 
-_sdpo_export() {
+sdpo_export() {
     printf -v "$1" '%s' "$2"
     export "${1?}"
     SDPO_EXPORTS+=("$1")
@@ -259,6 +265,7 @@ sdpo_help_or_continue() {
     printf '%s\n\n' "$1"
     printf '| Variable | Default | Meaning |\n|---|---|---|\n'
     for row in ${_SDPO_ROWS[@]+"${_SDPO_ROWS[@]}"}; do printf '%s\n' "$row"; done
+    [[ ${#_SDPO_COMMON_ROWS[@]} -gt 0 ]] || exit 0
     printf '\nRead by every wrapper:\n\n| Variable | Default | Meaning |\n|---|---|---|\n'
     for row in "${_SDPO_COMMON_ROWS[@]}"; do printf '%s\n' "$row"; done
     exit 0
@@ -323,10 +330,12 @@ sdpo_output_path() {
     printf -v "$name" '%s' "$PWD/${value#./}"
 }
 
-# Run tag for default output folders: the SLURM job (identical on every node, kept when a job is
-# requeued, so the run can resume) or the current time.
+# Run tag for default output folders: SDPO_RUN_TAG, else the SLURM job (identical on every node,
+# kept when a job is requeued, so the run can resume), else the current time.
 sdpo_run_tag() {
-    if [[ -n ${SLURM_JOB_ID:-} ]]; then
+    if [[ -n ${SDPO_RUN_TAG:-} ]]; then
+        printf '%s' "$SDPO_RUN_TAG"
+    elif [[ -n ${SLURM_JOB_ID:-} ]]; then
         printf 'job%s%s' "${SLURM_ARRAY_JOB_ID:-$SLURM_JOB_ID}" "${SLURM_ARRAY_TASK_ID:+_$SLURM_ARRAY_TASK_ID}"
     else
         date +%Y%m%d_%H%M%S
