@@ -309,6 +309,20 @@ sdpo_check_exists() {  # NAME [file|dir] [what]
     fi
 }
 
+# sdpo_check_api_key NAME...: a variable set to "claude" needs ANTHROPIC_API_KEY. A real run stops
+# before starting; a dry run warns.
+sdpo_check_api_key() {
+    local name
+    for name in "$@"; do
+        [[ ${!name:-} == claude && -z ${ANTHROPIC_API_KEY:-} ]] || continue
+        if [[ $SDPO_DRY_RUN == 1 ]]; then
+            sdpo_note "warning: $name=claude needs ANTHROPIC_API_KEY (a real run stops here)"
+        else
+            sdpo_die "$name=claude needs ANTHROPIC_API_KEY: set it in the environment or in .env, or choose another $name"
+        fi
+    done
+}
+
 # Input paths: taken from the current folder when they exist there, else from the repo root
 # (so the defaults work from anywhere); made absolute so every node and a pasted command agree.
 sdpo_input_path() {
@@ -385,6 +399,29 @@ sdpo_flag() {
     [[ -n ${!name:-} ]] || return 0
     if sdpo_config_sets "$key" && ! sdpo_user_set "$name"; then return 0; fi
     SDPO_CMD+=("$flag" "${!name}")
+}
+
+# sdpo_words_flag --flag NAME: append `--flag word1 word2 ...` (NAME split on spaces and commas),
+# under the same rules as sdpo_flag.
+sdpo_words_flag() {
+    local flag=$1 name=$2 key=${1#--} words=()
+    [[ -n ${!name:-} ]] || return 0
+    if sdpo_config_sets "$key" && ! sdpo_user_set "$name"; then return 0; fi
+    read -r -a words <<<"${!name//,/ }"
+    [[ ${#words[@]} -gt 0 ]] || return 0
+    SDPO_CMD+=("$flag" "${words[@]}")
+}
+
+# sdpo_input_paths NAME: sdpo_input_path for each word of a space-separated list.
+sdpo_input_paths() {
+    local name=$1 word words=() resolved=() _sdpo_word
+    read -r -a words <<<"${!name}"
+    for word in ${words[@]+"${words[@]}"}; do
+        _sdpo_word=$word
+        sdpo_input_path _sdpo_word
+        resolved+=("$_sdpo_word")
+    done
+    printf -v "$name" '%s' "${resolved[*]-}"
 }
 
 # Print (dry run) or run one command; commands are also echoed to stderr before a real run.
