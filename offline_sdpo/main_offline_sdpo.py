@@ -125,6 +125,8 @@ def resolve_optim(optim: str) -> str:
 
 
 def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
+    from auxiliary.cli import ConfigError
+
     if not value:
         return None
     if value == "latest":
@@ -135,7 +137,7 @@ def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
             logger.warning("--resume_from_checkpoint latest: no checkpoint in %s, starting fresh", output_dir)
         return found
     if not (Path(value) / "trainer_state.json").exists():
-        raise ValueError(f"--resume_from_checkpoint {value}: not a checkpoint folder (no trainer_state.json)")
+        raise ConfigError(f"--resume_from_checkpoint {value}: not a checkpoint folder (no trainer_state.json)")
     return value
 
 
@@ -274,6 +276,7 @@ def train(cfg: OfflineSDPOArguments) -> dict:
     if not is_main:
         transformers.utils.logging.set_verbosity_warning()
 
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)  # fail before any loading
     records, summary = load_interactions(cfg.train_jsonl)
     if is_main:
         print(f"[offline_sdpo] {summary.describe()}", flush=True)
@@ -282,7 +285,6 @@ def train(cfg: OfflineSDPOArguments) -> dict:
     tokenizer = load_tokenizer(model_path)
     attn = pick_attn_implementation(cfg.attn_implementation, "cuda" if args.device.type == "cuda" else "cpu")
     model = load_policy(cfg, model_path, attn)
-    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)
 
     resolved = {
         **public_config(asdict(cfg)),
@@ -321,8 +323,9 @@ def train(cfg: OfflineSDPOArguments) -> dict:
 if __name__ == "__main__":
     from auxiliary.cli import ConfigError
     from auxiliary.io_utils import DataError
+    from auxiliary.model_loading import ModelLoadError
 
     try:
         main()
-    except (DataError, ConfigError) as err:
+    except (DataError, ConfigError, ModelLoadError) as err:  # bad input: one line, no traceback
         raise SystemExit(f"error: {err}") from None

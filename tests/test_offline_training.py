@@ -43,11 +43,11 @@ def state_dict(path):
 
 
 @pytest.fixture(scope="module")
-def two_steps(tiny_model_dir, tmp_path_factory):
-    """2 optimizer steps of 2 micro-batches of 2 interactions (8 records = one epoch), one process."""
+def three_steps(tiny_model_dir, tmp_path_factory):
+    """3 optimizer steps of 2 micro-batches of 2 interactions (8 records per epoch), one process."""
     out = tmp_path_factory.mktemp("offline_run")
     yaml_file = out.parent / "offline.yaml"
-    yaml_file.write_text("batch_size: 2\ngrad_accum: 2\nmax_steps: 2\n")  # YAML keys are flags too
+    yaml_file.write_text("batch_size: 2\ngrad_accum: 2\nmax_steps: 3\n")  # YAML keys are flags too
     os.environ["ANTHROPIC_API_KEY"] = SECRET  # must never reach any output file
     try:
         result = run_main(common_flags(tiny_model_dir, out) + ["--config", str(yaml_file)])
@@ -56,11 +56,11 @@ def two_steps(tiny_model_dir, tmp_path_factory):
     return out, result
 
 
-def test_one_process_trains_logs_and_saves_a_loadable_model(two_steps, tiny_model_dir):
-    out, result = two_steps
-    assert result["global_step"] == 2 and result["interactions_seen"] == 8
+def test_one_process_trains_logs_and_saves_a_loadable_model(three_steps, tiny_model_dir):
+    out, result = three_steps
+    assert result["global_step"] == 3 and result["interactions_seen"] == 12
     metrics = read_metrics(out)
-    assert [m["step"] for m in metrics] == [1, 2]
+    assert [m["step"] for m in metrics] == [1, 2, 3]
     for line in metrics:
         assert all(math_is_finite(line[k]) for k in SDPO_METRICS), line
         assert line["learning_rate"] == pytest.approx(1e-3)
@@ -74,8 +74,8 @@ def test_one_process_trains_logs_and_saves_a_loadable_model(two_steps, tiny_mode
     assert AutoTokenizer.from_pretrained(str(out)).chat_template
 
 
-def test_resolved_config_is_saved_without_secrets(two_steps):
-    out, _ = two_steps
+def test_resolved_config_is_saved_without_secrets(three_steps):
+    out, _ = three_steps
     config = json.loads((out / CONFIG_FILENAME).read_text())
     assert config["batch_size"] == 2 and config["grad_accum"] == 2  # from the YAML file
     assert config["learning_rate"] == 1e-3 and config["ignore_first_k"] == 2 and config["loss_mode"] == "simple_signal"
@@ -89,18 +89,21 @@ def test_resolved_config_is_saved_without_secrets(two_steps):
             assert SECRET.encode() not in file.read_bytes(), file
 
 
-def test_resume_continues_the_step_count_exactly(two_steps, tiny_model_dir, tmp_path):
-    out, _ = two_steps
+def test_resume_continues_the_step_count_exactly(three_steps, tiny_model_dir, tmp_path):
+    out, _ = three_steps
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
+    shutil.rmtree(resumed / "checkpoint-3")  # as if the job had died after step 2
     flags = common_flags(tiny_model_dir, resumed) + ["--batch_size", "2", "--grad_accum", "2", "--max_steps", "3"]
     result = run_main(flags + ["--resume_from_checkpoint", "latest"])
     assert result["global_step"] == 3 and result["interactions_seen"] == 4  # only step 3 was trained
-    assert [m["step"] for m in read_metrics(resumed)] == [1, 2, 3]
-    straight = tmp_path / "straight"
-    run_main(common_flags(tiny_model_dir, straight) + ["--batch_size", "2", "--grad_accum", "2", "--max_steps", "3"])
+    metrics = read_metrics(resumed)
+    assert [m["step"] for m in metrics] == [1, 2, 3]  # the old step-3 line was dropped, the new one written
     # optimizer, schedule, RNG and data position all restored: step 3 is the same as without the interruption
-    assert read_metrics(resumed)[2]["loss"] == pytest.approx(read_metrics(straight)[2]["loss"], rel=1e-5)
+    assert metrics[2]["loss"] == pytest.approx(read_metrics(out)[2]["loss"], rel=1e-5)
+    resumed_weights, straight_weights = state_dict(resumed), state_dict(out)
+    for key, value in straight_weights.items():
+        torch.testing.assert_close(resumed_weights[key], value, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="not a checkpoint folder"):
         run_main(flags + ["--resume_from_checkpoint", str(tmp_path / "nowhere")])
 
@@ -145,26 +148,28 @@ def test_malformed_data_fails_before_training(tiny_model_dir, tmp_path):
 
 
 @pytest.mark.slow  # two extra Python processes: ~20 s alone, more on a busy machine
-def test_two_cpu_processes_match_one_process_with_accumulation(two_steps, tiny_model_dir, tmp_path):
+def test_two_cpu_processes_match_one_process_with_accumulation(three_steps, tiny_model_dir, tmp_path):
     """torchrun, 2 ranks x 1 micro-batch == 1 rank x 2 accumulated micro-batches: same data, same losses."""
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
                str(REPO / "offline_sdpo" / "main_offline_sdpo.py"), *common_flags(tiny_model_dir, out),
-               "--batch_size", "2", "--grad_accum", "1", "--max_steps", "2"]
+               "--batch_size", "2", "--grad_accum", "1", "--max_steps", "3"]
     proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=240)
     output = proc.stdout + proc.stderr
     assert proc.returncode == 0, output[-4000:]
-    assert "rank 0/2: trained on 4 interactions" in output and "rank 1/2: trained on 4 interactions" in output
-    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2"]
+    assert "rank 0/2: trained on 6 interactions" in output and "rank 1/2: trained on 6 interactions" in output
+    assert output.count("steps, final model in") == 1  # only rank 0 reports (and writes)
+    # one checkpoint per save (step 2, and the last step), not one per rank
+    assert sorted(p.name for p in out.iterdir() if p.name.startswith("checkpoint")) == ["checkpoint-2", "checkpoint-3"]
     state = json.loads((out / "trainer_state.json").read_text())
-    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2]  # logged once per step
-    ddp, single = read_metrics(out), read_metrics(two_steps[0])
-    assert [m["step"] for m in ddp] == [1, 2]
+    assert [e["step"] for e in state["log_history"] if "loss" in e] == [1, 2, 3]  # logged once per step
+    ddp, single = read_metrics(out), read_metrics(three_steps[0])
+    assert [m["step"] for m in ddp] == [1, 2, 3]
     for mine, reference in zip(ddp, single):
         for key in SDPO_METRICS:
             assert mine[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
-    ddp_weights, single_weights = state_dict(out), state_dict(two_steps[0])
+    ddp_weights, single_weights = state_dict(out), state_dict(three_steps[0])
     for key, value in single_weights.items():
         torch.testing.assert_close(ddp_weights[key], value, rtol=1e-4, atol=1e-6)
 
