@@ -299,13 +299,14 @@ sdpo_check_choice() {  # NAME CHOICE...
 
 # A missing input stops a real run before anything starts; a dry run only warns (it may be
 # prepared on a machine that cannot see the data).
-sdpo_check_exists() {  # NAME [file|dir] [what]
-    local name=$1 kind=${2:-file} path=${!1}${3:+/$3}
+sdpo_check_exists() {  # NAME [file|dir] [PATH INSIDE NAME]
+    local name=$1 kind=${2:-file} path=${!1}${3:+/$3} hint=""
     if [[ $kind == dir && -d $path ]] || [[ $kind == file && -f $path ]]; then return 0; fi
+    [[ $name == DATA_DIR ]] && hint=" (scripts/prepare_data.sh writes the data sets; DATA_DIR=data/samples has a few bundled prompts)"
     if [[ $SDPO_DRY_RUN == 1 ]]; then
-        sdpo_note "warning: $name: $path not found (a real run stops here)"
+        sdpo_note "warning: $name: $path not found$hint; a real run stops here"
     else
-        sdpo_die "$name: $path not found"
+        sdpo_die "$name: $path not found$hint"
     fi
 }
 

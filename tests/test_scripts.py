@@ -93,6 +93,17 @@ def recorded(work) -> list[dict]:
 
 # script -> (environment that makes it runnable with overrides, [(flag, value...), ...] expected)
 CASES = {
+    "eval_online_sdpo.sh": (
+        {"MODEL": "my-org/policy", "USER_SIMULATOR": "local", "USER_MODEL": "my-org/user", "JUDGE": "rule",
+         "STYLE": "concise_casual_beginner", "EVAL_STYLES": "no_emojis,no_lists", "LR": "1e-5", "LOSS_MODE": "simple_signal",
+         "TRAIN_N": "4", "EVAL_N": "6", "EVAL_EVERY": "2", "TRAIN_STEPS_PER_EXAMPLE": "2", "SEED": "7",
+         "DATA_DIR": "data/samples", "BASELINE_MODEL": "my-org/base", "OUTPUT_DIR": "{tmp}/online"},
+        [("--model", "my-org/policy"), ("--user_simulator", "local"), ("--user_model_name_or_path", "my-org/user"),
+         ("--judge", "rule"), ("--style", "concise_casual_beginner"), ("--eval_styles", "no_emojis", "no_lists"),
+         ("--lr", "1e-5"), ("--loss_mode", "simple_signal"), ("--train_n", "4"), ("--eval_n", "6"), ("--eval_every", "2"),
+         ("--train_steps_per_example", "2"), ("--seed", "7"), ("--train_jsonl", str(REPO / "data/samples/train.jsonl")),
+         ("--val_jsonl", str(REPO / "data/samples/validation.jsonl")), ("--baseline_model", "my-org/base"),
+         ("--output_dir", "{tmp}/online")]),
     "train_offline_sdpo.sh": (
         {"TRAIN_JSONL": FIXTURE, "BASE_MODEL": "my-org/base-7b", "LR": "3e-5", "BS": "2", "GA": "16",
          "NUM_EPOCHS": "3", "WORLD_SIZE": "1", "OUTPUT_DIR": "{tmp}/out offline"},
@@ -123,7 +134,6 @@ CASES = {
          ("--dataset", "/mirror/WildChat"), ("--out_dir", "{tmp}/data root/wildchat")]),
 }
 WRAPPERS = sorted(CASES)
-ONLINE_ENV: dict = {}
 
 
 def case_env(name: str, work, **extra) -> dict:
@@ -154,8 +164,8 @@ def test_dry_run_prints_the_overridden_values_and_touches_nothing(name, work):
     assert recorded(work) == []
 
 
-@pytest.mark.parametrize("name", ["train_offline_sdpo.sh", "eval_checkpoints.sh", "eval_incontext_oracle.sh",
-                                  "run_signal_analysis.sh"])
+@pytest.mark.parametrize("name", ["eval_online_sdpo.sh", "train_offline_sdpo.sh", "eval_checkpoints.sh",
+                                  "eval_incontext_oracle.sh", "run_signal_analysis.sh"])
 def test_default_output_dir_lives_under_base_work_and_is_not_created(name, work):
     env = case_env(name, work)
     env.pop("OUTPUT_DIR")
@@ -201,11 +211,7 @@ def test_secrets_never_printed(name, work):
     script = SLURM / name if name.endswith(".sbatch") else SCRIPTS / name
     dotenv = work["tmp"] / "secrets.env"
     dotenv.write_text(f"HF_TOKEN={DOTENV_SECRET}\nMY_SERVICE_PASSWORD='pw-PLANTED-42'\n")
-    base_case = name if name in CASES else {"train_offline_sdpo.sbatch": "train_offline_sdpo.sh",
-                                            "eval_checkpoints.sbatch": "eval_checkpoints.sh"}.get(name, "run_signal_analysis.sh")
-    env = case_env(base_case, work, ANTHROPIC_API_KEY=ENV_SECRET, SDPO_ENV_FILE=dotenv)
-    if name.startswith("eval_online"):
-        env.update(ONLINE_ENV)
+    env = case_env(name.replace(".sbatch", ".sh"), work, ANTHROPIC_API_KEY=ENV_SECRET, SDPO_ENV_FILE=dotenv)
     # secrets passed on as arguments too: by value, after a credential flag, and as --flag=value
     args = ["--dry-run", "--note", f"key {ENV_SECRET}", "--extra", DOTENV_SECRET, "--api_key", "other-PLANTED-1",
             "--db-password=other-PLANTED-2"]
@@ -426,7 +432,8 @@ def test_offline_template_single_node_and_gpu_count(work):
     assert result.returncode != 0 and ("scontrol" in result.stderr or "SLURM_JOB_NODELIST" in result.stderr)
 
 
-@pytest.mark.parametrize("template,case", [("eval_checkpoints.sbatch", "eval_checkpoints.sh")])
+@pytest.mark.parametrize("template,case", [("eval_online_sdpo.sbatch", "eval_online_sdpo.sh"),
+                                           ("eval_checkpoints.sbatch", "eval_checkpoints.sh")])
 def test_eval_templates_run_their_wrapper(template, case, work):
     env = case_env(case, work, SLURM_JOB_ID="77", SLURM_SUBMIT_DIR=str(work["cwd"]))  # submitted elsewhere: found anyway
     env.pop("OUTPUT_DIR")
@@ -524,3 +531,20 @@ def test_train_offline_real_run_on_a_tiny_model(work, tiny_model_dir):
     assert config["batch_size"] == 2 and config["grad_accum"] == 1 and config["base_model"] == tiny_model_dir
     assert ENV_SECRET not in result.stdout + result.stderr
     assert tree(work["cwd"]) == []  # nothing written where it ran from
+
+
+def test_online_model_flags_follow_the_chosen_simulator_and_judge(work):
+    env = case_env("eval_online_sdpo.sh", work, USER_SIMULATOR="rule", JUDGE="local")
+    (argv,) = commands(run(SCRIPTS / "eval_online_sdpo.sh", "--dry-run", env=env).stdout)
+    # the user model is only named for a model simulator; the judge model defaults to USER_MODEL
+    assert "--user_model_name_or_path" not in argv and has_pair(argv, "--judge_model", "my-org/user")
+    (argv,) = commands(run(SCRIPTS / "eval_online_sdpo.sh", "--dry-run", env={**env, "JUDGE_MODEL": "my-org/j"}).stdout)
+    assert has_pair(argv, "--judge_model", "my-org/j")
+    # seed defaults: a Claude user and judge
+    defaults = clean_env(work["base"], DATA_DIR="data/samples", ANTHROPIC_API_KEY=ENV_SECRET)
+    (argv,) = commands(run(SCRIPTS / "eval_online_sdpo.sh", "--dry-run", env=defaults).stdout)
+    for pair in [("--model", "Qwen/Qwen3-8B"), ("--user_simulator", "claude"), ("--judge", "claude"), ("--style", "no_emojis"),
+                 ("--lr", "5e-6"), ("--loss_mode", "full_distillation"), ("--train_n", "15"), ("--eval_n", "100"),
+                 ("--eval_every", "3"), ("--train_steps_per_example", "1"), ("--seed", "1234")]:
+        assert has_pair(argv, *pair), pair
+    assert "--eval_styles" not in argv and "--baseline_model" not in argv
