@@ -45,7 +45,10 @@ def build_tiny_tokenizer(extra_corpus: list[str] | None = None, vocab_size: int 
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = _CORPUS.strip().splitlines() + list(extra_corpus or [])
+    from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE
+
+    # The hindsight block is in the corpus (several times, so BPE merges it): keeps contexts short.
+    corpus = _CORPUS.strip().splitlines() + [DEFAULT_HINDSIGHT_TEMPLATE] * 20 + list(extra_corpus or [])
     tok.train_from_iterator(corpus, trainer=trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tok,
