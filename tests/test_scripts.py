@@ -548,3 +548,12 @@ def test_online_model_flags_follow_the_chosen_simulator_and_judge(work):
                  ("--eval_every", "3"), ("--train_steps_per_example", "1"), ("--seed", "1234")]:
         assert has_pair(argv, *pair), pair
     assert "--eval_styles" not in argv and "--baseline_model" not in argv
+
+
+@pytest.mark.parametrize("name", WRAPPERS)
+def test_env_example_sources_cleanly_and_changes_no_default(name, work):
+    env = case_env(name, work, SDPO_RUN_TAG="fixed")
+    without = run(SCRIPTS / name, "--dry-run", env=env)
+    with_example = run(SCRIPTS / name, "--dry-run", env={**env, "SDPO_ENV_FILE": str(REPO / ".env.example")})
+    assert with_example.returncode == 0, with_example.stderr
+    assert with_example.stdout == without.stdout
