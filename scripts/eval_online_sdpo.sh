@@ -15,9 +15,9 @@ sdpo_init "$@"
 
 sdpo_var MODEL "Qwen/Qwen3-8B" "Policy model (HuggingFace ID or local path)"
 sdpo_var USER_SIMULATOR "claude" "Who writes the user's follow-ups: rule, local, claude or vllm"
-sdpo_var USER_MODEL "Qwen/Qwen3-32B" "User simulator model (USER_SIMULATOR=local or vllm)"
+sdpo_var USER_MODEL "Qwen/Qwen3-32B" "User simulator model (local / vllm; a claude-* id picks the Claude model)"
 sdpo_var JUDGE "claude" "Pairwise style judge: rule, local, claude or vllm"
-sdpo_var JUDGE_MODEL "" "Judge model (JUDGE=local or vllm)" "(USER_MODEL)"
+sdpo_var JUDGE_MODEL "" "Judge model (local / vllm; a claude-* id picks the Claude model)" "(USER_MODEL)"
 sdpo_var STYLE "no_emojis" "Target user style profile"
 sdpo_var EVAL_STYLES "" "Additional styles to evaluate on"
 sdpo_var LR "5e-6" "Learning rate"
@@ -55,11 +55,13 @@ sdpo_config_sets val_jsonl || sdpo_check_exists DATA_DIR file validation.jsonl
 sdpo_python "$REPO_ROOT/eval_online_sdpo.py"
 sdpo_flag --model MODEL
 sdpo_flag --user_simulator USER_SIMULATOR
-[[ $USER_SIMULATOR == local || $USER_SIMULATOR == vllm ]] && sdpo_flag --user_model_name_or_path USER_MODEL
+# A model name means something to a model-backed user or judge; for Claude only a claude-* id does.
+names_a_model() { [[ $1 == local || $1 == vllm || ( $1 == claude && $2 == claude* ) ]]; }
+names_a_model "$USER_SIMULATOR" "$USER_MODEL" && sdpo_flag --user_model_name_or_path USER_MODEL
 sdpo_flag --judge JUDGE
-[[ $JUDGE == local || $JUDGE == vllm ]] && sdpo_flag --judge_model JUDGE_MODEL
+names_a_model "$JUDGE" "$JUDGE_MODEL" && sdpo_flag --judge_model JUDGE_MODEL
 sdpo_flag --style STYLE
-sdpo_words_flag --eval_styles EVAL_STYLES
+sdpo_flag --eval_styles EVAL_STYLES
 sdpo_flag --lr LR
 sdpo_flag --loss_mode LOSS_MODE
 sdpo_flag --train_n TRAIN_N

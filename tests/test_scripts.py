@@ -99,7 +99,7 @@ CASES = {
          "TRAIN_N": "4", "EVAL_N": "6", "EVAL_EVERY": "2", "TRAIN_STEPS_PER_EXAMPLE": "2", "SEED": "7",
          "DATA_DIR": "data/samples", "BASELINE_MODEL": "my-org/base", "OUTPUT_DIR": "{tmp}/online"},
         [("--model", "my-org/policy"), ("--user_simulator", "local"), ("--user_model_name_or_path", "my-org/user"),
-         ("--judge", "rule"), ("--style", "concise_casual_beginner"), ("--eval_styles", "no_emojis", "no_lists"),
+         ("--judge", "rule"), ("--style", "concise_casual_beginner"), ("--eval_styles", "no_emojis,no_lists"),
          ("--lr", "1e-5"), ("--loss_mode", "simple_signal"), ("--train_n", "4"), ("--eval_n", "6"), ("--eval_every", "2"),
          ("--train_steps_per_example", "2"), ("--seed", "7"), ("--train_jsonl", str(REPO / "data/samples/train.jsonl")),
          ("--val_jsonl", str(REPO / "data/samples/validation.jsonl")), ("--baseline_model", "my-org/base"),
@@ -548,6 +548,10 @@ def test_online_model_flags_follow_the_chosen_simulator_and_judge(work):
                  ("--eval_every", "3"), ("--train_steps_per_example", "1"), ("--seed", "1234")]:
         assert has_pair(argv, *pair), pair
     assert "--eval_styles" not in argv and "--baseline_model" not in argv
+    assert "--user_model_name_or_path" not in argv and "--judge_model" not in argv  # Qwen ids mean nothing to Claude
+    claude_ids = {**defaults, "USER_MODEL": "claude-sonnet-4-5", "JUDGE_MODEL": "claude-opus-4-1"}
+    (argv,) = commands(run(SCRIPTS / "eval_online_sdpo.sh", "--dry-run", env=claude_ids).stdout)
+    assert has_pair(argv, "--user_model_name_or_path", "claude-sonnet-4-5") and has_pair(argv, "--judge_model", "claude-opus-4-1")
 
 
 @pytest.mark.parametrize("name", WRAPPERS)
@@ -557,3 +561,22 @@ def test_env_example_sources_cleanly_and_changes_no_default(name, work):
     with_example = run(SCRIPTS / name, "--dry-run", env={**env, "SDPO_ENV_FILE": str(REPO / ".env.example")})
     assert with_example.returncode == 0, with_example.stderr
     assert with_example.stdout == without.stdout
+
+
+@pytest.mark.slow
+def test_eval_online_real_run_on_a_tiny_model(work, tiny_model_dir):
+    out = work["tmp"] / "online out"
+    env = clean_env(work["base"], MODEL=tiny_model_dir, USER_SIMULATOR="rule", JUDGE="rule", STYLE="no_emojis",
+                    TRAIN_N=2, EVAL_N=2, EVAL_EVERY=0, LR="1e-5", SEED=7, DATA_DIR="data/samples", OUTPUT_DIR=out,
+                    ANTHROPIC_API_KEY=ENV_SECRET)
+    result = run(SCRIPTS / "eval_online_sdpo.sh", "--max_new_tokens", "8", "--eval_max_new_tokens", "8",
+                 env=env, cwd=work["cwd"], timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    config = json.loads((out / "config.json").read_text())
+    assert config["sdpo"]["lr"] == 1e-5 and config["sdpo"]["seed"] == 7 and config["sdpo"]["model"] == tiny_model_dir
+    assert config["run"]["train_n"] == 2 and config["run"]["style"] == "no_emojis" and config["run"]["user_simulator"] == "rule"
+    assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
+    history = json.loads((out / "eval_history.json").read_text())
+    assert {row["step"] for row in history} == {0, 2} and all(row["n"] == 2 for row in history)
+    assert ENV_SECRET not in result.stdout + result.stderr
+    assert tree(work["cwd"]) == []
