@@ -287,7 +287,7 @@ sdpo_check_int() {  # NAME MIN
 }
 
 sdpo_check_number() {  # NAME (a positive decimal such as 5e-6 or 0.001)
-    [[ ${!1} =~ ^[0-9]*\.?[0-9]+([eE][-+]?[0-9]+)?$ ]] || sdpo_die "$1=${!1}: expected a number such as 5e-6"
+    [[ ${!1} =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] || sdpo_die "$1=${!1}: expected a number such as 5e-6"
 }
 
 sdpo_check_choice() {  # NAME CHOICE...
@@ -383,6 +383,9 @@ sdpo_launcher() {
     fi
     local accelerate="accelerate"
     [[ -x $(dirname "$SDPO_PYTHON")/accelerate ]] && accelerate="$(dirname "$SDPO_PYTHON")/accelerate"
+    if [[ $SDPO_DRY_RUN == 0 ]] && ! command -v "$accelerate" >/dev/null; then
+        sdpo_die "WORLD_SIZE=$world needs accelerate, not found next to $SDPO_PYTHON or on PATH (pip install accelerate, or WORLD_SIZE=1)"
+    fi
     SDPO_CMD=("$accelerate" launch)
     [[ -n ${ACCELERATE_CONFIG:-} ]] && SDPO_CMD+=(--config_file "$ACCELERATE_CONFIG")
     SDPO_CMD+=(--num_processes "$world")
