@@ -61,6 +61,7 @@ class SignalAnalysisArgs:
     hindsight_template: Optional[str] = field(default=None, metadata={"help": "hindsight block with {followup} (default: sdpo_objective's)"})
     max_context_length: Optional[int] = field(default=None, metadata={"help": "cut contexts from the left to this many tokens (default: no cut)"})
     batch_size: int = field(default=8, metadata={"help": "cases per generate / scoring call"})
+    from_json: Optional[str] = field(default=None, metadata={"help": "redraw figures and summary from an existing sdpo_signals.json (no model)"})
     token_plot_cases: str = field(default="all", metadata={"help": "cases that get case{N}_tokens.png: all, none, or indices like 0,3,5"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, eager, flash_attention_2"})
@@ -262,6 +263,21 @@ def write_plots(cases: list[dict], output_dir: Path, summary: dict, token_plot_c
 
 # --------------------------------------------------------------------------- main
 
+def replot(args: SignalAnalysisArgs) -> Path:
+    """Figures and summary again from a written sdpo_signals.json (e.g. after changing the plot code)."""
+    source = Path(args.from_json)
+    if not source.exists():
+        raise DataError(f"{source}: file not found")
+    data = json.loads(source.read_text(encoding="utf-8"))
+    output_dir = Path(args.output_dir) if args.output_dir else source.parent
+    output_dir.mkdir(parents=True, exist_ok=True)
+    summary = summarize(data["cases"])
+    write_plots(data["cases"], output_dir, summary, args.token_plot_cases)
+    print(format_summary(summary))
+    print(f"\nfigures in {output_dir}")
+    return source
+
+
 def run(args: SignalAnalysisArgs) -> Path:
     """Sample, score, write sdpo_signals.json and the figures; returns the JSON path."""
     from auxiliary.eval_common import default_output_dir
@@ -331,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         (args,) = parse_dataclasses((SignalAnalysisArgs,), argv, prog="sdpo_signal_analysis.py")
-        run(args)
+        replot(args) if args.from_json else run(args)
     except (ConfigError, DataError, ModelLoadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

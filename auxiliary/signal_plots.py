@@ -33,7 +33,7 @@ _LINE_INCHES = 0.24
 _SIDE_MARGIN = 0.3
 TOKEN_FIG_WIDTH = round(CHARS_PER_LINE * _CHAR_INCHES + 2 * _SIDE_MARGIN, 2)
 _PANEL_TITLE_INCHES = 0.55
-_COLORBAR_INCHES = 0.7
+_COLORBAR_INCHES = 1.0
 
 
 def heatmap_size(n_rows: int) -> tuple[float, float]:
@@ -178,11 +178,12 @@ def plot_case_tokens(tokens: Sequence[str], panels: Sequence[tuple[str, Sequence
             ax.text(column, line + 0.5, cell, fontsize=TOKEN_FONT_SIZE, family="DejaVu Sans Mono", va="center",
                     ha="left", color="white" if dark else "black")
         top -= panel_height
-    bar_ax = fig.add_axes([0.25, 0.25 / height, 0.5, 0.15 / height])
+    bar_ax = fig.add_axes([0.25, 0.3 / height, 0.5, 0.13 / height])
     from matplotlib.cm import ScalarMappable
 
-    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=bar_ax, orientation="horizontal",
-                 label="signal A_t (nats): red = less likely after the follow-up, blue = more likely")
+    fig.colorbar(ScalarMappable(norm=norm, cmap=cmap), cax=bar_ax, orientation="horizontal")
+    bar_ax.tick_params(labelsize=7)
+    bar_ax.set_title("signal A_t (nats): red = less likely after the follow-up, blue = more likely", fontsize=7)
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*[Gg]lyph.*")
         return save_figure(fig, path, DPI)

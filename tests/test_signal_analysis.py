@@ -178,3 +178,11 @@ def test_summarize_hand_computed():
     assert summary["all"]["mean_abs_followup"] == pytest.approx(2.0)
     assert summary["all"]["ratio_abs_followup_to_unrelated"] == pytest.approx(10.0)
     assert summary["reinforce"]["mean_followup"] == pytest.approx(-1.0)
+
+
+def test_replot_from_json_needs_no_model(analysis, tmp_path):
+    out, _ = analysis
+    assert main(["--from_json", str(out / "sdpo_signals.json"), "--output_dir", str(tmp_path),
+                 "--model", "/no/such/model", "--token_plot_cases", "1"]) == 0
+    assert sorted(p.name for p in tmp_path.glob("*.png")) == [
+        "case1_tokens.png", "followup.png", "side_by_side.png", "stacked.png", "unrelated.png"]
