@@ -1,0 +1,245 @@
+"""eval_online_sdpo.py end to end on a tiny model with the rule-based user and judge.
+
+Runs go through main(argv) in-process (no interpreter start-up per run). The tiny model writes
+byte-level gibberish, which is enough: lengths vary, so the rule judges for `concise` make
+decisive calls, and every file the run writes can be checked and recomputed independently.
+"""
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+import eval_online_sdpo
+from auxiliary.evaluation_helpers import win_rate_stats
+from auxiliary.style_judge import make_judge
+
+TRAIN = [f"Tell me something about topic number {i}." for i in range(5)]
+EVAL = [f"Explain idea {i} in simple terms." for i in range(6)]
+SECRET = "sk-ant-test-PLANTED-SECRET-4242"
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    from auxiliary.tiny_model import save_tiny_model
+
+    return save_tiny_model(tmp_path_factory.mktemp("tiny_online"))
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("online_data")
+    long_prompt = "Please read this. " * 200  # far over --max_prompt_tokens 96: dropped and counted
+    lines = [json.dumps({"prompt": p}) for p in TRAIN] + [json.dumps({"prompt": long_prompt})]
+    (folder / "train.jsonl").write_text("\n".join(lines) + "\n")
+    (folder / "validation.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in EVAL))
+    return folder
+
+
+def base_args(model_dir, data_dir, out, **overrides):
+    values = {"model": model_dir, "train_jsonl": data_dir / "train.jsonl", "val_jsonl": data_dir / "validation.jsonl",
+              "style": "concise", "eval_styles": "no_emojis", "train_n": 4, "eval_n": 6, "eval_every": 2,
+              "max_new_tokens": 10, "eval_max_new_tokens": 10, "max_prompt_tokens": 96, "lr": 1e-3,
+              "loss_mode": "simple_signal", "output_dir": out, "seed": 7}
+    values.update(overrides)
+    argv = []
+    for key, value in values.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False and value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
+
+
+def read_history(out):
+    return json.loads((Path(out) / "eval_history.json").read_text())
+
+
+def read_completions(out):
+    return [json.loads(line) for line in (Path(out) / "completions.jsonl").read_text().splitlines()]
+
+
+@pytest.fixture(scope="module")
+def placebo_run(model_dir, data_dir, tmp_path_factory):
+    """One full run with both arms and checkpoints; several tests read its outputs."""
+    out = tmp_path_factory.mktemp("run") / "placebo"
+    monkey = pytest.MonkeyPatch()
+    monkey.setenv("ANTHROPIC_API_KEY", SECRET)
+    try:
+        code = eval_online_sdpo.main(base_args(model_dir, data_dir, out, train_n=10, placebo=True,
+                                               save_checkpoints=True))
+    finally:
+        monkey.undo()
+    assert code == 0
+    return out
+
+
+def test_outputs_written_and_well_formed(placebo_run):
+    out = placebo_run
+    config = json.loads((out / "config.json").read_text())
+    assert config["sdpo"]["lr"] == 1e-3 and config["run"]["style"] == "concise"
+    # train_n 10 is clamped to the 5 usable prompts; the over-long prompt was dropped and counted
+    assert config["resolved"]["train_prompts"] == 5
+    assert config["resolved"]["dropped_train_over_max_prompt_tokens"] == 1
+    assert config["resolved"]["arms"] == ["feedback", "placebo"]
+
+    metrics = read_metrics(out)
+    assert [m["step"] for m in metrics] == [1, 2, 3, 4, 5]
+    for m in metrics:
+        for arm in ("feedback", "placebo"):
+            assert math.isfinite(m[arm]["loss"]) and m[arm]["followup"].strip()
+            assert m[arm]["reply_tokens"] >= 1 and "signal_per_sequence" not in m[arm]
+        assert m["placebo"]["followup"] == "OK, thanks."
+    # both arms sample step 1 from the same initial weights with the same seed: the same reply
+    train_rows = [r for r in read_completions(out) if r["phase"] == "train"]
+    first = {r["arm"]: r["completion"] for r in train_rows if r["step"] == 1}
+    assert first["feedback"] == first["placebo"]
+    assert len(train_rows) == 10
+
+    history = read_history(out)
+    keys = {"step", "style", "arm", "n", "wins", "losses", "ties", "coverage", "win_rate", "se", "se_bootstrap"}
+    assert all(keys <= set(r) for r in history)
+    # eval at 0, every 2 steps and at the end (5), for 2 styles x 2 arms
+    assert sorted({r["step"] for r in history}) == [0, 2, 4, 5]
+    assert len(history) == 4 * 2 * 2
+    for r in history:
+        assert r["n"] == 6 and r["wins"] + r["losses"] + r["ties"] == 6
+        assert r["coverage"] == pytest.approx((r["wins"] + r["losses"]) / 6)
+        if r["wins"] + r["losses"]:
+            assert r["win_rate"] == pytest.approx(100 * r["wins"] / (r["wins"] + r["losses"]))
+
+    assert (out / "winrate.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 5
+    for arm in ("feedback", "placebo"):
+        assert (out / "checkpoints" / arm / "step_000005" / "updater_state.json").exists()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["final_step"] == 5 and "net_effect" in summary["final"]["concise"]
+
+
+def test_step_zero_is_the_policy_against_itself(placebo_run):
+    """Before any update the policy is the baseline: every pair is a tie."""
+    for record in (r for r in read_history(placebo_run) if r["step"] == 0):
+        assert record["ties"] == record["n"] and record["win_rate"] is None
+
+
+def test_recorded_win_rates_match_an_independent_rejudging(placebo_run):
+    baseline = json.loads((placebo_run / "baseline_completions.json").read_text())["completions"]
+    rows = [r for r in read_completions(placebo_run) if r["phase"] == "eval"]
+    for record in read_history(placebo_run):
+        texts = [r["completion"] for r in sorted(rows, key=lambda r: r["index"])
+                 if r["step"] == record["step"] and r["arm"] == record["arm"]]
+        prompts = [r["prompt"] for r in sorted(rows, key=lambda r: r["index"])
+                   if r["step"] == record["step"] and r["arm"] == record["arm"]]
+        decisions = make_judge("rule", record["style"]).compare(prompts, texts, baseline)
+        again = win_rate_stats(decisions)
+        assert (again["wins"], again["losses"], again["ties"]) == (record["wins"], record["losses"], record["ties"])
+    # the feedback arm changed something by the end (lr 1e-3 on a tiny model): not all ties
+    final = [r for r in read_history(placebo_run) if r["step"] == 5 and r["style"] == "concise"]
+    assert any(r["ties"] < r["n"] for r in final)
+
+
+def test_no_secret_in_any_output(placebo_run):
+    for path in placebo_run.rglob("*"):
+        if path.is_file() and path.suffix in (".json", ".jsonl", ".log", ".txt", ""):
+            assert SECRET not in path.read_text(errors="ignore"), path
+
+
+def test_summary_table_prints_net_effect(placebo_run, capsys):
+    from eval_online_sdpo import summary_table
+
+    table = summary_table(read_history(placebo_run), ["feedback", "placebo"], ["concise", "no_emojis"])
+    lines = table.splitlines()
+    assert "net (feedback - placebo)" in lines[1]
+    assert len(lines) == 3 + 4 * 2  # title, header, rule, 4 eval steps x 2 styles
+
+
+def test_resume_continues_without_duplicates_and_matches_an_uninterrupted_run(model_dir, data_dir, tmp_path):
+    full, part = tmp_path / "full", tmp_path / "part"
+    assert eval_online_sdpo.main(base_args(model_dir, data_dir, full, save_checkpoints=True)) == 0
+    # a run stopped after step 2 (its last checkpoint), then continued to 4 steps with --resume
+    assert eval_online_sdpo.main(base_args(model_dir, data_dir, part, train_n=2, save_checkpoints=True)) == 0
+    # a kill after step 3's records but before its checkpoint: those records must be dropped and replayed
+    with open(part / "metrics.jsonl", "a") as handle:
+        handle.write(json.dumps({"step": 3, "feedback": {"loss": 123.0}}) + "\n")
+    with open(part / "completions.jsonl", "a") as handle:
+        handle.write('{"step": 3, "phase": "train", "arm": "feed')  # cut mid-line
+    assert eval_online_sdpo.main(base_args(model_dir, data_dir, part, save_checkpoints=True, resume=True)) == 0
+
+    assert [m["step"] for m in read_metrics(part)] == [1, 2, 3, 4]
+    assert [m["feedback"]["loss"] for m in read_metrics(part)] == [m["feedback"]["loss"] for m in read_metrics(full)]
+    strip = lambda rows: [{k: v for k, v in r.items()} for r in rows]  # noqa: E731
+    assert strip(read_history(part)) == strip(read_history(full))
+    assert read_completions(part) == read_completions(full)
+    assert (json.loads((part / "baseline_completions.json").read_text())
+            == json.loads((full / "baseline_completions.json").read_text()))
+    from safetensors.torch import load_file
+
+    weights_full = load_file(full / "checkpoints/feedback/step_000004/model/model.safetensors")
+    weights_part = load_file(part / "checkpoints/feedback/step_000004/model/model.safetensors")
+    assert weights_full.keys() == weights_part.keys()
+    assert all(torch.equal(weights_full[k], weights_part[k]) for k in weights_full)
+
+
+def test_existing_results_are_protected(model_dir, data_dir, placebo_run, capsys):
+    code = eval_online_sdpo.main(base_args(model_dir, data_dir, placebo_run))
+    assert code == 2 and "--resume" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("case", ["malformed_jsonl", "unknown_style", "missing_model", "no_chat_template",
+                                  "unwritable_output", "rule_cannot_check"])
+def test_bad_input_fails_with_one_clear_line(case, model_dir, data_dir, tmp_path, capsys):
+    overrides, expected = {}, None
+    if case == "malformed_jsonl":
+        bad = tmp_path / "bad.jsonl"
+        bad.write_text('{"prompt": "fine"}\n{"prompt": "broken\n')
+        overrides, expected = {"train_jsonl": bad}, f"{bad}:2"
+    elif case == "unknown_style":
+        overrides, expected = {"eval_styles": "no_emojiz"}, "no_emojis"  # the known styles are listed
+    elif case == "missing_model":
+        overrides, expected = {"model": tmp_path / "nowhere"}, "does not exist"
+    elif case == "no_chat_template":
+        stripped = tmp_path / "no_template"
+        shutil.copytree(model_dir, stripped)
+        config_file = stripped / "tokenizer_config.json"
+        config = json.loads(config_file.read_text())
+        config.pop("chat_template", None)
+        config_file.write_text(json.dumps(config))
+        for extra in stripped.glob("chat_template.*"):
+            extra.unlink()
+        overrides, expected = {"model": stripped}, "chat template"
+    elif case == "unwritable_output":
+        blocker = tmp_path / "a_file"
+        blocker.write_text("x")
+        overrides, expected = {"output_dir": blocker / "run"}, "not writable"
+    elif case == "rule_cannot_check":
+        overrides, expected = {"style": "poetic"}, "rule-checkable styles"
+    argv = base_args(model_dir, data_dir, tmp_path / "out", **overrides)
+    code = eval_online_sdpo.main(argv)
+    err = capsys.readouterr().err
+    error_lines = [line for line in err.splitlines() if line.startswith("eval_online_sdpo.py: error:")]
+    assert code == 2 and len(error_lines) == 1 and expected in error_lines[0], err
+    assert "Traceback" not in err
+
+
+def test_derived_seeds_are_stable_and_distinct():
+    from eval_online_sdpo import derive_seed
+
+    assert derive_seed(1234, "train", 3) == derive_seed(1234, "train", 3)
+    assert len({derive_seed(1234, "train", s) for s in range(100)}) == 100
+    assert derive_seed(1234, "train", 3) != derive_seed(1235, "train", 3)
+
+
+def test_wandb_offline_logs(model_dir, data_dir, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    out = tmp_path / "wb"
+    assert eval_online_sdpo.main(base_args(model_dir, data_dir, out, train_n=2, eval_n=2, wandb=True)) == 0
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
