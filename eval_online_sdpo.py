@@ -72,6 +72,9 @@ class OnlineRunConfig:
         "help": "model of a local/vllm judge; for --judge claude a claude-* id (else the default Claude)"})
     judge_local: bool = field(default=False, metadata={"help": "seed spelling of --judge local"})
     api_concurrency: int = field(default=8, metadata={"help": "Claude requests in flight at most"})
+    api_max_retries: int = field(default=8, metadata={
+        "help": "Claude: retries of a request on 429/408/5xx/timeouts/connection errors, then the run stops"})
+    api_timeout_s: float = field(default=60.0, metadata={"help": "Claude: seconds to wait for one answer"})
     placebo: bool = field(default=False, metadata={"help": "also train a placebo arm whose user is always neutral"})
     placebo_texts: list[str] = field(default_factory=lambda: ["OK, thanks."], metadata={
         "help": "the placebo user's follow-ups (one is drawn per step)"})
@@ -101,9 +104,11 @@ class OnlineRunConfig:
         for name, value in (("user_simulator", self.user_simulator), ("judge", self.judge)):
             if value not in ("rule", "local", "claude", "vllm"):
                 raise ValueError(f"--{name} must be rule, local, claude or vllm, got {value!r}")
-        for name in ("train_n", "eval_n", "eval_every", "eval_max_new_tokens"):
+        for name in ("train_n", "eval_n", "eval_every", "eval_max_new_tokens", "api_max_retries"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0")
+        if self.api_concurrency < 1 or self.api_timeout_s <= 0:
+            raise ValueError("--api_concurrency must be >= 1 and --api_timeout_s > 0")
         if not self.placebo_texts or not all(t.strip() for t in self.placebo_texts):
             raise ValueError("--placebo_texts needs at least one non-empty text")
 
@@ -228,6 +233,10 @@ class OnlineRun:
         self.data_info = {"train_prompts": len(self.train_prompts), "eval_prompts": len(self.eval_prompts),
                           "dropped_train_over_max_prompt_tokens": dropped_train,
                           "dropped_eval_over_max_prompt_tokens": dropped_eval}
+        for path, asked, kept, dropped in ((run.train_jsonl, run.train_n, self.train_prompts, dropped_train),
+                                           (run.val_jsonl, run.eval_n, self.eval_prompts, dropped_eval)):
+            if asked and not kept:  # else a run of zero steps would look like a success
+                raise SetupError(f"{path}: all {dropped} prompts are longer than --max_prompt_tokens {limit}")
         for name, asked, got in (("train_n", run.train_n, len(self.train_prompts)),
                                  ("eval_n", run.eval_n, len(self.eval_prompts))):
             if got < asked:
@@ -243,13 +252,16 @@ class OnlineRun:
 
         run = self.run
         user_model = _model_for(run.user_simulator, run.user_model_name_or_path)
+        api = {"max_retries": run.api_max_retries, "timeout_s": run.api_timeout_s}  # Claude clients only
         self.users["feedback"] = make_user_simulator(run.user_simulator, run.style, user_model, seed=self.sdpo.seed,
-                                                     api_concurrency=run.api_concurrency)
+                                                     api_concurrency=run.api_concurrency,
+                                                     **(api if run.user_simulator == "claude" else {}))
         if run.placebo:
             self.users["placebo"] = NeutralUserSimulator(texts=run.placebo_texts, seed=self.sdpo.seed)
         judge_model = _model_for(run.judge, run.judge_model)
         for style in self.styles:
-            self.judges[style] = make_judge(run.judge, style, judge_model, api_concurrency=run.api_concurrency)
+            self.judges[style] = make_judge(run.judge, style, judge_model, api_concurrency=run.api_concurrency,
+                                            **(api if run.judge == "claude" else {}))
 
     def _load_policies(self, tokenizer) -> None:
         from online_sdpo_updater import OnlineSDPOUpdater
@@ -385,6 +397,17 @@ class OnlineRun:
             if self.run.save_checkpoints and (step % max(1, self.sdpo.checkpoint_every) == 0 or step == self.num_steps):
                 self.checkpoint(step)
         bar.close()
+        self._log_api_usage()
+
+    def _log_api_usage(self) -> None:
+        """One line per Claude client: requests, retries by reason, time spent waiting."""
+        parts = [("user", self.users["feedback"])] + [(f"judge {s}", j) for s, j in self.judges.items()]
+        for name, part in parts:
+            client = getattr(part, "client", None)
+            if client is not None and hasattr(client, "stats"):
+                stats = client.stats
+                logger.info("Claude API (%s): %d requests, %d retries %s, %.1f s waiting", name, stats["requests"],
+                            stats["retries"], stats["retries_by_reason"], stats["wait_s"])
 
     def interact(self, step: int) -> dict:
         from auxiliary.evaluation_helpers import prompt_as_messages
@@ -439,7 +462,12 @@ class OnlineRun:
             for style in self.styles:
                 decisions = self.judges[style].compare(self.eval_prompts, texts, self.baseline)
                 stats = win_rate_stats(decisions, seed=derive_seed(self.sdpo.seed, "bootstrap", step, style, arm))
-                record = {"step": step, "style": style, "arm": arm, **stats, "mean_words": round(mean_words, 2)}
+                unparseable = sum(v is None for pair in self.judges[style].last_verdicts for v in pair)
+                if unparseable:
+                    logger.warning("eval @%d %s/%s: %d of %d judge replies had no verdict (counted as ties)", step,
+                                   style, arm, unparseable, 2 * len(decisions))
+                record = {"step": step, "style": style, "arm": arm, **stats, "unparseable_verdicts": unparseable,
+                          "mean_words": round(mean_words, 2)}
                 self.history.append(record)
                 self._wandb_log({f"eval/{style}/{arm}/{k}": v for k, v in stats.items() if v is not None}, step)
             for index, (prompt, text) in enumerate(zip(self.eval_prompts, texts)):
@@ -588,12 +616,14 @@ def summary_table(history: list[dict], arms: list[str], styles: list[str]) -> st
 
 
 def _setup_errors() -> tuple:
+    from auxiliary.claude_client import ClaudeAuthError
     from auxiliary.cli import ConfigError
     from auxiliary.model_loading import ModelLoadError
     from auxiliary.personas import UnknownStyleError
     from auxiliary.user_simulator import UnsupportedStyleError
 
-    return (SetupError, DataError, ConfigError, ModelLoadError, UnknownStyleError, UnsupportedStyleError, ValueError)
+    return (SetupError, DataError, ConfigError, ModelLoadError, UnknownStyleError, UnsupportedStyleError, ValueError,
+            ClaudeAuthError)
 
 
 def _run_errors() -> tuple:
