@@ -1,0 +1,288 @@
+"""Chat with a model that learns from you: every message you write after a reply is the
+follow-up o for that reply and drives one SDPO update (in the background).
+
+    python chat_sdpo.py --model smollm2-135m-instruct                 # terminal
+    python chat_sdpo.py --model smollm2-135m-instruct --ui web        # Gradio on 127.0.0.1:7860
+    python chat_sdpo.py --user_id alice --adapters_dir runs/adapters  # alice's own LoRA adapter
+
+Flags: every OnlineSDPOConfig field (the chat changes a few defaults, see ChatConfig) plus
+the chat's own. Commands: /undo /save /reset /why /new /help /quit.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
+
+# Measured on SmolLM2-135M-Instruct (README, section chat): mean |signal| of a reply is
+# 0.30-0.45 for follow-ups about the reply and 0.10-0.20 for new-topic ones.
+DEFAULT_MIN_SIGNAL = 0.0
+
+
+@dataclass
+class ChatConfig(OnlineSDPOConfig):
+    # Chat defaults that differ from the online trainer: a model that runs on a laptop,
+    # LoRA (a per-user adapter, cheap /undo), a LoRA-sized learning rate, shorter replies.
+    model: str = field(default="smollm2-135m-instruct", metadata={"help": "policy: hub id, local folder, smollm2-135m-instruct or tiny-random"})
+    use_lora: bool = field(default=True, metadata={"help": "train a per-user LoRA adapter (--no_use_lora: all weights, one user)"})
+    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA-sized by default)"})
+    # no dropout: the signal /why shows and the min_signal check then equal the one the update uses
+    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
+    max_new_tokens: int = field(default=256, metadata={"help": "reply length limit"})
+    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
+    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling"})
+    # the chat's own flags
+    user_id: str = field(default="default", metadata={"help": "whose adapter: <adapters_dir>/<user_id>/ (letters, digits, _ . -)"})
+    adapters_dir: Optional[str] = field(default=None, metadata={"help": "folder of per-user adapters (default: $BASE_WORK/chat_adapters, BASE_WORK=${SCRATCH:-${TMPDIR:-/tmp}})"})
+    ui: str = field(default="terminal", metadata={"help": "terminal or web (Gradio)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "web UI address (loopback unless told otherwise)"})
+    port: int = field(default=7860, metadata={"help": "web UI port"})
+    min_signal: float = field(default=DEFAULT_MIN_SIGNAL, metadata={"help": "skip updates whose mean |signal| is below this (0 = never skip)"})
+    undo_depth: int = field(default=10, metadata={"help": "how many updates /undo can take back (each keeps a copy of the adapter + optimizer state)"})
+    system_prompt: str = field(default="", metadata={"help": "system message of every conversation (empty: none)"})
+    log_interactions: bool = field(default=True, metadata={"help": "append (prompt, completion, user_response) to <adapters_dir>/<user_id>/interactions.jsonl"})
+    color: str = field(default="auto", metadata={"help": "terminal colours: auto (a tty and no NO_COLOR), always, never"})
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.ui not in ("terminal", "web"):
+            raise ValueError(f"--ui {self.ui!r}: choose terminal or web")
+        if self.color not in ("auto", "always", "never"):
+            raise ValueError(f"--color {self.color!r}: choose auto, always or never")
+        if self.min_signal < 0:
+            raise ValueError("--min_signal must be >= 0")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"--port {self.port} is not a port number")
+
+    def resolved_adapters_dir(self) -> Path:
+        if self.adapters_dir:
+            return Path(self.adapters_dir).expanduser()
+        base = os.environ.get("BASE_WORK") or os.environ.get("SCRATCH") or os.environ.get("TMPDIR") or "/tmp"
+        return Path(base) / "chat_adapters"
+
+
+# ---------------------------------------------------------------------- terminal UI
+
+PROMPT = "you> "
+ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+# 256-colour backgrounds by |signal| level: red = the model would now write this token less, green = more.
+NEGATIVE_BG = (224, 210, 196)
+POSITIVE_BG = (194, 114, 34)
+LEVELS = (0.1, 0.5, 1.5)   # |A| thresholds of the three shades (below 0.1: uncoloured)
+
+
+def signal_level(value: float) -> int:
+    """0 (uncoloured) .. 3 (strongest shade)."""
+    return sum(abs(value) >= t for t in LEVELS)
+
+
+def colour_piece(piece: str, value: float) -> str:
+    level = signal_level(value)
+    if level == 0 or not piece:
+        return piece
+    bg = (NEGATIVE_BG if value < 0 else POSITIVE_BG)[level - 1]
+    fg = 97 if level == 3 else 30
+    # colour each line separately so the background never runs to the end of the terminal line
+    return "\n".join(f"\x1b[48;5;{bg}m\x1b[{fg}m{part}\x1b[0m" if part else part for part in piece.split("\n"))
+
+
+def render_why(view, colour: bool) -> str:
+    """The /why view as terminal text: coloured reply, legend, most negative/positive tokens."""
+    if view is None:
+        return "nothing to explain yet: /why shows the last reply that received a follow-up"
+    status = "the update used it" if view.updated else "no update (skipped or failed)"
+    lines = [f"follow-up: {view.followup!r}   signal mean {view.signal_mean:+.3f}, "
+             f"mean |signal| {view.signal_abs_mean:.3f}; {status}"]
+    if colour:
+        lines.append("".join(colour_piece(p, v) for p, v in view.pieces))
+        lines.append("legend: red = the model would now write this token less, green = more; "
+                     f"shades at |signal| >= {', '.join(map(str, LEVELS))}")
+    else:
+        lines.append("".join(p for p, _ in view.pieces))
+    lowest, highest = view.extremes()
+    lines.append("less likely now: " + ", ".join(f"{p.strip()!r} {v:+.2f}" for p, v in lowest))
+    lines.append("more likely now: " + (", ".join(f"{p.strip()!r} {v:+.2f}" for p, v in highest) or "none"))
+    return "\n".join(lines)
+
+
+class TerminalChat:
+    def __init__(self, session, colour: bool, out=None):
+        self.session = session
+        self.colour = colour
+        self.out = out or sys.stdout
+        self._print_lock = threading.Lock()
+        self._at_prompt = False
+        self._queued: list[str] = []
+        try:
+            import readline  # line editing, and lets a background status line redraw what was typed
+            self._readline = readline
+        except ImportError:  # pragma: no cover - non-GNU platforms
+            self._readline = None
+
+    def _write(self, text: str) -> None:
+        self.out.write(text if self.colour else ANSI.sub("", text))
+        self.out.flush()
+
+    def on_event(self, report) -> None:
+        """Called on the model thread when an update ends: print now if the user sits at the prompt."""
+        line = report.status_line()
+        with self._print_lock:
+            if self._at_prompt:
+                typed = self._readline.get_line_buffer() if self._readline else ""
+                self._write(f"\r\x1b[K{line}\n{PROMPT}{typed}")
+            else:
+                self._queued.append(line)
+
+    def _flush_queued(self) -> None:
+        for line in self._queued:
+            self._write(line + "\n")
+        self._queued.clear()
+
+    def _read(self) -> str:
+        with self._print_lock:
+            self._flush_queued()
+            self._at_prompt = True
+        try:
+            return input(PROMPT)
+        finally:
+            with self._print_lock:
+                self._at_prompt = False
+
+    def run(self) -> None:
+        self._write("commands:\n" + _help() + "\n")
+        while True:
+            try:
+                line = self._read().strip()
+            except EOFError:
+                self._write("\n")
+                break
+            except KeyboardInterrupt:
+                self._write("\n(use /quit to leave)\n")
+                continue
+            if not line:
+                continue
+            if line.startswith("/"):
+                if self.command(line) == "quit":
+                    break
+                continue
+            self.chat(line)
+        self._write("saving the adapter ...\n")
+        path = self.session.close()  # finishes a running update first
+        with self._print_lock:
+            self._flush_queued()
+        self._write(f"saved to {path}\n")
+
+    def chat(self, text: str) -> None:
+        stream = self.session.send(text)
+        self._write("bot> ")
+        try:
+            for piece in stream:
+                self._write(piece)
+        except KeyboardInterrupt:
+            stream.stop()  # generation ends at the next token; the reply keeps what was written
+            for _ in stream:
+                pass
+            self._write(" [stopped]")
+        self._write("\n")
+
+    def command(self, line: str) -> str | None:
+        name = line.split()[0].lower()
+        session = self.session
+        if name == "/quit":
+            return "quit"
+        if name == "/why":
+            self._write(render_why(session.why(), self.colour) + "\n")
+        elif name == "/undo":
+            self._write(session.undo() + "\n")
+        elif name == "/save":
+            self._write(f"saved to {session.save()}\n")
+        elif name == "/reset":
+            self._write(session.reset() + "\n")
+        elif name == "/new":
+            self._write(session.new_conversation() + "\n")
+        elif name == "/help":
+            self._write(_help() + "\n")
+        else:
+            self._write(f"unknown command {name}; /help lists them\n")
+        return None
+
+
+def _help() -> str:
+    from auxiliary.chat_session import help_text
+
+    return help_text()
+
+
+# ---------------------------------------------------------------------- main
+
+def build_session(config: ChatConfig, on_event=None):
+    from auxiliary.chat_session import ChatSession, validate_user_id
+    from online_sdpo_updater import OnlineSDPOUpdater
+
+    validate_user_id(config.user_id)
+    updater = OnlineSDPOUpdater(config)
+    session = ChatSession(updater, config.resolved_adapters_dir() / config.user_id, min_signal=config.min_signal,
+                          undo_depth=config.undo_depth, system_prompt=config.system_prompt,
+                          log_interactions=config.log_interactions, on_event=on_event)
+    return session, session.load()
+
+
+def quiet_libraries() -> None:
+    """A chat screen has no room for progress bars of weight loading/saving or deprecation notices."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    hf_logging.disable_progress_bar()
+
+
+def use_colour(setting: str) -> bool:
+    if setting != "auto":
+        return setting == "always"
+    return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
+
+
+def main(argv=None) -> int:
+    from auxiliary.chat_session import ChatError
+    from auxiliary.cli import ConfigError, parse_dataclasses
+    from auxiliary.model_loading import ModelLoadError
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    quiet_libraries()
+    try:
+        (config,) = parse_dataclasses((ChatConfig,), argv, prog="chat_sdpo.py")
+        print(f"loading {config.model} (user '{config.user_id}', adapters in {config.resolved_adapters_dir()}) ...",
+              flush=True)
+        session, loaded = build_session(config)
+        terminal = TerminalChat(session, use_colour(config.color)) if config.ui == "terminal" else None
+        if terminal is not None:
+            session.on_event = terminal.on_event
+    except (ConfigError, ChatError, ModelLoadError, ValueError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    print(loaded, flush=True)
+    print(f"every message you send after a reply is feedback for it: one SDPO update each "
+          f"(lr {config.lr:g}, {'LoRA r=' + str(config.lora_r) if config.use_lora else 'all weights'}, "
+          f"loss {config.loss_mode}, min_signal {config.min_signal:g})", flush=True)
+    if terminal is not None:
+        terminal.run()
+    else:
+        from auxiliary.chat_web import serve
+
+        serve(session, config)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

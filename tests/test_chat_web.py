@@ -1,0 +1,101 @@
+"""The web chat (Gradio) in headless Chromium on a tiny model: two messages, two replies,
+one update reported, /why highlighted, a screenshot, /quit saves the adapter.
+
+Needs the Debian packages `chromium` and `chromium-driver` (/usr/bin/chromium and
+/usr/bin/chromedriver); skipped with that reason when they are missing.
+"""
+import os
+import shutil
+import socket
+import sys
+from pathlib import Path
+
+import pytest
+
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+if not (os.path.exists(CHROMIUM) and os.path.exists(CHROMEDRIVER)):
+    pytest.skip("headless browser test: needs Debian packages chromium and chromium-driver "
+                "(apt-get install chromium chromium-driver)", allow_module_level=True)
+pexpect = pytest.importorskip("pexpect")
+pytest.importorskip("gradio")
+webdriver = pytest.importorskip("selenium.webdriver")
+from selenium.webdriver.chrome.service import Service  # noqa: E402
+from selenium.webdriver.common.by import By  # noqa: E402
+from selenium.webdriver.common.keys import Keys  # noqa: E402
+from selenium.webdriver.support.ui import WebDriverWait  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+WAIT = 90  # seconds: the test machine is shared
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture()
+def server(tmp_path, tiny_model_dir):
+    port = free_port()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false")
+    args = [str(ROOT / "chat_sdpo.py"), "--ui", "web", "--port", str(port), "--model", tiny_model_dir,
+            "--adapters_dir", str(tmp_path / "adapters"), "--user_id", "webuser", "--max_new_tokens", "6",
+            "--temperature", "0", "--lora_r", "4", "--lora_alpha", "8"]
+    child = pexpect.spawn(sys.executable, args, cwd=str(ROOT), env=env, encoding="utf-8", timeout=WAIT)
+    child.expect_exact(f"web UI on http://127.0.0.1:{port}")
+    yield child, f"http://127.0.0.1:{port}/", tmp_path / "adapters" / "webuser" / "adapter"
+    if child.isalive():
+        child.terminate(force=True)
+
+
+@pytest.fixture()
+def browser():
+    options = webdriver.ChromeOptions()
+    options.binary_location = CHROMIUM
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,1000"):
+        options.add_argument(arg)
+    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    yield driver
+    driver.quit()
+
+
+def bot_rows(driver):
+    return driver.find_elements(By.CSS_SELECTOR, "#chat .message-row.bot-row")
+
+
+def chat_idle(driver) -> bool:
+    """Gradio hides an output's status tracker once the event writing to it has finished."""
+    return bool(driver.find_elements(By.CSS_SELECTOR, "#chat > [data-testid=status-tracker].hide"))
+
+
+def send(driver, text, replies_expected):
+    box = driver.find_element(By.CSS_SELECTOR, "#message textarea")
+    box.send_keys(text, Keys.ENTER)
+    WebDriverWait(driver, WAIT).until(lambda d: len(bot_rows(d)) >= replies_expected and chat_idle(d))
+
+
+def test_web_chat_two_messages_one_update_why_and_screenshot(server, browser, tmp_path):
+    child, url, adapter = server
+    browser.get(url)
+    # the status leaves "connecting ..." when the page's load event has run: events are wired by then
+    WebDriverWait(browser, WAIT).until(lambda d: "updates" in d.find_element(By.CSS_SELECTOR, "#status").text)
+    send(browser, "Hello, how are you today?", 1)
+    send(browser, "Too long, be concise.", 2)
+    status = browser.find_element(By.CSS_SELECTOR, "#status")
+    WebDriverWait(browser, WAIT).until(lambda d: "[update 1: loss" in status.text)  # polled by a gr.Timer
+    assert "applied 1, skipped 0" in status.text
+    chat_text = browser.find_element(By.CSS_SELECTOR, "#chat").text
+    assert "Hello, how are you today?" in chat_text and "Too long, be concise." in chat_text
+    assert len(bot_rows(browser)) == 2
+
+    browser.find_element(By.CSS_SELECTOR, "#cmd-why").click()
+    WebDriverWait(browser, WAIT).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#why .score-token"))
+    assert "follow-up: Too long, be concise." in browser.find_element(By.CSS_SELECTOR, "#why-note").text
+    shot = tmp_path / "chat_web.png"
+    assert browser.save_screenshot(str(shot)) and shot.read_bytes()[:4] == b"\x89PNG"
+
+    browser.find_element(By.CSS_SELECTOR, "#cmd-quit").click()  # saves the adapter and stops the server
+    child.expect_exact(f"saved to {adapter}")
+    child.expect(pexpect.EOF)
+    assert (adapter / "model" / "adapter_model.safetensors").exists()
