@@ -4,6 +4,8 @@ Runs go through main(argv) in-process (no interpreter start-up per run). The tin
 byte-level gibberish, which is enough: lengths vary, so the rule judges for `concise` make
 decisive calls, and every file the run writes can be checked and recomputed independently.
 """
+import contextlib
+import io
 import json
 import math
 import shutil
@@ -71,12 +73,15 @@ def placebo_run(model_dir, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("run") / "placebo"
     monkey = pytest.MonkeyPatch()
     monkey.setenv("ANTHROPIC_API_KEY", SECRET)
+    printed = io.StringIO()
     try:
-        code = eval_online_sdpo.main(base_args(model_dir, data_dir, out, train_n=10, placebo=True,
-                                               save_checkpoints=True))
+        with contextlib.redirect_stdout(printed):
+            code = eval_online_sdpo.main(base_args(model_dir, data_dir, out, train_n=10, placebo=True,
+                                                   save_checkpoints=True))
     finally:
         monkey.undo()
     assert code == 0
+    (out / "stdout.txt").write_text(printed.getvalue())
     return out
 
 
@@ -150,13 +155,28 @@ def test_no_secret_in_any_output(placebo_run):
             assert SECRET not in path.read_text(errors="ignore"), path
 
 
-def test_summary_table_prints_net_effect(placebo_run, capsys):
+def test_summary_printed_with_table_net_effect_and_plot(placebo_run):
+    from auxiliary.evaluation_helpers import net_effect
     from eval_online_sdpo import summary_table
 
     table = summary_table(read_history(placebo_run), ["feedback", "placebo"], ["concise", "no_emojis"])
     lines = table.splitlines()
     assert "net (feedback - placebo)" in lines[1]
     assert len(lines) == 3 + 4 * 2  # title, header, rule, 4 eval steps x 2 styles
+    printed = (placebo_run / "stdout.txt").read_text()
+    assert table in printed and f"win-rate plot: {placebo_run / 'winrate.png'}" in printed
+    final = {r["arm"]: r for r in read_history(placebo_run) if r["step"] == 5 and r["style"] == "concise"}
+    net = net_effect(final["feedback"], final["placebo"])
+    if net["diff"] is not None:
+        assert f"(concise, feedback - placebo win rate): {net['diff']:+.1f} +- {net['se']:.1f}" in printed
+    # the head-to-head judges the two arms' final replies against each other
+    rows = [r for r in read_completions(placebo_run) if r["phase"] == "eval" and r["step"] == 5]
+    texts = {arm: [r["completion"] for r in sorted(rows, key=lambda r: r["index"]) if r["arm"] == arm]
+             for arm in ("feedback", "placebo")}
+    prompts = [r["prompt"] for r in sorted(rows, key=lambda r: r["index"]) if r["arm"] == "feedback"]
+    expected = win_rate_stats(make_judge("rule", "concise").compare(prompts, texts["feedback"], texts["placebo"]))
+    h2h = json.loads((placebo_run / "summary.json").read_text())["head_to_head_feedback_vs_placebo"]["concise"]
+    assert (h2h["wins"], h2h["losses"], h2h["ties"]) == (expected["wins"], expected["losses"], expected["ties"])
 
 
 def test_resume_continues_without_duplicates_and_matches_an_uninterrupted_run(model_dir, data_dir, tmp_path):
