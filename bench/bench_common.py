@@ -1,0 +1,333 @@
+"""Shared pieces of the update benchmarks: the yardstick path, random batches, models, timers, memory meters.
+
+The "straightforward path" here is the yardstick our objective is compared against. It is
+written the obvious way on purpose and kept independent of sdpo_objective (only the batch
+layout is shared), so that the equivalence check in the benchmarks is a real cross-check:
+
+- two separate full forwards: x+y with gradient, xo+y without (teacher in eval mode),
+- logits over ALL positions, full-vocabulary float32 log-softmax over all positions,
+- gather of the response positions, then the same loss math as sdpo_objective.sdpo_loss
+  with default options (simple_signal: -A * log p summed over y / |y|, mean over the batch;
+  full_distillation: reverse KL over the student's top-k with a tail bucket, mean over tokens).
+"""
+from __future__ import annotations
+
+import ctypes
+import os
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+from sdpo_objective import ObjectiveOptions, ScoringBatch, build_scoring_batch, sdpo_loss  # noqa: E402
+
+PATHS = ("ours", "straightforward")
+LOSS_MODES = ("simple_signal", "full_distillation")
+QWEN3_VOCAB = 151_936
+
+
+# --------------------------------------------------------------------------- the yardstick
+
+def _full_response_logprobs(model, batch: ScoringBatch) -> torch.Tensor:
+    """[B, R, V] float32 log-probs of every vocabulary entry at the positions predicting y.
+
+    The log-softmax runs over all positions (context included), then the response slice is
+    taken: this is what "score the whole sequence, then pick y" costs.
+    """
+    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                   position_ids=batch.position_ids, use_cache=False).logits
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    width_c, width_r = batch.context_width, batch.response_ids.shape[1]
+    return logp[:, width_c - 1: width_c + width_r - 1]
+
+
+def straightforward_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: ObjectiveOptions) -> torch.Tensor:
+    """The same loss as sdpo_loss with default shaping options, computed the obvious way."""
+    if opts.ignore_first_k or opts.center_signal or opts.signal_clip or opts.negate_signal or opts.beta:
+        raise ValueError("the yardstick implements the default signal options only")
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        teacher_logp = _full_response_logprobs(model, batch_xo)
+    model.train(was_training)
+    student_logp = _full_response_logprobs(model, batch_x)
+    ids = batch_x.response_ids.unsqueeze(-1)
+    mask = batch_x.response_mask.float()
+
+    if opts.loss_mode == "simple_signal":
+        logp_x = student_logp.gather(-1, ids).squeeze(-1)
+        logp_xo = teacher_logp.gather(-1, ids).squeeze(-1)
+        advantage = logp_xo - logp_x.detach()
+        per_sequence = -(advantage * logp_x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+        return per_sequence.mean()
+
+    top_ids = student_logp.detach().topk(opts.distillation_topk, dim=-1).indices
+    student_top = student_logp.gather(-1, top_ids)
+    teacher_top = teacher_logp.gather(-1, top_ids)
+    if opts.distillation_tail:  # one extra bucket holding all the mass outside the top-k
+        student_top = torch.cat([student_top, _tail_logprob(student_top)], dim=-1)
+        teacher_top = torch.cat([teacher_top, _tail_logprob(teacher_top)], dim=-1)
+    else:
+        student_top = torch.log_softmax(student_top, dim=-1)
+        teacher_top = torch.log_softmax(teacher_top, dim=-1)
+    kl = (student_top.exp() * (student_top - teacher_top)).sum(dim=-1)  # [B, R]
+    return (kl * mask).sum() / mask.sum().clamp(min=1)
+
+
+def _tail_logprob(top_logp: torch.Tensor) -> torch.Tensor:
+    return torch.log((1.0 - top_logp.exp().sum(dim=-1, keepdim=True)).clamp(min=1e-12))
+
+
+def ours_loss(model, batch_x, batch_xo, opts) -> torch.Tensor:
+    return sdpo_loss(model, batch_x, batch_xo, opts)[0]
+
+
+LOSS_FUNCTIONS = {"ours": ours_loss, "straightforward": straightforward_loss}
+
+
+# --------------------------------------------------------------------------- models and batches
+
+def qwen3_model(vocab_size: int, hidden_size: int, num_layers: int, intermediate_size: int | None = None,
+                num_heads: int = 4, num_kv_heads: int = 2, head_dim: int | None = None, tie: bool = False,
+                seed: int = 0, device="cpu", dtype=torch.float32):
+    """A random-initialised Qwen3 built from a config (nothing downloaded), created directly on `device`."""
+    from transformers import Qwen3Config, Qwen3ForCausalLM
+
+    config = Qwen3Config(
+        vocab_size=vocab_size, hidden_size=hidden_size, num_hidden_layers=num_layers,
+        intermediate_size=intermediate_size or 3 * hidden_size, num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads, head_dim=head_dim or hidden_size // num_heads,
+        max_position_embeddings=40_960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=tie, pad_token_id=0, bos_token_id=None, eos_token_id=1,
+        attn_implementation="sdpa",
+    )
+    torch.manual_seed(seed)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with torch.device(device):
+            model = Qwen3ForCausalLM(config)
+    finally:
+        torch.set_default_dtype(previous)
+    return model.to(device=device, dtype=dtype).train()
+
+
+def random_batches(batch_size: int, context_length: int, response_length: int, vocab_size: int,
+                   hindsight_tokens: int = 64, ragged: bool = False, seed: int = 0, device="cpu"):
+    """(batch_x, batch_xo) of random token ids; xo = x plus `hindsight_tokens` of follow-up block.
+
+    ragged=True gives every row its own context and response length (padding on both sides).
+    """
+    generator = torch.Generator().manual_seed(seed)
+
+    def ids(length):
+        return torch.randint(2, vocab_size, (length,), generator=generator).tolist()
+
+    contexts_x, contexts_xo, responses = [], [], []
+    for row in range(batch_size):
+        shrink_c = (row * 7) % max(1, context_length // 2) if ragged else 0
+        shrink_r = (row * 5) % max(1, response_length // 2) if ragged else 0
+        context = ids(context_length - shrink_c)
+        contexts_x.append(context)
+        contexts_xo.append(context + ids(hindsight_tokens))
+        responses.append(ids(response_length - shrink_r))
+    return (build_scoring_batch(contexts_x, responses, pad_token_id=0, device=device),
+            build_scoring_batch(contexts_xo, responses, pad_token_id=0, device=device))
+
+
+# --------------------------------------------------------------------------- equivalence
+
+def check_equivalence(device="cpu", vocab_size: int = 512, rtol: float = 1e-4) -> dict:
+    """Both paths must give the same loss and the same gradients (fp32, ragged batch, several chunks).
+
+    Returns {mode: (loss_ours, loss_straightforward, max relative gradient difference)}; raises
+    AssertionError when they disagree, so no timing is ever reported for paths that differ.
+    """
+    model = qwen3_model(vocab_size, hidden_size=64, num_layers=2, seed=1, device=device, dtype=torch.float32)
+    with torch.no_grad():  # spread the logits so that top-k membership is not decided by rounding
+        model.lm_head.weight.normal_(0.0, 0.5, generator=torch.Generator(device=device).manual_seed(2))
+    batch_x, batch_xo = random_batches(3, 24, 40, vocab_size, hindsight_tokens=9, ragged=True, seed=3, device=device)
+    report = {}
+    for mode in LOSS_MODES:
+        opts = ObjectiveOptions(loss_mode=mode, logits_chunk_size=16)
+        results = {}
+        for path, loss_fn in LOSS_FUNCTIONS.items():
+            model.zero_grad(set_to_none=True)
+            loss = loss_fn(model, batch_x, batch_xo, opts)
+            loss.backward()
+            grads = {name: p.grad.detach().clone() for name, p in model.named_parameters() if p.grad is not None}
+            results[path] = (float(loss.detach()), grads)
+        (loss_a, grads_a), (loss_b, grads_b) = results["ours"], results["straightforward"]
+        assert abs(loss_a - loss_b) <= rtol * max(abs(loss_b), 1e-6), f"{mode}: loss {loss_a} vs {loss_b}"
+        assert grads_a.keys() == grads_b.keys(), f"{mode}: different parameters received gradients"
+        worst = 0.0
+        for name in grads_a:
+            scale = float(grads_b[name].abs().max().clamp(min=1e-8))
+            diff = float((grads_a[name] - grads_b[name]).abs().max()) / scale
+            worst = max(worst, diff)
+            assert diff <= 1e-3, f"{mode}: gradient of {name} differs by {diff:.2e} (relative to its max)"
+        report[mode] = (loss_a, loss_b, worst)
+    model.zero_grad(set_to_none=True)
+    return report
+
+
+# --------------------------------------------------------------------------- measuring
+
+def synchronize(device) -> None:
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize()
+
+
+class PeakMemory:
+    """Peak memory allocated for tensors by the code inside the `with` block, in bytes (`.peak`).
+
+    CUDA: torch.cuda.max_memory_allocated() minus the allocation at entry.
+    CPU: the same quantity from the allocator itself: the block runs under torch.profiler with
+    profile_memory=True, which records every allocation and free of PyTorch's CPU allocator
+    (autograd buffers and kernel workspaces included); the peak of the running sum is the peak.
+    This does not depend on how glibc returns memory to the OS, unlike RSS. Frees of blocks
+    allocated before entry are not reported by the profiler, so the number can only err high.
+    The profiler slows the block down: never time a block measured this way on CPU.
+    """
+
+    def __init__(self, device):
+        self.device = torch.device(device)
+        self.peak = 0
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            self._base = torch.cuda.memory_allocated()
+        else:
+            from torch.profiler import ProfilerActivity, profile
+
+            self._quiet = _QuietStderr().__enter__()  # kineto prints start/stop lines on fd 2
+            self._profile = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+            self._profile.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            self.peak = max(0, torch.cuda.max_memory_allocated() - self._base)
+            return False
+        try:
+            self._profile.__exit__(*exc)
+        finally:
+            self._quiet.__exit__(*exc)
+        if exc[0] is None:
+            from torch.autograd import DeviceType
+
+            events = [e for e in self._profile.profiler.kineto_results.events()
+                      if e.name() == "[memory]" and e.device_type() == DeviceType.CPU]
+            running = peak = 0
+            for event in sorted(events, key=lambda e: e.start_ns()):
+                running += event.nbytes()  # negative for a free
+                peak = max(peak, running)
+            self.peak = peak
+        return False
+
+
+class _QuietStderr:
+    def __enter__(self):
+        sys.stderr.flush()
+        self._saved = os.dup(2)
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, 2)
+        os.close(devnull)
+        return self
+
+    def __exit__(self, *exc):
+        os.dup2(self._saved, 2)
+        os.close(self._saved)
+        return False
+
+
+class RssPeak:
+    """Peak growth of the resident set size inside the `with` block, in bytes (`.peak`; None if unknown).
+
+    glibc's free lists are trimmed on entry and the kernel's high-water mark is reset by writing
+    "5" to /proc/self/clear_refs. Counts what the OS had to supply (allocator slack included);
+    costs nothing, so it can wrap timed runs. Linux only.
+    """
+
+    def __enter__(self):
+        self.peak = None
+        try:
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        except (OSError, AttributeError):
+            pass
+        try:
+            self._base = _status_bytes("VmRSS")
+            with open("/proc/self/clear_refs", "w") as handle:
+                handle.write("5")
+            self._ok = True
+        except (OSError, RuntimeError):
+            self._ok = False
+        return self
+
+    def __exit__(self, *exc):
+        if self._ok:
+            self.peak = max(0, _status_bytes("VmHWM") - self._base)
+        return False
+
+
+def _status_bytes(field: str) -> int:
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def timed(fn, device) -> float:
+    synchronize(device)
+    start = time.perf_counter()
+    fn()
+    synchronize(device)
+    return time.perf_counter() - start
+
+
+def median(values) -> float:
+    return float(statistics.median(values)) if values else float("nan")
+
+
+def environment_lines(device) -> list[str]:
+    import platform
+
+    import transformers
+
+    lines = [f"python {platform.python_version()}  torch {torch.__version__}  transformers {transformers.__version__}",
+             f"device {device}  threads {torch.get_num_threads()}"]
+    if torch.device(device).type == "cuda":
+        lines.append(f"gpu {torch.cuda.get_device_name()}  cuda {torch.version.cuda}  "
+                     f"memory {torch.cuda.get_device_properties(0).total_memory / 2**30:.1f} GiB")
+    else:
+        lines.append(f"cpu {_cpu_model()}  cores {os.cpu_count()}")
+    return lines
+
+
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as handle:
+            for line in handle:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown"
+
+
+def format_table(headers: list[str], rows: list[list]) -> str:
+    cells = [[str(h) for h in headers]] + [[str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    lines = ["  ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in cells]
+    lines.insert(1, "  ".join("-" * width for width in widths))
+    return "\n".join(lines)

@@ -1,0 +1,282 @@
+"""Benchmark one SDPO update: our objective against the straightforward path, same run, same batches.
+
+One update = score y under x with gradient and under xo without (teacher), loss, backward.
+  ours             sdpo_objective.sdpo_loss: teacher under no_grad, only response positions
+                   through the LM head, log-softmax / top-k in chunks of `--chunk-size`
+                   positions under activation checkpointing.
+  straightforward  bench_common.straightforward_loss: two full forwards with logits over all
+                   positions and a full-vocabulary float32 log-softmax (the yardstick).
+Before anything is timed, both paths must agree on loss and gradients (bench_common.check_equivalence).
+
+Grid: batch size x context length x response length x vocabulary (the Qwen3 vocabulary,
+151,936, with responses up to 2,048 tokens) on a Qwen3 of small hidden size (64, 2 layers),
+so the LM head and the log-softmax dominate, as they do for small real models.
+
+Measured per case, mode and path:
+  time      median wall time of `--repeats` updates after one warm-up; the paths are
+            interleaved within each repeat (order alternating) so that load from other
+            processes on a shared machine hits both alike. CPU time of the process is kept too.
+  peak mem  peak memory allocated for tensors during one update, above what was allocated
+            before it (model, batch). CUDA: torch.cuda.max_memory_allocated. CPU: the running
+            sum of PyTorch CPU-allocator events recorded by torch.profiler(profile_memory=True)
+            during the warm-up update (see bench_common.PeakMemory): exact, allocator-level and
+            independent of glibc returning pages; RSS growth (kernel VmHWM, reset per update)
+            is reported alongside as a cross-check of what the OS had to supply.
+
+Output: a table, then `ratio NAME VALUE` lines (ours / straightforward, from this run) for the
+headline case (vocabulary 151,936, response length 1,024):
+  ratio peak_memory_full_distillation, ratio update_time_full_distillation,
+  ratio peak_memory_simple_signal, ratio update_time_simple_signal,
+  and the same four with suffix _r2048 for the longest response.
+--out FILE writes every number as JSON.
+
+    python bench/bench_objective.py [--quick | --tiny] [--device cpu|cuda] [--out results.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from bench_common import (  # noqa: E402
+    LOSS_FUNCTIONS, LOSS_MODES, PATHS, QWEN3_VOCAB, PeakMemory, RssPeak, check_equivalence, environment_lines,
+    format_table, median, qwen3_model, random_batches, synchronize,
+)
+from tqdm import tqdm  # noqa: E402
+
+from auxiliary.io_utils import atomic_write_json  # noqa: E402
+from sdpo_objective import ObjectiveOptions  # noqa: E402
+
+# (batch, context, response, vocabulary, timed repeats); the case with V=151,936 and R=1,024 is
+# the headline of the ratio lines. Repeats are spent where the goals are measured, so the full
+# grid stays within a few minutes on 2 CPU cores.
+FULL_GRID = [
+    (1, 512, 1024, QWEN3_VOCAB, 3),
+    (1, 256, 2048, QWEN3_VOCAB, 1),
+    (4, 256, 256, QWEN3_VOCAB, 1),
+    (2, 1024, 512, 32_768, 2),
+]
+QUICK_GRID = [
+    (1, 512, 1024, QWEN3_VOCAB, 2),
+    (2, 256, 256, 32_768, 1),
+]
+TINY_GRID = [  # smoke test: seconds, not a measurement
+    (1, 32, 64, 2_048, 1),
+    (2, 16, 32, 1_024, 1),
+]
+HEADLINE = dict(response=1024, vocab=QWEN3_VOCAB)
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    size = parser.add_mutually_exclusive_group()
+    size.add_argument("--quick", action="store_true", help="two cases (headline + a small one)")
+    size.add_argument("--tiny", action="store_true", help="tiny vocabulary and lengths (smoke test)")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed updates per case, mode and path (default: per case, 1-3)")
+    parser.add_argument("--chunk-size", type=int, default=ObjectiveOptions.logits_chunk_size,
+                        help="logits_chunk_size of our path (default: the ObjectiveOptions default)")
+    parser.add_argument("--hidden-size", type=int, default=64)
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
+                        help="model dtype (default: float32 on CPU, bfloat16 on CUDA)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: on a shared 2-core machine two OpenMP threads stall "
+                             "at every barrier while another process holds a core; 0 = torch's choice)")
+    parser.add_argument("--out", default=None, help="write all numbers to this JSON file")
+    args = parser.parse_args(argv)
+    if args.repeats is not None and args.repeats < 1:
+        parser.error("--repeats must be >= 1")
+    return args
+
+
+def one_update(model, loss_fn, batch_x, batch_xo, opts) -> None:
+    loss = loss_fn(model, batch_x, batch_xo, opts)
+    loss.backward()
+
+
+def run_case(case, args, dtype, progress) -> list[dict]:
+    """All modes and paths for one grid point; one row per (mode, path)."""
+    batch_size, context, response, vocab, repeats = case
+    repeats = args.repeats or repeats
+    device = args.device
+    model = qwen3_model(vocab, args.hidden_size, args.layers, seed=0, device=device, dtype=dtype)
+    batch_x, batch_xo = random_batches(batch_size, context, response, vocab, seed=1, device=device)
+    rows = []
+    for mode in LOSS_MODES:
+        opts = ObjectiveOptions(loss_mode=mode, logits_chunk_size=args.chunk_size)
+        result = {path: {"times": [], "cpu_times": [], "rss": [], "error": None} for path in PATHS}
+
+        def attempt(path, measure):
+            """One update of `path`; an out-of-memory error is recorded for the path, not raised."""
+            if result[path]["error"]:
+                return
+            model.zero_grad(set_to_none=True)
+            try:
+                measure(lambda: one_update(model, LOSS_FUNCTIONS[path], batch_x, batch_xo, opts))
+            except torch.OutOfMemoryError as error:
+                result[path]["error"] = "OOM: " + str(error).split("\n")[0][:80]
+            finally:
+                model.zero_grad(set_to_none=True)
+                if torch.device(device).type == "cuda":
+                    torch.cuda.empty_cache()
+
+        def measure_memory(update, path):
+            with PeakMemory(device) as meter:  # doubles as the warm-up on CPU (profiled, never timed)
+                update()
+            result[path]["peak"] = meter.peak
+
+        def measure_time(update, path):
+            rss = RssPeak() if torch.device(device).type == "cpu" else None
+            synchronize(device)
+            with (rss or _Nothing()):
+                wall, cpu = time.perf_counter(), time.process_time()
+                update()
+                synchronize(device)
+                wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+            result[path]["times"].append(wall)
+            result[path]["cpu_times"].append(cpu)
+            if rss is not None and rss.peak is not None:
+                result[path]["rss"].append(rss.peak)
+
+        for path in PATHS:
+            attempt(path, lambda update, p=path: measure_memory(update, p))
+            progress.update(1)
+        for repeat in range(repeats):
+            for path in (PATHS if repeat % 2 == 0 else PATHS[::-1]):
+                attempt(path, lambda update, p=path: measure_time(update, p))
+                progress.update(1)
+        for path in PATHS:
+            entry = result[path]
+            rows.append({
+                "batch": batch_size, "context": context, "response": response, "vocab": vocab, "mode": mode,
+                "path": path, "time_s": median(entry["times"]), "cpu_time_s": median(entry["cpu_times"]),
+                "times_s": entry["times"], "peak_bytes": entry.get("peak") if not entry["error"] else None,
+                "rss_peak_bytes": max(entry["rss"]) if entry["rss"] else None, "error": entry["error"],
+                "tokens": int(batch_x.response_mask.sum()),
+            })
+    del model
+    return rows
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def ratios(rows) -> dict[str, float]:
+    """ours / straightforward per (case, mode) for time, CPU time and peak memory."""
+    by_key = {}
+    for row in rows:
+        by_key.setdefault((row["batch"], row["context"], row["response"], row["vocab"], row["mode"]), {})[row["path"]] = row
+    out = {}
+    for key, pair in by_key.items():
+        ours, straight = pair.get("ours"), pair.get("straightforward")
+        out[key] = {metric: _safe_ratio(ours.get(field), straight.get(field))
+                    for metric, field in (("update_time", "time_s"), ("update_cpu_time", "cpu_time_s"),
+                                          ("peak_memory", "peak_bytes"), ("peak_rss", "rss_peak_bytes"))}
+    return out
+
+
+def _safe_ratio(numerator, denominator) -> float:
+    if numerator is None or denominator is None or not denominator or math.isnan(numerator) or math.isnan(denominator):
+        return float("nan")
+    return numerator / denominator
+
+
+def headline_lines(per_case: dict, grid) -> list[str]:
+    """`ratio NAME VALUE` lines: the headline case, then the longest response at the Qwen3 vocabulary."""
+    vocab = max(case[3] for case in grid)
+    headline = [c for c in grid if c[2] == HEADLINE["response"] and c[3] == HEADLINE["vocab"]]
+    headline = headline[0] if headline else max(grid, key=lambda c: (c[3], c[2]))
+    longest = max((c for c in grid if c[3] == vocab), key=lambda c: c[2])
+    lines = []
+    for case, suffix in ((headline, ""), (longest, f"_r{longest[2]}")):
+        if suffix and case == headline:
+            continue
+        for metric in ("peak_memory", "update_time", "update_cpu_time"):
+            for mode in LOSS_MODES:
+                value = per_case[tuple(case[:4]) + (mode,)][metric]
+                lines.append(f"ratio {metric}_{mode}{suffix} {value:.4f}")
+    return lines
+
+
+def mib(value) -> str:
+    return "-" if value is None else f"{value / 2**20:,.0f}"
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.threads and torch.device(args.device).type == "cpu":
+        torch.set_num_threads(args.threads)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda requested but CUDA is not available")
+    dtype = getattr(torch, args.dtype) if args.dtype else (
+        torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32)
+    grid = TINY_GRID if args.tiny else QUICK_GRID if args.quick else FULL_GRID
+
+    started = time.time()
+    for line in environment_lines(args.device):
+        print(line)
+    print(f"model: Qwen3 hidden {args.hidden_size}, {args.layers} layers, {dtype}; chunk size {args.chunk_size}; "
+          f"threads {torch.get_num_threads()}; load average at start {_load()}")
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # the check compares fp32 numbers
+    check = check_equivalence(args.device)
+    for mode, (loss_ours, loss_straight, grad_diff) in check.items():
+        print(f"equivalence {mode}: loss {loss_ours:.6f} vs {loss_straight:.6f}, "
+              f"max relative gradient difference {grad_diff:.1e}")
+
+    rows = []
+    steps = sum(len(LOSS_MODES) * len(PATHS) * (1 + (args.repeats or case[4])) for case in grid)
+    with tqdm(total=steps, desc="updates", file=sys.stderr, disable=None) as progress:
+        for case in grid:
+            rows.extend(run_case(case, args, dtype, progress))
+    per_case = ratios(rows)
+
+    table = []
+    for row in rows:
+        key = (row["batch"], row["context"], row["response"], row["vocab"], row["mode"])
+        is_ours = row["path"] == "ours"
+        table.append([row["batch"], row["context"], row["response"], row["vocab"], row["mode"], row["path"],
+                      row["error"] or f"{row['time_s']:.3f}", f"{row['cpu_time_s']:.3f}", mib(row["peak_bytes"]),
+                      mib(row["rss_peak_bytes"]),
+                      f"{per_case[key]['update_time']:.2f}" if is_ours else "",
+                      f"{per_case[key]['peak_memory']:.2f}" if is_ours else ""])
+    print()
+    print(format_table(["B", "C", "R", "V", "mode", "path", "time s", "cpu s", "peak MiB", "rss MiB",
+                        "time x", "mem x"], table))
+    elapsed = time.time() - started
+    print(f"\nelapsed {elapsed:.0f} s; load average at end {_load()}")
+    lines = headline_lines(per_case, grid)
+    if args.out:
+        atomic_write_json(args.out, {
+            "environment": environment_lines(args.device), "dtype": str(dtype), "hidden_size": args.hidden_size,
+            "layers": args.layers, "chunk_size": args.chunk_size, "threads": torch.get_num_threads(),
+            "equivalence": {m: list(v) for m, v in check.items()}, "rows": rows, "elapsed_s": elapsed,
+            "ratios": {line.split()[1]: float(line.split()[2]) for line in lines},
+        })
+    for line in lines:
+        print(line)
+    return 0
+
+
+def _load() -> str:
+    try:
+        return " ".join(f"{value:.1f}" for value in os.getloadavg())
+    except OSError:
+        return "n/a"
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,210 @@
+"""GPU check: online updates at real Qwen3 shapes, our objective against the straightforward path.
+
+Builds random-initialised models with the Qwen3-0.6B and Qwen3-1.7B shapes from a Qwen3Config
+(no download, no tokenizer: random token ids), then for each model, loss mode and path runs
+`--warmup` untimed and `--updates` timed online updates: sdpo_loss (or the yardstick of
+bench_common) + backward + grad-norm clip 1.0 + AdamW step (lr 5e-6), in bf16, as the online
+updater does. Prints per path: update time (median), response tokens trained per second, and
+peak GPU memory (torch.cuda.max_memory_allocated over the timed updates: the total, and the
+part above what was allocated before them: weights and optimizer state excluded). Ratios last:
+
+    ratio update_time_<mode>_<model> VALUE      ours / straightforward
+    ratio peak_memory_<mode>_<model> VALUE      (peak above the pre-update allocation)
+    ratio peak_memory_total_<mode>_<model> VALUE
+
+An out-of-memory case is reported as OOM and the check goes on. `--device cpu --tiny` is the
+CPU smoke run (a tiny Qwen3, float32) used by the tests. Before anything is timed, both paths
+must agree on loss and gradients on a small fp32 model on the same device.
+
+    bash bench/gpu_check.sh                       # on the GPU machine
+    python bench/gpu_check.py --device cpu --tiny # anywhere
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import torch  # noqa: E402
+from bench_common import (  # noqa: E402
+    LOSS_FUNCTIONS, LOSS_MODES, PATHS, QWEN3_VOCAB, PeakMemory, check_equivalence, environment_lines, format_table, median, qwen3_model,
+    random_batches, synchronize,
+)
+
+from sdpo_objective import ObjectiveOptions  # noqa: E402
+
+# Shapes of the released configs (hidden, layers, intermediate, heads, kv heads, head dim; tied embeddings).
+QWEN3_SHAPES = {
+    "qwen3-0.6b": dict(hidden_size=1024, num_layers=28, intermediate_size=3072, num_heads=16, num_kv_heads=8,
+                       head_dim=128, tie=True, vocab_size=QWEN3_VOCAB),
+    "qwen3-1.7b": dict(hidden_size=2048, num_layers=28, intermediate_size=6144, num_heads=16, num_kv_heads=8,
+                       head_dim=128, tie=True, vocab_size=QWEN3_VOCAB),
+}
+TINY_SHAPES = {
+    "tiny": dict(hidden_size=64, num_layers=2, intermediate_size=128, num_heads=4, num_kv_heads=2, head_dim=16,
+                 tie=True, vocab_size=4096),
+}
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--device", default="cuda")
+    parser.add_argument("--tiny", action="store_true", help="tiny model, short sequences, 2 updates (smoke test)")
+    parser.add_argument("--models", default=None, help=f"comma list from {', '.join(QWEN3_SHAPES)}")
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--context-length", type=int, default=512)
+    parser.add_argument("--response-length", type=int, default=1024)
+    parser.add_argument("--updates", type=int, default=20)
+    parser.add_argument("--warmup", type=int, default=2)
+    parser.add_argument("--chunk-size", type=int, default=ObjectiveOptions.logits_chunk_size)
+    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for --device cpu (0 = torch's choice)")
+    parser.add_argument("--out", default=None, help="write all numbers to this JSON file")
+    args = parser.parse_args(argv)
+    if args.tiny:
+        args.batch_size, args.context_length, args.response_length = 2, 32, 48
+        args.updates, args.warmup = 2, 1
+    return args
+
+
+def run_path(model, path, mode, batch_x, batch_xo, args) -> dict:
+    """`warmup` + `updates` online updates of one path; returns times and memory, or the OOM error."""
+    device = args.device
+    opts = ObjectiveOptions(loss_mode=mode, logits_chunk_size=args.chunk_size)
+    loss_fn = LOSS_FUNCTIONS[path]
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.0)
+
+    def update():
+        optimizer.zero_grad(set_to_none=True)
+        loss = loss_fn(model, batch_x, batch_xo, opts)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return loss
+
+    result = {"times": [], "error": None}
+    try:
+        for _ in range(args.warmup):  # also creates the AdamW state, so it is not counted as update memory
+            update()
+        synchronize(device)
+        on_cuda = torch.device(device).type == "cuda"
+        before = torch.cuda.memory_allocated() if on_cuda else 0
+        # CUDA: the peak over the timed updates themselves (no overhead). CPU: the memory meter is a
+        # profiler, so the timed updates run bare and one more update is measured afterwards.
+        with (PeakMemory(device) if on_cuda else _Nothing()) as meter:
+            for _ in range(args.updates):
+                synchronize(device)
+                start = time.perf_counter()
+                loss = update()
+                synchronize(device)
+                result["times"].append(time.perf_counter() - start)
+        if not on_cuda:
+            with PeakMemory(device) as meter:
+                update()
+        result["peak_bytes"] = meter.peak
+        result["peak_total_bytes"] = meter.peak + before
+        result["final_loss"] = float(loss.detach())
+    except torch.OutOfMemoryError as error:
+        result["error"] = "OOM"
+        result["message"] = str(error).split("\n")[0][:200]
+    finally:
+        optimizer.zero_grad(set_to_none=True)
+        del optimizer
+        if torch.device(device).type == "cuda":
+            torch.cuda.empty_cache()
+    return result
+
+
+class _Nothing:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if torch.device(args.device).type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("CUDA is not available; for a CPU smoke run use --device cpu --tiny")
+    shapes = TINY_SHAPES if args.tiny else QWEN3_SHAPES
+    names = [n.strip() for n in args.models.split(",")] if args.models else list(shapes)
+    unknown = [n for n in names if n not in shapes]
+    if unknown:
+        raise SystemExit(f"unknown model(s) {unknown}; choose from {', '.join(shapes)}")
+    dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
+    if args.threads and torch.device(args.device).type == "cpu":
+        torch.set_num_threads(args.threads)
+    for line in environment_lines(args.device):
+        print(line, flush=True)
+    print(f"batch {args.batch_size} x (context {args.context_length} + response {args.response_length}); "
+          f"{args.updates} timed updates after {args.warmup} warm-up; {dtype}; chunk size {args.chunk_size}",
+          flush=True)
+
+    torch.backends.cuda.matmul.allow_tf32 = False  # the equivalence check compares fp32 numbers
+    for mode, (loss_ours, loss_straight, grad_diff) in check_equivalence(args.device).items():
+        print(f"equivalence {mode} (fp32, small model): loss {loss_ours:.6f} vs {loss_straight:.6f}, "
+              f"max relative gradient difference {grad_diff:.1e}", flush=True)
+
+    started = time.time()
+    rows, ratio_lines, records = [], [], []
+    for name in names:
+        shape = dict(shapes[name])
+        vocab = shape["vocab_size"]
+        try:
+            model = qwen3_model(**shape, seed=0, device=args.device, dtype=dtype)
+        except torch.OutOfMemoryError:
+            print(f"{name}: OOM while building the model, skipped", flush=True)
+            continue
+        batch_x, batch_xo = random_batches(args.batch_size, args.context_length, args.response_length, vocab,
+                                           seed=1, device=args.device)
+        tokens = int(batch_x.response_mask.sum())
+        parameters = sum(p.numel() for p in model.parameters())
+        for mode in LOSS_MODES:
+            results = {}
+            for path in PATHS:
+                results[path] = run_path(model, path, mode, batch_x, batch_xo, args)
+                r = results[path]
+                time_s = median(r["times"]) if not r["error"] else float("nan")
+                rows.append([name, mode, path, r["error"] or f"{time_s:.3f}",
+                             "-" if r["error"] else f"{tokens / time_s:,.0f}",
+                             "-" if r["error"] else f"{r['peak_bytes'] / 2**30:.2f}",
+                             "-" if r["error"] else f"{r['peak_total_bytes'] / 2**30:.2f}"])
+                records.append({"model": name, "parameters": parameters, "mode": mode, "path": path,
+                                "tokens_per_update": tokens, **r})
+                print(f"{name} {mode} {path}: " + ("OOM" if r["error"] else
+                      f"{time_s:.3f} s/update, peak {r['peak_bytes'] / 2**30:.2f} GiB"), flush=True)
+            ours, straight = results["ours"], results["straightforward"]
+            for metric, key in (("update_time", "times"), ("peak_memory", "peak_bytes"),
+                                ("peak_memory_total", "peak_total_bytes")):
+                if ours["error"] or straight["error"]:
+                    value = float("nan")
+                elif key == "times":
+                    value = median(ours["times"]) / median(straight["times"])
+                else:
+                    value = ours[key] / max(1, straight[key])
+                ratio_lines.append(f"ratio {metric}_{mode}_{name} {value:.4f}")
+        del model, batch_x, batch_xo
+        if torch.device(args.device).type == "cuda":
+            torch.cuda.empty_cache()
+
+    print()
+    print(format_table(["model", "mode", "path", "s/update", "resp tok/s", "peak GiB", "total GiB"], rows))
+    print(f"\nelapsed {time.time() - started:.0f} s")
+    if args.out:
+        from auxiliary.io_utils import atomic_write_json
+
+        atomic_write_json(args.out, {"environment": environment_lines(args.device), "args": vars(args),
+                                     "records": records,
+                                     "ratios": {l.split()[1]: float(l.split()[2]) for l in ratio_lines}})
+    for line in ratio_lines:
+        print(line)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
