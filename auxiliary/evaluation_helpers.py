@@ -32,6 +32,7 @@ Metrics (decisions come from PairwiseJudge.compare: "A" = the evaluated policy w
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
@@ -41,7 +42,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from auxiliary.io_utils import DataError, iter_jsonl
+from auxiliary.io_utils import DataError, atomic_write_bytes, iter_jsonl
 
 logger = logging.getLogger(__name__)
 
@@ -211,12 +212,7 @@ def plot_win_rates(history_records: Sequence[dict], path: str | os.PathLike, tit
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp{path.suffix}")
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
+    image = io.BytesIO()  # rendered in memory, then temporary file + fsync + rename
+    fig.savefig(image, format=path.suffix.lstrip(".") or "png", dpi=120)
+    atomic_write_bytes(path, image.getvalue())
     return str(path)

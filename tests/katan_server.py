@@ -170,13 +170,15 @@ def anthropic_error_body(status: int, message: str = "scripted error") -> dict:
 
 
 class StubServer:
-    """Scripted loopback server; `.arrivals` lists (monotonic time, status sent) per request."""
+    """Scripted loopback server; `.arrivals` lists (monotonic time, status sent) per answered request,
+    `.received` counts requests as they arrive (before any scripted delay)."""
 
     def __init__(self, script: list[StubResponse], upstream: str | None = None):
         self._script = list(script)
         self._upstream = upstream.rstrip("/") if upstream else None
         self._lock = threading.Lock()
         self.arrivals: list[tuple[float, int]] = []
+        self.received = 0
         stub = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
@@ -187,6 +189,7 @@ class StubServer:
                 arrived = time.monotonic()
                 body = self.rfile.read(int(self.headers.get("content-length") or 0))
                 with stub._lock:
+                    stub.received += 1
                     step = stub._script.pop(0) if stub._script else StubResponse(status=None)
                 if step.delay_s:
                     time.sleep(step.delay_s)
