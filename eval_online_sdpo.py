@@ -160,6 +160,7 @@ class OnlineRun:
         self.judges: dict = {}
         self.metrics: list[dict] = []
         self.history: list[dict] = []
+        self.eval_texts: dict[tuple[int, str], list[str]] = {}
         self.start_step = 1
         self.wandb_run = None
 
@@ -463,6 +464,8 @@ class OnlineRun:
                 texts = list(self.baseline)
             else:
                 texts = [r.text for r in self._generate_eval(arm, f"eval {arm} @{step}")]
+            self.eval_texts = {key: v for key, v in self.eval_texts.items() if key[1] != arm}  # keep the latest only
+            self.eval_texts[(step, arm)] = texts
             mean_words = sum(map(words, texts)) / len(texts)
             for style in self.styles:
                 decisions = self.judges[style].compare(self.eval_prompts, texts, self.baseline)
@@ -498,9 +501,9 @@ class OnlineRun:
 
     # ------------------------------------------------------------ reporting
     def summary(self) -> dict:
-        from auxiliary.evaluation_helpers import net_effect
+        """Print the win-rate table, the net effect, a head-to-head of the arms and one example; write summary.json."""
+        from auxiliary.evaluation_helpers import net_effect, win_rate_stats
 
-        table = summary_table(self.history, self.arms, self.styles)
         last_step = max((r["step"] for r in self.history), default=None)
         final = {}
         for style in self.styles:
@@ -510,21 +513,33 @@ class OnlineRun:
             if "placebo" in by_arm:
                 entry["net_effect"] = net_effect(by_arm["feedback"], by_arm["placebo"])
             final[style] = entry
+        texts = {arm: self._final_eval_texts(last_step, arm) for arm in self.arms} if last_step is not None else {}
+        head_to_head = {}
+        if "placebo" in self.arms and texts.get("feedback") and texts.get("placebo"):
+            # The same prompts answered by both arms, judged directly: a paired, more sensitive comparison.
+            for style in self.styles:
+                decisions = self.judges[style].compare(self.eval_prompts, texts["feedback"], texts["placebo"])
+                head_to_head[style] = win_rate_stats(decisions, seed=derive_seed(self.sdpo.seed, "h2h", style))
         baseline_words = sum(map(words, self.baseline)) / len(self.baseline) if self.baseline else None
         summary = {"final_step": last_step, "baseline_mean_words": baseline_words, "final": final,
+                   "head_to_head_feedback_vs_placebo": head_to_head,
                    "output_dir": str(self.out), "winrate_png": str(self.out / "winrate.png")}
         atomic_write_json(self.out / "summary.json", summary)
-        lines = [table]
+
+        lines = [summary_table(self.history, self.arms, self.styles), ""]
         for style, entry in final.items():
             if "net_effect" in entry:
                 net = entry["net_effect"]
                 text = "n/a (no decisive pair in an arm)" if net["diff"] is None else \
                     f"{net['diff']:+.1f} +- {net['se']:.1f} points"
-                lines.append(f"net effect at step {last_step} ({style}, feedback - placebo): {text}")
-        if baseline_words is not None:
-            lines.append("mean words per eval reply: baseline {:.1f}; step {}: {}".format(baseline_words, last_step, ", ".join(
-                f"{arm} {final[self.styles[0]][arm]['mean_words']:.1f}" for arm in self.arms
-                if arm in final[self.styles[0]])))
+                lines.append(f"net effect at step {last_step} ({style}, feedback - placebo win rate): {text}")
+        for style, stats in head_to_head.items():
+            lines.append(f"head to head at step {last_step} ({style}, feedback vs placebo replies): "
+                         f"{_fmt_rate(stats)}")
+        if baseline_words is not None and last_step is not None:
+            lines.append(f"mean words per eval reply: baseline {baseline_words:.1f}; at step {last_step}: " + ", ".join(
+                f"{arm} {sum(map(words, texts[arm])) / len(texts[arm]):.1f}" for arm in self.arms if texts.get(arm)))
+            lines.append(self._example(texts))
         lines.append(f"win-rate plot: {self.out / 'winrate.png'}")
         lines.append(f"results: {self.out}")
         print("\n".join(lines), flush=True)
@@ -533,9 +548,26 @@ class OnlineRun:
 
             if (self.out / "winrate.png").exists():
                 self.wandb_run.log({"winrate_plot": wandb.Image(str(self.out / "winrate.png"))})
-            self.wandb_run.summary.update({"final": final})
+            self.wandb_run.summary.update({"final": final, "head_to_head": head_to_head})
             self.wandb_run.finish()
         return summary
+
+    def _final_eval_texts(self, step: int, arm: str) -> list[str]:
+        """The arm's eval replies at `step` (from memory, or from completions.jsonl after a resume)."""
+        if (step, arm) in self.eval_texts:
+            return self.eval_texts[(step, arm)]
+        rows = [r for r in _read_jsonl_tolerant(self.out / "completions.jsonl")
+                if r["phase"] == "eval" and r["step"] == step and r["arm"] == arm]
+        rows.sort(key=lambda r: r["index"])
+        return [r["completion"] for r in rows] if len(rows) == len(self.eval_prompts) else []
+
+    def _example(self, texts: dict, limit: int = 400) -> str:
+        from auxiliary.evaluation_helpers import prompt_as_text
+
+        clip = lambda t: t if len(t) <= limit else t[:limit].rstrip() + " [...]"  # noqa: E731
+        parts = [f"example eval prompt: {prompt_as_text(self.eval_prompts[0])}", f"  baseline: {clip(self.baseline[0])!r}"]
+        parts += [f"  {arm}: {clip(texts[arm][0])!r}" for arm in self.arms if texts.get(arm)]
+        return "\n".join(parts)
 
     def _wandb_log(self, values: dict, step: int) -> None:
         if self.wandb_run is not None and values:
