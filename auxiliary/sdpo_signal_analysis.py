@@ -202,19 +202,38 @@ def summarize(cases: list[dict]) -> dict:
             "mean_abs_unrelated": mean_abs_unrel, "mean_abs_followup": mean_abs_follow,
             "mean_unrelated": float(unrel.mean()), "mean_followup": float(follow.mean()),
             "ratio_abs_followup_to_unrelated": mean_abs_follow / mean_abs_unrel if mean_abs_unrel > 0 else None,
+            # the part owed to WHAT the follow-up says (a generic "any hindsight block" shift cancels out)
+            "mean_abs_difference": float(np.abs(follow - unrel).mean()),
+            "mean_case_correlation": _mean_correlation(members),
         }
     return summary
 
 
+def _mean_correlation(cases: list[dict]) -> float | None:
+    """Mean over cases of the Pearson correlation between the two signals of a reply (None if undefined)."""
+    import numpy as np
+
+    values = []
+    for case in cases:
+        a, b = np.asarray(case["sig_follow"], dtype=float), np.asarray(case["sig_unrel"], dtype=float)
+        if a.size > 1 and a.std() > 0 and b.std() > 0:
+            values.append(float(np.corrcoef(a, b)[0, 1]))
+    return float(np.mean(values)) if values else None
+
+
 def format_summary(summary: dict) -> str:
-    header = f"{'cases':<16}{'n':>4}{'tokens':>8}{'mean|A| unrel':>15}{'mean|A| follow':>16}{'ratio':>7}" \
-             f"{'mean A unrel':>14}{'mean A follow':>15}"
+    header = f"{'cases':<12}{'n':>4}{'tokens':>8}{'mean|A| unrel':>15}{'mean|A| follow':>16}{'ratio':>7}" \
+             f"{'mean A unrel':>14}{'mean A follow':>15}{'mean|diff|':>12}{'corr':>7}"
     lines = [header, "-" * len(header)]
     for name, row in summary.items():
         ratio = row["ratio_abs_followup_to_unrelated"]
-        lines.append(f"{name:<16}{row['n_cases']:>4}{row['n_tokens']:>8}{row['mean_abs_unrelated']:>15.4f}"
+        corr = row["mean_case_correlation"]
+        lines.append(f"{name:<12}{row['n_cases']:>4}{row['n_tokens']:>8}{row['mean_abs_unrelated']:>15.4f}"
                      f"{row['mean_abs_followup']:>16.4f}{(f'{ratio:.2f}' if ratio else '-'):>7}"
-                     f"{row['mean_unrelated']:>14.4f}{row['mean_followup']:>15.4f}")
+                     f"{row['mean_unrelated']:>14.4f}{row['mean_followup']:>15.4f}{row['mean_abs_difference']:>12.4f}"
+                     f"{(f'{corr:.2f}' if corr is not None else '-'):>7}")
+    lines.append("mean|diff| = mean |A_follow - A_unrel| per token (what the follow-up's content adds); "
+                 "corr = mean per-reply correlation of the two signals")
     return "\n".join(lines)
 
 

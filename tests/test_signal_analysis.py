@@ -178,6 +178,9 @@ def test_summarize_hand_computed():
     assert summary["all"]["mean_abs_followup"] == pytest.approx(2.0)
     assert summary["all"]["ratio_abs_followup_to_unrelated"] == pytest.approx(10.0)
     assert summary["reinforce"]["mean_followup"] == pytest.approx(-1.0)
+    assert summary["all"]["mean_abs_difference"] == pytest.approx((0.9 + 2.9 + 2.4) / 3)
+    # case 1: corr([1, -3], [0.1, -0.1]) = 1; case 2 has one token (undefined) -> mean over case 1 only
+    assert summary["all"]["mean_case_correlation"] == pytest.approx(1.0)
 
 
 def test_replot_from_json_needs_no_model(analysis, tmp_path):
