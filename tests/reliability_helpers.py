@@ -1,0 +1,106 @@
+"""Shared pieces of the tests/test_reliability_*.py files: data, flags, the CLI as a subprocess, readers.
+
+Import as `from reliability_helpers import ...` (tests/ is on sys.path under pytest).
+"""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+ONLINE_SCRIPT = REPO / "eval_online_sdpo.py"
+ERROR_PREFIX = "eval_online_sdpo.py: error:"
+
+TRAIN = [f"Tell me something about topic number {i}." for i in range(20)]
+EVAL = [f"Explain idea {i} in simple terms." for i in range(4)]
+
+
+def write_prompts(path: Path, prompts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+    return path
+
+
+def online_args(model_dir, data_dir, out, **overrides) -> list[str]:
+    """eval_online_sdpo.py flags for a quick tiny-model run; True -> bare flag, None/False -> left out."""
+    values = {"model": model_dir, "train_jsonl": Path(data_dir) / "train.jsonl",
+              "val_jsonl": Path(data_dir) / "validation.jsonl", "style": "concise", "train_n": 4, "eval_n": 4,
+              "eval_every": 2, "max_new_tokens": 8, "eval_max_new_tokens": 8, "max_prompt_tokens": 96,
+              "lr": 1e-3, "loss_mode": "simple_signal", "output_dir": out, "seed": 11}
+    values.update(overrides)
+    argv = []
+    for key, value in values.items():
+        if value is True:
+            argv.append(f"--{key}")
+        elif value is not False and value is not None:
+            argv += [f"--{key}", str(value)]
+    return argv
+
+
+def clean_env(**extra) -> dict:
+    """The environment of a child run: offline, no inherited credentials or endpoints, plus `extra`."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("ANTHROPIC_API_KEY", "ANTHROPIC_BASE_URL", "HF_TOKEN", "WANDB_API_KEY", "OUTPUT_DIR")}
+    env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", WANDB_MODE="offline", PYTHONUNBUFFERED="1",
+               OMP_NUM_THREADS="1")  # see one_torch_thread
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny models on a shared 2-core machine run about 4x faster on one thread than on two (OpenMP
+    workers spin while other jobs hold the cores). Restored afterwards: other modules keep their setting."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def start_cli(argv: list[str], env: dict, script: Path = ONLINE_SCRIPT, cwd: Path = REPO,
+              log_path: Path | None = None) -> subprocess.Popen:
+    """The script as a child process; with log_path, stdout and stderr go to that file (a pipe nobody
+    reads while the test waits would fill up and stall the child)."""
+    if log_path is None:
+        return subprocess.Popen([sys.executable, str(script), *map(str, argv)], cwd=cwd, env=env,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, str(script), *map(str, argv)], cwd=cwd, env=env,
+                                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def run_cli(argv: list[str], env: dict, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
+    process = start_cli(argv, env, **kw)
+    stdout, stderr = process.communicate(timeout=timeout)
+    return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
+
+
+def last_line(text: str) -> str:
+    lines = [line for line in text.splitlines() if line.strip()]
+    return lines[-1] if lines else ""
+
+
+def read_jsonl(path: Path) -> list[dict]:
+    return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
+
+
+def read_json(path: Path):
+    return json.loads(Path(path).read_text())
+
+
+def leftover_temp_files(folder: Path) -> list[Path]:
+    """Temporary files of atomic writes (.name.XXXX.tmp) or half-made checkpoints (.partial)."""
+    return [p for p in Path(folder).rglob("*") if p.name.endswith((".tmp", ".partial"))]
+
+
+def anthropic_message(text: str) -> dict:
+    """A Messages API reply body, for a stub that answers by itself."""
+    return {"id": "msg_stub", "type": "message", "role": "assistant", "model": "claude-stub",
+            "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
+            "usage": {"input_tokens": 1, "output_tokens": 1}}
