@@ -24,8 +24,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
 
-# Measured on SmolLM2-135M-Instruct (README, section chat): mean |signal| of a reply is
-# 0.30-0.45 for follow-ups about the reply and 0.10-0.20 for new-topic ones.
+# Off: on SmolLM2-135M-Instruct a reply's mean |signal| was 0.203 for follow-ups about it and
+# 0.255 for new-topic ones (auxiliary/chat_signal_threshold.py; README, section chat), so no
+# threshold separates them on small models. Choose a value per model with that script.
 DEFAULT_MIN_SIGNAL = 0.0
 
 
@@ -74,7 +75,7 @@ class ChatConfig(OnlineSDPOConfig):
 # ---------------------------------------------------------------------- terminal UI
 
 PROMPT = "you> "
-ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")
+COLOUR_CODES = re.compile(r"\x1b\[[0-9;]*m")
 # 256-colour backgrounds by |signal| level: red = the model would now write this token less, green = more.
 NEGATIVE_BG = (224, 210, 196)
 POSITIVE_BG = (194, 114, 34)
@@ -130,7 +131,7 @@ class TerminalChat:
             self._readline = None
 
     def _write(self, text: str) -> None:
-        self.out.write(text if self.colour else ANSI.sub("", text))
+        self.out.write(text if self.colour else COLOUR_CODES.sub("", text))
         self.out.flush()
 
     def on_event(self, report) -> None:

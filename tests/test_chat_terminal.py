@@ -49,6 +49,7 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow  # starts the chat as a subprocess twice: 35-100 s on 2 busy cores
 def test_terminal_chat_updates_undo_save_and_reload(tmp_path, tiny_model_dir):
     adapters = tmp_path / "adapters"
     adapter = adapters / "alice" / "adapter"

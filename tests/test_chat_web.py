@@ -75,6 +75,7 @@ def send(driver, text, replies_expected):
     WebDriverWait(driver, WAIT).until(lambda d: len(bot_rows(d)) >= replies_expected and chat_idle(d))
 
 
+@pytest.mark.slow  # a chat server subprocess and a browser: 25-60 s on 2 busy cores
 def test_web_chat_two_messages_one_update_why_and_screenshot(server, browser, tmp_path):
     child, url, adapter = server
     browser.get(url)
