@@ -1,0 +1,142 @@
+"""Bad input through the command line: eval_online_sdpo.py and the offline trainer run as child processes.
+
+Each failure must end with one clear line on stderr naming the file, line or field (no traceback) and a
+non-zero exit; a prompt that is merely too long is dropped and counted, and train_n / eval_n larger than
+the data are clamped with a warning. The in-process twins in test_eval_online.py and
+test_offline_training.py check the same messages; these check what a user at a terminal sees.
+The children run concurrently (3 at a time): most of each one's time is Python start-up.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+from reliability_helpers import (ERROR_PREFIX, REPO, clean_env, last_line, online_args, read_json, read_jsonl,
+                                 run_cli, write_prompts)
+
+pytestmark = pytest.mark.slow  # 12 child processes, mostly Python start-up: ~30 s idle, ~2 min on a busy machine
+
+OFFLINE_SCRIPT = REPO / "offline_sdpo" / "main_offline_sdpo.py"
+OFFLINE_FIXTURE = REPO / "tests" / "fixtures" / "offline" / "interactions.jsonl"
+SHORT = ["Say hello.", "Name a colour.", "Count to three."]
+LONG = "Please read all of this carefully. " * 60  # far over --max_prompt_tokens 96
+
+
+def online_cases(model_dir: Path, data: Path) -> dict:
+    """name -> (argv, extra environment, expected text in the last stderr line)."""
+    def case(name, expected, **overrides):
+        return name, (online_args(model_dir, data, data / "out" / name, **overrides), {}, expected)
+
+    cases = dict([
+        case("malformed_jsonl", f"{data / 'malformed.jsonl'}:2: malformed JSON", train_jsonl=data / "malformed.jsonl"),
+        case("missing_field", f"{data / 'missing.jsonl'}:3: missing field 'prompt'", train_jsonl=data / "missing.jsonl"),
+        case("empty_prompt", f"{data / 'empty.jsonl'}:2: field 'prompt' is empty", val_jsonl=data / "empty.jsonl"),
+        case("all_prompts_too_long", "all 2 prompts are longer than --max_prompt_tokens 96",
+             train_jsonl=data / "long.jsonl"),
+        case("unknown_style", "no_emojis", style="no_emojiz"),  # the known styles are listed
+        case("missing_model", "does not exist", model=data / "no_such_model"),
+        case("no_chat_template", "chat template", model=data / "no_template"),
+        case("output_dir_not_writable", "not writable", output_dir=data / "a_file" / "run"),
+        case("claude_without_api_key", "ANTHROPIC_API_KEY", user_simulator="claude"),
+    ])
+    return cases
+
+
+def offline_cases(model_dir: Path, data: Path) -> dict:
+    def args(train_jsonl, model=model_dir):
+        return ["--base_model", model, "--train_jsonl", train_jsonl, "--output_dir", data / "offline_out",
+                "--max_steps", "1"]
+
+    return {
+        "offline_malformed_jsonl": (args(data / "offline_malformed.jsonl"), {},
+                                    f"{data / 'offline_malformed.jsonl'}:2: malformed JSON"),
+        "offline_missing_field": (args(data / "offline_missing.jsonl"), {},
+                                  f"{data / 'offline_missing.jsonl'}:1: missing field(s) user_response"),
+    }
+
+
+def write_inputs(data: Path, model_dir: Path) -> None:
+    write_prompts(data / "train.jsonl", SHORT + [LONG])  # 3 usable, 1 dropped and counted
+    write_prompts(data / "validation.jsonl", SHORT)
+    (data / "malformed.jsonl").write_text('{"prompt": "fine"}\n{"prompt": "cut off\n{"prompt": "fine too"}\n')
+    (data / "missing.jsonl").write_text('{"prompt": "a"}\n{"prompt": "b"}\n{"text": "no prompt field"}\n')
+    (data / "empty.jsonl").write_text('{"prompt": "a"}\n{"prompt": "   "}\n')
+    write_prompts(data / "long.jsonl", [LONG, LONG + "again"])
+    (data / "a_file").write_text("a file where a folder should be")
+    stripped = data / "no_template"
+    shutil.copytree(model_dir, stripped)
+    config_file = stripped / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("chat_template", None)
+    config_file.write_text(json.dumps(config))
+    for extra in stripped.glob("chat_template.*"):
+        extra.unlink()
+    good = OFFLINE_FIXTURE.read_text().splitlines()
+    (data / "offline_malformed.jsonl").write_text(good[0] + "\n{not json\n")
+    record = json.loads(good[0])
+    record.pop("user_response")
+    (data / "offline_missing.jsonl").write_text(json.dumps(record) + "\n" + good[1] + "\n")
+
+
+@pytest.fixture(scope="module")
+def results(tmp_path_factory):
+    """Every case (and one good run with clamping and a dropped prompt) as a child process, 3 at a time."""
+    from auxiliary.tiny_model import save_tiny_model
+
+    data = tmp_path_factory.mktemp("bad_input")
+    model_dir = save_tiny_model(data / "tiny")
+    write_inputs(data, model_dir)
+    cases = {**online_cases(model_dir, data), **offline_cases(model_dir, data)}
+    good_out = data / "out" / "clamped"
+    cases["clamped_and_dropped"] = (online_args(model_dir, data, good_out, train_n=50, eval_n=50, eval_every=0), {},
+                                    None)
+
+    def run(item):
+        name, (argv, extra_env, _) = item
+        kwargs = {"script": OFFLINE_SCRIPT} if name.startswith("offline") else {}
+        return name, run_cli(argv, clean_env(**extra_env), timeout=300, **kwargs)
+
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        done = dict(pool.map(run, cases.items()))
+    return {name: (done[name], cases[name][2]) for name in cases}, good_out
+
+
+ONLINE_FAILURES = ["malformed_jsonl", "missing_field", "empty_prompt", "all_prompts_too_long", "unknown_style",
+                   "missing_model", "no_chat_template", "output_dir_not_writable", "claude_without_api_key"]
+
+
+@pytest.mark.parametrize("case", ONLINE_FAILURES)
+def test_online_bad_input_ends_with_one_clear_line(results, case):
+    result, expected = results[0][case]
+    assert result.returncode == 2, result.stderr[-2000:]
+    line = last_line(result.stderr)
+    assert line.startswith(ERROR_PREFIX) and expected in line, result.stderr[-2000:]
+    assert sum(1 for text in result.stderr.splitlines() if text.startswith(ERROR_PREFIX)) == 1
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize("case", ["offline_malformed_jsonl", "offline_missing_field"])
+def test_offline_bad_input_ends_with_one_clear_line(results, case):
+    result, expected = results[0][case]
+    assert result.returncode == 1, result.stderr[-2000:]
+    line = last_line(result.stderr)
+    assert line.startswith("error:") and expected in line, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+def test_long_prompts_are_dropped_and_counted_and_n_is_clamped_with_a_warning(results):
+    result, _ = results[0]["clamped_and_dropped"]
+    out = results[1]
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "--train_n 50 is more than the usable data: clamped to 3" in result.stderr
+    assert "--eval_n 50 is more than the usable data: clamped to 3" in result.stderr
+    assert "dropped prompts over max_prompt_tokens=96: 1 train, 0 eval" in result.stderr
+    resolved = read_json(out / "config.json")["resolved"]
+    assert (resolved["train_prompts"], resolved["eval_prompts"]) == (3, 3)
+    assert resolved["dropped_train_over_max_prompt_tokens"] == 1
+    assert [m["step"] for m in read_jsonl(out / "metrics.jsonl")] == [1, 2, 3]
+    assert all(r["n"] == 3 for r in read_json(out / "eval_history.json"))
