@@ -520,9 +520,16 @@ class OnlineRun:
             for style in self.styles:
                 decisions = self.judges[style].compare(self.eval_prompts, texts["feedback"], texts["placebo"])
                 head_to_head[style] = win_rate_stats(decisions, seed=derive_seed(self.sdpo.seed, "h2h", style))
+        paired = {}
+        if "placebo" in self.arms and texts.get("feedback") and texts.get("placebo"):
+            for style in self.styles:
+                diff = paired_score_difference(style, texts["feedback"], texts["placebo"])
+                if diff is not None:
+                    paired[style] = {**diff, "baseline_score": _mean_style_score(style, self.baseline)}
         baseline_words = sum(map(words, self.baseline)) / len(self.baseline) if self.baseline else None
         summary = {"final_step": last_step, "baseline_mean_words": baseline_words, "final": final,
                    "head_to_head_feedback_vs_placebo": head_to_head,
+                   "paired_style_score_feedback_minus_placebo": paired,
                    "output_dir": str(self.out), "winrate_png": str(self.out / "winrate.png")}
         atomic_write_json(self.out / "summary.json", summary)
 
@@ -536,6 +543,10 @@ class OnlineRun:
         for style, stats in head_to_head.items():
             lines.append(f"head to head at step {last_step} ({style}, feedback vs placebo replies): "
                          f"{_fmt_rate(stats)}")
+        for style, diff in paired.items():
+            lines.append(f"rule score of '{style}' per reply at step {last_step}: feedback - placebo {diff['diff']:+.2f} "
+                         f"+- {diff['se']:.2f} (paired over {diff['n']} prompts; feedback {diff['feedback']:.2f}, "
+                         f"placebo {diff['placebo']:.2f}, baseline {diff['baseline_score']:.2f}; higher fits the style)")
         if baseline_words is not None and last_step is not None:
             lines.append(f"mean words per eval reply: baseline {baseline_words:.1f}; at step {last_step}: " + ", ".join(
                 f"{arm} {sum(map(words, texts[arm])) / len(texts[arm]):.1f}" for arm in self.arms if texts.get(arm)))
@@ -622,6 +633,31 @@ def _read_jsonl_tolerant(path: Path) -> list[dict]:
                 continue
             raise DataError(f"{path}:{number}: malformed JSON") from None
     return rows
+
+
+def _style_check(style: str):
+    from auxiliary.style_checks import build_style_checks
+
+    return build_style_checks().get(style)
+
+
+def _mean_style_score(style: str, texts: list[str]) -> float | None:
+    """Mean rule score of the replies (higher fits the style better); None for a style no rule checks."""
+    check = _style_check(style)
+    return None if check is None or not texts else round(sum(map(check.score, texts)) / len(texts), 4)
+
+
+def paired_score_difference(style: str, texts_a: list[str], texts_b: list[str]) -> dict | None:
+    """Mean and SE of score(a_i) - score(b_i) over the same prompts: a paired, sensitive comparison."""
+    check = _style_check(style)
+    if check is None or len(texts_a) != len(texts_b) or len(texts_a) < 2:
+        return None
+    diffs = [check.score(a) - check.score(b) for a, b in zip(texts_a, texts_b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return {"n": n, "diff": mean, "se": math.sqrt(var / n), "feedback": sum(map(check.score, texts_a)) / n,
+            "placebo": sum(map(check.score, texts_b)) / n}
 
 
 def _fmt_rate(record: dict) -> str:

@@ -177,6 +177,10 @@ def test_summary_printed_with_table_net_effect_and_plot(placebo_run):
     expected = win_rate_stats(make_judge("rule", "concise").compare(prompts, texts["feedback"], texts["placebo"]))
     h2h = json.loads((placebo_run / "summary.json").read_text())["head_to_head_feedback_vs_placebo"]["concise"]
     assert (h2h["wins"], h2h["losses"], h2h["ties"]) == (expected["wins"], expected["losses"], expected["ties"])
+    paired = json.loads((placebo_run / "summary.json").read_text())["paired_style_score_feedback_minus_placebo"]
+    words = lambda t: sum(1 for tok in t.split() if any(ch.isalnum() for ch in tok))  # noqa: E731
+    by_hand = sum(words(p) - words(f) for f, p in zip(texts["feedback"], texts["placebo"])) / len(prompts)
+    assert paired["concise"]["diff"] == pytest.approx(by_hand)
 
 
 def test_resume_continues_without_duplicates_and_matches_an_uninterrupted_run(model_dir, data_dir, tmp_path):
@@ -263,3 +267,14 @@ def test_wandb_offline_logs(model_dir, data_dir, tmp_path, monkeypatch):
     assert eval_online_sdpo.main(base_args(model_dir, data_dir, out, train_n=2, eval_n=2, wandb=True)) == 0
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
+
+
+def test_paired_style_score_difference_by_hand():
+    from eval_online_sdpo import paired_score_difference
+
+    # concise scores a reply by minus its word count: diffs (-2) - (-3) = +1 and (-4) - (-3) = -1
+    diff = paired_score_difference("concise", ["a b", "a b c d"], ["a b c", "x y z"])
+    assert diff["n"] == 2 and diff["diff"] == pytest.approx(0.0)
+    assert diff["se"] == pytest.approx(math.sqrt(2.0 / 2))  # sample variance 2, n 2
+    assert diff["feedback"] == pytest.approx(-3.0) and diff["placebo"] == pytest.approx(-3.0)
+    assert paired_score_difference("poetic", ["a", "b"], ["c", "d"]) is None  # no rule checks it
