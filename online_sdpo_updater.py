@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from auxiliary.generation import GeneratedResponse, generate_responses
-from auxiliary.io_utils import atomic_write_json
+from auxiliary.io_utils import atomic_write_json, fsync_dir, fsync_tree
 from auxiliary.model_loading import load_model_and_tokenizer, pick_device
 from online_sdpo_updater_config import OnlineSDPOConfig
 from sdpo_objective import build_scoring_batch, hindsight_messages, normalize_messages, render_context_ids, sdpo_loss
@@ -191,9 +191,11 @@ class OnlineSDPOUpdater:
                  "extra": extra_state or {}}
         atomic_write_json(partial / "updater_state.json", state)
         atomic_write_json(partial / "config.json", public_config(self.config.to_dict()))
+        fsync_tree(partial)  # contents on disk before the name says the checkpoint is complete
         if path.exists():
             shutil.rmtree(path)
         partial.rename(path)
+        fsync_dir(path.parent)
         self._prune(path.parent)
         return path
 

@@ -52,14 +52,29 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         if os.path.exists(tmp_name):
             os.unlink(tmp_name)
         raise
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
+    fsync_dir(path.parent)  # make the rename itself durable
+
+
+def fsync_tree(folder: str | os.PathLike) -> None:
+    """Flush every file under `folder` (and the folders themselves) to disk: called on a checkpoint
+    written under a temporary name before it is renamed into place, so that a marker naming it never
+    outlives its contents after a power loss."""
+    for root, _, files in os.walk(folder):
+        for name in files:
+            with open(os.path.join(root, name), "rb") as handle:
+                os.fsync(handle.fileno())
+        fsync_dir(root)
+
+
+def fsync_dir(folder: str | os.PathLike) -> None:
+    try:
+        dir_fd = os.open(folder, os.O_RDONLY)
         try:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
     except OSError:
-        pass
+        pass  # some file systems cannot fsync a folder
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:

@@ -229,3 +229,27 @@ def test_non_finite_steps_are_skipped_counted_and_logged(model_dir, data_dir, tm
         assert json.loads((checkpoint(skipped) / "updater_state.json").read_text())["skipped_nonfinite"] == skipped // 2
     moved = safetensors_of(checkpoint(3))
     assert any(not torch.equal(moved[k], safetensors_of(checkpoint(2))[k]) for k in moved)  # step 3 did update
+
+
+def test_checkpoint_files_reach_the_disk_before_the_rename(model_dir, tmp_path, monkeypatch):
+    """Every file of a checkpoint is fsynced under its .partial name, then the folder is renamed."""
+    import auxiliary.io_utils as io_utils
+    from online_sdpo_updater import OnlineSDPOUpdater
+    from online_sdpo_updater_config import OnlineSDPOConfig
+
+    flushed: list[str] = []
+    real_fsync = os.fsync
+
+    def recording_fsync(fd):
+        flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return real_fsync(fd)
+
+    updater = OnlineSDPOUpdater(OnlineSDPOConfig(model=str(model_dir), device="cpu", loss_mode="simple_signal"))
+    monkeypatch.setattr(io_utils.os, "fsync", recording_fsync)
+    final = updater.save_checkpoint(tmp_path / "ckpt" / "step_000000")
+    files = [p for p in final.rglob("*") if p.is_file()]
+    assert len(files) >= 6  # weights, tokenizer files, optimizer, rng, state, config
+    partial = final.with_name(final.name + ".partial")
+    for path in files:
+        assert str(partial / path.relative_to(final)) in flushed, path
+    assert str(final.parent) in flushed  # the rename itself made durable
