@@ -482,7 +482,10 @@ class OnlineRun:
                 append_jsonl(self.out / "completions.jsonl", {"step": step, "phase": "eval", "arm": arm,
                                                               "index": index, "prompt": prompt, "completion": text})
         atomic_write_json(self.out / "eval_history.json", self.history)
-        plot_win_rates(self.history, self.out / "winrate.png",
+        # Step 0 with every pair tied is the policy reproducing the baseline: drawn at 50%, not left out.
+        plotted = [dict(r, win_rate=50.0, se=0.0) if r["step"] == 0 and r["win_rate"] is None and r["ties"] == r["n"]
+                   else r for r in self.history]
+        plot_win_rates(plotted, self.out / "winrate.png",
                        title=f"{Path(self.sdpo.model).name}: win rate vs baseline ({self.run.judge} judge), +-1 SE")
         logger.info("eval @%d: %s", step, "; ".join(
             f"{r['style']}/{r['arm']} {_fmt_rate(r)}" for r in self.history if r["step"] == step))
