@@ -278,3 +278,31 @@ def test_paired_style_score_difference_by_hand():
     assert diff["se"] == pytest.approx(math.sqrt(2.0 / 2))  # sample variance 2, n 2
     assert diff["feedback"] == pytest.approx(-3.0) and diff["placebo"] == pytest.approx(-3.0)
     assert paired_score_difference("poetic", ["a", "b"], ["c", "d"]) is None  # no rule checks it
+
+
+def test_config_yaml_sets_flags_and_command_line_wins(model_dir, data_dir, tmp_path):
+    config = tmp_path / "run.yaml"
+    config.write_text("style: no_lists\ntrain_n: 1\neval_n: 2\nlr: 0.002\nplacebo_texts: [\"Fine.\", \"Noted.\"]\n")
+    out = tmp_path / "yaml_run"
+    argv = base_args(model_dir, data_dir, out, style=None, train_n=None, eval_n=None, lr=None, eval_styles=None)
+    assert eval_online_sdpo.main(["--config", str(config), "--lr", "0.003"] + argv) == 0
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["run"]["style"] == "no_lists" and saved["run"]["train_n"] == 1
+    assert saved["run"]["placebo_texts"] == ["Fine.", "Noted."]
+    assert saved["sdpo"]["lr"] == 0.003  # the flag beats the YAML value
+    assert [m["step"] for m in read_metrics(out)] == [1]
+
+
+def test_default_output_dir_follows_the_environment(monkeypatch):
+    from eval_online_sdpo import OnlineRunConfig, default_output_dir
+
+    run = OnlineRunConfig(run_name="my-run")
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    monkeypatch.setenv("BASE_WORK", "/scratch/me")
+    assert default_output_dir(run, "m") == Path("/scratch/me/sdpo_runs/my-run")
+    monkeypatch.delenv("BASE_WORK")
+    monkeypatch.delenv("SCRATCH", raising=False)
+    monkeypatch.setenv("TMPDIR", "/tmpdir")
+    assert default_output_dir(run, "m") == Path("/tmpdir/sdpo_runs/my-run")
+    monkeypatch.setenv("OUTPUT_DIR", "/exact/place")
+    assert default_output_dir(run, "m") == Path("/exact/place")
