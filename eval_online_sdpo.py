@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import logging
 import math
 import os
@@ -285,7 +286,6 @@ class OnlineRun:
     # ------------------------------------------------------------ resume
     def _resume(self) -> None:
         from auxiliary.io_utils import read_jsonl
-        import json
 
         marker = self.checkpoint_root / "latest.json"
         step = -1  # no checkpoint: replay from the very start, step-0 evaluation included
@@ -321,8 +321,6 @@ class OnlineRun:
                                **self.data_info}}
         previous = self.out / "config.json"
         if self.run.resume and previous.exists():
-            import json
-
             old = json.loads(previous.read_text())
             ignore = {"resume", "overwrite", "wandb", "debug_first_example"}
             changed = sorted(k for part in ("sdpo", "run") for k, v in config[part].items()
@@ -332,8 +330,6 @@ class OnlineRun:
         atomic_write_json(previous, config)
 
     def _load_or_make_baseline(self) -> None:
-        import json
-
         cache = self.out / "baseline_completions.json"
         signature = {"baseline_model": self.run.baseline_model or self.sdpo.model,
                      "eval_prompts_sha256": hashlib.sha256(json.dumps(self.eval_prompts).encode()).hexdigest(),
@@ -612,15 +608,11 @@ def _model_for(kind: str, name: str | None):
 
 
 def _read_json(path: Path):
-    import json
-
     return json.loads(path.read_text())
 
 
 def _read_jsonl_tolerant(path: Path) -> list[dict]:
     """completions.jsonl is appended to; a kill mid-append can leave a cut last line, which resume drops."""
-    import json
-
     if not path.exists():
         return []
     rows = []
