@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 
 from auxiliary.personas import get_persona
-from auxiliary.user_simulator import EmptyFeedbackError, UserSimulator, build_simulator_messages, clean_feedback
+from auxiliary.user_simulator import UserSimulator, build_simulator_messages, clean_feedback, retry_empty_feedback
 
 logger = logging.getLogger(__name__)
 
@@ -45,17 +45,7 @@ class ClaudeUserSimulator(UserSimulator):
 
     def _feedback(self, prompts, completions):
         requests = [to_claude_request(build_simulator_messages(self.style, p, c)) for p, c in zip(prompts, completions)]
-        feedback = self._ask(requests)
-        for attempt in range(1, self.empty_retries + 1):
-            empty = [i for i, text in enumerate(feedback) if not text]
-            if not empty:
-                break
-            logger.warning("Claude user: %d empty follow-ups, asking again (%d/%d)", len(empty), attempt,
-                           self.empty_retries)
-            for i, text in zip(empty, self._ask([requests[i] for i in empty])):
-                feedback[i] = text
-        empty = [i for i, text in enumerate(feedback) if not text]
-        if empty:
-            raise EmptyFeedbackError(f"Claude returned empty follow-ups for items {empty[:10]} "
-                                     f"after {self.empty_retries} retries")
-        return feedback
+        return retry_empty_feedback(
+            self._ask(requests), lambda indices, _attempt: self._ask([requests[i] for i in indices]),
+            self.empty_retries, "Claude user",
+            "Claude returned empty follow-ups for items {items} " f"after {self.empty_retries} retries")

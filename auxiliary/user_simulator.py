@@ -98,6 +98,25 @@ def clean_feedback(text: str) -> str:
     return text
 
 
+def retry_empty_feedback(feedback: list[str], regenerate, retries: int, who: str, failure: str) -> list[str]:
+    """Ask again (up to `retries` times) for the follow-ups that came back empty; raise if some stay empty.
+
+    `regenerate(indices, attempt)` returns new texts for those indices. Shared by every model-based user,
+    so no made-up follow-up is ever used in place of a missing one.
+    """
+    for attempt in range(1, retries + 1):
+        empty = [i for i, text in enumerate(feedback) if not text]
+        if not empty:
+            break
+        logger.warning("%s: %d empty follow-ups, asking again (%d/%d)", who, len(empty), attempt, retries)
+        for i, text in zip(empty, regenerate(empty, attempt)):
+            feedback[i] = text
+    empty = [i for i, text in enumerate(feedback) if not text]
+    if empty:
+        raise EmptyFeedbackError(failure.format(items=empty[:10]))
+    return feedback
+
+
 class UserSimulator:
     """Base class; subclasses implement _feedback for validated inputs."""
 
@@ -260,21 +279,17 @@ class LocalHFUserSimulator(UserSimulator):
     def _feedback(self, prompts, completions):
         conversations = [build_simulator_messages(self.style, p, c) for p, c in zip(prompts, completions)]
         feedback = self._generate(conversations, self.seed)
+
+        def regenerate(indices, attempt):
+            seed = None if self.seed is None else self.seed + 7919 * attempt
+            return self._generate([conversations[i] for i in indices], seed)
+
         # Sampling again can fix an empty message; greedy decoding would only repeat it.
         retries = self.empty_retries if self.temperature > 0 else 0
-        for attempt in range(1, retries + 1):
-            empty = [i for i, text in enumerate(feedback) if not text]
-            if not empty:
-                break
-            logger.warning("simulated user: %d empty follow-ups, sampling again (%d/%d)", len(empty), attempt, retries)
-            seed = None if self.seed is None else self.seed + 7919 * attempt
-            for i, text in zip(empty, self._generate([conversations[i] for i in empty], seed)):
-                feedback[i] = text
-        empty = [i for i, text in enumerate(feedback) if not text]
-        if empty:
-            raise EmptyFeedbackError(f"the local user model gave empty follow-ups for items {empty[:10]} "
-                                     f"(max_new_tokens={self.max_new_tokens}); try another model or more tokens")
-        return feedback
+        return retry_empty_feedback(
+            feedback, regenerate, retries, "simulated user",
+            "the local user model gave empty follow-ups for items {items} "
+            f"(max_new_tokens={self.max_new_tokens}); try another model or more tokens")
 
 
 # --------------------------------------------------------------------------- factory
@@ -303,4 +318,4 @@ def make_user_simulator(kind: str, style: str, model_name_or_path=None, seed: in
 
 __all__ = ["UserSimulator", "RuleBasedUserSimulator", "NeutralUserSimulator", "LocalHFUserSimulator",
            "build_simulator_messages", "clean_feedback", "make_user_simulator", "RULE_USER_STYLES",
-           "UnknownStyleError", "UnsupportedStyleError", "EmptyFeedbackError", "COMPLAINTS", "APPROVALS"]
+           "UnknownStyleError", "UnsupportedStyleError", "EmptyFeedbackError", "retry_empty_feedback", "COMPLAINTS", "APPROVALS"]

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 from auxiliary.personas import get_persona
 from auxiliary.style_judge import PairwiseJudge, build_judge_messages, parse_verdict
-from auxiliary.vllm_user_simulator import import_vllm, make_llm, vllm_chat
+from auxiliary.vllm_adapter import import_vllm
+from auxiliary.vllm_user_simulator import make_llm, vllm_chat
 
 
 class VLLMStyleJudge(PairwiseJudge):

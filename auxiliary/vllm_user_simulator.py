@@ -12,16 +12,8 @@ template knows the switch. Empty messages raise EmptyFeedbackError.
 from __future__ import annotations
 
 from auxiliary.personas import get_persona
-from auxiliary.user_simulator import EmptyFeedbackError, UserSimulator, build_simulator_messages, clean_feedback
-
-
-def import_vllm():
-    try:
-        import vllm
-    except ImportError as err:
-        raise ImportError("the vLLM components need the optional package vllm: "
-                          "pip install -r requirements-vllm.txt (GPU machines only)") from err
-    return vllm
+from auxiliary.user_simulator import UserSimulator, build_simulator_messages, clean_feedback, retry_empty_feedback
+from auxiliary.vllm_adapter import import_vllm  # the one lazy vLLM import
 
 
 def vllm_chat(llm, conversations: list[list[dict]], sampling_params) -> list[str]:
@@ -57,7 +49,5 @@ class VLLMUserSimulator(UserSimulator):
     def _feedback(self, prompts, completions):
         conversations = [build_simulator_messages(self.style, p, c) for p, c in zip(prompts, completions)]
         feedback = [clean_feedback(text) for text in vllm_chat(self.llm, conversations, self.sampling)]
-        empty = [i for i, text in enumerate(feedback) if not text]
-        if empty:
-            raise EmptyFeedbackError(f"the vLLM user model gave empty follow-ups for items {empty[:10]}")
-        return feedback
+        return retry_empty_feedback(feedback, None, 0, "vLLM user",
+                                    "the vLLM user model gave empty follow-ups for items {items}")

@@ -155,3 +155,22 @@ def test_vllm_modules_do_not_import_vllm():
 def test_vllm_user_without_vllm_fails_clearly():
     with pytest.raises(ImportError, match="requirements-vllm.txt"):
         make_user_simulator("vllm", "no_emojis", model_name_or_path="tiny-random")
+
+
+def test_empty_follow_ups_are_asked_again_then_fail_loudly():
+    from auxiliary.user_simulator import EmptyFeedbackError, retry_empty_feedback
+
+    calls = []
+
+    def regenerate(indices, attempt):
+        calls.append((list(indices), attempt))
+        return ["fixed" if i == 0 else "" for i in indices]
+
+    assert retry_empty_feedback(["", "ok"], regenerate, 2, "test user", "empty {items}") == ["fixed", "ok"]
+    assert calls == [([0], 1)]
+    calls.clear()
+    with pytest.raises(EmptyFeedbackError, match=r"empty \[2\]"):
+        retry_empty_feedback(["", "ok", ""], regenerate, 2, "test user", "empty {items}")
+    assert calls == [([0, 2], 1), ([2], 2)]
+    with pytest.raises(EmptyFeedbackError):
+        retry_empty_feedback([""], None, 0, "test user", "empty {items}")
