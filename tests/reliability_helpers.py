@@ -32,6 +32,11 @@ def online_args(model_dir, data_dir, out, **overrides) -> list[str]:
               "eval_every": 2, "max_new_tokens": 8, "eval_max_new_tokens": 8, "max_prompt_tokens": 96,
               "lr": 1e-3, "loss_mode": "simple_signal", "output_dir": out, "seed": 11}
     values.update(overrides)
+    return flags_from_values(values)
+
+
+def flags_from_values(values: dict) -> list[str]:
+    """CLI flags from a dict: True -> bare flag, None/False -> left out, anything else -> `--key str(value)`."""
     argv = []
     for key, value in values.items():
         if value is True:

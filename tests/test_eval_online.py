@@ -17,6 +17,7 @@ import torch
 import eval_online_sdpo
 from auxiliary.evaluation_helpers import win_rate_stats
 from auxiliary.style_judge import make_judge
+from reliability_helpers import flags_from_values
 
 TRAIN = [f"Tell me something about topic number {i}." for i in range(5)]
 EVAL = [f"Explain idea {i} in simple terms." for i in range(6)]
@@ -46,13 +47,7 @@ def base_args(model_dir, data_dir, out, **overrides):
               "max_new_tokens": 10, "eval_max_new_tokens": 10, "max_prompt_tokens": 96, "lr": 1e-3,
               "loss_mode": "simple_signal", "output_dir": out, "seed": 7}
     values.update(overrides)
-    argv = []
-    for key, value in values.items():
-        if value is True:
-            argv.append(f"--{key}")
-        elif value is not False and value is not None:
-            argv += [f"--{key}", str(value)]
-    return argv
+    return flags_from_values(values)
 
 
 def read_metrics(out):
