@@ -27,6 +27,7 @@ class OnlineSDPOConfig:
     ref_model: Optional[str] = field(default=None, metadata={"help": "reference model for beta > 0 (default: the initial policy)"})
     hindsight_template: str = field(default=DEFAULT_HINDSIGHT_TEMPLATE, metadata={"help": "block appended to the last user message; must contain {followup}"})
     logits_chunk_size: int = field(default=256, metadata={"help": "response positions per chunk of the LM head / log-softmax"})
+    fused_lm_head: bool = field(default=True, metadata={"help": "form the LM head's gradient during the forward (faster; falls back to checkpointed chunks for LoRA/biased/sharded heads)"})
     # optimisation
     lr: float = field(default=5e-6, metadata={"help": "AdamW learning rate"})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
@@ -66,7 +67,7 @@ class OnlineSDPOConfig:
                                 distillation_tail=self.distillation_tail, signal_clip=self.signal_clip,
                                 ignore_first_k=self.ignore_first_k, center_signal=self.center_signal,
                                 negate_signal=self.negate_signal, beta=self.beta,
-                                logits_chunk_size=self.logits_chunk_size)
+                                logits_chunk_size=self.logits_chunk_size, fused_lm_head=self.fused_lm_head)
 
     def to_dict(self) -> dict:
         return asdict(self)

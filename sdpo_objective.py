@@ -9,9 +9,12 @@ and the signal analysis.
     xo  = x with a hindsight block holding o appended to the LAST user message
     A_t = log p(y_t | xo, y<t) - log p(y_t | x, y<t)        (no gradient)
 
-Memory: only response positions go through the LM head, and the head + log-softmax run
-in chunks of `logits_chunk_size` positions under activation checkpointing, so float32
-logits never exist for more than one chunk at a time (forward or backward).
+Memory and time: only response positions go through the LM head, in chunks of
+`logits_chunk_size` positions, so float32 logits never exist for more than one chunk at a
+time. With gradients on, the head's gradient is formed in the forward, chunk by chunk
+(`_fused_head_loss`: 4 head products per response row); LoRA-wrapped, biased or sharded
+heads, or `fused_lm_head=False`, run the chunks under activation checkpointing instead
+(6 products: top-k pass, teacher, forward, recompute, 2 backward). Same loss and gradients.
 """
 from __future__ import annotations
 
@@ -268,6 +271,7 @@ class ObjectiveOptions:
     negate_signal: bool = False  # control experiments only: train on -A (simple_signal)
     beta: float = 0.0            # weight of the KL to a reference model (k3 estimator on y)
     logits_chunk_size: int = 256
+    fused_lm_head: bool = True   # form the LM head's gradient in the forward (4 head products, not 6)
 
     def __post_init__(self):
         if self.loss_mode not in LOSS_MODES:
@@ -326,11 +330,155 @@ def _student_distill_chunk(head, hidden_chunk, ids_chunk, target_chunk, teacher_
     return kl, logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
 
 
+@dataclass
+class _TokenLossPlan:
+    """What the per-token loss needs besides the student's log-probs; indexed by token (row-major)."""
+    opts: ObjectiveOptions
+    num_seq: int
+    seq_index: torch.Tensor
+    positions: torch.Tensor
+    weight: torch.Tensor                        # 0 for the first ignore_first_k tokens of each reply
+    tokens_per_seq: torch.Tensor                # weighted token count of each token's reply (>= 1)
+    logp_xo: torch.Tensor | None = None         # teacher log p(y_t | xo) (simple_signal)
+    signal: torch.Tensor | None = None          # shaped signal, when it needs the whole reply (centring)
+    ref_logp: torch.Tensor | None = None        # reference model log p(y_t | x) (beta > 0)
+
+
+def _token_loss_sum(plan: _TokenLossPlan, rows: slice, logp_x: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
+    """Sum of the loss terms of tokens `rows` (the whole loss when rows covers every token).
+
+    simple_signal:      -(1/B) sum_b (1/|y_b|) sum_t A_t log p(y_t | x)
+    full_distillation:  mean over tokens of the top-k reverse KL
+    beta > 0:           + beta * mean over tokens of the k3 estimate of KL(policy || reference)
+    logp_x and kl carry the gradient; the signal never does.
+    """
+    opts, weight = plan.opts, plan.weight[rows]
+    weight_total = plan.weight.sum().clamp(min=1)
+    if opts.loss_mode == "simple_signal":
+        signal = plan.signal[rows] if plan.signal is not None else shape_signal(
+            plan.logp_xo[rows] - logp_x.detach(), plan.seq_index[rows], plan.positions[rows], plan.num_seq, opts)[0]
+        total = (-signal * logp_x / plan.tokens_per_seq[rows]).sum() / plan.num_seq
+    else:
+        total = (kl * weight).sum() / weight_total
+    if plan.ref_logp is not None:
+        delta = plan.ref_logp[rows] - logp_x
+        total = total + opts.beta * ((delta.exp() - delta - 1.0) * weight).sum() / weight_total
+    return total
+
+
+# ----------------------------------------------------------------------------- fused LM head
+
+class _LossWithPrecomputedGradients(torch.autograd.Function):
+    """A scalar loss whose gradients with respect to (hidden, weight) were computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, value, hidden, weight, grad_hidden, grad_weight):
+        ctx.grads = (grad_hidden, grad_weight)
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads  # one backward, as for any graph without retain_graph
+        return (None, grad_hidden * grad_output,
+                grad_weight * grad_output if grad_weight is not None else None, None, None)
+
+
+def fused_head_supported(model, hidden: torch.Tensor) -> bool:
+    """The fused path needs a plain, bias-free, unsharded nn.Linear head (else: checkpointed chunks)."""
+    head = _head(model)
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return False  # LoRA-wrapped or biased heads
+    weight = head.weight
+    if hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
+        return False  # DeepSpeed ZeRO-3 / FSDP2 shards
+    if "FullyShardedDataParallel" in type(model).__name__:
+        return False  # FSDP1 owns the parameters' gradients
+    return weight.dim() == 2 and weight.shape[1] == hidden.shape[-1]
+
+
+def _fused_head_loss(model, plan: _TokenLossPlan, hidden_s, hidden_t, targets, chunk_size: int):
+    """Loss of all tokens with the LM head's gradient computed chunk by chunk in the forward.
+
+    Per chunk: student logits once (top-k ids taken from them), teacher logits (no grad), the
+    loss on the few log-probs it reads, then its gradient with respect to the logits in closed
+    form: for s_j = z_j - logsumexp(z), ds_j/dz = e_j - softmax(z), so
+    dL/dz = scatter(ids, g) - softmax(z) * sum(g), with g = dL/ds from autograd over [rows, k+1].
+    grad_hidden = G W and grad_W += G^T h are formed at once, so the chunk's logits are never
+    needed again: 4 head products per response row instead of 6 (checkpointed path).
+    Returns (loss, logp_x, logp_xo, kl or None), all but loss detached.
+    """
+    opts, head = plan.opts, _head(model)
+    weight = head.weight
+    device_type = hidden_s.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    distill = opts.loss_mode == "full_distillation"
+    k = min(opts.distillation_topk, weight.shape[0])
+    total = hidden_s.shape[0]
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        w = weight.detach().to(compute_dtype)
+        h_all = hidden_s.detach()
+        grad_hidden = torch.empty_like(h_all)
+        grad_weight = None
+        if weight.requires_grad:  # frozen under LoRA: skip the largest product
+            grad_weight = torch.zeros(weight.shape, dtype=weight.dtype if weight.dtype == compute_dtype else torch.float32,
+                                      device=weight.device)
+        loss_value = torch.zeros((), device=hidden_s.device)
+        logp_x = torch.empty(total, device=hidden_s.device)
+        logp_xo = torch.empty(total, device=hidden_s.device) if distill else plan.logp_xo
+        kl_values = torch.empty(total, device=hidden_s.device) if distill else None
+        for start, end in _chunks(total, chunk_size):
+            rows = slice(start, end)
+            h = h_all[rows].to(compute_dtype)
+            target = targets[rows].unsqueeze(1)
+            logits = F.linear(h, w).float()
+            if distill:
+                columns = torch.cat([logits.topk(k, dim=-1).indices, target], dim=1)
+                logp = torch.log_softmax(logits, dim=-1)
+                del logits
+                teacher = torch.log_softmax(F.linear(hidden_t[rows].to(compute_dtype), w).float(), dim=-1)
+                teacher_picked = teacher.gather(1, columns)
+                del teacher
+                logp_xo[rows] = teacher_picked[:, -1]
+            else:
+                columns = target
+                logp = torch.log_softmax(logits, dim=-1)
+                del logits
+            picked = logp.gather(1, columns).requires_grad_(True)
+            with torch.enable_grad():
+                kl = reverse_kl_topk(picked[:, :-1], teacher_picked[:, :-1], opts.distillation_tail) if distill else None
+                chunk_loss = _token_loss_sum(plan, rows, picked[:, -1], kl)
+                (grad_picked,) = torch.autograd.grad(chunk_loss, picked)
+            loss_value += chunk_loss.detach()
+            logp_x[rows] = picked[:, -1].detach()
+            if distill:
+                kl_values[rows] = kl.detach()
+            grad_logits = logp.exp_()  # softmax, in place: logp is not needed any more
+            grad_logits.mul_(-grad_picked.sum(dim=1, keepdim=True)).scatter_add_(1, columns, grad_picked)
+            grad_logits = grad_logits.to(compute_dtype)
+            grad_hidden[rows] = (grad_logits @ w).to(grad_hidden.dtype)
+            if grad_weight is not None:
+                if grad_weight.dtype == compute_dtype:
+                    grad_weight.addmm_(grad_logits.t(), h)
+                else:  # fp32 master weights under autocast: accumulate in fp32, as autograd would
+                    grad_weight += (grad_logits.t() @ h).float()
+            del logp, grad_logits
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+    loss = _LossWithPrecomputedGradients.apply(loss_value, hidden_s, weight, grad_hidden, grad_weight)
+    return loss, logp_x, logp_xo, kl_values
+
+
+# ----------------------------------------------------------------------------- the loss
+
 def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: ObjectiveOptions,
               ref_model=None) -> tuple[torch.Tensor, dict]:
     """The SDPO loss for a batch of interactions. The teacher is the same model under xo, no grad, eval mode.
 
     Returns (loss, stats); stats holds floats plus `signal_per_sequence` (list of CPU tensors, raw A_t).
+    With gradients on and a plain LM head (opts.fused_lm_head), the head's gradient is formed in
+    the forward (`_fused_head_loss`); otherwise the head runs in checkpointed chunks. Same loss and
+    gradients either way (tests/test_fused_head.py).
     """
     if not torch.equal(batch_x.response_ids, batch_xo.response_ids):
         raise ValueError("x and xo batches must hold the same response ids")
@@ -348,15 +496,30 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
     hidden_s, _, _ = _valid_rows(_response_hidden(model, batch_x), batch_x)
     total = hidden_s.shape[0]
 
+    weight = (positions >= opts.ignore_first_k).float()
+    tokens_per_seq = torch.zeros(num_seq, device=weight.device).index_add_(0, seq_index, weight).clamp(min=1)
+    plan = _TokenLossPlan(opts, num_seq, seq_index, positions, weight, tokens_per_seq[seq_index])
+    use_ref = opts.beta > 0 and ref_model is not None
+    if use_ref:
+        with torch.no_grad():
+            plan.ref_logp, _ = score_tokens(ref_model, batch_x, chunk)
+    fused = (opts.fused_lm_head and torch.is_grad_enabled() and hidden_s.requires_grad
+             and fused_head_supported(model, hidden_s))
+
     if opts.loss_mode == "simple_signal":
         with torch.no_grad():
-            logp_xo = token_logprobs(model, hidden_t, targets, chunk)
+            plan.logp_xo = token_logprobs(model, hidden_t, targets, chunk)
+    if fused:
+        if opts.loss_mode == "simple_signal" and opts.center_signal:
+            with torch.no_grad():  # centring needs each reply's whole signal before any token's weight is known
+                prepass = token_logprobs(model, hidden_s.detach(), targets, chunk)
+                plan.signal = shape_signal(plan.logp_xo - prepass, seq_index, positions, num_seq, opts)[0]
+        loss, logp_x, logp_xo, kl_values = _fused_head_loss(model, plan, hidden_s, hidden_t, targets, chunk)
+    elif opts.loss_mode == "simple_signal":
         logp_x = token_logprobs(model, hidden_s, targets, chunk)
-        raw_signal = logp_xo - logp_x.detach()
-        signal, weight = shape_signal(raw_signal, seq_index, positions, num_seq, opts)
-        counts = torch.zeros(num_seq, device=weight.device).index_add_(0, seq_index, weight).clamp(min=1)
-        per_token = -signal * logp_x / counts[seq_index]  # sum over y / |y|, then mean over batch
-        loss = per_token.sum() / num_seq
+        logp_xo = plan.logp_xo
+        plan.signal = shape_signal(logp_xo - logp_x.detach(), seq_index, positions, num_seq, opts)[0]
+        loss = _token_loss_sum(plan, slice(None), logp_x, None)
         kl_values = None
     else:
         k = min(opts.distillation_topk, head.out_features if hasattr(head, "out_features") else opts.distillation_topk)
@@ -375,25 +538,16 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
             kl_pieces.append(kl)
             logp_x_pieces.append(student_target)
             logp_xo_pieces.append(teacher_target)
-        kl_values = torch.cat(kl_pieces)
-        logp_x = torch.cat(logp_x_pieces)
-        logp_xo = torch.cat(logp_xo_pieces)
-        raw_signal = logp_xo - logp_x.detach()
-        weight = (positions >= opts.ignore_first_k).float()
-        loss = (kl_values * weight).sum() / weight.sum().clamp(min=1)
+        kl_values = torch.cat(kl_pieces) if kl_pieces else hidden_s.new_zeros(0, dtype=torch.float32)
+        logp_x = torch.cat(logp_x_pieces) if logp_x_pieces else kl_values
+        logp_xo = torch.cat(logp_xo_pieces) if logp_xo_pieces else kl_values
+        loss = _token_loss_sum(plan, slice(None), logp_x, kl_values)
 
-    stats: dict = {}
-    if opts.beta > 0 and ref_model is not None:
-        with torch.no_grad():
-            ref_logp, _ = score_tokens(ref_model, batch_x, chunk)
-        delta = ref_logp - logp_x
-        ref_kl = delta.exp() - delta - 1.0
-        weight = (positions >= opts.ignore_first_k).float()
-        ref_kl_mean = (ref_kl * weight).sum() / weight.sum().clamp(min=1)
-        loss = loss + opts.beta * ref_kl_mean
-        stats["ref_kl"] = float(ref_kl_mean.detach())
-
-    raw = raw_signal.detach()
+    raw = (logp_xo - logp_x).detach()
+    stats: dict = {"fused_lm_head": bool(fused)}
+    if use_ref:
+        delta = plan.ref_logp - logp_x.detach()
+        stats["ref_kl"] = float(((delta.exp() - delta - 1.0) * weight).sum() / weight.sum().clamp(min=1))
     lengths = mask.sum(dim=1)
     per_seq_sum = torch.zeros(num_seq, device=raw.device).index_add_(0, seq_index, raw)
     stats.update({

@@ -1,9 +1,11 @@
 """Benchmark one SDPO update: our objective against the straightforward path, same run, same batches.
 
 One update = score y under x with gradient and under xo without (teacher), loss, backward.
-  ours             sdpo_objective.sdpo_loss: teacher under no_grad, only response positions
-                   through the LM head, log-softmax / top-k in chunks of `--chunk-size`
-                   positions under activation checkpointing.
+  ours             sdpo_objective.sdpo_loss as shipped: teacher under no_grad, only response
+                   positions through the LM head, in chunks of `--chunk-size` positions, the
+                   head's gradient formed in the forward (fused LM head, 4 head products per row).
+  checkpointed     the same with `fused_lm_head=False`: chunks under activation checkpointing
+                   (6 head products per row); the path before the fused head, kept as a yardstick.
   straightforward  bench_common.straightforward_loss: two full forwards with logits over all
                    positions and a full-vocabulary float32 log-softmax (the yardstick).
 Before anything is timed, both paths must agree on loss and gradients (bench_common.check_equivalence).
@@ -29,7 +31,8 @@ Output: a table, then `ratio NAME VALUE` lines (ours / straightforward, from thi
 headline case (vocabulary 151,936, response length 1,024):
   ratio peak_memory_<mode>, ratio update_time_<mode>, ratio update_cpu_time_<mode>
   for mode simple_signal and full_distillation, then the same six with suffix _r2048 for
-  the longest response (full grid only).
+  the longest response (full grid only), then ratio update_time_<mode>_fused_vs_checkpointed
+  (ours / checkpointed, headline case).
 --out FILE writes every number as JSON.
 
     python bench/bench_objective.py [--quick | --tiny] [--device cpu|cuda] [--out results.json]
@@ -175,7 +178,7 @@ class _Nothing:
 
 
 def ratios(rows) -> dict[tuple, dict[str, float]]:
-    """ours / straightforward per (case, mode).
+    """ours / straightforward (and checkpointed / straightforward, ours / checkpointed) per (case, mode).
 
     Times: the median over repeats of the paired ratio (ours and straightforward ran back to back
     in the same repeat), so that a slow drift in the machine's load cancels. Memory: plain ratio.
@@ -184,14 +187,20 @@ def ratios(rows) -> dict[tuple, dict[str, float]]:
     for row in rows:
         by_key.setdefault((row["batch"], row["context"], row["response"], row["vocab"], row["mode"]), {})[row["path"]] = row
     out = {}
-    for key, pair in by_key.items():
-        ours, straight = pair["ours"], pair["straightforward"]
-        out[key] = {
-            "update_time": _paired_ratio(ours["times_s"], straight["times_s"]),
-            "update_cpu_time": _paired_ratio(ours["cpu_times_s"], straight["cpu_times_s"]),
-            "peak_memory": _safe_ratio(ours["peak_bytes"], straight["peak_bytes"]),
-            "peak_rss": _safe_ratio(ours["rss_peak_bytes"], straight["rss_peak_bytes"]),
-        }
+    for key, paths in by_key.items():
+        straight = paths["straightforward"]
+        for path, row in paths.items():
+            if path == "straightforward":
+                continue
+            out[key + (path,)] = {
+                "update_time": _paired_ratio(row["times_s"], straight["times_s"]),
+                "update_cpu_time": _paired_ratio(row["cpu_times_s"], straight["cpu_times_s"]),
+                "peak_memory": _safe_ratio(row["peak_bytes"], straight["peak_bytes"]),
+                "peak_rss": _safe_ratio(row["rss_peak_bytes"], straight["rss_peak_bytes"]),
+            }
+        if "checkpointed" in paths:
+            out[key + ("ours",)]["update_time_vs_checkpointed"] = _paired_ratio(
+                paths["ours"]["times_s"], paths["checkpointed"]["times_s"])
     return out
 
 
@@ -218,8 +227,11 @@ def headline_lines(per_case: dict, grid) -> list[str]:
             continue
         for metric in ("peak_memory", "update_time", "update_cpu_time"):
             for mode in LOSS_MODES:
-                value = per_case[tuple(case[:4]) + (mode,)][metric]
+                value = per_case[tuple(case[:4]) + (mode, "ours")][metric]
                 lines.append(f"ratio {metric}_{mode}{suffix} {value:.4f}")
+    for mode in LOSS_MODES:
+        value = per_case[tuple(headline[:4]) + (mode, "ours")].get("update_time_vs_checkpointed", float("nan"))
+        lines.append(f"ratio update_time_{mode}_fused_vs_checkpointed {value:.4f}")
     return lines
 
 
@@ -258,8 +270,8 @@ def main(argv=None) -> int:
 
     table = []
     for row in rows:
-        key = (row["batch"], row["context"], row["response"], row["vocab"], row["mode"])
-        is_ours = row["path"] == "ours"
+        key = (row["batch"], row["context"], row["response"], row["vocab"], row["mode"], row["path"])
+        is_ours = row["path"] != "straightforward"
         table.append([row["batch"], row["context"], row["response"], row["vocab"], row["mode"], row["path"],
                       row["error"] or f"{row['time_s']:.3f}", f"{row['cpu_time_s']:.3f}", mib(row["peak_bytes"]),
                       mib(row["rss_peak_bytes"]),

@@ -2,13 +2,14 @@
 
 Builds random-initialised models with the Qwen3-0.6B and Qwen3-1.7B shapes from a Qwen3Config
 (no download, no tokenizer: random token ids), then for each model, loss mode and path runs
-`--warmup` untimed and `--updates` timed online updates: sdpo_loss (or the yardstick of
-bench_common) + backward + grad-norm clip 1.0 + AdamW step (lr 5e-6), in bf16, as the online
+`--warmup` untimed and `--updates` timed online updates: sdpo_loss (path `ours`: fused LM
+head; `checkpointed`: fused head off) or the yardstick of bench_common (`straightforward`) + backward + grad-norm clip 1.0 + AdamW step (lr 5e-6), in bf16, as the online
 updater does. Prints per path: update time (median), response tokens trained per second, and
 peak GPU memory (torch.cuda.max_memory_allocated over the timed updates: the total, and the
 part above what was allocated before them: weights and optimizer state excluded). Ratios last:
 
     ratio update_time_<mode>_<model> VALUE      ours / straightforward
+    ratio update_time_<mode>_<model>_fused_vs_checkpointed VALUE   ours / ours with the fused head off
     ratio peak_memory_<mode>_<model> VALUE      (peak above the pre-update allocation)
     ratio peak_memory_total_<mode>_<model> VALUE
 
@@ -188,6 +189,11 @@ def main(argv=None) -> int:
                 else:
                     value = ours[key] / max(1, straight[key])
                 ratio_lines.append(f"ratio {metric}_{mode}_{name} {value:.4f}")
+            unfused = results.get("checkpointed")
+            if unfused is not None:
+                value = (median(ours["times"]) / median(unfused["times"])
+                         if not (ours["error"] or unfused["error"]) else float("nan"))
+                ratio_lines.append(f"ratio update_time_{mode}_{name}_fused_vs_checkpointed {value:.4f}")
         del model, batch_x, batch_xo
         if torch.device(args.device).type == "cuda":
             torch.cuda.empty_cache()

@@ -48,6 +48,7 @@ class OfflineSDPOArguments:
     beta: float = field(default=0.0, metadata={"help": "weight of a KL to a frozen reference model (0 = off)"})
     ref_model: Optional[str] = field(default=None, metadata={"help": "reference model for beta > 0 (default: --base_model)"})
     logits_chunk_size: int = field(default=256, metadata={"help": "completion positions per chunk of the LM head"})
+    fused_lm_head: bool = field(default=True, metadata={"help": "form the LM head's gradient during the forward (faster; falls back to checkpointed chunks for LoRA/biased/sharded heads)"})
     # optimisation
     learning_rate: float = field(default=2e-6, metadata={"help": "peak learning rate"})
     batch_size: int = field(default=4, metadata={"help": "interactions per device per micro-batch"})
@@ -97,7 +98,8 @@ class OfflineSDPOArguments:
         return ObjectiveOptions(loss_mode=self.loss_mode, distillation_topk=self.distillation_topk,
                                 distillation_tail=self.distillation_tail, signal_clip=self.signal_clip,
                                 ignore_first_k=self.ignore_first_k, center_signal=self.center_signal,
-                                beta=self.beta, logits_chunk_size=self.logits_chunk_size)
+                                beta=self.beta, logits_chunk_size=self.logits_chunk_size,
+                                fused_lm_head=self.fused_lm_head)
 
 
 # --------------------------------------------------------------------------- machine-dependent choices

@@ -51,10 +51,12 @@ def test_bench_objective_tiny_prints_ratios_and_json(tmp_path):
         for mode in ("simple_signal", "full_distillation"):
             value = ratios[f"{metric}_{mode}"]
             assert math.isfinite(value) and value > 0, (metric, mode, value)
+        assert math.isfinite(ratios[f"update_time_{mode}_fused_vs_checkpointed"])
     report = json.loads(out.read_text())
     assert report["ratios"] == pytest.approx(ratios, abs=1e-4)
     cases = {(r["batch"], r["context"], r["response"], r["vocab"]) for r in report["rows"]}
-    assert len(report["rows"]) == len(cases) * 4  # 2 modes x 2 paths per case
+    assert len(report["rows"]) == len(cases) * 6  # 2 modes x 3 paths per case
+    assert {r["path"] for r in report["rows"]} == {"ours", "checkpointed", "straightforward"}
     for row in report["rows"]:
         assert row["error"] is None and row["peak_bytes"] > 0 and row["time_s"] > 0
         assert row["tokens"] == row["batch"] * row["response"]
@@ -64,8 +66,10 @@ def test_gpu_check_cpu_tiny_prints_ratios():
     stdout = run_script(["bash", "bench/gpu_check.sh", "--device", "cpu", "--tiny", "--threads", "1"])
     assert "torch " in stdout and "resp tok/s" in stdout
     ratios = ratio_lines(stdout)
-    assert set(ratios) == {f"{metric}_{mode}_tiny" for metric in ("update_time", "peak_memory", "peak_memory_total")
-                           for mode in ("simple_signal", "full_distillation")}
+    modes = ("simple_signal", "full_distillation")
+    expected = {f"{metric}_{mode}_tiny" for metric in ("update_time", "peak_memory", "peak_memory_total") for mode in modes}
+    expected |= {f"update_time_{mode}_tiny_fused_vs_checkpointed" for mode in modes}
+    assert set(ratios) == expected
     assert all(math.isfinite(v) and v > 0 for v in ratios.values())
 
 
@@ -88,6 +92,11 @@ def test_equivalence_check_rejects_a_yardstick_that_differs(monkeypatch):
     monkeypatch.setitem(bench_common.LOSS_FUNCTIONS, "straightforward",
                         lambda *args: original(*args) * 1.001)  # 0.1% off: must be caught
     with pytest.raises(AssertionError, match="loss"):
+        bench_common.check_equivalence("cpu", vocab_size=256)
+    monkeypatch.setitem(bench_common.LOSS_FUNCTIONS, "straightforward", original)
+    monkeypatch.setitem(bench_common.LOSS_FUNCTIONS, "checkpointed",
+                        lambda *args: original(*args) * 0.999)  # every path is checked, not only ours
+    with pytest.raises(AssertionError, match="checkpointed"):
         bench_common.check_equivalence("cpu", vocab_size=256)
 
 

@@ -1,0 +1,122 @@
+"""The fused LM head (gradient formed in the forward) against the checkpointed chunks: same loss, same gradients."""
+import pytest
+import torch
+
+from sdpo_objective import ObjectiveOptions, build_scoring_batch, fused_head_supported, sdpo_loss
+
+RESPONSES = [[5, 6, 7, 8, 9, 2], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 2]]
+CONTEXTS_X = [[3, 4, 20, 21], [3, 30, 31, 32, 33, 34, 4], [3, 50, 4]]
+CONTEXTS_XO = [c + [60, 61, 62] for c in CONTEXTS_X]
+
+
+def _batches(tokenizer):
+    pad = tokenizer.pad_token_id
+    return build_scoring_batch(CONTEXTS_X, RESPONSES, pad), build_scoring_batch(CONTEXTS_XO, RESPONSES, pad)
+
+
+def _loss_and_grads(model, batch_x, batch_xo, opts, ref_model=None):
+    model.zero_grad(set_to_none=True)
+    loss, stats = sdpo_loss(model, batch_x, batch_xo, opts, ref_model)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), stats, grads
+
+
+def _assert_same(model, batch_x, batch_xo, ref_model=None, **options):
+    fused = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=True, **options), ref_model)
+    plain = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=False, **options), ref_model)
+    assert fused[1]["fused_lm_head"] and not plain[1]["fused_lm_head"]
+    torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-5)
+    assert fused[2].keys() == plain[2].keys() and fused[2]
+    for name, grad in plain[2].items():
+        scale = float(grad.abs().max().clamp(min=1e-8))
+        torch.testing.assert_close(fused[2][name] / scale, grad / scale, atol=2e-6, rtol=0, msg=name)
+    for key in ("loss", "signal_mean", "logp_x", "logp_xo", "distill_kl", "ref_kl"):
+        if key in plain[1]:
+            assert fused[1][key] == pytest.approx(plain[1][key], abs=1e-6, rel=1e-5), key
+    for a, b in zip(fused[1]["signal_per_sequence"], plain[1]["signal_per_sequence"]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=0)
+    return fused
+
+
+@pytest.mark.parametrize("options", [
+    dict(loss_mode="simple_signal"),
+    dict(loss_mode="simple_signal", logits_chunk_size=2, ignore_first_k=2, signal_clip=0.05),
+    dict(loss_mode="simple_signal", center_signal=True, logits_chunk_size=4),
+    dict(loss_mode="simple_signal", negate_signal=True, center_signal=True, ignore_first_k=1),
+    dict(loss_mode="full_distillation", distillation_topk=5, logits_chunk_size=3),
+    dict(loss_mode="full_distillation", distillation_topk=7, distillation_tail=False, ignore_first_k=3),
+    dict(loss_mode="full_distillation", distillation_topk=10_000, logits_chunk_size=7),  # k clipped to V
+], ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_fused_head_equals_checkpointed_path(tiny_model, tiny_tokenizer, options):
+    torch.manual_seed(0)
+    batch_x, batch_xo = _batches(tiny_tokenizer)
+    _assert_same(tiny_model.eval(), batch_x, batch_xo, **options)
+
+
+@pytest.mark.parametrize("loss_mode", ["simple_signal", "full_distillation"])
+def test_fused_head_with_reference_kl(tiny_model, tiny_tokenizer, loss_mode):
+    from auxiliary.tiny_model import build_tiny_model
+
+    batch_x, batch_xo = _batches(tiny_tokenizer)
+    other = build_tiny_model(tiny_tokenizer, seed=1).eval()
+    fused = _assert_same(tiny_model.eval(), batch_x, batch_xo, other, loss_mode=loss_mode, beta=0.3,
+                         logits_chunk_size=4, distillation_topk=5)
+    assert fused[1]["ref_kl"] > 0
+
+
+def test_fused_head_with_untied_head_and_frozen_head(tiny_tokenizer):
+    from auxiliary.tiny_model import build_tiny_model
+
+    batch_x, batch_xo = _batches(tiny_tokenizer)
+    model = build_tiny_model(tiny_tokenizer, seed=0)
+    head = model.get_output_embeddings()
+    untied = torch.nn.Linear(head.in_features, head.out_features, bias=False)
+    with torch.no_grad():
+        untied.weight.copy_(head.weight + 0.01 * torch.randn_like(head.weight))
+    model.set_output_embeddings(untied)
+    model.config.tie_word_embeddings = False
+    model.eval()
+    fused = _assert_same(model, batch_x, batch_xo, loss_mode="full_distillation", distillation_topk=4, logits_chunk_size=5)
+    assert fused[2]["lm_head.weight"].abs().sum() > 0
+    untied.weight.requires_grad_(False)  # as under LoRA: the head gets no gradient, the rest does
+    fused = _assert_same(model, batch_x, batch_xo, loss_mode="simple_signal", logits_chunk_size=5)
+    assert "lm_head.weight" not in fused[2]
+
+
+def test_heads_the_fused_path_does_not_take(tiny_model, tiny_tokenizer):
+    batch_x, batch_xo = _batches(tiny_tokenizer)
+    hidden = torch.zeros(1, tiny_model.config.hidden_size)
+    assert fused_head_supported(tiny_model, hidden)
+    head = tiny_model.get_output_embeddings()
+    biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
+    tiny_model.set_output_embeddings(biased)
+    assert not fused_head_supported(tiny_model, hidden)
+    _, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
+    assert stats["fused_lm_head"] is False  # falls back, still trains
+    with torch.no_grad():  # no gradient wanted: plain chunked scoring
+        _, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
+    assert stats["fused_lm_head"] is False
+
+
+def test_fused_head_under_lora_matches_and_trains_only_adapters(tiny_model, tiny_tokenizer):
+    peft = pytest.importorskip("peft")
+    batch_x, batch_xo = _batches(tiny_tokenizer)
+    model = peft.get_peft_model(tiny_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                                            init_lora_weights=False))
+    model.eval()
+    fused = _assert_same(model, batch_x, batch_xo, loss_mode="full_distillation", distillation_topk=5, logits_chunk_size=4)
+    assert fused[2] and all("lora_" in name for name in fused[2])
+
+
+def test_fused_loss_scales_with_upstream_gradient(tiny_model, tiny_tokenizer):
+    batch_x, batch_xo = _batches(tiny_tokenizer)
+    tiny_model.eval()
+    opts = ObjectiveOptions(loss_mode="full_distillation", distillation_topk=5)
+    _, _, base = _loss_and_grads(tiny_model, batch_x, batch_xo, opts)
+    loss, _ = sdpo_loss(tiny_model, batch_x, batch_xo, opts)
+    (loss * -2.5).backward()
+    for name, param in tiny_model.named_parameters():
+        if name in base:
+            torch.testing.assert_close(param.grad, -2.5 * base[name], atol=1e-6, rtol=1e-5, msg=name)
