@@ -25,6 +25,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+from auxiliary.chat_roles import ROLE_ALIASES
+
 DEFAULT_HINDSIGHT_TEMPLATE = (
     "\n\n=== HINDSIGHT CONTEXT ===\n"
     "[What follows is the user's next message, written after reading your answer. "
@@ -39,8 +41,6 @@ LOSS_MODES = ("simple_signal", "full_distillation")
 
 def normalize_messages(messages: Sequence[dict]) -> list[dict]:
     """Accept role/content or from/value (human/gpt/system) messages; return role/content."""
-    role_names = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
-                  "system": "system", "bot": "assistant", "model": "assistant"}
     normalized = []
     for index, message in enumerate(messages):
         if not isinstance(message, dict):
@@ -49,9 +49,9 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict]:
         content = message.get("content", message.get("value"))
         if role is None or content is None:
             raise ValueError(f"message {index} needs role/content (or from/value), got keys {sorted(message)}")
-        if str(role).lower() not in role_names:
+        if str(role).lower() not in ROLE_ALIASES:
             raise ValueError(f"message {index} has unknown role {role!r}")
-        normalized.append({"role": role_names[str(role).lower()], "content": str(content)})
+        normalized.append({"role": ROLE_ALIASES[str(role).lower()], "content": str(content)})
     return normalized
 
 

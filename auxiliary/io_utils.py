@@ -6,6 +6,7 @@ leaves a half-written file behind (temporary file in the same folder, fsync, ren
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -84,12 +85,17 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> None:
     atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def to_json(obj: Any, indent: int | None = None) -> str:
+    """Strict JSON: NaN and +-inf become null (bare NaN is Python-only and breaks jq, JS, pandas' strict readers)."""
+    return json.dumps(_finite_or_null(obj), indent=indent, ensure_ascii=False, default=_json_default, allow_nan=False)
+
+
 def atomic_write_json(path: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
-    atomic_write_text(path, json.dumps(obj, indent=indent, ensure_ascii=False, default=_json_default) + "\n")
+    atomic_write_text(path, to_json(obj, indent) + "\n")
 
 
 def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
-    lines = [json.dumps(r, ensure_ascii=False, default=_json_default) for r in records]
+    lines = [to_json(r) for r in records]
     atomic_write_text(path, "".join(line + "\n" for line in lines))
     return len(lines)
 
@@ -99,14 +105,26 @@ def append_jsonl(path: str | os.PathLike, record: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a", encoding="utf-8") as handle:
-        handle.write(json.dumps(record, ensure_ascii=False, default=_json_default) + "\n")
+        handle.write(to_json(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
 
 
+def _finite_or_null(obj: Any):
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {key: _finite_or_null(value) for key, value in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite_or_null(value) for value in obj]
+    if hasattr(obj, "item") and getattr(obj, "ndim", 1) == 0:  # numpy / torch scalars
+        return _finite_or_null(obj.item())
+    return obj
+
+
 def _json_default(obj: Any):
     if hasattr(obj, "item"):
-        return obj.item()
+        return _finite_or_null(obj.item())
     if isinstance(obj, (set, tuple)):
         return list(obj)
     if isinstance(obj, Path):

@@ -29,10 +29,8 @@ from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 from auxiliary.io_utils import DataError, atomic_write_jsonl, iter_jsonl
+from auxiliary.chat_roles import ROLE_ALIASES
 
-USER_ROLES = {"user", "human", "prompter"}
-ASSISTANT_ROLES = {"assistant", "gpt", "bot", "model", "chatgpt"}
-SYSTEM_ROLES = {"system"}
 MESSAGE_LIST_FIELDS = ("messages", "conversation", "conversations")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
 SPLIT_ALIASES = {
@@ -239,10 +237,7 @@ def normalize_message(raw: Any, where: str) -> dict:
         raise DataError(f"{where}: message has no 'role' (or 'from') field")
     content = raw["content"] if "content" in raw else raw.get("value")
     role = role.strip().lower()
-    if role in USER_ROLES:
-        role = "user"
-    elif role in ASSISTANT_ROLES:
-        role = "assistant"
+    role = ROLE_ALIASES.get(role, role)  # other roles (tool, function, ...) pass through; callers decide
     return {"role": role, "content": message_content(content, where)}
 
 

@@ -120,3 +120,26 @@ def test_fused_loss_scales_with_upstream_gradient(tiny_model, tiny_tokenizer):
     for name, param in tiny_model.named_parameters():
         if name in base:
             torch.testing.assert_close(param.grad, -2.5 * base[name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_fused_head_under_bf16_autocast_with_fp32_weights(tiny_model, tiny_tokenizer):
+    """The offline trainer's GPU setting (fp32 master weights, bf16 autocast), here on CPU."""
+    batch_x, batch_xo = _batches(tiny_tokenizer)
+    tiny_model.eval()
+    results = []
+    for fused in (True, False):
+        opts = ObjectiveOptions(loss_mode="full_distillation", distillation_topk=5, logits_chunk_size=4,
+                                fused_lm_head=fused)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, stats = sdpo_loss(tiny_model, batch_x, batch_xo, opts)
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in tiny_model.named_parameters() if p.grad is not None}
+        tiny_model.zero_grad(set_to_none=True)
+        assert stats["fused_lm_head"] is fused
+        results.append((loss.detach(), grads))
+    (loss_f, grads_f), (loss_c, grads_c) = results
+    assert all(g.dtype == torch.float32 for g in grads_f.values())
+    torch.testing.assert_close(loss_f, loss_c, atol=2e-3, rtol=1e-2)  # bf16 rounding, both paths alike
+    for name, grad in grads_c.items():
+        cosine = torch.nn.functional.cosine_similarity(grads_f[name].flatten(), grad.flatten(), dim=0)
+        assert cosine > 0.99, (name, float(cosine))
