@@ -143,3 +143,20 @@ def test_fused_head_under_bf16_autocast_with_fp32_weights(tiny_model, tiny_token
     for name, grad in grads_c.items():
         cosine = torch.nn.functional.cosine_similarity(grads_f[name].flatten(), grad.flatten(), dim=0)
         assert cosine > 0.99, (name, float(cosine))
+
+
+def test_fused_head_with_bf16_weights(tiny_model, tiny_tokenizer):
+    """The online updater's GPU setting (bf16 weights, no autocast), here on CPU."""
+    batch_x, batch_xo = _batches(tiny_tokenizer)
+    model = tiny_model.to(torch.bfloat16).eval()
+    results = []
+    for fused in (True, False):
+        opts = ObjectiveOptions(loss_mode="simple_signal", logits_chunk_size=4, fused_lm_head=fused)
+        loss, grads = _loss_and_grads(model, batch_x, batch_xo, opts)[::2]
+        results.append((loss, grads))
+    (loss_f, grads_f), (loss_c, grads_c) = results
+    assert loss_f.dtype == torch.float32 and all(g.dtype == torch.bfloat16 for g in grads_f.values())
+    torch.testing.assert_close(loss_f, loss_c, atol=1e-3, rtol=1e-2)
+    for name, grad in grads_c.items():
+        cosine = torch.nn.functional.cosine_similarity(grads_f[name].float().flatten(), grad.float().flatten(), dim=0)
+        assert cosine > 0.99, (name, float(cosine))
