@@ -177,7 +177,7 @@ def _check_head_matches(model, last_hidden: torch.Tensor, last_logits: torch.Ten
     if key in _HEAD_CHECKED:
         return
     with torch.no_grad():
-        ours = _unwrap(model).get_output_embeddings()(last_hidden).float()
+        ours = _HeadLogits(model)(last_hidden)
         theirs = last_logits.float()
         scale = float(theirs.abs().max().clamp(min=1.0))
         # fp32 agrees to ~1e-6; a 16-bit head or autocast rounds each logit by ~eps(bf16) = 4e-3.
@@ -185,13 +185,31 @@ def _check_head_matches(model, last_hidden: torch.Tensor, last_logits: torch.Ten
         tolerance = 1e-3 if exact else 3e-2
         if not torch.allclose(ours, theirs, atol=tolerance * scale, rtol=tolerance):
             raise NotImplementedError(
-                f"{type(_unwrap(model)).__name__} post-processes its logits (e.g. soft-capping); "
-                "the chunked LM head of sdpo_objective does not support it yet")
+                f"{type(_unwrap(model)).__name__} post-processes its logits in a way the chunked LM head of "
+                "sdpo_objective does not reproduce (it knows final_logit_softcapping only)")
     _HEAD_CHECKED[key] = True
 
 
 def _head(model):
     return _unwrap(model).get_output_embeddings()
+
+
+def _logit_softcap(model) -> float | None:
+    """Gemma-2 style final-logit soft-capping (logits = cap * tanh(logits / cap)), None when off."""
+    cap = getattr(_unwrap(model).config, "final_logit_softcapping", None)
+    return float(cap) if cap else None
+
+
+class _HeadLogits:
+    """The LM head as the model applies it, in float32: linear, then soft-capping where the model has it."""
+
+    def __init__(self, model):
+        self.linear = _head(model)
+        self.softcap = _logit_softcap(model)
+
+    def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
+        logits = self.linear(hidden).float()
+        return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
 
 def _valid_rows(hidden: torch.Tensor, batch: ScoringBatch) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -209,14 +227,14 @@ def _chunks(total: int, size: int):
 
 # log_softmax, not logits - logsumexp: one fused full-vocabulary pass forward and backward (logsumexp
 # runs max, subtract, exp, sum as separate kernels with temporaries): ~15% faster on CPU at V=151,936.
-def _target_logprob_chunk(head_weight_owner, hidden_chunk, target_chunk):
-    logp = torch.log_softmax(head_weight_owner(hidden_chunk).float(), dim=-1)
+def _target_logprob_chunk(head, hidden_chunk, target_chunk):
+    logp = torch.log_softmax(head(hidden_chunk), dim=-1)
     return logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
 
 
 def token_logprobs(model, hidden_rows: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
     """log p(target) for each row, chunked; checkpointed when gradients flow."""
-    head = _head(model)
+    head = _HeadLogits(model)
     pieces = []
     for start, end in _chunks(hidden_rows.shape[0], chunk_size):
         if torch.is_grad_enabled() and hidden_rows.requires_grad:
@@ -315,17 +333,17 @@ def reverse_kl_topk(student_logp: torch.Tensor, teacher_logp: torch.Tensor, tail
 
 
 def _student_topk_chunk(head, hidden_chunk, k):
-    logits = head(hidden_chunk).float()
+    logits = head(hidden_chunk)
     return logits.topk(k, dim=-1).indices
 
 
 def _teacher_chunk(head, hidden_chunk, ids_chunk, target_chunk):
-    logp = torch.log_softmax(head(hidden_chunk).float(), dim=-1)
+    logp = torch.log_softmax(head(hidden_chunk), dim=-1)
     return logp.gather(1, ids_chunk), logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
 
 
 def _student_distill_chunk(head, hidden_chunk, ids_chunk, target_chunk, teacher_topk_chunk, tail: bool):
-    logp = torch.log_softmax(head(hidden_chunk).float(), dim=-1)
+    logp = torch.log_softmax(head(hidden_chunk), dim=-1)
     kl = reverse_kl_topk(logp.gather(1, ids_chunk), teacher_topk_chunk, tail)
     return kl, logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
 
@@ -405,10 +423,11 @@ def _fused_head_loss(model, plan: _TokenLossPlan, hidden_s, hidden_t, targets, c
     form: for s_j = z_j - logsumexp(z), ds_j/dz = e_j - softmax(z), so
     dL/dz = scatter(ids, g) - softmax(z) * sum(g), with g = dL/ds from autograd over [rows, k+1].
     grad_hidden = G W and grad_W += G^T h are formed at once, so the chunk's logits are never
-    needed again: 4 head products per response row instead of 6 (checkpointed path).
+    needed again: 4 head products per response row instead of 6 (checkpointed path). With
+    soft-capping (z = cap * tanh(a / cap)), G is multiplied by dz/da = 1 - tanh(a / cap)^2.
     Returns (loss, logp_x, logp_xo, kl or None), all but loss detached.
     """
-    opts, head = plan.opts, _head(model)
+    opts, head, softcap = plan.opts, _head(model), _logit_softcap(model)
     weight = head.weight
     device_type = hidden_s.device.type
     compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
@@ -432,18 +451,21 @@ def _fused_head_loss(model, plan: _TokenLossPlan, hidden_s, hidden_t, targets, c
             h = h_all[rows].to(compute_dtype)
             target = targets[rows].unsqueeze(1)
             logits = F.linear(h, w).float()
+            cap_slope = None
+            if softcap is not None:
+                squashed = logits.div_(softcap).tanh_()
+                logits = squashed * softcap
+                cap_slope = squashed.square_().neg_().add_(1.0)  # in place: 1 - tanh^2
+            columns = torch.cat([logits.topk(k, dim=-1).indices, target], dim=1) if distill else target
+            logp = torch.log_softmax(logits, dim=-1)
+            del logits
             if distill:
-                columns = torch.cat([logits.topk(k, dim=-1).indices, target], dim=1)
-                logp = torch.log_softmax(logits, dim=-1)
-                del logits
-                teacher = torch.log_softmax(F.linear(hidden_t[rows].to(compute_dtype), w).float(), dim=-1)
-                teacher_picked = teacher.gather(1, columns)
-                del teacher
+                teacher_logits = F.linear(hidden_t[rows].to(compute_dtype), w).float()
+                if softcap is not None:
+                    teacher_logits.div_(softcap).tanh_().mul_(softcap)
+                teacher_picked = torch.log_softmax(teacher_logits, dim=-1).gather(1, columns)
+                del teacher_logits
                 logp_xo[rows] = teacher_picked[:, -1]
-            else:
-                columns = target
-                logp = torch.log_softmax(logits, dim=-1)
-                del logits
             picked = logp.gather(1, columns).requires_grad_(True)
             with torch.enable_grad():
                 kl = reverse_kl_topk(picked[:, :-1], teacher_picked[:, :-1], opts.distillation_tail) if distill else None
@@ -455,6 +477,9 @@ def _fused_head_loss(model, plan: _TokenLossPlan, hidden_s, hidden_t, targets, c
                 kl_values[rows] = kl.detach()
             grad_logits = logp.exp_()  # softmax, in place: logp is not needed any more
             grad_logits.mul_(-grad_picked.sum(dim=1, keepdim=True)).scatter_add_(1, columns, grad_picked)
+            if cap_slope is not None:
+                grad_logits.mul_(cap_slope)
+                del cap_slope
             grad_logits = grad_logits.to(compute_dtype)
             grad_hidden[rows] = (grad_logits @ w).to(grad_hidden.dtype)
             if grad_weight is not None:
@@ -483,7 +508,7 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
     if not torch.equal(batch_x.response_ids, batch_xo.response_ids):
         raise ValueError("x and xo batches must hold the same response ids")
     num_seq = batch_x.response_ids.shape[0]
-    head = _head(model)
+    head = _HeadLogits(model)
     chunk = opts.logits_chunk_size
     mask = batch_x.response_mask
     positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0).expand_as(mask)[mask]
@@ -522,7 +547,7 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
         loss = _token_loss_sum(plan, slice(None), logp_x, None)
         kl_values = None
     else:
-        k = min(opts.distillation_topk, head.out_features if hasattr(head, "out_features") else opts.distillation_topk)
+        k = min(opts.distillation_topk, getattr(head.linear, "out_features", opts.distillation_topk))
         kl_pieces, logp_x_pieces, logp_xo_pieces = [], [], []
         for start, end in _chunks(total, chunk):
             with torch.no_grad():
