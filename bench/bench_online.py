@@ -20,6 +20,9 @@ Then, on the trained model, each fast path against the straightforward way, in t
                                  interactions in one forward (what train_batch does) vs one forward
                                  per interaction. The online loop updates on one interaction per step,
                                  so this matters for train_batch, not for eval_online_sdpo.py.
+  update_time_fused_head         loss + backward of the measured interactions, one per update as in the
+                                 loop, with the fused LM head (as shipped) vs the checkpointed head
+                                 (fused_lm_head=False); no optimizer step, so both see the same weights.
   checkpoint_save_time / checkpoint_rss_growth
                                  OnlineSDPOUpdater.save_checkpoint (writes the live model) vs copying
                                  the model first and writing the copy (a snapshot).
@@ -287,6 +290,38 @@ def compare_teacher_forward(run, interactions, repeats: int = 3) -> dict:
             "max_abs_logprob_difference": float((logp_batched - logp_single).abs().max())}
 
 
+def compare_update_head(run, interactions, repeats: int = 2) -> dict:
+    """Loss + backward per interaction with the fused LM head vs the checkpointed one (same weights)."""
+    import dataclasses
+
+    from sdpo_objective import sdpo_loss
+
+    updater = run.updaters["feedback"]
+    batches = [updater.build_batches([m], [r], [f]) for m, r, f in interactions]
+    options = {"fused": dataclasses.replace(updater.options, fused_lm_head=True),
+               "checkpointed": dataclasses.replace(updater.options, fused_lm_head=False)}
+    updater.model.train()
+
+    def updates(name):
+        losses = []
+        for batch_x, batch_xo in batches:
+            loss, _ = sdpo_loss(updater.model, batch_x, batch_xo, options[name], updater.ref_model)
+            loss.backward()
+            updater.model.zero_grad(set_to_none=True)
+            losses.append(float(loss.detach()))
+        return losses
+
+    walls, losses = {"fused": [], "checkpointed": []}, {}
+    for repeat in range(repeats):  # interleaved, order alternating
+        for name in (("fused", "checkpointed") if repeat % 2 == 0 else ("checkpointed", "fused")):
+            losses[name], wall, _ = measure(lambda n=name: updates(n))
+            walls[name].append(wall / len(batches))
+    return {"interactions": len(batches), "loss_mode": updater.options.loss_mode,
+            "wall_fused_s": statistics.median(walls["fused"]),
+            "wall_checkpointed_s": statistics.median(walls["checkpointed"]),
+            "max_abs_loss_difference": max(abs(a - b) for a, b in zip(losses["fused"], losses["checkpointed"]))}
+
+
 def save_from_snapshot(updater, path: Path) -> Path:
     """The straightforward checkpoint: copy the model, then write the copy (same method, same files, same fsyncs)."""
     live = updater.model
@@ -337,7 +372,7 @@ def retokenisation_mismatches(run, interactions) -> dict:
 
 # --------------------------------------------------------------------------- report
 
-def report(args, phases, evalgen, teacher, checkpoint, baseline, retok, setup_wall, elapsed, load_start):
+def report(args, phases, evalgen, teacher, head, checkpoint, baseline, retok, setup_wall, elapsed, load_start):
     n_steady = len(phases["steady_per_step"]["update"])
     per_interaction = sum(phases["steady_mean"].values())
     eval_batched = phases["final_eval"]["eval_generation"] + phases["final_eval"]["eval_other"]
@@ -373,6 +408,9 @@ def report(args, phases, evalgen, teacher, checkpoint, baseline, retok, setup_wa
     lines.append(f"teacher scoring of {teacher['interactions']} xo contexts ({teacher['response_tokens']} reply tokens): "
                  f"one forward {teacher['wall_batched_s']:.3f} s, one per interaction {teacher['wall_single_s']:.3f} s; "
                  f"max |log p difference| {teacher['max_abs_logprob_difference']:.1e}")
+    lines.append(f"update ({head['loss_mode']}, loss + backward, mean of {head['interactions']} interactions): "
+                 f"fused LM head {head['wall_fused_s']:.3f} s, checkpointed head {head['wall_checkpointed_s']:.3f} s; "
+                 f"max |loss difference| {head['max_abs_loss_difference']:.1e}")
     ours, snap = checkpoint["ours"], checkpoint["snapshot"]
     mib = lambda b: "n/a" if b is None else f"{b / 2**20:,.0f} MiB"  # noqa: E731
     lines.append(f"checkpoint ({mib(ours['bytes_written'])} written): save_checkpoint {ours['wall_s']:.2f} s, "
@@ -387,6 +425,7 @@ def report(args, phases, evalgen, teacher, checkpoint, baseline, retok, setup_wa
     ratios = {"eval_generation_time_batched": evalgen["wall_batched_s"] / evalgen["wall_single_s"],
               "eval_generation_cpu_time_batched": evalgen["cpu_batched_s"] / evalgen["cpu_single_s"],
               "teacher_forward_time_batched": teacher["wall_batched_s"] / teacher["wall_single_s"],
+              "update_time_fused_head": head["wall_fused_s"] / head["wall_checkpointed_s"],
               "checkpoint_save_time": ours["wall_s"] / snap["wall_s"],
               "step0_eval_time_cached_baseline": baseline["wall_cached_s"] / baseline["wall_generate_s"]}
     if ours["rss_growth_bytes"] is not None and snap["rss_growth_bytes"]:
@@ -413,20 +452,22 @@ def main(argv=None) -> int:
         print("comparisons: eval generation batched vs one at a time ...", file=sys.stderr, flush=True)
         evalgen = compare_eval_generation(run, args)
         teacher = compare_teacher_forward(run, interactions[1:])
+        head = compare_update_head(run, interactions[1:])
         checkpoint = compare_checkpoint(run, work_dir)
         baseline = compare_baseline_cache(run, clock)
         retok = retokenisation_mismatches(run, interactions)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     elapsed = time.time() - started
-    lines, rates, ratios = report(args, phases, evalgen, teacher, checkpoint, baseline, retok, setup_wall, elapsed,
-                                  load_start)
+    lines, rates, ratios = report(args, phases, evalgen, teacher, head, checkpoint, baseline, retok, setup_wall,
+                                  elapsed, load_start)
     print("\n".join(lines))
     if args.out:
         atomic_write_json(args.out, {
             "environment": environment_lines(args.device), "args": vars(args), "threads": torch.get_num_threads(),
             "load_average_start": load_start, "load_average_end": load_average(), "elapsed_s": elapsed,
             "phases_s": phases, "rates": rates, "eval_generation": evalgen, "teacher_forward": teacher,
+            "update_head": head,
             "checkpoint": checkpoint, "baseline_cache": baseline, "retokenisation": retok, "ratios": ratios,
         })
     for name, value in ratios.items():

@@ -15,7 +15,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 import bench_online  # noqa: E402
 
 EXPECTED_RATIOS = {"eval_generation_time_batched", "eval_generation_cpu_time_batched", "teacher_forward_time_batched",
-                   "checkpoint_save_time", "step0_eval_time_cached_baseline"}
+                   "update_time_fused_head", "checkpoint_save_time", "step0_eval_time_cached_baseline"}
 
 
 def trailing_ratios(stdout: str) -> dict:
@@ -50,6 +50,9 @@ def test_quick_run_prints_ratios_and_consistent_json(tmp_path):
     # the teacher's log-probs do not depend on batching beyond float rounding
     assert report["teacher_forward"]["interactions"] == 2
     assert report["teacher_forward"]["max_abs_logprob_difference"] < 1e-4
+    # the fused and the checkpointed head give the same losses on the same weights
+    assert report["update_head"]["interactions"] == 2
+    assert report["update_head"]["max_abs_loss_difference"] < 1e-5
     # both checkpoint paths write the same files (the copy path only adds the copy)
     checkpoint = report["checkpoint"]
     assert checkpoint["ours"]["bytes_written"] == checkpoint["snapshot"]["bytes_written"] > 0
