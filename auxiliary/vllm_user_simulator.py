@@ -1,13 +1,15 @@
 """Simulated user served by vLLM (optional; `pip install -r requirements-vllm.txt` on a GPU).
 
     VLLMUserSimulator(model_name_or_path, style, max_new_tokens=96, temperature=0.7, top_p=0.95,
-                      seed=0, llm=None, gpu_memory_utilization=0.4, tensor_parallel_size=1, **llm_kwargs)
+                      seed=0, llm=None, gpu_memory_utilization=0.4, tensor_parallel_size=1,
+                      empty_retries=2, **llm_kwargs)
     .generate_feedback(prompts, completions) -> list[str]
 
 `vllm` is imported inside the constructor only, so nothing else needs it installed. Pass a
 running `vllm.LLM` as `llm` to share an engine. The prompt is
 user_simulator.build_simulator_messages; Qwen3 thinking is switched off where the chat
-template knows the switch. Empty messages raise EmptyFeedbackError.
+template knows the switch. Empty follow-ups are sampled again (up to `empty_retries` times, not
+when greedy), then raise EmptyFeedbackError.
 """
 from __future__ import annotations
 
@@ -38,16 +40,24 @@ def make_llm(vllm, model_name_or_path: str, gpu_memory_utilization: float, tenso
 class VLLMUserSimulator(UserSimulator):
     def __init__(self, model_name_or_path, style: str, max_new_tokens: int = 96, temperature: float = 0.7,
                  top_p: float = 0.95, seed: int = 0, llm=None, gpu_memory_utilization: float = 0.4,
-                 tensor_parallel_size: int = 1, **llm_kwargs):
+                 tensor_parallel_size: int = 1, empty_retries: int = 2, **llm_kwargs):
         get_persona(style)
         vllm = import_vllm()
         self.style = style
+        self.temperature, self.empty_retries = temperature, empty_retries
         self.llm = llm or make_llm(vllm, model_name_or_path, gpu_memory_utilization, tensor_parallel_size, seed,
                                    **llm_kwargs)
         self.sampling = vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p)
 
     def _feedback(self, prompts, completions):
         conversations = [build_simulator_messages(self.style, p, c) for p, c in zip(prompts, completions)]
-        feedback = [clean_feedback(text) for text in vllm_chat(self.llm, conversations, self.sampling)]
-        return retry_empty_feedback(feedback, None, 0, "vLLM user",
-                                    "the vLLM user model gave empty follow-ups for items {items}")
+
+        def ask(indices):
+            return [clean_feedback(text) for text in vllm_chat(self.llm, [conversations[i] for i in indices],
+                                                               self.sampling)]
+
+        # Sampling again can fix an empty message; greedy decoding would only repeat it.
+        retries = self.empty_retries if self.temperature > 0 else 0
+        return retry_empty_feedback(ask(range(len(conversations))), lambda indices, _attempt: ask(indices), retries,
+                                    "vLLM user", "the vLLM user model gave empty follow-ups for items {items}"
+                                    f" after {retries} retries")

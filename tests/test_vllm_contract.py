@@ -1,0 +1,153 @@
+"""Our three vLLM adapters against a recording stand-in for the `vllm` package (vLLM does not install here).
+
+This checks OUR side of the contract: what we pass to vllm.LLM / SamplingParams / LoRARequest, how
+adapters are synced, how outputs become token ids, retries and verdicts. It does not prove that a
+real vLLM accepts these calls: run a real `--use_vllm` smoke on a GPU machine for that.
+"""
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+from online_sdpo_updater import OnlineSDPOUpdater
+from online_sdpo_updater_config import OnlineSDPOConfig
+from sdpo_objective import render_context_ids
+
+
+class Recorder:
+    llms: list = []
+    token_scripts: list = []  # (token ids, finish reason) per prompt, for whichever engine generates
+
+
+class FakeSamplingParams:
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+
+
+class FakeLoRARequest:
+    def __init__(self, name, lora_id, path):
+        self.name, self.lora_id, self.path = name, lora_id, path
+
+
+class FakeLLM:
+    """Replies from a script: generate() pops token-id lists, chat() pops texts."""
+
+    def __init__(self, **kwargs):
+        self.kwargs = kwargs
+        self.generate_calls, self.chat_calls = [], []
+        self.text_scripts = []
+        self.tokenizer = types.SimpleNamespace(chat_template="{% if enable_thinking %}{% endif %}")
+        Recorder.llms.append(self)
+
+    def get_tokenizer(self):
+        return self.tokenizer
+
+    def generate(self, prompts, params, lora_request=None, use_tqdm=True):
+        self.generate_calls.append({"prompts": prompts, "params": params, "lora_request": lora_request})
+        outputs = []
+        for _ in prompts:
+            ids, reason = Recorder.token_scripts.pop(0)
+            outputs.append(types.SimpleNamespace(outputs=[types.SimpleNamespace(token_ids=ids, finish_reason=reason,
+                                                                                text="")]))
+        return outputs
+
+    def chat(self, conversations, params, use_tqdm=True, **kwargs):
+        self.chat_calls.append({"conversations": conversations, "params": params, **kwargs})
+        return [types.SimpleNamespace(outputs=[types.SimpleNamespace(text=self.text_scripts.pop(0))])
+                for _ in conversations]
+
+
+@pytest.fixture()
+def fake_vllm(monkeypatch):
+    vllm = types.ModuleType("vllm")
+    vllm.LLM, vllm.SamplingParams = FakeLLM, FakeSamplingParams
+    lora = types.ModuleType("vllm.lora")
+    request = types.ModuleType("vllm.lora.request")
+    request.LoRARequest = FakeLoRARequest
+    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request)):
+        monkeypatch.setitem(sys.modules, name, module)
+    Recorder.llms, Recorder.token_scripts = [], []
+    return Recorder
+
+
+def test_policy_generation_syncs_lora_adapters_and_keeps_eos(fake_vllm, tiny_model, tiny_tokenizer):
+    config = OnlineSDPOConfig(model="my/policy", device="cpu", use_vllm=True, use_lora=True, lora_r=4,
+                              lora_target_modules="q_proj,v_proj", max_new_tokens=7, temperature=0.5, top_p=0.9)
+    updater = OnlineSDPOUpdater(config, tiny_model, tiny_tokenizer)
+    eos = tiny_tokenizer.eos_token_id
+    conversations = [[{"role": "user", "content": "hello"}], [{"from": "human", "value": "bye"}]]
+
+    for step in (0, 0, 1):
+        updater.step = step
+        fake_vllm.token_scripts += [([11, 12], "stop"), ([13, 14, 15], "length")]
+        responses = updater.generate(conversations, seed=3)
+        # a reply that stopped keeps its EOS (vLLM drops the stop token); a cut one does not get one
+        assert [r.ids for r in responses] == [[11, 12, eos], [13, 14, 15]]
+        assert [r.finished for r in responses] == [True, False]
+
+    llm = fake_vllm.llms[0]
+    assert len(fake_vllm.llms) == 1  # one engine for the whole run
+    assert llm.kwargs["model"] == "my/policy" and llm.kwargs["enable_lora"] and llm.kwargs["max_lora_rank"] == 4
+    call = llm.generate_calls[0]
+    assert call["params"].kwargs == {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "seed": 3,
+                                     "stop_token_ids": [eos]}
+    assert call["prompts"][1]["prompt_token_ids"] == render_context_ids(tiny_tokenizer, [{"role": "user",
+                                                                                          "content": "bye"}])
+    requests = [c["lora_request"] for c in llm.generate_calls]
+    assert requests[0] is requests[1]  # same step: no new adapter
+    assert requests[2].lora_id != requests[0].lora_id and requests[2].path != requests[0].path
+    for request in (requests[0], requests[2]):
+        assert (Path(request.path) / "adapter_config.json").exists()
+
+
+def test_policy_generation_refuses_full_weight_sync(fake_vllm, tiny_model, tiny_tokenizer):
+    config = OnlineSDPOConfig(model="my/policy", device="cpu", use_vllm=True)
+    updater = OnlineSDPOUpdater(config, tiny_model, tiny_tokenizer)
+    with pytest.raises(ValueError, match="--use_lora"):
+        updater.generate([[{"role": "user", "content": "hi"}]])
+
+
+def test_vllm_user_turns_thinking_off_and_samples_empty_follow_ups_again(fake_vllm):
+    from auxiliary.user_simulator import EmptyFeedbackError
+    from auxiliary.vllm_user_simulator import VLLMUserSimulator
+
+    llm = FakeLLM()
+    user = VLLMUserSimulator(None, "concise", llm=llm, max_new_tokens=50, temperature=0.7)
+    llm.text_scripts += ["Too long.", "  ", "", "<think>x</think>Shorter please."]
+    assert user.generate_feedback(["q1", "q2"], ["a1", "a2"]) == ["Too long.", "Shorter please."]
+    assert [len(c["conversations"]) for c in llm.chat_calls] == [2, 1, 1]  # only the empty one asked again, twice
+    assert llm.chat_calls[0]["chat_template_kwargs"] == {"enable_thinking": False}
+    assert llm.chat_calls[0]["params"].kwargs["max_tokens"] == 50
+
+    llm.text_scripts += ["", "", ""]
+    with pytest.raises(EmptyFeedbackError, match="after 2 retries"):
+        user.generate_feedback(["q"], ["a"])
+    greedy = VLLMUserSimulator(None, "concise", llm=llm, temperature=0.0)
+    llm.text_scripts += [""]
+    calls = len(llm.chat_calls)
+    with pytest.raises(EmptyFeedbackError):
+        greedy.generate_feedback(["q"], ["a"])
+    assert len(llm.chat_calls) == calls + 1  # greedy would only repeat itself: no retry
+
+
+def test_vllm_judge_asks_both_orders_greedily(fake_vllm):
+    from auxiliary.vllm_style_judge import VLLMStyleJudge
+
+    llm = FakeLLM()
+    judge = VLLMStyleJudge(None, "concise", llm=llm)
+    assert judge.sampling.kwargs["temperature"] == 0.0
+    # order 1 shows (short, long) and answers A; order 2 shows (long, short) and answers B: short wins both
+    llm.text_scripts += ["A", "B"]
+    assert judge.compare(["q"], ["ALPHA-REPLY"], ["BETA-REPLY"]) == ["A"]
+    assert len(llm.chat_calls) == 1 and len(llm.chat_calls[0]["conversations"]) == 2  # both orders, one batch
+    first, second = (c[-1]["content"] for c in llm.chat_calls[0]["conversations"])
+    assert first.index("ALPHA-REPLY") < first.index("BETA-REPLY")
+    assert second.index("BETA-REPLY") < second.index("ALPHA-REPLY")
+
+
+def test_a_vllm_component_without_a_model_fails_clearly(fake_vllm):
+    from auxiliary.vllm_user_simulator import VLLMUserSimulator
+
+    with pytest.raises(ValueError, match="model_name_or_path"):
+        VLLMUserSimulator(None, "concise")
