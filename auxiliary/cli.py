@@ -5,9 +5,10 @@ Precedence: dataclass defaults < YAML file < command-line flags.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import sys
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 
 class ConfigError(ValueError):
@@ -66,3 +67,18 @@ def parse_dataclasses(classes: Sequence[type], argv: Sequence[str] | None = None
         parser.set_defaults(**values)
     parsed = parser.parse_args_into_dataclasses(args=rest)
     return tuple(parsed[: len(classes)])
+
+
+def run_cli(args_class: type, run: Callable, argv: Sequence[str] | None, prog: str) -> int:
+    """Parse one dataclass of flags and call run(args); bad input prints one `error:` line and exits 2."""
+    from auxiliary.io_utils import DataError
+    from auxiliary.model_loading import ModelLoadError
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        (args,) = parse_dataclasses((args_class,), argv, prog=prog)
+        run(args)
+    except (ConfigError, DataError, ModelLoadError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0

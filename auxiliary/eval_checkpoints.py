@@ -161,17 +161,9 @@ def run(args: EvalCheckpointsArgs) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from auxiliary.cli import ConfigError, parse_dataclasses
-    from auxiliary.model_loading import ModelLoadError
+    from auxiliary.cli import run_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        (args,) = parse_dataclasses((EvalCheckpointsArgs,), argv, prog="eval_checkpoints.py")
-        run(args)
-    except (ConfigError, DataError, ModelLoadError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(EvalCheckpointsArgs, run, argv, prog="eval_checkpoints.py")
 
 
 if __name__ == "__main__":

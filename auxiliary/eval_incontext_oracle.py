@@ -19,7 +19,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from auxiliary import style_eval
-from auxiliary.io_utils import DataError
 
 logger = logging.getLogger("eval_incontext_oracle")
 
@@ -96,17 +95,9 @@ def run(args: OracleArgs) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from auxiliary.cli import ConfigError, parse_dataclasses
-    from auxiliary.model_loading import ModelLoadError
+    from auxiliary.cli import run_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        (args,) = parse_dataclasses((OracleArgs,), argv, prog="eval_incontext_oracle.py")
-        run(args)
-    except (ConfigError, DataError, ModelLoadError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(OracleArgs, run, argv, prog="eval_incontext_oracle.py")
 
 
 if __name__ == "__main__":

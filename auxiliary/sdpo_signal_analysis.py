@@ -360,17 +360,9 @@ def run(args: SignalAnalysisArgs) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from auxiliary.cli import ConfigError, parse_dataclasses
-    from auxiliary.model_loading import ModelLoadError
+    from auxiliary.cli import run_cli
 
-    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        (args,) = parse_dataclasses((SignalAnalysisArgs,), argv, prog="sdpo_signal_analysis.py")
-        replot(args) if args.from_json else run(args)
-    except (ConfigError, DataError, ModelLoadError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    return 0
+    return run_cli(SignalAnalysisArgs, lambda args: replot(args) if args.from_json else run(args), argv, prog="sdpo_signal_analysis.py")
 
 
 if __name__ == "__main__":

@@ -1,7 +1,6 @@
 """Signal analysis end to end on a tiny model: files, JSON contract, figure sizes, and the signals
 recomputed independently (plain forward pass on concatenated ids, no sdpo_objective code)."""
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
