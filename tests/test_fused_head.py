@@ -160,3 +160,11 @@ def test_fused_head_with_bf16_weights(tiny_model, tiny_tokenizer):
     for name, grad in grads_c.items():
         cosine = torch.nn.functional.cosine_similarity(grads_f[name].float().flatten(), grad.float().flatten(), dim=0)
         assert cosine > 0.99, (name, float(cosine))
+
+
+def test_fused_head_with_gradient_checkpointing_of_the_backbone(tiny_model, tiny_tokenizer):
+    batch_x, batch_xo = _batches(tiny_tokenizer)
+    tiny_model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    tiny_model.train()  # checkpointing is active in train mode only
+    tiny_model.config.attention_dropout = 0.0
+    _assert_same(tiny_model, batch_x, batch_xo, loss_mode="full_distillation", distillation_topk=5, logits_chunk_size=4)
