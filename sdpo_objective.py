@@ -18,6 +18,7 @@ heads, or `fused_lm_head=False`, run the chunks under activation checkpointing i
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -298,6 +299,12 @@ class ObjectiveOptions:
             raise ValueError("distillation_topk must be >= 1")
         if self.negate_signal and self.loss_mode != "simple_signal":
             raise ValueError("negate_signal is only defined for loss_mode simple_signal")
+
+    @classmethod
+    def from_config(cls, config) -> "ObjectiveOptions":
+        """The options named like fields of `config` (online, offline or chat config); the rest keep defaults."""
+        names = [f.name for f in dataclasses.fields(cls) if hasattr(config, f.name)]
+        return cls(**{name: getattr(config, name) for name in names})
 
 
 def shape_signal(raw_signal: torch.Tensor, seq_index: torch.Tensor, positions: torch.Tensor, num_sequences: int,

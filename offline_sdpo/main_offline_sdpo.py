@@ -95,11 +95,7 @@ class OfflineSDPOArguments:
             raise ValueError("--learning_rate must be > 0")
 
     def objective_options(self) -> ObjectiveOptions:
-        return ObjectiveOptions(loss_mode=self.loss_mode, distillation_topk=self.distillation_topk,
-                                distillation_tail=self.distillation_tail, signal_clip=self.signal_clip,
-                                ignore_first_k=self.ignore_first_k, center_signal=self.center_signal,
-                                beta=self.beta, logits_chunk_size=self.logits_chunk_size,
-                                fused_lm_head=self.fused_lm_head)
+        return ObjectiveOptions.from_config(self)
 
 
 # --------------------------------------------------------------------------- machine-dependent choices

@@ -257,3 +257,21 @@ def test_reference_kl_is_zero_against_itself_and_adds_to_loss(tiny_model, tiny_t
     with_other, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal", beta=0.5), other)
     assert stats["ref_kl"] > 0
     torch.testing.assert_close(with_other, base + 0.5 * stats["ref_kl"], atol=1e-5, rtol=1e-5)
+
+
+def test_configs_carry_every_objective_option():
+    import dataclasses
+
+    from offline_sdpo.main_offline_sdpo import OfflineSDPOArguments
+    from online_sdpo_updater_config import OnlineSDPOConfig
+
+    names = {f.name for f in dataclasses.fields(ObjectiveOptions)}
+    online = OnlineSDPOConfig(loss_mode="simple_signal", signal_clip=0.5, center_signal=True, fused_lm_head=False,
+                              logits_chunk_size=32, negate_signal=True)
+    assert names <= {f.name for f in dataclasses.fields(OnlineSDPOConfig)}  # every option is a flag online
+    options = online.objective_options()
+    assert all(getattr(options, n) == getattr(online, n) for n in names)
+    offline_names = {f.name for f in dataclasses.fields(OfflineSDPOArguments)}
+    assert names - offline_names == {"negate_signal"}  # a control of the online experiments only
+    offline = OfflineSDPOArguments(output_dir="x", distillation_topk=7, fused_lm_head=False)
+    assert offline.objective_options().distillation_topk == 7 and not offline.objective_options().fused_lm_head
