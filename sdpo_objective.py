@@ -365,7 +365,7 @@ class _TokenLossPlan:
     weight: torch.Tensor                        # 0 for the first ignore_first_k tokens of each reply
     tokens_per_seq: torch.Tensor                # weighted token count of each token's reply (>= 1)
     logp_xo: torch.Tensor | None = None         # teacher log p(y_t | xo) (simple_signal)
-    signal: torch.Tensor | None = None          # shaped signal, when it needs the whole reply (centring)
+    signal: torch.Tensor | None = None          # shaped signal when known up front (else shaped per chunk)
     ref_logp: torch.Tensor | None = None        # reference model log p(y_t | x) (beta > 0)
 
 
@@ -386,9 +386,14 @@ def _token_loss_sum(plan: _TokenLossPlan, rows: slice, logp_x: torch.Tensor, kl:
     else:
         total = (kl * weight).sum() / weight_total
     if plan.ref_logp is not None:
-        delta = plan.ref_logp[rows] - logp_x
-        total = total + opts.beta * ((delta.exp() - delta - 1.0) * weight).sum() / weight_total
+        total = total + opts.beta * (k3_kl(plan.ref_logp[rows], logp_x) * weight).sum() / weight_total
     return total
+
+
+def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
+    """Per-token k3 estimate of KL(policy || reference) on sampled tokens: exp(r) - r - 1, r = log p_ref - log p."""
+    delta = ref_logp - logp
+    return delta.exp() - delta - 1.0
 
 
 # ----------------------------------------------------------------------------- fused LM head
@@ -515,7 +520,6 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
     if not torch.equal(batch_x.response_ids, batch_xo.response_ids):
         raise ValueError("x and xo batches must hold the same response ids")
     num_seq = batch_x.response_ids.shape[0]
-    head = _HeadLogits(model)
     chunk = opts.logits_chunk_size
     mask = batch_x.response_mask
     positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0).expand_as(mask)[mask]
@@ -554,6 +558,7 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
         loss = _token_loss_sum(plan, slice(None), logp_x, None)
         kl_values = None
     else:
+        head = _HeadLogits(model)
         k = min(opts.distillation_topk, getattr(head.linear, "out_features", opts.distillation_topk))
         kl_pieces, logp_x_pieces, logp_xo_pieces = [], [], []
         for start, end in _chunks(total, chunk):
@@ -578,8 +583,7 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
     raw = (logp_xo - logp_x).detach()
     stats: dict = {"fused_lm_head": bool(fused)}
     if use_ref:
-        delta = plan.ref_logp - logp_x.detach()
-        stats["ref_kl"] = float(((delta.exp() - delta - 1.0) * weight).sum() / weight.sum().clamp(min=1))
+        stats["ref_kl"] = float((k3_kl(plan.ref_logp, logp_x.detach()) * weight).sum() / weight.sum().clamp(min=1))
     lengths = mask.sum(dim=1)
     per_seq_sum = torch.zeros(num_seq, device=raw.device).index_add_(0, seq_index, raw)
     stats.update({
