@@ -35,6 +35,20 @@ def online_args(model_dir, data_dir, out, **overrides) -> list[str]:
     return flags_from_values(values)
 
 
+def copy_without_chat_template(model_dir, dest: Path) -> Path:
+    """A copy of a model folder whose tokenizer has no chat template (bad-input cases)."""
+    import shutil
+
+    shutil.copytree(model_dir, dest)
+    config_file = dest / "tokenizer_config.json"
+    config = json.loads(config_file.read_text())
+    config.pop("chat_template", None)
+    config_file.write_text(json.dumps(config))
+    for extra in dest.glob("chat_template.*"):
+        extra.unlink()
+    return dest
+
+
 def flags_from_values(values: dict) -> list[str]:
     """CLI flags from a dict: True -> bare flag, None/False -> left out, anything else -> `--key str(value)`."""
     argv = []

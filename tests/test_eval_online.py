@@ -8,7 +8,6 @@ import contextlib
 import io
 import json
 import math
-import shutil
 from pathlib import Path
 
 import pytest
@@ -17,7 +16,7 @@ import torch
 import eval_online_sdpo
 from auxiliary.evaluation_helpers import win_rate_stats
 from auxiliary.style_judge import make_judge
-from reliability_helpers import flags_from_values
+from reliability_helpers import copy_without_chat_template, flags_from_values
 
 TRAIN = [f"Tell me something about topic number {i}." for i in range(5)]
 EVAL = [f"Explain idea {i} in simple terms." for i in range(6)]
@@ -222,15 +221,7 @@ def test_bad_input_fails_with_one_clear_line(case, model_dir, data_dir, tmp_path
     elif case == "missing_model":
         overrides, expected = {"model": tmp_path / "nowhere"}, "does not exist"
     elif case == "no_chat_template":
-        stripped = tmp_path / "no_template"
-        shutil.copytree(model_dir, stripped)
-        config_file = stripped / "tokenizer_config.json"
-        config = json.loads(config_file.read_text())
-        config.pop("chat_template", None)
-        config_file.write_text(json.dumps(config))
-        for extra in stripped.glob("chat_template.*"):
-            extra.unlink()
-        overrides, expected = {"model": stripped}, "chat template"
+        overrides, expected = {"model": copy_without_chat_template(model_dir, tmp_path / "no_template")}, "chat template"
     elif case == "unwritable_output":
         blocker = tmp_path / "a_file"
         blocker.write_text("x")

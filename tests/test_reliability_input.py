@@ -9,14 +9,13 @@ The children run concurrently (3 at a time): most of each one's time is Python s
 from __future__ import annotations
 
 import json
-import shutil
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
-from reliability_helpers import (ERROR_PREFIX, REPO, clean_env, last_line, online_args, read_json, read_jsonl,
-                                 run_cli, write_prompts)
+from reliability_helpers import (ERROR_PREFIX, REPO, clean_env, copy_without_chat_template, last_line, online_args,
+                                 read_json, read_jsonl, run_cli, write_prompts)
 
 pytestmark = pytest.mark.slow  # 12 child processes, mostly Python start-up: ~30 s idle, ~2 min on a busy machine
 
@@ -67,14 +66,7 @@ def write_inputs(data: Path, model_dir: Path) -> None:
     (data / "empty.jsonl").write_text('{"prompt": "a"}\n{"prompt": "   "}\n')
     write_prompts(data / "long.jsonl", [LONG, LONG + "again"])
     (data / "a_file").write_text("a file where a folder should be")
-    stripped = data / "no_template"
-    shutil.copytree(model_dir, stripped)
-    config_file = stripped / "tokenizer_config.json"
-    config = json.loads(config_file.read_text())
-    config.pop("chat_template", None)
-    config_file.write_text(json.dumps(config))
-    for extra in stripped.glob("chat_template.*"):
-        extra.unlink()
+    copy_without_chat_template(model_dir, data / "no_template")
     good = OFFLINE_FIXTURE.read_text().splitlines()
     (data / "offline_malformed.jsonl").write_text(good[0] + "\n{not json\n")
     record = json.loads(good[0])
