@@ -71,6 +71,15 @@ def clean_env(**extra) -> dict:
 
 
 @pytest.fixture(scope="module")
+def data_dir(tmp_path_factory):
+    """train.jsonl (TRAIN) and validation.jsonl (EVAL) in a folder, once per test module."""
+    folder = tmp_path_factory.mktemp("prompts")
+    write_prompts(folder / "train.jsonl", TRAIN)
+    write_prompts(folder / "validation.jsonl", EVAL)
+    return folder
+
+
+@pytest.fixture(scope="module")
 def one_torch_thread():
     """Tiny models on a shared 2-core machine run about 4x faster on one thread than on two (OpenMP
     workers spin while other jobs hold the cores). Restored afterwards: other modules keep their setting."""

@@ -24,13 +24,6 @@ SECRET = "sk-ant-test-PLANTED-SECRET-4242"
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from auxiliary.tiny_model import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_online"))
-
-
-@pytest.fixture(scope="module")
 def data_dir(tmp_path_factory):
     folder = tmp_path_factory.mktemp("online_data")
     long_prompt = "Please read this. " * 200  # far over --max_prompt_tokens 96: dropped and counted
@@ -62,7 +55,7 @@ def read_completions(out):
 
 
 @pytest.fixture(scope="module")
-def placebo_run(model_dir, data_dir, tmp_path_factory):
+def placebo_run(tiny_model_dir, data_dir, tmp_path_factory):
     """One full run with both arms and checkpoints; several tests read its outputs."""
     out = tmp_path_factory.mktemp("run") / "placebo"
     monkey = pytest.MonkeyPatch()
@@ -70,7 +63,7 @@ def placebo_run(model_dir, data_dir, tmp_path_factory):
     printed = io.StringIO()
     try:
         with contextlib.redirect_stdout(printed):
-            code = eval_online_sdpo.main(base_args(model_dir, data_dir, out, train_n=10, placebo=True,
+            code = eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=10, placebo=True,
                                                    save_checkpoints=True))
     finally:
         monkey.undo()
@@ -177,17 +170,17 @@ def test_summary_printed_with_table_net_effect_and_plot(placebo_run):
     assert paired["concise"]["diff"] == pytest.approx(by_hand)
 
 
-def test_resume_continues_without_duplicates_and_matches_an_uninterrupted_run(model_dir, data_dir, tmp_path):
+def test_resume_continues_without_duplicates_and_matches_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path):
     full, part = tmp_path / "full", tmp_path / "part"
-    assert eval_online_sdpo.main(base_args(model_dir, data_dir, full, save_checkpoints=True)) == 0
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, full, save_checkpoints=True)) == 0
     # a run stopped after step 2 (its last checkpoint), then continued to 4 steps with --resume
-    assert eval_online_sdpo.main(base_args(model_dir, data_dir, part, train_n=2, save_checkpoints=True)) == 0
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, part, train_n=2, save_checkpoints=True)) == 0
     # a kill after step 3's records but before its checkpoint: those records must be dropped and replayed
     with open(part / "metrics.jsonl", "a") as handle:
         handle.write(json.dumps({"step": 3, "feedback": {"loss": 123.0}}) + "\n")
     with open(part / "completions.jsonl", "a") as handle:
         handle.write('{"step": 3, "phase": "train", "arm": "feed')  # cut mid-line
-    assert eval_online_sdpo.main(base_args(model_dir, data_dir, part, save_checkpoints=True, resume=True)) == 0
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, part, save_checkpoints=True, resume=True)) == 0
 
     assert [m["step"] for m in read_metrics(part)] == [1, 2, 3, 4]
     assert [m["feedback"]["loss"] for m in read_metrics(part)] == [m["feedback"]["loss"] for m in read_metrics(full)]
@@ -203,14 +196,14 @@ def test_resume_continues_without_duplicates_and_matches_an_uninterrupted_run(mo
     assert all(torch.equal(weights_full[k], weights_part[k]) for k in weights_full)
 
 
-def test_existing_results_are_protected(model_dir, data_dir, placebo_run, capsys):
-    code = eval_online_sdpo.main(base_args(model_dir, data_dir, placebo_run))
+def test_existing_results_are_protected(tiny_model_dir, data_dir, placebo_run, capsys):
+    code = eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, placebo_run))
     assert code == 2 and "--resume" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("case", ["malformed_jsonl", "unknown_style", "missing_model", "no_chat_template",
                                   "unwritable_output", "rule_cannot_check"])
-def test_bad_input_fails_with_one_clear_line(case, model_dir, data_dir, tmp_path, capsys):
+def test_bad_input_fails_with_one_clear_line(case, tiny_model_dir, data_dir, tmp_path, capsys):
     overrides, expected = {}, None
     if case == "malformed_jsonl":
         bad = tmp_path / "bad.jsonl"
@@ -221,14 +214,14 @@ def test_bad_input_fails_with_one_clear_line(case, model_dir, data_dir, tmp_path
     elif case == "missing_model":
         overrides, expected = {"model": tmp_path / "nowhere"}, "does not exist"
     elif case == "no_chat_template":
-        overrides, expected = {"model": copy_without_chat_template(model_dir, tmp_path / "no_template")}, "chat template"
+        overrides, expected = {"model": copy_without_chat_template(tiny_model_dir, tmp_path / "no_template")}, "chat template"
     elif case == "unwritable_output":
         blocker = tmp_path / "a_file"
         blocker.write_text("x")
         overrides, expected = {"output_dir": blocker / "run"}, "not writable"
     elif case == "rule_cannot_check":
         overrides, expected = {"style": "poetic"}, "rule-checkable styles"
-    argv = base_args(model_dir, data_dir, tmp_path / "out", **overrides)
+    argv = base_args(tiny_model_dir, data_dir, tmp_path / "out", **overrides)
     code = eval_online_sdpo.main(argv)
     err = capsys.readouterr().err
     error_lines = [line for line in err.splitlines() if line.startswith("eval_online_sdpo.py: error:")]
@@ -244,12 +237,12 @@ def test_derived_seeds_are_stable_and_distinct():
     assert derive_seed(1234, "train", 3) != derive_seed(1235, "train", 3)
 
 
-def test_wandb_offline_logs(model_dir, data_dir, tmp_path, monkeypatch):
+def test_wandb_offline_logs(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     out = tmp_path / "wb"
-    assert eval_online_sdpo.main(base_args(model_dir, data_dir, out, train_n=2, eval_n=2, wandb=True)) == 0
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=2, eval_n=2, wandb=True)) == 0
     runs = list((out / "wandb").glob("offline-run-*"))
     assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
 
@@ -265,11 +258,11 @@ def test_paired_style_score_difference_by_hand():
     assert paired_score_difference("poetic", ["a", "b"], ["c", "d"]) is None  # no rule checks it
 
 
-def test_config_yaml_sets_flags_and_command_line_wins(model_dir, data_dir, tmp_path):
+def test_config_yaml_sets_flags_and_command_line_wins(tiny_model_dir, data_dir, tmp_path):
     config = tmp_path / "run.yaml"
     config.write_text("style: no_lists\ntrain_n: 1\neval_n: 2\nlr: 0.002\nplacebo_texts: [\"Fine.\", \"Noted.\"]\n")
     out = tmp_path / "yaml_run"
-    argv = base_args(model_dir, data_dir, out, style=None, train_n=None, eval_n=None, lr=None, eval_styles=None)
+    argv = base_args(tiny_model_dir, data_dir, out, style=None, train_n=None, eval_n=None, lr=None, eval_styles=None)
     assert eval_online_sdpo.main(["--config", str(config), "--lr", "0.003"] + argv) == 0
     saved = json.loads((out / "config.json").read_text())
     assert saved["run"]["style"] == "no_lists" and saved["run"]["train_n"] == 1

@@ -19,29 +19,13 @@ import pytest
 
 import eval_online_sdpo
 from katan_server import StubResponse, katan_factory, stub_factory  # noqa: F401 (fixtures)
-from reliability_helpers import one_torch_thread  # noqa: F401 (fixture)
-from reliability_helpers import (ERROR_PREFIX, EVAL, TRAIN, leftover_temp_files, online_args, read_json, read_jsonl,
-                                 write_prompts)
+from reliability_helpers import data_dir, one_torch_thread  # noqa: F401 (fixtures)
+from reliability_helpers import ERROR_PREFIX, leftover_temp_files, online_args, read_json, read_jsonl
 
 PLANTED_KEY = "sk-ant-PLANTED-reliability-api-5150"
 RETRY_LINE = re.compile(r"Claude API: (HTTP (\d{3})|no answer within)[^\n]* on attempt (\d+)/(\d+); retry in")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from auxiliary.tiny_model import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_api"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("api_data")
-    write_prompts(folder / "train.jsonl", TRAIN)
-    write_prompts(folder / "validation.jsonl", EVAL)
-    return folder
 
 
 @pytest.fixture(autouse=True)
@@ -56,7 +40,7 @@ def error_lines(stderr: str) -> list[str]:
 
 
 @pytest.mark.slow  # 20-60 s, mostly backoff sleeps (jittered, 1 s base), little CPU
-def test_twenty_interactions_survive_500s_429s_504s_and_a_timeout(model_dir, data_dir, tmp_path, katan_factory,
+def test_twenty_interactions_survive_500s_429s_504s_and_a_timeout(tiny_model_dir, data_dir, tmp_path, katan_factory,
                                                                   stub_factory, monkeypatch, caplog):
     katan = katan_factory(error_rate=0.3, latency_ms=20)
     forward = StubResponse(None)
@@ -70,7 +54,7 @@ def test_twenty_interactions_survive_500s_429s_504s_and_a_timeout(model_dir, dat
     stub = stub_factory(script, upstream=katan.base_url)
     monkeypatch.setenv("ANTHROPIC_BASE_URL", stub.base_url)  # the endpoint comes from the SDK's variable
     out = tmp_path / "run"
-    argv = online_args(model_dir, data_dir, out, user_simulator="claude", judge="claude", train_n=20, eval_every=0,
+    argv = online_args(tiny_model_dir, data_dir, out, user_simulator="claude", judge="claude", train_n=20, eval_every=0,
                        api_concurrency=3, api_timeout_s=2.0, api_max_retries=12)
     with caplog.at_level(logging.INFO):
         assert eval_online_sdpo.main(argv) == 0
@@ -108,12 +92,12 @@ def test_twenty_interactions_survive_500s_429s_504s_and_a_timeout(model_dir, dat
     assert PLANTED_KEY not in log
 
 
-def test_retries_are_bounded_then_the_run_stops_with_a_clear_line(model_dir, data_dir, tmp_path, stub_factory,
+def test_retries_are_bounded_then_the_run_stops_with_a_clear_line(tiny_model_dir, data_dir, tmp_path, stub_factory,
                                                                    monkeypatch, capsys):
     stub = stub_factory([StubResponse(503)] * 10)  # overloaded for longer than the run is willing to wait
     monkeypatch.setenv("ANTHROPIC_BASE_URL", stub.base_url)
     out = tmp_path / "run"
-    code = eval_online_sdpo.main(online_args(model_dir, data_dir, out, user_simulator="claude", api_max_retries=2))
+    code = eval_online_sdpo.main(online_args(tiny_model_dir, data_dir, out, user_simulator="claude", api_max_retries=2))
     err = capsys.readouterr().err
     assert code == 1 and stub.received == 3  # 1 try + 2 retries, then no further request
     assert len(error_lines(err)) == 1
@@ -122,14 +106,14 @@ def test_retries_are_bounded_then_the_run_stops_with_a_clear_line(model_dir, dat
     assert not (out / "metrics.jsonl").exists() and not leftover_temp_files(out)
 
 
-def test_refused_key_mid_run_stops_at_once_keeps_finished_steps_and_resumes(model_dir, data_dir, tmp_path,
+def test_refused_key_mid_run_stops_at_once_keeps_finished_steps_and_resumes(tiny_model_dir, data_dir, tmp_path,
                                                                            katan_factory, stub_factory, monkeypatch,
                                                                            capsys):
     katan = katan_factory()
     stub = stub_factory([StubResponse(None)] * 3 + [StubResponse(401)], upstream=katan.base_url)
     monkeypatch.setenv("ANTHROPIC_BASE_URL", stub.base_url)
     out = tmp_path / "run"
-    argv = online_args(model_dir, data_dir, out, user_simulator="claude", train_n=5, eval_every=0,
+    argv = online_args(tiny_model_dir, data_dir, out, user_simulator="claude", train_n=5, eval_every=0,
                        save_checkpoints=True, checkpoint_every=3)
     code = eval_online_sdpo.main(argv)
     err = capsys.readouterr().err
@@ -152,12 +136,12 @@ def test_refused_key_mid_run_stops_at_once_keeps_finished_steps_and_resumes(mode
 
 
 @pytest.mark.parametrize("concurrency,expect_ok", [(2, True), (4, False)])
-def test_api_concurrency_bounds_requests_in_flight(concurrency, expect_ok, model_dir, data_dir, tmp_path,
+def test_api_concurrency_bounds_requests_in_flight(concurrency, expect_ok, tiny_model_dir, data_dir, tmp_path,
                                                    katan_factory, monkeypatch, capsys):
     # llm-katan answers 503 as soon as more than 2 requests are in flight; each takes 0.3 s; no retries
     katan = katan_factory(latency_ms=300, max_inflight=2)
     monkeypatch.setenv("ANTHROPIC_BASE_URL", katan.base_url)
-    argv = online_args(model_dir, data_dir, tmp_path / "run", judge="claude", train_n=1, eval_every=0,
+    argv = online_args(tiny_model_dir, data_dir, tmp_path / "run", judge="claude", train_n=1, eval_every=0,
                        api_concurrency=concurrency, api_max_retries=0)
     started = time.monotonic()
     code = eval_online_sdpo.main(argv)

@@ -20,28 +20,13 @@ import torch
 
 import eval_online_sdpo
 from katan_server import StubResponse, stub_factory  # noqa: F401 (fixture)
-from reliability_helpers import one_torch_thread  # noqa: F401 (fixture)
-from reliability_helpers import (EVAL, TRAIN, anthropic_message, clean_env, leftover_temp_files, online_args,
-                                 read_json, read_jsonl, start_cli, write_prompts)
+from reliability_helpers import data_dir, one_torch_thread  # noqa: F401 (fixtures)
+from reliability_helpers import (anthropic_message, clean_env, leftover_temp_files, online_args, read_json, read_jsonl,
+                                 start_cli)
 
 FOLLOWUP = "Too long for me, please keep it shorter."
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    from auxiliary.tiny_model import save_tiny_model
-
-    return save_tiny_model(tmp_path_factory.mktemp("tiny_resume"))
-
-
-@pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("resume_data")
-    write_prompts(folder / "train.jsonl", TRAIN)
-    write_prompts(folder / "validation.jsonl", EVAL)
-    return folder
 
 
 def claude_answers(n: int, hold_at: int | None = None) -> list[StubResponse]:
@@ -68,7 +53,7 @@ def comparable(metrics: list[dict]) -> list[dict]:
 
 
 @pytest.mark.slow  # three CLI processes: about 40 s on 2 idle cores
-def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(model_dir, data_dir, tmp_path, stub_factory):
+def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path, stub_factory):
     kill_step, steps = 4, 6
     full_out, crash_out = tmp_path / "full", tmp_path / "crashed"
     # checkpoints after steps 2, 4, 6; evaluations at 0, 3, 6: step 3's records come after the last
@@ -77,10 +62,10 @@ def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(model_dir, da
                  checkpoint_every=2, max_checkpoints=5)
     full_stub, crash_stub = stub_factory(claude_answers(20)), stub_factory(claude_answers(20, hold_at=kill_step))
     logs = {name: tmp_path / f"{name}.log" for name in ("full", "crash", "resumed")}
-    full = start_cli(online_args(model_dir, data_dir, full_out, **flags),
+    full = start_cli(online_args(tiny_model_dir, data_dir, full_out, **flags),
                      clean_env(ANTHROPIC_API_KEY="sk-test-resume", ANTHROPIC_BASE_URL=full_stub.base_url),
                      log_path=logs["full"])
-    crash = start_cli(online_args(model_dir, data_dir, crash_out, **flags),
+    crash = start_cli(online_args(tiny_model_dir, data_dir, crash_out, **flags),
                       clean_env(ANTHROPIC_API_KEY="sk-test-resume", ANTHROPIC_BASE_URL=crash_stub.base_url),
                       log_path=logs["crash"])
     try:
@@ -103,7 +88,7 @@ def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(model_dir, da
     assert read_json(crash_out / "checkpoints" / "latest.json")["step"] == 2
 
     resume_stub = stub_factory(claude_answers(20))
-    resumed = start_cli(online_args(model_dir, data_dir, crash_out, resume=True, **flags),
+    resumed = start_cli(online_args(tiny_model_dir, data_dir, crash_out, resume=True, **flags),
                         clean_env(ANTHROPIC_API_KEY="sk-test-resume", ANTHROPIC_BASE_URL=resume_stub.base_url),
                         log_path=logs["resumed"])
     resumed.wait(timeout=240)
@@ -135,7 +120,7 @@ def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(model_dir, da
 APPEND_ONLY = {"completions.jsonl", "run.log"}  # appended line by line (fsync each); resume drops a cut last line
 
 
-def test_every_result_file_is_written_through_a_temporary_file(model_dir, data_dir, tmp_path):
+def test_every_result_file_is_written_through_a_temporary_file(tiny_model_dir, data_dir, tmp_path):
     """Audit every open-for-writing under the output folder during a run with both arms and checkpoints."""
     out = tmp_path / "audited"
     writes: list[tuple[str, str]] = []
@@ -156,7 +141,7 @@ def test_every_result_file_is_written_through_a_temporary_file(model_dir, data_d
     sys.addaudithook(audit)  # hooks cannot be removed: this one is switched off after the run
     state["on"] = True
     try:
-        code = eval_online_sdpo.main(online_args(model_dir, data_dir, out, train_n=3, eval_every=2, placebo=True,
+        code = eval_online_sdpo.main(online_args(tiny_model_dir, data_dir, out, train_n=3, eval_every=2, placebo=True,
                                                  save_checkpoints=True))
     finally:
         state["on"] = False
@@ -191,7 +176,7 @@ class _InfiniteGradient(torch.autograd.Function):
         return grad * float("inf")
 
 
-def test_non_finite_steps_are_skipped_counted_and_logged(model_dir, data_dir, tmp_path, monkeypatch, caplog):
+def test_non_finite_steps_are_skipped_counted_and_logged(tiny_model_dir, data_dir, tmp_path, monkeypatch, caplog):
     import online_sdpo_updater
 
     real_loss, calls = online_sdpo_updater.sdpo_loss, {"n": 0}
@@ -208,7 +193,7 @@ def test_non_finite_steps_are_skipped_counted_and_logged(model_dir, data_dir, tm
     monkeypatch.setattr(online_sdpo_updater, "sdpo_loss", faulty_loss)
     out = tmp_path / "guarded"
     with caplog.at_level(logging.WARNING):
-        assert eval_online_sdpo.main(online_args(model_dir, data_dir, out, train_n=5, eval_every=0,
+        assert eval_online_sdpo.main(online_args(tiny_model_dir, data_dir, out, train_n=5, eval_every=0,
                                                  save_checkpoints=True, max_checkpoints=10)) == 0
     lines = {m["step"]: m["feedback"] for m in read_jsonl(out / "metrics.jsonl")}
     assert [lines[s]["skipped"] for s in range(1, 6)] == [False, True, False, True, False]
@@ -233,7 +218,7 @@ def test_non_finite_steps_are_skipped_counted_and_logged(model_dir, data_dir, tm
     assert any(not torch.equal(moved[k], safetensors_of(checkpoint(2))[k]) for k in moved)  # step 3 did update
 
 
-def test_checkpoint_files_reach_the_disk_before_the_rename(model_dir, tmp_path, monkeypatch):
+def test_checkpoint_files_reach_the_disk_before_the_rename(tiny_model_dir, tmp_path, monkeypatch):
     """Every file of a checkpoint is fsynced under its .partial name, then the folder is renamed."""
     import auxiliary.io_utils as io_utils
     from online_sdpo_updater import OnlineSDPOUpdater
@@ -246,7 +231,7 @@ def test_checkpoint_files_reach_the_disk_before_the_rename(model_dir, tmp_path, 
         flushed.append(os.readlink(f"/proc/self/fd/{fd}"))
         return real_fsync(fd)
 
-    updater = OnlineSDPOUpdater(OnlineSDPOConfig(model=str(model_dir), device="cpu", loss_mode="simple_signal"))
+    updater = OnlineSDPOUpdater(OnlineSDPOConfig(model=str(tiny_model_dir), device="cpu", loss_mode="simple_signal"))
     monkeypatch.setattr(io_utils.os, "fsync", recording_fsync)
     final = updater.save_checkpoint(tmp_path / "ckpt" / "step_000000")
     files = [p for p in final.rglob("*") if p.is_file()]
