@@ -292,6 +292,16 @@ def _status_bytes(field: str) -> int:
     raise RuntimeError(f"/proc/self/status has no {field}")
 
 
+def parse_ratio_lines(stdout: str) -> dict[str, float]:
+    """The final block of `ratio NAME VALUE` lines a benchmark prints: names -> floats (nothing may follow it)."""
+    lines = stdout.strip().splitlines()
+    ratios = {}
+    while lines and lines[-1].startswith("ratio "):
+        _, name, value = lines.pop().split()
+        ratios[name] = float(value)
+    return ratios
+
+
 def median(values) -> float:
     return float(statistics.median(values)) if values else float("nan")
 

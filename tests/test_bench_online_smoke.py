@@ -12,20 +12,11 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 
+import bench_common  # noqa: E402
 import bench_online  # noqa: E402
 
 EXPECTED_RATIOS = {"eval_generation_time_batched", "eval_generation_cpu_time_batched", "teacher_forward_time_batched",
                    "update_time_fused_head", "checkpoint_save_time", "step0_eval_time_cached_baseline"}
-
-
-def trailing_ratios(stdout: str) -> dict:
-    """The final block of `ratio NAME VALUE` lines; nothing may follow it."""
-    lines = stdout.strip().splitlines()
-    ratios = {}
-    while lines and lines[-1].startswith("ratio "):
-        _, name, value = lines.pop().split()
-        ratios[name] = float(value)
-    return ratios
 
 
 def test_quick_run_prints_ratios_and_consistent_json(tmp_path):
@@ -34,7 +25,7 @@ def test_quick_run_prints_ratios_and_consistent_json(tmp_path):
     done = subprocess.run([sys.executable, "bench/bench_online.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=180)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-    ratios = trailing_ratios(done.stdout)
+    ratios = bench_common.parse_ratio_lines(done.stdout)
     assert EXPECTED_RATIOS <= set(ratios), ratios
     assert all(math.isfinite(v) and v > 0 for v in ratios.values()), ratios
 

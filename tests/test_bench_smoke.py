@@ -32,21 +32,11 @@ def run_script(args, timeout=120):
     return done.stdout
 
 
-def ratio_lines(stdout):
-    """The trailing `ratio NAME VALUE` block: names -> floats; nothing may follow it."""
-    lines = stdout.strip().splitlines()
-    ratios = {}
-    while lines and lines[-1].startswith("ratio "):
-        _, name, value = lines.pop().split()
-        ratios[name] = float(value)
-    return ratios
-
-
 def test_bench_objective_tiny_prints_ratios_and_json(tmp_path):
     out = tmp_path / "objective.json"
     stdout = run_script([sys.executable, "bench/bench_objective.py", "--tiny", "--out", str(out)])
     assert "equivalence simple_signal" in stdout and "equivalence full_distillation" in stdout
-    ratios = ratio_lines(stdout)
+    ratios = bench_common.parse_ratio_lines(stdout)
     for metric in ("peak_memory", "update_time", "update_cpu_time"):
         for mode in ("simple_signal", "full_distillation"):
             value = ratios[f"{metric}_{mode}"]
@@ -65,7 +55,7 @@ def test_bench_objective_tiny_prints_ratios_and_json(tmp_path):
 def test_gpu_check_cpu_tiny_prints_ratios():
     stdout = run_script(["bash", "bench/gpu_check.sh", "--device", "cpu", "--tiny", "--threads", "1"])
     assert "torch " in stdout and "resp tok/s" in stdout
-    ratios = ratio_lines(stdout)
+    ratios = bench_common.parse_ratio_lines(stdout)
     modes = ("simple_signal", "full_distillation")
     expected = {f"{metric}_{mode}_tiny" for metric in ("update_time", "peak_memory", "peak_memory_total") for mode in modes}
     expected |= {f"update_time_{mode}_tiny_fused_vs_checkpointed" for mode in modes}
