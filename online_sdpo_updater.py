@@ -22,9 +22,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from auxiliary.generation import GeneratedResponse, generate_responses
-from auxiliary.io_utils import atomic_write_json, fsync_dir, fsync_tree
-from auxiliary.model_loading import load_model_and_tokenizer, pick_device
+from auxiliary.runtime.generation import GeneratedResponse, generate_responses
+from auxiliary.runtime.io_utils import atomic_write_json, fsync_dir, fsync_tree
+from auxiliary.runtime.model_loading import load_model_and_tokenizer, pick_device
 from online_sdpo_updater_config import OnlineSDPOConfig
 from sdpo_objective import build_scoring_batch, hindsight_messages, normalize_messages, render_context_ids, sdpo_loss
 
@@ -100,7 +100,7 @@ class OnlineSDPOUpdater:
 
     def _vllm_engine(self):
         if self._vllm is None:
-            from auxiliary.vllm_adapter import VLLMPolicyGenerator  # lazy: vLLM is an optional extra
+            from auxiliary.runtime.vllm_adapter import VLLMPolicyGenerator  # lazy: vLLM is an optional extra
 
             self._vllm = VLLMPolicyGenerator(self.model_path, self.tokenizer, self.config)
         self._vllm.sync_weights(self.model, self.step)

@@ -26,8 +26,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from auxiliary.chat_roles import ROLE_ALIASES
-
 DEFAULT_HINDSIGHT_TEMPLATE = (
     "\n\n=== HINDSIGHT CONTEXT ===\n"
     "[What follows is the user's next message, written after reading your answer. "
@@ -36,6 +34,12 @@ DEFAULT_HINDSIGHT_TEMPLATE = (
 )
 
 LOSS_MODES = ("simple_signal", "full_distillation")
+
+# Role names of the chat formats we read -> chat-template roles: ShareGPT's human/gpt,
+# OpenAssistant's prompter, WildChat's and others' spellings. The preprocessors use it too.
+ROLE_ALIASES = {"user": "user", "human": "user", "prompter": "user",
+                "assistant": "assistant", "gpt": "assistant", "bot": "assistant", "model": "assistant",
+                "chatgpt": "assistant", "system": "system"}
 
 
 # --------------------------------------------------------------------------- contexts

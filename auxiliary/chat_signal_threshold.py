@@ -42,8 +42,8 @@ UNRELATED = [  # a new topic: says nothing about the reply
 def measure(model_name: str, max_new_tokens: int, seed: int) -> dict:
     from tqdm.auto import tqdm
 
-    from auxiliary.generation import generate_responses
-    from auxiliary.model_loading import load_model_and_tokenizer
+    from auxiliary.runtime.generation import generate_responses
+    from auxiliary.runtime.model_loading import load_model_and_tokenizer
     from sdpo_objective import compute_signal, hindsight_messages, render_context_ids
 
     model, tokenizer, _ = load_model_and_tokenizer(model_name)
@@ -107,7 +107,7 @@ def main(argv=None) -> int:
     print(f"best single threshold {summary['best_threshold']['threshold']:.3f} "
           f"(accuracy {summary['best_threshold']['accuracy']:.0%})")
     if args.out:
-        from auxiliary.io_utils import atomic_write_json
+        from auxiliary.runtime.io_utils import atomic_write_json
 
         atomic_write_json(args.out, result)
     return 0

@@ -13,7 +13,7 @@ style. A checkpoint is any of:
     - an online-run checkpoint `step_N/` (weights in step_N/model, full or adapter);
     - a folder of step_N/ checkpoints (an online run's checkpoint_dir): every one, oldest first.
 
-Outputs (results.json, completions.jsonl, winrate.png) are described in auxiliary/style_eval.py.
+Outputs (results.json, completions.jsonl, winrate.png) are described in auxiliary/evals/style_eval.py.
 """
 from __future__ import annotations
 
@@ -24,8 +24,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from auxiliary import style_eval
-from auxiliary.io_utils import DataError
+from auxiliary.evals import style_eval
+from auxiliary.runtime.io_utils import DataError
 
 logger = logging.getLogger("eval_checkpoints")
 
@@ -56,7 +56,7 @@ def _model_folder_kind(folder: Path) -> str | None:
 
 def resolve_checkpoints(paths: list[str]) -> list[CheckpointSpec]:
     """Expand and classify the checkpoint arguments; unknown folders fail with what was expected."""
-    from auxiliary.eval_common import split_list
+    from auxiliary.evals.eval_common import split_list
     from online_sdpo_updater import list_checkpoints
 
     specs: list[CheckpointSpec] = []
@@ -87,7 +87,7 @@ def resolve_checkpoints(paths: list[str]) -> list[CheckpointSpec]:
 
 def load_checkpoint(spec: CheckpointSpec, args: EvalCheckpointsArgs):
     """(model, tokenizer) ready for generation; adapters are merged into their base model."""
-    from auxiliary.model_loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer
+    from auxiliary.runtime.model_loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer
 
     if spec.kind == "full":
         model, tokenizer, _ = load_model_and_tokenizer(spec.model_dir, args.dtype, args.attn_implementation, args.device)
@@ -110,9 +110,9 @@ def load_checkpoint(spec: CheckpointSpec, args: EvalCheckpointsArgs):
 
 
 def run(args: EvalCheckpointsArgs) -> Path:
-    from auxiliary.eval_common import default_output_dir
-    from auxiliary.evaluation_helpers import prompt_as_messages
-    from auxiliary.model_loading import load_model_and_tokenizer
+    from auxiliary.evals.eval_common import default_output_dir
+    from auxiliary.evals.evaluation_helpers import prompt_as_messages
+    from auxiliary.runtime.model_loading import load_model_and_tokenizer
 
     args.check()
     if not args.baseline_model:
@@ -161,7 +161,7 @@ def run(args: EvalCheckpointsArgs) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from auxiliary.cli import run_cli
+    from auxiliary.runtime.cli import run_cli
 
     return run_cli(EvalCheckpointsArgs, run, argv, prog="eval_checkpoints.py")
 

@@ -8,7 +8,7 @@ completions are judged against the model's plain completions (generated once, sa
 same seed) with the same pairwise judge as eval_checkpoints.py. No learning is involved: it
 is the reference an interaction-trained model would ideally approach, one number per style.
 
-Outputs (results.json, completions.jsonl, winrate.png) are described in auxiliary/style_eval.py;
+Outputs (results.json, completions.jsonl, winrate.png) are described in auxiliary/evals/style_eval.py;
 rows have checkpoint = "in-context oracle" and kind = "oracle".
 """
 from __future__ import annotations
@@ -18,7 +18,7 @@ import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from auxiliary import style_eval
+from auxiliary.evals import style_eval
 
 logger = logging.getLogger("eval_incontext_oracle")
 
@@ -47,10 +47,10 @@ def with_persona(messages: list[dict], system_text: str) -> list[dict]:
 
 
 def run(args: OracleArgs) -> Path:
-    from auxiliary.eval_common import default_output_dir
-    from auxiliary.evaluation_helpers import prompt_as_messages
-    from auxiliary.model_loading import load_model_and_tokenizer
-    from auxiliary.personas import get_persona
+    from auxiliary.evals.eval_common import default_output_dir
+    from auxiliary.evals.evaluation_helpers import prompt_as_messages
+    from auxiliary.runtime.model_loading import load_model_and_tokenizer
+    from auxiliary.feedback.personas import get_persona
 
     args.check()
     if "{persona}" not in args.oracle_system_template:
@@ -95,7 +95,7 @@ def run(args: OracleArgs) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from auxiliary.cli import run_cli
+    from auxiliary.runtime.cli import run_cli
 
     return run_cli(OracleArgs, run, argv, prog="eval_incontext_oracle.py")
 

@@ -15,12 +15,10 @@ import argparse
 import os
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-
-from auxiliary.preprocess_common import (  # noqa: E402  (stdlib-only module: --help stays light)
+from auxiliary.data.preprocess_common import (  # stdlib-only module: --help stays light
     Summary, canonical_split, load_splits, normalize_prompt_key, progress, run_cli, write_jsonl,
 )
-from auxiliary.io_utils import DataError  # noqa: E402
+from auxiliary.runtime.io_utils import DataError
 
 INSTRUCTION = "Write a TL;DR for the following Reddit post: a summary of a sentence or two."
 

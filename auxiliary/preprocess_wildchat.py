@@ -16,9 +16,7 @@ import os
 import random
 import sys
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # run as a script
-
-from auxiliary.preprocess_common import (  # noqa: E402  (stdlib-only module: --help stays light)
+from auxiliary.data.preprocess_common import (  # stdlib-only module: --help stays light
     InteractionBuilder, InteractionFilters, Summary, add_interaction_filter_args, all_rows,
     convert_conversations, load_splits, run_cli, write_jsonl,
 )

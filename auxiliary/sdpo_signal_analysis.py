@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from auxiliary.io_utils import DataError
+from auxiliary.runtime.io_utils import DataError
 
 logger = logging.getLogger("sdpo_signal_analysis")
 
@@ -131,7 +131,7 @@ def load_cases(path: str | os.PathLike, n_cases: int | None = None) -> list[dict
 
 def sample_replies(model, tokenizer, conversations: list[list[dict]], args: SignalAnalysisArgs) -> tuple[list, list[int]]:
     """One reply per conversation; short replies are resampled (new seed each round), the longest kept."""
-    from auxiliary.generation import generate_responses
+    from auxiliary.runtime.generation import generate_responses
 
     best: list = [None] * len(conversations)
     tries = [0] * len(conversations)
@@ -256,7 +256,7 @@ def token_plot_indices(spec: str, n_cases: int) -> list[int]:
 
 
 def write_plots(cases: list[dict], output_dir: Path, summary: dict, token_plot_cases: str) -> list[str]:
-    from auxiliary import signal_plots as plots
+    from auxiliary.evals import signal_plots as plots
 
     labels = [f"{c['id']} ({c['tag']})" for c in cases]
     unrel = [c["sig_unrel"] for c in cases]
@@ -299,9 +299,9 @@ def replot(args: SignalAnalysisArgs) -> Path:
 
 def run(args: SignalAnalysisArgs) -> Path:
     """Sample, score, write sdpo_signals.json and the figures; returns the JSON path."""
-    from auxiliary.eval_common import default_output_dir
-    from auxiliary.io_utils import atomic_write_json
-    from auxiliary.model_loading import load_model_and_tokenizer
+    from auxiliary.evals.eval_common import default_output_dir
+    from auxiliary.runtime.io_utils import atomic_write_json
+    from auxiliary.runtime.model_loading import load_model_and_tokenizer
     from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, validate_template
 
     template = validate_template(args.hindsight_template or DEFAULT_HINDSIGHT_TEMPLATE)
@@ -360,7 +360,7 @@ def run(args: SignalAnalysisArgs) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from auxiliary.cli import run_cli
+    from auxiliary.runtime.cli import run_cli
 
     return run_cli(SignalAnalysisArgs, lambda args: replot(args) if args.from_json else run(args), argv, prog="sdpo_signal_analysis.py")
 

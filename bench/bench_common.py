@@ -21,9 +21,9 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
+import torch
 
-from sdpo_objective import ObjectiveOptions, ScoringBatch, build_scoring_batch, sdpo_loss  # noqa: E402
+from sdpo_objective import ObjectiveOptions, ScoringBatch, build_scoring_batch, sdpo_loss
 
 PATHS = ("ours", "checkpointed", "straightforward")
 LOSS_MODES = ("simple_signal", "full_distillation")

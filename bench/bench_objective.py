@@ -45,17 +45,15 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
-from bench_common import (  # noqa: E402
+import torch
+from bench_common import (
     LOSS_FUNCTIONS, LOSS_MODES, PATHS, QWEN3_VOCAB, PeakMemory, RssPeak, check_equivalence, environment_lines,
     format_table, median, qwen3_model, random_batches, synchronize,
 )
-from tqdm import tqdm  # noqa: E402
+from tqdm import tqdm
 
-from auxiliary.io_utils import atomic_write_json  # noqa: E402
-from sdpo_objective import ObjectiveOptions  # noqa: E402
+from auxiliary.runtime.io_utils import atomic_write_json
+from sdpo_objective import ObjectiveOptions
 
 # (batch, context, response, vocabulary, timed repeats); the case with V=151,936 and R=1,024 is
 # the headline of the ratio lines. Repeats are spent where the goals are measured, so the full

@@ -13,7 +13,7 @@ reported apart; interactions per minute are computed from the others, with and w
 evaluation every --eval_every interactions.
 
 Then, on the trained model, each fast path against the straightforward way, in the same run:
-  eval_generation_time_batched   auxiliary.generation.generate_responses over the eval prompts with
+  eval_generation_time_batched   auxiliary.runtime.generation.generate_responses over the eval prompts with
                                  batch_size = eval_n (left padding) vs batch_size = 1; greedy, the same
                                  max_new_tokens; the token ids of both are compared prompt by prompt.
   teacher_forward_time_batched   the teacher's no-grad scoring of the xo contexts of all measured
@@ -55,10 +55,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-import torch  # noqa: E402
-from bench_common import RssPeak, environment_lines, format_table  # noqa: E402
+import torch
+from bench_common import RssPeak, environment_lines, format_table
 
-from auxiliary.io_utils import atomic_write_json  # noqa: E402
+from auxiliary.runtime.io_utils import atomic_write_json
 
 REPO = Path(__file__).resolve().parents[1]
 LOOP_PHASES = ("policy_generation", "feedback", "update", "loop_other")
@@ -216,7 +216,7 @@ def loop_phases(clock: PhaseClock, loop_wall: float) -> dict:
 
 def compare_eval_generation(run, args) -> dict:
     """Greedy replies to the eval prompts, all in one left-padded batch vs one prompt at a time."""
-    from auxiliary.generation import generate_responses
+    from auxiliary.runtime.generation import generate_responses
 
     updater = run.updaters["feedback"]
     conversations = run._eval_messages()

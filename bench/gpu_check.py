@@ -27,15 +27,13 @@ import os
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-
-import torch  # noqa: E402
-from bench_common import (  # noqa: E402
+import torch
+from bench_common import (
     LOSS_FUNCTIONS, LOSS_MODES, PATHS, QWEN3_VOCAB, PeakMemory, check_equivalence, environment_lines, format_table, median, qwen3_model,
     random_batches, synchronize,
 )
 
-from sdpo_objective import ObjectiveOptions  # noqa: E402
+from sdpo_objective import ObjectiveOptions
 
 # Shapes of the released configs (hidden, layers, intermediate, heads, kv heads, head dim; tied embeddings).
 QWEN3_SHAPES = {
@@ -202,7 +200,7 @@ def main(argv=None) -> int:
     print(format_table(["model", "mode", "path", "s/update", "resp tok/s", "peak GiB", "total GiB"], rows))
     print(f"\nelapsed {time.time() - started:.0f} s")
     if args.out:
-        from auxiliary.io_utils import atomic_write_json
+        from auxiliary.runtime.io_utils import atomic_write_json
 
         atomic_write_json(args.out, {"environment": environment_lines(args.device), "args": vars(args),
                                      "records": records,

@@ -19,10 +19,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-if __package__ in (None, ""):  # run as a script: make the repository root importable
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-
-from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, LOSS_MODES, ObjectiveOptions, validate_template  # noqa: E402
+from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, LOSS_MODES, ObjectiveOptions, validate_template
 
 CONFIG_FILENAME = "offline_sdpo_config.json"  # not config.json: that name belongs to the saved model
 METRICS_FILENAME = "metrics.jsonl"
@@ -123,7 +120,7 @@ def resolve_optim(optim: str) -> str:
 
 
 def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
-    from auxiliary.cli import ConfigError
+    from auxiliary.runtime.cli import ConfigError
 
     if not value:
         return None
@@ -210,7 +207,7 @@ def load_reference(cfg: OfflineSDPOArguments, precision: str, attn: str):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from auxiliary.model_loading import resolve_model_path
+    from auxiliary.runtime.model_loading import resolve_model_path
 
     path = resolve_model_path(cfg.ref_model or cfg.base_model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
@@ -241,7 +238,7 @@ def save_final_model(trainer, cfg: OfflineSDPOArguments, base_path: str, tokeniz
 # --------------------------------------------------------------------------- main
 
 def main(argv: Optional[list[str]] = None) -> dict:
-    from auxiliary.cli import parse_dataclasses
+    from auxiliary.runtime.cli import parse_dataclasses
 
     try:
         (cfg,) = parse_dataclasses([OfflineSDPOArguments], argv, prog="main_offline_sdpo.py")
@@ -260,8 +257,8 @@ def train(cfg: OfflineSDPOArguments) -> dict:
 
     import transformers
 
-    from auxiliary.io_utils import atomic_write_json
-    from auxiliary.model_loading import load_tokenizer, pick_attn_implementation, resolve_model_path
+    from auxiliary.runtime.io_utils import atomic_write_json
+    from auxiliary.runtime.model_loading import load_tokenizer, pick_attn_implementation, resolve_model_path
     from offline_sdpo.offline_sdpo_trainer import (InteractionDataset, MetricsJsonlCallback, OfflineSDPOTrainer,
                                                    SDPOCollator, load_interactions)
     from online_sdpo_updater import public_config
@@ -319,9 +316,9 @@ def train(cfg: OfflineSDPOArguments) -> dict:
 
 
 if __name__ == "__main__":
-    from auxiliary.cli import ConfigError
-    from auxiliary.io_utils import DataError
-    from auxiliary.model_loading import ModelLoadError
+    from auxiliary.runtime.cli import ConfigError
+    from auxiliary.runtime.io_utils import DataError
+    from auxiliary.runtime.model_loading import ModelLoadError
 
     try:
         main()

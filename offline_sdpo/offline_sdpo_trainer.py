@@ -31,7 +31,7 @@ from typing import Any, Sequence
 import torch
 from transformers import Trainer, TrainerCallback
 
-from auxiliary.io_utils import DataError, append_jsonl, atomic_write_text, iter_jsonl
+from auxiliary.runtime.io_utils import DataError, append_jsonl, atomic_write_text, iter_jsonl
 from sdpo_objective import (DEFAULT_HINDSIGHT_TEMPLATE, ObjectiveOptions, build_scoring_batch, hindsight_messages,
                             normalize_messages, render_context_ids, score_tokens, sdpo_loss)
 

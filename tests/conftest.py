@@ -10,14 +10,14 @@ import pytest  # noqa: E402
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer():
-    from auxiliary.tiny_model import build_tiny_tokenizer
+    from auxiliary.runtime.tiny_model import build_tiny_tokenizer
 
     return build_tiny_tokenizer()
 
 
 @pytest.fixture()
 def tiny_model(tiny_tokenizer):
-    from auxiliary.tiny_model import build_tiny_model
+    from auxiliary.runtime.tiny_model import build_tiny_model
 
     return build_tiny_model(tiny_tokenizer, seed=0)
 
@@ -25,6 +25,6 @@ def tiny_model(tiny_tokenizer):
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):
     """A saved tiny model folder (config, weights, tokenizer with chat template)."""
-    from auxiliary.tiny_model import save_tiny_model
+    from auxiliary.runtime.tiny_model import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))

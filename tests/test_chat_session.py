@@ -5,8 +5,8 @@ import json
 import pytest
 import torch
 
-from auxiliary.chat_session import ChatError, ChatSession, help_text, token_pieces, validate_user_id
-from auxiliary.tiny_model import build_tiny_model
+from auxiliary.chat.session import ChatError, ChatSession, help_text, token_pieces, validate_user_id
+from auxiliary.runtime.tiny_model import build_tiny_model
 from chat_sdpo import ChatConfig, colour_piece, render_why, signal_level
 from online_sdpo_updater import OnlineSDPOUpdater
 from sdpo_objective import compute_signal, hindsight_messages, render_context_ids
@@ -201,7 +201,7 @@ def test_rendering_and_validation():
     assert colour_piece("word", 0.01) == "word"
     assert colour_piece("bad", -2.0) == "\x1b[48;5;196m\x1b[97mbad\x1b[0m"
     assert colour_piece("a\nb", 0.3) == "\x1b[48;5;194m\x1b[30ma\x1b[0m\n\x1b[48;5;194m\x1b[30mb\x1b[0m"
-    from auxiliary.chat_session import WhyView
+    from auxiliary.chat.session import WhyView
 
     view = WhyView([("Sure", -1.0), ("!", -2.0), (" ok", 0.6)], "be formal", -0.8, 1.2, True)
     plain = render_why(view, colour=False)
@@ -209,7 +209,7 @@ def test_rendering_and_validation():
     assert "'ok' +0.60" in plain
     assert "\x1b[48;5;196m" in render_why(view, colour=True)
     assert "nothing to explain" in render_why(None, colour=False)
-    from auxiliary.chat_web import why_highlights
+    from auxiliary.chat.web import why_highlights
 
     assert why_highlights(view) == [("Sure", 0.5), ("!", 1.0), (" ok", -0.3)]  # red (positive) = written less now
     assert validate_user_id("alice_2.x-y") == "alice_2.x-y"

@@ -11,7 +11,7 @@ import traceback
 
 import pytest
 
-from auxiliary.claude_client import ClaudeAuthError, ClaudeClient, ClaudeRequestError
+from auxiliary.feedback.claude_client import ClaudeAuthError, ClaudeClient, ClaudeRequestError
 from katan_server import (StubResponse, free_port, katan_echo, katan_factory,  # noqa: F401 (fixtures)
                                 stub_factory)
 
@@ -94,7 +94,7 @@ def test_permanent_429_or_504_phase_gives_up_after_max_retries(katan_factory, ca
     server = katan_factory(**{option: 2})
     client = ClaudeClient(base_url=server.base_url, max_retries=3, **FAST)
     assert client.complete(None, user("one")) and client.complete(None, user("two"))
-    with caplog.at_level(logging.WARNING, logger="auxiliary.claude_client"):
+    with caplog.at_level(logging.WARNING, logger="auxiliary.feedback.claude_client"):
         with pytest.raises(ClaudeRequestError, match=f"after 3 retries.*HTTP {status}"):
             client.complete(None, user("three"))
     assert client.stats["retries_by_reason"] == {str(status): 3}

@@ -6,12 +6,13 @@ message>", so a reply shows exactly what our component sent.
 """
 import pytest
 
-from auxiliary.claude_client import ClaudeAuthError
-from auxiliary.claude_style_judge import ClaudeStyleJudge
-from auxiliary.claude_user_simulator import ClaudeUserSimulator
-from auxiliary.personas import UnknownStyleError
-from auxiliary.style_judge import make_judge, parse_verdict
-from auxiliary.user_simulator import make_user_simulator
+from auxiliary.feedback.claude_client import ClaudeAuthError
+from auxiliary.feedback.claude_style_judge import ClaudeStyleJudge
+from auxiliary.feedback.claude_user_simulator import ClaudeUserSimulator
+from auxiliary.feedback.personas import UnknownStyleError
+from auxiliary.feedback.style_judge import parse_verdict
+from auxiliary.feedback.factory import make_judge
+from auxiliary.feedback.factory import make_user_simulator
 from katan_server import katan_echo, katan_factory  # noqa: F401 (fixtures)
 
 FAST = dict(initial_backoff_s=0.01, max_backoff_s=0.05)

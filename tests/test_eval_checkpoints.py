@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from auxiliary import style_eval
+from auxiliary.evals import style_eval
 from auxiliary.eval_checkpoints import EvalCheckpointsArgs, load_checkpoint, main, resolve_checkpoints
-from auxiliary.io_utils import DataError, read_jsonl
-from auxiliary.style_judge import RuleBasedJudge
+from auxiliary.runtime.io_utils import DataError, read_jsonl
+from auxiliary.feedback.style_judge import RuleBasedJudge
 
 STYLES = ["no_emojis", "concise"]
 EVAL_N = 3
@@ -81,8 +81,8 @@ def test_baseline_generated_once_and_same_seed_for_all(evaluation):
 
 
 def test_decisions_and_lengths_recomputed_from_completions(evaluation):
-    from auxiliary.evaluation_helpers import win_rate_stats
-    from auxiliary.style_checks import count_words
+    from auxiliary.evals.evaluation_helpers import win_rate_stats
+    from auxiliary.feedback.style_checks import count_words
 
     _, results, completions = evaluation
     texts = {}

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import eval_online_sdpo
-from auxiliary.evaluation_helpers import win_rate_stats
-from auxiliary.style_judge import make_judge
+from auxiliary.evals.evaluation_helpers import win_rate_stats
+from auxiliary.feedback.factory import make_judge
 from reliability_helpers import copy_without_chat_template, flags_from_values
 
 TRAIN = [f"Tell me something about topic number {i}." for i in range(5)]
@@ -143,7 +143,7 @@ def test_no_secret_in_any_output(placebo_run):
 
 
 def test_summary_printed_with_table_net_effect_and_plot(placebo_run):
-    from auxiliary.evaluation_helpers import net_effect
+    from auxiliary.evals.evaluation_helpers import net_effect
     from eval_online_sdpo import summary_table
 
     table = summary_table(read_history(placebo_run), ["feedback", "placebo"], ["concise", "no_emojis"])

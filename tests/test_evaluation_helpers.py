@@ -7,9 +7,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from auxiliary.evaluation_helpers import (load_prompts, net_effect, plot_win_rates, prompt_as_messages,
+from auxiliary.evals.evaluation_helpers import (load_prompts, net_effect, plot_win_rates, prompt_as_messages,
                                           prompt_as_text, win_rate_stats)
-from auxiliary.io_utils import DataError
+from auxiliary.runtime.io_utils import DataError
 
 REPO = Path(__file__).resolve().parents[1]
 

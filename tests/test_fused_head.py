@@ -57,7 +57,7 @@ def test_fused_head_equals_checkpointed_path(tiny_model, tiny_tokenizer, options
 
 @pytest.mark.parametrize("loss_mode", ["simple_signal", "full_distillation"])
 def test_fused_head_with_reference_kl(tiny_model, tiny_tokenizer, loss_mode):
-    from auxiliary.tiny_model import build_tiny_model
+    from auxiliary.runtime.tiny_model import build_tiny_model
 
     batch_x, batch_xo = _batches(tiny_tokenizer)
     other = build_tiny_model(tiny_tokenizer, seed=1).eval()
@@ -67,7 +67,7 @@ def test_fused_head_with_reference_kl(tiny_model, tiny_tokenizer, loss_mode):
 
 
 def test_fused_head_with_untied_head_and_frozen_head(tiny_tokenizer):
-    from auxiliary.tiny_model import build_tiny_model
+    from auxiliary.runtime.tiny_model import build_tiny_model
 
     batch_x, batch_xo = _batches(tiny_tokenizer)
     model = build_tiny_model(tiny_tokenizer, seed=0)

@@ -3,11 +3,11 @@ import json
 
 import pytest
 
-from auxiliary import style_eval
+from auxiliary.evals import style_eval
 from auxiliary.eval_incontext_oracle import DEFAULT_ORACLE_SYSTEM_TEMPLATE, ORACLE_LABEL, main, with_persona
-from auxiliary.io_utils import read_jsonl
-from auxiliary.personas import get_persona
-from auxiliary.style_judge import RuleBasedJudge
+from auxiliary.runtime.io_utils import read_jsonl
+from auxiliary.feedback.personas import get_persona
+from auxiliary.feedback.style_judge import RuleBasedJudge
 
 STYLES = ["no_emojis", "no_first_person"]
 EVAL_N = 3

@@ -4,7 +4,7 @@ import json
 import numpy as np
 import torch
 
-from auxiliary.io_utils import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
+from auxiliary.runtime.io_utils import append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 
 
 def _strict_load(text):

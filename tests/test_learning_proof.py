@@ -13,7 +13,7 @@ import random
 import pytest
 import torch
 
-from auxiliary.tiny_model import build_tiny_model
+from auxiliary.runtime.tiny_model import build_tiny_model
 from online_sdpo_updater import OnlineSDPOUpdater
 from online_sdpo_updater_config import OnlineSDPOConfig
 from sdpo_objective import hindsight_messages, render_context_ids

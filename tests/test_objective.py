@@ -244,7 +244,7 @@ def test_bad_options_fail_clearly():
 
 
 def test_reference_kl_is_zero_against_itself_and_adds_to_loss(tiny_model, tiny_tokenizer):
-    from auxiliary.tiny_model import build_tiny_model
+    from auxiliary.runtime.tiny_model import build_tiny_model
 
     batch_x, batch_xo, _, _ = _batches(tiny_tokenizer)
     tiny_model.eval()

@@ -6,7 +6,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from auxiliary.io_utils import DataError
+from auxiliary.runtime.io_utils import DataError
 from offline_sdpo.offline_sdpo_trainer import (OfflineSDPOTrainer, SDPOCollator, accumulate_stats, load_interactions,
                                                metrics_from_sums, new_sums, normalize_record)
 from sdpo_objective import (ObjectiveOptions, build_scoring_batch, compute_signal, hindsight_messages,

@@ -138,7 +138,7 @@ def test_cli_errors_are_one_clear_line(tmp_path, monkeypatch):
 
 
 def test_malformed_data_fails_before_training(tiny_model_dir, tmp_path):
-    from auxiliary.io_utils import DataError
+    from auxiliary.runtime.io_utils import DataError
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text(FIXTURE.read_text().splitlines()[0] + "\n{not json\n")

@@ -3,7 +3,7 @@ from itertools import product
 
 import pytest
 
-from auxiliary.personas import PERSONAS, UnknownStyleError, get_persona, list_styles
+from auxiliary.feedback.personas import PERSONAS, UnknownStyleError, get_persona, list_styles
 
 NAMED_PROFILES = [
     "no_emojis", "less_filler_praise_sycophancy", "answer_directly_reduce_formatting", "poetic", "no_punctuation",

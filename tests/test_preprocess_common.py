@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from auxiliary.io_utils import DataError
-from auxiliary.preprocess_common import (
+from auxiliary.runtime.io_utils import DataError
+from auxiliary.data.preprocess_common import (
     InteractionBuilder, InteractionFilters, Summary, all_rows, load_splits,
     merge_consecutive_roles, normalize_message, truncate_history,
 )

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from auxiliary import preprocess_chat_logs, preprocess_wildchat, preprocess_wildfeedback
-from auxiliary.io_utils import DataError, read_jsonl
+from auxiliary.runtime.io_utils import DataError, read_jsonl
 
 REPO = Path(__file__).resolve().parents[1]
 FIXTURES = REPO / "tests" / "fixtures" / "preprocess"

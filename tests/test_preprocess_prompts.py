@@ -5,7 +5,7 @@ from pathlib import Path
 import pytest
 
 from auxiliary import preprocess_helpsteer, preprocess_tldr_dataset
-from auxiliary.io_utils import DataError, read_jsonl
+from auxiliary.runtime.io_utils import DataError, read_jsonl
 
 FIXTURES = Path(__file__).resolve().parent / "fixtures" / "preprocess"
 

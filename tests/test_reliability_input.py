@@ -77,7 +77,7 @@ def write_inputs(data: Path, model_dir: Path) -> None:
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     """Every case (and one good run with clamping and a dropped prompt) as a child process, 3 at a time."""
-    from auxiliary.tiny_model import save_tiny_model
+    from auxiliary.runtime.tiny_model import save_tiny_model
 
     data = tmp_path_factory.mktemp("bad_input")
     model_dir = save_tiny_model(data / "tiny")

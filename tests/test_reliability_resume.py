@@ -220,7 +220,7 @@ def test_non_finite_steps_are_skipped_counted_and_logged(tiny_model_dir, data_di
 
 def test_checkpoint_files_reach_the_disk_before_the_rename(tiny_model_dir, tmp_path, monkeypatch):
     """Every file of a checkpoint is fsynced under its .partial name, then the folder is renamed."""
-    import auxiliary.io_utils as io_utils
+    import auxiliary.runtime.io_utils as io_utils
     from online_sdpo_updater import OnlineSDPOUpdater
     from online_sdpo_updater_config import OnlineSDPOConfig
 

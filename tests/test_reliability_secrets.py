@@ -43,7 +43,7 @@ def scan_tree(folder: Path) -> dict[str, list[str]]:
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    from auxiliary.tiny_model import save_tiny_model
+    from auxiliary.runtime.tiny_model import save_tiny_model
 
     work = tmp_path_factory.mktemp("secrets")
     model_dir = save_tiny_model(work / "tiny")

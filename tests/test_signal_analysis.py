@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import torch
 
-from auxiliary import signal_plots
-from auxiliary.generation import GeneratedResponse
-from auxiliary.io_utils import DataError
+from auxiliary.evals import signal_plots
+from auxiliary.runtime.generation import GeneratedResponse
+from auxiliary.runtime.io_utils import DataError
 from auxiliary.sdpo_signal_analysis import (SignalAnalysisArgs, load_cases, main, sample_replies, summarize,
                                             token_plot_indices)
 
@@ -137,7 +137,7 @@ def test_resampling_keeps_longest_and_counts_tries(monkeypatch):
         calls.append((len(conversations), kwargs["seed"]))
         return [GeneratedResponse(text="x", ids=[1] * n, finished=True) for n in next(lengths)]
 
-    monkeypatch.setattr("auxiliary.generation.generate_responses", fake_generate)
+    monkeypatch.setattr("auxiliary.runtime.generation.generate_responses", fake_generate)
     args = SignalAnalysisArgs(min_tokens=5, max_tries=2, seed=10)
     best, tries = sample_replies(None, None, [[{}], [{}]], args)
     assert [len(r.ids) for r in best] == [6, 3] and tries == [1, 2]

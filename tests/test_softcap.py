@@ -74,7 +74,7 @@ def test_simple_signal_loss_of_soft_capped_model_by_hand():
 
 
 def test_unknown_logit_post_processing_is_refused(tiny_tokenizer):
-    from auxiliary.tiny_model import build_tiny_model
+    from auxiliary.runtime.tiny_model import build_tiny_model
 
     model = build_tiny_model(tiny_tokenizer, seed=0).eval()
     original_forward = model.forward

@@ -6,11 +6,10 @@ import math
 import pytest
 import torch
 
-from auxiliary.personas import UnknownStyleError, get_persona
-from auxiliary.style_judge import (RULE_JUDGE_STYLES, LocalHFJudge, PairwiseJudge, RuleBasedJudge,
-                                   _label_continuations, build_judge_messages, combine_verdicts, label_logprobs,
-                                   make_judge, parse_verdict)
-from auxiliary.user_simulator import UnsupportedStyleError
+from auxiliary.feedback.personas import UnknownStyleError, get_persona
+from auxiliary.feedback.style_judge import (RULE_JUDGE_STYLES, LocalHFJudge, PairwiseJudge, RuleBasedJudge, _label_continuations, build_judge_messages, combine_verdicts, label_logprobs, parse_verdict)
+from auxiliary.feedback.factory import make_judge
+from auxiliary.feedback.user_simulator import UnsupportedStyleError
 
 
 @pytest.mark.parametrize("text, verdict", [

@@ -4,7 +4,7 @@ import json
 import pytest
 import torch
 
-from auxiliary.tiny_model import build_tiny_model
+from auxiliary.runtime.tiny_model import build_tiny_model
 from online_sdpo_updater import OnlineSDPOUpdater, latest_checkpoint, list_checkpoints
 from online_sdpo_updater_config import OnlineSDPOConfig
 

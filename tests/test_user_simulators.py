@@ -6,11 +6,10 @@ import sys
 
 import pytest
 
-from auxiliary.personas import UnknownStyleError, get_persona
-from auxiliary.style_checks import build_style_checks
-from auxiliary.user_simulator import (APPROVALS, COMPLAINTS, RULE_USER_STYLES, LocalHFUserSimulator,
-                                      NeutralUserSimulator, RuleBasedUserSimulator, UnsupportedStyleError,
-                                      build_simulator_messages, clean_feedback, make_user_simulator)
+from auxiliary.feedback.personas import UnknownStyleError, get_persona
+from auxiliary.feedback.style_checks import build_style_checks
+from auxiliary.feedback.user_simulator import (APPROVALS, COMPLAINTS, RULE_USER_STYLES, LocalHFUserSimulator, NeutralUserSimulator, RuleBasedUserSimulator, UnsupportedStyleError, build_simulator_messages, clean_feedback)
+from auxiliary.feedback.factory import make_user_simulator
 
 PROMPT = "How do I make a simple tomato sauce?"
 PLAIN = "Soften garlic in olive oil, add crushed tomatoes and salt, and simmer for twenty minutes"
@@ -144,8 +143,8 @@ def test_local_hf_user_on_a_tiny_model(tiny_model, tiny_tokenizer, tiny_model_di
 
 
 def test_vllm_modules_do_not_import_vllm():
-    code = ("import sys, auxiliary.vllm_user_simulator, auxiliary.vllm_style_judge, auxiliary.user_simulator, "
-            "auxiliary.style_judge, auxiliary.claude_user_simulator, auxiliary.claude_style_judge; "
+    code = ("import sys, auxiliary.feedback.vllm_user_simulator, auxiliary.feedback.vllm_style_judge, auxiliary.feedback.user_simulator, "
+            "auxiliary.feedback.style_judge, auxiliary.feedback.claude_user_simulator, auxiliary.feedback.claude_style_judge; "
             "print('vllm' in sys.modules, 'anthropic' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]
@@ -158,7 +157,7 @@ def test_vllm_user_without_vllm_fails_clearly():
 
 
 def test_empty_follow_ups_are_asked_again_then_fail_loudly():
-    from auxiliary.user_simulator import EmptyFeedbackError, retry_empty_feedback
+    from auxiliary.feedback.user_simulator import EmptyFeedbackError, retry_empty_feedback
 
     calls = []
 

@@ -109,8 +109,8 @@ def test_policy_generation_refuses_full_weight_sync(fake_vllm, tiny_model, tiny_
 
 
 def test_vllm_user_turns_thinking_off_and_samples_empty_follow_ups_again(fake_vllm):
-    from auxiliary.user_simulator import EmptyFeedbackError
-    from auxiliary.vllm_user_simulator import VLLMUserSimulator
+    from auxiliary.feedback.user_simulator import EmptyFeedbackError
+    from auxiliary.feedback.vllm_user_simulator import VLLMUserSimulator
 
     llm = FakeLLM()
     user = VLLMUserSimulator(None, "concise", llm=llm, max_new_tokens=50, temperature=0.7)
@@ -132,7 +132,7 @@ def test_vllm_user_turns_thinking_off_and_samples_empty_follow_ups_again(fake_vl
 
 
 def test_vllm_judge_asks_both_orders_greedily(fake_vllm):
-    from auxiliary.vllm_style_judge import VLLMStyleJudge
+    from auxiliary.feedback.vllm_style_judge import VLLMStyleJudge
 
     llm = FakeLLM()
     judge = VLLMStyleJudge(None, "concise", llm=llm)
@@ -147,7 +147,7 @@ def test_vllm_judge_asks_both_orders_greedily(fake_vllm):
 
 
 def test_a_vllm_component_without_a_model_fails_clearly(fake_vllm):
-    from auxiliary.vllm_user_simulator import VLLMUserSimulator
+    from auxiliary.feedback.vllm_user_simulator import VLLMUserSimulator
 
     with pytest.raises(ValueError, match="model_name_or_path"):
         VLLMUserSimulator(None, "concise")

@@ -15,23 +15,18 @@ from __future__ import annotations
 
 import logging
 
-from auxiliary.personas import get_persona
-from auxiliary.user_simulator import UserSimulator, build_simulator_messages, clean_feedback, retry_empty_feedback
+from auxiliary.feedback.claude_client import to_claude_request
+from auxiliary.feedback.personas import get_persona
+from auxiliary.feedback.user_simulator import UserSimulator, build_simulator_messages, clean_feedback, retry_empty_feedback
 
 logger = logging.getLogger(__name__)
-
-
-def to_claude_request(messages: list[dict]) -> dict:
-    """Chat messages -> {"system", "messages"} as the Messages API wants them (system apart)."""
-    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
-    return {"system": system, "messages": [m for m in messages if m["role"] != "system"]}
 
 
 class ClaudeUserSimulator(UserSimulator):
     def __init__(self, style: str, model: str | None = None, api_concurrency: int = 8, max_tokens: int = 150,
                  temperature: float | None = 1.0, client=None, seed: int | None = None, empty_retries: int = 2,
                  **client_kwargs):
-        from auxiliary.claude_client import DEFAULT_MODEL, ClaudeClient
+        from auxiliary.feedback.claude_client import DEFAULT_MODEL, ClaudeClient
 
         get_persona(style)
         self.style = style

@@ -33,6 +33,12 @@ BASE_URL_ENV = "ANTHROPIC_BASE_URL"
 DEFAULT_MODEL = "claude-haiku-4-5-20251001"
 
 
+def to_claude_request(messages: list[dict]) -> dict:
+    """Chat messages -> {"system", "messages"} as the Messages API wants them (system apart)."""
+    system = "\n\n".join(m["content"] for m in messages if m["role"] == "system") or None
+    return {"system": system, "messages": [m for m in messages if m["role"] != "system"]}
+
+
 class ClaudeAuthError(RuntimeError):
     """The API refused the credentials (401/403) or no key was given."""
 

@@ -71,8 +71,8 @@ def parse_dataclasses(classes: Sequence[type], argv: Sequence[str] | None = None
 
 def run_cli(args_class: type, run: Callable, argv: Sequence[str] | None, prog: str) -> int:
     """Parse one dataclass of flags and call run(args); bad input prints one `error:` line and exits 2."""
-    from auxiliary.io_utils import DataError
-    from auxiliary.model_loading import ModelLoadError
+    from auxiliary.runtime.io_utils import DataError
+    from auxiliary.runtime.model_loading import ModelLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:

@@ -12,15 +12,15 @@ judge.last_outputs. temperature 1.0 (the API default) is not sent; newer models 
 """
 from __future__ import annotations
 
-from auxiliary.claude_user_simulator import to_claude_request
-from auxiliary.personas import get_persona
-from auxiliary.style_judge import PairwiseJudge, build_judge_messages, parse_verdict
+from auxiliary.feedback.claude_client import to_claude_request
+from auxiliary.feedback.personas import get_persona
+from auxiliary.feedback.style_judge import PairwiseJudge, build_judge_messages, parse_verdict
 
 
 class ClaudeStyleJudge(PairwiseJudge):
     def __init__(self, style: str, model: str | None = None, api_concurrency: int = 8, max_tokens: int = 300,
                  temperature: float | None = 1.0, client=None, seed: int | None = None, **client_kwargs):
-        from auxiliary.claude_client import DEFAULT_MODEL, ClaudeClient
+        from auxiliary.feedback.claude_client import DEFAULT_MODEL, ClaudeClient
 
         super().__init__()
         get_persona(style)

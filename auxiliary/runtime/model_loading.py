@@ -87,7 +87,7 @@ def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = 
     if name_or_path == TINY_NAME:
         target = cache / TINY_NAME
         if not (target / "config.json").exists():
-            from auxiliary.tiny_model import save_tiny_model
+            from auxiliary.runtime.tiny_model import save_tiny_model
 
             tmp = save_tiny_model(cache / f"{TINY_NAME}.partial-{os.getpid()}")
             _publish(Path(tmp), target)

@@ -12,7 +12,7 @@ Interface
 Styles: the 8 combinations `{concise,detailed}_{casual,professional}_{beginner,expert}`,
 plus single-preference profiles (no_emojis, less_filler_praise_sycophancy,
 answer_directly_reduce_formatting, poetic, no_punctuation, no_first_person, ...).
-Which of them a program can check is decided in `auxiliary/style_checks.py`.
+Which of them a program can check is decided in `auxiliary/feedback/style_checks.py`.
 """
 from __future__ import annotations
 

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import numpy as np
 
-from auxiliary.eval_common import save_figure
+from auxiliary.evals.eval_common import save_figure
 
 DPI = 100
 CMAP = "RdBu"

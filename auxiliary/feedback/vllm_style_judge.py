@@ -9,10 +9,9 @@ parse_verdict; the raw replies of the last call are in judge.last_outputs.
 """
 from __future__ import annotations
 
-from auxiliary.personas import get_persona
-from auxiliary.style_judge import PairwiseJudge, build_judge_messages, parse_verdict
-from auxiliary.vllm_adapter import import_vllm
-from auxiliary.vllm_user_simulator import make_llm, vllm_chat
+from auxiliary.feedback.personas import get_persona
+from auxiliary.feedback.style_judge import PairwiseJudge, build_judge_messages, parse_verdict
+from auxiliary.runtime.vllm_adapter import import_vllm, make_llm, vllm_chat
 
 
 class VLLMStyleJudge(PairwiseJudge):

@@ -42,7 +42,7 @@ from typing import Sequence, Union
 
 import numpy as np
 
-from auxiliary.io_utils import DataError, atomic_write_bytes, iter_jsonl
+from auxiliary.runtime.io_utils import DataError, atomic_write_bytes, iter_jsonl
 
 logger = logging.getLogger(__name__)
 

@@ -13,28 +13,9 @@ when greedy), then raise EmptyFeedbackError.
 """
 from __future__ import annotations
 
-from auxiliary.personas import get_persona
-from auxiliary.user_simulator import UserSimulator, build_simulator_messages, clean_feedback, retry_empty_feedback
-from auxiliary.vllm_adapter import import_vllm  # the one lazy vLLM import
-
-
-def vllm_chat(llm, conversations: list[list[dict]], sampling_params) -> list[str]:
-    """Batched chat generation with thinking off (where the template has the switch)."""
-    tokenizer = llm.get_tokenizer()
-    template = getattr(tokenizer, "chat_template", "") or ""
-    extra = {"chat_template_kwargs": {"enable_thinking": False}} if "enable_thinking" in str(template) else {}
-    outputs = llm.chat(conversations, sampling_params, use_tqdm=False, **extra)
-    return [output.outputs[0].text for output in outputs]
-
-
-def make_llm(vllm, model_name_or_path: str, gpu_memory_utilization: float, tensor_parallel_size: int,
-             seed: int, **llm_kwargs):
-    if not model_name_or_path:
-        raise ValueError("a vLLM component needs model_name_or_path")
-    from auxiliary.model_loading import resolve_model_path
-
-    return vllm.LLM(model=resolve_model_path(model_name_or_path), gpu_memory_utilization=gpu_memory_utilization,
-                    tensor_parallel_size=tensor_parallel_size, seed=seed, **llm_kwargs)
+from auxiliary.feedback.personas import get_persona
+from auxiliary.feedback.user_simulator import UserSimulator, build_simulator_messages, clean_feedback, retry_empty_feedback
+from auxiliary.runtime.vllm_adapter import import_vllm, make_llm, vllm_chat  # the one lazy vLLM import
 
 
 class VLLMUserSimulator(UserSimulator):

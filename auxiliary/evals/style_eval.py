@@ -28,12 +28,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional, Sequence
 
-from auxiliary.io_utils import DataError
+from auxiliary.feedback.factory import JUDGE_KINDS
+from auxiliary.runtime.io_utils import DataError
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EVAL_STYLES = ["less_filler_praise_sycophancy", "no_emojis", "answer_directly_reduce_formatting"]
-JUDGE_KINDS = ("rule", "local", "claude", "vllm")
 
 
 @dataclass
@@ -64,7 +64,7 @@ class StyleEvalArgs:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
 
     def check(self) -> None:
-        from auxiliary.eval_common import split_list
+        from auxiliary.evals.eval_common import split_list
 
         self.eval_styles = split_list(self.eval_styles)
         if not self.eval_styles:
@@ -79,15 +79,15 @@ class StyleEvalArgs:
 
 def validate_styles(styles: Sequence[str], judge_kind: str) -> None:
     """Fail before any model is loaded: unknown styles, or styles the rule judge cannot check."""
-    from auxiliary.personas import get_persona
-    from auxiliary.style_judge import RULE_JUDGE_STYLES
+    from auxiliary.feedback.personas import get_persona
+    from auxiliary.feedback.style_judge import RULE_JUDGE_STYLES
 
     for style in styles:
         get_persona(style)  # UnknownStyleError lists the known styles
     if judge_kind == "rule":
         unsupported = [s for s in styles if s not in RULE_JUDGE_STYLES]
         if unsupported:
-            from auxiliary.user_simulator import UnsupportedStyleError
+            from auxiliary.feedback.user_simulator import UnsupportedStyleError
 
             raise UnsupportedStyleError(
                 f"the rule judge cannot check style(s) {', '.join(unsupported)}; rule-checkable styles: "
@@ -95,29 +95,14 @@ def validate_styles(styles: Sequence[str], judge_kind: str) -> None:
 
 
 def build_judges(args: StyleEvalArgs) -> dict:
-    """One judge per style; model-based judges share one loaded model."""
-    from auxiliary.style_judge import make_judge
+    """One judge per style; model-based judges share one loaded model, engine or client."""
+    from auxiliary.feedback.factory import FeedbackFactory
 
-    judges = {}
-    if args.judge == "local":
-        from auxiliary.user_simulator import load_local_model
-
-        shared = load_local_model(args.judge_model, args.dtype, args.device)
-        for style in args.eval_styles:
-            judges[style] = make_judge("local", style, shared, mode=args.judge_mode, batch_size=args.judge_batch_size)
-    elif args.judge == "vllm":
-        llm = None
-        for style in args.eval_styles:
-            judges[style] = make_judge("vllm", style, args.judge_model, llm=llm,
-                                       gpu_memory_utilization=args.vllm_gpu_memory_utilization)
-            llm = judges[style].llm
-    elif args.judge == "claude":
-        for style in args.eval_styles:
-            judges[style] = make_judge("claude", style, args.claude_model, api_concurrency=args.api_concurrency)
-    else:
-        for style in args.eval_styles:
-            judges[style] = make_judge("rule", style)
-    return judges
+    factory = FeedbackFactory(args.dtype, args.device, args.api_concurrency,
+                              vllm_options={"gpu_memory_utilization": args.vllm_gpu_memory_utilization})
+    options = {"local": {"mode": args.judge_mode, "batch_size": args.judge_batch_size}}.get(args.judge, {})
+    model = {"rule": None, "claude": args.claude_model}.get(args.judge, args.judge_model)
+    return factory.judges(args.judge, args.eval_styles, model, **options)
 
 
 def judge_model_name(args: StyleEvalArgs) -> str | None:
@@ -135,7 +120,7 @@ def prompts_path(args: StyleEvalArgs, data_dir: str) -> Path:
 
 
 def load_eval_prompts(args: StyleEvalArgs, data_dir: str, tokenizer) -> tuple[list, Path]:
-    from auxiliary.evaluation_helpers import load_prompts
+    from auxiliary.evals.evaluation_helpers import load_prompts
 
     path = prompts_path(args, data_dir)
     prompts, dropped = load_prompts(path, n=args.eval_n, seed=args.seed, tokenizer=tokenizer,
@@ -157,14 +142,14 @@ class Completions:
 
     @property
     def mean_words(self) -> float:
-        from auxiliary.style_checks import count_words
+        from auxiliary.feedback.style_checks import count_words
 
         return sum(count_words(t) for t in self.texts) / max(1, len(self.texts))
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], args: StyleEvalArgs, desc: str) -> Completions:
     """Seeded with args.seed for every model: the same random stream for baseline and evaluated models."""
-    from auxiliary.generation import generate_responses
+    from auxiliary.runtime.generation import generate_responses
 
     started = time.time()
     replies = generate_responses(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens,
@@ -186,7 +171,7 @@ def release(model) -> None:
 
 def judge_row(judge, prompts: list, evaluated: Completions, baseline: Completions, n_styles: int,
               n_bootstrap: int, seed: int, **labels) -> dict:
-    from auxiliary.evaluation_helpers import win_rate_stats
+    from auxiliary.evals.evaluation_helpers import win_rate_stats
 
     started = time.time()
     decisions = judge.compare(prompts, evaluated.texts, baseline.texts)
@@ -199,7 +184,7 @@ def judge_row(judge, prompts: list, evaluated: Completions, baseline: Completion
 
 
 def completion_records(source: str, prompts: list, completions: Completions, style: str | None = None) -> list[dict]:
-    from auxiliary.evaluation_helpers import prompt_as_text
+    from auxiliary.evals.evaluation_helpers import prompt_as_text
 
     records = []
     for index, (prompt, text, n_tokens) in enumerate(zip(prompts, completions.texts, completions.n_tokens)):
@@ -240,7 +225,7 @@ def plot_win_rate_bars(rows: Sequence[dict], path: str | Path, title: str) -> st
     import numpy as np
     from matplotlib.figure import Figure
 
-    from auxiliary.eval_common import save_figure
+    from auxiliary.evals.eval_common import save_figure
 
     models = list(dict.fromkeys(row["checkpoint"] for row in rows))
     styles = list(dict.fromkeys(row["style"] for row in rows))
@@ -274,7 +259,7 @@ def plot_win_rate_bars(rows: Sequence[dict], path: str | Path, title: str) -> st
 
 def write_outputs(output_dir: Path, meta: dict, baseline: dict, rows: list[dict], completions: list[dict],
                   plot_title: str) -> None:
-    from auxiliary.io_utils import atomic_write_json, atomic_write_jsonl
+    from auxiliary.runtime.io_utils import atomic_write_json, atomic_write_jsonl
 
     atomic_write_json(output_dir / "results.json", {"meta": meta, "baseline": baseline, "results": rows})
     atomic_write_jsonl(output_dir / "completions.jsonl", completions)

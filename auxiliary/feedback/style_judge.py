@@ -13,17 +13,17 @@ Interface (every judge)
 
 Judges
     RuleBasedJudge(style)                          scores the checkable property
-                                                   (auxiliary/style_checks.py); equal scores -> C
+                                                   (auxiliary/feedback/style_checks.py); equal scores -> C
     LocalHFJudge(model_name_or_path | (model, tokenizer), style, mode="generate"|"logprob",
                  max_new_tokens=192, batch_size=8, dtype/device="auto")
         generate: batched greedy generation of build_judge_messages, then parse_verdict.
         logprob:  the prompt asks for the verdict line only; after the assistant prefix
                   "Judgement:" the summed log-probs of the continuations " A", " B", " C" are
                   compared and the largest wins (no generation, never unparseable).
-    ClaudeStyleJudge / VLLMStyleJudge: auxiliary/claude_style_judge.py, auxiliary/vllm_style_judge.py.
+    ClaudeStyleJudge / VLLMStyleJudge: auxiliary/feedback/claude_style_judge.py, auxiliary/feedback/vllm_style_judge.py.
 
-    make_judge(kind, style, model_name_or_path=None, api_concurrency=8, **kw), kind in
-    {"rule", "local", "claude", "vllm"}.
+    Built by auxiliary/feedback/factory.py (make_judge, build_judges), the one module that
+    knows every kind.
 
 Verdict parsing (parse_verdict): the LAST "Judgement: X" (or "Judgment") line wins; markdown
 (**Judgement:** **B**), quotes, JSON ("judgement": "a"), lowercase, "Response B", "tie" and a
@@ -37,12 +37,11 @@ import re
 from collections import Counter
 from typing import Sequence
 
-from auxiliary.evaluation_helpers import Prompt, prompt_as_text
-from auxiliary.personas import get_persona
-from auxiliary.style_checks import RULE_CHECKABLE_STYLES, build_style_checks
-from auxiliary.user_simulator import UnsupportedStyleError, load_local_model
+from auxiliary.evals.evaluation_helpers import Prompt, prompt_as_text
+from auxiliary.feedback.personas import get_persona
+from auxiliary.feedback.style_checks import RULE_CHECKABLE_STYLES, build_style_checks
+from auxiliary.feedback.user_simulator import UnsupportedStyleError, load_local_model
 
-JUDGE_KINDS = ("rule", "local", "claude", "vllm")
 VERDICTS = ("A", "B", "C")
 JUDGEMENT_PREFIX = "Judgement:"
 RULE_JUDGE_STYLES: tuple[str, ...] = RULE_CHECKABLE_STYLES
@@ -213,7 +212,7 @@ class LocalHFJudge(PairwiseJudge):
 
     def judge_once(self, prompts, first, second):
         if self.mode == "generate":
-            from auxiliary.generation import generate_responses
+            from auxiliary.runtime.generation import generate_responses
 
             conversations = [build_judge_messages(self.style, p, x, y) for p, x, y in zip(prompts, first, second)]
             replies = generate_responses(self.model, self.tokenizer, conversations, max_new_tokens=self.max_new_tokens,
@@ -281,24 +280,3 @@ def label_logprobs(model, tokenizer, conversations: list[list[dict]], batch_size
     finally:
         model.train(was_training)
     return results
-
-
-# --------------------------------------------------------------------------- factory
-
-def make_judge(kind: str, style: str, model_name_or_path=None, api_concurrency: int = 8, **kw) -> PairwiseJudge:
-    if kind not in JUDGE_KINDS:
-        raise ValueError(f"unknown judge kind {kind!r}; choose one of {', '.join(JUDGE_KINDS)}")
-    get_persona(style)  # fail on an unknown style before loading anything
-    if kind == "rule":
-        return RuleBasedJudge(style, **kw)
-    if kind == "local":
-        return LocalHFJudge(model_name_or_path, style, **kw)
-    if kind == "claude":
-        from auxiliary.claude_style_judge import ClaudeStyleJudge
-
-        if model_name_or_path:
-            kw["model"] = model_name_or_path
-        return ClaudeStyleJudge(style, api_concurrency=api_concurrency, **kw)
-    from auxiliary.vllm_style_judge import VLLMStyleJudge
-
-    return VLLMStyleJudge(model_name_or_path, style, **kw)

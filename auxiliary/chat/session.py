@@ -26,8 +26,8 @@ from typing import Callable, Iterator
 
 import torch
 
-from auxiliary.generation import GeneratedResponse, cut_at_stop, left_pad, stop_token_ids
-from auxiliary.io_utils import append_jsonl
+from auxiliary.runtime.generation import GeneratedResponse, cut_at_stop, left_pad, stop_token_ids
+from auxiliary.runtime.io_utils import append_jsonl
 from sdpo_objective import compute_signal, hindsight_messages, render_context_ids
 
 ADAPTER_FOLDER = "adapter"            # <adapters_dir>/<user_id>/adapter: an updater checkpoint

@@ -9,7 +9,7 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from auxiliary.generation import GeneratedResponse, cut_at_stop
+from auxiliary.runtime.generation import GeneratedResponse, cut_at_stop
 from sdpo_objective import render_context_ids
 
 
@@ -61,3 +61,22 @@ class VLLMPolicyGenerator:
                 finished = True
             results.append(GeneratedResponse(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, finished))
         return results
+
+
+def vllm_chat(llm, conversations: list[list[dict]], sampling_params) -> list[str]:
+    """Batched chat generation with thinking off (where the template has the switch)."""
+    tokenizer = llm.get_tokenizer()
+    template = getattr(tokenizer, "chat_template", "") or ""
+    extra = {"chat_template_kwargs": {"enable_thinking": False}} if "enable_thinking" in str(template) else {}
+    outputs = llm.chat(conversations, sampling_params, use_tqdm=False, **extra)
+    return [output.outputs[0].text for output in outputs]
+
+
+def make_llm(vllm, model_name_or_path: str, gpu_memory_utilization: float, tensor_parallel_size: int,
+             seed: int, **llm_kwargs):
+    if not model_name_or_path:
+        raise ValueError("a vLLM component needs model_name_or_path")
+    from auxiliary.runtime.model_loading import resolve_model_path
+
+    return vllm.LLM(model=resolve_model_path(model_name_or_path), gpu_memory_utilization=gpu_memory_utilization,
+                    tensor_parallel_size=tensor_parallel_size, seed=seed, **llm_kwargs)

@@ -28,8 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from auxiliary.io_utils import DataError, atomic_write_jsonl, iter_jsonl
-from auxiliary.chat_roles import ROLE_ALIASES
+from auxiliary.runtime.io_utils import DataError, atomic_write_jsonl, iter_jsonl
 
 MESSAGE_LIST_FIELDS = ("messages", "conversation", "conversations")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -236,6 +235,8 @@ def normalize_message(raw: Any, where: str) -> dict:
     if not isinstance(role, str) or not role.strip():
         raise DataError(f"{where}: message has no 'role' (or 'from') field")
     content = raw["content"] if "content" in raw else raw.get("value")
+    from sdpo_objective import ROLE_ALIASES  # lazy: the objective imports torch, --help stays light
+
     role = role.strip().lower()
     role = ROLE_ALIASES.get(role, role)  # other roles (tool, function, ...) pass through; callers decide
     return {"role": role, "content": message_content(content, where)}

@@ -1,5 +1,5 @@
 """Web UI of the live chat (Gradio): the terminal chat's session, commands as buttons,
-/why as highlighted text. One user per process (see auxiliary/chat_session.py)."""
+/why as highlighted text. One user per process (see auxiliary/chat/session.py)."""
 from __future__ import annotations
 
 import ipaddress

@@ -7,7 +7,7 @@ Interface (every simulator)
 
 Simulators
     RuleBasedUserSimulator(style, seed=0, concise_max_words=60, detailed_min_words=150)
-        For the styles in RULE_USER_STYLES (checks in auxiliary/style_checks.py). No model.
+        For the styles in RULE_USER_STYLES (checks in auxiliary/feedback/style_checks.py). No model.
         A reply with problems gets one varied natural sentence per problem (at most two) naming
         what the user dislikes; a reply without problems gets a short varied approval. The
         wording is drawn from an RNG seeded by (seed, style, prompt, completion): the same
@@ -19,8 +19,8 @@ Simulators
     LocalHFUserSimulator(model_name_or_path | (model, tokenizer), style, max_new_tokens=96,
                          temperature=0.7, top_p=0.95, batch_size=8, seed=None, dtype/device="auto")
         A local chat model prompted with build_simulator_messages, batched HF generation.
-    ClaudeUserSimulator / VLLMUserSimulator: auxiliary/claude_user_simulator.py,
-        auxiliary/vllm_user_simulator.py (imported only when used).
+    ClaudeUserSimulator / VLLMUserSimulator: auxiliary/feedback/claude_user_simulator.py,
+        auxiliary/feedback/vllm_user_simulator.py (imported only when used).
 
     make_user_simulator(kind, style, model_name_or_path=None, seed=0, api_concurrency=8, **kw)
         kind in {"rule", "local", "claude", "vllm"} (and "neutral" for the placebo); extra
@@ -42,15 +42,14 @@ import random
 import re
 from typing import Sequence
 
-from auxiliary.evaluation_helpers import Prompt, prompt_as_text
-from auxiliary.personas import UnknownStyleError, get_persona
-from auxiliary.style_checks import (DEFAULT_CONCISE_MAX_WORDS, DEFAULT_DETAILED_MIN_WORDS,
+from auxiliary.evals.evaluation_helpers import Prompt, prompt_as_text
+from auxiliary.feedback.personas import UnknownStyleError, get_persona
+from auxiliary.feedback.style_checks import (DEFAULT_CONCISE_MAX_WORDS, DEFAULT_DETAILED_MIN_WORDS,
                                     RULE_CHECKABLE_STYLES, build_style_checks)
 
 logger = logging.getLogger(__name__)
 
 RULE_USER_STYLES: tuple[str, ...] = RULE_CHECKABLE_STYLES
-USER_SIMULATOR_KINDS = ("rule", "local", "claude", "vllm", "neutral")
 DEFAULT_NEUTRAL_TEXTS = ("OK, thanks.",)
 
 
@@ -252,7 +251,7 @@ def load_local_model(model_name_or_path, dtype: str, device: str):
         return tuple(model_name_or_path)
     if not model_name_or_path:
         raise ValueError("a local model-based component needs model_name_or_path")
-    from auxiliary.model_loading import load_model_and_tokenizer
+    from auxiliary.runtime.model_loading import load_model_and_tokenizer
 
     model, tokenizer, _ = load_model_and_tokenizer(model_name_or_path, dtype=dtype, device=device)
     return model, tokenizer
@@ -269,7 +268,7 @@ class LocalHFUserSimulator(UserSimulator):
         self.batch_size, self.seed, self.empty_retries, self.progress = batch_size, seed, empty_retries, progress
 
     def _generate(self, conversations: list[list[dict]], seed: int | None) -> list[str]:
-        from auxiliary.generation import generate_responses
+        from auxiliary.runtime.generation import generate_responses
 
         replies = generate_responses(self.model, self.tokenizer, conversations, max_new_tokens=self.max_new_tokens,
                                      temperature=self.temperature, top_p=self.top_p, batch_size=self.batch_size,
@@ -292,30 +291,6 @@ class LocalHFUserSimulator(UserSimulator):
             f"(max_new_tokens={self.max_new_tokens}); try another model or more tokens")
 
 
-# --------------------------------------------------------------------------- factory
-
-def make_user_simulator(kind: str, style: str, model_name_or_path=None, seed: int = 0,
-                        api_concurrency: int = 8, **kw) -> UserSimulator:
-    if kind not in USER_SIMULATOR_KINDS:
-        raise ValueError(f"unknown user simulator kind {kind!r}; choose one of {', '.join(USER_SIMULATOR_KINDS)}")
-    if kind == "neutral":
-        return NeutralUserSimulator(seed=seed, **kw)
-    get_persona(style)  # fail on an unknown style before loading anything
-    if kind == "rule":
-        return RuleBasedUserSimulator(style, seed=seed, **kw)
-    if kind == "local":
-        return LocalHFUserSimulator(model_name_or_path, style, **kw)
-    if kind == "claude":
-        from auxiliary.claude_user_simulator import ClaudeUserSimulator
-
-        if model_name_or_path:
-            kw["model"] = model_name_or_path
-        return ClaudeUserSimulator(style, api_concurrency=api_concurrency, seed=seed, **kw)
-    from auxiliary.vllm_user_simulator import VLLMUserSimulator
-
-    return VLLMUserSimulator(model_name_or_path, style, seed=seed, **kw)
-
-
 __all__ = ["UserSimulator", "RuleBasedUserSimulator", "NeutralUserSimulator", "LocalHFUserSimulator",
-           "build_simulator_messages", "clean_feedback", "make_user_simulator", "RULE_USER_STYLES",
+           "build_simulator_messages", "clean_feedback", "RULE_USER_STYLES",
            "UnknownStyleError", "UnsupportedStyleError", "EmptyFeedbackError", "retry_empty_feedback", "COMPLAINTS", "APPROVALS"]

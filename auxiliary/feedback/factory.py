@@ -1,0 +1,139 @@
+"""The one place that knows every kind of simulated user and style judge, and builds them.
+
+    factory = FeedbackFactory(dtype="auto", device="auto", api_concurrency=8)
+    user = factory.user("rule" | "local" | "claude" | "vllm" | "neutral", style, model, seed=...)
+    judges = factory.judges("local", ["concise", "no_emojis"], model)   # {style: judge}
+
+A factory loads each model once: every judge of a run, and a user with the same model, share
+one loaded (model, tokenizer) pair, one vLLM engine or one Claude client. The module-level
+`make_user_simulator` / `make_judge` build a single component with a fresh factory.
+
+The base modules (user_simulator.py, style_judge.py) never import their Claude or vLLM
+subclasses; only this module does, lazily, so `anthropic` and `vllm` stay optional.
+"""
+from __future__ import annotations
+
+from auxiliary.feedback.personas import get_persona
+
+USER_SIMULATOR_KINDS = ("rule", "local", "claude", "vllm", "neutral")
+JUDGE_KINDS = ("rule", "local", "claude", "vllm")
+CLIENT_KEYWORDS = ("max_retries", "timeout_s", "base_url", "api_key", "initial_backoff_s", "max_backoff_s")
+
+
+def _check_kind(kind: str, kinds: tuple[str, ...], what: str) -> None:
+    if kind not in kinds:
+        raise ValueError(f"unknown {what} kind {kind!r}; choose one of {', '.join(kinds)}")
+
+
+class FeedbackFactory:
+    """Builds users and judges; loaded models, vLLM engines and Claude clients are shared by name."""
+
+    def __init__(self, dtype: str = "auto", device: str = "auto", api_concurrency: int = 8,
+                 api_options: dict | None = None, vllm_options: dict | None = None):
+        self.dtype, self.device, self.api_concurrency = dtype, device, api_concurrency
+        self.api_options = dict(api_options or {})    # ClaudeClient keywords (max_retries, timeout_s, ...)
+        self.vllm_options = dict(vllm_options or {})  # vllm.LLM keywords (gpu_memory_utilization, ...)
+        self._local: dict = {}
+        self._engines: dict = {}
+        self._clients: dict = {}
+
+    # ------------------------------------------------------------------ shared resources
+    def local_model(self, model_name_or_path):
+        """(model, tokenizer), loaded once per name; an already loaded pair passes through."""
+        from auxiliary.feedback.user_simulator import load_local_model
+
+        if isinstance(model_name_or_path, (tuple, list)):
+            return load_local_model(model_name_or_path, self.dtype, self.device)
+        key = str(model_name_or_path)
+        if key not in self._local:
+            self._local[key] = load_local_model(model_name_or_path, self.dtype, self.device)
+        return self._local[key]
+
+    def vllm_engine(self, model_name_or_path, seed: int = 0, **options):
+        """One vllm.LLM per model name (user and judge on the same model share it)."""
+        from auxiliary.runtime.vllm_adapter import import_vllm, make_llm
+
+        key = str(model_name_or_path)
+        if key not in self._engines:
+            merged = {"gpu_memory_utilization": 0.4, "tensor_parallel_size": 1, **self.vllm_options, **options}
+            gpu_share, tp = merged.pop("gpu_memory_utilization"), merged.pop("tensor_parallel_size")
+            self._engines[key] = make_llm(import_vllm(), model_name_or_path, gpu_share, tp, seed, **merged)
+        return self._engines[key]
+
+    def claude_client(self, model: str | None, seed: int | None = None, **options):
+        from auxiliary.feedback.claude_client import DEFAULT_MODEL, ClaudeClient
+
+        model = model or DEFAULT_MODEL
+        if model not in self._clients:
+            self._clients[model] = ClaudeClient(model=model, max_concurrency=self.api_concurrency, seed=seed,
+                                                **{**self.api_options, **options})
+        return self._clients[model]
+
+    # ------------------------------------------------------------------ components
+    def user(self, kind: str, style: str, model_name_or_path=None, seed: int = 0, **kw):
+        from auxiliary.feedback.user_simulator import LocalHFUserSimulator, NeutralUserSimulator, RuleBasedUserSimulator
+
+        _check_kind(kind, USER_SIMULATOR_KINDS, "user simulator")
+        if kind == "neutral":
+            return NeutralUserSimulator(seed=seed, **kw)
+        get_persona(style)  # fail on an unknown style before loading anything
+        if kind == "rule":
+            return RuleBasedUserSimulator(style, seed=seed, **kw)
+        if kind == "local":
+            return LocalHFUserSimulator(self.local_model(model_name_or_path), style, seed=seed, **kw)
+        if kind == "claude":
+            from auxiliary.feedback.claude_user_simulator import ClaudeUserSimulator
+
+            client = kw.pop("client", None) or self.claude_client(model_name_or_path, seed=seed,
+                                                                   **kw.pop("client_kwargs", {}))
+            return ClaudeUserSimulator(style, client=client, seed=seed, **kw)
+        from auxiliary.feedback.vllm_user_simulator import VLLMUserSimulator
+
+        llm = kw.pop("llm", None) or self.vllm_engine(model_name_or_path, seed, **_engine_options(kw))
+        return VLLMUserSimulator(model_name_or_path, style, seed=seed, llm=llm, **kw)
+
+    def judge(self, kind: str, style: str, model_name_or_path=None, **kw):
+        from auxiliary.feedback.style_judge import LocalHFJudge, RuleBasedJudge
+
+        _check_kind(kind, JUDGE_KINDS, "judge")
+        get_persona(style)  # fail on an unknown style before loading anything
+        if kind == "rule":
+            return RuleBasedJudge(style, **kw)
+        if kind == "local":
+            return LocalHFJudge(self.local_model(model_name_or_path), style, **kw)
+        if kind == "claude":
+            from auxiliary.feedback.claude_style_judge import ClaudeStyleJudge
+
+            client = kw.pop("client", None) or self.claude_client(model_name_or_path, seed=kw.get("seed"),
+                                                                   **kw.pop("client_kwargs", {}))
+            return ClaudeStyleJudge(style, client=client, **kw)
+        from auxiliary.feedback.vllm_style_judge import VLLMStyleJudge
+
+        llm = kw.pop("llm", None) or self.vllm_engine(model_name_or_path, kw.get("seed", 0), **_engine_options(kw))
+        return VLLMStyleJudge(model_name_or_path, style, llm=llm, **kw)
+
+    def judges(self, kind: str, styles, model_name_or_path=None, **kw) -> dict:
+        """One judge per style, all on one loaded model / engine / client."""
+        return {style: self.judge(kind, style, model_name_or_path, **kw) for style in styles}
+
+
+def _engine_options(kw: dict) -> dict:
+    """Pop the vllm.LLM keywords out of a component's keyword arguments."""
+    return {name: kw.pop(name) for name in ("gpu_memory_utilization", "tensor_parallel_size") if name in kw}
+
+
+def make_user_simulator(kind: str, style: str, model_name_or_path=None, seed: int = 0, api_concurrency: int = 8,
+                        **kw):
+    """A single simulated user (a fresh FeedbackFactory: nothing shared)."""
+    client_kwargs = {k: kw.pop(k) for k in CLIENT_KEYWORDS
+                     if k in kw}
+    factory = FeedbackFactory(kw.pop("dtype", "auto"), kw.pop("device", "auto"), api_concurrency, client_kwargs)
+    return factory.user(kind, style, model_name_or_path, seed=seed, **kw)
+
+
+def make_judge(kind: str, style: str, model_name_or_path=None, api_concurrency: int = 8, **kw):
+    """A single judge (a fresh FeedbackFactory: nothing shared)."""
+    client_kwargs = {k: kw.pop(k) for k in CLIENT_KEYWORDS
+                     if k in kw}
+    factory = FeedbackFactory(kw.pop("dtype", "auto"), kw.pop("device", "auto"), api_concurrency, client_kwargs)
+    return factory.judge(kind, style, model_name_or_path, **kw)
