@@ -60,14 +60,16 @@ class FeedbackFactory:
             self._engines[key] = make_llm(import_vllm(), model_name_or_path, gpu_share, tp, seed, **merged)
         return self._engines[key]
 
-    def claude_client(self, model: str | None, seed: int | None = None, **options):
+    def claude_client(self, model: str | None, role: str, seed: int | None = None, **options):
+        """One client per (role, model): the judges of all styles share one, the user has its own
+        (so each role's request and retry counts stay apart in the run's log)."""
         from auxiliary.feedback.claude_client import DEFAULT_MODEL, ClaudeClient
 
-        model = model or DEFAULT_MODEL
-        if model not in self._clients:
-            self._clients[model] = ClaudeClient(model=model, max_concurrency=self.api_concurrency, seed=seed,
-                                                **{**self.api_options, **options})
-        return self._clients[model]
+        key = (role, model or DEFAULT_MODEL)
+        if key not in self._clients:
+            self._clients[key] = ClaudeClient(model=key[1], max_concurrency=self.api_concurrency, seed=seed,
+                                              **{**self.api_options, **options})
+        return self._clients[key]
 
     # ------------------------------------------------------------------ components
     def user(self, kind: str, style: str, model_name_or_path=None, seed: int = 0, **kw):
@@ -84,7 +86,7 @@ class FeedbackFactory:
         if kind == "claude":
             from auxiliary.feedback.claude_user_simulator import ClaudeUserSimulator
 
-            client = kw.pop("client", None) or self.claude_client(model_name_or_path, seed=seed,
+            client = kw.pop("client", None) or self.claude_client(model_name_or_path, "user", seed=seed,
                                                                    **kw.pop("client_kwargs", {}))
             return ClaudeUserSimulator(style, client=client, seed=seed, **kw)
         from auxiliary.feedback.vllm_user_simulator import VLLMUserSimulator
@@ -104,7 +106,7 @@ class FeedbackFactory:
         if kind == "claude":
             from auxiliary.feedback.claude_style_judge import ClaudeStyleJudge
 
-            client = kw.pop("client", None) or self.claude_client(model_name_or_path, seed=kw.get("seed"),
+            client = kw.pop("client", None) or self.claude_client(model_name_or_path, "judge", seed=kw.get("seed"),
                                                                    **kw.pop("client_kwargs", {}))
             return ClaudeStyleJudge(style, client=client, **kw)
         from auxiliary.feedback.vllm_style_judge import VLLMStyleJudge
@@ -114,6 +116,8 @@ class FeedbackFactory:
 
     def judges(self, kind: str, styles, model_name_or_path=None, **kw) -> dict:
         """One judge per style, all on one loaded model / engine / client."""
+        for style in styles:
+            get_persona(style)  # every style checked before the first model loads
         return {style: self.judge(kind, style, model_name_or_path, **kw) for style in styles}
 
 
