@@ -44,12 +44,28 @@ class SkipRecord(ValueError):
     """A record that is well-formed but carries nothing to learn from (counted, not fatal)."""
 
 
+IMPLIED_ROLES = {"completion": "assistant", "user_response": "user"}
+
+
 def message_text(value: Any, field_name: str) -> str:
-    """A completion / follow-up given as a plain string or as one message dict."""
+    """A completion / follow-up given as a plain string or as one message dict.
+
+    A message without a role is accepted: the field implies it (completion -> assistant,
+    user_response -> user); a role that contradicts the field is an error.
+    """
     if isinstance(value, str):
         return value
     if isinstance(value, dict):
-        return normalize_messages([value])[0]["content"]
+        implied = IMPLIED_ROLES[field_name]
+        if value.get("role", value.get("from")) is None:
+            value = {**value, "role": implied}
+        try:
+            message = normalize_messages([value])[0]
+        except ValueError as err:
+            raise ValueError(f"field '{field_name}': {str(err).removeprefix('message 0 ')}") from None
+        if message["role"] != implied:
+            raise ValueError(f"field '{field_name}' is a message of role {message['role']!r}, expected {implied!r}")
+        return message["content"]
     raise ValueError(f"field '{field_name}' must be a string or a message object, got {type(value).__name__}")
 
 
@@ -72,6 +88,8 @@ def normalize_record(record: dict) -> dict:
         raise ValueError(f"field 'prompt': {err}") from None
     if not any(m["role"] == "user" for m in messages):
         raise ValueError("field 'prompt' has no user message to attach the follow-up to")
+    if messages[-1]["role"] == "assistant":  # the completion answers the prompt's last turn: a user's
+        raise ValueError("field 'prompt' ends with an assistant turn (the completion must answer a user message)")
     completion = message_text(record["completion"], "completion")
     followup = message_text(record["user_response"], "user_response")
     if not completion.strip():
