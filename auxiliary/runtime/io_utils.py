@@ -17,13 +17,33 @@ class DataError(ValueError):
     """Bad input data; the message names the file, the line and the field."""
 
 
+_COMPRESSED_MAGIC = {b"\x1f\x8b": "gzip", b"BZh": "bzip2", b"\xfd7zXZ": "xz", b"PK\x03\x04": "zip",
+                     b"\x28\xb5\x2f\xfd": "zstd", b"PAR1": "parquet"}
+
+
+def check_looks_like_text(path: Path) -> None:
+    """A compressed or binary file given as JSONL fails with what it looks like, not a decode traceback."""
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    for magic, kind in _COMPRESSED_MAGIC.items():
+        if head.startswith(magic):
+            hint = "decompress it first (e.g. gunzip)" if kind != "parquet" else "convert it to JSONL"
+            raise DataError(f"{path}: looks like a {kind} file, not JSONL text; {hint}")
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
     """Yield (line_number, record) for each non-empty line; malformed lines raise DataError."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"{path}: file not found")
-    with path.open("r", encoding="utf-8") as handle:
-        for line_number, line in enumerate(handle, start=1):
+    check_looks_like_text(path)
+    with path.open("rb") as handle:  # decoded line by line, so an encoding error names its line
+        for line_number, raw_line in enumerate(handle, start=1):
+            try:
+                line = raw_line.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise DataError(f"{path}:{line_number}: not UTF-8 text (byte 0x{err.object[err.start]:02x}; "
+                                "a latin-1 or other legacy encoding? convert it with iconv -f latin1 -t utf-8)") from None
             if not line.strip():
                 continue
             try:
