@@ -85,6 +85,52 @@ def resolve_checkpoints(paths: list[str]) -> list[CheckpointSpec]:
     return specs
 
 
+def adapter_base(spec: CheckpointSpec, args: EvalCheckpointsArgs) -> str:
+    from auxiliary.runtime.model_loading import ModelLoadError
+
+    adapter_config = json.loads((Path(spec.model_dir) / "adapter_config.json").read_text())
+    base = args.base_model or adapter_config.get("base_model_name_or_path")
+    if not base:
+        raise ModelLoadError(f"{spec.model_dir}: the adapter names no base model; pass --base_model")
+    return base
+
+
+def check_adapter_fits_base(spec: CheckpointSpec, args: EvalCheckpointsArgs) -> None:
+    """Before any generation: every LoRA matrix must sit on a module of the base model with matching
+    sizes (an adapter trained on another base model would otherwise fail late, with a traceback)."""
+    import torch
+    from safetensors import safe_open
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from auxiliary.runtime.model_loading import ModelLoadError, resolve_model_path
+
+    base = adapter_base(spec, args)
+    weights = Path(spec.model_dir) / "adapter_model.safetensors"
+    if not weights.exists():
+        raise ModelLoadError(f"{spec.model_dir}: no adapter_model.safetensors in the adapter folder")
+    try:
+        config = AutoConfig.from_pretrained(resolve_model_path(base))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"{spec.model_dir}: base model of the adapter: {err} (pass --base_model)") from None
+    with torch.device("meta"):  # shapes only: no weights are read or allocated
+        skeleton = AutoModelForCausalLM.from_config(config)
+    modules = dict(skeleton.named_modules())
+    with safe_open(str(weights), framework="pt") as handle:
+        for key in handle.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            name = key.split(".lora_")[0].removeprefix("base_model.model.")
+            module = modules.get(name)
+            shape = handle.get_slice(key).get_shape()
+            expected = (getattr(module, "in_features", None) if ".lora_A." in key
+                        else getattr(module, "out_features", None))
+            size = shape[1] if ".lora_A." in key else shape[0]
+            if module is None or expected != size:
+                found = "no such module" if module is None else f"size {expected}, the adapter has {size}"
+                raise ModelLoadError(f"{spec.model_dir}: adapter does not fit base model {base} ({name}: {found}); "
+                                     "it was trained on another base model (pass the right --base_model)")
+
+
 def load_checkpoint(spec: CheckpointSpec, args: EvalCheckpointsArgs):
     """(model, tokenizer) ready for generation; adapters are merged into their base model."""
     from auxiliary.runtime.model_loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer
@@ -92,10 +138,7 @@ def load_checkpoint(spec: CheckpointSpec, args: EvalCheckpointsArgs):
     if spec.kind == "full":
         model, tokenizer, _ = load_model_and_tokenizer(spec.model_dir, args.dtype, args.attn_implementation, args.device)
         return model, tokenizer
-    adapter_config = json.loads((Path(spec.model_dir) / "adapter_config.json").read_text())
-    base = args.base_model or adapter_config.get("base_model_name_or_path")
-    if not base:
-        raise ModelLoadError(f"{spec.model_dir}: the adapter names no base model; pass --base_model")
+    base = adapter_base(spec, args)
     try:
         model, tokenizer, _ = load_model_and_tokenizer(base, args.dtype, args.attn_implementation, args.device)
     except ModelLoadError as err:
@@ -119,6 +162,9 @@ def run(args: EvalCheckpointsArgs) -> Path:
         raise ValueError("--baseline_model is required")
     style_eval.validate_styles(args.eval_styles, args.judge)
     specs = resolve_checkpoints(args.checkpoints)
+    for spec in specs:
+        if spec.kind == "lora":
+            check_adapter_fits_base(spec, args)
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir("eval_checkpoints")
     output_dir.mkdir(parents=True, exist_ok=True)
 

@@ -144,3 +144,19 @@ def test_rule_judge_rejects_unchecked_style_before_loading(tiny_model_dir, check
     assert main(["--baseline_model", tiny_model_dir, "--checkpoints", checkpoints["copy"],
                  "--eval_styles", "no_such_style"]) == 2
     assert "no_such_style" in capsys.readouterr().err
+
+
+def test_an_adapter_of_another_base_model_fails_before_the_baseline_is_generated(tiny_model_dir, checkpoints,
+                                                                                  tmp_path, capsys, monkeypatch):
+    from auxiliary.runtime.tiny_model import save_tiny_model
+
+    wider = save_tiny_model(tmp_path / "wider_base", hidden_size=96)
+    capsys.readouterr()  # the save's progress bar
+    generated = []
+    monkeypatch.setattr(style_eval, "generate", lambda *a, **k: generated.append(a) or pytest.fail("generated"))
+    code = main(["--baseline_model", tiny_model_dir, "--base_model", wider, "--checkpoints", checkpoints["adapter"],
+                 "--eval_styles", "no_emojis", "--judge", "rule", "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and not generated
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "adapter does not fit base model" in err[0] and "q_proj" in err[0]
+    assert "trained on another base model" in err[0]
