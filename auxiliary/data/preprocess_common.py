@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
-from auxiliary.runtime.io_utils import DataError, atomic_write_jsonl, iter_jsonl
+from auxiliary.runtime.io_utils import DataError, atomic_write_jsonl, describe_os_error, iter_jsonl
 
 MESSAGE_LIST_FIELDS = ("messages", "conversation", "conversations")
 LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -495,11 +495,14 @@ def progress(iterable, total: int | None, desc: str):
 
 
 def run_cli(main_fn, argv=None) -> int:
-    """Entry-point wrapper: bad input ends with one clear line and exit code 2."""
+    """Entry-point wrapper: bad input or an unwritable output ends with one clear line and exit code 2."""
     try:
         main_fn(argv)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # read-only or full output folder, a file where a folder should be
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     return 0
 

@@ -71,7 +71,7 @@ def parse_dataclasses(classes: Sequence[type], argv: Sequence[str] | None = None
 
 def run_cli(args_class: type, run: Callable, argv: Sequence[str] | None, prog: str) -> int:
     """Parse one dataclass of flags and call run(args); bad input prints one `error:` line and exits 2."""
-    from auxiliary.runtime.io_utils import DataError
+    from auxiliary.runtime.io_utils import DataError, describe_os_error
     from auxiliary.runtime.model_loading import ModelLoadError
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -80,5 +80,8 @@ def run_cli(args_class: type, run: Callable, argv: Sequence[str] | None, prog: s
         run(args)
     except (ConfigError, DataError, ModelLoadError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:
+        print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return 2
     return 0

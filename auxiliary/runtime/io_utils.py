@@ -59,6 +59,18 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
     return [record for _, record in iter_jsonl(path)]
 
 
+def describe_os_error(err: OSError) -> str:
+    """One line for an environment error: what failed on which path, and what that usually means."""
+    import errno
+
+    path = err.filename or "?"
+    hints = {errno.ENOSPC: " (the disk is full: free space or choose another output folder)",
+             errno.EROFS: " (read-only file system: choose another output folder)",
+             errno.EACCES: " (no permission: choose another output folder)",
+             errno.EDQUOT: " (disk quota exceeded)"}
+    return f"cannot write {path}: {err.strerror or err}{hints.get(err.errno, '')}"
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
