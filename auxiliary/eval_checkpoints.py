@@ -153,7 +153,6 @@ def load_checkpoint(spec: CheckpointSpec, args: EvalCheckpointsArgs):
 
 
 def run(args: EvalCheckpointsArgs) -> Path:
-    from auxiliary.evals.eval_common import default_output_dir
     from auxiliary.evals.evaluation_helpers import prompt_as_messages
     from auxiliary.runtime.model_loading import load_model_and_tokenizer
 
@@ -165,8 +164,7 @@ def run(args: EvalCheckpointsArgs) -> Path:
     for spec in specs:
         if spec.kind == "lora":
             check_adapter_fits_base(spec, args)
-    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir("eval_checkpoints")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = style_eval.prepare_output_dir(args, "eval_checkpoints")
 
     model, tokenizer, baseline_path = load_model_and_tokenizer(args.baseline_model, args.dtype,
                                                                args.attn_implementation, args.device)

@@ -47,7 +47,6 @@ def with_persona(messages: list[dict], system_text: str) -> list[dict]:
 
 
 def run(args: OracleArgs) -> Path:
-    from auxiliary.evals.eval_common import default_output_dir
     from auxiliary.evals.evaluation_helpers import prompt_as_messages
     from auxiliary.runtime.model_loading import load_model_and_tokenizer
     from auxiliary.feedback.personas import get_persona
@@ -56,8 +55,7 @@ def run(args: OracleArgs) -> Path:
     if "{persona}" not in args.oracle_system_template:
         raise ValueError("--oracle_system_template must contain the placeholder {persona}")
     style_eval.validate_styles(args.eval_styles, args.judge)
-    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir("incontext_oracle")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir = style_eval.prepare_output_dir(args, "incontext_oracle")
 
     model, tokenizer, model_path = load_model_and_tokenizer(args.model, args.dtype, args.attn_implementation,
                                                             args.device)

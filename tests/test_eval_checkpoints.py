@@ -160,3 +160,16 @@ def test_an_adapter_of_another_base_model_fails_before_the_baseline_is_generated
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "adapter does not fit base model" in err[0] and "q_proj" in err[0]
     assert "trained on another base model" in err[0]
+
+
+def test_earlier_results_are_never_overwritten_silently(tiny_model_dir, checkpoints, evaluation, capsys, tmp_path):
+    out = shutil.copytree(evaluation[0], tmp_path / "earlier_run")  # the shared fixture's folder stays as it is
+    before = (out / "results.json").read_bytes()
+    argv = ["--baseline_model", tiny_model_dir, "--checkpoints", checkpoints["copy"], "--eval_styles", "no_emojis",
+            "--judge", "rule", "--eval_n", "2", "--max_new_tokens", "4", "--data_dir", "data/samples", "--output_dir",
+            str(out), "--device", "cpu"]
+    assert main(argv) == 2
+    assert "already holds results (results.json, completions.jsonl)" in capsys.readouterr().err
+    assert (out / "results.json").read_bytes() == before
+    assert main(argv + ["--overwrite"]) == 0
+    assert (out / "results.json").read_bytes() != before

@@ -59,6 +59,7 @@ class StyleEvalArgs:
     seed: int = field(default=1234, metadata={"help": "prompt selection and sampling seed (the same for every model)"})
     n_bootstrap: int = field(default=10000, metadata={"help": "bootstrap resamples for se_bootstrap"})
     output_dir: Optional[str] = field(default=None, metadata={"help": "default: $BASE_WORK/sdpo_outputs/<tool>_<time>"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the results already in --output_dir"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, eager, flash_attention_2"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
@@ -255,6 +256,19 @@ def plot_win_rate_bars(rows: Sequence[dict], path: str | Path, title: str) -> st
     ax.legend(fontsize=7, loc="upper left")
     ax.grid(axis="y", alpha=0.3)
     return save_figure(fig, path, dpi=100)
+
+
+def prepare_output_dir(args: StyleEvalArgs, tool: str) -> Path:
+    """The output folder, created; one that already holds results is refused unless --overwrite."""
+    from auxiliary.evals.eval_common import default_output_dir
+
+    output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(tool)
+    earlier = [name for name in ("results.json", "completions.jsonl") if (output_dir / name).exists()]
+    if earlier and not args.overwrite:
+        raise DataError(f"{output_dir} already holds results ({', '.join(earlier)}) of an earlier run; "
+                        "pass --overwrite to replace them or choose another --output_dir")
+    output_dir.mkdir(parents=True, exist_ok=True)
+    return output_dir
 
 
 def write_outputs(output_dir: Path, meta: dict, baseline: dict, rows: list[dict], completions: list[dict],
