@@ -9,117 +9,143 @@ Interface
     list_styles() -> list[str]    the known style names, sorted
     get_persona(style) -> str     raises UnknownStyleError (a ValueError listing the known styles)
 
-Styles: the 8 combinations `{concise,detailed}_{casual,professional}_{beginner,expert}`,
-plus single-preference profiles (no_emojis, less_filler_praise_sycophancy,
-answer_directly_reduce_formatting, poetic, no_punctuation, no_first_person, ...).
+Styles: the paper repository's 31 names with their meanings there (PAPER_STYLES: the 8
+combinations `{concise,detailed}_{casual,professional}_{beginner,expert}` and 23 single
+preferences), plus our own extras under names of their own (EXTRA_STYLES: concise, detailed,
+no_exclamation, more_exclamation, no_flattery, no_punctuation_at_all, anticipate_next_step).
 Which of them a program can check is decided in `auxiliary/feedback/style_checks.py`.
 """
 from __future__ import annotations
 
-from itertools import product
-
-_LENGTH = {
-    "concise": "You want short answers: a few sentences that get to the point, with no padding, "
-               "no long introductions and no recap at the end.",
-    "detailed": "You want thorough answers that explain the reasoning, cover the cases that matter and "
-                "give concrete examples; a two-line answer feels lazy to you.",
-}
-_TONE = {
-    "casual": "You write casually, the way you would text a friend, and you like replies in the same "
-              "relaxed, plain-spoken voice; stiff or corporate wording puts you off.",
-    "professional": "You expect a polished, professional tone, like a work e-mail from a competent "
-                    "colleague; slang, jokes and chummy phrasing put you off.",
-}
-_EXPERTISE = {
-    "beginner": "You are new to most topics: jargon and unexplained terms lose you, and you value "
-                "plain words and simple, everyday examples.",
-    "expert": "You already know the field well: basic definitions and hand-holding waste your time, "
-              "and you want precise terminology and the non-obvious details.",
-}
-
-
-def _combined_personas() -> dict[str, str]:
-    return {f"{length}_{tone}_{level}": " ".join((_LENGTH[length], _TONE[tone], _EXPERTISE[level]))
-            for length, tone, level in product(_LENGTH, _TONE, _EXPERTISE)}
-
-
-_SINGLE_PREFERENCE = {
-    "no_emojis": (
-        "You find emojis in written answers childish and distracting. Any emoji or emoticon in a reply "
-        "annoys you, wherever it appears; you want plain text only."),
-    "less_filler_praise_sycophancy": (
-        "You dislike padding and flattery. Openers such as 'Great question!' or 'Sure, I'd be happy to "
-        "help!', compliments about your request, and closing lines such as 'I hope this helps!' or "
-        "'Let me know if you need anything else' irritate you. You want the substance and nothing else."),
-    "answer_directly_reduce_formatting": (
-        "You want the answer in the first sentence, with no preamble, and you prefer plain prose: "
-        "headings, bold text and bullet lists make a reply feel like a slide deck to you. Use structure "
-        "only when the content truly cannot be written as a paragraph."),
+# The 31 style names of the paper repository (lasgroup/user_interactions), each with the meaning it
+# has there, in our own words. Combined styles are written one by one: the paper's are not a plain
+# sum of three parts (several ask for extremes: "extremely short", slang, semicolons and dashes).
+PAPER_STYLES: dict[str, str] = {
+    "concise_casual_beginner": (
+        "You want short answers in a relaxed, everyday voice, pitched at someone new to the topic: a little "
+        "context, plain words and no jargon. Long, formal or technically dense replies lose you."),
+    "concise_casual_expert": (
+        "You know the topic well and want replies that are extremely short. You like a very informal tone, "
+        "slang included, the way a friend in the field would text you; anything stiff or wordy bores you."),
+    "concise_professional_beginner": (
+        "You are new to the topic and want replies that are extremely short, in an extremely formal and "
+        "professional register, like a brief note from a lawyer's office. Chatty or casual wording puts you off."),
+    "concise_professional_expert": (
+        "You are an expert who wants extremely short replies written in a refined register: sophisticated "
+        "vocabulary, intricate sentences, and punctuation such as semicolons and em-dashes. Plain, simple "
+        "phrasing feels beneath the subject to you."),
+    "detailed_casual_beginner": (
+        "You are new to the topic and want thorough, conversational explanations that walk through the ideas "
+        "one step at a time, in a warm and relaxed voice. Terse or formal replies leave you lost."),
+    "detailed_casual_expert": (
+        "You know the field and want in-depth, detailed discussion, but in extremely casual language; formal "
+        "or academic writing turns you off, however correct it is."),
+    "detailed_professional_beginner": (
+        "You want long, professional replies, yet you are a beginner: the language must stay very simple, "
+        "with no complex or technical vocabulary. Jargon and dense sentences frustrate you."),
+    "detailed_professional_expert": (
+        "You want thorough, professional replies at an expert level: structured, impersonal and analytical, "
+        "with precise terminology, complex sentences and sophisticated wording. Simplified or chatty replies "
+        "feel unserious to you."),
     "poetic": (
-        "You love language with some music in it. You enjoy replies written with imagery, rhythm and a "
-        "touch of poetry, even for practical questions; flat, purely functional prose bores you."),
+        "You love language with music in it: lyrical phrasing, vivid imagery and metaphor, even for practical "
+        "questions. Plain, purely functional prose bores you."),
     "no_punctuation": (
-        "You have an odd taste: you like text with no punctuation marks at all, no commas, periods, "
-        "question marks or exclamation marks, just words and line breaks. Punctuation in a reply bothers you."),
+        "Certain punctuation marks bother you a great deal: commas, dashes (em-dashes above all) and "
+        "semicolons. You want sentences that do without them; a reply full of such marks annoys you."),
+    "no_emojis": (
+        "You find emojis and icons in written answers childish and distracting. Any emoji, pictograph or "
+        "emoticon in a reply annoys you, wherever it appears; you want plain text only."),
+    "less_filler_praise_sycophancy": (
+        "You dislike padding and flattery. Openers that praise you or the request ('Great question!', "
+        "'Perfect!') and closers such as 'I hope this helps!' or 'Let me know if there is anything else' "
+        "irritate you. You want the reply to start and end with the substance."),
+    "answer_directly_reduce_formatting": (
+        "You want concise replies that get to the point quickly, in plain text. Long lists, bold text and "
+        "markdown headers make a reply feel bloated to you; a short, direct paragraph is what you like."),
     "no_first_person": (
-        "You do not want the assistant to talk about itself. Replies that say 'I', 'me', 'my' or "
-        "'I think' feel self-centred to you; you want the information stated impersonally."),
+        "You do not want the assistant to talk about itself. First-person phrasing such as 'I think', "
+        "'I recommend' or 'I would suggest' feels self-centred to you; you want neutral, impersonal statements."),
     "clarification_first": (
-        "Your requests are often underspecified, and you prefer an assistant that first asks one or two "
-        "short clarifying questions about what you actually need before giving a full answer. A long "
-        "answer built on guesses about your situation frustrates you."),
+        "When your request is ambiguous you want the assistant to ask a clarifying question before it "
+        "proceeds. A long answer built on guesses about what you meant frustrates you."),
     "single_answer": (
-        "You want one recommendation, not a menu. Lists of options, 'it depends' and several "
-        "alternatives side by side make you do the work; you want the single best answer."),
-    "answer_first": (
-        "You want the bottom line first. The direct answer should come in the opening sentence, and any "
-        "explanation or background after it; replies that build up slowly to the point annoy you."),
-    "no_filler_followup": (
-        "You dislike replies that end with offers or questions such as 'Would you like me to...?', "
-        "'Let me know if you have other questions' or 'Feel free to ask'. Once the answer is given, the "
-        "reply should simply stop."),
-    "high_initiative": (
-        "You like an assistant that takes initiative: it anticipates the next problem, suggests a "
-        "concrete next step and points out what you did not think to ask. Replies that answer only the "
-        "literal question feel passive to you."),
-    "committing": (
-        "You want an assistant that commits. Hedging such as 'it might', 'possibly', 'it depends on many "
-        "factors' or a balanced overview without a conclusion frustrates you; you want a clear, "
-        "confident position."),
-    "no_lists": (
-        "You dislike bullet points and numbered lists. You want replies written as connected sentences "
-        "and paragraphs; a list of fragments feels lazy and hard to read to you."),
-    "more_lists": (
-        "You skim. You like replies organised as bullet points or numbered steps that you can scan "
-        "quickly; long paragraphs make you lose patience."),
-    "more_formatting": (
-        "You like richly structured replies: headings for sections, bold for the key points and lists for "
-        "steps. A plain block of text is hard for you to navigate."),
-    "less_formatting": (
-        "You dislike markdown decoration. Headings, bold and italic text, bullet lists and tables in a "
-        "reply look cluttered to you; you want plain, simple text."),
-    "opinionated": (
-        "You value an assistant with a point of view. You want it to say what it thinks is best and why, "
-        "not to list pros and cons neutrally and leave the decision entirely to you."),
-    "exclamation": (
-        "You like energy and enthusiasm. Replies that sound upbeat and excited, with exclamation marks, "
-        "make you happy; a flat, monotone reply feels cold to you."),
-    "no_exclamation": (
-        "You find exclamation marks grating. You want a calm, even tone; replies that exclaim, even once, "
-        "sound overexcited and insincere to you."),
+        "You want the assistant to commit to one best answer. A menu of options or alternatives side by side "
+        "makes you do the work, and that annoys you."),
+    "writing_tics": (
+        "You have one pet peeve: emojis in the assistant's replies (check marks, pins, brains and the like). "
+        "Their use as decoration in an answer irritates you."),
+    "writing_tics_v2": (
+        "Formatting in general does not bother you, but emojis and icons do (check marks, pins, brains and "
+        "the like): you specifically dislike replies decorated with them."),
+    "formatting": (
+        "You dislike long lists and bullet points, and nested lists most of all. You would rather read plain "
+        "paragraphs that connect the ideas."),
     "no_sycophantic": (
-        "You cannot stand flattery. Replies that praise your question, call your idea great, agree with "
-        "you just to please you or gush about how happy they are to help put you off; you want a neutral, "
-        "honest reply."),
+        "You dislike an assistant that simply goes along with you. You want it to question assumptions in "
+        "your request that may be wrong, point out flaws in your reasoning and disagree when that is "
+        "warranted. When you give feedback about this, you keep it very brief."),
+    "sycophantic_and_praise": (
+        "You dislike sycophancy in every form: flattering agreement, filler praise such as 'Good question!' "
+        "at the start, and filler at the end such as 'I hope this helps!'."),
+    "answer_first": (
+        "You want a short, direct answer to your request set apart at the very beginning of the reply; only "
+        "after it should the full answer and any explanation follow."),
+    "no_filler_followup": (
+        "You dislike replies that end with follow-up questions or filler such as 'Let me know if I can help "
+        "with anything else'. Once the answer is given, the reply should simply stop."),
+    "high_initiative": (
+        "You like an assistant that drives the conversation forward itself, by asking you follow-up questions "
+        "about what you need next. Replies that stop at the literal answer feel passive to you."),
+    "committing": (
+        "You want the assistant to commit to a single best answer instead of laying out options, and you "
+        "dislike softening adverbs such as 'generally', 'typically', 'often' or 'usually' that hedge every claim."),
+    "no_lists": (
+        "You dislike replies formatted as lists or with markdown headers (###). You want plain text written "
+        "as connected paragraphs, where one idea leads to the next, as in a well-written letter."),
+    "more_lists": (
+        "Plain paragraphs tire you. You prefer replies organised with lists and markdown headers (###) that "
+        "you can scan quickly; a simple block of prose makes you lose patience."),
+    "more_formatting": (
+        "You like replies that use lists and markdown formatting generously; as far as you are concerned, the "
+        "more lists the better."),
+    "less_formatting": (
+        "You dislike lists and markdown formatting in replies. You want fewer headers (###) and nested lists; "
+        "plain text reads better to you."),
+    "opinionated": (
+        "You want opinionated replies that take a position and disagree with you when that is appropriate. "
+        "A neutral survey of options and trade-offs, with no committed answer, disappoints you."),
+    "exclamation": (
+        "You dislike exclamation marks in the assistant's replies; you want a calm tone without them. When "
+        "a request is ambiguous, you also like the assistant to ask a clarifying question first."),
+}
+
+# Our own styles, under names the paper repository does not use.
+EXTRA_STYLES: dict[str, str] = {
     "concise": (
         "You are busy. You want short replies, a few sentences at most, that answer exactly what you "
         "asked; every extra paragraph costs you time."),
     "detailed": (
         "You are curious and patient. You want long, thorough replies that explain the why as well as the "
         "how, with examples and the relevant caveats; short answers leave you unsatisfied."),
+    "no_exclamation": (
+        "You find exclamation marks grating. You want a calm, even tone; replies that exclaim, even once, "
+        "sound overexcited and insincere to you."),
+    "more_exclamation": (
+        "You like energy and enthusiasm. Replies that sound upbeat and excited, with exclamation marks, "
+        "make you happy; a flat, monotone reply feels cold to you."),
+    "no_flattery": (
+        "You cannot stand flattery. Replies that praise your question, call your idea great or gush about how "
+        "happy they are to help put you off; you want a neutral, honest reply."),
+    "no_punctuation_at_all": (
+        "You have an odd taste: you like text with no punctuation marks at all, no commas, periods, question "
+        "marks or exclamation marks, just words and line breaks. Any punctuation in a reply bothers you."),
+    "anticipate_next_step": (
+        "You like an assistant that thinks ahead: it anticipates the next problem, suggests a concrete next "
+        "step and points out what you did not think to ask, instead of answering only the literal question."),
 }
 
-PERSONAS: dict[str, str] = {**_combined_personas(), **_SINGLE_PREFERENCE}
+PERSONAS: dict[str, str] = {**PAPER_STYLES, **EXTRA_STYLES}
 
 
 class UnknownStyleError(ValueError):

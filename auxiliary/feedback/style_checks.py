@@ -13,8 +13,11 @@ Detectors (all ignore fenced and inline code, except the word count):
 - filler: an opener in the first words ("Sure!", "Great question", "I'd be happy to"), a closer in
   the last sentences ("I hope this helps", "Let me know if...", "Feel free to...", "Good luck"),
   and praise of the user anywhere ("great question", "you're absolutely right")
-- exclamation marks, first-person singular pronouns (I, I'm, me, my, mine, myself), and punctuation
-  (every Unicode punctuation character).
+- exclamation marks, first-person singular pronouns (I, I'm, me, my, mine, myself), punctuation
+  (every Unicode punctuation character, or only commas, dashes and semicolons), softening adverbs
+  (generally, typically, often, usually), questions asked, nested list items.
+
+The checks follow the meanings of the paper repository's styles (auxiliary/feedback/personas.py).
 """
 from __future__ import annotations
 
@@ -102,6 +105,30 @@ def count_first_person(text: str) -> int:
     return len(_FIRST_PERSON.findall(strip_code(text)))
 
 
+_DASH = re.compile(r"[\u2013\u2014]|(?<=\s)-{1,2}(?=\s)")  # en/em dashes, and hyphens used as dashes
+_HEDGE = re.compile(r"\b(?:generally|typically|often|usually|in most cases|it depends)\b", re.I)
+_NESTED_ITEM = re.compile(r"^(?:[ ]{2,}|\t)+(?:[-*+\u2022\u2023\u25e6\u25aa]|\d{1,3}[.)])[ \t]+\S", re.M)
+_QUESTION = re.compile(r"\?(?=\s|$)")
+
+
+def count_commas_dashes_semicolons(text: str) -> int:
+    """The marks the paper repository's no_punctuation user dislikes (periods are fine)."""
+    plain = strip_code(text)
+    return plain.count(",") + plain.count(";") + len(_DASH.findall(plain))
+
+
+def count_nested_list_items(text: str) -> int:
+    return len(_NESTED_ITEM.findall(strip_code(text)))
+
+
+def count_hedges(text: str) -> int:
+    return len(_HEDGE.findall(strip_code(text)))
+
+
+def count_questions(text: str) -> int:
+    return len(_QUESTION.findall(strip_code(text)))
+
+
 def count_punctuation(text: str) -> int:
     return sum(1 for ch in strip_code(text) if unicodedata.category(ch).startswith("P"))
 
@@ -165,35 +192,66 @@ def build_style_checks(concise_max_words: int = DEFAULT_CONCISE_MAX_WORDS,
         counts = formatting_counts(text)
         return sum(1 for name in ("headers", "bold", "lists") if counts[name] > 0)
 
+    emojis = StyleCheck("no_emojis", "no emojis or emoticons",
+                        lambda t: ["emojis"] if count_emojis(t) else [], lambda t: -count_emojis(t))
+    filler_check = lambda style: StyleCheck(  # noqa: E731
+        style, "no filler opener, no praise, no filler closer", filler,
+        lambda t: -(int(has_filler_opener(t)) + count_praise(t) + count_filler_closers(t)))
+
+    def lists_and_headers(text: str) -> int:
+        return count_list_items(text) + count_headers(text)
+
+    def short_plain(text: str) -> list[str]:
+        counts = formatting_counts(text)
+        found = _present({"lists": counts["lists"], "bold": counts["bold"], "headers": counts["headers"],
+                          "tables": counts["tables"]})
+        return found + (["too_long"] if count_words(text) > concise_max_words else [])
+
     checks = [
-        StyleCheck("no_emojis", "no emojis or emoticons",
-                   lambda t: ["emojis"] if count_emojis(t) else [], lambda t: -count_emojis(t)),
-        StyleCheck("no_lists", "no bullet or numbered list items",
-                   lambda t: ["lists"] if count_list_items(t) else [], lambda t: -count_list_items(t)),
-        StyleCheck("more_lists", "at least two list items (more is better)",
-                   lambda t: ["no_list"] if count_list_items(t) < 2 else [], lambda t: count_list_items(t)),
+        emojis,
+        StyleCheck("writing_tics", "no emojis or emoticons", emojis.problems, emojis.score),
+        StyleCheck("writing_tics_v2", "no emojis or emoticons (other formatting is fine)", emojis.problems,
+                   emojis.score),
+        StyleCheck("no_lists", "no list items or markdown headers",
+                   lambda t: _present({"lists": count_list_items(t), "headers": count_headers(t)}),
+                   lambda t: -lists_and_headers(t)),
+        StyleCheck("more_lists", "at least two list items or headers (more is better)",
+                   lambda t: ["no_list"] if lists_and_headers(t) < 2 else [], lists_and_headers),
+        StyleCheck("formatting", "no list items, nested ones worst",
+                   lambda t: ["lists"] if count_list_items(t) else [],
+                   lambda t: -(count_list_items(t) + 2 * count_nested_list_items(t))),
         StyleCheck("less_formatting", "no headers, bold, list items or tables",
                    lambda t: _present(formatting_counts(t)), lambda t: -sum(formatting_counts(t).values())),
         StyleCheck("more_formatting", "uses headers, bold and lists (score = kinds used, 0-3)",
                    lambda t: ["no_formatting"] if kinds_used(t) == 0 else [], kinds_used),
-        StyleCheck("answer_directly_reduce_formatting", "no filler opener, no headers/bold/lists/tables",
-                   lambda t: (["filler_opener"] if has_filler_opener(t) else []) + _present(formatting_counts(t)),
-                   lambda t: -(int(has_filler_opener(t)) + sum(formatting_counts(t).values()))),
-        StyleCheck("less_filler_praise_sycophancy", "no filler opener, no praise, no filler closer",
-                   filler, lambda t: -(int(has_filler_opener(t)) + count_praise(t) + count_filler_closers(t))),
-        StyleCheck("no_sycophantic", "no praise of the user or their request",
+        StyleCheck("answer_directly_reduce_formatting",
+                   f"no lists, bold, headers or tables, at most {concise_max_words} words for the user "
+                   "(the judge: less formatting, then shorter)",
+                   short_plain, lambda t: -(sum(formatting_counts(t).values()) + count_words(t) / 1000)),
+        filler_check("less_filler_praise_sycophancy"),
+        filler_check("sycophantic_and_praise"),
+        StyleCheck("no_flattery", "no praise of the user or their request",
                    lambda t: ["praise"] if count_praise(t) else [], lambda t: -count_praise(t)),
         StyleCheck("no_filler_followup", "no closing offer or filler in the last two sentences",
                    lambda t: ["filler_closer"] if count_filler_closers(t) else [],
                    lambda t: -count_filler_closers(t)),
+        StyleCheck("exclamation", "no exclamation marks (the clarifying-question half is not checked)",
+                   lambda t: ["exclamation"] if count_exclamations(t) else [], lambda t: -count_exclamations(t)),
         StyleCheck("no_exclamation", "no exclamation marks",
                    lambda t: ["exclamation"] if count_exclamations(t) else [], lambda t: -count_exclamations(t)),
-        StyleCheck("exclamation", "at least one exclamation mark (more is better)",
+        StyleCheck("more_exclamation", "at least one exclamation mark (more is better)",
                    lambda t: ["flat"] if not count_exclamations(t) else [], lambda t: count_exclamations(t)),
         StyleCheck("no_first_person", "no I / me / my / mine / myself",
                    lambda t: ["first_person"] if count_first_person(t) else [], lambda t: -count_first_person(t)),
-        StyleCheck("no_punctuation", "no punctuation characters",
+        StyleCheck("no_punctuation", "no commas, dashes or semicolons",
+                   lambda t: ["commas_dashes"] if count_commas_dashes_semicolons(t) else [],
+                   lambda t: -count_commas_dashes_semicolons(t)),
+        StyleCheck("no_punctuation_at_all", "no punctuation characters",
                    lambda t: ["punctuation"] if count_punctuation(t) else [], lambda t: -count_punctuation(t)),
+        StyleCheck("committing", "no softening adverbs (generally, typically, often, usually, it depends)",
+                   lambda t: ["hedging"] if count_hedges(t) else [], lambda t: -count_hedges(t)),
+        StyleCheck("high_initiative", "asks the user at least one follow-up question (up to two count)",
+                   lambda t: ["no_question"] if not count_questions(t) else [], lambda t: min(count_questions(t), 2)),
         StyleCheck("concise", f"at most {concise_max_words} words for the user (shorter is better for the judge)",
                    lambda t: ["too_long"] if count_words(t) > concise_max_words else [], lambda t: -count_words(t)),
         StyleCheck("detailed", f"at least {detailed_min_words} words for the user (longer is better for the judge)",
