@@ -40,13 +40,26 @@ def test_bootstrap_se_matches_index_resampling_and_is_seeded():
     decisions = ["A"] * 30 + ["B"] * 14 + ["C"] * 16
     stats = win_rate_stats(decisions, n_bootstrap=10000, seed=3)
     independent = _bootstrap_by_index_resampling(decisions, 4000, seed=11)
-    assert stats["se_bootstrap"] == pytest.approx(independent, rel=0.06)
+    assert stats["se_bootstrap_all"] == pytest.approx(independent, rel=0.06)
     # ties make the number of decisive pairs random, so the bootstrap SE is close to, not equal to, the analytic one
-    assert stats["se_bootstrap"] == pytest.approx(stats["se"], rel=0.1)
+    assert stats["se_bootstrap_all"] == pytest.approx(stats["se"], rel=0.1)
+    # the paper's SE resamples the 44 decisive pairs only: the binomial SE up to Monte-Carlo noise
+    decisive_only = _bootstrap_by_index_resampling([d for d in decisions if d != "C"], 4000, seed=12)
+    assert stats["se_bootstrap"] == pytest.approx(decisive_only, rel=0.06)
+    assert stats["se_bootstrap"] == pytest.approx(100 * math.sqrt(30 / 44 * 14 / 44 / 44), rel=0.03)
     again = win_rate_stats(decisions, n_bootstrap=10000, seed=3)
     assert again["se_bootstrap"] == stats["se_bootstrap"]  # reproducible with the seed
     other = win_rate_stats(decisions, n_bootstrap=10000, seed=4)["se_bootstrap"]
     assert other != stats["se_bootstrap"] and other == pytest.approx(stats["se_bootstrap"], rel=0.05)
+
+
+def test_win_rate_including_ties_and_effective_n_by_hand():
+    stats = win_rate_stats(["A"] * 30 + ["B"] * 14 + ["C"] * 16, n_bootstrap=100)
+    assert stats["n_effective"] == 44 and stats["n"] == 60
+    assert stats["winrate_inc_ties"] == pytest.approx(100 * (30 + 8) / 60)  # 63.33
+    assert stats["win_rate"] == pytest.approx(100 * 30 / 44)                # 68.18
+    only_ties = win_rate_stats(["C"] * 4)
+    assert only_ties["winrate_inc_ties"] == 50.0 and only_ties["n_effective"] == 0
 
 
 def test_bootstrap_without_ties_equals_the_binomial_se():
@@ -59,6 +72,7 @@ def test_bootstrap_without_ties_equals_the_binomial_se():
 def test_degenerate_cases():
     perfect = win_rate_stats(["A"] * 5)
     assert perfect["win_rate"] == 100.0 and perfect["se"] == 0.0 and perfect["se_bootstrap"] == 0.0
+    assert perfect["se_bootstrap_all"] == 0.0 and perfect["winrate_inc_ties"] == 100.0
     ties = win_rate_stats(["C"] * 4)
     assert ties["coverage"] == 0.0 and ties["win_rate"] is None and ties["se"] is None and ties["se_bootstrap"] is None
     empty = win_rate_stats([])

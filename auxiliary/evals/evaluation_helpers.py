@@ -19,10 +19,14 @@ Metrics (decisions come from PairwiseJudge.compare: "A" = the evaluated policy w
         coverage      = (wins + losses) / n, the fraction of decisive pairs (0..1)
         win_rate      = 100 * wins / (wins + losses)                 (ties excluded)
         se            = 100 * sqrt(p (1 - p) / (wins + losses))      (analytic, p = win_rate / 100)
+        n_effective   = wins + losses, the decisive pairs
+        winrate_inc_ties = 100 * (wins + ties / 2) / n                (a tie counts half; None when n = 0)
         se_bootstrap  = standard deviation (ddof=1) of the win rate over n_bootstrap resamples of the
-                        n decisions drawn with replacement (ties included in the resampling; a resample
-                        with no decisive pair is skipped), numpy Generator seeded with `seed`
-        win_rate, se and se_bootstrap are None when no pair is decisive.
+                        decisive pairs only, drawn with replacement (the paper repository's SE),
+                        numpy Generator seeded with `seed`
+        se_bootstrap_all = the same over resamples of all n decisions (ties included in the
+                        resampling; a resample with no decisive pair is skipped)
+        win_rate, se, se_bootstrap and se_bootstrap_all are None when no pair is decisive.
     net_effect(feedback_stats, placebo_stats) -> {"diff", "se"}
         diff = win_rate(feedback) - win_rate(placebo), se = sqrt(se_f^2 + se_p^2) (analytic SEs,
         independent samples); both None when either win rate is None.
@@ -136,14 +140,16 @@ def win_rate_stats(decisions: Sequence[str], n_bootstrap: int = 10000, seed: int
     counts = Counter(decisions)
     n, wins, losses, ties = len(decisions), counts["A"], counts["B"], counts["C"]
     decisive = wins + losses
-    stats = {"n": n, "wins": wins, "losses": losses, "ties": ties,
-             "coverage": decisive / n if n else 0.0, "win_rate": None, "se": None, "se_bootstrap": None}
+    stats = {"n": n, "wins": wins, "losses": losses, "ties": ties, "n_effective": decisive,
+             "coverage": decisive / n if n else 0.0, "win_rate": None, "se": None, "se_bootstrap": None,
+             "se_bootstrap_all": None, "winrate_inc_ties": 100.0 * (wins + ties / 2) / n if n else None}
     if decisive == 0:
         return stats
     p = wins / decisive
     stats["win_rate"] = 100.0 * p
     stats["se"] = 100.0 * math.sqrt(p * (1.0 - p) / decisive)
-    stats["se_bootstrap"] = bootstrap_se(wins, losses, ties, n_bootstrap, seed)
+    stats["se_bootstrap"] = bootstrap_se(wins, losses, 0, n_bootstrap, seed)  # the paper's: decisive pairs only
+    stats["se_bootstrap_all"] = bootstrap_se(wins, losses, ties, n_bootstrap, seed)
     return stats
 
 
