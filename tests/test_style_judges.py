@@ -44,15 +44,31 @@ def test_parse_verdict_on_messy_text(text, verdict):
     assert parse_verdict(text) == verdict
 
 
-def test_judge_prompt_holds_persona_request_and_both_responses_in_order():
-    messages = build_judge_messages("no_emojis", "Plan my trip", "first reply", "second reply")
+def test_user_framing_role_plays_the_persona_as_the_paper_does():
+    system, user = build_judge_messages("no_emojis", "Plan my trip", "first reply", "second reply")
+    assert system["role"] == "system" and system["content"].startswith(get_persona("no_emojis"))
+    assert "You are this user" in system["content"] and "style only" in system["content"]
+    assert "not judge correctness" in system["content"]
+    assert get_persona("no_emojis") not in user["content"] and "Plan my trip" in user["content"]
+    assert user["content"].index("first reply") < user["content"].index("second reply")
+    assert "your own style preferences" in user["content"] and "C means a tie" in user["content"]
+    assert user["content"].rstrip().endswith('"Judgement: C".')
+    assert build_judge_messages("no_emojis", "q", "a", "b") == build_judge_messages("no_emojis", "q", "a", "b",
+                                                                                     framing="user")
+    with pytest.raises(ValueError, match="choose one of user, neutral"):
+        build_judge_messages("no_emojis", "q", "a", "b", framing="referee")
+
+
+def test_neutral_framing_prompt_holds_persona_request_and_both_responses_in_order():
+    messages = build_judge_messages("no_emojis", "Plan my trip", "first reply", "second reply", framing="neutral")
     assert [m["role"] for m in messages] == ["system", "user"]
+    assert messages[0]["content"] == "You are an impartial, careful judge of writing style."
     user = messages[1]["content"]
     assert get_persona("no_emojis") in user and "Plan my trip" in user
     assert user.index("first reply") < user.index("second reply")
     assert "Judge style only" in user and "C means a tie" in user
     assert user.rstrip().endswith('"Judgement: C".')
-    terse = build_judge_messages("no_emojis", "q", "a", "b", explain=False)[1]["content"]
+    terse = build_judge_messages("no_emojis", "q", "a", "b", explain=False, framing="neutral")[1]["content"]
     assert "one line only" in terse and "Explain" not in terse
     with pytest.raises(UnknownStyleError):
         build_judge_messages("bogus", "q", "a", "b")

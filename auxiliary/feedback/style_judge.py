@@ -104,32 +104,49 @@ def parse_verdict(text: str | None) -> str | None:
 
 # --------------------------------------------------------------------------- prompt
 
-JUDGE_SYSTEM = "You are an impartial, careful judge of writing style."
+JUDGE_FRAMINGS = ("user", "neutral")
+NEUTRAL_JUDGE_SYSTEM = "You are an impartial, careful judge of writing style."
+USER_JUDGE_RULES = (
+    "You are this user. An assistant answered one of your requests twice, and you decide, as yourself, which "
+    "reply better matches your preferences. Judge style only: tone, formatting, verbosity and complexity. Do "
+    "not judge correctness or helpfulness, and do not favour a reply for coming first or second.")
+
+
+def _verdict_instruction(explain: bool) -> str:
+    lines = " or ".join(f'"{JUDGEMENT_PREFIX} {label}"' for label in VERDICTS).replace(' or "', ', "', 1)
+    if explain:
+        return f"Explain your reasoning in at most two sentences, then end with a final line that is exactly {lines}."
+    return f"Answer with one line only: {lines}."
 
 
 def build_judge_messages(style: str, prompt: Prompt, response_a: str, response_b: str,
-                         explain: bool = True) -> list[dict]:
+                         explain: bool = True, framing: str = "user") -> list[dict]:
     """[system, user] asking which response better fits the persona's style; verdict A, B or C (tie).
-    explain=False asks for the verdict line only (used by the log-prob judge)."""
+
+    framing "user" (the paper's protocol, the default): the persona is the system message and the
+    judge decides as that user. framing "neutral": an impartial referee reads the persona as a
+    profile of someone else. explain=False asks for the verdict line only (the log-prob judge).
+    """
+    if framing not in JUDGE_FRAMINGS:
+        raise ValueError(f"unknown judge framing {framing!r}; choose one of {', '.join(JUDGE_FRAMINGS)}")
     persona = get_persona(style)
-    if explain:
-        ending = ("Explain your reasoning in at most two sentences, then end with a final line that is exactly "
-                  f"\"{JUDGEMENT_PREFIX} A\", \"{JUDGEMENT_PREFIX} B\" or \"{JUDGEMENT_PREFIX} C\".")
-    else:
-        ending = (f"Answer with one line only: \"{JUDGEMENT_PREFIX} A\", \"{JUDGEMENT_PREFIX} B\" "
-                  f"or \"{JUDGEMENT_PREFIX} C\".")
+    candidates = (f"Request:\n<request>\n{prompt_as_text(prompt).strip()}\n</request>\n\n"
+                  f"Response A:\n<response_a>\n{response_a.strip()}\n</response_a>\n\n"
+                  f"Response B:\n<response_b>\n{response_b.strip()}\n</response_b>\n\n")
+    labels = ("A means Response A fits better, B means Response B fits better, C means a tie (equally well or "
+              "equally badly).\n" + _verdict_instruction(explain))
+    if framing == "user":
+        content = ("Here is your request and the two replies.\n\n" + candidates +
+                   "Which reply better matches your own style preferences? " + labels)
+        return [{"role": "system", "content": f"{persona}\n\n{USER_JUDGE_RULES}"}, {"role": "user", "content": content}]
     content = (
         "A user sent the request below and received two candidate responses. This is the user's profile, "
         "written to the user:\n"
-        f"<profile>\n{persona}\n</profile>\n\n"
-        f"Request:\n<request>\n{prompt_as_text(prompt).strip()}\n</request>\n\n"
-        f"Response A:\n<response_a>\n{response_a.strip()}\n</response_a>\n\n"
-        f"Response B:\n<response_b>\n{response_b.strip()}\n</response_b>\n\n"
+        f"<profile>\n{persona}\n</profile>\n\n" + candidates +
         "Which response better matches this user's style preferences? Judge style only: tone, length, format, "
         "wording and whatever the profile mentions. Ignore factual accuracy and helpfulness beyond the profile, "
-        "and do not favour a response for its position. A means Response A fits better, B means Response B "
-        "fits better, C means a tie (equally well or equally badly).\n" + ending)
-    return [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": content}]
+        "and do not favour a response for its position. " + labels)
+    return [{"role": "system", "content": NEUTRAL_JUDGE_SYSTEM}, {"role": "user", "content": content}]
 
 
 # --------------------------------------------------------------------------- protocol
