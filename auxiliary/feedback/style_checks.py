@@ -129,6 +129,53 @@ def count_questions(text: str) -> int:
     return len(_QUESTION.findall(strip_code(text)))
 
 
+_WORD = re.compile(r"[\w']+")
+_ANSWERS_FOLLOWUP = re.compile(
+    r"^\W*(?:sorry|i'?m sorry|i apologi[sz]e|apologies|my apologies|you'?re (?:absolutely |completely )?right|"
+    r"thanks? (?:you )?for (?:your|the) (?:feedback|correction|clarification)|i understand your (?:feedback|concern))"
+    r"|misunderstanding|\bmy (?:previous|last) (?:answer|response|reply)\b",
+    re.I)
+_FINISHED_END = re.compile(r"""[.!?\u2026:;)\]}"'`*\u201d\u2019]\s*$|^\s*(?:[-*+]|\d{1,3}[.)])\s+\S.*$|```\s*$""", re.M)
+DEGENERACY_REPEAT_N = 4        # a phrase of 4 words ...
+DEGENERACY_REPEAT_TIMES = 3    # ... said 3 times or more is a stutter
+
+
+def repeated_phrase(text: str, n: int = DEGENERACY_REPEAT_N, times: int = DEGENERACY_REPEAT_TIMES) -> str | None:
+    """The first word n-gram that occurs `times` times or more (a model stuck in a loop), else None."""
+    words = [w.lower() for w in _WORD.findall(text)]
+    counts: dict[tuple[str, ...], int] = {}
+    for i in range(len(words) - n + 1):
+        gram = tuple(words[i:i + n])
+        counts[gram] = counts.get(gram, 0) + 1
+        if counts[gram] >= times:
+            return " ".join(gram)
+    return None
+
+
+def answers_the_followup(text: str) -> bool:
+    """The reply talks to an earlier follow-up ("Sorry for the misunderstanding") instead of the prompt."""
+    first_sentence = _SENTENCE_END.split(_plain_words(text), maxsplit=1)[0] if text.strip() else ""
+    return bool(_ANSWERS_FOLLOWUP.search(first_sentence))
+
+
+def looks_unfinished(text: str) -> bool:
+    """Cut mid-sentence (no closing punctuation on the last line), as a reply stopped at the token limit is."""
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return bool(lines) and not _FINISHED_END.search(lines[-1])
+
+
+def degeneracy(text: str) -> list[str]:
+    """What makes a reply broken whatever the style: "repeated_phrase", "answers_followup", "empty"."""
+    found = []
+    if not text.strip():
+        found.append("empty")
+    if repeated_phrase(text):
+        found.append("repeated_phrase")
+    if answers_the_followup(text):
+        found.append("answers_followup")
+    return found
+
+
 def count_punctuation(text: str) -> int:
     return sum(1 for ch in strip_code(text) if unicodedata.category(ch).startswith("P"))
 

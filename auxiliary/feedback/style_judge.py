@@ -39,7 +39,7 @@ from typing import Sequence
 
 from auxiliary.evals.evaluation_helpers import Prompt, prompt_as_text
 from auxiliary.feedback.personas import get_persona
-from auxiliary.feedback.style_checks import RULE_CHECKABLE_STYLES, build_style_checks
+from auxiliary.feedback.style_checks import RULE_CHECKABLE_STYLES, build_style_checks, degeneracy, looks_unfinished
 from auxiliary.feedback.user_simulator import UnsupportedStyleError, load_local_model
 
 VERDICTS = ("A", "B", "C")
@@ -207,11 +207,20 @@ class RuleBasedJudge(PairwiseJudge):
         self.check = checks[style]
 
     def judge_once(self, prompts, first, second):
-        verdicts = []
-        for x, y in zip(first, second):
-            sx, sy = self.check.score(x), self.check.score(y)
-            verdicts.append("A" if sx > sy else "B" if sy > sx else "C")
-        return verdicts
+        return [self._verdict(x, y) for x, y in zip(first, second)]
+
+    def _verdict(self, x: str, y: str) -> str:
+        """A broken reply (a repeated phrase, an answer to the follow-up, empty) never wins on style: it
+        loses to a sound reply and ties with another broken one; then a reply cut mid-sentence loses to
+        a finished one; only then the style scores decide."""
+        broken_x, broken_y = bool(degeneracy(x)), bool(degeneracy(y))
+        if broken_x or broken_y:
+            return "C" if broken_x and broken_y else "B" if broken_x else "A"
+        cut_x, cut_y = looks_unfinished(x), looks_unfinished(y)
+        if cut_x != cut_y:
+            return "B" if cut_x else "A"
+        sx, sy = self.check.score(x), self.check.score(y)
+        return "A" if sx > sy else "B" if sy > sx else "C"
 
 
 class LocalHFJudge(PairwiseJudge):
