@@ -8,6 +8,10 @@ WildFeedback preprocessor). Only English conversations are used (the conversatio
 are visited in a seeded random order and the scan stops at `--max_conversations`
 (conversations that gave at least one interaction) or `--max_interactions`, so a given
 seed and input always give the same file.
+
+`--paper_filters` applies the paper's extraction: English, seeded shuffle, up to 15,000 kept
+conversations or 50,000 interactions, a conversation dropped when longer than 100k characters
+or when any turn is longer than 4,096 (PAPER_FILTERS in auxiliary/data/preprocess_common.py).
 """
 from __future__ import annotations
 
@@ -17,8 +21,8 @@ import random
 import sys
 
 from auxiliary.data.preprocess_common import (  # stdlib-only module: --help stays light
-    InteractionBuilder, InteractionFilters, Summary, add_interaction_filter_args, all_rows,
-    convert_conversations, load_splits, run_cli, write_jsonl,
+    PAPER_FILTERS, InteractionBuilder, InteractionFilters, Summary, add_interaction_filter_args, all_rows,
+    convert_conversations, load_splits, parse_args_with_presets, run_cli, write_jsonl,
 )
 
 OUTPUT_NAME = "wildchat_interactions_v1.jsonl"
@@ -52,7 +56,7 @@ def make_conversation_filter(keep_toxic: bool):
 
 
 def main(argv=None) -> Summary:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_presets(build_parser(), argv, {**PAPER_FILTERS, "max_conversations": 15_000, "max_interactions": 50_000})
     summary = Summary("preprocess_wildchat")
     rows = all_rows(load_splits(args.dataset, args.config))
     order = list(range(len(rows)))

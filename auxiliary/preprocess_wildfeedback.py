@@ -9,6 +9,9 @@ starting with a user message), `completion` (the logged reply) and `user_respons
 `conversations` (from/value, human/gpt); the same conversation prefix recurs across
 preference pairs, so identical interactions are kept once. `--dataset` also takes a
 local copy (e.g. the hub's `wildfeedback.json`, a JSONL or a parquet file).
+
+`--paper_filters`: the paper's length rules (a conversation dropped when longer than 100k
+characters or any turn longer than 4,096; history of the last 5 messages, starting with the user).
 """
 from __future__ import annotations
 
@@ -17,8 +20,8 @@ import os
 import sys
 
 from auxiliary.data.preprocess_common import (  # stdlib-only module: --help stays light
-    InteractionBuilder, InteractionFilters, Summary, add_interaction_filter_args, all_rows,
-    convert_conversations, load_splits, run_cli, write_jsonl,
+    PAPER_FILTERS, InteractionBuilder, InteractionFilters, Summary, add_interaction_filter_args, all_rows,
+    convert_conversations, load_splits, parse_args_with_presets, run_cli, write_jsonl,
 )
 
 OUTPUT_NAME = "wildfeedback_interactions.jsonl"
@@ -36,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Summary:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_presets(build_parser(), argv, PAPER_FILTERS)
     summary = Summary("preprocess_wildfeedback")
     rows = all_rows(load_splits(args.dataset, args.config))
     builder = InteractionBuilder(InteractionFilters.from_args(args), summary)

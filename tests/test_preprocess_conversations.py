@@ -200,3 +200,41 @@ def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {LOGS / 'malformed.jsonl'}:3: malformed JSON")
     assert not (tmp_path / "o.jsonl").exists()
+
+
+def test_paper_filters_drop_long_turns_and_long_conversations_and_keep_flags_winning(tmp_path):
+    import json
+
+    long_turn = {"conversation_hash": "long_turn", "language": "English", "toxic": False, "conversation": [
+        {"role": "user", "content": "Summarise this: " + "x" * 4100}, {"role": "assistant", "content": "Sure."},
+        {"role": "user", "content": "Shorter."}]}
+    long_conversation = {"conversation_hash": "long_conv", "language": "English", "toxic": False, "conversation": [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": "y" * 4000} for i in range(26)]}
+    ok = {"conversation_hash": "ok", "language": "English", "toxic": False, "conversation": [  # turns < 4,096
+        {"role": "user", "content": "a" * 4000}, {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "b" * 4000}, {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "c" * 4000}, {"role": "assistant", "content": "Here it is."},
+        {"role": "user", "content": "Too long."}]}
+    data = tmp_path / "wildchat.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in (long_turn, long_conversation, ok)))
+    out = tmp_path / "paper.jsonl"
+    summary = preprocess_wildchat.main(["--dataset", str(data), "--out", str(out), "--paper_filters"])
+    # the 12,012-character history of the last reply passes: the paper sets no prompt limit
+    assert [r["conversation_id"] for r in read_jsonl(out)] == ["ok", "ok", "ok"]
+    assert dict(summary.dropped) == {"turn_too_long": 1, "conversation_too_long": 1}
+    default = preprocess_wildchat.main(["--dataset", str(data), "--out", str(tmp_path / "default.jsonl")])
+    # today's filters stay the default: no turn limit, 40k per conversation, 12k of history
+    assert dict(default.dropped) == {"conversation_too_long": 1, "prompt_too_long": 1}
+    flag_wins = preprocess_wildchat.main(["--dataset", str(data), "--out", str(tmp_path / "flag.jsonl"),
+                                          "--paper_filters", "--max_turn_chars", "0"])
+    assert "turn_too_long" not in flag_wins.dropped and flag_wins.dropped["conversation_too_long"] == 1
+
+
+def test_paper_filter_caps_of_wildchat_are_the_papers():
+    from auxiliary.data.preprocess_common import parse_args_with_presets
+
+    args = parse_args_with_presets(preprocess_wildchat.build_parser(), ["--paper_filters"],
+                                   {**preprocess_wildchat.PAPER_FILTERS, "max_conversations": 15_000,
+                                    "max_interactions": 50_000})
+    assert (args.max_conversations, args.max_interactions, args.max_conversation_chars, args.max_turn_chars,
+            args.max_history_messages) == (15_000, 50_000, 100_000, 4096, 5)

@@ -311,10 +311,11 @@ class Summary:
 # --------------------------------------------------------------------------- interactions
 @dataclass
 class InteractionFilters:
-    """Length limits in characters (tokenizer-free, so the data step needs no model)."""
+    """Length limits in characters (tokenizer-free, so the data step needs no model); 0 = no limit."""
 
     max_history_messages: int = 5
     max_conversation_chars: int = 40_000
+    max_turn_chars: int = 0
     max_prompt_chars: int = 12_000
     max_completion_chars: int = 6_000
     max_user_response_chars: int = 4_000
@@ -324,13 +325,37 @@ class InteractionFilters:
         return cls(**{name: getattr(args, name) for name in cls.__dataclass_fields__})
 
 
+# The extraction rules of the paper's runs (WildChat and WildFeedback): a conversation is dropped when
+# longer than 100k characters or when any of its turns is longer than 4,096; the history is the last 5
+# messages, starting with the user; no further per-interaction length limits.
+PAPER_FILTERS = {"max_history_messages": 5, "max_conversation_chars": 100_000, "max_turn_chars": 4096,
+                 "max_prompt_chars": 0, "max_completion_chars": 0, "max_user_response_chars": 0}
+
+
+def parse_args_with_presets(parser: argparse.ArgumentParser, argv, paper_defaults: dict):
+    """Parse argv; with --paper_filters the paper's values replace the defaults (flags still win)."""
+    preset, _ = parser.parse_known_args(argv)
+    if getattr(preset, "paper_filters", False):
+        parser.set_defaults(**paper_defaults)
+    args = parser.parse_args(argv)
+    for name in InteractionFilters.__dataclass_fields__:
+        if getattr(args, name, 0) < 0:
+            parser.error(f"--{name} must be >= 0 (0 = no limit), got {getattr(args, name)}")
+    return args
+
+
 def add_interaction_filter_args(parser: argparse.ArgumentParser) -> None:
     defaults = InteractionFilters()
-    group = parser.add_argument_group("filters (lengths in characters)")
+    parser.add_argument("--paper_filters", action="store_true",
+                        help="the paper's extraction rules: " + ", ".join(f"{k}={v}" for k, v in PAPER_FILTERS.items())
+                             + " (0 = no limit); flags given as well still win")
+    group = parser.add_argument_group("filters (lengths in characters, 0 = no limit)")
     group.add_argument("--max_history_messages", type=int, default=defaults.max_history_messages,
                        help="messages of history kept in `prompt` (default: %(default)s)")
     group.add_argument("--max_conversation_chars", type=int, default=defaults.max_conversation_chars,
                        help="drop whole conversations longer than this (default: %(default)s)")
+    group.add_argument("--max_turn_chars", type=int, default=defaults.max_turn_chars,
+                       help="drop whole conversations with any message longer than this (default: %(default)s)")
     group.add_argument("--max_prompt_chars", type=int, default=defaults.max_prompt_chars,
                        help="drop interactions whose truncated history is longer (default: %(default)s)")
     group.add_argument("--max_completion_chars", type=int, default=defaults.max_completion_chars,
@@ -346,6 +371,10 @@ def truncate_history(history: list[dict], max_messages: int) -> list[dict]:
     while kept and kept[0]["role"] != "user":
         kept = kept[1:]
     return kept
+
+
+def _over(length: int, limit: int) -> bool:
+    return bool(limit) and length > limit
 
 
 class InteractionBuilder:
@@ -367,8 +396,11 @@ class InteractionBuilder:
             self.summary.drop("unsupported_role", "conversation")
             return []
         messages = merge_consecutive_roles([m for m in messages if m["role"] != "system"])
-        if sum(len(m["content"]) for m in messages) > f.max_conversation_chars:
+        if _over(sum(len(m["content"]) for m in messages), f.max_conversation_chars):
             self.summary.drop("conversation_too_long", "conversation")
+            return []
+        if any(_over(len(m["content"]), f.max_turn_chars) for m in messages):
+            self.summary.drop("turn_too_long", "conversation")
             return []
         # after merging, roles alternate: every assistant message but a final one has a follow-up
         reply_positions = [i for i in range(len(messages) - 1) if messages[i]["role"] == "assistant"]
@@ -395,13 +427,13 @@ class InteractionBuilder:
             drop("empty_user_response", "interaction")
             return None
         prompt_chars = sum(len(m["content"]) for m in history)
-        if prompt_chars > f.max_prompt_chars:
+        if _over(prompt_chars, f.max_prompt_chars):
             drop("prompt_too_long", "interaction")
             return None
-        if len(completion) > f.max_completion_chars:
+        if _over(len(completion), f.max_completion_chars):
             drop("completion_too_long", "interaction")
             return None
-        if len(user_response) > f.max_user_response_chars:
+        if _over(len(user_response), f.max_user_response_chars):
             drop("user_response_too_long", "interaction")
             return None
         key = hashlib.sha1(json.dumps([history, completion, user_response], ensure_ascii=False).encode()).hexdigest()
