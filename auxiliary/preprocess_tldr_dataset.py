@@ -8,6 +8,10 @@ summary pairs per post, so prompts are deduplicated within a split and across sp
 (no validation prompt also appears in train). Rows without a Reddit post (the CNN/DM
 articles of the validation data) and posts outside the length limits are dropped.
 A row's own `split` field (train / valid1 / valid2) decides its split when present.
+
+`--paper_format` writes the prompts as the paper's runs used them: a message list with a system
+prompt asking for a summary of one or two sentences that begins with "TL;DR:", and the text as
+the user message; news articles (the CNN/DM rows of the validation data) are kept too.
 """
 from __future__ import annotations
 
@@ -21,6 +25,8 @@ from auxiliary.data.preprocess_common import (  # stdlib-only module: --help sta
 from auxiliary.runtime.io_utils import DataError
 
 INSTRUCTION = "Write a TL;DR for the following Reddit post: a summary of a sentence or two."
+PAPER_SYSTEM_PROMPT = ("Summarise the text the user sends in one or two sentences. Begin your answer with "
+                       "\"TL;DR:\" and write nothing else.")
 
 
 def format_prompt(info: dict) -> str:
@@ -32,6 +38,15 @@ def format_prompt(info: dict) -> str:
     return f"{INSTRUCTION}\n\n" + "\n".join(header + [f"POST: {post}"])
 
 
+def format_paper_prompt(info: dict) -> list[dict]:
+    """The paper's format: system prompt + the post (with its subreddit and title) or the article."""
+    text = (info.get("post") or info.get("article") or "").strip()
+    header = [f"SUBREDDIT: r/{info['subreddit'].strip()}"] if (info.get("subreddit") or "").strip() else []
+    header += [f"TITLE: {info['title'].strip()}"] if (info.get("title") or "").strip() else []
+    body = "\n".join(header + [f"POST: {text}" if info.get("post") else f"ARTICLE: {text}"])
+    return [{"role": "system", "content": PAPER_SYSTEM_PROMPT}, {"role": "user", "content": body}]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--dataset", default="openai/summarize_from_feedback", help="hub name or local file/folder (default: %(default)s)")
@@ -39,6 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out_dir", default="data/tldr_prompts_unique", help="output folder (default: %(default)s)")
     parser.add_argument("--min_post_chars", type=int, default=50, help="drop shorter posts (default: %(default)s)")
     parser.add_argument("--max_post_chars", type=int, default=3000, help="drop longer posts (default: %(default)s)")
+    parser.add_argument("--paper_format", action="store_true",
+                        help="the paper's prompts: a TL;DR system prompt + the text as a message list; articles kept")
     return parser
 
 
@@ -52,6 +69,8 @@ def select_prompts(splits, args, summary: Summary) -> dict[str, list[dict]]:
                 raise DataError(f"{where}: record has no 'info' object (expected the 'comparisons' schema)")
             target = canonical_split(record.get("split") or split_name)
             post = (info.get("post") or "").strip()
+            if args.paper_format and not post:
+                post = (info.get("article") or "").strip()  # the paper keeps the news articles
             if target not in candidates:
                 summary.drop("unknown_split", "row")
             elif not post:
@@ -61,14 +80,14 @@ def select_prompts(splits, args, summary: Summary) -> dict[str, list[dict]]:
             elif len(post) > args.max_post_chars:
                 summary.drop("post_too_long", "row")
             else:
-                candidates[target].append(format_prompt(info))
+                candidates[target].append(format_paper_prompt(info) if args.paper_format else format_prompt(info))
     # dedup after reading everything, so the row order of the input cannot let a
     # validation prompt slip in before its train twin is seen
     kept: dict[str, list[dict]] = {"train": [], "validation": []}
     seen: dict[str, set[str]] = {"train": set(), "validation": set()}
     for target in ("train", "validation"):
         for prompt in candidates[target]:
-            key = normalize_prompt_key(prompt)
+            key = normalize_prompt_key(prompt if isinstance(prompt, str) else prompt[-1]["content"])
             if key in seen[target]:
                 summary.drop("duplicate_in_split", "row")
             elif target == "validation" and key in seen["train"]:

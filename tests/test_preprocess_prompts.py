@@ -87,3 +87,17 @@ def test_tldr_record_without_info_is_reported(tmp_path):
     with pytest.raises(DataError, match=r"train.jsonl:1: record has no 'info' object"):
         preprocess_tldr_dataset.main(["--dataset", str(src), "--out_dir", str(tmp_path / "out")])
     assert not (tmp_path / "out").exists()
+
+
+def test_tldr_paper_format_is_a_system_prompt_and_the_text_and_keeps_articles(tmp_path):
+    out = tmp_path / "tldr_paper"
+    summary = preprocess_tldr_dataset.main(["--dataset", str(FIXTURES / "tldr"), "--out_dir", str(out),
+                                            "--max_post_chars", "400", "--min_post_chars", "10", "--paper_format"])
+    train, validation = read_jsonl(out / "train.jsonl"), read_jsonl(out / "validation.jsonl")
+    system, user = train[0]["prompt"]
+    assert system == {"role": "system", "content": preprocess_tldr_dataset.PAPER_SYSTEM_PROMPT}
+    assert "one or two sentences" in system["content"] and '"TL;DR:"' in system["content"]
+    assert user["role"] == "user" and user["content"].startswith("SUBREDDIT: r/relationships\nTITLE: Roommate")
+    articles = [r["prompt"][1]["content"] for r in validation if "ARTICLE: " in r["prompt"][1]["content"]]
+    assert articles == ["TITLE: Storm hits the coast\nARTICLE: A storm hit the coast on Monday, officials said."]
+    assert "no_post" not in summary.dropped
