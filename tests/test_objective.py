@@ -275,3 +275,16 @@ def test_configs_carry_every_objective_option():
     assert names - offline_names == {"negate_signal"}  # a control of the online experiments only
     offline = OfflineSDPOArguments(output_dir="x", distillation_topk=7, fused_lm_head=False)
     assert offline.objective_options().distillation_topk == 7 and not offline.objective_options().fused_lm_head
+
+
+def test_hindsight_block_in_a_separate_turn():
+    from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, hindsight_messages
+
+    x = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write an e-mail."}]
+    xo = hindsight_messages(x, "  Use a formal tone. ", placement="separate_turn")
+    assert xo[:2] == x and len(xo) == 3 and xo[2]["role"] == "user"
+    assert xo[2]["content"] == DEFAULT_HINDSIGHT_TEMPLATE.format(followup="Use a formal tone.").strip()
+    assert xo[2]["content"].startswith("=== HINDSIGHT CONTEXT ===")
+    assert hindsight_messages(x, "Formal.") == hindsight_messages(x, "Formal.", placement="last_user_message")
+    with pytest.raises(ValueError, match="choose one of last_user_message, separate_turn"):
+        hindsight_messages(x, "Formal.", placement="end")
