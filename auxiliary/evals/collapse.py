@@ -1,0 +1,99 @@
+"""Collapse monitors: signs that a policy is learning to stutter rather than to please its user.
+
+    text_monitors(texts)                       -> {"degenerate_share", "distinct_2", "mean_words"}
+    policy_monitors(model, tokenizer, conversations, reply_texts)
+                                               -> {"entropy", "logprob"} in nats per token
+    collapse_warnings(record, reference)       -> list of one-line warnings
+
+- degenerate_share: the share of replies with a repeated phrase, an answer to the follow-up or
+  no text (auxiliary/feedback/style_checks.degeneracy).
+- distinct_2: distinct word bigrams / all word bigrams over the replies (1.0 = no bigram repeats).
+- entropy: mean entropy of the policy's next-token distribution along its own replies; a policy
+  that collapses onto a loop becomes certain of every token.
+- logprob: mean log-probability per token of a fixed set of replies (the baseline's) under the
+  policy; its fall from step 0 is the drift away from what the initial model would write.
+
+The thresholds (WARN_*) are deliberately loose: they flag collapse, not ordinary learning.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+from auxiliary.feedback.style_checks import count_words, degeneracy
+
+WARN_DEGENERATE_SHARE_OVER_BASELINE = 0.10   # 3 more broken replies in 30
+WARN_DISTINCT_2_RATIO = 0.75                 # distinct-2 below 75% of step 0's
+WARN_ENTROPY_RATIO = 0.50                    # entropy below half of step 0's
+WARN_LOGPROB_DRIFT = -1.0                    # baseline replies 1 nat per token less likely than at step 0
+
+
+def distinct_n(texts: Sequence[str], n: int = 2) -> float:
+    grams, total = set(), 0
+    for text in texts:
+        words = text.lower().split()
+        for i in range(len(words) - n + 1):
+            grams.add(tuple(words[i:i + n]))
+            total += 1
+    return len(grams) / total if total else 1.0
+
+
+def text_monitors(texts: Sequence[str]) -> dict:
+    n = len(texts)
+    return {"degenerate_replies": sum(1 for t in texts if degeneracy(t)),
+            "degenerate_share": sum(1 for t in texts if degeneracy(t)) / n if n else 0.0,
+            "distinct_2": distinct_n(texts, 2),
+            "mean_words": sum(map(count_words, texts)) / n if n else 0.0}
+
+
+def policy_monitors(model, tokenizer, conversations: Sequence[Sequence[dict]], reply_texts: Sequence[str]) -> dict:
+    """Mean next-token entropy and mean log-probability of the replies under `model`, per token.
+
+    One reply at a time, with logits only at the reply's positions (logits_to_keep), so memory
+    stays at one reply's [R, V]. Reply texts are tokenised again: a monitor, not the objective.
+    """
+    import torch
+
+    from sdpo_objective import render_context_ids
+
+    device = next(model.parameters()).device
+    entropy_sum, logprob_sum, tokens = 0.0, 0.0, 0
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            for messages, text in zip(conversations, reply_texts):
+                reply = tokenizer(text, add_special_tokens=False)["input_ids"]
+                if not reply:
+                    continue
+                context = render_context_ids(tokenizer, messages)
+                ids = torch.tensor([context + reply], device=device)
+                logits = model(input_ids=ids, logits_to_keep=len(reply) + 1, use_cache=False).logits[0, :-1].float()
+                logp = torch.log_softmax(logits, dim=-1)
+                entropy_sum += float(-(logp.exp() * logp).sum(dim=-1).sum())
+                logprob_sum += float(logp.gather(1, torch.tensor(reply, device=device).unsqueeze(1)).sum())
+                tokens += len(reply)
+    finally:
+        model.train(was_training)
+    if not tokens:
+        return {"entropy": None, "logprob": None}
+    return {"entropy": entropy_sum / tokens, "logprob": logprob_sum / tokens}
+
+
+def collapse_warnings(record: dict, reference: dict, baseline_share: float | None = None) -> list[str]:
+    """Warnings for one arm's monitors at one evaluation, against step 0's (`reference`)."""
+    warnings = []
+    if baseline_share is not None and record.get("degenerate_share") is not None and \
+            record["degenerate_share"] > baseline_share + WARN_DEGENERATE_SHARE_OVER_BASELINE:
+        warnings.append(f"degenerate replies {record['degenerate_share']:.0%} vs the baseline's {baseline_share:.0%}")
+    if reference.get("distinct_2") and record.get("distinct_2") is not None and \
+            record["distinct_2"] < WARN_DISTINCT_2_RATIO * reference["distinct_2"]:
+        warnings.append(f"distinct-2 fell to {record['distinct_2']:.2f} from {reference['distinct_2']:.2f}")
+    if reference.get("entropy") and record.get("entropy") is not None and \
+            record["entropy"] < WARN_ENTROPY_RATIO * reference["entropy"]:
+        warnings.append(f"token entropy fell to {record['entropy']:.2f} from {reference['entropy']:.2f} nats")
+    if reference.get("logprob") is not None and record.get("logprob") is not None:
+        drift = record["logprob"] - reference["logprob"]
+        if math.isfinite(drift) and drift < WARN_LOGPROB_DRIFT:
+            warnings.append(f"baseline replies drifted {drift:+.2f} nats per token under the policy")
+    return warnings
