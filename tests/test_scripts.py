@@ -528,7 +528,7 @@ def test_train_offline_real_run_on_a_tiny_model(work, tiny_model_dir):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(m["loss"] == m["loss"] for m in metrics if "loss" in m)
     config = json.loads((out / "offline_sdpo_config.json").read_text())
-    assert config["batch_size"] == 2 and config["grad_accum"] == 1 and config["base_model"] == tiny_model_dir
+    assert config["batch_size"] == 2 and config["grad_accum"] == 1 and config["model"] == tiny_model_dir
     assert ENV_SECRET not in result.stdout + result.stderr
     assert tree(work["cwd"]) == []  # nothing written where it ran from
 
