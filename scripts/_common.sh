@@ -13,6 +13,7 @@
 #     over it (so `MODEL=x scripts/eval_online_sdpo.sh` beats a MODEL line in .env);
 #   - BASE_WORK=${SCRATCH:-${TMPDIR:-/tmp}}; OUTPUT_DIR and CACHE_DIR fall back from it, and the
 #     HF / torch / triton / vLLM caches go inside CACHE_DIR unless the user set them;
+#   - `--list-vars` prints the declarations (tab-separated) that the generator reads;
 #   - `--dry-run` prints the fully resolved command(s), one per line, ready to paste, and
 #     creates, writes or downloads nothing; secrets never appear in anything printed;
 #   - every other argument reaches the Python entry point unchanged ("$@", quoting intact);
