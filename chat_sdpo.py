@@ -22,6 +22,7 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from auxiliary.runtime.option_groups import override  # noqa: E402
 from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
 
 # Off: on SmolLM2-135M-Instruct a reply's mean |signal| was 0.203 for follow-ups about it and
@@ -34,14 +35,15 @@ DEFAULT_MIN_SIGNAL = 0.0
 class ChatConfig(OnlineSDPOConfig):
     # Chat defaults that differ from the online trainer: a model that runs on a laptop,
     # LoRA (a per-user adapter, cheap /undo), a LoRA-sized learning rate, shorter replies.
-    model: str = field(default="smollm2-135m-instruct", metadata={"help": "policy: hub id, local folder, smollm2-135m-instruct or tiny-random"})
-    use_lora: bool = field(default=True, metadata={"help": "train a per-user LoRA adapter (--no_use_lora: all weights, one user)"})
-    lr: float = field(default=1e-4, metadata={"help": "AdamW learning rate (LoRA-sized by default)"})
+    model: str = override(OnlineSDPOConfig, "model", "smollm2-135m-instruct")
+    use_lora: bool = override(OnlineSDPOConfig, "use_lora", True,
+                              help="train a per-user LoRA adapter (--no_use_lora: all weights, one user)")
+    lr: float = override(OnlineSDPOConfig, "lr", 1e-4, help="AdamW learning rate (LoRA-sized by default)")
     # no dropout: the signal /why shows and the min_signal check then equal the one the update uses
-    lora_dropout: float = field(default=0.0, metadata={"help": "LoRA dropout"})
-    max_new_tokens: int = field(default=256, metadata={"help": "reply length limit"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature (0 = greedy)"})
-    top_p: float = field(default=0.9, metadata={"help": "nucleus sampling"})
+    lora_dropout: float = override(OnlineSDPOConfig, "lora_dropout", 0.0)
+    max_new_tokens: int = override(OnlineSDPOConfig, "max_new_tokens", 256, help="reply length limit")
+    temperature: float = override(OnlineSDPOConfig, "temperature", 0.7)
+    top_p: float = override(OnlineSDPOConfig, "top_p", 0.9)
     # the chat's own flags
     user_id: str = field(default="default", metadata={"help": "whose adapter: <adapters_dir>/<user_id>/ (letters, digits, _ . -)"})
     adapters_dir: Optional[str] = field(default=None, metadata={"help": "folder of per-user adapters (default: $BASE_WORK/chat_adapters, BASE_WORK=${SCRATCH:-${TMPDIR:-/tmp}})"})

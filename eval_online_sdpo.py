@@ -311,7 +311,7 @@ class OnlineRun:
 
     # ------------------------------------------------------------ config, baseline, wandb
     def _write_config(self, model_path: str) -> None:
-        from online_sdpo_updater import public_config
+        from auxiliary.runtime.secrets import public_config
 
         config = {"sdpo": public_config(self.sdpo.to_dict()), "run": public_config(dataclasses.asdict(self.run)),
                   "resolved": {"model_path": model_path, "output_dir": str(self.out), "arms": self.arms,

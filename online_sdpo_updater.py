@@ -25,13 +25,13 @@ import torch
 from auxiliary.runtime.generation import GeneratedResponse, generate_responses
 from auxiliary.runtime.io_utils import atomic_write_json, fsync_dir, fsync_tree
 from auxiliary.runtime.model_loading import load_model_and_tokenizer, pick_device
+from auxiliary.runtime.secrets import public_config
 from online_sdpo_updater_config import OnlineSDPOConfig
 from sdpo_objective import build_scoring_batch, hindsight_messages, normalize_messages, render_context_ids, sdpo_loss
 
 logger = logging.getLogger(__name__)
 
 CHECKPOINT_PREFIX = "step_"
-SECRET_FIELDS = ("api_key", "token", "secret", "password")
 
 
 def seed_everything(seed: int) -> None:
@@ -248,8 +248,3 @@ def list_checkpoints(folder: str | Path) -> list[Path]:
 def latest_checkpoint(folder: str | Path) -> Path | None:
     found = list_checkpoints(folder)
     return found[-1] if found else None
-
-
-def public_config(values: dict) -> dict:
-    """A config dict safe to write: fields that look like secrets are masked."""
-    return {k: ("***" if any(s in k.lower() for s in SECRET_FIELDS) and v else v) for k, v in values.items()}

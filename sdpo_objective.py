@@ -297,16 +297,20 @@ def compute_signal(model, contexts_x, contexts_xo, responses, pad_token_id: int,
 
 @dataclass
 class ObjectiveOptions:
-    loss_mode: str = "full_distillation"
-    distillation_topk: int = 20
-    distillation_tail: bool = True
-    signal_clip: float = 0.0
-    ignore_first_k: int = 0
-    center_signal: bool = False
-    negate_signal: bool = False  # control experiments only: train on -A (simple_signal)
-    beta: float = 0.0            # weight of the KL to a reference model (k3 estimator on y)
-    logits_chunk_size: int = 256
-    fused_lm_head: bool = True   # form the LM head's gradient in the forward (4 head products, not 6)
+    """The loss options; also the objective group of every config (online, offline, chat), whose
+    fields are CLI flags and YAML keys, so the help text lives here once."""
+    loss_mode: str = field(default="full_distillation", metadata={"help": f"one of {', '.join(LOSS_MODES)}"})
+    distillation_topk: int = field(default=20, metadata={"help": "student top-k support of full_distillation"})
+    distillation_tail: bool = field(default=True, metadata={
+        "help": "full_distillation: keep a tail bucket for the remaining mass (else renormalise over top-k)"})
+    signal_clip: float = field(default=0.0, metadata={"help": "clamp the signal to +-c (0 = off)"})
+    ignore_first_k: int = field(default=0, metadata={"help": "give no signal to the first k reply tokens"})
+    center_signal: bool = field(default=False, metadata={"help": "subtract each reply's mean signal (simple_signal)"})
+    negate_signal: bool = field(default=False, metadata={"help": "control experiments only: train on -A (simple_signal)"})
+    beta: float = field(default=0.0, metadata={"help": "weight of a KL to a frozen reference model (k3 estimator on y; 0 = off)"})
+    logits_chunk_size: int = field(default=256, metadata={"help": "response positions per chunk of the LM head / log-softmax"})
+    fused_lm_head: bool = field(default=True, metadata={
+        "help": "form the LM head's gradient during the forward (faster; falls back to checkpointed chunks for LoRA/biased/sharded heads)"})
 
     def __post_init__(self):
         if self.loss_mode not in LOSS_MODES:
@@ -317,10 +321,9 @@ class ObjectiveOptions:
             raise ValueError("negate_signal is only defined for loss_mode simple_signal")
 
     @classmethod
-    def from_config(cls, config) -> "ObjectiveOptions":
-        """The options named like fields of `config` (online, offline or chat config); the rest keep defaults."""
-        names = [f.name for f in dataclasses.fields(cls) if hasattr(config, f.name)]
-        return cls(**{name: getattr(config, name) for name in names})
+    def from_config(cls, config: "ObjectiveOptions") -> "ObjectiveOptions":
+        """The objective group of a config that inherits it (online, offline or chat config)."""
+        return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
 def shape_signal(raw_signal: torch.Tensor, seq_index: torch.Tensor, positions: torch.Tensor, num_sequences: int,

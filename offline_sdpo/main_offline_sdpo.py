@@ -19,7 +19,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, LOSS_MODES, ObjectiveOptions, validate_template
+from auxiliary.runtime.option_groups import (DTYPES, ContextOptions, LoraOptions, ModelOptions, OptimizerOptions,
+                                             override)
+from sdpo_objective import ObjectiveOptions, validate_template
 
 CONFIG_FILENAME = "offline_sdpo_config.json"  # not config.json: that name belongs to the saved model
 METRICS_FILENAME = "metrics.jsonl"
@@ -27,45 +29,29 @@ logger = logging.getLogger("offline_sdpo")
 
 
 @dataclass
-class OfflineSDPOArguments:
-    # data and model
+class OfflineSDPOArguments(LoraOptions, OptimizerOptions, ContextOptions, ObjectiveOptions, ModelOptions):
+    # the offline trainer's defaults where they differ from the shared groups' (one line each)
+    model: str = override(ModelOptions, "model", "Qwen/Qwen3-4B")
+    dtype: str = override(ModelOptions, "dtype", "auto", help=(
+        "autocast precision over fp32 master weights: auto (bf16 on GPUs that support it, fp32 on CPU), bf16, fp16, fp32"))
+    max_context_length: int = override(ContextOptions, "max_context_length", 2048)
+    loss_mode: str = override(ObjectiveOptions, "loss_mode", "simple_signal")
+    ignore_first_k: int = override(ObjectiveOptions, "ignore_first_k", 2)
+    lr: float = override(OptimizerOptions, "lr", 2e-6)
+    use_lora: bool = override(LoraOptions, "use_lora", False, help="train a LoRA adapter (saved, then merged into a full model)")
+    # data
     train_jsonl: Optional[str] = field(default=None, metadata={"help": "interactions JSONL: prompt, completion, user_response (required)"})
-    base_model: str = field(default="Qwen/Qwen3-4B", metadata={"help": "policy: hub id, local folder, smollm2-135m-instruct or tiny-random"})
     output_dir: Optional[str] = field(default=None, metadata={"help": "where checkpoints and the final model go (default: $OUTPUT_DIR)"})
-    max_prompt_length: int = field(default=2048, metadata={"help": "context tokens kept, cut from the LEFT (the assistant header survives)"})
     max_completion_length: int = field(default=2048, metadata={"help": "completion tokens kept (a cut completion gets no EOS)"})
-    hindsight_template: str = field(default=DEFAULT_HINDSIGHT_TEMPLATE, metadata={"help": "block appended to the last user message; must contain {followup}"})
-    # objective
-    loss_mode: str = field(default="simple_signal", metadata={"help": f"one of {', '.join(LOSS_MODES)}"})
-    ignore_first_k: int = field(default=2, metadata={"help": "give no signal to the first k completion tokens"})
-    signal_clip: float = field(default=0.0, metadata={"help": "clamp the signal to +-c (0 = off)"})
-    center_signal: bool = field(default=False, metadata={"help": "subtract each completion's mean signal"})
-    distillation_topk: int = field(default=20, metadata={"help": "student top-k support of full_distillation"})
-    distillation_tail: bool = field(default=True, metadata={"help": "full_distillation: keep a tail bucket for the remaining mass"})
-    beta: float = field(default=0.0, metadata={"help": "weight of a KL to a frozen reference model (0 = off)"})
-    ref_model: Optional[str] = field(default=None, metadata={"help": "reference model for beta > 0 (default: --base_model)"})
-    logits_chunk_size: int = field(default=256, metadata={"help": "completion positions per chunk of the LM head"})
-    fused_lm_head: bool = field(default=True, metadata={"help": "form the LM head's gradient during the forward (faster; falls back to checkpointed chunks for LoRA/biased/sharded heads)"})
     # optimisation
-    learning_rate: float = field(default=2e-6, metadata={"help": "peak learning rate"})
-    batch_size: int = field(default=4, metadata={"help": "interactions per device per micro-batch"})
-    grad_accum: int = field(default=8, metadata={"help": "gradient-accumulation steps"})
-    num_epochs: float = field(default=2.0, metadata={"help": "passes over the data"})
+    batch_size: int = field(default=4, metadata={"help": "interactions per device per micro-batch",
+                                                  "aliases": ["--per_device_train_batch_size"]})
+    grad_accum: int = field(default=8, metadata={"help": "gradient-accumulation steps", "aliases": ["--gradient_accumulation_steps"]})
+    num_epochs: float = field(default=2.0, metadata={"help": "passes over the data", "aliases": ["--num_train_epochs"]})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --num_epochs when > 0"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
-    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
     optim: str = field(default="auto", metadata={"help": "auto (8-bit AdamW where CUDA and bitsandbytes exist, else adamw_torch) or a transformers optim name"})
-    precision: str = field(default="auto", metadata={"help": "auto (bf16 autocast on GPUs that support it, fp32 on CPU), bf16, fp16, fp32"})
-    attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, eager, flash_attention_2"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward (less memory)"})
-    # LoRA
-    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter (saved, then merged into a full model)"})
-    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
-    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (not tied to r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "comma-separated module names, or all-linear"})
     # bookkeeping
     seed: int = field(default=1234, metadata={"help": "random seed (data order, init of LoRA)"})
     logging_steps: int = field(default=1, metadata={"help": "log every N optimizer steps"})
@@ -79,17 +65,17 @@ class OfflineSDPOArguments:
     def __post_init__(self):
         if self.output_dir is None:
             self.output_dir = os.environ.get("OUTPUT_DIR") or None
+        super().__post_init__()  # the objective group validates its options
         validate_template(self.hindsight_template)
-        self.objective_options()  # validates the loss options
-        if self.precision not in ("auto", "bf16", "fp16", "fp32"):
-            raise ValueError(f"unknown --precision '{self.precision}'; choose auto, bf16, fp16 or fp32")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"unknown --dtype '{self.dtype}'; choose {', '.join(DTYPES)}")
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "lora_r"):
             if getattr(self, name) < 1:
                 raise ValueError(f"--{name} must be >= 1")
         if not 0 <= self.warmup_ratio < 1:
             raise ValueError("--warmup_ratio must be in [0, 1)")
-        if self.learning_rate <= 0:
-            raise ValueError("--learning_rate must be > 0")
+        if self.lr <= 0:
+            raise ValueError("--lr must be > 0")
 
     def objective_options(self) -> ObjectiveOptions:
         return ObjectiveOptions.from_config(self)
@@ -140,7 +126,7 @@ def build_training_arguments(cfg: OfflineSDPOArguments, precision: str, optim: s
     import torch
     from transformers import TrainingArguments
 
-    # The accelerate launcher exports its config's mixed_precision; --precision is the one that counts
+    # The accelerate launcher exports its config's mixed_precision; --dtype is the one that counts
     # (a GPU config must not switch a CPU run to bf16 autocast).
     os.environ["ACCELERATE_MIXED_PRECISION"] = "no" if precision == "fp32" else precision
     return TrainingArguments(
@@ -149,7 +135,7 @@ def build_training_arguments(cfg: OfflineSDPOArguments, precision: str, optim: s
         gradient_accumulation_steps=cfg.grad_accum,
         num_train_epochs=cfg.num_epochs,
         max_steps=cfg.max_steps,
-        learning_rate=cfg.learning_rate,
+        learning_rate=cfg.lr,
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a share of the total steps
         weight_decay=cfg.weight_decay,
@@ -209,7 +195,7 @@ def load_reference(cfg: OfflineSDPOArguments, precision: str, attn: str):
 
     from auxiliary.runtime.model_loading import resolve_model_path
 
-    path = resolve_model_path(cfg.ref_model or cfg.base_model)
+    path = resolve_model_path(cfg.ref_model or cfg.model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
 
@@ -261,9 +247,9 @@ def train(cfg: OfflineSDPOArguments) -> dict:
     from auxiliary.runtime.model_loading import load_tokenizer, pick_attn_implementation, resolve_model_path
     from offline_sdpo.offline_sdpo_trainer import (InteractionDataset, MetricsJsonlCallback, OfflineSDPOTrainer,
                                                    SDPOCollator, load_interactions)
-    from online_sdpo_updater import public_config
+    from auxiliary.runtime.secrets import public_config
 
-    precision = resolve_precision(cfg.precision)
+    precision = resolve_precision(cfg.dtype)
     optim = resolve_optim(cfg.optim)
     args = build_training_arguments(cfg, precision, optim)  # also sets up the process group (torchrun/accelerate)
     transformers.set_seed(cfg.seed)
@@ -276,7 +262,7 @@ def train(cfg: OfflineSDPOArguments) -> dict:
     if is_main:
         print(f"[offline_sdpo] {summary.describe()}", flush=True)
 
-    model_path = resolve_model_path(cfg.base_model)
+    model_path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(model_path)
     attn = pick_attn_implementation(cfg.attn_implementation, "cuda" if args.device.type == "cuda" else "cpu")
     model = load_policy(cfg, model_path, attn)
@@ -296,11 +282,11 @@ def train(cfg: OfflineSDPOArguments) -> dict:
         model=model,
         args=args,
         train_dataset=InteractionDataset(records),
-        data_collator=SDPOCollator(tokenizer, cfg.max_prompt_length, cfg.max_completion_length, cfg.hindsight_template),
+        data_collator=SDPOCollator(tokenizer, cfg.max_context_length, cfg.max_completion_length, cfg.hindsight_template),
         processing_class=tokenizer,
         callbacks=[MetricsJsonlCallback(Path(cfg.output_dir) / METRICS_FILENAME)],
         objective=cfg.objective_options(),
-        max_prompt_length=cfg.max_prompt_length,
+        max_prompt_length=cfg.max_context_length,
         ref_model=load_reference(cfg, precision, attn),
     )
     result = trainer.train(resume_from_checkpoint=resume)

@@ -2,11 +2,18 @@
 # Shared by every wrapper in scripts/ and scripts/slurm/ (sourced, never run on its own).
 #
 # The contract every wrapper follows:
-#   - every setting is an env var with a default (`sdpo_var`), listed by `--help`;
+#   - a setting of the Python entry point is an env var mapped to its flag (`sdpo_field`); the
+#     wrapper passes the flag only when the user set the variable, so the default lives once, in
+#     the dataclass (or in the wrapper's committed YAML profile under configs/wrappers/, passed as
+#     `--config` first, where the wrapper must differ from Python);
+#   - settings of the wrapper itself (launcher, folders) are env vars with a default (`sdpo_var`);
+#   - `--help` prints the table generated from the dataclass metadata (auxiliary/runtime/env_vars.py,
+#     also docs/env_vars.md);
 #   - `.env` in the repo root is sourced when present; variables already in the environment win
 #     over it (so `MODEL=x scripts/eval_online_sdpo.sh` beats a MODEL line in .env);
 #   - BASE_WORK=${SCRATCH:-${TMPDIR:-/tmp}}; OUTPUT_DIR and CACHE_DIR fall back from it, and the
 #     HF / torch / triton / vLLM caches go inside CACHE_DIR unless the user set them;
+#   - `--list-vars` prints the declarations (tab-separated) that the generator reads;
 #   - `--dry-run` prints the fully resolved command(s), one per line, ready to paste, and
 #     creates, writes or downloads nothing; secrets never appear in anything printed;
 #   - every other argument reaches the Python entry point unchanged ("$@", quoting intact);
@@ -20,15 +27,16 @@ SDPO_SECRET_NAMES="ANTHROPIC_API_KEY HF_TOKEN WANDB_API_KEY"
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 SDPO_DRY_RUN=0
 SDPO_HELP=0
+SDPO_LIST_VARS=0      # --list-vars: print the variable declarations for auxiliary/runtime/env_vars.py
+SDPO_PROFILE=""       # the wrapper's YAML profile (configs/wrappers/<name>.yaml), when it has one
 SDPO_ARGS=()          # arguments for the Python entry point
 SDPO_CMD=()           # the command being assembled by sdpo_launcher / sdpo_flag
 SDPO_EXPORTS=()       # names of the variables this library exported (shown in printed commands)
-_SDPO_ROWS=()         # help table rows of the wrapper's own variables
-_SDPO_COMMON_ROWS=()  # help table rows of the variables every wrapper reads
 _SDPO_NAMES=()        # registered names and their meanings (parallel arrays, for error messages)
 _SDPO_MEANINGS=()
-_SDPO_USER_SET=" "    # names the user set (environment or .env), space-delimited
 _SDPO_YAML_KEYS=" "   # top-level keys of a --config YAML among the arguments
+_SDPO_USER_CONFIG=""  # the last --config YAML among the arguments
+_SDPO_DECLARATIONS=() # tab-separated lines for --list-vars
 
 # --------------------------------------------------------------------------- messages
 
@@ -130,6 +138,7 @@ sdpo_init_light() {
         case "$arg" in
             --dry-run) SDPO_DRY_RUN=1 ;;
             -h | --help) SDPO_HELP=1 ;;
+            --list-vars) SDPO_LIST_VARS=1 ;;
             --) passthrough=1 ;;
             *) SDPO_ARGS+=("$arg") ;;
         esac
@@ -179,9 +188,7 @@ _sdpo_common_vars() {
         "Model/data caches: HF_HOME, TORCH_HOME, TRITON_CACHE_DIR, VLLM_CACHE_ROOT go inside it unless set" \
         "\$BASE_WORK/sdpo_cache" common
     sdpo_output_path CACHE_DIR
-    local python="python3"
-    [[ -x $REPO_ROOT/.venv/bin/python ]] && python="$REPO_ROOT/.venv/bin/python"
-    sdpo_var SDPO_PYTHON "$python" "Python interpreter" "(.venv/bin/python if present, else python3)" common
+    sdpo_var SDPO_PYTHON "$(_sdpo_default_python)" "Python interpreter" "(.venv/bin/python if present, else python3)" common
     sdpo_var SDPO_ENV_FILE "" "Settings file sourced first (set it empty for none)" "(.env in the repo root)" common
     sdpo_var SDPO_RUN_TAG "" "Suffix of default OUTPUT_DIR names" "(job<SLURM_JOB_ID>, else the time)" common
     sdpo_var HF_TOKEN "" "Hugging Face token for gated models (never printed)" "" common
@@ -202,6 +209,10 @@ _sdpo_common_vars() {
     sdpo_export PYTHONPATH "$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}"
 }
 
+_sdpo_default_python() {
+    if [[ -x $REPO_ROOT/.venv/bin/python ]]; then printf '%s' "$REPO_ROOT/.venv/bin/python"; else printf python3; fi
+}
+
 sdpo_export() {
     printf -v "$1" '%s' "$2"
     export "${1?}"
@@ -220,6 +231,7 @@ _sdpo_read_config_keys() {
         esac
     done
     [[ -n $config && -r $config ]] || return 0
+    _SDPO_USER_CONFIG=$config
     while IFS= read -r key; do
         _SDPO_YAML_KEYS+="$key "
     done < <(sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*:.*/\1/p' "$config")
@@ -228,24 +240,54 @@ _sdpo_read_config_keys() {
 # --------------------------------------------------------------------------- variables
 
 # sdpo_var NAME DEFAULT MEANING [SHOWN_DEFAULT] [common]
-# NAME keeps its value when set (environment or .env), else takes DEFAULT. --help lists it.
+# A setting of the wrapper itself (not of the entry point): NAME keeps its value when set
+# (environment or .env), else takes DEFAULT. --help lists it (prose defaults in parentheses).
 sdpo_var() {
     local name=$1 default=$2 meaning=$3 shown=${4-$2} scope=${5-}
-    if [[ -n ${!name:-} ]]; then
-        _SDPO_USER_SET+="$name "
-    else
-        printf -v "$name" '%s' "$default"
-    fi
-    local row="| \`$name\` | \`$shown\` | $meaning |"
-    # Prose defaults are written in parentheses and shown as they are.
-    [[ -z $shown ]] && row="| \`$name\` | (empty) | $meaning |"
-    [[ $shown == "("* ]] && row="| \`$name\` | $shown | $meaning |"
-    if [[ $scope == common ]]; then _SDPO_COMMON_ROWS+=("$row"); else _SDPO_ROWS+=("$row"); fi
+    [[ -n ${!name:-} ]] || printf -v "$name" '%s' "$default"
     _SDPO_NAMES+=("$name")
     _SDPO_MEANINGS+=("$meaning")
+    _SDPO_DECLARATIONS+=("$(printf 'var\t%s\t%s\t%s\t%s' "$name" "${shown:-(empty)}" "$meaning" "${scope:-own}")")
 }
 
-sdpo_user_set() { [[ $_SDPO_USER_SET == *" $1 "* ]]; }
+# sdpo_field NAME --flag... [SHOWN_DEFAULT]: NAME stands for the entry point's --flag(s). No default
+# here: the variable is empty unless the user set it, and `sdpo_flag` then passes nothing, so the
+# dataclass (or the profile) decides. SHOWN_DEFAULT replaces the generated default in --help when
+# the wrapper derives one (JUDGE_MODEL follows USER_MODEL).
+sdpo_field() {
+    local name=$1 flags=() shown=""
+    shift
+    while [[ $# -gt 0 ]]; do
+        if [[ $1 == --* ]]; then flags+=("$1"); else shown=$1; fi
+        shift
+    done
+    [[ -n ${!name:-} ]] || printf -v "$name" '%s' ""
+    _SDPO_NAMES+=("$name")
+    _SDPO_MEANINGS+=("the entry point's ${flags[*]}")
+    _SDPO_DECLARATIONS+=("$(printf 'field\t%s\t%s\t%s' "$name" "${flags[*]}" "$shown")")
+}
+
+# sdpo_profile FILE: the wrapper's committed YAML profile (relative to the repo root); sdpo_python
+# and sdpo_launcher pass it as the first --config, so the user's --config and flags override it.
+sdpo_profile() {
+    SDPO_PROFILE="$REPO_ROOT/$1"
+    _SDPO_DECLARATIONS+=("$(printf 'profile\t%s' "$1")")
+}
+
+# _sdpo_yaml_value FILE KEY: the scalar of a top-level `key: value` line (quotes removed).
+_sdpo_yaml_value() {
+    [[ -n $1 && -r $1 ]] || return 0
+    sed -n "s/^$2[[:space:]]*:[[:space:]]*//p" "$1" | tail -n 1 | sed -e 's/[[:space:]]*#.*$//' -e "s/^[\"']//" -e "s/[\"']\$//"
+}
+
+# sdpo_effective NAME KEY: what the entry point will use for KEY, as far as the wrapper can tell:
+# the variable when set, else the user's --config, else the profile (else empty: the dataclass default).
+sdpo_effective() {
+    local value=${!1:-}
+    [[ -n $value ]] || value=$(_sdpo_yaml_value "$_SDPO_USER_CONFIG" "$2")
+    [[ -n $value ]] || value=$(_sdpo_yaml_value "$SDPO_PROFILE" "$2")
+    printf '%s' "$value"
+}
 
 # True when the --config YAML among the arguments sets KEY.
 sdpo_config_sets() { [[ $_SDPO_YAML_KEYS == *" $1 "* ]]; }
@@ -257,17 +299,23 @@ _sdpo_meaning() {
     done
 }
 
-# Print the variable tables and exit when --help was given. Call after the last sdpo_var.
+# --help: print the variable tables (generated from the dataclass metadata by
+# auxiliary/runtime/env_vars.py, which reads this wrapper's declarations through --list-vars) and
+# exit; --list-vars: print those declarations. Call after the last sdpo_var / sdpo_field.
 sdpo_help_or_continue() {
+    local line
+    if [[ $SDPO_LIST_VARS == 1 ]]; then
+        printf 'description\t%s\n' "$1"
+        for line in ${_SDPO_DECLARATIONS[@]+"${_SDPO_DECLARATIONS[@]}"}; do printf '%s\n' "$line"; done
+        exit 0
+    fi
     [[ $SDPO_HELP == 1 ]] || return 0
-    local row
+    local script=$0
+    [[ $script == /* ]] || script="$PWD/$script"
     printf 'Usage: [VAR=value ...] %s [--dry-run] [--help] [--] [flags passed to Python ...]\n\n' "$0"
-    printf '%s\n\n' "$1"
-    printf '| Variable | Default | Meaning |\n|---|---|---|\n'
-    for row in ${_SDPO_ROWS[@]+"${_SDPO_ROWS[@]}"}; do printf '%s\n' "$row"; done
-    [[ ${#_SDPO_COMMON_ROWS[@]} -gt 0 ]] || exit 0
-    printf '\nRead by every wrapper:\n\n| Variable | Default | Meaning |\n|---|---|---|\n'
-    for row in "${_SDPO_COMMON_ROWS[@]}"; do printf '%s\n' "$row"; done
+    PYTHONPATH="$REPO_ROOT${PYTHONPATH:+:$PYTHONPATH}" "${SDPO_PYTHON:-$(_sdpo_default_python)}" \
+        -m auxiliary.runtime.env_vars --help-for "$script" ||
+        sdpo_die "could not generate the variable table (auxiliary/runtime/env_vars.py)"
     exit 0
 }
 
@@ -280,19 +328,22 @@ sdpo_require() {
     done
 }
 
-sdpo_check_int() {  # NAME MIN
+sdpo_check_int() {  # NAME MIN (an empty NAME is not set: nothing to check)
     local name=$1 min=$2
+    [[ -n ${!name:-} ]] || return 0
     [[ ${!name} =~ ^[0-9]+$ ]] || sdpo_die "$name=${!name}: expected a whole number"
     (( 10#${!name} >= min )) || sdpo_die "$name=${!name}: must be >= $min"
 }
 
-sdpo_check_number() {  # NAME (a positive decimal such as 5e-6 or 0.001)
+sdpo_check_number() {  # NAME (a positive decimal such as 5e-6 or 0.001; empty: not set)
+    [[ -n ${!1:-} ]] || return 0
     [[ ${!1} =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)([eE][-+]?[0-9]+)?$ ]] || sdpo_die "$1=${!1}: expected a number such as 5e-6"
 }
 
-sdpo_check_choice() {  # NAME CHOICE...
+sdpo_check_choice() {  # NAME CHOICE... (empty: not set)
     local name=$1 choice
     shift
+    [[ -n ${!name:-} ]] || return 0
     for choice in "$@"; do [[ ${!name} == "$choice" ]] && return 0; done
     sdpo_die "$name=${!name}: choose one of: $*"
 }
@@ -310,12 +361,13 @@ sdpo_check_exists() {  # NAME [file|dir] [PATH INSIDE NAME]
     fi
 }
 
-# sdpo_check_api_key NAME...: a variable set to "claude" needs ANTHROPIC_API_KEY. A real run stops
-# before starting; a dry run warns.
+# sdpo_check_api_key NAME:KEY...: a setting that is effectively "claude" (sdpo_effective) needs
+# ANTHROPIC_API_KEY. A real run stops before starting; a dry run warns.
 sdpo_check_api_key() {
-    local name
-    for name in "$@"; do
-        [[ ${!name:-} == claude && -z ${ANTHROPIC_API_KEY:-} ]] || continue
+    local spec name
+    for spec in "$@"; do
+        name=${spec%%:*}
+        [[ $(sdpo_effective "$name" "${spec#*:}") == claude && -z ${ANTHROPIC_API_KEY:-} ]] || continue
         if [[ $SDPO_DRY_RUN == 1 ]]; then
             sdpo_note "warning: $name=claude needs ANTHROPIC_API_KEY (a real run stops here)"
         else
@@ -370,6 +422,12 @@ sdpo_slug() {
 # offline trainer, does not apply to them).
 sdpo_python() {
     SDPO_CMD=("$SDPO_PYTHON" "$1")
+    _sdpo_add_profile
+}
+
+_sdpo_add_profile() {
+    [[ -n $SDPO_PROFILE ]] && SDPO_CMD+=(--config "$SDPO_PROFILE")
+    return 0
 }
 
 # SDPO_CMD=( launcher for SCRIPT ): plain python when WORLD_SIZE is 1 (or unset), else
@@ -379,6 +437,7 @@ sdpo_launcher() {
     local script=$1 world=${WORLD_SIZE:-1}
     if (( 10#$world <= 1 )); then
         SDPO_CMD=("$SDPO_PYTHON" "$script")
+        _sdpo_add_profile
         return
     fi
     local accelerate="accelerate"
@@ -394,23 +453,22 @@ sdpo_launcher() {
             --main_process_ip "$MAIN_PROCESS_IP" --main_process_port "$MAIN_PROCESS_PORT")
     fi
     SDPO_CMD+=("$script")
+    _sdpo_add_profile
 }
 
-# sdpo_flag --flag NAME: append `--flag "$NAME"` to SDPO_CMD, unless NAME is empty, or a --config
-# YAML sets that key and the user did not set NAME.
+# sdpo_flag --flag NAME: append `--flag "$NAME"` to SDPO_CMD unless NAME is empty (not set: the
+# entry point's default, a --config YAML or the profile decides).
 sdpo_flag() {
-    local flag=$1 name=$2 key=${1#--}
+    local flag=$1 name=$2
     [[ -n ${!name:-} ]] || return 0
-    if sdpo_config_sets "$key" && ! sdpo_user_set "$name"; then return 0; fi
     SDPO_CMD+=("$flag" "${!name}")
 }
 
 # sdpo_words_flag --flag NAME: append `--flag word1 word2 ...` (NAME split on spaces and commas),
-# under the same rules as sdpo_flag.
+# under the same rule as sdpo_flag.
 sdpo_words_flag() {
-    local flag=$1 name=$2 key=${1#--} words=()
+    local flag=$1 name=$2 words=()
     [[ -n ${!name:-} ]] || return 0
-    if sdpo_config_sets "$key" && ! sdpo_user_set "$name"; then return 0; fi
     read -r -a words <<<"${!name//,/ }"
     [[ ${#words[@]} -gt 0 ]] || return 0
     SDPO_CMD+=("$flag" "${words[@]}")

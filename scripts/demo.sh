@@ -4,8 +4,10 @@
 # rule-based judge, plus a placebo arm whose user only ever says "OK, thanks.". Prints the win
 # rate per eval step and arm, the net effect (feedback - placebo) and the path of winrate.png.
 #
-# The settings below were chosen by measurement (README, "Quick start: make demo"). Any of them
-# can be changed through the environment, and extra arguments go to eval_online_sdpo.py:
+# The settings are the profile configs/demo.yaml (chosen by measurement: README, "Quick start:
+# make demo"). DEMO_STYLE, DEMO_LR, DEMO_IGNORE_FIRST_K, DEMO_LOSS_MODE, DEMO_TRAIN_N, DEMO_EVAL_N,
+# DEMO_EVAL_EVERY, DEMO_MAX_NEW_TOKENS (also the evaluation's) and DEMO_SEED override it when set,
+# and extra arguments go to eval_online_sdpo.py:
 #   DEMO_TRAIN_N=40 scripts/demo.sh --eval_every 10
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,20 +16,37 @@ cd "$REPO_ROOT"
 PY=${PYTHON:-$REPO_ROOT/.venv/bin/python}
 [[ -x $PY ]] || { echo "error: $PY not found; run 'make demo' (it creates .venv) or set PYTHON" >&2; exit 2; }
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline}
+PROFILE=configs/demo.yaml
 
 BASE_WORK=${BASE_WORK:-${SCRATCH:-${TMPDIR:-/tmp}}}
-STYLE=${DEMO_STYLE:-concise}
-LR=${DEMO_LR:-5e-6}
-IGNORE_FIRST_K=${DEMO_IGNORE_FIRST_K:-4}
-LOSS_MODE=${DEMO_LOSS_MODE:-simple_signal}
-TRAIN_N=${DEMO_TRAIN_N:-20}
-EVAL_N=${DEMO_EVAL_N:-30}
-EVAL_EVERY=${DEMO_EVAL_EVERY:-10}
-MAX_NEW_TOKENS=${DEMO_MAX_NEW_TOKENS:-96}
-SEED=${DEMO_SEED:-1234}
 OUTPUT_DIR=${OUTPUT_DIR:-$BASE_WORK/sdpo_runs/demo-$(date +%Y%m%d-%H%M%S)}
 
-cat <<EOF
+# profile_value KEY: the profile's top-level `key: value`
+profile_value() { sed -n "s/^$1:[[:space:]]*//p" "$PROFILE" | sed 's/[[:space:]]*#.*$//'; }
+
+# DEMO_<NAME> set: a flag after the profile; either way the header shows the value that applies.
+overrides=()
+setting() {  # VAR KEY [FLAG...]: VAR = DEMO_VAR when set (and passed as each FLAG), else the profile's KEY
+    local var=$1 key=$2 demo="DEMO_$1" flag
+    shift 2
+    if [[ -n ${!demo:-} ]]; then
+        printf -v "$var" '%s' "${!demo}"
+        for flag in "--$key" "$@"; do overrides+=("$flag" "${!demo}"); done
+    else
+        printf -v "$var" '%s' "$(profile_value "$key")"
+    fi
+}
+setting STYLE style
+setting LR lr
+setting IGNORE_FIRST_K ignore_first_k
+setting LOSS_MODE loss_mode
+setting TRAIN_N train_n
+setting EVAL_N eval_n
+setting EVAL_EVERY eval_every
+setting MAX_NEW_TOKENS max_new_tokens --eval_max_new_tokens
+setting SEED seed
+
+cat <<HEADER
 == make demo: online SDPO on CPU ==
 policy      SmolLM2-135M-Instruct (embedded), fp32, $("$PY" -c 'import torch; print(torch.get_num_threads())') CPU threads
 user        rule-based '$STYLE' user (complains when a reply is over 60 words, else approves)
@@ -36,16 +55,9 @@ objective   $LOSS_MODE, signal centred per reply, first $IGNORE_FIRST_K reply to
 run         $TRAIN_N interactions, $EVAL_N held-out prompts judged at steps 0, every $EVAL_EVERY and the end
 judge       rule-based '$STYLE' judge vs the initial policy's replies (shorter wins; both orders)
 output      $OUTPUT_DIR
-EOF
+HEADER
 
 started=$(date +%s)
-"$PY" eval_online_sdpo.py \
-    --model smollm2-135m-instruct --device cpu \
-    --train_jsonl data/samples/train.jsonl --val_jsonl data/samples/validation.jsonl \
-    --style "$STYLE" --user_simulator rule --judge rule --placebo \
-    --loss_mode "$LOSS_MODE" --center_signal --ignore_first_k "$IGNORE_FIRST_K" --lr "$LR" \
-    --temperature 0.7 --top_p 0.9 --max_new_tokens "$MAX_NEW_TOKENS" --eval_max_new_tokens "$MAX_NEW_TOKENS" \
-    --train_n "$TRAIN_N" --eval_n "$EVAL_N" --eval_every "$EVAL_EVERY" --seed "$SEED" \
-    --output_dir "$OUTPUT_DIR" "$@"
+"$PY" eval_online_sdpo.py --config "$PROFILE" ${overrides[@]+"${overrides[@]}"} --output_dir "$OUTPUT_DIR" "$@"
 elapsed=$(( $(date +%s) - started ))
 printf 'demo finished in %dm%02ds\n' $((elapsed / 60)) $((elapsed % 60))

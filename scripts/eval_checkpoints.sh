@@ -11,14 +11,15 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 sdpo_init "$@"
 
-sdpo_var CHECKPOINTS "" "Space-separated checkpoint paths" "(required)"
-sdpo_var BASELINE_MODEL "" "Baseline model path or hub id" "(required)"
-sdpo_var EVAL_STYLES "less_filler_praise_sycophancy no_emojis answer_directly_reduce_formatting" "Styles to evaluate"
-sdpo_var JUDGE "local" "Pairwise style judge: rule, local, claude or vllm"
-sdpo_var USER_MODEL "Qwen/Qwen3-32B" "Simulated user that judges (model of JUDGE=local or vllm)"
-sdpo_var EVAL_N "100" "Number of evaluation examples"
-sdpo_var DATA_DIR "data/helpsteer_prompts" "Directory containing validation.jsonl"
-sdpo_var BASE_MODEL "" "Base model of LoRA adapter checkpoints" "(the one in adapter_config.json)"
+sdpo_profile configs/wrappers/eval_checkpoints.yaml
+sdpo_field CHECKPOINTS --checkpoints "(required)"
+sdpo_field BASELINE_MODEL --baseline_model "(required)"
+sdpo_field EVAL_STYLES --eval_styles
+sdpo_field JUDGE --judge
+sdpo_field USER_MODEL --judge_model
+sdpo_field EVAL_N --eval_n
+sdpo_field DATA_DIR --data_dir
+sdpo_field BASE_MODEL --base_model
 sdpo_var OUTPUT_DIR "$BASE_WORK/sdpo_outputs/eval_checkpoints_$(sdpo_run_tag)" \
     "results.json, completions.jsonl, winrate.png" "\$BASE_WORK/sdpo_outputs/eval_checkpoints_<job id or time>"
 sdpo_help_or_continue "Checkpoint evaluation: pairwise style win rates of each checkpoint against a baseline."
@@ -27,20 +28,20 @@ sdpo_config_sets checkpoints || sdpo_require CHECKPOINTS
 sdpo_config_sets baseline_model || sdpo_require BASELINE_MODEL
 sdpo_check_choice JUDGE rule local claude vllm
 sdpo_check_int EVAL_N 1
-sdpo_check_api_key JUDGE
+sdpo_check_api_key JUDGE:judge
 sdpo_input_paths CHECKPOINTS
 sdpo_input_path BASELINE_MODEL
 sdpo_input_path BASE_MODEL
 sdpo_input_path DATA_DIR
 sdpo_output_path OUTPUT_DIR
-sdpo_config_sets val_jsonl || sdpo_check_exists DATA_DIR file validation.jsonl
+[[ -z $DATA_DIR ]] || sdpo_config_sets val_jsonl || sdpo_check_exists DATA_DIR file validation.jsonl
 
 sdpo_python "$REPO_ROOT/auxiliary/eval_checkpoints.py"
 sdpo_words_flag --checkpoints CHECKPOINTS
 sdpo_flag --baseline_model BASELINE_MODEL
 sdpo_words_flag --eval_styles EVAL_STYLES
 sdpo_flag --judge JUDGE
-[[ $JUDGE == local || $JUDGE == vllm ]] && sdpo_flag --judge_model USER_MODEL
+sdpo_flag --judge_model USER_MODEL
 sdpo_flag --eval_n EVAL_N
 sdpo_flag --data_dir DATA_DIR
 sdpo_flag --base_model BASE_MODEL

@@ -4,25 +4,28 @@
 #   WORLD_SIZE=1 TRAIN_JSONL=... scripts/train_offline_sdpo.sh --max_steps 10    # one process
 # WORLD_SIZE > 1 runs `accelerate launch`; multi-node runs set NUM_MACHINES, MACHINE_RANK and
 # MAIN_PROCESS_IP on every node (scripts/slurm/train_offline_sdpo.sbatch does that for SLURM).
+# Only the variables you set become flags (the upstream spellings --base_model and --learning_rate,
+# aliases of --model and --lr); the defaults are main_offline_sdpo.py's.
 # `--help` lists every variable; `--dry-run` prints the command and runs nothing.
 set -euo pipefail
 # shellcheck source=scripts/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 sdpo_init "$@"
 
-sdpo_var TRAIN_JSONL "" "Interaction data JSONL: prompt, completion, user_response (required)" "(required)"
-sdpo_var BASE_MODEL "Qwen/Qwen3-4B" "Policy model (hub id or local folder)"
-sdpo_var LR "2e-6" "Peak learning rate"
-sdpo_var BS "4" "Per-device batch size (interactions)"
-sdpo_var GA "8" "Gradient accumulation steps"
-sdpo_var NUM_EPOCHS "2" "Training epochs"
+sdpo_field TRAIN_JSONL --train_jsonl "(required)"
+sdpo_field BASE_MODEL --base_model
+sdpo_field LR --learning_rate
+sdpo_field BS --batch_size
+sdpo_field GA --grad_accum
+sdpo_field NUM_EPOCHS --num_epochs
 sdpo_var WORLD_SIZE "4" "Processes (GPUs) in total over all machines; 1 runs plain python"
 sdpo_var ACCELERATE_CONFIG "multigpu_accelerate_config.yaml" "Accelerate config (DDP; FSDP / DeepSpeed ones in offline_sdpo/configs/); its process count is overridden by WORLD_SIZE"
 sdpo_var NUM_MACHINES "1" "Machines (nodes) of a multi-node run"
 sdpo_var MACHINE_RANK "${SLURM_NODEID:-0}" "This machine's rank in a multi-node run" "\${SLURM_NODEID:-0}"
 sdpo_var MAIN_PROCESS_IP "" "Address of rank 0 (required when NUM_MACHINES > 1)"
 sdpo_var MAIN_PROCESS_PORT "29500" "Port on rank 0 for the process group"
-sdpo_var OUTPUT_DIR "$BASE_WORK/sdpo_outputs/offline_$(sdpo_slug "$BASE_MODEL")_$(sdpo_run_tag)" \
+model_slug=$(sdpo_effective BASE_MODEL model)
+sdpo_var OUTPUT_DIR "$BASE_WORK/sdpo_outputs/offline_${model_slug:+$(sdpo_slug "$model_slug")_}$(sdpo_run_tag)" \
     "Checkpoints, metrics.jsonl and the final model" "\$BASE_WORK/sdpo_outputs/offline_<model>_<job id or time>"
 sdpo_help_or_continue "Offline SDPO training on logged (prompt, completion, user_response) interactions."
 

@@ -78,7 +78,7 @@ def test_resolved_config_is_saved_without_secrets(three_steps):
     out, _ = three_steps
     config = json.loads((out / CONFIG_FILENAME).read_text())
     assert config["batch_size"] == 2 and config["grad_accum"] == 2  # from the YAML file
-    assert config["learning_rate"] == 1e-3 and config["ignore_first_k"] == 2 and config["loss_mode"] == "simple_signal"
+    assert config["lr"] == 1e-3 and config["ignore_first_k"] == 2 and config["loss_mode"] == "simple_signal"
     resolved = config["resolved"]
     assert resolved["precision"] == "fp32" and resolved["optim"] == "adamw_torch"  # CPU choices
     assert resolved["effective_batch_size"] == 4 and resolved["world_size"] == 1

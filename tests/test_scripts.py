@@ -197,7 +197,8 @@ def test_default_paths_resolve_from_the_repo_whatever_the_current_folder(work):
     env.pop("CASES_JSON")
     result = run(SCRIPTS / "run_signal_analysis.sh", "--dry-run", env=env, cwd=work["cwd"])
     (argv,) = commands(result.stdout)
-    assert has_pair(argv, "--cases_json", str(REPO / "auxiliary" / "signal_analysis_cases.json"))
+    # not set: no flag; the entry point's default (tried from the repo root) applies
+    assert result.returncode == 0 and "--cases_json" not in argv
     # a relative path that exists from the current folder is taken from there, made absolute
     (work["cwd"] / "mine.json").write_text("[]")
     result = run(SCRIPTS / "run_signal_analysis.sh", "--dry-run", env={**env, "CASES_JSON": "./mine.json"}, cwd=work["cwd"])
@@ -459,20 +460,55 @@ def help_tables(script: Path) -> tuple[list[str], list[str]]:
     return rows(own), rows(common)
 
 
+@pytest.mark.parametrize("name", WRAPPERS + ["slurm/train_offline_sdpo.sbatch"])
+def test_help_matches_the_generated_docs(name):
+    own, common = help_tables(SCRIPTS / name)
+    docs = (REPO / "docs" / "env_vars.md").read_text()
+    assert own, "no variables listed"
+    assert "\n".join(own) in docs, f"docs/env_vars.md differs from {name} --help (regenerate it)"
+    if common:
+        assert "\n".join(common) in docs
+
+
+def test_committed_env_var_docs_equal_the_generator_output():
+    from auxiliary.runtime import env_vars
+
+    assert (REPO / "docs" / "env_vars.md").read_text() == env_vars.markdown(), \
+        "docs/env_vars.md is out of date: python -m auxiliary.runtime.env_vars --write docs/env_vars.md"
+
+
+def test_every_wrapper_variable_maps_to_a_real_field(monkeypatch):
+    from auxiliary.runtime import env_vars
+
+    for wrapper in env_vars.WRAPPERS:
+        table = env_vars.wrapper_table(wrapper)  # raises EnvVarError for a flag that is no field
+        assert table.rows, wrapper
+    # a mapping to a flag that is no field is caught
+    monkeypatch.setattr(env_vars, "_declarations", lambda wrapper: [["field", "LR", "--no_such_field", ""]])
+    with pytest.raises(env_vars.EnvVarError, match="no_such_field"):
+        env_vars.wrapper_table("scripts/eval_online_sdpo.sh")
+
+
+def test_paper_readme_variable_names_are_all_still_read():
+    from auxiliary.runtime import env_vars
+
+    names = {row.name for w in env_vars.WRAPPERS for row in env_vars.wrapper_table(w).rows}
+    paper = {"MODEL", "USER_MODEL", "STYLE", "EVAL_STYLES", "LR", "LOSS_MODE", "TRAIN_N", "EVAL_N", "EVAL_EVERY",
+             "TRAIN_STEPS_PER_EXAMPLE", "SEED", "DATA_DIR", "BASELINE_MODEL", "OUTPUT_DIR", "TRAIN_JSONL", "BASE_MODEL",
+             "BS", "GA", "NUM_EPOCHS", "WORLD_SIZE", "ACCELERATE_CONFIG", "CHECKPOINTS", "JUDGE_MODEL", "CASES_JSON",
+             "N_CASES"}
+    assert paper - names == set()
+
+
 def readme_section() -> str:
     text = (REPO / "README.md").read_text()
     return text.split("<!-- section:scripts -->", 1)[1].split("<!-- /section:scripts -->", 1)[0]
 
 
-@pytest.mark.parametrize("name", WRAPPERS + ["slurm/train_offline_sdpo.sbatch"])
-def test_readme_table_matches_help(name):
-    own, common = help_tables(SCRIPTS / name)
+def test_readme_points_to_the_generated_tables_and_restates_no_default():
     section = readme_section()
-    assert own, "no variables listed"
-    block = "\n".join(own)
-    assert block in section, f"README table of {name} differs from its --help:\n{block}"
-    if common:
-        assert "\n".join(common) in section
+    assert "docs/env_vars.md" in section
+    assert "| `LR` |" not in section and "| `MODEL` |" not in section
 
 
 def test_env_example_lists_every_variable():
@@ -528,7 +564,7 @@ def test_train_offline_real_run_on_a_tiny_model(work, tiny_model_dir):
     metrics = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert metrics and all(m["loss"] == m["loss"] for m in metrics if "loss" in m)
     config = json.loads((out / "offline_sdpo_config.json").read_text())
-    assert config["batch_size"] == 2 and config["grad_accum"] == 1 and config["base_model"] == tiny_model_dir
+    assert config["batch_size"] == 2 and config["grad_accum"] == 1 and config["model"] == tiny_model_dir
     assert ENV_SECRET not in result.stdout + result.stderr
     assert tree(work["cwd"]) == []  # nothing written where it ran from
 
@@ -540,15 +576,28 @@ def test_online_model_flags_follow_the_chosen_simulator_and_judge(work):
     assert "--user_model_name_or_path" not in argv and has_pair(argv, "--judge_model", "my-org/user")
     (argv,) = commands(run(SCRIPTS / "eval_online_sdpo.sh", "--dry-run", env={**env, "JUDGE_MODEL": "my-org/j"}).stdout)
     assert has_pair(argv, "--judge_model", "my-org/j")
-    # seed defaults: a Claude user and judge
+    # seed defaults: a Claude user and judge, from the wrapper's profile; every other default is
+    # the entry point's, so nothing the user did not set is passed
     defaults = clean_env(work["base"], DATA_DIR="data/samples", ANTHROPIC_API_KEY=ENV_SECRET)
     (argv,) = commands(run(SCRIPTS / "eval_online_sdpo.sh", "--dry-run", env=defaults).stdout)
-    for pair in [("--model", "Qwen/Qwen3-8B"), ("--user_simulator", "claude"), ("--judge", "claude"), ("--style", "no_emojis"),
-                 ("--lr", "5e-6"), ("--loss_mode", "full_distillation"), ("--train_n", "15"), ("--eval_n", "100"),
-                 ("--eval_every", "3"), ("--train_steps_per_example", "1"), ("--seed", "1234")]:
-        assert has_pair(argv, *pair), pair
-    assert "--eval_styles" not in argv and "--baseline_model" not in argv
+    assert has_pair(argv, "--config", str(REPO / "configs" / "wrappers" / "eval_online_sdpo.yaml"))
+    for flag in ("--model", "--user_simulator", "--judge", "--style", "--lr", "--loss_mode", "--train_n", "--eval_n",
+                 "--eval_every", "--train_steps_per_example", "--seed", "--eval_styles", "--baseline_model"):
+        assert flag not in argv, flag
     assert "--user_model_name_or_path" not in argv and "--judge_model" not in argv  # Qwen ids mean nothing to Claude
+    # what that command resolves to: the paper repository's quick-start settings
+    python_argv = argv[next(i for i, a in enumerate(argv) if a.endswith("eval_online_sdpo.py")):]
+    resolved = subprocess.run([sys.executable, *python_argv, "--print_config"], cwd=REPO, capture_output=True, text=True,
+                              env={**defaults, "PYTHONPATH": str(REPO)}, timeout=120)
+    assert resolved.returncode == 0, resolved.stderr
+    import yaml
+
+    config = yaml.safe_load(resolved.stdout)
+    expected = {"model": "Qwen/Qwen3-8B", "user_simulator": "claude", "judge": "claude", "style": "no_emojis", "lr": 5e-6,
+                "loss_mode": "full_distillation", "train_n": 15, "eval_n": 100, "eval_every": 3,
+                "train_steps_per_example": 1, "seed": 1234, "eval_styles": "", "baseline_model": None}
+    assert {key: config[key] for key in expected} == expected
+    assert tree(work["base"]) == []
     claude_ids = {**defaults, "USER_MODEL": "claude-sonnet-4-5", "JUDGE_MODEL": "claude-opus-4-1"}
     (argv,) = commands(run(SCRIPTS / "eval_online_sdpo.sh", "--dry-run", env=claude_ids).stdout)
     assert has_pair(argv, "--user_model_name_or_path", "claude-sonnet-4-5") and has_pair(argv, "--judge_model", "claude-opus-4-1")
@@ -580,3 +629,44 @@ def test_eval_online_real_run_on_a_tiny_model(work, tiny_model_dir):
     assert {row["step"] for row in history} == {0, 2} and all(row["n"] == 2 for row in history)
     assert ENV_SECRET not in result.stdout + result.stderr
     assert tree(work["cwd"]) == []
+
+
+# --------------------------------------------------------------------------- one place per default
+
+MINIMAL = {  # only what a wrapper requires
+    "eval_online_sdpo.sh": {"ANTHROPIC_API_KEY": ENV_SECRET},
+    "train_offline_sdpo.sh": {"TRAIN_JSONL": FIXTURE, "WORLD_SIZE": "1"},
+    "eval_checkpoints.sh": {"CHECKPOINTS": "/ckpt/a", "BASELINE_MODEL": "my-org/baseline"},
+    "eval_incontext_oracle.sh": {},
+    "run_signal_analysis.sh": {},
+}
+
+
+@pytest.mark.parametrize("name", sorted(MINIMAL))
+def test_unset_variables_pass_no_flag_only_the_profile(name, work):
+    env = clean_env(work["base"], **MINIMAL[name])
+    result = run(SCRIPTS / name, "--dry-run", env=env, cwd=work["cwd"])
+    assert result.returncode == 0, result.stderr
+    (argv,) = commands(result.stdout)
+    flags = [a for a in argv[next(i for i, a in enumerate(argv) if a.endswith(".py")):] if a.startswith("--")]
+    required = {"train_offline_sdpo.sh": ["--train_jsonl"], "eval_checkpoints.sh": ["--checkpoints", "--baseline_model"]}
+    profile = REPO / "configs" / "wrappers" / name.replace(".sh", ".yaml")
+    expected = (["--config"] if profile.exists() else []) + required.get(name, []) + ["--output_dir"]
+    assert flags == expected, argv
+    if profile.exists():
+        assert has_pair(argv, "--config", str(profile))
+    assert tree(work["base"]) == [] and tree(work["cwd"]) == []
+
+
+def test_the_profile_and_the_users_config_decide_whether_claude_needs_a_key(work):
+    env = clean_env(work["base"], SDPO_PYTHON=work["python"], DATA_DIR="data/samples")
+    result = run(SCRIPTS / "eval_online_sdpo.sh", env=env)  # the profile's Claude user and judge need the key
+    assert result.returncode != 0 and "ANTHROPIC_API_KEY" in result.stderr and recorded(work) == []
+    mine = work["tmp"] / "mine.yaml"
+    mine.write_text("user_simulator: rule\njudge: 'rule'\n")
+    result = run(SCRIPTS / "eval_online_sdpo.sh", "--config", str(mine), env=env)
+    assert result.returncode == 0, result.stderr
+    (call,) = recorded(work)
+    # the profile first, the user's YAML after it (later files win), then the user's flags
+    configs = [call["argv"][i + 1] for i, a in enumerate(call["argv"]) if a == "--config"]
+    assert configs == [str(REPO / "configs" / "wrappers" / "eval_online_sdpo.yaml"), str(mine)]

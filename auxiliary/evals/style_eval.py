@@ -31,6 +31,8 @@ from typing import Optional, Sequence
 from auxiliary.feedback.factory import JUDGE_KINDS
 from auxiliary.runtime.io_utils import DataError
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_EVAL_STYLES = ["less_filler_praise_sycophancy", "no_emojis", "answer_directly_reduce_formatting"]
@@ -114,6 +116,8 @@ def judge_model_name(args: StyleEvalArgs) -> str | None:
 
 def prompts_path(args: StyleEvalArgs, data_dir: str) -> Path:
     path = Path(args.val_jsonl) if args.val_jsonl else Path(data_dir) / "validation.jsonl"
+    if not path.exists() and not path.is_absolute() and (REPO_ROOT / path).exists():
+        path = REPO_ROOT / path  # the defaults (data/...) work from any folder, with or without a wrapper
     if not path.exists():
         raise DataError(f"{path}: prompt file not found (prepare data with auxiliary/preprocess_helpsteer.py or "
                         "preprocess_tldr_dataset.py, or try --data_dir data/samples)")

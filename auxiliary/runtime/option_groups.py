@@ -1,0 +1,81 @@
+"""Option groups shared by the configs of the online trainer, the offline trainer and the chat.
+
+Each group is a dataclass whose fields are CLI flags and YAML keys; the help text and the
+default of each setting live here once. A config inherits the groups it needs (with
+sdpo_objective.ObjectiveOptions, the objective group) and changes a default in one line with
+`override(Group, "name", value)`, which keeps the group's help text.
+
+A field may name other spellings in metadata["aliases"] (for example the upstream
+`--learning_rate` for `lr`); auxiliary/runtime/cli.py accepts them as flags and YAML keys.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+def override(group: type, name: str, default: Any, help: Optional[str] = None):
+    """A field of `group` with another default (and optionally another help text), metadata kept."""
+    (base,) = [f for f in dataclasses.fields(group) if f.name == name]
+    metadata = dict(base.metadata)
+    if help is not None:
+        metadata["help"] = help
+    if isinstance(default, (list, dict, set)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+@dataclass
+class ModelOptions:
+    """Which model, and how it is loaded."""
+    model: str = field(default="Qwen/Qwen3-8B", metadata={
+        "help": "policy: hub id, local folder, smollm2-135m-instruct or tiny-random",
+        "aliases": ["--model_name_or_path", "--base_model"]})
+    dtype: str = field(default="auto", metadata={
+        "help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32",
+        "aliases": ["--precision", "--torch_dtype"]})
+    attn_implementation: str = field(default="auto", metadata={
+        "help": "auto (flash_attention_2 where installed on CUDA, else sdpa), sdpa, eager, flash_attention_2"})
+    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward (less memory)"})
+    ref_model: Optional[str] = field(default=None, metadata={
+        "help": "reference model for beta > 0 (default: the initial policy, --model)"})
+
+
+@dataclass
+class ContextOptions:
+    """What the student and the teacher (hindsight) contexts look like."""
+    max_context_length: int = field(default=4096, metadata={
+        "help": "context tokens kept, cut from the LEFT (the assistant header survives)",
+        "aliases": ["--max_prompt_length"]})
+    hindsight_template: str = field(default=DEFAULT_HINDSIGHT_TEMPLATE, metadata={
+        "help": "block appended to the last user message; must contain {followup}"})
+
+
+@dataclass
+class OptimizerOptions:
+    lr: float = field(default=5e-6, metadata={"help": "AdamW (peak) learning rate", "aliases": ["--learning_rate"]})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
+
+
+@dataclass
+class GenerationOptions:
+    """Sampling of the policy's replies."""
+    max_new_tokens: int = field(default=512, metadata={"help": "reply length limit while training"})
+    temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy)"})
+    top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
+    generation_batch_size: int = field(default=16, metadata={"help": "prompts per generate() call"})
+
+
+@dataclass
+class LoraOptions:
+    use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of all weights"})
+    lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
+    lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (not tied to r)"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_target_modules: str = field(default="all-linear", metadata={"help": "comma-separated module names, or all-linear"})
