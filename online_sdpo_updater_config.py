@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from auxiliary.runtime.option_groups import (ContextOptions, GenerationOptions, LoraOptions, ModelOptions,
-                                             OptimizerOptions)
+                                             OptimizerOptions, check_ranges)
 from sdpo_objective import ObjectiveOptions, validate_template
 
 
@@ -29,6 +29,7 @@ class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, Context
 
     def __post_init__(self):
         super().__post_init__()  # the objective group validates its options
+        check_ranges(self)  # every numeric flag in its range, before anything is loaded or written
         validate_template(self.hindsight_template)
         if self.train_steps_per_example < 1:
             raise ValueError("train_steps_per_example must be >= 1")

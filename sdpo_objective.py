@@ -315,8 +315,12 @@ class ObjectiveOptions:
     def __post_init__(self):
         if self.loss_mode not in LOSS_MODES:
             raise ValueError(f"unknown loss_mode '{self.loss_mode}'; choose one of {', '.join(LOSS_MODES)}")
-        if self.distillation_topk < 1:
-            raise ValueError("distillation_topk must be >= 1")
+        for name, value, low in (("distillation_topk", self.distillation_topk, 1),
+                                 ("logits_chunk_size", self.logits_chunk_size, 1), ("ignore_first_k", self.ignore_first_k, 0),
+                                 ("signal_clip", self.signal_clip, 0), ("beta", self.beta, 0)):
+            if not value >= low or value == float("inf"):  # also catches NaN
+                raise ValueError(f"--{name} must be >= {low}{' and finite' if isinstance(value, float) else ''}, "
+                                 f"got {value}")
         if self.negate_signal and self.loss_mode != "simple_signal":
             raise ValueError("negate_signal is only defined for loss_mode simple_signal")
 

@@ -67,6 +67,11 @@ class SignalAnalysisArgs:
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, eager, flash_attention_2"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
 
+    def __post_init__(self):
+        from auxiliary.runtime.option_groups import check_ranges
+
+        check_ranges(self)  # --n_cases -1 used to run 23 cases silently
+
 
 # --------------------------------------------------------------------------- cases
 

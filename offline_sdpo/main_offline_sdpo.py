@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from auxiliary.runtime.option_groups import (DTYPES, ContextOptions, LoraOptions, ModelOptions, OptimizerOptions,
-                                             override)
+                                             check_ranges, override)
 from sdpo_objective import ObjectiveOptions, validate_template
 
 CONFIG_FILENAME = "offline_sdpo_config.json"  # not config.json: that name belongs to the saved model
@@ -66,6 +66,7 @@ class OfflineSDPOArguments(LoraOptions, OptimizerOptions, ContextOptions, Object
         if self.output_dir is None:
             self.output_dir = os.environ.get("OUTPUT_DIR") or None
         super().__post_init__()  # the objective group validates its options
+        check_ranges(self)
         validate_template(self.hindsight_template)
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype '{self.dtype}'; choose {', '.join(DTYPES)}")

@@ -67,6 +67,9 @@ class StyleEvalArgs:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
 
     def check(self) -> None:
+        from auxiliary.runtime.option_groups import check_ranges
+
+        check_ranges(self)
         from auxiliary.evals.eval_common import split_list
 
         self.eval_styles = split_list(self.eval_styles)

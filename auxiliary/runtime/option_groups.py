@@ -11,12 +11,60 @@ A field may name other spellings in metadata["aliases"] (for example the upstrea
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
 from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
+
+
+# The allowed range of every numeric setting, by field name, in one table (HfArgumentParser hands a
+# field's metadata to argparse, so ranges cannot live there): (low, low inclusive, high, high inclusive).
+RANGES: dict[str, tuple] = {
+    # model, context, optimiser, generation, LoRA
+    "max_context_length": (1, True, None, None), "lr": (0, False, None, None), "weight_decay": (0, True, None, None),
+    "max_grad_norm": (0, True, None, None), "max_new_tokens": (1, True, None, None),
+    "eval_max_new_tokens": (1, True, None, None), "temperature": (0, True, None, None), "top_p": (0, False, 1, True),
+    "generation_batch_size": (1, True, None, None), "batch_size": (1, True, None, None),
+    "lora_r": (1, True, None, None), "lora_alpha": (0, False, None, None), "lora_dropout": (0, True, 1, False),
+    # online trainer and run
+    "train_steps_per_example": (1, True, None, None), "checkpoint_every": (0, True, None, None),
+    "max_checkpoints": (0, True, None, None), "vllm_gpu_memory_utilization": (0, False, 1, True),
+    "train_n": (0, True, None, None), "eval_n": (0, True, None, None), "eval_every": (0, True, None, None),
+    "max_prompt_tokens": (1, True, None, None), "api_concurrency": (1, True, None, None),
+    "api_max_retries": (0, True, None, None), "api_timeout_s": (0, False, None, None),
+    # evaluation tools
+    "judge_batch_size": (1, True, None, None), "n_bootstrap": (0, True, None, None), "n_cases": (0, True, None, None),
+    "min_tokens": (0, True, None, None), "max_tries": (1, True, None, None),
+}
+
+
+def _describe_range(low, low_inclusive, high, high_inclusive) -> str:
+    if high is None:
+        return f"{'>=' if low_inclusive else '>'} {low}"
+    if low is None:
+        return f"{'<=' if high_inclusive else '<'} {high}"
+    return f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+
+
+def check_ranges(config, ranges: dict[str, tuple] = RANGES) -> None:
+    """Every numeric field named in `ranges` must lie in its range, and every float must be finite
+    (no --lr inf); the message names the flag, the allowed range and the value."""
+    for f in dataclasses.fields(config):
+        value = getattr(config, f.name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"--{f.name} must be a finite number, got {value}")
+        if f.name not in ranges:
+            continue
+        low, low_inclusive, high, high_inclusive = ranges[f.name]
+        too_low = low is not None and (value < low if low_inclusive else value <= low)
+        too_high = high is not None and (value > high if high_inclusive else value >= high)
+        if too_low or too_high:
+            raise ValueError(f"--{f.name} must be {_describe_range(*ranges[f.name])}, got {value}")
 
 
 def override(group: type, name: str, default: Any, help: Optional[str] = None):

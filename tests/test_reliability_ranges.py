@@ -1,0 +1,53 @@
+"""Every numeric flag is checked before anything is written: the allowed range in one line, exit 2."""
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from offline_sdpo.main_offline_sdpo import OfflineSDPOArguments
+from online_sdpo_updater_config import OnlineSDPOConfig
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_new_tokens": 0}, "--max_new_tokens must be >= 1, got 0"),
+    ({"generation_batch_size": 0}, "--generation_batch_size must be >= 1, got 0"),
+    ({"lr": float("inf")}, "--lr must be a finite number, got inf"),
+    ({"lr": 0.0}, "--lr must be > 0, got 0.0"),
+    ({"temperature": -1.0}, "--temperature must be >= 0, got -1.0"),
+    ({"top_p": 0.0}, "--top_p must be in (0, 1], got 0.0"),
+    ({"top_p": 1.5}, "--top_p must be in (0, 1], got 1.5"),
+    ({"lora_dropout": 1.0}, "--lora_dropout must be in [0, 1), got 1.0"),
+    ({"beta": float("nan")}, "--beta must be >= 0 and finite, got nan"),
+    ({"ignore_first_k": -1}, "--ignore_first_k must be >= 0, got -1"),
+    ({"logits_chunk_size": 0}, "--logits_chunk_size must be >= 1, got 0"),
+    ({"max_checkpoints": -2}, "--max_checkpoints must be >= 0, got -2"),
+    ({"vllm_gpu_memory_utilization": 1.2}, "--vllm_gpu_memory_utilization must be in (0, 1], got 1.2"),
+])
+def test_online_config_refuses_out_of_range_values(overrides, message):
+    with pytest.raises(ValueError) as caught:
+        OnlineSDPOConfig(**overrides)
+    assert str(caught.value) == message
+
+
+def test_offline_arguments_use_the_same_ranges():
+    with pytest.raises(ValueError, match=r"--max_grad_norm must be >= 0, got -1.0"):
+        OfflineSDPOArguments(max_grad_norm=-1.0)
+
+
+@pytest.mark.parametrize("script, args, message", [
+    ("eval_online_sdpo.py", ["--max_new_tokens", "0"], "--max_new_tokens must be >= 1, got 0"),
+    ("eval_online_sdpo.py", ["--lr", "inf"], "--lr must be a finite number, got inf"),
+    ("auxiliary/sdpo_signal_analysis.py", ["--n_cases", "-1"], "--n_cases must be >= 0, got -1"),
+    ("auxiliary/eval_checkpoints.py", ["--checkpoints", "x", "--baseline_model", "y", "--top_p", "0"],
+     "--top_p must be in (0, 1], got 0.0"),
+])
+def test_entry_points_exit_2_with_the_range_and_write_nothing(tmp_path, script, args, message):
+    out = tmp_path / "out"
+    result = subprocess.run([sys.executable, str(REPO / script), *args, "--output_dir", str(out)],
+                            capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
+    assert not out.exists() and list(tmp_path.iterdir()) == []
