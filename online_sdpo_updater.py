@@ -66,7 +66,8 @@ class OnlineSDPOUpdater:
         self.model.train()
         self.options = config.objective_options()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+        self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
+                                           eps=config.adam_epsilon)
         self.step = 0
         self.skipped_nonfinite = 0
         self._vllm = None

@@ -140,6 +140,7 @@ def build_training_arguments(cfg: OfflineSDPOArguments, precision: str, optim: s
         lr_scheduler_type=cfg.lr_scheduler_type,
         warmup_steps=cfg.warmup_ratio,  # transformers 5: a float < 1 is a share of the total steps
         weight_decay=cfg.weight_decay,
+        adam_epsilon=cfg.adam_epsilon,
         max_grad_norm=cfg.max_grad_norm,
         optim=optim,
         bf16=precision == "bf16",

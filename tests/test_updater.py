@@ -133,3 +133,18 @@ def test_bad_config_fails_clearly():
         OnlineSDPOConfig(hindsight_template="nothing")
     with pytest.raises(ValueError, match="loss_mode"):
         OnlineSDPOConfig(loss_mode="dpo")
+
+
+def test_adam_epsilon_reaches_the_optimizers(tiny_model, tiny_tokenizer):
+    from offline_sdpo.main_offline_sdpo import OfflineSDPOArguments, build_training_arguments
+    from online_sdpo_updater import OnlineSDPOUpdater
+    from online_sdpo_updater_config import OnlineSDPOConfig
+
+    updater = OnlineSDPOUpdater(OnlineSDPOConfig(model="tiny", device="cpu", adam_epsilon=3e-7), tiny_model,
+                                tiny_tokenizer)
+    assert updater.optimizer.defaults["eps"] == 3e-7
+    assert OnlineSDPOConfig().adam_epsilon == 1e-6 == OfflineSDPOArguments().adam_epsilon  # the paper's
+    offline = OfflineSDPOArguments(train_jsonl="x.jsonl", output_dir="/tmp/unused", adam_epsilon=2e-7)
+    assert build_training_arguments(offline, "fp32", "adamw_torch").adam_epsilon == 2e-7
+    with pytest.raises(ValueError, match="--adam_epsilon must be > 0"):
+        OnlineSDPOConfig(adam_epsilon=0.0)

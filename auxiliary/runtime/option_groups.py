@@ -25,7 +25,7 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 RANGES: dict[str, tuple] = {
     # model, context, optimiser, generation, LoRA
     "max_context_length": (1, True, None, None), "lr": (0, False, None, None), "weight_decay": (0, True, None, None),
-    "max_grad_norm": (0, True, None, None), "max_new_tokens": (1, True, None, None),
+    "max_grad_norm": (0, True, None, None), "adam_epsilon": (0, False, None, None), "max_new_tokens": (1, True, None, None),
     "eval_max_new_tokens": (1, True, None, None), "temperature": (0, True, None, None), "top_p": (0, False, 1, True),
     "generation_batch_size": (1, True, None, None), "batch_size": (1, True, None, None),
     "lora_r": (1, True, None, None), "lora_alpha": (0, False, None, None), "lora_dropout": (0, True, 1, False),
@@ -108,6 +108,7 @@ class ContextOptions:
 class OptimizerOptions:
     lr: float = field(default=5e-6, metadata={"help": "AdamW (peak) learning rate", "aliases": ["--learning_rate"]})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
+    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon (1e-6 as the paper's updater; torch's default is 1e-8)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
 
 
