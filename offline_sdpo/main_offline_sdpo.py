@@ -58,6 +58,7 @@ class OfflineSDPOArguments(LoraOptions, OptimizerOptions, ContextOptions, Object
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps"})
     save_total_limit: int = field(default=2, metadata={"help": "newest checkpoints kept"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint folder, or 'latest' (newest in --output_dir; fresh start if none)"})
+    overwrite: bool = field(default=False, metadata={"help": "replace the results of an earlier run in --output_dir (else such a folder is refused)"})
     wandb: bool = field(default=False, metadata={"help": "report to Weights & Biases (WANDB_PROJECT etc. from the environment)"})
     run_name: Optional[str] = field(default=None, metadata={"help": "run name for wandb"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "collator worker processes"})
@@ -236,7 +237,35 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise SystemExit("error: --train_jsonl is required (an interactions JSONL: prompt, completion, user_response)")
     if not cfg.output_dir:
         raise SystemExit("error: no output folder: pass --output_dir or set OUTPUT_DIR")
+    check_output_dir(cfg)
     return train(cfg)
+
+
+# What a run leaves in --output_dir (besides checkpoint-N/ folders): an earlier run's results.
+RESULT_NAMES = (CONFIG_FILENAME, METRICS_FILENAME, "trainer_state.json", "train_results.json", "all_results.json",
+                "config.json", "model.safetensors", "model.safetensors.index.json", "adapter")
+
+
+def check_output_dir(cfg: OfflineSDPOArguments) -> None:
+    """Never overwrite an earlier run silently: a folder holding results needs --resume_from_checkpoint
+    or --overwrite (which deletes those results first, on the main process only)."""
+    import shutil
+
+    out = Path(cfg.output_dir)
+    if not out.is_dir():
+        return
+    earlier = sorted(p.name for p in out.iterdir() if p.name in RESULT_NAMES or p.name.startswith("checkpoint-"))
+    if not earlier or cfg.resume_from_checkpoint:
+        return
+    if not cfg.overwrite:
+        raise SystemExit(f"error: {out} already holds an earlier run ({', '.join(earlier[:4])}"
+                         f"{', ...' if len(earlier) > 4 else ''}); pass --resume_from_checkpoint latest to continue "
+                         "it or --overwrite to replace it")
+    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:
+        for name in earlier:
+            target = out / name
+            shutil.rmtree(target) if target.is_dir() else target.unlink()
+        logger.warning("--overwrite: removed %d earlier results from %s", len(earlier), out)
 
 
 def train(cfg: OfflineSDPOArguments) -> dict:

@@ -193,3 +193,17 @@ def test_optimizer_and_precision_follow_the_machine(monkeypatch):
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # bitsandbytes cannot update FSDP's sharded tensors
     assert entry.resolve_optim("auto") == "adamw_torch"
     assert entry.resolve_optim("adafactor") == "adafactor" and entry.resolve_precision("fp16") == "fp16"
+
+
+def test_an_earlier_run_is_never_overwritten_silently(three_steps, tiny_model_dir, tmp_path, capsys):
+    out, _ = three_steps
+    earlier = shutil.copytree(out, tmp_path / "earlier")
+    before = (earlier / "metrics.jsonl").read_bytes()
+    flags = common_flags(tiny_model_dir, earlier) + ["--batch_size", "2", "--grad_accum", "2", "--max_steps", "1"]
+    with pytest.raises(SystemExit) as refused:
+        run_main(flags)
+    assert "already holds an earlier run" in str(refused.value) and "--overwrite" in str(refused.value)
+    assert (earlier / "metrics.jsonl").read_bytes() == before and (earlier / "checkpoint-3").is_dir()
+    result = run_main(flags + ["--overwrite"])
+    assert result["global_step"] == 1 and not (earlier / "checkpoint-3").exists()
+    assert [m["step"] for m in read_metrics(earlier)] == [1]
