@@ -90,6 +90,7 @@ def tiny_models(tmp_path_factory):
     return save_tiny_model(root / "base"), save_tiny_model(root / "step_000003" / "model", seed=1)
 
 
+@needs_harnesses
 def test_dry_run_prints_calls_and_writes_nothing(tmp_path, tiny_models):
     pytest.importorskip("transformers")
     base, checkpoint = tiny_models
