@@ -1,0 +1,164 @@
+"""auxiliary/eval_benchmarks.py: both harnesses really run (lm_eval on local IFEval prompts,
+alpaca_eval with the weighted annotator's logprob path sent to a local OpenAI-format stub)."""
+from __future__ import annotations
+
+import importlib.util
+import json
+import math
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+FIXTURES = REPO / "tests" / "fixtures" / "benchmarks"
+HAVE_HARNESSES = all(importlib.util.find_spec(name) for name in ("lm_eval", "alpaca_eval", "langdetect"))
+needs_harnesses = pytest.mark.skipif(not HAVE_HARNESSES, reason="lm_eval[ifeval] / alpaca_eval not installed "
+                                     "(pip install 'lm-eval[ifeval]==0.4.13' 'alpaca-eval==0.6.6')")
+
+
+class JudgeStub(BaseHTTPRequestHandler):
+    """OpenAI chat-completions stub: one token with top logprobs for 'm' and 'M', as the weighted
+    AlpacaEval annotator requests; P('m') depends on the prompt so the preferences differ."""
+    requests_seen: list = []
+
+    def do_POST(self):  # noqa: N802 (http.server's name)
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        JudgeStub.requests_seen.append(body)
+        text = json.dumps(body["messages"])
+        p_first = 0.2 + 0.6 * (sum(map(ord, text)) % 7) / 6
+        top = [{"token": "m", "bytes": [109], "logprob": math.log(p_first)},
+               {"token": "M", "bytes": [77], "logprob": math.log(1 - p_first)}]
+        reply = {"id": "stub", "object": "chat.completion", "created": 0, "model": body["model"],
+                 "choices": [{"index": 0, "finish_reason": "length", "message": {"role": "assistant", "content": "m"},
+                              "logprobs": {"content": [dict(top[0], top_logprobs=top)]}}],
+                 "usage": {"prompt_tokens": 10, "completion_tokens": 1, "total_tokens": 11}}
+        data = json.dumps(reply).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture()
+def judge_url():
+    server = ThreadingHTTPServer(("127.0.0.1", 0), JudgeStub)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+
+
+def offline_lc_cache(root: Path, n_instructions: int) -> Path:
+    """The length-controlled GLM reads df_gamed.csv (instruction difficulty + two gamed baselines)
+    from the hub; offline it comes from the HF cache, laid out here as hf_hub_download expects."""
+    commit = "0" * 40
+    repo = root / "datasets--tatsu-lab--alpaca_eval"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    snapshot = repo / "snapshots" / commit
+    snapshot.mkdir(parents=True)
+    rows = ["model,index,preference,std_delta_len,instruction_difficulty,not_gamed_baseline"]
+    # One baseline's rows first, in instruction order: alpaca_eval reads the difficulty of
+    # instruction i from row i (as in the hub file).
+    for model, preference, delta_len in (("gamed_concise", 0.2, -1.0), ("gamed_verbose", 0.8, 1.0)):
+        rows += [f"{model},{index},{preference},{delta_len},{0.1 * index},False" for index in range(n_instructions)]
+    (snapshot / "df_gamed.csv").write_text("\n".join(rows) + "\n")
+    return root
+
+
+def run_tool(args: list[str], env_extra: dict) -> subprocess.CompletedProcess:
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               OPENAI_API_KEY="stub-key", **env_extra)
+    return subprocess.run([sys.executable, str(REPO / "auxiliary" / "eval_benchmarks.py")] + args, cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+
+
+@pytest.fixture(scope="module")
+def tiny_models(tmp_path_factory):
+    from auxiliary.runtime.tiny_model import save_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    return save_tiny_model(root / "base"), save_tiny_model(root / "step_000003" / "model", seed=1)
+
+
+@needs_harnesses
+def test_dry_run_prints_calls_and_writes_nothing(tmp_path, tiny_models):
+    pytest.importorskip("transformers")
+    base, checkpoint = tiny_models
+    out = tmp_path / "out"
+    result = run_tool(["--baseline_model", base, "--checkpoints", str(Path(checkpoint).parent), "--tasks", "ifeval,alpaca_eval",
+                       "--ifeval_jsonl", str(FIXTURES / "ifeval.jsonl"), "--alpaca_eval_json", str(FIXTURES / "alpaca_eval.json"),
+                       "--limit", "2", "--output_dir", str(out), "--dry-run"], {})
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "lm_eval.simple_evaluate(" in result.stdout and "ifeval_local" in result.stdout
+    assert result.stdout.count("alpaca_eval.evaluate(") == 2  # baseline and step_000003
+    assert "weighted_alpaca_eval_gpt4_turbo" in result.stdout and "dataset_path: json" in result.stdout
+    assert not out.exists()
+
+
+def test_unknown_task_is_refused(tmp_path):
+    result = run_tool(["--baseline_model", "x", "--tasks", "ifeval,gsm8k", "--output_dir", str(tmp_path), "--dry_run"], {})
+    assert result.returncode == 2 and "unknown --tasks gsm8k" in result.stderr
+
+
+@needs_harnesses
+@pytest.mark.slow
+def test_base_and_checkpoint_through_both_harnesses(tmp_path, tiny_models, judge_url, monkeypatch):
+    base, checkpoint = tiny_models
+    out = tmp_path / "out"
+    cache = offline_lc_cache(tmp_path / "hf_cache", n_instructions=2)
+    args = ["--baseline_model", base, "--checkpoints", str(Path(checkpoint).parent), "--tasks", "ifeval,alpaca_eval",
+            "--ifeval_jsonl", str(FIXTURES / "ifeval.jsonl"), "--alpaca_eval_json", str(FIXTURES / "alpaca_eval.json"),
+            "--nltk_data", str(FIXTURES / "nltk_data"), "--alpaca_annotator_base_url", judge_url,
+            "--limit", "2", "--max_new_tokens", "12", "--batch_size", "2", "--device", "cpu", "--output_dir", str(out)]
+    JudgeStub.requests_seen.clear()
+    result = run_tool(args, {"HF_HUB_CACHE": str(cache)})
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert len(JudgeStub.requests_seen) == 4  # 2 instructions x (baseline, checkpoint), the paper's annotator model
+    assert {body["model"] for body in JudgeStub.requests_seen} == {"gpt-4-1106-preview"}
+
+    report = json.loads((out / "benchmarks.json").read_text())
+    assert [m["model"] for m in report["models"]] == ["baseline", "step_000003"]
+    assert report["config"]["args"]["limit"] == 2
+    from alpaca_eval import constants as alpaca_constants
+
+    monkeypatch.setattr(alpaca_constants, "DEFAULT_CACHE_DIR", str(cache))  # the recomputation below reads df_gamed.csv
+    for entry in report["models"]:
+        label = entry["model"]
+        # lm_eval: the number is the harness's, and it is the mean of its per-prompt verdicts.
+        raw = json.loads((out / "lm_eval" / f"{label}.json").read_text())
+        ifeval = entry["scores"]["ifeval"]
+        assert ifeval["value"] == raw["results"]["ifeval_local"]["prompt_level_strict_acc,none"]
+        assert ifeval["stderr"] == raw["results"]["ifeval_local"]["prompt_level_strict_acc_stderr,none"]
+        verdicts = [s["prompt_level_strict_acc"] for s in raw["samples"]["ifeval_local"]]
+        assert len(verdicts) == 2 and ifeval["n"] == 2
+        assert ifeval["value"] == pytest.approx(sum(verdicts) / 2)
+        # alpaca_eval: the leaderboard row it wrote, and the LC win rate recomputed from its annotations.
+        import pandas as pd
+        from alpaca_eval.metrics import get_length_controlled_winrate
+
+        folder = out / "alpaca_eval" / label
+        row = pd.read_csv(folder / "leaderboard.csv", index_col=0).loc[label]
+        alpaca = entry["scores"]["alpaca_eval"]
+        assert alpaca["value"] == pytest.approx(row["length_controlled_winrate"])
+        assert alpaca["stderr"] == pytest.approx(row["lc_standard_error"])
+        assert alpaca["win_rate"] == pytest.approx(row["win_rate"]) and alpaca["n"] == 2
+        annotations = pd.read_json(folder / "annotations.json")
+        assert len(annotations) == 2 and annotations["preference"].between(1, 2).all()
+        again = get_length_controlled_winrate(annotations, save_weights_dir=None)
+        assert alpaca["value"] == pytest.approx(again["length_controlled_winrate"])
+        assert 0 < alpaca["value"] < 100
+        line = next(l for l in result.stdout.splitlines() if l.startswith(label))
+        assert f"{ifeval['value']:.4f}" in line and f"{alpaca['value']:.4f} ± {alpaca['stderr']:.4f}" in line
+
+    rerun = run_tool(args, {"HF_HUB_CACHE": str(cache)})  # earlier results are kept unless --overwrite
+    assert rerun.returncode == 2 and "--overwrite" in rerun.stderr
