@@ -137,7 +137,8 @@ class OnlineRun:
         self.judges: dict = {}
         self.metrics: list[dict] = []
         self.history: list[dict] = []
-        self.eval_texts: dict[str, list[str]] = {}  # the latest eval replies of each arm
+        self.eval_texts: dict[str, list[str]] = {}  # the latest eval replies of each arm, at eval_step
+        self.eval_step: int | None = None
         self.start_step = 1
         self.wandb = WandbRun()
 
@@ -411,29 +412,23 @@ class OnlineRun:
 
     def _final_eval_texts(self, step: int, arm: str) -> list[str]:
         """The arm's eval replies at `step` (from memory, or from completions.jsonl after a resume)."""
-        if getattr(self, "eval_step", None) == step and arm in self.eval_texts:
+        if self.eval_step == step and arm in self.eval_texts:
             return self.eval_texts[arm]
         rows = sorted((r for r in self.folder.read_completions()
                        if r["phase"] == "eval" and r["step"] == step and r["arm"] == arm), key=lambda r: r["index"])
         return [r["completion"] for r in rows] if len(rows) == len(self.eval_prompts) else []
 
 
-def _setup_errors() -> tuple:
-    from auxiliary.feedback.claude_client import ClaudeAuthError
+def _expected_errors() -> tuple[tuple, tuple]:
+    """(bad input found by setup: exit 2, failures of a started run: exit 1); anything else is a bug."""
+    from auxiliary.feedback.claude_client import ClaudeAuthError, ClaudeRequestError
+    from auxiliary.feedback.personas import UnknownStyleError
+    from auxiliary.feedback.user_simulator import EmptyFeedbackError, UnsupportedStyleError
     from auxiliary.runtime.cli import ConfigError
     from auxiliary.runtime.model_loading import ModelLoadError
-    from auxiliary.feedback.personas import UnknownStyleError
-    from auxiliary.feedback.user_simulator import UnsupportedStyleError
 
-    return (SetupError, RunFolderError, WandbSetupError, DataError, ConfigError, ModelLoadError, UnknownStyleError,
-            UnsupportedStyleError, ValueError, ClaudeAuthError)
-
-
-def _run_errors() -> tuple:
-    from auxiliary.feedback.claude_client import ClaudeAuthError, ClaudeRequestError
-    from auxiliary.feedback.user_simulator import EmptyFeedbackError
-
-    return (ClaudeAuthError, ClaudeRequestError, EmptyFeedbackError)
+    return ((SetupError, RunFolderError, WandbSetupError, DataError, ConfigError, ModelLoadError, UnknownStyleError,
+             UnsupportedStyleError, ValueError, ClaudeAuthError), (ClaudeAuthError, ClaudeRequestError, EmptyFeedbackError))
 
 
 def fail(message: str, code: int = 2) -> int:
@@ -447,16 +442,17 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     from auxiliary.runtime.cli import parse_dataclasses
 
+    setup_errors, run_errors = _expected_errors()
     try:
         sdpo, run_config = parse_dataclasses((OnlineSDPOConfig, OnlineRunConfig), argv, prog="eval_online_sdpo.py")
         run = OnlineRun(sdpo, run_config)
         run.setup()
-    except _setup_errors() as err:
+    except setup_errors as err:
         return fail(str(err))
     try:
         run.loop()
         run.summary()
-    except _run_errors() as err:
+    except run_errors as err:
         return fail(f"{type(err).__name__}: {err} (completed steps are in {run.out}; rerun with --resume)", 1)
     except KeyboardInterrupt:
         return fail(f"interrupted; completed steps are in {run.out} (continue with --resume)", 130)

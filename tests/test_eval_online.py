@@ -283,3 +283,25 @@ def test_default_output_dir_follows_the_environment(monkeypatch):
     assert default_output_dir("my-run", "m", "concise") == Path("/tmpdir/sdpo_runs/my-run")
     monkeypatch.setenv("OUTPUT_DIR", "/exact/place")
     assert default_output_dir("my-run", "m", "concise") == Path("/exact/place")
+
+
+def test_every_user_gets_its_per_step_seed_as_an_argument(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    from auxiliary.feedback.factory import FeedbackFactory
+    from eval_online_sdpo import derive_seed
+
+    calls = []  # (style of the user, seed passed to generate_feedback)
+    build = FeedbackFactory.user
+
+    def recording_user(self, kind, style, *args, **kw):
+        user = build(self, kind, style, *args, **kw)
+        generate = user.generate_feedback
+        user.generate_feedback = lambda prompts, completions, seed=None: (calls.append((kind, seed)),
+                                                                          generate(prompts, completions, seed=seed))[1]
+        return user
+
+    monkeypatch.setattr(FeedbackFactory, "user", recording_user)
+    out = tmp_path / "seeds"
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=2, eval_n=2, placebo=True)) == 0
+    expected = [(kind, derive_seed(7, "user", arm, step)) for step in (1, 2)
+                for kind, arm in (("rule", "feedback"), ("neutral", "placebo"))]
+    assert calls == expected
