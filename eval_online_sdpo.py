@@ -22,6 +22,10 @@ with --save_checkpoints, checkpoints/<arm>/step_N plus checkpoints/latest.json.
 
 Exact resume (--resume): every random draw is derived from (seed, step), so restarting from the
 last checkpoint and dropping the records written after it replays the same run.
+
+Parts: the folder and its resume rules are auxiliary/runtime/run_folder.py, the summary
+auxiliary/evals/online_report.py, users and judges auxiliary/feedback/factory.py, W&B
+auxiliary/runtime/wandb_run.py; checkpoints are OnlineSDPOUpdater's.
 """
 from __future__ import annotations
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from auxiliary.runtime.io_utils import DataError, append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
 
-logger = logging.getLogger("eval_online_sdpo")
+logger = logging.getLogger("eval_online_sdpo")  # the run's own lines in run.log, as before the move
 
 RESULT_FILES = ("config.json", "metrics.jsonl", "eval_history.json", "completions.jsonl", "winrate.png",
                 "summary.json", "baseline_completions.json", "run.log")
