@@ -22,6 +22,10 @@ with --save_checkpoints, checkpoints/<arm>/step_N plus checkpoints/latest.json.
 
 Exact resume (--resume): every random draw is derived from (seed, step), so restarting from the
 last checkpoint and dropping the records written after it replays the same run.
+
+Parts: the folder and its resume rules are auxiliary/runtime/run_folder.py, the summary
+auxiliary/evals/online_report.py, users and judges auxiliary/feedback/factory.py, W&B
+auxiliary/runtime/wandb_run.py; checkpoints are OnlineSDPOUpdater's.
 """
 from __future__ import annotations
 
@@ -29,25 +33,22 @@ import dataclasses
 import hashlib
 import json
 import logging
-import math
 import os
-import shutil
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
-from auxiliary.runtime.io_utils import DataError, append_jsonl, atomic_write_json, atomic_write_jsonl, atomic_write_text
+from auxiliary.evals.online_report import build_summary, debug_example_text, fmt_rate, mean_words, summary_text, words
+from auxiliary.runtime.io_utils import DataError, atomic_write_json
+from auxiliary.runtime.run_folder import RunFolder, RunFolderError
+from auxiliary.runtime.wandb_run import WandbRun, WandbSetupError
 from online_sdpo_updater_config import OnlineSDPOConfig
 
 logger = logging.getLogger("eval_online_sdpo")
 
-REPO_ROOT = Path(__file__).resolve().parent
 ARMS = ("feedback", "placebo")
-RESULT_FILES = ("config.json", "metrics.jsonl", "eval_history.json", "completions.jsonl", "winrate.png",
-                "summary.json", "baseline_completions.json", "run.log")
 
 
 @dataclass
@@ -128,27 +129,6 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
-def default_output_dir(run: OnlineRunConfig, model: str) -> Path:
-    if os.environ.get("OUTPUT_DIR"):
-        return Path(os.environ["OUTPUT_DIR"])
-    base = os.environ.get("BASE_WORK") or os.environ.get("SCRATCH") or os.environ.get("TMPDIR") or "/tmp"
-    name = run.run_name or f"online-{Path(model.rstrip('/')).name}-{run.style}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(base) / "sdpo_runs" / name
-
-
-def find_data_file(path: str) -> Path:
-    """As given, else relative to the repository (so the defaults work from any directory)."""
-    candidate = Path(path).expanduser()
-    if candidate.exists() or candidate.is_absolute():
-        return candidate
-    in_repo = REPO_ROOT / path
-    return in_repo if in_repo.exists() else candidate
-
-
-def words(text: str) -> int:
-    return sum(1 for token in text.split() if any(ch.isalnum() for ch in token))
-
-
 # --------------------------------------------------------------------------- the run
 
 class OnlineRun:
@@ -161,9 +141,10 @@ class OnlineRun:
         self.judges: dict = {}
         self.metrics: list[dict] = []
         self.history: list[dict] = []
-        self.eval_texts: dict[tuple[int, str], list[str]] = {}
+        self.eval_texts: dict[str, list[str]] = {}  # the latest eval replies of each arm, at eval_step
+        self.eval_step: int | None = None
         self.start_step = 1
-        self.wandb_run = None
+        self.wandb = WandbRun()
 
     # ------------------------------------------------------------ setup (all bad input fails here)
     def setup(self) -> None:
@@ -171,52 +152,23 @@ class OnlineRun:
 
         for style in self.styles:
             get_persona(style)  # UnknownStyleError lists the known styles
-        self._prepare_output_dir()
-        self._attach_log_file()
-        tokenizer, model_path = self._load_tokenizer()
-        self._load_data(tokenizer)
-        self._make_users_and_judges()
-        self._load_policies(tokenizer)
-        if self.run.resume:
-            self._resume()
-        self._write_config(model_path)
-        self._load_or_make_baseline()
-        if self.run.wandb:
-            self._init_wandb()
-
-    def _prepare_output_dir(self) -> None:
         run = self.run
         if run.resume and not (run.output_dir or run.run_name or os.environ.get("OUTPUT_DIR")):
             raise SetupError("--resume needs the run's --output_dir (or --run_name / $OUTPUT_DIR)")
-        out = Path(run.output_dir).expanduser() if run.output_dir else default_output_dir(run, self.sdpo.model)
-        self.out = out.resolve()
-        try:
-            self.out.mkdir(parents=True, exist_ok=True)
-            probe = self.out / f".write_test.{os.getpid()}"
-            probe.write_text("ok")
-            probe.unlink()
-        except OSError as err:
-            raise SetupError(f"output dir {self.out} is not writable: {err.strerror or err}") from None
-        has_results = (self.out / "metrics.jsonl").exists() or (self.out / "eval_history.json").exists()
-        if run.overwrite:
-            for name in RESULT_FILES:
-                (self.out / name).unlink(missing_ok=True)
-            shutil.rmtree(self.out / "checkpoints", ignore_errors=True)
-            shutil.rmtree(self.out / "wandb", ignore_errors=True)
-        elif has_results and not run.resume:
-            raise SetupError(f"{self.out} already holds a run; pass --resume to continue it or --overwrite to replace it")
-        self.checkpoint_root = self.out / "checkpoints"
-
-    def _attach_log_file(self) -> None:
-        root = logging.getLogger()
-        for earlier in [h for h in root.handlers if getattr(h, "is_sdpo_run_log", False)]:
-            root.removeHandler(earlier)  # an earlier run in this process (main() called twice) logs no more
-            earlier.close()
-        handler = logging.FileHandler(self.out / "run.log", encoding="utf-8")
-        handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
-        handler.is_sdpo_run_log = True
-        root.addHandler(handler)
-        logger.info("output dir: %s", self.out)
+        out = (Path(run.output_dir).expanduser() if run.output_dir else
+               default_output_dir(run.run_name, self.sdpo.model, run.style))
+        self.folder = RunFolder.open(out, resume=run.resume, overwrite=run.overwrite)
+        self.out = self.folder.path
+        self.folder.attach_log()
+        tokenizer, model_path = self._load_tokenizer()
+        self._load_data(tokenizer)
+        self._make_users_and_judges()
+        self._load_policies()
+        if run.resume:
+            self._resume()
+        self._write_config(model_path)
+        self._load_or_make_baseline()
+        self.wandb = WandbRun.start(run.wandb, self.out, run.wandb_project)
 
     def _load_tokenizer(self):
         from auxiliary.runtime.model_loading import load_tokenizer, resolve_model_path
@@ -228,7 +180,7 @@ class OnlineRun:
             raise SetupError(f"could not load the tokenizer of --model {self.sdpo.model}: {err}") from None
 
     def _load_data(self, tokenizer) -> None:
-        from auxiliary.evals.evaluation_helpers import load_prompts
+        from auxiliary.evals.evaluation_helpers import find_data_file, load_prompts
 
         run, limit = self.run, self.run.max_prompt_tokens
         self.train_prompts, dropped_train = load_prompts(find_data_file(run.train_jsonl), n=run.train_n,
@@ -254,24 +206,23 @@ class OnlineRun:
         self.num_steps = len(self.train_prompts)
 
     def _make_users_and_judges(self) -> None:
-        from auxiliary.feedback.factory import FeedbackFactory
-        from auxiliary.feedback.user_simulator import NeutralUserSimulator
+        from auxiliary.feedback.factory import FeedbackFactory, model_for_kind
 
         run = self.run
         api = {"max_retries": run.api_max_retries, "timeout_s": run.api_timeout_s}  # Claude clients only
         # One factory: the judges of every style (and a user on the same model) share one loaded model.
-        self.feedback_factory = FeedbackFactory(self.sdpo.dtype, self.sdpo.device, run.api_concurrency, api)
-        self.users["feedback"] = self.feedback_factory.user(
-            run.user_simulator, run.style, _model_for(run.user_simulator, run.user_model_name_or_path),
-            seed=self.sdpo.seed)
+        factory = FeedbackFactory(self.sdpo.dtype, self.sdpo.device, run.api_concurrency, api)
+        self.users["feedback"] = factory.user(run.user_simulator, run.style,
+                                              model_for_kind(run.user_simulator, run.user_model_name_or_path),
+                                              seed=self.sdpo.seed)
         if run.placebo:
-            self.users["placebo"] = NeutralUserSimulator(texts=run.placebo_texts, seed=self.sdpo.seed)
-        self.judges = self.feedback_factory.judges(run.judge, self.styles, _model_for(run.judge, run.judge_model))
+            self.users["placebo"] = factory.user("neutral", run.style, texts=run.placebo_texts, seed=self.sdpo.seed)
+        self.judges = factory.judges(run.judge, self.styles, model_for_kind(run.judge, run.judge_model))
 
-    def _load_policies(self, tokenizer) -> None:
+    def _load_policies(self) -> None:
         from online_sdpo_updater import OnlineSDPOUpdater
 
-        # Checkpoints are written by this script (both arms, then a marker), never by the updater itself.
+        # The run checkpoints (both arms, then a marker, then pruning); the updaters never do it on their own.
         arm_config = dataclasses.replace(self.sdpo, checkpoint_dir=None, checkpoint_every=0, max_checkpoints=0)
         first = OnlineSDPOUpdater(arm_config)
         self.updaters["feedback"] = first
@@ -281,65 +232,32 @@ class OnlineRun:
             twin = copy.deepcopy(first.model)  # the same initial weights, without a second load
             self.updaters["placebo"] = OnlineSDPOUpdater(arm_config, model=twin, tokenizer=first.tokenizer)
 
-    # ------------------------------------------------------------ resume
     def _resume(self) -> None:
-        from auxiliary.runtime.io_utils import read_jsonl
-
-        marker = self.checkpoint_root / "latest.json"
-        step = -1  # no checkpoint: replay from the very start, step-0 evaluation included
-        if marker.exists():
-            step = int(json.loads(marker.read_text())["step"])
-            for arm in self.arms:
-                path = self.checkpoint_root / arm / f"step_{step:06d}"
-                if not path.exists():
-                    raise SetupError(f"--resume: {path} is missing (the run had arms {self.arms}?)")
-                self.updaters[arm].load_checkpoint(path)
-            logger.info("resuming after step %d from %s", step, self.checkpoint_root)
-        else:
-            logger.warning("--resume: no checkpoint in %s, starting again from step 0 (baseline cache kept)",
-                           self.checkpoint_root)
-        # Everything written after the checkpoint is replayed, so it is dropped first.
-        if (self.out / "metrics.jsonl").exists():
-            self.metrics = [r for r in read_jsonl(self.out / "metrics.jsonl") if r["step"] <= step]
-        if (self.out / "eval_history.json").exists():
-            self.history = [r for r in json.loads((self.out / "eval_history.json").read_text()) if r["step"] <= step]
-        atomic_write_jsonl(self.out / "metrics.jsonl", self.metrics)
-        atomic_write_json(self.out / "eval_history.json", self.history)
-        completions = _read_jsonl_tolerant(self.out / "completions.jsonl")
-        atomic_write_jsonl(self.out / "completions.jsonl", [r for r in completions if r["step"] <= step])
+        step, paths = self.folder.resume_checkpoints(self.arms)  # step -1: none, replay from the very start
+        for arm, path in paths.items():
+            self.updaters[arm].load_checkpoint(path)
+        if paths:
+            logger.info("resuming after step %d from %s", step, self.folder.checkpoint_root)
+        self.metrics, self.history = self.folder.truncate_after(step)  # what comes after is replayed
         self.start_step = max(step, 0) + 1
 
-    # ------------------------------------------------------------ config, baseline, wandb
     def _write_config(self, model_path: str) -> None:
         from auxiliary.runtime.secrets import public_config
 
-        config = {"sdpo": public_config(self.sdpo.to_dict()), "run": public_config(dataclasses.asdict(self.run)),
-                  "resolved": {"model_path": model_path, "output_dir": str(self.out), "arms": self.arms,
-                               "styles": self.styles, "device": str(self.updaters["feedback"].device),
-                               **self.data_info}}
-        previous = self.out / "config.json"
-        if self.run.resume and previous.exists():
-            old = json.loads(previous.read_text())
-            ignore = {"resume", "overwrite", "wandb", "debug_first_example"}
-            changed = sorted(k for part in ("sdpo", "run") for k, v in config[part].items()
-                             if k not in ignore and old.get(part, {}).get(k) != v)
-            if changed:
-                logger.warning("--resume with settings that differ from the first run: %s", ", ".join(changed))
-        atomic_write_json(previous, config)
+        self.folder.write_config({"sdpo": public_config(self.sdpo.to_dict()),
+                                  "run": public_config(dataclasses.asdict(self.run)),
+                                  "resolved": {"model_path": model_path, "output_dir": str(self.out),
+                                               "arms": self.arms, "styles": self.styles,
+                                               "device": str(self.updaters["feedback"].device), **self.data_info}},
+                                 resume=self.run.resume)
 
     def _load_or_make_baseline(self) -> None:
-        cache = self.out / "baseline_completions.json"
         signature = {"baseline_model": self.run.baseline_model or self.sdpo.model,
                      "eval_prompts_sha256": hashlib.sha256(json.dumps(self.eval_prompts).encode()).hexdigest(),
                      "seed": self.eval_seed, "max_new_tokens": self.run.eval_max_new_tokens,
                      "temperature": self.sdpo.temperature, "top_p": self.sdpo.top_p}
-        if cache.exists():
-            saved = json.loads(cache.read_text())
-            if saved.get("signature") != signature:
-                raise SetupError(f"{cache} was made with other settings ({saved.get('signature')}); "
-                                 "use a new --output_dir or --overwrite")
-            self.baseline = saved["completions"]
-            logger.info("baseline completions reused from %s", cache)
+        self.baseline = self.folder.cached_baseline(signature)
+        if self.baseline is not None:
             return
         if not self.eval_prompts:
             self.baseline = []
@@ -356,25 +274,14 @@ class OnlineRun:
             self.baseline = [r.text for r in replies]
         else:
             if self.start_step > 1:
-                raise SetupError(f"--resume: {cache} is missing; the baseline (the initial policy) cannot be rebuilt")
+                raise SetupError(f"--resume: {self.out / 'baseline_completions.json'} is missing; "
+                                 "the baseline (the initial policy) cannot be rebuilt")
             self.baseline = [r.text for r in self._generate_eval("feedback", "baseline")]
-        atomic_write_json(cache, {"signature": signature, "completions": self.baseline})
+        self.folder.save_baseline(signature, self.baseline)
 
     @property
     def eval_seed(self) -> int:
         return derive_seed(self.sdpo.seed, "eval")
-
-    def _init_wandb(self) -> None:
-        try:
-            import wandb
-        except ImportError:
-            raise SetupError("--wandb needs the wandb package (pip install wandb)") from None
-        id_file = self.out / "wandb_id.txt"
-        run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]  # kept for --resume
-        atomic_write_text(id_file, run_id + "\n")
-        self.wandb_run = wandb.init(project=os.environ.get("WANDB_PROJECT", self.run.wandb_project),
-                                    name=self.out.name, id=run_id, resume="allow", dir=str(self.out),
-                                    config=_read_json(self.out / "config.json"))
 
     # ------------------------------------------------------------ the loop
     def loop(self) -> None:
@@ -387,8 +294,8 @@ class OnlineRun:
         for step in bar:
             record = self.interact(step)
             self.metrics.append(record)
-            atomic_write_jsonl(self.out / "metrics.jsonl", self.metrics)
-            self._wandb_log({f"{arm}/{k}": v for arm in self.arms for k, v in record[arm].items()
+            self.folder.write_metrics(self.metrics)
+            self.wandb.log({f"{arm}/{k}": v for arm in self.arms for k, v in record[arm].items()
                              if isinstance(v, (int, float)) and not isinstance(v, bool)}, step)
             first = record[self.arms[0]]
             bar.set_postfix(loss=f"{first['loss']:.3g}", words=first["reply_words"], refresh=False)
@@ -397,15 +304,9 @@ class OnlineRun:
             if self.run.save_checkpoints and (step % max(1, self.sdpo.checkpoint_every) == 0 or step == self.num_steps):
                 self.checkpoint(step)
         bar.close()
-        self._log_api_usage()
-
-    def _log_api_usage(self) -> None:
-        """One line per Claude client: requests, retries by reason, time spent waiting."""
-        parts = [("user", self.users["feedback"])] + [(f"judge {s}", j) for s, j in self.judges.items()]
-        for name, part in parts:
-            client = getattr(part, "client", None)
-            if client is not None and hasattr(client, "stats"):
-                stats = client.stats
+        for name, part in [("user", self.users["feedback"])] + [(f"judge {s}", j) for s, j in self.judges.items()]:
+            stats = part.api_usage()  # one line per Claude client: requests, retries by reason, time waiting
+            if stats is not None:
                 logger.info("Claude API (%s): %d requests, %d retries %s, %.1f s waiting", name, stats["requests"],
                             stats["retries"], stats["retries_by_reason"], stats["wait_s"])
 
@@ -417,25 +318,27 @@ class OnlineRun:
         record: dict = {"step": step, "time": time.time()}
         completions = []
         for arm in self.arms:
-            updater, user = self.updaters[arm], self.users[arm]
+            updater = self.updaters[arm]
             reply = updater.generate([messages], seed=derive_seed(self.sdpo.seed, "train", step))[0]
-            if hasattr(user, "seed"):  # the user's own randomness, also a function of (seed, step)
-                user.seed = derive_seed(self.sdpo.seed, "user", arm, step)
-            followup = user.generate_feedback([prompt], [reply.text])[0]
+            # The user's own randomness is also a function of (seed, arm, step): a resume replays it.
+            followup = self.users[arm].generate_feedback([prompt], [reply.text],
+                                                         seed=derive_seed(self.sdpo.seed, "user", arm, step))[0]
             metrics = updater.train_step(messages, reply.ids, followup)
             signals = metrics.pop("signal_per_sequence")
             metrics.pop("step", None)
             metrics.update(followup=followup, reply_tokens=len(reply.ids), reply_words=words(reply.text),
                            reply_finished=reply.finished)
-            if hasattr(self.users["feedback"], "problems"):  # rule user: what it would complain about
-                metrics["style_problems"] = self.users["feedback"].problems(reply.text)
+            problems = self.users["feedback"].problems(reply.text)  # what a rule user would complain about
+            if problems is not None:
+                metrics["style_problems"] = problems
             record[arm] = metrics
             completions.append({"step": step, "phase": "train", "arm": arm, "prompt": prompt,
                                 "completion": reply.text, "followup": followup})
             if self.run.debug_first_example and step == 1 and arm == "feedback":
-                self._print_debug_example(messages, reply, followup, signals[0])
+                print(debug_example_text(updater.tokenizer, messages, reply, followup, signals[0],
+                                         self.sdpo.hindsight_template), file=sys.stderr, flush=True)
         for row in completions:
-            append_jsonl(self.out / "completions.jsonl", row)
+            self.folder.append_completion(row)
         return record
 
     def _eval_messages(self) -> list[list[dict]]:
@@ -458,245 +361,78 @@ class OnlineRun:
                 texts = list(self.baseline)
             else:
                 texts = [r.text for r in self._generate_eval(arm, f"eval {arm} @{step}")]
-            self.eval_texts = {key: v for key, v in self.eval_texts.items() if key[1] != arm}  # keep the latest only
-            self.eval_texts[(step, arm)] = texts
-            mean_words = sum(map(words, texts)) / len(texts)
+            self.eval_texts[arm] = texts
             for style in self.styles:
-                decisions = self.judges[style].compare(self.eval_prompts, texts, self.baseline)
-                stats = win_rate_stats(decisions, seed=derive_seed(self.sdpo.seed, "bootstrap", step, style, arm))
-                unparseable = sum(v is None for pair in self.judges[style].last_verdicts for v in pair)
-                if unparseable:
+                comparison = self.judges[style].compare_detailed(self.eval_prompts, texts, self.baseline)
+                stats = win_rate_stats(comparison.decisions,
+                                       seed=derive_seed(self.sdpo.seed, "bootstrap", step, style, arm))
+                if comparison.unparseable:
                     logger.warning("eval @%d %s/%s: %d of %d judge replies had no verdict (counted as ties)", step,
-                                   style, arm, unparseable, 2 * len(decisions))
-                record = {"step": step, "style": style, "arm": arm, **stats, "unparseable_verdicts": unparseable,
-                          "mean_words": round(mean_words, 2)}
-                self.history.append(record)
-                self._wandb_log({f"eval/{style}/{arm}/{k}": v for k, v in stats.items() if v is not None}, step)
+                                   style, arm, comparison.unparseable, 2 * len(comparison.decisions))
+                self.history.append({"step": step, "style": style, "arm": arm, **stats,
+                                     "unparseable_verdicts": comparison.unparseable,
+                                     "mean_words": round(mean_words(texts), 2)})
+                self.wandb.log({f"eval/{style}/{arm}/{k}": v for k, v in stats.items() if v is not None}, step)
             for index, (prompt, text) in enumerate(zip(self.eval_prompts, texts)):
-                append_jsonl(self.out / "completions.jsonl", {"step": step, "phase": "eval", "arm": arm,
-                                                              "index": index, "prompt": prompt, "completion": text})
-        atomic_write_json(self.out / "eval_history.json", self.history)
+                self.folder.append_completion({"step": step, "phase": "eval", "arm": arm, "index": index,
+                                               "prompt": prompt, "completion": text})
+        self.eval_step = step
+        self.folder.write_history(self.history)
         # Step 0 with every pair tied is the policy reproducing the baseline: drawn at 50%, not left out.
         plotted = [dict(r, win_rate=50.0, se=0.0) if r["step"] == 0 and r["win_rate"] is None and r["ties"] == r["n"]
                    else r for r in self.history]
         plot_win_rates(plotted, self.out / "winrate.png",
                        title=f"{Path(self.sdpo.model).name}: win rate vs baseline ({self.run.judge} judge), +-1 SE")
         logger.info("eval @%d: %s", step, "; ".join(
-            f"{r['style']}/{r['arm']} {_fmt_rate(r)}" for r in self.history if r["step"] == step))
+            f"{r['style']}/{r['arm']} {fmt_rate(r)}" for r in self.history if r["step"] == step))
 
     def checkpoint(self, step: int) -> None:
-        from online_sdpo_updater import list_checkpoints
-
         for arm in self.arms:
-            self.updaters[arm].save_checkpoint(self.checkpoint_root / arm / f"step_{step:06d}")
+            self.updaters[arm].save_checkpoint(self.folder.checkpoint_path(arm, step))
         # The marker names a step only once every arm has it: a crash in between resumes from the older one.
-        atomic_write_json(self.checkpoint_root / "latest.json", {"step": step, "arms": self.arms})
-        keep = max(1, self.sdpo.max_checkpoints)
-        for arm in self.arms:
-            for old in list_checkpoints(self.checkpoint_root / arm)[:-keep]:
-                shutil.rmtree(old, ignore_errors=True)
+        self.folder.write_checkpoint_marker(step, self.arms)
+        for arm in self.arms:  # pruned only now, so the marker's step always survives
+            self.updaters[arm].prune_checkpoints(self.folder.checkpoint_root / arm, max(1, self.sdpo.max_checkpoints))
 
     # ------------------------------------------------------------ reporting
     def summary(self) -> dict:
-        """Print the win-rate table, the net effect, a head-to-head of the arms and one example; write summary.json."""
-        from auxiliary.evals.evaluation_helpers import net_effect, win_rate_stats
+        """Judge the arms' final replies head to head, write summary.json, print the summary."""
+        from auxiliary.evals.evaluation_helpers import win_rate_stats
 
         last_step = max((r["step"] for r in self.history), default=None)
-        final = {}
-        for style in self.styles:
-            by_arm = {r["arm"]: r for r in self.history if r["step"] == last_step and r["style"] == style}
-            entry = {arm: {k: by_arm[arm][k] for k in ("win_rate", "se", "wins", "losses", "ties", "mean_words")}
-                     for arm in by_arm}
-            if "placebo" in by_arm:
-                entry["net_effect"] = net_effect(by_arm["feedback"], by_arm["placebo"])
-            final[style] = entry
         texts = {arm: self._final_eval_texts(last_step, arm) for arm in self.arms} if last_step is not None else {}
         head_to_head = {}
-        if "placebo" in self.arms and texts.get("feedback") and texts.get("placebo"):
+        if texts.get("feedback") and texts.get("placebo"):
             # The same prompts answered by both arms, judged directly: a paired, more sensitive comparison.
             for style in self.styles:
                 decisions = self.judges[style].compare(self.eval_prompts, texts["feedback"], texts["placebo"])
                 head_to_head[style] = win_rate_stats(decisions, seed=derive_seed(self.sdpo.seed, "h2h", style))
-        paired = {}
-        if "placebo" in self.arms and texts.get("feedback") and texts.get("placebo"):
-            for style in self.styles:
-                diff = paired_score_difference(style, texts["feedback"], texts["placebo"])
-                if diff is not None:
-                    paired[style] = {**diff, "baseline_score": _mean_style_score(style, self.baseline)}
-        baseline_words = sum(map(words, self.baseline)) / len(self.baseline) if self.baseline else None
-        summary = {"final_step": last_step, "baseline_mean_words": baseline_words, "final": final,
-                   "head_to_head_feedback_vs_placebo": head_to_head,
-                   "paired_style_score_feedback_minus_placebo": paired,
-                   "output_dir": str(self.out), "winrate_png": str(self.out / "winrate.png")}
+        summary = build_summary(self.history, self.styles, last_step, self.baseline, texts, head_to_head, self.out)
         atomic_write_json(self.out / "summary.json", summary)
-
-        lines = [summary_table(self.history, self.arms, self.styles), ""]
-        for style, entry in final.items():
-            if "net_effect" in entry:
-                net = entry["net_effect"]
-                text = "n/a (no decisive pair in an arm)" if net["diff"] is None else \
-                    f"{net['diff']:+.1f} +- {net['se']:.1f} points"
-                lines.append(f"net effect at step {last_step} ({style}, feedback - placebo win rate): {text}")
-        for style, stats in head_to_head.items():
-            lines.append(f"head to head at step {last_step} ({style}, feedback vs placebo replies): "
-                         f"{_fmt_rate(stats)}")
-        for style, diff in paired.items():
-            lines.append(f"rule score of '{style}' per reply at step {last_step}: feedback - placebo {diff['diff']:+.2f} "
-                         f"+- {diff['se']:.2f} (paired over {diff['n']} prompts; feedback {diff['feedback']:.2f}, "
-                         f"placebo {diff['placebo']:.2f}, baseline {diff['baseline_score']:.2f}; higher fits the style)")
-        if baseline_words is not None and last_step is not None:
-            lines.append(f"mean words per eval reply: baseline {baseline_words:.1f}; at step {last_step}: " + ", ".join(
-                f"{arm} {sum(map(words, texts[arm])) / len(texts[arm]):.1f}" for arm in self.arms if texts.get(arm)))
-            lines.append(self._example(texts))
-        lines.append(f"win-rate plot: {self.out / 'winrate.png'}")
-        lines.append(f"results: {self.out}")
-        print("\n".join(lines), flush=True)
-        if self.wandb_run is not None:
-            import wandb
-
-            if (self.out / "winrate.png").exists():
-                self.wandb_run.log({"winrate_plot": wandb.Image(str(self.out / "winrate.png"))})
-            self.wandb_run.summary.update({"final": final, "head_to_head": head_to_head})
-            self.wandb_run.finish()
+        print(summary_text(summary, self.history, self.arms, self.styles, self.baseline, texts, self.eval_prompts,
+                           self.out), flush=True)
+        self.wandb.finish(self.out / "winrate.png", {"final": summary["final"], "head_to_head": head_to_head})
         return summary
 
     def _final_eval_texts(self, step: int, arm: str) -> list[str]:
         """The arm's eval replies at `step` (from memory, or from completions.jsonl after a resume)."""
-        if (step, arm) in self.eval_texts:
-            return self.eval_texts[(step, arm)]
-        rows = [r for r in _read_jsonl_tolerant(self.out / "completions.jsonl")
-                if r["phase"] == "eval" and r["step"] == step and r["arm"] == arm]
-        rows.sort(key=lambda r: r["index"])
+        if self.eval_step == step and arm in self.eval_texts:
+            return self.eval_texts[arm]
+        rows = sorted((r for r in self.folder.read_completions()
+                       if r["phase"] == "eval" and r["step"] == step and r["arm"] == arm), key=lambda r: r["index"])
         return [r["completion"] for r in rows] if len(rows) == len(self.eval_prompts) else []
 
-    def _example(self, texts: dict, limit: int = 400) -> str:
-        from auxiliary.evals.evaluation_helpers import prompt_as_text
 
-        clip = lambda t: t if len(t) <= limit else t[:limit].rstrip() + " [...]"  # noqa: E731
-        parts = [f"example eval prompt: {prompt_as_text(self.eval_prompts[0])}", f"  baseline: {clip(self.baseline[0])!r}"]
-        parts += [f"  {arm}: {clip(texts[arm][0])!r}" for arm in self.arms if texts.get(arm)]
-        return "\n".join(parts)
-
-    def _wandb_log(self, values: dict, step: int) -> None:
-        if self.wandb_run is not None and values:
-            self.wandb_run.log({**values, "interaction": step})
-
-    def _print_debug_example(self, messages, reply, followup, signal) -> None:
-        from sdpo_objective import hindsight_messages, render_context_ids
-
-        tok = self.updaters["feedback"].tokenizer
-        x = tok.decode(render_context_ids(tok, messages))
-        xo = tok.decode(render_context_ids(tok, hindsight_messages(messages, followup, self.sdpo.hindsight_template)))
-        pieces = [tok.decode([i]) for i in reply.ids]
-        tokens = " ".join(f"{p!r}:{float(s):+.2f}" for p, s in zip(pieces, signal.tolist()))
-        print(f"\n=== first interaction ===\n--- context x ---\n{x}\n--- context xo ---\n{xo}\n--- reply y ---\n"
-              f"{reply.text}\n--- follow-up o ---\n{followup}\n--- signal A_t per reply token ---\n{tokens}\n",
-              file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- helpers
-
-def _model_for(kind: str, name: str | None):
-    """Claude components take a Claude model id; the seed's default user/judge model (a Qwen) is not one."""
-    if kind == "rule":
-        return None
-    if kind == "claude":
-        return name if name and name.startswith("claude") else None
-    return name
-
-
-def _read_json(path: Path):
-    return json.loads(path.read_text())
-
-
-def _read_jsonl_tolerant(path: Path) -> list[dict]:
-    """completions.jsonl is appended to; a kill mid-append can leave a cut last line, which resume drops."""
-    if not path.exists():
-        return []
-    rows = []
-    lines = path.read_text(encoding="utf-8").splitlines()
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            rows.append(json.loads(line))
-        except json.JSONDecodeError:
-            if number == len(lines):
-                logger.warning("%s: dropping a cut last line", path)
-                continue
-            raise DataError(f"{path}:{number}: malformed JSON") from None
-    return rows
-
-
-def _style_check(style: str):
-    from auxiliary.feedback.style_checks import build_style_checks
-
-    return build_style_checks().get(style)
-
-
-def _mean_style_score(style: str, texts: list[str]) -> float | None:
-    """Mean rule score of the replies (higher fits the style better); None for a style no rule checks."""
-    check = _style_check(style)
-    return None if check is None or not texts else round(sum(map(check.score, texts)) / len(texts), 4)
-
-
-def paired_score_difference(style: str, texts_a: list[str], texts_b: list[str]) -> dict | None:
-    """Mean and SE of score(a_i) - score(b_i) over the same prompts: a paired, sensitive comparison."""
-    check = _style_check(style)
-    if check is None or len(texts_a) != len(texts_b) or len(texts_a) < 2:
-        return None
-    diffs = [check.score(a) - check.score(b) for a, b in zip(texts_a, texts_b)]
-    n = len(diffs)
-    mean = sum(diffs) / n
-    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    return {"n": n, "diff": mean, "se": math.sqrt(var / n), "feedback": sum(map(check.score, texts_a)) / n,
-            "placebo": sum(map(check.score, texts_b)) / n}
-
-
-def _fmt_rate(record: dict) -> str:
-    if record.get("win_rate") is None:
-        return f"-  ({record['wins'] + record['losses']}/{record['n']} decisive)"
-    return f"{record['win_rate']:.1f} +- {record['se']:.1f} ({record['wins'] + record['losses']}/{record['n']} decisive)"
-
-
-def summary_table(history: list[dict], arms: list[str], styles: list[str]) -> str:
-    """Win rate per eval step, style and arm, plus the net effect when a placebo arm ran."""
-    from auxiliary.evals.evaluation_helpers import net_effect
-
-    header = ["step", "style"] + arms + (["net (feedback - placebo)"] if "placebo" in arms else [])
-    rows = []
-    for step in sorted({r["step"] for r in history}):
-        for style in styles:
-            by_arm = {r["arm"]: r for r in history if r["step"] == step and r["style"] == style}
-            if not by_arm:
-                continue
-            row = [str(step), style] + [_fmt_rate(by_arm[a]) if a in by_arm else "" for a in arms]
-            if "placebo" in arms and {"feedback", "placebo"} <= set(by_arm):
-                net = net_effect(by_arm["feedback"], by_arm["placebo"])
-                row.append("-" if net["diff"] is None else f"{net['diff']:+.1f} +- {net['se']:.1f}")
-            rows.append(row)
-    widths = [max(len(line[i]) for line in [header] + rows) for i in range(len(header))]
-    render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    title = "win rate of the policy vs the baseline (%, ties excluded, +- analytic SE, decisive pairs / n)"
-    return "\n".join([title, render(header), render(["-" * w for w in widths])] + [render(r) for r in rows])
-
-
-def _setup_errors() -> tuple:
-    from auxiliary.feedback.claude_client import ClaudeAuthError
+def _expected_errors() -> tuple[tuple, tuple]:
+    """(bad input found by setup: exit 2, failures of a started run: exit 1); anything else is a bug."""
+    from auxiliary.feedback.claude_client import ClaudeAuthError, ClaudeRequestError
+    from auxiliary.feedback.personas import UnknownStyleError
+    from auxiliary.feedback.user_simulator import EmptyFeedbackError, UnsupportedStyleError
     from auxiliary.runtime.cli import ConfigError
     from auxiliary.runtime.model_loading import ModelLoadError
-    from auxiliary.feedback.personas import UnknownStyleError
-    from auxiliary.feedback.user_simulator import UnsupportedStyleError
 
-    return (SetupError, DataError, ConfigError, ModelLoadError, UnknownStyleError, UnsupportedStyleError, ValueError,
-            ClaudeAuthError)
-
-
-def _run_errors() -> tuple:
-    from auxiliary.feedback.claude_client import ClaudeAuthError, ClaudeRequestError
-    from auxiliary.feedback.user_simulator import EmptyFeedbackError
-
-    return (ClaudeAuthError, ClaudeRequestError, EmptyFeedbackError)
+    return ((SetupError, RunFolderError, WandbSetupError, DataError, ConfigError, ModelLoadError, UnknownStyleError,
+             UnsupportedStyleError, ValueError, ClaudeAuthError), (ClaudeAuthError, ClaudeRequestError, EmptyFeedbackError))
 
 
 def fail(message: str, code: int = 2) -> int:
@@ -710,16 +446,17 @@ def main(argv: list[str] | None = None) -> int:
                         datefmt="%H:%M:%S")
     from auxiliary.runtime.cli import parse_dataclasses
 
+    setup_errors, run_errors = _expected_errors()
     try:
         sdpo, run_config = parse_dataclasses((OnlineSDPOConfig, OnlineRunConfig), argv, prog="eval_online_sdpo.py")
         run = OnlineRun(sdpo, run_config)
         run.setup()
-    except _setup_errors() as err:
+    except setup_errors as err:
         return fail(str(err))
     try:
         run.loop()
         run.summary()
-    except _run_errors() as err:
+    except run_errors as err:
         return fail(f"{type(err).__name__}: {err} (completed steps are in {run.out}; rerun with --resume)", 1)
     except KeyboardInterrupt:
         return fail(f"interrupted; completed steps are in {run.out} (continue with --resume)", 130)

@@ -201,9 +201,14 @@ class OnlineSDPOUpdater:
         return path
 
     def _prune(self, folder: Path) -> None:
-        if self.config.max_checkpoints <= 0:
+        self.prune_checkpoints(folder, self.config.max_checkpoints)
+
+    @staticmethod
+    def prune_checkpoints(folder: str | Path, keep: int) -> None:
+        """Delete all but the `keep` newest complete checkpoints in `folder` (keep <= 0: delete none)."""
+        if keep <= 0:
             return
-        for old in list_checkpoints(folder)[: -self.config.max_checkpoints]:
+        for old in list_checkpoints(folder)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: str | Path) -> dict:

@@ -38,13 +38,17 @@ def test_user_simulator_requests_reach_the_server_in_order(katan_echo):
         assert f"<request>\nRequest {i}\n</request>" in text and f"Reply number {i} \U0001F600" in text
     counts = katan_echo.wait_for_requests(before + 5)
     assert counts[200] - before == 5 and sim.client.stats["successes"] == 5
+    # a per-call seed is accepted like every user's (the API has no seed: nothing more to check)
+    assert len(sim.generate_feedback(["Request 0"], [completions[0]], seed=123)) == 1
+    assert sim.api_usage() == sim.client.stats and sim.problems(completions[0]) is None
 
 
 def test_style_judge_sends_both_orders_and_parses_each_reply(katan_echo):
     judge = make_judge("claude", "concise", model_name_or_path="claude-test", api_concurrency=4,
                        base_url=katan_echo.base_url, **FAST)
     assert isinstance(judge, ClaudeStyleJudge) and judge.client.max_concurrency == 4
-    decisions = judge.compare(["q1", "q2"], ["short A1", "short A2"], ["longer B1 text", "longer B2 text"])
+    comparison = judge.compare_detailed(["q1", "q2"], ["short A1", "short A2"], ["longer B1 text", "longer B2 text"])
+    decisions = comparison.decisions
     assert len(decisions) == 2 and set(decisions) <= {"A", "B", "C"}
     outputs = judge.last_outputs
     assert len(outputs) == 4 and all(o.startswith("[echo]") for o in outputs)
@@ -54,9 +58,9 @@ def test_style_judge_sends_both_orders_and_parses_each_reply(katan_echo):
 
     assert order(outputs[0], "short A1", "longer B1 text") and order(outputs[1], "short A2", "longer B2 text")
     assert order(outputs[2], "longer B1 text", "short A1") and order(outputs[3], "longer B2 text", "short A2")
-    assert judge.last_verdicts == [(parse_verdict(outputs[0]), parse_verdict(outputs[2])),
+    assert comparison.verdicts == [(parse_verdict(outputs[0]), parse_verdict(outputs[2])),
                                    (parse_verdict(outputs[1]), parse_verdict(outputs[3]))]
-    assert judge.client.stats["requests"] == 4
+    assert judge.client.stats["requests"] == 4 and judge.api_usage() == judge.client.stats
 
 
 def test_every_follow_up_is_obtained_despite_server_errors(katan_factory):

@@ -144,7 +144,7 @@ def test_no_secret_in_any_output(placebo_run):
 
 def test_summary_printed_with_table_net_effect_and_plot(placebo_run):
     from auxiliary.evals.evaluation_helpers import net_effect
-    from eval_online_sdpo import summary_table
+    from auxiliary.evals.online_report import summary_table
 
     table = summary_table(read_history(placebo_run), ["feedback", "placebo"], ["concise", "no_emojis"])
     lines = table.splitlines()
@@ -248,7 +248,7 @@ def test_wandb_offline_logs(tiny_model_dir, data_dir, tmp_path, monkeypatch):
 
 
 def test_paired_style_score_difference_by_hand():
-    from eval_online_sdpo import paired_score_difference
+    from auxiliary.evals.online_report import paired_score_difference
 
     # concise scores a reply by minus its word count: diffs (-2) - (-3) = +1 and (-4) - (-3) = -1
     diff = paired_score_difference("concise", ["a b", "a b c d"], ["a b c", "x y z"])
@@ -272,15 +272,36 @@ def test_config_yaml_sets_flags_and_command_line_wins(tiny_model_dir, data_dir, 
 
 
 def test_default_output_dir_follows_the_environment(monkeypatch):
-    from eval_online_sdpo import OnlineRunConfig, default_output_dir
+    from auxiliary.runtime.run_folder import default_output_dir
 
-    run = OnlineRunConfig(run_name="my-run")
     monkeypatch.delenv("OUTPUT_DIR", raising=False)
     monkeypatch.setenv("BASE_WORK", "/scratch/me")
-    assert default_output_dir(run, "m") == Path("/scratch/me/sdpo_runs/my-run")
+    assert default_output_dir("my-run", "m", "concise") == Path("/scratch/me/sdpo_runs/my-run")
     monkeypatch.delenv("BASE_WORK")
     monkeypatch.delenv("SCRATCH", raising=False)
     monkeypatch.setenv("TMPDIR", "/tmpdir")
-    assert default_output_dir(run, "m") == Path("/tmpdir/sdpo_runs/my-run")
+    assert default_output_dir("my-run", "m", "concise") == Path("/tmpdir/sdpo_runs/my-run")
     monkeypatch.setenv("OUTPUT_DIR", "/exact/place")
-    assert default_output_dir(run, "m") == Path("/exact/place")
+    assert default_output_dir("my-run", "m", "concise") == Path("/exact/place")
+
+
+def test_every_user_gets_its_per_step_seed_as_an_argument(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    from auxiliary.feedback.factory import FeedbackFactory
+    from eval_online_sdpo import derive_seed
+
+    calls = []  # (style of the user, seed passed to generate_feedback)
+    build = FeedbackFactory.user
+
+    def recording_user(self, kind, style, *args, **kw):
+        user = build(self, kind, style, *args, **kw)
+        generate = user.generate_feedback
+        user.generate_feedback = lambda prompts, completions, seed=None: (calls.append((kind, seed)),
+                                                                          generate(prompts, completions, seed=seed))[1]
+        return user
+
+    monkeypatch.setattr(FeedbackFactory, "user", recording_user)
+    out = tmp_path / "seeds"
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=2, eval_n=2, placebo=True)) == 0
+    expected = [(kind, derive_seed(7, "user", arm, step)) for step in (1, 2)
+                for kind, arm in (("rule", "feedback"), ("neutral", "placebo"))]
+    assert calls == expected

@@ -89,14 +89,15 @@ class ScriptedJudge(PairwiseJudge):
 
 def test_both_orders_are_judged_in_one_batch_and_agreement_counts():
     judge = ScriptedJudge(lambda x, y: "A" if x == "good" else "B" if y == "good" else "C")
-    decisions = judge.compare(["p1", "p2", "p3"], ["good", "bad", "same"], ["bad", "good", "same"])
-    assert decisions == ["A", "B", "C"]
+    comparison = judge.compare_detailed(["p1", "p2", "p3"], ["good", "bad", "same"], ["bad", "good", "same"])
+    assert comparison.decisions == ["A", "B", "C"]
     (prompts, first, second), = judge.calls
     assert prompts == ["p1", "p2", "p3"] * 2
     assert first == ["good", "bad", "same", "bad", "good", "same"]   # forward, then swapped
     assert second == ["bad", "good", "same", "good", "bad", "same"]
-    assert judge.last_verdicts == [("A", "B"), ("B", "A"), ("C", "C")]
+    assert comparison.verdicts == [("A", "B"), ("B", "A"), ("C", "C")] and comparison.unparseable == 0
     assert judge.stats["pairs"] == 3 and judge.stats["agreed_decisive"] == 2 and judge.stats["disagreements"] == 0
+    assert judge.compare(["p1"], ["good"], ["bad"]) == ["A"]  # compare: the decisions alone
 
 
 def test_position_bias_disagreement_and_unparseable_become_ties():
@@ -106,7 +107,8 @@ def test_position_bias_disagreement_and_unparseable_become_ties():
     half_tie = ScriptedJudge(lambda x, y: "A" if x == "good" else "C")  # decisive in one order only
     assert half_tie.compare(["p"], ["good"], ["bad"]) == ["C"]
     broken = ScriptedJudge(lambda x, y: None if x == "bad" else "A")
-    assert broken.compare(["p"], ["good"], ["bad"]) == ["C"]
+    comparison = broken.compare_detailed(["p"], ["good"], ["bad"])
+    assert comparison.decisions == ["C"] and comparison.verdicts == [("A", None)] and comparison.unparseable == 1
     assert broken.stats["unparseable"] == 1
     assert combine_verdicts("B", "A") == "B" and combine_verdicts("A", "A") == "C" and combine_verdicts(None, "B") == "C"
     with pytest.raises(ValueError, match="2 prompts, 1 completions_a"):
@@ -137,10 +139,11 @@ def test_rule_judge_scores_the_checkable_property():
 def test_local_judge_generate_mode_on_a_tiny_model(tiny_model, tiny_tokenizer):
     judge = make_judge("local", "no_emojis", model_name_or_path=(tiny_model, tiny_tokenizer),
                        mode="generate", max_new_tokens=6, batch_size=4)
-    decisions = judge.compare(["q1", "q2"], ["plain", "x \U0001F600"], ["y \U0001F600", "plain"])
+    comparison = judge.compare_detailed(["q1", "q2"], ["plain", "x \U0001F600"], ["y \U0001F600", "plain"])
+    decisions = comparison.decisions
     assert len(decisions) == 2 and set(decisions) <= {"A", "B", "C"}
-    assert len(judge.last_outputs) == 4 and len(judge.last_verdicts) == 2
-    assert judge.last_verdicts == [(parse_verdict(judge.last_outputs[0]), parse_verdict(judge.last_outputs[2])),
+    assert len(judge.last_outputs) == 4 and len(comparison.verdicts) == 2
+    assert comparison.verdicts == [(parse_verdict(judge.last_outputs[0]), parse_verdict(judge.last_outputs[2])),
                                    (parse_verdict(judge.last_outputs[1]), parse_verdict(judge.last_outputs[3]))]
 
 
@@ -163,11 +166,12 @@ def test_label_logprobs_match_an_unpadded_forward(tiny_model, tiny_tokenizer):
             expected = sum(logp[len(context) - 1 + j, t].item() for j, t in enumerate(tokens))
             assert scores[label] == pytest.approx(expected, abs=1e-4)
     judge = LocalHFJudge((tiny_model, tiny_tokenizer), "concise", mode="logprob", batch_size=2)
-    decisions = judge.compare(["q1", "q2"], ["short", "a b c"], ["a longer one", "d e f"])
+    comparison = judge.compare_detailed(["q1", "q2"], ["short", "a b c"], ["a longer one", "d e f"])
+    decisions = comparison.decisions
     assert len(decisions) == 2 and set(decisions) <= {"A", "B", "C"}
     assert len(judge.last_label_logprobs) == 4
     assert all(math.isfinite(v) and v < 0 for scores in judge.last_label_logprobs for v in scores.values())
-    for (forward, backward), scores in zip(judge.last_verdicts, judge.last_label_logprobs[:2]):
+    for (forward, backward), scores in zip(comparison.verdicts, judge.last_label_logprobs[:2]):
         assert forward == max(scores, key=scores.get)
     with pytest.raises(ValueError, match="'generate' or 'logprob'"):
         LocalHFJudge((tiny_model, tiny_tokenizer), "concise", mode="sample")

@@ -78,6 +78,10 @@ def test_rule_user_is_deterministic_given_the_seed_and_varied():
     # the same reply gets the same message whatever batch it comes in (resume replays it)
     single = RuleBasedUserSimulator("no_emojis", seed=1).generate_feedback([PROMPT], [replies[7]])
     assert single == [first[7]]
+    # a seed passed to the call replaces the constructor's, for this call only
+    user = RuleBasedUserSimulator("no_emojis", seed=2)
+    assert user.generate_feedback(prompts, replies, seed=1) == first
+    assert user.generate_feedback(prompts, replies) == other
 
 
 def test_rule_user_thresholds_are_configurable():
@@ -111,6 +115,9 @@ def test_neutral_user_is_content_free():
     assert set(out) == set(texts) and out == NeutralUserSimulator(texts=texts, seed=5).generate_feedback(
         [f"q{i}" for i in range(30)], [PLAIN] * 30)
     assert make_user_simulator("neutral", "no_emojis", texts=["Fine."]).generate_feedback(["q"], ["r"]) == ["Fine."]
+    assert NeutralUserSimulator(texts=texts, seed=9).generate_feedback([f"q{i}" for i in range(30)], [PLAIN] * 30,
+                                                                        seed=5) == out
+    assert custom.problems("\U0001F600!!") is None and custom.api_usage() is None  # no rules, no API
     with pytest.raises(ValueError, match="non-empty texts"):
         NeutralUserSimulator(texts=["  "])
 
@@ -146,6 +153,10 @@ def test_local_hf_user_on_a_tiny_model(tiny_model, tiny_tokenizer, tiny_model_di
     assert len(out) == 3 and all(isinstance(t, str) and t for t in out)
     again = LocalHFUserSimulator((tiny_model, tiny_tokenizer), "no_emojis", max_new_tokens=8, batch_size=2, seed=0)
     assert again.generate_feedback([PROMPT, "Plan my trip", "Hi"], [PLAIN, "A plan", "Hello \U0001F600"]) == out
+    other_default = LocalHFUserSimulator((tiny_model, tiny_tokenizer), "no_emojis", max_new_tokens=8, batch_size=2,
+                                         seed=41)
+    assert other_default.generate_feedback([PROMPT, "Plan my trip", "Hi"], [PLAIN, "A plan", "Hello \U0001F600"],
+                                           seed=0) == out  # the call's seed decides the sampling
     from_path = make_user_simulator("local", "concise", model_name_or_path=tiny_model_dir, max_new_tokens=4,
                                     temperature=0.0)
     assert len(from_path.generate_feedback([PROMPT] * 2, [PLAIN] * 2)) == 2

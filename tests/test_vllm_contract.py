@@ -123,6 +123,11 @@ def test_vllm_user_turns_thinking_off_and_samples_empty_follow_ups_again(fake_vl
     llm.text_scripts += ["", "", ""]
     with pytest.raises(EmptyFeedbackError, match="after 2 retries"):
         user.generate_feedback(["q"], ["a"])
+    assert "seed" not in llm.chat_calls[0]["params"].kwargs  # no seed given: the engine's own stream
+    llm.text_scripts += ["", "Fine."]
+    calls = len(llm.chat_calls)
+    assert user.generate_feedback(["q"], ["a"], seed=11) == ["Fine."]
+    assert [c["params"].kwargs["seed"] for c in llm.chat_calls[calls:]] == [11, 11 + 7919]  # a retry draws anew
     greedy = VLLMUserSimulator(None, "concise", llm=llm, temperature=0.0)
     llm.text_scripts += [""]
     calls = len(llm.chat_calls)

@@ -50,6 +50,17 @@ from auxiliary.runtime.io_utils import DataError, atomic_write_bytes, iter_jsonl
 
 logger = logging.getLogger(__name__)
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def find_data_file(path: str) -> Path:
+    """As given, else relative to the repository (so the defaults work from any directory)."""
+    candidate = Path(path).expanduser()
+    if candidate.exists() or candidate.is_absolute():
+        return candidate
+    in_repo = REPO_ROOT / path
+    return in_repo if in_repo.exists() else candidate
+
 Prompt = Union[str, list]
 DECISIONS = ("A", "B", "C")
 

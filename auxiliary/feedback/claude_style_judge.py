@@ -7,7 +7,7 @@
 Both orders of every pair go out in one concurrent batch (ClaudeClient.complete_many, at most
 api_concurrency in flight). Failed requests raise (ClaudeAuthError / ClaudeRequestError after
 the client's retries); a reply without a parseable verdict counts as None, which the protocol
-turns into a tie and judge.stats["unparseable"] counts. The raw replies of the last call are in
+turns into a tie, that compare_detailed(...).unparseable and judge.stats["unparseable"] count. The raw replies of the last call are in
 judge.last_outputs. temperature 1.0 (the API default) is not sent; newer models reject others.
 """
 from __future__ import annotations
@@ -29,6 +29,9 @@ class ClaudeStyleJudge(PairwiseJudge):
         self.client = client or ClaudeClient(model=model or DEFAULT_MODEL, max_concurrency=api_concurrency,
                                              seed=seed, **client_kwargs)
         self.last_outputs: list[str] = []
+
+    def api_usage(self) -> dict:
+        return self.client.stats
 
     def judge_once(self, prompts, first, second):
         requests = [to_claude_request(build_judge_messages(self.style, p, x, y)) for p, x, y in zip(prompts, first, second)]

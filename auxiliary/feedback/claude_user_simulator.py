@@ -2,14 +2,16 @@
 
     ClaudeUserSimulator(style, model="claude-haiku-4-5-20251001", api_concurrency=8, max_tokens=150,
                         temperature=1.0, client=None, seed=None, empty_retries=2, **client_kwargs)
-    .generate_feedback(prompts, completions) -> list[str]
+    .generate_feedback(prompts, completions, seed=None) -> list[str]
 
 The prompt is user_simulator.build_simulator_messages (persona as system prompt). All pairs
 go out concurrently (at most api_concurrency in flight) via ClaudeClient.complete_many, which
 retries 429/5xx/timeouts and raises ClaudeAuthError / ClaudeRequestError otherwise: a follow-up
 is always Claude's own answer, never a substitute. An empty answer is asked again up to
 `empty_retries` times, then EmptyFeedbackError. client_kwargs (max_retries, timeout_s,
-base_url, api_key, ...) go to ClaudeClient; or pass a ready `client`.
+base_url, api_key, ...) go to ClaudeClient; or pass a ready `client`. The per-call `seed` is
+accepted like every user's, but the Messages API has no sampling seed: replies are not
+reproducible (the constructor's `seed` only seeds the client's retry jitter).
 """
 from __future__ import annotations
 
@@ -34,11 +36,14 @@ class ClaudeUserSimulator(UserSimulator):
         self.client = client or ClaudeClient(model=model or DEFAULT_MODEL, max_concurrency=api_concurrency,
                                              seed=seed, **client_kwargs)
 
+    def api_usage(self) -> dict:
+        return self.client.stats
+
     def _ask(self, requests: list[dict]) -> list[str]:
         answers = self.client.complete_many(requests, max_tokens=self.max_tokens, temperature=self.temperature)
         return [clean_feedback(a) for a in answers]
 
-    def _feedback(self, prompts, completions):
+    def _feedback(self, prompts, completions, seed):  # no API seed to pass it to
         requests = [to_claude_request(build_simulator_messages(self.style, p, c)) for p, c in zip(prompts, completions)]
         return retry_empty_feedback(
             self._ask(requests), lambda indices, _attempt: self._ask([requests[i] for i in indices]),

@@ -20,6 +20,16 @@ JUDGE_KINDS = ("rule", "local", "claude", "vllm")
 CLIENT_KEYWORDS = ("max_retries", "timeout_s", "base_url", "api_key", "initial_backoff_s", "max_backoff_s")
 
 
+def model_for_kind(kind: str, name: str | None):
+    """The model to build a `kind` component on: none for rule; Claude components take only a Claude model id
+    (a default user/judge model such as a Qwen is not one, so the default Claude is used)."""
+    if kind == "rule":
+        return None
+    if kind == "claude":
+        return name if name and name.startswith("claude") else None
+    return name
+
+
 def _check_kind(kind: str, kinds: tuple[str, ...], what: str) -> None:
     if kind not in kinds:
         raise ValueError(f"unknown {what} kind {kind!r}; choose one of {', '.join(kinds)}")

@@ -5,9 +5,12 @@ Interface (every judge)
         "A": completions_a fits the style better, "B": completions_b does, "C": tie.
         Protocol: each pair is judged twice, (a, b) and (b, a), in one batch. A decision counts
         only when both orders agree on the same reply; disagreement, a tie in either order or an
-        unparseable verdict gives "C". judge.last_verdicts holds the raw (forward, backward)
-        verdicts of the last call; judge.stats counts pairs, agreements, disagreements and
+        unparseable verdict gives "C". judge.stats counts pairs, agreements, disagreements and
         unparseable verdicts over the judge's life.
+    judge.compare_detailed(prompts, completions_a, completions_b) -> Comparison
+        the same judging, returning .decisions, .verdicts (the raw (forward, backward) verdict
+        of each pair) and .unparseable (how many of the 2n verdicts could not be parsed).
+    judge.api_usage() -> dict | None: request counters of an API client (Claude), else None.
     Subclasses implement judge_once(prompts, first, second) -> list["A"|"B"|"C"|None]
     (verdict for one order: "A" = first is better; None = could not parse).
 
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
+from dataclasses import dataclass
 from typing import Sequence
 
 from auxiliary.evals.evaluation_helpers import Prompt, prompt_as_text
@@ -158,23 +162,41 @@ def combine_verdicts(forward: str | None, backward: str | None) -> str:
     return "C"
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """One compare call: a decision per pair and the two raw verdicts it came from."""
+
+    decisions: list[str]
+    verdicts: list[tuple[str | None, str | None]]  # (forward, backward) per pair; None = unparseable
+
+    @property
+    def unparseable(self) -> int:
+        return sum(v is None for pair in self.verdicts for v in pair)
+
+
 class PairwiseJudge:
     style: str | None = None
 
     def __init__(self):
-        self.last_verdicts: list[tuple[str | None, str | None]] = []
         self.stats: Counter = Counter()
 
     def judge_once(self, prompts: list[Prompt], first: list[str], second: list[str]) -> list[str | None]:
         raise NotImplementedError
 
+    def api_usage(self) -> dict | None:
+        return None
+
     def compare(self, prompts: Sequence[Prompt], completions_a: Sequence[str],
                 completions_b: Sequence[str]) -> list[str]:
+        return self.compare_detailed(prompts, completions_a, completions_b).decisions
+
+    def compare_detailed(self, prompts: Sequence[Prompt], completions_a: Sequence[str],
+                         completions_b: Sequence[str]) -> Comparison:
         prompts, a, b = list(prompts), list(completions_a), list(completions_b)
         if not len(prompts) == len(a) == len(b):
             raise ValueError(f"compare: {len(prompts)} prompts, {len(a)} completions_a, {len(b)} completions_b")
         if not prompts:
-            return []
+            return Comparison([], [])
         n = len(prompts)
         verdicts = list(self.judge_once(prompts + prompts, a + b, b + a))
         if len(verdicts) != 2 * n:
@@ -182,16 +204,16 @@ class PairwiseJudge:
         bad = [v for v in verdicts if v is not None and v not in VERDICTS]
         if bad:
             raise RuntimeError(f"{type(self).__name__}.judge_once returned invalid verdicts {bad[:5]!r}")
-        self.last_verdicts = list(zip(verdicts[:n], verdicts[n:]))
-        decisions = [combine_verdicts(f, r) for f, r in self.last_verdicts]
-        for (forward, backward), decision in zip(self.last_verdicts, decisions):
+        pairs = list(zip(verdicts[:n], verdicts[n:]))
+        decisions = [combine_verdicts(f, r) for f, r in pairs]
+        for (forward, backward), decision in zip(pairs, decisions):
             self.stats["pairs"] += 1
             self.stats["unparseable"] += (forward is None) + (backward is None)
             if decision != "C":
                 self.stats["agreed_decisive"] += 1
             elif forward is not None and backward is not None and _SWAPPED[backward] != forward:
                 self.stats["disagreements"] += 1
-        return decisions
+        return Comparison(decisions, pairs)
 
 
 class RuleBasedJudge(PairwiseJudge):

@@ -1,9 +1,19 @@
 """Simulated users: given the request and the assistant's reply, write the user's next message.
 
 Interface (every simulator)
-    sim.generate_feedback(prompts, completions) -> list[str]
+    sim.generate_feedback(prompts, completions, seed=None) -> list[str]
         prompts: strings or conversations (see evaluation_helpers.prompt_as_text); one
-        follow-up per (prompt, completion) pair, in input order, never empty.
+        follow-up per (prompt, completion) pair, in input order, never empty. `seed` is the
+        randomness of this call (an online run passes one derived from (seed, arm, step));
+        None: the simulator's own `seed` from its constructor. What a kind does with it:
+        rule/neutral seed the wording RNG, local and vLLM seed the sampling (a retry of an
+        empty message adds retry_seed's offset), Claude accepts it but the Messages API takes
+        no seed, so its replies are not reproducible.
+    sim.problems(completion) -> list[str] | None
+        What the simulator would complain about, by rule; None for a simulator without rules
+        (every kind but the rule user).
+    sim.api_usage() -> dict | None
+        Request counters of an API client (Claude); None for the others.
 
 Simulators
     RuleBasedUserSimulator(style, seed=0, concise_max_words=60, detailed_min_words=150)
@@ -116,24 +126,37 @@ def retry_empty_feedback(feedback: list[str], regenerate, retries: int, who: str
     return feedback
 
 
+def retry_seed(seed: int | None, attempt: int) -> int | None:
+    """The sampling seed of the `attempt`-th retry: a new draw, still a function of the call's seed."""
+    return None if seed is None else seed + 7919 * attempt
+
+
 class UserSimulator:
     """Base class; subclasses implement _feedback for validated inputs."""
 
     style: str | None = None
+    seed: int | None = None  # the default seed of a call that passes none
 
-    def generate_feedback(self, prompts: Sequence[Prompt], completions: Sequence[str]) -> list[str]:
+    def generate_feedback(self, prompts: Sequence[Prompt], completions: Sequence[str],
+                          seed: int | None = None) -> list[str]:
         prompts, completions = list(prompts), list(completions)
         if len(prompts) != len(completions):
             raise ValueError(f"generate_feedback: {len(prompts)} prompts but {len(completions)} completions")
         if not prompts:
             return []
-        feedback = self._feedback(prompts, completions)
+        feedback = self._feedback(prompts, completions, self.seed if seed is None else seed)
         if len(feedback) != len(prompts):
             raise RuntimeError(f"{type(self).__name__} returned {len(feedback)} follow-ups for {len(prompts)} replies")
         return feedback
 
-    def _feedback(self, prompts: list[Prompt], completions: list[str]) -> list[str]:
+    def _feedback(self, prompts: list[Prompt], completions: list[str], seed: int | None) -> list[str]:
         raise NotImplementedError
+
+    def problems(self, completion: str) -> list[str] | None:
+        return None  # no rules: only the rule user knows what it would complain about
+
+    def api_usage(self) -> dict | None:
+        return None
 
 
 def _item_rng(*parts: object) -> random.Random:
@@ -225,16 +248,16 @@ class RuleBasedUserSimulator(UserSimulator):
     def problems(self, completion: str) -> list[str]:
         return self.check.problems(completion)
 
-    def _message(self, prompt: Prompt, completion: str) -> str:
-        rng = _item_rng(self.seed, self.style, prompt_as_text(prompt), completion)
+    def _message(self, prompt: Prompt, completion: str, seed: int) -> str:
+        rng = _item_rng(seed, self.style, prompt_as_text(prompt), completion)
         problems = self.problems(completion)
         if not problems:
             return rng.choice(APPROVALS)
         chosen = problems if len(problems) <= _MAX_COMPLAINTS else rng.sample(problems, _MAX_COMPLAINTS)
         return " ".join(rng.choice(COMPLAINTS[p]) for p in chosen)
 
-    def _feedback(self, prompts, completions):
-        return [self._message(p, c) for p, c in zip(prompts, completions)]
+    def _feedback(self, prompts, completions, seed):
+        return [self._message(p, c, seed) for p, c in zip(prompts, completions)]
 
 
 class NeutralUserSimulator(UserSimulator):
@@ -247,8 +270,8 @@ class NeutralUserSimulator(UserSimulator):
         self.texts = texts
         self.seed = seed
 
-    def _feedback(self, prompts, completions):
-        return [_item_rng(self.seed, "neutral", prompt_as_text(p), c).choice(self.texts)
+    def _feedback(self, prompts, completions, seed):
+        return [_item_rng(seed, "neutral", prompt_as_text(p), c).choice(self.texts)
                 for p, c in zip(prompts, completions)]
 
 
@@ -286,13 +309,12 @@ class LocalHFUserSimulator(UserSimulator):
                                      seed=seed, progress=self.progress, desc="simulated user")
         return [clean_feedback(r.text) for r in replies]
 
-    def _feedback(self, prompts, completions):
+    def _feedback(self, prompts, completions, seed):
         conversations = [build_simulator_messages(self.style, p, c) for p, c in zip(prompts, completions)]
-        feedback = self._generate(conversations, self.seed)
+        feedback = self._generate(conversations, seed)
 
         def regenerate(indices, attempt):
-            seed = None if self.seed is None else self.seed + 7919 * attempt
-            return self._generate([conversations[i] for i in indices], seed)
+            return self._generate([conversations[i] for i in indices], retry_seed(seed, attempt))
 
         # Sampling again can fix an empty message; greedy decoding would only repeat it.
         retries = self.empty_retries if self.temperature > 0 else 0
@@ -304,4 +326,4 @@ class LocalHFUserSimulator(UserSimulator):
 
 __all__ = ["UserSimulator", "RuleBasedUserSimulator", "NeutralUserSimulator", "LocalHFUserSimulator",
            "build_simulator_messages", "clean_feedback", "RULE_USER_STYLES",
-           "UnknownStyleError", "UnsupportedStyleError", "EmptyFeedbackError", "retry_empty_feedback", "COMPLAINTS", "APPROVALS"]
+           "UnknownStyleError", "UnsupportedStyleError", "EmptyFeedbackError", "retry_empty_feedback", "retry_seed", "COMPLAINTS", "APPROVALS"]

@@ -1,0 +1,146 @@
+"""What an online run reports at the end: summary.json and the printed summary.
+
+    summary = build_summary(history, styles, last_step, baseline, texts, head_to_head, out)
+    print(summary_text(summary, history, arms, styles, baseline, texts, eval_prompts, out))
+
+`history` is eval_history.json (one record per eval step, style and arm), `texts` the final eval
+replies of each arm, `head_to_head` the judged feedback-vs-placebo win rates per style (the run
+judges; this module only counts and formats). Also here: the win-rate table (summary_table) and
+the paired rule-score difference of the two arms (paired_score_difference).
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+from auxiliary.evals.evaluation_helpers import net_effect, prompt_as_text
+
+FINAL_FIELDS = ("win_rate", "se", "wins", "losses", "ties", "mean_words")
+
+
+def words(text: str) -> int:
+    return sum(1 for token in text.split() if any(ch.isalnum() for ch in token))
+
+
+def mean_words(texts: list[str]) -> float:
+    return sum(map(words, texts)) / len(texts)
+
+
+def fmt_rate(record: dict) -> str:
+    if record.get("win_rate") is None:
+        return f"-  ({record['wins'] + record['losses']}/{record['n']} decisive)"
+    return f"{record['win_rate']:.1f} +- {record['se']:.1f} ({record['wins'] + record['losses']}/{record['n']} decisive)"
+
+
+def _style_check(style: str):
+    from auxiliary.feedback.style_checks import build_style_checks
+
+    return build_style_checks().get(style)
+
+
+def mean_style_score(style: str, texts: list[str]) -> float | None:
+    """Mean rule score of the replies (higher fits the style better); None for a style no rule checks."""
+    check = _style_check(style)
+    return None if check is None or not texts else round(sum(map(check.score, texts)) / len(texts), 4)
+
+
+def paired_score_difference(style: str, texts_a: list[str], texts_b: list[str]) -> dict | None:
+    """Mean and SE of score(a_i) - score(b_i) over the same prompts: a paired, sensitive comparison."""
+    check = _style_check(style)
+    if check is None or len(texts_a) != len(texts_b) or len(texts_a) < 2:
+        return None
+    diffs = [check.score(a) - check.score(b) for a, b in zip(texts_a, texts_b)]
+    n = len(diffs)
+    mean = sum(diffs) / n
+    var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
+    return {"n": n, "diff": mean, "se": math.sqrt(var / n), "feedback": sum(map(check.score, texts_a)) / n,
+            "placebo": sum(map(check.score, texts_b)) / n}
+
+
+def summary_table(history: list[dict], arms: list[str], styles: list[str]) -> str:
+    """Win rate per eval step, style and arm, plus the net effect when a placebo arm ran."""
+    header = ["step", "style"] + arms + (["net (feedback - placebo)"] if "placebo" in arms else [])
+    rows = []
+    for step in sorted({r["step"] for r in history}):
+        for style in styles:
+            by_arm = {r["arm"]: r for r in history if r["step"] == step and r["style"] == style}
+            if not by_arm:
+                continue
+            row = [str(step), style] + [fmt_rate(by_arm[a]) if a in by_arm else "" for a in arms]
+            if "placebo" in arms and {"feedback", "placebo"} <= set(by_arm):
+                net = net_effect(by_arm["feedback"], by_arm["placebo"])
+                row.append("-" if net["diff"] is None else f"{net['diff']:+.1f} +- {net['se']:.1f}")
+            rows.append(row)
+    widths = [max(len(line[i]) for line in [header] + rows) for i in range(len(header))]
+    render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
+    title = "win rate of the policy vs the baseline (%, ties excluded, +- analytic SE, decisive pairs / n)"
+    return "\n".join([title, render(header), render(["-" * w for w in widths])] + [render(r) for r in rows])
+
+
+def build_summary(history: list[dict], styles: list[str], last_step: int | None, baseline: list[str],
+                  texts: dict[str, list[str]], head_to_head: dict, out: Path) -> dict:
+    """summary.json: the final win rates per style and arm (with the net effect), the head-to-head
+    and the paired rule-score difference of the arms."""
+    final = {}
+    for style in styles:
+        by_arm = {r["arm"]: r for r in history if r["step"] == last_step and r["style"] == style}
+        entry = {arm: {k: by_arm[arm][k] for k in FINAL_FIELDS} for arm in by_arm}
+        if "placebo" in by_arm:
+            entry["net_effect"] = net_effect(by_arm["feedback"], by_arm["placebo"])
+        final[style] = entry
+    paired = {}
+    if texts.get("feedback") and texts.get("placebo"):
+        for style in styles:
+            diff = paired_score_difference(style, texts["feedback"], texts["placebo"])
+            if diff is not None:
+                paired[style] = {**diff, "baseline_score": mean_style_score(style, baseline)}
+    return {"final_step": last_step, "baseline_mean_words": mean_words(baseline) if baseline else None,
+            "final": final, "head_to_head_feedback_vs_placebo": head_to_head,
+            "paired_style_score_feedback_minus_placebo": paired,
+            "output_dir": str(out), "winrate_png": str(out / "winrate.png")}
+
+
+def summary_text(summary: dict, history: list[dict], arms: list[str], styles: list[str], baseline: list[str],
+                 texts: dict[str, list[str]], eval_prompts: list, out: Path) -> str:
+    """The printed summary: table, net effects, head-to-head, paired scores, lengths, one example."""
+    last_step, baseline_words = summary["final_step"], summary["baseline_mean_words"]
+    lines = [summary_table(history, arms, styles), ""]
+    for style, entry in summary["final"].items():
+        if "net_effect" in entry:
+            net = entry["net_effect"]
+            text = "n/a (no decisive pair in an arm)" if net["diff"] is None else \
+                f"{net['diff']:+.1f} +- {net['se']:.1f} points"
+            lines.append(f"net effect at step {last_step} ({style}, feedback - placebo win rate): {text}")
+    for style, stats in summary["head_to_head_feedback_vs_placebo"].items():
+        lines.append(f"head to head at step {last_step} ({style}, feedback vs placebo replies): {fmt_rate(stats)}")
+    for style, diff in summary["paired_style_score_feedback_minus_placebo"].items():
+        lines.append(f"rule score of '{style}' per reply at step {last_step}: feedback - placebo {diff['diff']:+.2f} "
+                     f"+- {diff['se']:.2f} (paired over {diff['n']} prompts; feedback {diff['feedback']:.2f}, "
+                     f"placebo {diff['placebo']:.2f}, baseline {diff['baseline_score']:.2f}; higher fits the style)")
+    if baseline_words is not None and last_step is not None:
+        lines.append(f"mean words per eval reply: baseline {baseline_words:.1f}; at step {last_step}: " + ", ".join(
+            f"{arm} {mean_words(texts[arm]):.1f}" for arm in arms if texts.get(arm)))
+        lines.append(example_text(eval_prompts, baseline, texts, arms))
+    lines.append(f"win-rate plot: {out / 'winrate.png'}")
+    lines.append(f"results: {out}")
+    return "\n".join(lines)
+
+
+def example_text(eval_prompts: list, baseline: list[str], texts: dict[str, list[str]], arms: list[str],
+                 limit: int = 400) -> str:
+    clip = lambda t: t if len(t) <= limit else t[:limit].rstrip() + " [...]"  # noqa: E731
+    parts = [f"example eval prompt: {prompt_as_text(eval_prompts[0])}", f"  baseline: {clip(baseline[0])!r}"]
+    parts += [f"  {arm}: {clip(texts[arm][0])!r}" for arm in arms if texts.get(arm)]
+    return "\n".join(parts)
+
+
+def debug_example_text(tokenizer, messages, reply, followup: str, signal, hindsight_template: str) -> str:
+    """The first interaction in full: contexts x and xo, the reply, the follow-up, the signal per token."""
+    from sdpo_objective import hindsight_messages, render_context_ids
+
+    x = tokenizer.decode(render_context_ids(tokenizer, messages))
+    xo = tokenizer.decode(render_context_ids(tokenizer, hindsight_messages(messages, followup, hindsight_template)))
+    pieces = [tokenizer.decode([i]) for i in reply.ids]
+    tokens = " ".join(f"{p!r}:{float(s):+.2f}" for p, s in zip(pieces, signal.tolist()))
+    return (f"\n=== first interaction ===\n--- context x ---\n{x}\n--- context xo ---\n{xo}\n--- reply y ---\n"
+            f"{reply.text}\n--- follow-up o ---\n{followup}\n--- signal A_t per reply token ---\n{tokens}\n")
