@@ -27,7 +27,8 @@ from auxiliary.runtime.io_utils import atomic_write_json, fsync_dir, fsync_tree
 from auxiliary.runtime.model_loading import load_model_and_tokenizer, pick_device
 from auxiliary.runtime.secrets import public_config
 from online_sdpo_updater_config import OnlineSDPOConfig
-from sdpo_objective import build_scoring_batch, hindsight_messages, normalize_messages, render_context_ids, sdpo_loss
+from sdpo_objective import (build_scoring_batch, check_lm_head, hindsight_messages, normalize_messages,
+                            render_context_ids, sdpo_loss)
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,7 @@ class OnlineSDPOUpdater:
         if config.use_lora:
             model = self._wrap_lora(model)
         self.model = model
+        check_lm_head(self.model)
         self.model.train()
         self.options = config.objective_options()
         trainable = [p for p in self.model.parameters() if p.requires_grad]

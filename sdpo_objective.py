@@ -9,12 +9,16 @@ and the signal analysis.
     xo  = x with a hindsight block holding o appended to the LAST user message
     A_t = log p(y_t | xo, y<t) - log p(y_t | x, y<t)        (no gradient)
 
-Memory and time: only response positions go through the LM head, in chunks of
-`logits_chunk_size` positions, so float32 logits never exist for more than one chunk at a
-time. With gradients on, the head's gradient is formed in the forward, chunk by chunk
-(`_fused_head_loss`: 4 head products per response row); LoRA-wrapped, biased or sharded
+Read it as "what, then how fast": after the contexts, `topk_divergence` and
+`simple_signal_loss` state the two losses on full logits (the yardstick of the tests and
+the benchmark). Then the fast path: only response positions go through the LM head, in
+chunks of `logits_chunk_size` positions, so float32 logits never exist for more than one
+chunk at a time. With gradients on, the head's gradient is formed in the forward, chunk by
+chunk (sdpo_fused_head: 4 head products per response row); LoRA-wrapped, biased or sharded
 heads, or `fused_lm_head=False`, run the chunks under activation checkpointing instead
 (6 products: top-k pass, teacher, forward, recompute, 2 backward). Same loss and gradients.
+Call `check_lm_head(model)` once when setting a model up: it refuses logit post-processing
+the chunked head would not reproduce.
 """
 from __future__ import annotations
 
@@ -25,6 +29,8 @@ from typing import Sequence
 import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
+
+from sdpo_fused_head import fused_head_loss, fused_head_supported
 
 DEFAULT_HINDSIGHT_TEMPLATE = (
     "\n\n=== HINDSIGHT CONTEXT ===\n"
@@ -107,6 +113,85 @@ def render_context_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+# --------------------------------------------------------------------------- the objective on full logits
+#
+# What the losses are, written on full [..., V] logits. The chunked paths below compute the
+# same numbers without ever holding them (tests/test_objective.py, tests/test_fused_head.py);
+# the benchmark's yardstick is these functions on whole-sequence logits.
+
+def topk_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int,
+                    tail: bool = True) -> torch.Tensor:
+    """Per-position reverse KL(student || teacher) over the student's top-k ids (the full_distillation term).
+
+    The teacher's log-probs are read at the student's top-k ids. tail=True adds one bucket holding
+    all the remaining mass of each distribution; tail=False renormalises both over the top-k.
+    k >= V is the exact full-vocabulary KL. No gradient flows to the teacher.
+    """
+    student_logp = torch.log_softmax(_at_least_float32(student_logits), dim=-1)
+    teacher_logp = torch.log_softmax(_at_least_float32(teacher_logits.detach()), dim=-1)
+    k, with_tail = topk_support(k, student_logp.shape[-1], tail)
+    ids = student_logp.detach().topk(k, dim=-1).indices
+    return buckets_reverse_kl(topk_buckets(student_logp, ids, with_tail), topk_buckets(teacher_logp, ids, with_tail),
+                              renormalise=not tail)
+
+
+def simple_signal_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
+                       mask: torch.Tensor) -> torch.Tensor:
+    """-(1/B) sum_b (1/|y_b|) sum_t A_t log p(y_t | x), A_t = log p(y_t | xo) - log p(y_t | x) without gradient.
+
+    Logits [B, R, V] at the positions predicting y (student under x, teacher under xo), targets and
+    mask [B, R]. Default shaping (no ignore_first_k, centring or clipping).
+    """
+    def target_logp(logits):
+        return torch.log_softmax(_at_least_float32(logits), dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
+
+    logp_x = target_logp(student_logits)
+    signal = (target_logp(teacher_logits.detach()) - logp_x).detach()
+    mask = mask.float()
+    return (-(signal * logp_x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+
+
+def topk_support(k: int, vocab: int, tail: bool) -> tuple[int, bool]:
+    """(k clipped to the vocabulary, whether a tail bucket exists: not when the top-k is everything)."""
+    k = min(int(k), vocab)
+    return k, tail and k < vocab
+
+
+def topk_buckets(logp: torch.Tensor, ids: torch.Tensor, with_tail: bool, in_place: bool = False) -> torch.Tensor:
+    """Log-probs at `ids` [..., k], then (with_tail) the log-prob of all other ids together: [..., k + 1].
+
+    The tail comes from a log-sum-exp over the ids outside the top-k, not from log(1 - sum of the
+    top-k probs), which cancels in float32 once the top-k mass is ~1 (a teacher tail of 1e-9 reads
+    as 1e-7 or 0). Written as log sigmoid(lse_outside - lse_topk) = log(P_out / (P_topk + P_out)):
+    the same value, and a gradient that sums to zero over the vocabulary, so that log-softmax's
+    backward does not subtract two nearly equal terms when the tail is most of the mass.
+    in_place=True masks the top-k entries of `logp` to -inf instead of copying it.
+    """
+    picked = logp.gather(-1, ids)
+    if not with_tail:
+        return picked
+    outside = logp.scatter_(-1, ids, float("-inf")) if in_place else logp.scatter(-1, ids, float("-inf"))
+    tail = F.logsigmoid(torch.logsumexp(outside, dim=-1, keepdim=True) - torch.logsumexp(picked, dim=-1, keepdim=True))
+    return torch.cat([picked, tail], dim=-1)
+
+
+def buckets_reverse_kl(student: torch.Tensor, teacher: torch.Tensor, renormalise: bool) -> torch.Tensor:
+    """KL(student || teacher) over the last dimension's buckets; renormalise=True first makes each sum to 1."""
+    if renormalise:
+        student = student - torch.logsumexp(student, dim=-1, keepdim=True)
+        teacher = teacher - torch.logsumexp(teacher, dim=-1, keepdim=True)
+    terms = student.exp() * (student - teacher)
+    # d/ds [p (s - t)] = p (s - t) + p; the "+ p" sums to d(sum of p) = 0 over buckets that always
+    # sum to 1, but float32 would form it and cancel it later (O(1) terms against a small gradient).
+    # Same value, same exact gradient, without that term:
+    surrogate = (terms.detach() * student).sum(dim=-1)
+    return terms.sum(dim=-1).detach() + surrogate - surrogate.detach()
+
+
+def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 # --------------------------------------------------------------------------- batching
 
 @dataclass
@@ -179,32 +264,42 @@ def _response_hidden(model, batch: ScoringBatch) -> torch.Tensor:
     output = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask, position_ids=batch.position_ids,
                    use_cache=False, output_hidden_states=True, logits_to_keep=1)
     hidden = output.hidden_states[-1]
-    _check_head_matches(model, hidden[:, -1], output.logits[:, -1])
     width_c = batch.context_width
     width_r = batch.response_ids.shape[1]
     return hidden[:, width_c - 1: width_c + width_r - 1]
 
 
-_HEAD_CHECKED: dict[int, bool] = {}
+def check_lm_head(model, probe_length: int = 8) -> None:
+    """Refuse a model whose logits the chunked LM head would not reproduce; call once when setting it up.
 
-
-def _check_head_matches(model, last_hidden: torch.Tensor, last_logits: torch.Tensor) -> None:
-    """Once per model: the chunked head must reproduce the model's own logits (catches soft-capping etc.)."""
-    key = id(_unwrap(model))
-    if key in _HEAD_CHECKED:
+    The objective applies the head itself (linear, then final_logit_softcapping where the config
+    has it), so any other post-processing of the logits in the model's forward would go unseen.
+    One no-grad forward on a few token ids, autocast off, compares the two. Models whose weights
+    are not materialised here (meta tensors, ZeRO-3 partitions) are not checked.
+    """
+    params = list(model.parameters())
+    if not params or any(p.is_meta or p.numel() == 0 for p in params):
         return
-    with torch.no_grad():
-        ours = _HeadLogits(model)(last_hidden)
-        theirs = last_logits.float()
-        scale = float(theirs.abs().max().clamp(min=1.0))
-        # fp32 agrees to ~1e-6; a 16-bit head or autocast rounds each logit by ~eps(bf16) = 4e-3.
-        exact = last_hidden.dtype == torch.float32 and not torch.is_autocast_enabled(last_hidden.device.type)
-        tolerance = 1e-3 if exact else 3e-2
-        if not torch.allclose(ours, theirs, atol=tolerance * scale, rtol=tolerance):
-            raise NotImplementedError(
-                f"{type(_unwrap(model)).__name__} post-processes its logits in a way the chunked LM head of "
-                "sdpo_objective does not reproduce (it knows final_logit_softcapping only)")
-    _HEAD_CHECKED[key] = True
+    device = params[0].device
+    vocab = _unwrap(model).config.vocab_size
+    ids = (torch.arange(1, probe_length + 1, device=device) % vocab).unsqueeze(0)
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad(), torch.autocast(device.type, enabled=False):
+            output = model(input_ids=ids, use_cache=False, output_hidden_states=True)
+            hidden = output.hidden_states[-1]
+            ours = _HeadLogits(model)(hidden)
+            theirs = output.logits.float()
+    finally:
+        model.train(was_training)
+    scale = float(theirs.abs().max().clamp(min=1.0))
+    # fp32 agrees to ~1e-6; a 16-bit head rounds each logit by ~eps(bf16) = 4e-3.
+    tolerance = 1e-3 if hidden.dtype == torch.float32 else 3e-2
+    if not torch.allclose(ours, theirs, atol=tolerance * scale, rtol=tolerance):
+        raise NotImplementedError(
+            f"{type(_unwrap(model)).__name__} post-processes its logits in a way the chunked LM head of "
+            "sdpo_objective does not reproduce (it knows final_logit_softcapping only)")
 
 
 def _head(model):
@@ -223,6 +318,7 @@ class _HeadLogits:
     def __init__(self, model):
         self.linear = _head(model)
         self.softcap = _logit_softcap(model)
+        self.vocab_size = getattr(self.linear, "out_features", None) or _unwrap(model).config.vocab_size
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
         logits = self.linear(hidden).float()
@@ -249,9 +345,9 @@ def _target_logprob_chunk(head, hidden_chunk, target_chunk):
     return logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
 
 
-def token_logprobs(model, hidden_rows: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+def token_logprobs(head: "_HeadLogits", hidden_rows: torch.Tensor, targets: torch.Tensor,
+                   chunk_size: int) -> torch.Tensor:
     """log p(target) for each row, chunked; checkpointed when gradients flow."""
-    head = _HeadLogits(model)
     pieces = []
     for start, end in _chunks(hidden_rows.shape[0], chunk_size):
         if torch.is_grad_enabled() and hidden_rows.requires_grad:
@@ -265,7 +361,7 @@ def token_logprobs(model, hidden_rows: torch.Tensor, targets: torch.Tensor, chun
 def score_tokens(model, batch: ScoringBatch, chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(y_t | context), sequence index) over the N real response tokens, row-major."""
     hidden, targets, seq_index = _valid_rows(_response_hidden(model, batch), batch)
-    return token_logprobs(model, hidden, targets, chunk_size), seq_index
+    return token_logprobs(_HeadLogits(model), hidden, targets, chunk_size), seq_index
 
 
 def split_by_sequence(values: torch.Tensor, batch: ScoringBatch) -> list[torch.Tensor]:
@@ -344,43 +440,13 @@ def shape_signal(raw_signal: torch.Tensor, seq_index: torch.Tensor, positions: t
     return signal * weight, weight
 
 
-def _log1mexp(log_mass: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """log(1 - exp(x)) for x <= 0, safe when the top-k mass is ~1 (no NaN, no inf)."""
-    return torch.log((-torch.expm1(log_mass)).clamp(min=eps))
-
-
-def reverse_kl_topk(student_logp: torch.Tensor, teacher_logp: torch.Tensor, tail: bool) -> torch.Tensor:
-    """KL(student || teacher) per row over the student's top-k support (+ tail bucket, or renormalised)."""
-    if tail:
-        s_tail = _log1mexp(torch.logsumexp(student_logp, dim=-1, keepdim=True))
-        t_tail = _log1mexp(torch.logsumexp(teacher_logp, dim=-1, keepdim=True))
-        student_logp = torch.cat([student_logp, s_tail], dim=-1)
-        teacher_logp = torch.cat([teacher_logp, t_tail], dim=-1)
-    else:
-        student_logp = student_logp - torch.logsumexp(student_logp, dim=-1, keepdim=True)
-        teacher_logp = teacher_logp - torch.logsumexp(teacher_logp, dim=-1, keepdim=True)
-    return (student_logp.exp() * (student_logp - teacher_logp)).sum(dim=-1)
-
-
-def _student_topk_chunk(head, hidden_chunk, k):
-    logits = head(hidden_chunk)
-    return logits.topk(k, dim=-1).indices
-
-
-def _teacher_chunk(head, hidden_chunk, ids_chunk, target_chunk):
-    logp = torch.log_softmax(head(hidden_chunk), dim=-1)
-    return logp.gather(1, ids_chunk), logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
-
-
-def _student_distill_chunk(head, hidden_chunk, ids_chunk, target_chunk, teacher_topk_chunk, tail: bool):
-    logp = torch.log_softmax(head(hidden_chunk), dim=-1)
-    kl = reverse_kl_topk(logp.gather(1, ids_chunk), teacher_topk_chunk, tail)
-    return kl, logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
-
-
 @dataclass
 class _TokenLossPlan:
-    """What the per-token loss needs besides the student's log-probs; indexed by token (row-major)."""
+    """What the per-token loss needs besides the student's log-probs; indexed by token (row-major).
+
+    Both LM-head paths (checkpointed chunks here, fused in sdpo_fused_head) compute the loss
+    through its methods, so that what the loss is lives in this module only.
+    """
     opts: ObjectiveOptions
     num_seq: int
     seq_index: torch.Tensor
@@ -391,26 +457,36 @@ class _TokenLossPlan:
     signal: torch.Tensor | None = None          # shaped signal when known up front (else shaped per chunk)
     ref_logp: torch.Tensor | None = None        # reference model log p(y_t | x) (beta > 0)
 
+    def support(self, vocab: int) -> tuple[int, bool]:
+        return topk_support(self.opts.distillation_topk, vocab, self.opts.distillation_tail)
 
-def _token_loss_sum(plan: _TokenLossPlan, rows: slice, logp_x: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
-    """Sum of the loss terms of tokens `rows` (the whole loss when rows covers every token).
+    @staticmethod
+    def buckets(logp, ids, with_tail: bool, in_place: bool = False) -> torch.Tensor:
+        return topk_buckets(logp, ids, with_tail, in_place)
 
-    simple_signal:      -(1/B) sum_b (1/|y_b|) sum_t A_t log p(y_t | x)
-    full_distillation:  mean over tokens of the top-k reverse KL
-    beta > 0:           + beta * mean over tokens of the k3 estimate of KL(policy || reference)
-    logp_x and kl carry the gradient; the signal never does.
-    """
-    opts, weight = plan.opts, plan.weight[rows]
-    weight_total = plan.weight.sum().clamp(min=1)
-    if opts.loss_mode == "simple_signal":
-        signal = plan.signal[rows] if plan.signal is not None else shape_signal(
-            plan.logp_xo[rows] - logp_x.detach(), plan.seq_index[rows], plan.positions[rows], plan.num_seq, opts)[0]
-        total = (-signal * logp_x / plan.tokens_per_seq[rows]).sum() / plan.num_seq
-    else:
-        total = (kl * weight).sum() / weight_total
-    if plan.ref_logp is not None:
-        total = total + opts.beta * (k3_kl(plan.ref_logp[rows], logp_x) * weight).sum() / weight_total
-    return total
+    def kl(self, student_buckets: torch.Tensor, teacher_buckets: torch.Tensor) -> torch.Tensor:
+        return buckets_reverse_kl(student_buckets, teacher_buckets, renormalise=not self.opts.distillation_tail)
+
+    def loss_sum(self, rows: slice, logp_x: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
+        """Sum of the loss terms of tokens `rows` (the whole loss when rows covers every token).
+
+        simple_signal:      -(1/B) sum_b (1/|y_b|) sum_t A_t log p(y_t | x)
+        full_distillation:  mean over tokens of the top-k reverse KL
+        beta > 0:           + beta * mean over tokens of the k3 estimate of KL(policy || reference)
+        logp_x and kl carry the gradient; the signal never does.
+        """
+        opts, weight = self.opts, self.weight[rows]
+        weight_total = self.weight.sum().clamp(min=1)
+        if opts.loss_mode == "simple_signal":
+            signal = self.signal[rows] if self.signal is not None else shape_signal(
+                self.logp_xo[rows] - logp_x.detach(), self.seq_index[rows], self.positions[rows], self.num_seq,
+                opts)[0]
+            total = (-signal * logp_x / self.tokens_per_seq[rows]).sum() / self.num_seq
+        else:
+            total = (kl * weight).sum() / weight_total
+        if self.ref_logp is not None:
+            total = total + opts.beta * (k3_kl(self.ref_logp[rows], logp_x) * weight).sum() / weight_total
+        return total
 
 
 def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
@@ -419,114 +495,53 @@ def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
     return delta.exp() - delta - 1.0
 
 
-# ----------------------------------------------------------------------------- fused LM head
+# --------------------------------------------------------------------------- checkpointed LM head
 
-class _LossWithPrecomputedGradients(torch.autograd.Function):
-    """A scalar loss whose gradients with respect to (hidden, weight) were computed in the forward."""
-
-    @staticmethod
-    def forward(ctx, value, hidden, weight, grad_hidden, grad_weight):
-        ctx.grads = (grad_hidden, grad_weight)
-        return value.detach().clone()
-
-    @staticmethod
-    def backward(ctx, grad_output):
-        grad_hidden, grad_weight = ctx.grads
-        del ctx.grads  # one backward, as for any graph without retain_graph
-        return (None, grad_hidden * grad_output,
-                grad_weight * grad_output if grad_weight is not None else None, None, None)
+def _teacher_distill_chunk(head, hidden_chunk, ids_chunk, target_chunk, with_tail: bool):
+    logp = torch.log_softmax(head(hidden_chunk), dim=-1)
+    target_logp = logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
+    return topk_buckets(logp, ids_chunk, with_tail, in_place=True), target_logp
 
 
-def fused_head_supported(model, hidden: torch.Tensor) -> bool:
-    """The fused path needs a plain, bias-free, unsharded nn.Linear head (else: checkpointed chunks)."""
-    head = _head(model)
-    if type(head) is not torch.nn.Linear or head.bias is not None:
-        return False  # LoRA-wrapped or biased heads
-    weight = head.weight
-    if hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
-        return False  # DeepSpeed ZeRO-3 / FSDP2 shards
-    if "FullyShardedDataParallel" in type(model).__name__:
-        return False  # FSDP1 owns the parameters' gradients
-    return weight.dim() == 2 and weight.shape[1] == hidden.shape[-1]
+def _student_distill_chunk(head, hidden_chunk, ids_chunk, target_chunk, teacher_buckets_chunk, plan):
+    logp = torch.log_softmax(head(hidden_chunk), dim=-1)
+    with_tail = teacher_buckets_chunk.shape[1] > ids_chunk.shape[1]
+    kl = plan.kl(topk_buckets(logp, ids_chunk, with_tail), teacher_buckets_chunk)
+    return kl, logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
 
 
-def _fused_head_loss(model, plan: _TokenLossPlan, hidden_s, hidden_t, targets, chunk_size: int):
-    """Loss of all tokens with the LM head's gradient computed chunk by chunk in the forward.
+def _checkpointed_head_loss(head: _HeadLogits, plan: _TokenLossPlan, hidden_s, hidden_t, targets, chunk_size: int):
+    """The loss with the LM head in chunks; with gradients on, each chunk runs under activation checkpointing.
 
-    Per chunk: student logits once (top-k ids taken from them), teacher logits (no grad), the
-    loss on the few log-probs it reads, then its gradient with respect to the logits in closed
-    form: for s_j = z_j - logsumexp(z), ds_j/dz = e_j - softmax(z), so
-    dL/dz = scatter(ids, g) - softmax(z) * sum(g), with g = dL/ds from autograd over [rows, k+1].
-    grad_hidden = G W and grad_W += G^T h are formed at once, so the chunk's logits are never
-    needed again: 4 head products per response row instead of 6 (checkpointed path). With
-    soft-capping (z = cap * tanh(a / cap)), G is multiplied by dz/da = 1 - tanh(a / cap)^2.
-    Returns (loss, logp_x, logp_xo, kl or None), all but loss detached.
+    Per chunk and response row: student top-k pass (no grad), teacher, student forward, its
+    recompute and 2 backward products: 6 head products. Returns (loss, logp_x, logp_xo, kl or None).
     """
-    opts, head, softcap = plan.opts, _head(model), _logit_softcap(model)
-    weight = head.weight
-    device_type = hidden_s.device.type
-    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    distill = opts.loss_mode == "full_distillation"
-    k = min(opts.distillation_topk, weight.shape[0])
-    total = hidden_s.shape[0]
-    with torch.no_grad(), torch.autocast(device_type, enabled=False):
-        w = weight.detach().to(compute_dtype)
-        h_all = hidden_s.detach()
-        grad_hidden = torch.empty_like(h_all)
-        grad_weight = None
-        if weight.requires_grad:  # frozen under LoRA: skip the largest product
-            grad_weight = torch.zeros(weight.shape, dtype=weight.dtype if weight.dtype == compute_dtype else torch.float32,
-                                      device=weight.device)
-        loss_value = torch.zeros((), device=hidden_s.device)
-        logp_x = torch.empty(total, device=hidden_s.device)
-        logp_xo = torch.empty(total, device=hidden_s.device) if distill else plan.logp_xo
-        kl_values = torch.empty(total, device=hidden_s.device) if distill else None
-        for start, end in _chunks(total, chunk_size):
-            rows = slice(start, end)
-            h = h_all[rows].to(compute_dtype)
-            target = targets[rows].unsqueeze(1)
-            logits = F.linear(h, w).float()
-            cap_slope = None
-            if softcap is not None:
-                squashed = logits.div_(softcap).tanh_()
-                logits = squashed * softcap
-                cap_slope = squashed.square_().neg_().add_(1.0)  # in place: 1 - tanh^2
-            columns = torch.cat([logits.topk(k, dim=-1).indices, target], dim=1) if distill else target
-            logp = torch.log_softmax(logits, dim=-1)
-            del logits
-            if distill:
-                teacher_logits = F.linear(hidden_t[rows].to(compute_dtype), w).float()
-                if softcap is not None:
-                    teacher_logits.div_(softcap).tanh_().mul_(softcap)
-                teacher_picked = torch.log_softmax(teacher_logits, dim=-1).gather(1, columns)
-                del teacher_logits
-                logp_xo[rows] = teacher_picked[:, -1]
-            picked = logp.gather(1, columns).requires_grad_(True)
-            with torch.enable_grad():
-                kl = reverse_kl_topk(picked[:, :-1], teacher_picked[:, :-1], opts.distillation_tail) if distill else None
-                chunk_loss = _token_loss_sum(plan, rows, picked[:, -1], kl)
-                (grad_picked,) = torch.autograd.grad(chunk_loss, picked)
-            loss_value += chunk_loss.detach()
-            logp_x[rows] = picked[:, -1].detach()
-            if distill:
-                kl_values[rows] = kl.detach()
-            grad_logits = logp.exp_()  # softmax, in place: logp is not needed any more
-            grad_logits.mul_(-grad_picked.sum(dim=1, keepdim=True)).scatter_add_(1, columns, grad_picked)
-            if cap_slope is not None:
-                grad_logits.mul_(cap_slope)
-                del cap_slope
-            grad_logits = grad_logits.to(compute_dtype)
-            grad_hidden[rows] = (grad_logits @ w).to(grad_hidden.dtype)
-            if grad_weight is not None:
-                if grad_weight.dtype == compute_dtype:
-                    grad_weight.addmm_(grad_logits.t(), h)
-                else:  # fp32 master weights under autocast: accumulate in fp32, as autograd would
-                    grad_weight += (grad_logits.t() @ h).float()
-            del logp, grad_logits
-        if grad_weight is not None:
-            grad_weight = grad_weight.to(weight.dtype)
-    loss = _LossWithPrecomputedGradients.apply(loss_value, hidden_s, weight, grad_hidden, grad_weight)
-    return loss, logp_x, logp_xo, kl_values
+    opts = plan.opts
+    grad_on = torch.is_grad_enabled() and hidden_s.requires_grad
+    if opts.loss_mode == "simple_signal":
+        logp_x = token_logprobs(head, hidden_s, targets, chunk_size)
+        plan.signal = shape_signal(plan.logp_xo - logp_x.detach(), plan.seq_index, plan.positions, plan.num_seq,
+                                   opts)[0]
+        return plan.loss_sum(slice(None), logp_x, None), logp_x, plan.logp_xo, None
+    k, with_tail = plan.support(head.vocab_size)
+    kl_pieces, logp_x_pieces, logp_xo_pieces = [], [], []
+    for start, end in _chunks(hidden_s.shape[0], chunk_size):
+        rows = slice(start, end)
+        with torch.no_grad():
+            ids = head(hidden_s[rows].detach()).topk(k, dim=-1).indices
+            teacher_buckets, teacher_target = _teacher_distill_chunk(head, hidden_t[rows], ids, targets[rows],
+                                                                     with_tail)
+        arguments = (head, hidden_s[rows], ids, targets[rows], teacher_buckets, plan)
+        kl, student_target = (checkpoint(_student_distill_chunk, *arguments, use_reentrant=False) if grad_on
+                              else _student_distill_chunk(*arguments))
+        kl_pieces.append(kl)
+        logp_x_pieces.append(student_target)
+        logp_xo_pieces.append(teacher_target)
+    empty = hidden_s.new_zeros(0, dtype=torch.float32)
+    kl_values = torch.cat(kl_pieces) if kl_pieces else empty
+    logp_x = torch.cat(logp_x_pieces) if logp_x_pieces else empty
+    logp_xo = torch.cat(logp_xo_pieces) if logp_xo_pieces else empty
+    return plan.loss_sum(slice(None), logp_x, kl_values), logp_x, logp_xo, kl_values
 
 
 # ----------------------------------------------------------------------------- the loss
@@ -537,7 +552,7 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
 
     Returns (loss, stats); stats holds floats plus `signal_per_sequence` (list of CPU tensors, raw A_t).
     With gradients on and a plain LM head (opts.fused_lm_head), the head's gradient is formed in
-    the forward (`_fused_head_loss`); otherwise the head runs in checkpointed chunks. Same loss and
+    the forward (sdpo_fused_head); otherwise the head runs in checkpointed chunks. Same loss and
     gradients either way (tests/test_fused_head.py).
     """
     if not torch.equal(batch_x.response_ids, batch_xo.response_ids):
@@ -562,46 +577,21 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
     if use_ref:
         with torch.no_grad():
             plan.ref_logp, _ = score_tokens(ref_model, batch_x, chunk)
+    head = _HeadLogits(model)
     fused = (opts.fused_lm_head and torch.is_grad_enabled() and hidden_s.requires_grad
              and fused_head_supported(model, hidden_s))
 
     if opts.loss_mode == "simple_signal":
         with torch.no_grad():
-            plan.logp_xo = token_logprobs(model, hidden_t, targets, chunk)
+            plan.logp_xo = token_logprobs(head, hidden_t, targets, chunk)
     if fused:
         if opts.loss_mode == "simple_signal" and opts.center_signal:
             with torch.no_grad():  # centring needs each reply's whole signal before any token's weight is known
-                prepass = token_logprobs(model, hidden_s.detach(), targets, chunk)
+                prepass = token_logprobs(head, hidden_s.detach(), targets, chunk)
                 plan.signal = shape_signal(plan.logp_xo - prepass, seq_index, positions, num_seq, opts)[0]
-        loss, logp_x, logp_xo, kl_values = _fused_head_loss(model, plan, hidden_s, hidden_t, targets, chunk)
-    elif opts.loss_mode == "simple_signal":
-        logp_x = token_logprobs(model, hidden_s, targets, chunk)
-        logp_xo = plan.logp_xo
-        plan.signal = shape_signal(logp_xo - logp_x.detach(), seq_index, positions, num_seq, opts)[0]
-        loss = _token_loss_sum(plan, slice(None), logp_x, None)
-        kl_values = None
+        loss, logp_x, logp_xo, kl_values = fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk)
     else:
-        head = _HeadLogits(model)
-        k = min(opts.distillation_topk, getattr(head.linear, "out_features", opts.distillation_topk))
-        kl_pieces, logp_x_pieces, logp_xo_pieces = [], [], []
-        for start, end in _chunks(total, chunk):
-            with torch.no_grad():
-                ids = _student_topk_chunk(head, hidden_s[start:end].detach(), k)
-                teacher_topk, teacher_target = _teacher_chunk(head, hidden_t[start:end], ids, targets[start:end])
-            if torch.is_grad_enabled() and hidden_s.requires_grad:
-                kl, student_target = checkpoint(_student_distill_chunk, head, hidden_s[start:end], ids,
-                                                targets[start:end], teacher_topk, opts.distillation_tail,
-                                                use_reentrant=False)
-            else:
-                kl, student_target = _student_distill_chunk(head, hidden_s[start:end], ids, targets[start:end],
-                                                            teacher_topk, opts.distillation_tail)
-            kl_pieces.append(kl)
-            logp_x_pieces.append(student_target)
-            logp_xo_pieces.append(teacher_target)
-        kl_values = torch.cat(kl_pieces) if kl_pieces else hidden_s.new_zeros(0, dtype=torch.float32)
-        logp_x = torch.cat(logp_x_pieces) if logp_x_pieces else kl_values
-        logp_xo = torch.cat(logp_xo_pieces) if logp_xo_pieces else kl_values
-        loss = _token_loss_sum(plan, slice(None), logp_x, kl_values)
+        loss, logp_x, logp_xo, kl_values = _checkpointed_head_loss(head, plan, hidden_s, hidden_t, targets, chunk)
 
     raw = (logp_xo - logp_x).detach()
     stats: dict = {"fused_lm_head": bool(fused)}

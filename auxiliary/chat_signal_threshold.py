@@ -44,9 +44,10 @@ def measure(model_name: str, max_new_tokens: int, seed: int) -> dict:
 
     from auxiliary.runtime.generation import generate_responses
     from auxiliary.runtime.model_loading import load_model_and_tokenizer
-    from sdpo_objective import compute_signal, hindsight_messages, render_context_ids
+    from sdpo_objective import check_lm_head, compute_signal, hindsight_messages, render_context_ids
 
     model, tokenizer, _ = load_model_and_tokenizer(model_name)
+    check_lm_head(model)
     conversations = [[{"role": "user", "content": p}] for p in PROMPTS]
     replies = generate_responses(model, tokenizer, conversations, max_new_tokens, temperature=0.7, top_p=0.9,
                                  seed=seed)

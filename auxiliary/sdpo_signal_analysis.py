@@ -307,7 +307,7 @@ def run(args: SignalAnalysisArgs) -> Path:
     from auxiliary.evals.eval_common import default_output_dir
     from auxiliary.runtime.io_utils import atomic_write_json
     from auxiliary.runtime.model_loading import load_model_and_tokenizer
-    from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, validate_template
+    from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, check_lm_head, validate_template
 
     template = validate_template(args.hindsight_template or DEFAULT_HINDSIGHT_TEMPLATE)
     if args.min_tokens > args.max_new_tokens:
@@ -321,6 +321,7 @@ def run(args: SignalAnalysisArgs) -> Path:
 
     started = time.time()
     model, tokenizer, model_path = load_model_and_tokenizer(args.model, args.dtype, args.attn_implementation, args.device)
+    check_lm_head(model)  # the chunked head must reproduce the model's own logits
     loaded = time.time()
     conversations = [case["messages"] for case in cases]
     replies, tries = sample_replies(model, tokenizer, conversations, args)

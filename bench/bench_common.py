@@ -1,14 +1,14 @@
 """Shared pieces of the update benchmarks: the yardstick path, random batches, models, timers, memory meters.
 
 The "straightforward path" here is the yardstick our objective is compared against. It is
-written the obvious way on purpose and kept independent of sdpo_objective (only the batch
-layout is shared), so that the equivalence check in the benchmarks is a real cross-check:
+written the obvious way on purpose, so that the equivalence check in the benchmarks is a real
+cross-check of the chunked, fused paths:
 
 - two separate full forwards: x+y with gradient, xo+y without (teacher in eval mode),
-- logits over ALL positions, full-vocabulary float32 log-softmax over all positions,
-- gather of the response positions, then the same loss math as sdpo_objective.sdpo_loss
-  with default options (simple_signal: -A * log p summed over y / |y|, mean over the batch;
-  full_distillation: reverse KL over the student's top-k with a tail bucket, mean over tokens).
+- float32 logits over ALL positions, then the response positions sliced out,
+- the loss on those full logits by sdpo_objective's public reference (`simple_signal_loss`,
+  `topk_divergence` averaged over tokens: full-vocabulary log-softmax at every response
+  position), with default options.
 """
 from __future__ import annotations
 
@@ -23,7 +23,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from sdpo_objective import ObjectiveOptions, ScoringBatch, build_scoring_batch, sdpo_loss
+from sdpo_objective import (ObjectiveOptions, ScoringBatch, build_scoring_batch, sdpo_loss, simple_signal_loss,
+                            topk_divergence)
 
 PATHS = ("ours", "checkpointed", "straightforward")
 LOSS_MODES = ("simple_signal", "full_distillation")
@@ -32,17 +33,16 @@ QWEN3_VOCAB = 151_936
 
 # --------------------------------------------------------------------------- the yardstick
 
-def _full_response_logprobs(model, batch: ScoringBatch) -> torch.Tensor:
-    """[B, R, V] float32 log-probs of every vocabulary entry at the positions predicting y.
+def _full_response_logits(model, batch: ScoringBatch) -> torch.Tensor:
+    """[B, R, V] float32 logits at the positions predicting y, from logits over every position.
 
-    The log-softmax runs over all positions (context included), then the response slice is
-    taken: this is what "score the whole sequence, then pick y" costs.
+    The model's head runs over all positions (context included) and the result is cast to
+    float32, then the response slice is taken: what "score the whole sequence, then pick y" costs.
     """
     logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, use_cache=False).logits
-    logp = torch.log_softmax(logits.float(), dim=-1)
+                   position_ids=batch.position_ids, use_cache=False).logits.float()
     width_c, width_r = batch.context_width, batch.response_ids.shape[1]
-    return logp[:, width_c - 1: width_c + width_r - 1]
+    return logits[:, width_c - 1: width_c + width_r - 1]
 
 
 def straightforward_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: ObjectiveOptions) -> torch.Tensor:
@@ -52,34 +52,15 @@ def straightforward_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, o
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        teacher_logp = _full_response_logprobs(model, batch_xo)
+        teacher_logits = _full_response_logits(model, batch_xo)
     model.train(was_training)
-    student_logp = _full_response_logprobs(model, batch_x)
-    ids = batch_x.response_ids.unsqueeze(-1)
-    mask = batch_x.response_mask.float()
-
+    student_logits = _full_response_logits(model, batch_x)
+    mask = batch_x.response_mask
     if opts.loss_mode == "simple_signal":
-        logp_x = student_logp.gather(-1, ids).squeeze(-1)
-        logp_xo = teacher_logp.gather(-1, ids).squeeze(-1)
-        advantage = logp_xo - logp_x.detach()
-        per_sequence = -(advantage * logp_x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
-        return per_sequence.mean()
-
-    top_ids = student_logp.detach().topk(opts.distillation_topk, dim=-1).indices
-    student_top = student_logp.gather(-1, top_ids)
-    teacher_top = teacher_logp.gather(-1, top_ids)
-    if opts.distillation_tail:  # one extra bucket holding all the mass outside the top-k
-        student_top = torch.cat([student_top, _tail_logprob(student_top)], dim=-1)
-        teacher_top = torch.cat([teacher_top, _tail_logprob(teacher_top)], dim=-1)
-    else:
-        student_top = torch.log_softmax(student_top, dim=-1)
-        teacher_top = torch.log_softmax(teacher_top, dim=-1)
-    kl = (student_top.exp() * (student_top - teacher_top)).sum(dim=-1)  # [B, R]
+        return simple_signal_loss(student_logits, teacher_logits, batch_x.response_ids, mask)
+    kl = topk_divergence(student_logits, teacher_logits, opts.distillation_topk, opts.distillation_tail)  # [B, R]
+    mask = mask.float()
     return (kl * mask).sum() / mask.sum().clamp(min=1)
-
-
-def _tail_logprob(top_logp: torch.Tensor) -> torch.Tensor:
-    return torch.log((1.0 - top_logp.exp().sum(dim=-1, keepdim=True)).clamp(min=1e-12))
 
 
 def ours_loss(model, batch_x, batch_xo, opts) -> torch.Tensor:

@@ -32,8 +32,8 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from auxiliary.runtime.io_utils import DataError, append_jsonl, atomic_write_text, iter_jsonl
-from sdpo_objective import (DEFAULT_HINDSIGHT_TEMPLATE, ObjectiveOptions, build_scoring_batch, hindsight_messages,
-                            normalize_messages, render_context_ids, score_tokens, sdpo_loss)
+from sdpo_objective import (DEFAULT_HINDSIGHT_TEMPLATE, ObjectiveOptions, build_scoring_batch, check_lm_head,
+                            hindsight_messages, normalize_messages, render_context_ids, sdpo_loss)
 
 REQUIRED_FIELDS = ("prompt", "completion", "user_response")
 
@@ -305,33 +305,7 @@ class OfflineSDPOTrainer(Trainer):
             self.ref_model = ref_model.to(self.accelerator.device).eval().requires_grad_(False)
         self._sums = new_sums()
         self.interactions_seen = 0  # by this rank, in this run (a per-rank progress check)
-        self._check_head_in_full_precision()
-
-    def _check_head_in_full_precision(self) -> None:
-        """Let sdpo_objective's one-time LM-head check run now, in the fp32 master weights.
-
-        sdpo_objective verifies once per model that its chunked LM head reproduces the model's own
-        logits (to refuse soft-capped heads). Under bf16 autocast, which accelerate wraps around
-        forward when training starts, that comparison trips on bf16 rounding alone (seen on an
-        H100). Here, before that wrapping, both sides are fp32 and the check means what it says.
-        Skipped where the weights are not materialised fp32 tensors (ZeRO-3 partitions, meta).
-        """
-        params = list(self.model.parameters())
-        dataset = self.train_dataset
-        if not params or dataset is None or len(dataset) == 0 or self.data_collator is None:
-            return
-        if any(p.is_meta or p.numel() == 0 or p.dtype != torch.float32 for p in params):
-            return
-        sample = self.data_collator([dataset[0]])
-        batch = build_scoring_batch(sample["x_ids"], sample["completion_ids"], self.processing_class.pad_token_id,
-                                    self.max_prompt_length, params[0].device)
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.no_grad():
-                score_tokens(self.model, batch, self.objective.logits_chunk_size)
-        finally:
-            self.model.train(was_training)
+        check_lm_head(self.model)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pad_id = self.processing_class.pad_token_id

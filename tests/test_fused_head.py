@@ -1,4 +1,6 @@
 """The fused LM head (gradient formed in the forward) against the checkpointed chunks: same loss, same gradients."""
+from types import SimpleNamespace
+
 import pytest
 import torch
 
@@ -168,3 +170,54 @@ def test_fused_head_with_gradient_checkpointing_of_the_backbone(tiny_model, tiny
     tiny_model.train()  # checkpointing is active in train mode only
     tiny_model.config.attention_dropout = 0.0
     _assert_same(tiny_model, batch_x, batch_xo, loss_mode="full_distillation", distillation_topk=5, logits_chunk_size=4)
+
+
+# ----------------------------------------------------------------------------- exact tail bucket, both head paths
+
+class _IdentityHeadModel(torch.nn.Module):
+    """A 'model' whose LM head is the identity: hidden states are the logits, so tests can craft them."""
+
+    def __init__(self, vocab):
+        super().__init__()
+        self.head = torch.nn.Linear(vocab, vocab, bias=False)
+        with torch.no_grad():
+            self.head.weight.copy_(torch.eye(vocab))
+        self.config = SimpleNamespace(final_logit_softcapping=None, vocab_size=vocab)
+
+    def get_output_embeddings(self):
+        return self.head
+
+
+@pytest.mark.parametrize("path", ["fused", "checkpointed"])
+def test_head_paths_tail_bucket_against_float64(path):
+    from test_objective import brute_force_topk_kl, crafted_logits, tail_pairs
+
+    from sdpo_fused_head import fused_head_loss
+    from sdpo_objective import _checkpointed_head_loss, _HeadLogits, _TokenLossPlan
+
+    pairs = tail_pairs()
+    student64 = crafted_logits([s for s, _ in pairs], seed=2)
+    teacher64 = crafted_logits([t for _, t in pairs], seed=3)
+    tokens, vocab, k = student64.shape[0], student64.shape[1], 4
+    student64.requires_grad_(True)
+    expected = brute_force_topk_kl(student64, teacher64, k)
+    (expected_grad,) = torch.autograd.grad(expected.mean(), student64)
+
+    model = _IdentityHeadModel(vocab)
+    opts = ObjectiveOptions(loss_mode="full_distillation", distillation_topk=k)
+    plan = _TokenLossPlan(opts, 1, torch.zeros(tokens, dtype=torch.long), torch.arange(tokens), torch.ones(tokens),
+                          torch.full((tokens,), float(tokens)))
+    hidden_s = student64.detach().float().requires_grad_(True)
+    head_loss = fused_head_loss if path == "fused" else _checkpointed_head_loss
+    loss, _, _, kl = head_loss(_HeadLogits(model), plan, hidden_s, teacher64.float(), torch.zeros(tokens, dtype=torch.long),
+                               chunk_size=5)
+    loss.backward()
+    torch.testing.assert_close(kl.double(), expected.detach(), rtol=2e-5, atol=1e-6)
+    torch.testing.assert_close(loss.double(), expected.detach().mean(), rtol=2e-5, atol=0)
+    scale = expected_grad.abs().amax(dim=-1, keepdim=True)
+    torch.testing.assert_close(hidden_s.grad.double() / scale, expected_grad / scale, rtol=0, atol=2e-5)
+    # with W = I, dL/dW = G^T h: the head's gradient holds the same G, tail columns included
+    expected_weight_grad = expected_grad.t() @ student64.detach()
+    weight_scale = expected_weight_grad.abs().max()
+    torch.testing.assert_close(model.head.weight.grad.double() / weight_scale, expected_weight_grad / weight_scale,
+                               rtol=0, atol=2e-5)

@@ -1,4 +1,6 @@
 """The objective against independent computations: contexts, signal, padding, truncation, losses, gradients."""
+import math
+
 import pytest
 import torch
 
@@ -11,9 +13,9 @@ from sdpo_objective import (
     hindsight_messages,
     normalize_messages,
     render_context_ids,
-    reverse_kl_topk,
     sdpo_loss,
     shape_signal,
+    topk_divergence,
     validate_template,
 )
 
@@ -191,24 +193,24 @@ def test_full_distillation_with_full_vocab_and_no_tail_is_exact_reverse_kl(tiny_
 
 
 def test_tail_bucket_by_hand():
-    student = torch.log_softmax(torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]]), -1)
-    teacher = torch.log_softmax(torch.tensor([[0.5, 1.5, 0.0, 0.2, -1.0]]), -1)
+    student_logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -3.0]])
+    teacher_logits = torch.tensor([[0.5, 1.5, 0.0, 0.2, -1.0]])
+    student = torch.log_softmax(student_logits, -1)
+    teacher = torch.log_softmax(teacher_logits, -1)
     top = student[:, :2]  # the student's top-2 ids are 0 and 1
     t_top = teacher[:, :2]
     ps, pt = top.exp(), t_top.exp()
     tail_s, tail_t = 1 - ps.sum(), 1 - pt.sum()
     expected = (ps * (top - t_top)).sum() + tail_s * (tail_s.log() - tail_t.log())
-    torch.testing.assert_close(reverse_kl_topk(top, t_top, tail=True)[0], expected)
+    torch.testing.assert_close(topk_divergence(student_logits, teacher_logits, 2, tail=True)[0], expected)
     renorm_s, renorm_t = top - top.logsumexp(-1, keepdim=True), t_top - t_top.logsumexp(-1, keepdim=True)
     expected_renorm = (renorm_s.exp() * (renorm_s - renorm_t)).sum()
-    torch.testing.assert_close(reverse_kl_topk(top, t_top, tail=False)[0], expected_renorm)
+    torch.testing.assert_close(topk_divergence(student_logits, teacher_logits, 2, tail=False)[0], expected_renorm)
 
 
 def test_no_nan_when_topk_mass_is_one():
     logits = torch.tensor([[60.0, 0.0, -5.0, -5.0]], requires_grad=True)
-    student = torch.log_softmax(logits, -1)[:, :2]
-    teacher = torch.log_softmax(torch.tensor([[70.0, 1.0, -5.0, -5.0]]), -1)[:, :2]
-    kl = reverse_kl_topk(student, teacher, tail=True)
+    kl = topk_divergence(logits, torch.tensor([[70.0, 1.0, -5.0, -5.0]]), 2, tail=True)
     kl.sum().backward()
     assert torch.isfinite(kl).all() and torch.isfinite(logits.grad).all()
     assert kl.item() >= -1e-6
@@ -288,3 +290,60 @@ def test_hindsight_block_in_a_separate_turn():
     assert hindsight_messages(x, "Formal.") == hindsight_messages(x, "Formal.", placement="last_user_message")
     with pytest.raises(ValueError, match="choose one of last_user_message, separate_turn"):
         hindsight_messages(x, "Formal.", placement="end")
+
+
+# ----------------------------------------------------------------------------- exact tail bucket
+
+TAILS = (0.5, 0.3, 1e-3, 1e-6, 1e-9, 1e-12)
+
+
+def crafted_logits(tails, vocab=64, k=4, seed=0):
+    """float64 logits, one row per tail mass: ids 0..k-1 are the top-k, the other ids hold `tail` of the mass."""
+    generator = torch.Generator().manual_seed(seed)
+    rows = []
+    for tail in tails:
+        top = torch.rand(k, generator=generator, dtype=torch.float64) + 1.0
+        rest = -torch.rand(vocab - k, generator=generator, dtype=torch.float64)
+        shift = torch.log(tail * top.exp().sum() / ((1 - tail) * rest.exp().sum()))
+        rows.append(torch.cat([top, rest + shift]))
+    return torch.stack(rows)
+
+
+def brute_force_topk_kl(student_logits, teacher_logits, k):
+    """float64, the top-k being ids 0..k-1: the tail is the sum of the probabilities outside them."""
+    ps, pt = torch.softmax(student_logits.double(), -1), torch.softmax(teacher_logits.double(), -1)
+    s_buckets = torch.cat([ps[:, :k], ps[:, k:].sum(-1, keepdim=True)], -1)
+    t_buckets = torch.cat([pt[:, :k], pt[:, k:].sum(-1, keepdim=True)], -1)
+    return (s_buckets * (s_buckets.log() - t_buckets.log())).sum(-1)
+
+
+def tail_pairs():
+    return [(s, t) for s in TAILS for t in TAILS]
+
+
+def test_tail_bucket_is_exact_when_the_teacher_tail_is_tiny():
+    student = crafted_logits([0.3], seed=1)
+    teacher = student.clone()
+    teacher[:, 4:] += torch.log(torch.tensor(1e-9 * 0.7 / (0.3 * (1 - 1e-9)), dtype=torch.float64))  # tail 1e-9
+    expected = brute_force_topk_kl(student, teacher, 4)
+    ours = topk_divergence(student.float(), teacher.float(), 4)
+    assert ours.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert expected.item() == pytest.approx(0.3 * math.log(0.3 / 1e-9) + 0.7 * math.log(0.7), rel=1e-6)
+    # the float32 tail 1 - sum(top-k probs) cancels: the teacher's 1e-9 reads as 0 (or ~1e-7)
+    teacher_top_mass = torch.softmax(teacher.float(), -1)[:, :4].sum()
+    assert abs(float(1 - teacher_top_mass) - 1e-9) > 0.5e-9
+
+
+def test_topk_divergence_loss_and_gradient_against_float64_over_tail_masses():
+    pairs = tail_pairs()
+    student64 = crafted_logits([s for s, _ in pairs], seed=2)
+    teacher64 = crafted_logits([t for _, t in pairs], seed=3)
+    student64.requires_grad_(True)
+    expected = brute_force_topk_kl(student64, teacher64, 4)
+    (expected_grad,) = torch.autograd.grad(expected.sum(), student64)
+    student = student64.detach().float().requires_grad_(True)
+    kl = topk_divergence(student, teacher64.float(), 4)
+    kl.sum().backward()
+    torch.testing.assert_close(kl.double(), expected.detach(), rtol=2e-5, atol=1e-6)
+    scale = expected_grad.abs().amax(dim=-1, keepdim=True)
+    torch.testing.assert_close(student.grad.double() / scale, expected_grad / scale, rtol=0, atol=2e-5)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from sdpo_objective import ObjectiveOptions, build_scoring_batch, compute_signal, sdpo_loss
+from sdpo_objective import ObjectiveOptions, build_scoring_batch, check_lm_head, compute_signal, sdpo_loss
 
 CONTEXTS_X = [[3, 4, 20, 21], [3, 30, 31, 32, 33, 34, 4]]
 CONTEXTS_XO = [c + [60, 61, 62] for c in CONTEXTS_X]
@@ -85,5 +85,7 @@ def test_unknown_logit_post_processing_is_refused(tiny_tokenizer):
         return output
 
     model.forward = scaled_forward
+    check_lm_head(build_tiny_model(tiny_tokenizer, seed=0))  # the model as it is passes
+    check_lm_head(gemma2())  # soft-capping is reproduced
     with pytest.raises(NotImplementedError, match="final_logit_softcapping"):
-        compute_signal(model, [[3, 4, 5]], [[3, 4, 5, 6]], [[7, 8]], pad_token_id=tiny_tokenizer.pad_token_id)
+        check_lm_head(model)

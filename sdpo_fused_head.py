@@ -1,0 +1,148 @@
+"""The fused LM head: sdpo_objective's loss with the head's gradient formed in the forward, chunk by chunk.
+
+How fast, not what: the loss itself comes from the plan that sdpo_objective passes in
+(`plan.loss_sum`, `plan.kl`, `plan.buckets`), so this module imports nothing of the project.
+Same signature and results as sdpo_objective's checkpointed path (tests/test_fused_head.py).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+class _LossWithPrecomputedGradients(torch.autograd.Function):
+    """A scalar loss whose gradients with respect to (hidden, weight) were computed in the forward."""
+
+    @staticmethod
+    def forward(ctx, value, hidden, weight, grad_hidden, grad_weight):
+        ctx.grads = (grad_hidden, grad_weight)
+        return value.detach().clone()
+
+    @staticmethod
+    def backward(ctx, grad_output):
+        grad_hidden, grad_weight = ctx.grads
+        del ctx.grads  # one backward, as for any graph without retain_graph
+        return (None, grad_hidden * grad_output,
+                grad_weight * grad_output if grad_weight is not None else None, None, None)
+
+
+def fused_head_supported(model, hidden: torch.Tensor) -> bool:
+    """The fused path needs a plain, bias-free, unsharded nn.Linear head (else: checkpointed chunks)."""
+    head = getattr(model, "module", model).get_output_embeddings()  # under a DDP / FSDP1 wrapper
+    if type(head) is not torch.nn.Linear or head.bias is not None:
+        return False  # LoRA-wrapped or biased heads
+    weight = head.weight
+    if hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor":
+        return False  # DeepSpeed ZeRO-3 / FSDP2 shards
+    if "FullyShardedDataParallel" in type(model).__name__:
+        return False  # FSDP1 owns the parameters' gradients
+    return weight.dim() == 2 and weight.shape[1] == hidden.shape[-1]
+
+
+def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int):
+    """Loss of all tokens with the LM head's gradient computed chunk by chunk in the forward.
+
+    `head` has `.linear` (a plain nn.Linear) and `.softcap`; `plan` is sdpo_objective's loss plan.
+    Per chunk: student logits once (top-k ids taken from them), teacher logits (no grad), the loss
+    on the few log-probs it reads, then its gradient with respect to the logits z in closed form.
+    With s = log_softmax(z), p = softmax(z), a read column s_c has ds_c/dz = e_c - p. The tail
+    bucket s_tail = log sigmoid(lse(s outside the top-k K) - lse(s_K)) = log P_tail has
+    ds_tail/ds_j = P_K * p_j / P_tail outside K and -p_j in K (summing to zero). With g = dL/d(read
+    columns and tail) from autograd over [rows, k + 2]:
+        dL/dz = scatter(columns, g) - p * sum(g without g_tail)
+                + g_tail * (P_K / P_tail) * p_j outside K - g_tail * p_j in K.
+    grad_hidden = G W and grad_W += G^T h are formed at once, so the chunk's logits are never
+    needed again: 4 head products per response row instead of 6 (checkpointed path). With
+    soft-capping (z = cap * tanh(a / cap)), G is multiplied by dz/da = 1 - tanh(a / cap)^2.
+    Returns (loss, logp_x, logp_xo, kl or None), all but loss detached.
+    """
+    opts, weight, softcap = plan.opts, head.linear.weight, head.softcap
+    device_type = hidden_s.device.type
+    compute_dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    distill = opts.loss_mode == "full_distillation"
+    k, with_tail = plan.support(weight.shape[0])
+    total = hidden_s.shape[0]
+    with torch.no_grad(), torch.autocast(device_type, enabled=False):
+        w = weight.detach().to(compute_dtype)
+        h_all = hidden_s.detach()
+        grad_hidden = torch.empty_like(h_all)
+        grad_weight = None
+        if weight.requires_grad:  # frozen under LoRA: skip the largest product
+            grad_weight = torch.zeros(weight.shape, dtype=weight.dtype if weight.dtype == compute_dtype else torch.float32,
+                                      device=weight.device)
+        loss_value = torch.zeros((), device=hidden_s.device)
+        logp_x = torch.empty(total, device=hidden_s.device)
+        logp_xo = torch.empty(total, device=hidden_s.device) if distill else plan.logp_xo
+        kl_values = torch.empty(total, device=hidden_s.device) if distill else None
+        for start in range(0, total, max(1, int(chunk_size))):
+            rows = slice(start, min(total, start + max(1, int(chunk_size))))
+            h = h_all[rows].to(compute_dtype)
+            target = targets[rows].unsqueeze(1)
+            logits = F.linear(h, w).float()
+            cap_slope = None
+            if softcap is not None:
+                squashed = logits.div_(softcap).tanh_()
+                logits = squashed * softcap
+                cap_slope = squashed.square_().neg_().add_(1.0)  # in place: 1 - tanh^2
+            ids = logits.topk(k, dim=-1).indices if distill else None
+            logp = torch.log_softmax(logits, dim=-1)
+            del logits
+            target_logp = logp.gather(1, target)
+            teacher_buckets = None
+            if distill:
+                teacher_logits = F.linear(hidden_t[rows].to(compute_dtype), w).float()
+                if softcap is not None:
+                    teacher_logits.div_(softcap).tanh_().mul_(softcap)
+                teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
+                del teacher_logits
+                logp_xo[rows] = teacher_logp.gather(1, target).squeeze(1)
+                teacher_buckets = plan.buckets(teacher_logp, ids, with_tail, in_place=True)
+                del teacher_logp
+                # with the tail, logp's top-k entries become -inf here: softmax outside the top-k below
+                student_buckets = plan.buckets(logp, ids, with_tail, in_place=True)
+                picked = torch.cat([student_buckets, target_logp], dim=1).requires_grad_(True)
+            else:
+                picked = target_logp.requires_grad_(True)
+            with torch.enable_grad():
+                kl = plan.kl(picked[:, :-1], teacher_buckets) if distill else None
+                chunk_loss = plan.loss_sum(rows, picked[:, -1], kl)
+                (grad_picked,) = torch.autograd.grad(chunk_loss, picked)
+            picked = picked.detach()
+            loss_value += chunk_loss.detach()
+            logp_x[rows] = picked[:, -1]
+            if distill:
+                kl_values[rows] = kl.detach()
+            row_scale = -grad_picked.sum(dim=1, keepdim=True)
+            grad_logits = logp.exp_()  # in place (logp is not needed any more): p, or p outside the top-k
+            if with_tail and distill:
+                grad_tail = grad_picked[:, k:k + 1]
+                row_scale = row_scale + grad_tail  # the tail bucket's gradient sums to zero over z
+                # g_tail * P_K / P_tail in float64: P_tail may be far below float32's range while g_tail ~ P_tail
+                mass_ratio = torch.exp(torch.logsumexp(picked[:, :k].double(), dim=1, keepdim=True)
+                                       - picked[:, k:k + 1].double())
+                tail_scale = torch.where(grad_tail != 0, grad_tail.double() * mass_ratio, 0.0).float()
+                grad_logits.mul_(row_scale + tail_scale)
+                grad_logits.scatter_add_(1, ids, picked[:, :k].exp() * (row_scale - grad_tail))
+            else:
+                grad_logits.mul_(row_scale)
+            if distill:
+                columns = torch.cat([ids, target], dim=1)
+                grad_columns = torch.cat([grad_picked[:, :k], grad_picked[:, -1:]], dim=1)
+            else:
+                columns, grad_columns = target, grad_picked
+            grad_logits.scatter_add_(1, columns, grad_columns)
+            if cap_slope is not None:
+                grad_logits.mul_(cap_slope)
+                del cap_slope
+            grad_logits = grad_logits.to(compute_dtype)
+            grad_hidden[rows] = (grad_logits @ w).to(grad_hidden.dtype)
+            if grad_weight is not None:
+                if grad_weight.dtype == compute_dtype:
+                    grad_weight.addmm_(grad_logits.t(), h)
+                else:  # fp32 master weights under autocast: accumulate in fp32, as autograd would
+                    grad_weight += (grad_logits.t() @ h).float()
+            del logp, grad_logits
+        if grad_weight is not None:
+            grad_weight = grad_weight.to(weight.dtype)
+    loss = _LossWithPrecomputedGradients.apply(loss_value, hidden_s, weight, grad_hidden, grad_weight)
+    return loss, logp_x, logp_xo, kl_values
