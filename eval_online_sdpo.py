@@ -36,87 +36,17 @@ import logging
 import os
 import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
 
 from auxiliary.evals.online_report import build_summary, debug_example_text, fmt_rate, mean_words, summary_text, words
 from auxiliary.runtime.io_utils import DataError, atomic_write_json
 from auxiliary.runtime.run_folder import RunFolder, RunFolderError
 from auxiliary.runtime.wandb_run import WandbRun, WandbSetupError
-from online_sdpo_updater_config import OnlineSDPOConfig
+from online_sdpo_updater_config import OnlineRunConfig, OnlineSDPOConfig
 
 logger = logging.getLogger("eval_online_sdpo")
 
 ARMS = ("feedback", "placebo")
-
-
-@dataclass
-class OnlineRunConfig:
-    # data
-    train_jsonl: str = field(default="data/helpsteer_prompts/train.jsonl",
-                             metadata={"help": "training prompts (JSONL with `prompt` or `messages`)"})
-    val_jsonl: str = field(default="data/helpsteer_prompts/validation.jsonl",
-                           metadata={"help": "held-out evaluation prompts"})
-    train_n: int = field(default=15, metadata={"help": "training prompts = interactions (clamped to the data)"})
-    eval_n: int = field(default=100, metadata={"help": "evaluation prompts (clamped to the data)"})
-    max_prompt_tokens: Optional[int] = field(default=1024, metadata={
-        "help": "drop (and count) prompts whose chat-templated length exceeds this"})
-    # user and judge
-    style: str = field(default="no_emojis", metadata={"help": "the simulated user's style (persona)"})
-    eval_styles: str = field(default="", metadata={"help": "more styles to evaluate on (space or comma separated)"})
-    user_simulator: str = field(default="rule", metadata={"help": "rule, local, claude or vllm"})
-    user_model_name_or_path: str = field(default="Qwen/Qwen3-32B", metadata={
-        "help": "model of a local/vllm user; for --user_simulator claude a claude-* id (else the default Claude)"})
-    user_vllm: bool = field(default=False, metadata={"help": "seed spelling of --user_simulator vllm"})
-    judge: str = field(default="rule", metadata={"help": "rule, local, claude or vllm"})
-    judge_model: str = field(default="Qwen/Qwen3-32B", metadata={
-        "help": "model of a local/vllm judge; for --judge claude a claude-* id (else the default Claude)"})
-    judge_local: bool = field(default=False, metadata={"help": "seed spelling of --judge local"})
-    api_concurrency: int = field(default=8, metadata={"help": "Claude requests in flight at most"})
-    api_max_retries: int = field(default=8, metadata={
-        "help": "Claude: retries of a request on 429/408/5xx/timeouts/connection errors, then the run stops"})
-    api_timeout_s: float = field(default=60.0, metadata={"help": "Claude: seconds to wait for one answer"})
-    placebo: bool = field(default=False, metadata={"help": "also train a placebo arm whose user is always neutral"})
-    placebo_texts: list[str] = field(default_factory=lambda: ["OK, thanks."], metadata={
-        "help": "the placebo user's follow-ups (one is drawn per step)"})
-    # evaluation
-    baseline_model: Optional[str] = field(default=None, metadata={
-        "help": "model whose replies the policy is compared with (default: the initial policy)"})
-    eval_every: int = field(default=3, metadata={"help": "evaluate every N interactions (0: only at start and end)"})
-    eval_max_new_tokens: int = field(default=512, metadata={"help": "reply length limit at evaluation"})
-    # run
-    save_checkpoints: bool = field(default=False, metadata={
-        "help": "checkpoint both arms every `checkpoint_every` steps (0: every step) and at the end"})
-    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last checkpoint"})
-    overwrite: bool = field(default=False, metadata={"help": "delete earlier results in --output_dir first"})
-    output_dir: Optional[str] = field(default=None, metadata={
-        "help": "default: $OUTPUT_DIR, else ${BASE_WORK:-${SCRATCH:-${TMPDIR:-/tmp}}}/sdpo_runs/<run_name>"})
-    run_name: Optional[str] = field(default=None, metadata={"help": "default: online-<model>-<style>-<time>"})
-    wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases (WANDB_MODE=offline works)"})
-    wandb_project: str = field(default="sdpo-online", metadata={"help": "W&B project (or $WANDB_PROJECT)"})
-    debug_first_example: bool = field(default=False, metadata={
-        "help": "print the first interaction in full: contexts x and xo, reply, follow-up, per-token signal"})
-
-    def __post_init__(self):
-        if self.user_vllm:
-            self.user_simulator = "vllm"
-        if self.judge_local and self.judge == "rule":
-            self.judge = "local"
-        for name, value in (("user_simulator", self.user_simulator), ("judge", self.judge)):
-            if value not in ("rule", "local", "claude", "vllm"):
-                raise ValueError(f"--{name} must be rule, local, claude or vllm, got {value!r}")
-        for name in ("train_n", "eval_n", "eval_every", "eval_max_new_tokens", "api_max_retries"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0")
-        if self.api_concurrency < 1 or self.api_timeout_s <= 0:
-            raise ValueError("--api_concurrency must be >= 1 and --api_timeout_s > 0")
-        if not self.placebo_texts or not all(t.strip() for t in self.placebo_texts):
-            raise ValueError("--placebo_texts needs at least one non-empty text")
-
-    def styles(self) -> list[str]:
-        extra = [s for s in self.eval_styles.replace(",", " ").split() if s]
-        return [self.style] + [s for s in dict.fromkeys(extra) if s != self.style]
 
 
 class SetupError(RuntimeError):
@@ -206,7 +136,7 @@ class OnlineRun:
         self.num_steps = len(self.train_prompts)
 
     def _make_users_and_judges(self) -> None:
-        from auxiliary.feedback.factory import FeedbackFactory, model_for_kind
+        from auxiliary.feedback.factory import FeedbackFactory, judge_options, model_for_kind, user_options
 
         run = self.run
         api = {"max_retries": run.api_max_retries, "timeout_s": run.api_timeout_s}  # Claude clients only
@@ -214,10 +144,12 @@ class OnlineRun:
         factory = FeedbackFactory(self.sdpo.dtype, self.sdpo.device, run.api_concurrency, api)
         self.users["feedback"] = factory.user(run.user_simulator, run.style,
                                               model_for_kind(run.user_simulator, run.user_model_name_or_path),
-                                              seed=self.sdpo.seed)
+                                              seed=self.sdpo.seed, **user_options(run.user_simulator, run.user_temperature))
         if run.placebo:
             self.users["placebo"] = factory.user("neutral", run.style, texts=run.placebo_texts, seed=self.sdpo.seed)
-        self.judges = factory.judges(run.judge, self.styles, model_for_kind(run.judge, run.judge_model))
+        self.judges = factory.judges(run.judge, self.styles, model_for_kind(run.judge, run.judge_model),
+                                     **judge_options(run.judge, run.judge_framing, run.judge_temperature,
+                                                     run.judge_max_new_tokens, run.tie_margin))
 
     def _load_policies(self) -> None:
         from online_sdpo_updater import OnlineSDPOUpdater

@@ -1,4 +1,7 @@
-"""OnlineSDPOConfig: every field is a CLI flag (`--field value`) and a YAML key (`--config f.yaml`).
+"""The online configs: every field is a CLI flag (`--field value`) and a YAML key (`--config f.yaml`).
+
+OnlineSDPOConfig is the updater's (online_sdpo_updater.py); OnlineRunConfig is the online job's
+(eval_online_sdpo.py: data, simulated user and judge, evaluation, the run folder).
 
 The shared settings come from the option groups (sdpo_objective.ObjectiveOptions and
 auxiliary/runtime/option_groups.py); this class adds the online trainer's own.
@@ -41,3 +44,80 @@ class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, Context
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+@dataclass
+class OnlineRunConfig:
+    # data
+    train_jsonl: str = field(default="data/helpsteer_prompts/train.jsonl",
+                             metadata={"help": "training prompts (JSONL with `prompt` or `messages`)"})
+    val_jsonl: str = field(default="data/helpsteer_prompts/validation.jsonl",
+                           metadata={"help": "held-out evaluation prompts"})
+    train_n: int = field(default=15, metadata={"help": "training prompts = interactions (clamped to the data)"})
+    eval_n: int = field(default=100, metadata={"help": "evaluation prompts (clamped to the data)"})
+    max_prompt_tokens: Optional[int] = field(default=1024, metadata={
+        "help": "drop (and count) prompts whose chat-templated length exceeds this"})
+    # user and judge
+    style: str = field(default="no_emojis", metadata={"help": "the simulated user's style (persona)"})
+    eval_styles: str = field(default="", metadata={"help": "more styles to evaluate on (space or comma separated)"})
+    user_simulator: str = field(default="rule", metadata={"help": "rule, local, claude or vllm"})
+    user_model_name_or_path: str = field(default="Qwen/Qwen3-32B", metadata={
+        "help": "model of a local/vllm user; for --user_simulator claude a claude-* id (else the default Claude)"})
+    user_vllm: bool = field(default=False, metadata={"help": "the paper repository's spelling of --user_simulator vllm"})
+    judge: str = field(default="rule", metadata={"help": "rule, local, claude or vllm"})
+    judge_model: str = field(default="Qwen/Qwen3-32B", metadata={
+        "help": "model of a local/vllm judge; for --judge claude a claude-* id (else the default Claude)"})
+    judge_local: bool = field(default=False, metadata={"help": "the paper repository's spelling of --judge local"})
+    judge_framing: str = field(default="user", metadata={
+        "help": "user (the paper's: the judge role-plays the persona and decides as that user) or neutral (a referee)"})
+    judge_temperature: float = field(default=0.0, metadata={"help": "judge decoding temperature (0 = greedy, the paper's)"})
+    judge_max_new_tokens: Optional[int] = field(default=None, metadata={
+        "help": "judge reply length limit (default: 512 for Claude, 1024 for local and vLLM judges, as the paper's)"})
+    tie_margin: float = field(default=0.05, metadata={
+        "help": "log-prob judge: a verdict counts only when its label beats the runner-up by this many nats"})
+    user_temperature: Optional[float] = field(default=None, metadata={
+        "help": "user decoding temperature (default: 0 = greedy for Claude and vLLM users, 0.7 for local ones, as the paper's)"})
+    api_concurrency: int = field(default=8, metadata={"help": "Claude requests in flight at most"})
+    api_max_retries: int = field(default=8, metadata={
+        "help": "Claude: retries of a request on 429/408/5xx/timeouts/connection errors, then the run stops"})
+    api_timeout_s: float = field(default=60.0, metadata={"help": "Claude: seconds to wait for one answer"})
+    placebo: bool = field(default=False, metadata={"help": "also train a placebo arm whose user is always neutral"})
+    placebo_texts: list[str] = field(default_factory=lambda: ["OK, thanks."], metadata={
+        "help": "the placebo user's follow-ups (one is drawn per step)"})
+    # evaluation
+    baseline_model: Optional[str] = field(default=None, metadata={
+        "help": "model whose replies the policy is compared with (default: the initial policy)"})
+    eval_every: int = field(default=3, metadata={"help": "evaluate every N interactions (0: only at start and end)"})
+    eval_max_new_tokens: int = field(default=512, metadata={"help": "reply length limit at evaluation"})
+    # run
+    save_checkpoints: bool = field(default=False, metadata={
+        "help": "checkpoint both arms every `checkpoint_every` steps (0: every step) and at the end"})
+    resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last checkpoint"})
+    allow_config_change: bool = field(default=False, metadata={
+        "help": "--resume with settings that change the experiment (recorded in config.json's history); else refused"})
+    overwrite: bool = field(default=False, metadata={"help": "delete earlier results in --output_dir first"})
+    output_dir: Optional[str] = field(default=None, metadata={
+        "help": "default: $OUTPUT_DIR, else ${BASE_WORK:-${SCRATCH:-${TMPDIR:-/tmp}}}/sdpo_runs/<run_name>"})
+    run_name: Optional[str] = field(default=None, metadata={"help": "default: online-<model>-<style>-<time>"})
+    wandb: bool = field(default=False, metadata={"help": "log to Weights & Biases (WANDB_MODE=offline works)"})
+    wandb_project: str = field(default="sdpo-online", metadata={"help": "W&B project (or $WANDB_PROJECT)"})
+    debug_first_example: bool = field(default=False, metadata={
+        "help": "print the first interaction in full: contexts x and xo, reply, follow-up, per-token signal"})
+
+    def __post_init__(self):
+        if self.user_vllm:
+            self.user_simulator = "vllm"
+        if self.judge_local and self.judge == "rule":
+            self.judge = "local"
+        for name, value in (("user_simulator", self.user_simulator), ("judge", self.judge)):
+            if value not in ("rule", "local", "claude", "vllm"):
+                raise ValueError(f"--{name} must be rule, local, claude or vllm, got {value!r}")
+        if self.judge_framing not in ("user", "neutral"):
+            raise ValueError(f"--judge_framing must be user or neutral, got {self.judge_framing!r}")
+        check_ranges(self)
+        if not self.placebo_texts or not all(t.strip() for t in self.placebo_texts):
+            raise ValueError("--placebo_texts needs at least one non-empty text")
+
+    def styles(self) -> list[str]:
+        extra = [s for s in self.eval_styles.replace(",", " ").split() if s]
+        return [self.style] + [s for s in dict.fromkeys(extra) if s != self.style]

@@ -35,6 +35,7 @@ def test_user_simulator_requests_reach_the_server_in_order(katan_echo):
     for i, text in enumerate(feedback):
         # system prompt travels apart from the messages: the echo sees one user message
         assert text.startswith("[echo]") and "messages=2" in text and "max_tokens=150" in text
+        assert "temperature=0.0" in text  # greedy, as the paper's Claude user
         assert f"<request>\nRequest {i}\n</request>" in text and f"Reply number {i} \U0001F600" in text
     counts = katan_echo.wait_for_requests(before + 5)
     assert counts[200] - before == 5 and sim.client.stats["successes"] == 5
@@ -52,6 +53,8 @@ def test_style_judge_sends_both_orders_and_parses_each_reply(katan_echo):
     assert len(decisions) == 2 and set(decisions) <= {"A", "B", "C"}
     outputs = judge.last_outputs
     assert len(outputs) == 4 and all(o.startswith("[echo]") for o in outputs)
+    # greedy with up to 512 tokens, as the paper's Claude judge; the persona is the system message (user framing)
+    assert all("max_tokens=512" in o and "temperature=0.0" in o for o in outputs)
 
     def order(text, x, y):
         return text.index(f"<response_a>\n{x}") < text.index(f"<response_b>\n{y}")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from auxiliary.feedback.personas import UnknownStyleError, get_persona
-from auxiliary.feedback.style_judge import (RULE_JUDGE_STYLES, LocalHFJudge, PairwiseJudge, RuleBasedJudge, _label_continuations, build_judge_messages, combine_verdicts, label_logprobs, parse_verdict)
+from auxiliary.feedback.style_judge import (RULE_JUDGE_STYLES, LocalHFJudge, PairwiseJudge, RuleBasedJudge, _label_continuations, build_judge_messages, margin_verdict, combine_verdicts, label_logprobs, parse_verdict)
 from auxiliary.feedback.factory import make_judge
 from auxiliary.feedback.user_simulator import UnsupportedStyleError
 
@@ -172,9 +172,23 @@ def test_label_logprobs_match_an_unpadded_forward(tiny_model, tiny_tokenizer):
     assert len(judge.last_label_logprobs) == 4
     assert all(math.isfinite(v) and v < 0 for scores in judge.last_label_logprobs for v in scores.values())
     for (forward, backward), scores in zip(comparison.verdicts, judge.last_label_logprobs[:2]):
+        assert forward == margin_verdict(scores, 0.05)  # the default --tie_margin
+    no_margin = LocalHFJudge((tiny_model, tiny_tokenizer), "concise", mode="logprob", batch_size=2, tie_margin=0.0)
+    for (forward, _), scores in zip(no_margin.compare_detailed(["q1", "q2"], ["short", "a b c"],
+                                                               ["a longer one", "d e f"]).verdicts,
+                                    no_margin.last_label_logprobs[:2]):
         assert forward == max(scores, key=scores.get)
     with pytest.raises(ValueError, match="'generate' or 'logprob'"):
         LocalHFJudge((tiny_model, tiny_tokenizer), "concise", mode="sample")
+
+
+def test_tie_margin_by_hand():
+    assert margin_verdict({"A": -1.00, "B": -1.04, "C": -3.0}, 0.05) == "C"  # 0.04 nats: not enough
+    assert margin_verdict({"A": -1.00, "B": -1.06, "C": -3.0}, 0.05) == "A"
+    assert margin_verdict({"A": -2.0, "B": -0.5, "C": -0.9}, 0.05) == "B"
+    assert margin_verdict({"A": -2.0, "B": -0.5, "C": -0.52}, 0.05) == "C"  # C wins narrowly: a tie anyway
+    with pytest.raises(ValueError, match="tie_margin must be >= 0"):
+        LocalHFJudge(("m", "t"), "concise", tie_margin=-1)
 
 
 @pytest.mark.skipif(importlib.util.find_spec("vllm") is not None, reason="vllm is installed here")

@@ -49,6 +49,12 @@ class StyleEvalArgs:
     claude_model: Optional[str] = field(default=None, metadata={"help": "Claude model id for --judge claude (default: claude-haiku-4-5-20251001)"})
     judge_mode: str = field(default="generate", metadata={"help": "local judge: generate (verdict line) or logprob (A/B/C log-probs)"})
     judge_batch_size: int = field(default=8, metadata={"help": "local judge batch size"})
+    judge_framing: str = field(default="user", metadata={
+        "help": "user (the paper's: the judge role-plays the persona) or neutral (an impartial referee)"})
+    judge_temperature: float = field(default=0.0, metadata={"help": "judge decoding temperature (0 = greedy, the paper's)"})
+    judge_max_new_tokens: Optional[int] = field(default=None, metadata={
+        "help": "judge reply length limit (default: 512 for Claude, 1024 for local and vLLM judges)"})
+    tie_margin: float = field(default=0.05, metadata={"help": "logprob judge: the margin (nats) a verdict needs over the runner-up"})
     api_concurrency: int = field(default=8, metadata={"help": "Claude requests in flight"})
     vllm_gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vLLM judge: share of GPU memory"})
     eval_n: int = field(default=100, metadata={"help": "held-out prompts to evaluate on"})
@@ -75,6 +81,8 @@ class StyleEvalArgs:
         self.eval_styles = split_list(self.eval_styles)
         if not self.eval_styles:
             raise ValueError("--eval_styles is empty")
+        if self.judge_framing not in ("user", "neutral"):
+            raise ValueError(f"--judge_framing must be user or neutral, got {self.judge_framing!r}")
         if self.judge not in JUDGE_KINDS:
             raise ValueError(f"unknown --judge {self.judge!r}; choose one of {', '.join(JUDGE_KINDS)}")
         if self.eval_n < 1:
@@ -102,11 +110,13 @@ def validate_styles(styles: Sequence[str], judge_kind: str) -> None:
 
 def build_judges(args: StyleEvalArgs) -> dict:
     """One judge per style; model-based judges share one loaded model, engine or client."""
-    from auxiliary.feedback.factory import FeedbackFactory
+    from auxiliary.feedback.factory import FeedbackFactory, judge_options
 
     factory = FeedbackFactory(args.dtype, args.device, args.api_concurrency,
                               vllm_options={"gpu_memory_utilization": args.vllm_gpu_memory_utilization})
-    options = {"local": {"mode": args.judge_mode, "batch_size": args.judge_batch_size}}.get(args.judge, {})
+    extra = {"mode": args.judge_mode, "batch_size": args.judge_batch_size} if args.judge == "local" else {}
+    options = judge_options(args.judge, args.judge_framing, args.judge_temperature, args.judge_max_new_tokens,
+                            args.tie_margin, **extra)
     model = {"rule": None, "claude": args.claude_model}.get(args.judge, args.judge_model)
     return factory.judges(args.judge, args.eval_styles, model, **options)
 

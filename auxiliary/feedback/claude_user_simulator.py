@@ -1,7 +1,7 @@
 """Simulated user played by Claude through auxiliary/claude_client.ClaudeClient.
 
     ClaudeUserSimulator(style, model="claude-haiku-4-5-20251001", api_concurrency=8, max_tokens=150,
-                        temperature=1.0, client=None, seed=None, empty_retries=2, **client_kwargs)
+                        temperature=0.0, client=None, seed=None, empty_retries=2, **client_kwargs)
     .generate_feedback(prompts, completions, seed=None) -> list[str]
 
 The prompt is user_simulator.build_simulator_messages (persona as system prompt). All pairs
@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 class ClaudeUserSimulator(UserSimulator):
     def __init__(self, style: str, model: str | None = None, api_concurrency: int = 8, max_tokens: int = 150,
-                 temperature: float | None = 1.0, client=None, seed: int | None = None, empty_retries: int = 2,
+                 temperature: float | None = 0.0, client=None, seed: int | None = None, empty_retries: int = 2,
                  **client_kwargs):
         from auxiliary.feedback.claude_client import DEFAULT_MODEL, ClaudeClient
 

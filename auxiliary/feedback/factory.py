@@ -131,6 +131,23 @@ class FeedbackFactory:
         return {style: self.judge(kind, style, model_name_or_path, **kw) for style in styles}
 
 
+def judge_options(kind: str, framing: str | None = None, temperature: float | None = None,
+                  max_new_tokens: int | None = None, tie_margin: float | None = None, **extra) -> dict:
+    """The run's judge settings as the keywords of `kind`'s class (None: the class default)."""
+    if kind == "rule":
+        return {}
+    names = {"framing": framing, "temperature": temperature,
+             ("max_tokens" if kind == "claude" else "max_new_tokens"): max_new_tokens}
+    if kind == "local":
+        names["tie_margin"] = tie_margin
+    return {**{k: v for k, v in names.items() if v is not None}, **extra}
+
+
+def user_options(kind: str, temperature: float | None = None) -> dict:
+    """The run's user settings as the keywords of `kind`'s class (None: the class default)."""
+    return {"temperature": temperature} if kind in ("local", "claude", "vllm") and temperature is not None else {}
+
+
 def _engine_options(kw: dict) -> dict:
     """Pop the vllm.LLM keywords out of a component's keyword arguments."""
     return {name: kw.pop(name) for name in ("gpu_memory_utilization", "tensor_parallel_size") if name in kw}

@@ -177,7 +177,10 @@ class Comparison:
 class PairwiseJudge:
     style: str | None = None
 
-    def __init__(self):
+    def __init__(self, framing: str = "user"):
+        if framing not in JUDGE_FRAMINGS:
+            raise ValueError(f"unknown judge framing {framing!r}; choose one of {', '.join(JUDGE_FRAMINGS)}")
+        self.framing = framing  # how model-based judges are prompted (build_judge_messages)
         self.stats: Counter = Counter()
 
     def judge_once(self, prompts: list[Prompt], first: list[str], second: list[str]) -> list[str | None]:
@@ -246,9 +249,17 @@ class RuleBasedJudge(PairwiseJudge):
 
 
 class LocalHFJudge(PairwiseJudge):
-    def __init__(self, model_name_or_path, style: str, mode: str = "generate", max_new_tokens: int = 192,
-                 batch_size: int = 8, dtype: str = "auto", device: str = "auto", progress: bool = False):
-        super().__init__()
+    """Greedy generation (up to 1,024 tokens, as the paper's local judges), or label log-probs (`logprob`):
+    there a verdict counts only when its label beats the runner-up by `tie_margin` nats, else a tie."""
+
+    def __init__(self, model_name_or_path, style: str, mode: str = "generate", max_new_tokens: int = 1024,
+                 batch_size: int = 8, dtype: str = "auto", device: str = "auto", progress: bool = False,
+                 framing: str = "user", tie_margin: float = 0.05, temperature: float = 0.0):
+        super().__init__(framing)
+        self.temperature = temperature
+        if tie_margin < 0:
+            raise ValueError(f"--tie_margin must be >= 0, got {tie_margin}")
+        self.tie_margin = tie_margin
         if mode not in ("generate", "logprob"):
             raise ValueError(f"LocalHFJudge mode must be 'generate' or 'logprob', got {mode!r}")
         get_persona(style)
@@ -262,16 +273,23 @@ class LocalHFJudge(PairwiseJudge):
         if self.mode == "generate":
             from auxiliary.runtime.generation import generate_responses
 
-            conversations = [build_judge_messages(self.style, p, x, y) for p, x, y in zip(prompts, first, second)]
+            conversations = [build_judge_messages(self.style, p, x, y, framing=self.framing)
+                             for p, x, y in zip(prompts, first, second)]
             replies = generate_responses(self.model, self.tokenizer, conversations, max_new_tokens=self.max_new_tokens,
-                                         temperature=0.0, batch_size=self.batch_size, progress=self.progress,
+                                         temperature=self.temperature, batch_size=self.batch_size, progress=self.progress,
                                          desc="style judge")
             self.last_outputs = [r.text for r in replies]
             return [parse_verdict(text) for text in self.last_outputs]
-        conversations = [build_judge_messages(self.style, p, x, y, explain=False)
+        conversations = [build_judge_messages(self.style, p, x, y, explain=False, framing=self.framing)
                          for p, x, y in zip(prompts, first, second)]
         self.last_label_logprobs = label_logprobs(self.model, self.tokenizer, conversations, self.batch_size)
-        return [max(VERDICTS, key=scores.__getitem__) for scores in self.last_label_logprobs]
+        return [margin_verdict(scores, self.tie_margin) for scores in self.last_label_logprobs]
+
+
+def margin_verdict(scores: dict[str, float], tie_margin: float) -> str:
+    """The best label when it beats the runner-up by `tie_margin`, else "C" (a tie)."""
+    best, runner_up = sorted(VERDICTS, key=scores.__getitem__, reverse=True)[:2]
+    return best if scores[best] - scores[runner_up] >= tie_margin else "C"
 
 
 def _label_continuations(tokenizer) -> tuple[list[int], dict[str, list[int]]]:

@@ -1,6 +1,6 @@
 """Simulated user served by vLLM (optional; `pip install -r requirements-vllm.txt` on a GPU).
 
-    VLLMUserSimulator(model_name_or_path, style, max_new_tokens=96, temperature=0.7, top_p=0.95,
+    VLLMUserSimulator(model_name_or_path, style, max_new_tokens=96, temperature=0.0, top_p=0.95,
                       seed=0, llm=None, gpu_memory_utilization=0.4, tensor_parallel_size=1,
                       empty_retries=2, **llm_kwargs)
     .generate_feedback(prompts, completions, seed=None) -> list[str]
@@ -22,7 +22,7 @@ from auxiliary.runtime.vllm_adapter import import_vllm, make_llm, vllm_chat  # t
 
 
 class VLLMUserSimulator(UserSimulator):
-    def __init__(self, model_name_or_path, style: str, max_new_tokens: int = 96, temperature: float = 0.7,
+    def __init__(self, model_name_or_path, style: str, max_new_tokens: int = 96, temperature: float = 0.0,
                  top_p: float = 0.95, seed: int = 0, llm=None, gpu_memory_utilization: float = 0.4,
                  tensor_parallel_size: int = 1, empty_retries: int = 2, **llm_kwargs):
         get_persona(style)

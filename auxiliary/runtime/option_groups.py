@@ -35,6 +35,8 @@ RANGES: dict[str, tuple] = {
     "train_n": (0, True, None, None), "eval_n": (0, True, None, None), "eval_every": (0, True, None, None),
     "max_prompt_tokens": (1, True, None, None), "api_concurrency": (1, True, None, None),
     "api_max_retries": (0, True, None, None), "api_timeout_s": (0, False, None, None),
+    "judge_temperature": (0, True, None, None), "judge_max_new_tokens": (1, True, None, None),
+    "tie_margin": (0, True, None, None), "user_temperature": (0, True, None, None),
     # evaluation tools
     "judge_batch_size": (1, True, None, None), "n_bootstrap": (0, True, None, None), "n_cases": (0, True, None, None),
     "min_tokens": (0, True, None, None), "max_tries": (1, True, None, None),
