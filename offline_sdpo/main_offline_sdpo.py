@@ -248,7 +248,25 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise SystemExit("error: --train_jsonl is required (an interactions JSONL: prompt, completion, user_response)")
     if not cfg.output_dir:
         raise SystemExit("error: no output folder: pass --output_dir or set OUTPUT_DIR")
-    return train(cfg)
+    return train_holding_output_dir(cfg)
+
+
+def train_holding_output_dir(cfg: OfflineSDPOArguments) -> dict:
+    """train() with --output_dir locked against a second run writing it. Only the first process of a
+    torchrun/accelerate launch takes the lock: all its processes write the one folder together."""
+    from auxiliary.runtime.locks import FolderLock, FolderLockError
+
+    lock = FolderLock(cfg.output_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except FolderLockError as err:
+            raise SystemExit(f"error: {err}") from None
+    try:
+        return train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 def train(cfg: OfflineSDPOArguments) -> dict:
