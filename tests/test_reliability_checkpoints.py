@@ -210,3 +210,31 @@ def test_a_folder_owned_by_someone_else_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "getuid", lambda: os.stat(tmp_path).st_uid + 1)
     with pytest.raises(PermissionError, match="belongs to user id"):
         private_dir(tmp_path)
+
+
+def test_chat_load_never_takes_an_interrupted_save_for_a_new_user(tmp_path, tiny_tokenizer):
+    """Crash between the renames of an adapter save: the next chat restores the old adapter
+    (not 'new user'), and deletes the leftover .partial."""
+    from auxiliary.chat.session import ChatSession
+    from chat_sdpo import ChatConfig
+
+    def session():
+        config = ChatConfig(model="tiny-test", max_new_tokens=4, temperature=0.0, lora_r=4, lora_alpha=8, lr=1e-2)
+        updater = OnlineSDPOUpdater(config, model=build_tiny_model(tiny_tokenizer, seed=0), tokenizer=tiny_tokenizer)
+        return ChatSession(updater, tmp_path / "alice", log_interactions=False)
+
+    first = session()
+    first.load()
+    for text in ("Hello", "Be concise."):
+        first.send(text).turn_future.result()
+    adapter = first.close()
+    adapter.rename(old_path(adapter))
+    partial_path(adapter).mkdir()
+    (partial_path(adapter) / "half-written").write_text("x")
+    again = session()
+    loaded = again.load()
+    assert loaded.startswith("loaded adapter of user 'alice'") and "(1 updates so far" in loaded
+    assert "restored adapter from adapter.old" in loaded
+    assert not partial_path(adapter).exists() and not old_path(adapter).exists()
+    assert os.stat(adapter).st_mode & 0o777 == 0o700
+    again.close(save=False)

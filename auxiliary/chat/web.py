@@ -161,6 +161,13 @@ def build_app(router: SessionRouter, config, quit_event: threading.Event | None 
     import gradio as gr
 
     multi_user = router.default_user is None
+    # the last command's answer per user, shown above the status: the 1 s status poll would
+    # otherwise replace it before it can be read
+    notes: dict[str, str] = {}
+
+    def status_of(session, request) -> str:
+        note = notes.get(router.user_of(request))
+        return f"{note}  \n{status_markdown(session)}" if note else status_markdown(session)
 
     def send(text, history, request: gr.Request):
         session = router.session_for(request)
@@ -171,6 +178,7 @@ def build_app(router: SessionRouter, config, quit_event: threading.Event | None 
         if text.startswith("/"):
             yield (visible_history(session), "") + command(text.split()[0].lower(), request)
             return
+        notes.pop(router.user_of(request), None)  # a new turn: the last command's answer is old news
         history = list(history or []) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         yield history, "", status_markdown(session), gr.skip(), gr.skip()
         stream = session.send(text)
@@ -198,14 +206,16 @@ def build_app(router: SessionRouter, config, quit_event: threading.Event | None 
         elif name == "/quit" and multi_user:
             # one user may not stop the server for the others: /quit ends (and saves) their own session
             path = router.close_user(router.user_of(request))
-            return f"saved to {path}; your session ended (a new message starts it again)", gr.skip(), gr.skip()
+            notes[router.user_of(request)] = f"saved to {path}; your session ended (a new message starts it again)"
+            return notes[router.user_of(request)], gr.skip(), gr.skip()
         elif name == "/quit":
             message = "saving and stopping the server ..."
             if quit_event is not None:
                 quit_event.set()
         else:
             message = f"unknown command {name}; commands: /undo /save /reset /why /new /quit"
-        return f"{message}  \n{status_markdown(session)}", gr.skip(), gr.skip()
+        notes[router.user_of(request)] = message
+        return status_of(session, request), gr.skip(), gr.skip()
 
     def command_button(name):
         def press(request: gr.Request):
@@ -214,7 +224,9 @@ def build_app(router: SessionRouter, config, quit_event: threading.Event | None 
 
     def poll_status(request: gr.Request):
         session = router.open_session_of(request)
-        return status_markdown(session) if session is not None else "session ended: a new message starts it again"
+        if session is None:
+            return notes.get(router.user_of(request)) or "session ended: a new message starts it again"
+        return status_of(session, request)
 
     def on_load(request: gr.Request):
         session = router.session_for(request)
