@@ -48,7 +48,9 @@ class ChatConfig(OnlineSDPOConfig):
     user_id: str = field(default="default", metadata={"help": "whose adapter: <adapters_dir>/<user_id>/ (letters, digits, _ . -)"})
     adapters_dir: Optional[str] = field(default=None, metadata={"help": "folder of per-user adapters (default: $BASE_WORK/chat_adapters, BASE_WORK=${SCRATCH:-${TMPDIR:-/tmp}})"})
     ui: str = field(default="terminal", metadata={"help": "terminal or web (Gradio)"})
-    host: str = field(default="127.0.0.1", metadata={"help": "web UI address (loopback unless told otherwise)"})
+    host: str = field(default="127.0.0.1", metadata={"help": "web UI address (loopback unless told otherwise; another address needs --auth or --auth_file)"})
+    auth: Optional[list[str]] = field(default=None, metadata={"help": "web UI logins USER:PASS (repeatable); each user gets their own session and adapter <adapters_dir>/<USER>/"})
+    auth_file: Optional[str] = field(default=None, metadata={"help": "web UI logins from a file, one USER:PASS a line (safer than --auth: not shown by ps)"})
     port: int = field(default=7860, metadata={"help": "web UI port"})
     min_signal: float = field(default=DEFAULT_MIN_SIGNAL, metadata={"help": "skip updates whose mean |signal| is below this (0 = never skip)"})
     undo_depth: int = field(default=10, metadata={"help": "how many updates /undo can take back (each keeps a copy of the adapter + optimizer state)"})
@@ -228,13 +230,17 @@ def _help() -> str:
 
 # ---------------------------------------------------------------------- main
 
-def build_session(config: ChatConfig, on_event=None):
+def build_session(config: ChatConfig, on_event=None, user_id: str | None = None):
+    """A loaded ChatSession of `user_id` (default: --user_id), with its own model and optimizer."""
     from auxiliary.chat.session import ChatSession, validate_user_id
+    from auxiliary.runtime.io_utils import private_dir
     from online_sdpo_updater import OnlineSDPOUpdater
 
-    validate_user_id(config.user_id)
+    user_id = validate_user_id(user_id or config.user_id)
+    # owner-only, and refused when someone else owns it: the default lives in a world-writable /tmp
+    adapters_dir = private_dir(config.resolved_adapters_dir())
     updater = OnlineSDPOUpdater(config)
-    session = ChatSession(updater, config.resolved_adapters_dir() / config.user_id, min_signal=config.min_signal,
+    session = ChatSession(updater, adapters_dir / user_id, min_signal=config.min_signal,
                           undo_depth=config.undo_depth, system_prompt=config.system_prompt,
                           log_interactions=config.log_interactions, on_event=on_event)
     return session, session.load()
@@ -256,34 +262,63 @@ def use_colour(setting: str) -> bool:
     return sys.stdout.isatty() and not os.environ.get("NO_COLOR")
 
 
+def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
+    """`--auth a --auth b` -> `--auth a b` (the parser keeps only the last of a repeated list flag)."""
+    values, rest, index = [], [], 0
+    while index < len(argv):
+        if argv[index] == flag:
+            index += 1
+            while index < len(argv) and not argv[index].startswith("--"):
+                values.append(argv[index])
+                index += 1
+            continue
+        rest.append(argv[index])
+        index += 1
+    return rest + ([flag, *values] if values else [])
+
+
 def main(argv=None) -> int:
     from auxiliary.chat.session import ChatError
     from auxiliary.runtime.cli import ConfigError, parse_dataclasses
+    from auxiliary.runtime.locks import FolderLockError
     from auxiliary.runtime.model_loading import ModelLoadError
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
+    argv = merge_repeated_flag(list(sys.argv[1:] if argv is None else argv), "--auth")
+    credentials, session, loaded = [], None, ""
     try:
         (config,) = parse_dataclasses((ChatConfig,), argv, prog="chat_sdpo.py")
-        print(f"loading {config.model} (user '{config.user_id}', adapters in {config.resolved_adapters_dir()}) ...",
-              flush=True)
-        session, loaded = build_session(config)
+        if config.ui == "web":
+            from auxiliary.chat.web import web_credentials
+
+            credentials = web_credentials(config)  # before loading: a refused --host fails at once
+        who = f"{len(credentials)} users" if credentials else f"user '{config.user_id}'"
+        print(f"loading {config.model} ({who}, adapters in {config.resolved_adapters_dir()}) ...", flush=True)
+        if not credentials:  # with logins each user's session opens at their first request
+            session, loaded = build_session(config)
         terminal = TerminalChat(session, use_colour(config.color)) if config.ui == "terminal" else None
         if terminal is not None:
             session.on_event = terminal.on_event
-    except (ConfigError, ChatError, ModelLoadError, ValueError, FileNotFoundError) as err:
+    except (ConfigError, ChatError, ModelLoadError, FolderLockError, ValueError, FileNotFoundError,
+            PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    print(loaded, flush=True)
+    if loaded:
+        print(loaded, flush=True)
     print(f"every message you send after a reply is feedback for it: one SDPO update each "
           f"(lr {config.lr:g}, {'LoRA r=' + str(config.lora_r) if config.use_lora else 'all weights'}, "
           f"loss {config.loss_mode}, min_signal {config.min_signal:g})", flush=True)
     if terminal is not None:
         terminal.run()
     else:
-        from auxiliary.chat.web import serve
+        from auxiliary.chat.web import SessionRouter, serve
 
-        serve(session, config)
+        router = SessionRouter(lambda user: build_session(config, user_id=user)[0],
+                               default_user=None if credentials else config.user_id)
+        if session is not None:
+            router.add(config.user_id, session)
+        serve(router, config, credentials)
     return 0
 
 

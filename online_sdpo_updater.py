@@ -10,10 +10,12 @@ refreshed at every step (no frozen copy).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import math
 import random
+import re
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +25,8 @@ import numpy as np
 import torch
 
 from auxiliary.runtime.generation import GeneratedResponse, generate_responses
-from auxiliary.runtime.io_utils import atomic_write_json, fsync_dir, fsync_tree
+from auxiliary.runtime.io_utils import (OLD_SUFFIX, PARTIAL_SUFFIX, atomic_write_json, fsync_tree, partial_path,
+                                        private_dir, recover_folder, replace_folder)
 from auxiliary.runtime.model_loading import load_model_and_tokenizer, pick_device
 from auxiliary.runtime.secrets import public_config
 from online_sdpo_updater_config import OnlineSDPOConfig
@@ -174,31 +177,31 @@ class OnlineSDPOUpdater:
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | Path | None = None, extra_state: dict | None = None) -> Path:
-        """Model (or LoRA adapter), tokenizer, optimizer, RNG states, step and config; written atomically."""
+        """Model (or LoRA adapter), tokenizer, optimizer, RNG states, step, config and a manifest of
+        every file's size and sha256; written beside as .partial, then swapped in crash-safely.
+
+        Nothing is pickled: the optimizer state is tensors and plain values (loaded back with
+        weights_only=True), the RNG states are a tensor file and JSON."""
         if path is None:
             if not self.config.checkpoint_dir:
                 raise ValueError("no checkpoint path given and config.checkpoint_dir is not set")
             path = Path(self.config.checkpoint_dir) / f"{CHECKPOINT_PREFIX}{self.step:06d}"
         path = Path(path)
-        partial = path.with_name(path.name + ".partial")
-        shutil.rmtree(partial, ignore_errors=True)
-        partial.mkdir(parents=True)
+        private_dir(path.parent)
+        recover_folder(path)  # a crash of an earlier save: put its old folder back before replacing it
+        partial = partial_path(path)
+        private_dir(partial)
         self.model.save_pretrained(partial / "model")
         self.tokenizer.save_pretrained(partial / "model")
-        torch.save(self.optimizer.state_dict(), partial / "optimizer.pt")
-        rng = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
-        if torch.cuda.is_available():
-            rng["cuda"] = torch.cuda.get_rng_state_all()
-        torch.save(rng, partial / "rng.pt")
+        torch.save(self.optimizer.state_dict(), partial / OPTIMIZER_FILE)
+        save_rng_state(partial)
         state = {"step": self.step, "skipped_nonfinite": self.skipped_nonfinite, "use_lora": self.config.use_lora,
                  "extra": extra_state or {}}
-        atomic_write_json(partial / "updater_state.json", state)
+        atomic_write_json(partial / STATE_FILE, state)
         atomic_write_json(partial / "config.json", public_config(self.config.to_dict()))
+        write_manifest(partial)
         fsync_tree(partial)  # contents on disk before the name says the checkpoint is complete
-        if path.exists():
-            shutil.rmtree(path)
-        partial.rename(path)
-        fsync_dir(path.parent)
+        replace_folder(partial, path)
         self._prune(path.parent)
         return path
 
@@ -214,11 +217,15 @@ class OnlineSDPOUpdater:
             shutil.rmtree(old, ignore_errors=True)
 
     def load_checkpoint(self, path: str | Path) -> dict:
-        """Restore weights, optimizer, RNG and step so the run continues exactly where it stopped."""
+        """Restore weights, optimizer, RNG and step so the run continues exactly where it stopped.
+
+        The checkpoint is verified against its manifest first; nothing read is unpickled."""
         path = Path(path)
-        if not (path / "updater_state.json").exists():
-            raise FileNotFoundError(f"{path} is not a complete checkpoint (no updater_state.json)")
-        state = json.loads((path / "updater_state.json").read_text())
+        recover_folder(path)
+        if not (path / STATE_FILE).exists():
+            raise FileNotFoundError(f"{path} is not a complete checkpoint (no {STATE_FILE})")
+        verify_checkpoint(path)
+        state = json.loads((path / STATE_FILE).read_text())
         model_dir = path / "model"
         if self.config.use_lora:
             from peft import set_peft_model_state_dict
@@ -231,28 +238,168 @@ class OnlineSDPOUpdater:
             saved = AutoModelForCausalLM.from_pretrained(model_dir, dtype=next(self.model.parameters()).dtype)
             self.model.load_state_dict(saved.state_dict())
             del saved
-        self.optimizer.load_state_dict(torch.load(path / "optimizer.pt", map_location=self.device, weights_only=False))
-        rng = torch.load(path / "rng.pt", weights_only=False)
-        random.setstate(rng["python"])
-        np.random.set_state(rng["numpy"])
-        torch.set_rng_state(rng["torch"])
-        if "cuda" in rng and torch.cuda.is_available():
-            torch.cuda.set_rng_state_all(rng["cuda"])
+        self.optimizer.load_state_dict(safe_torch_load(path / OPTIMIZER_FILE, map_location=self.device))
+        load_rng_state(path)
         self.step = int(state["step"])
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         return state.get("extra", {})
 
 
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be trusted; the message names the bad file."""
+
+
+STATE_FILE = "updater_state.json"
+OPTIMIZER_FILE = "optimizer.pt"
+RNG_TENSORS_FILE = "rng.pt"      # torch (and CUDA) generator states: tensors only
+RNG_JSON_FILE = "rng.json"       # python's and numpy's generator states as JSON lists
+MANIFEST_FILE = "manifest.json"
+CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def safe_torch_load(path: Path, map_location=None):
+    """torch.load restricted to tensors and plain containers: a planted pickle cannot run code."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # UnpicklingError for a disallowed object, others for garbage
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"{path}: refusing to load ({first_line})") from None
+
+
+def save_rng_state(folder: Path) -> None:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        tensors["cuda"] = torch.cuda.get_rng_state_all()
+    torch.save(tensors, folder / RNG_TENSORS_FILE)
+    version, internal, gauss_next = random.getstate()
+    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
+    atomic_write_json(folder / RNG_JSON_FILE, {
+        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
+        "numpy": {"name": name, "keys": keys.tolist(), "position": int(position), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached_gaussian)}})
+
+
+def load_rng_state(folder: Path) -> None:
+    tensors = safe_torch_load(folder / RNG_TENSORS_FILE)
+    try:
+        values = json.loads((folder / RNG_JSON_FILE).read_text())
+        python, numpy_state = values["python"], values["numpy"]
+        python_state = (python["version"], tuple(python["state"]), python["gauss_next"])
+        numpy_tuple = (numpy_state["name"], np.asarray(numpy_state["keys"], dtype=np.uint32),
+                       numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{folder / RNG_JSON_FILE}: unreadable RNG state ({err})") from None
+    random.setstate(python_state)
+    np.random.set_state(numpy_tuple)
+    torch.set_rng_state(tensors["torch"])
+    if "cuda" in tensors and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(tensors["cuda"])
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def write_manifest(folder: Path) -> None:
+    """manifest.json: size and sha256 of every other file under the checkpoint folder."""
+    files = {}
+    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = file.relative_to(folder).as_posix()
+        if relative != MANIFEST_FILE and not file.name.endswith(".tmp"):
+            files[relative] = {"size": file.stat().st_size, "sha256": _sha256(file)}
+    atomic_write_json(folder / MANIFEST_FILE, {"files": files})
+
+
+def verify_checkpoint(path: str | Path) -> None:
+    """Raise CheckpointError naming the first bad file: a missing or unreadable manifest, a file
+    listed there that is missing, of another size (truncated) or another checksum."""
+    path = Path(path)
+    manifest_path = path / MANIFEST_FILE
+    try:
+        files = json.loads(manifest_path.read_text())["files"]
+        if not isinstance(files, dict) or not all(isinstance(v, dict) and {"size", "sha256"} <= v.keys()
+                                                  for v in files.values()):
+            raise ValueError("malformed entries")
+    except FileNotFoundError:
+        raise CheckpointError(f"{manifest_path}: missing (an incomplete checkpoint, or one written "
+                              "before checksums were recorded)") from None
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{manifest_path}: corrupted ({err})") from None
+    required = (STATE_FILE, OPTIMIZER_FILE, RNG_TENSORS_FILE, RNG_JSON_FILE)
+    for name in required:
+        if name not in files:
+            raise CheckpointError(f"{manifest_path}: does not list {name}")
+    for name, expected in files.items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing")
+        size = file.stat().st_size
+        if size != expected["size"]:
+            raise CheckpointError(f"{file}: {size} bytes, the manifest says {expected['size']} (truncated?)")
+        if _sha256(file) != expected["sha256"]:
+            raise CheckpointError(f"{file}: checksum differs from the manifest (corrupted)")
+
+
+def read_latest_marker(marker: str | Path) -> int | None:
+    """The step a run's latest.json names (None when there is no marker); CheckpointError if corrupted."""
+    marker = Path(marker)
+    if not marker.exists():
+        return None
+    try:
+        step = json.loads(marker.read_text())["step"]
+        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+            raise ValueError(f"step {step!r} is not a step number")
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"{marker}: corrupted checkpoint marker ({err})") from None
+    return step
+
+
 def list_checkpoints(folder: str | Path) -> list[Path]:
-    """Complete checkpoints in a folder, oldest first."""
+    """Complete checkpoints in a folder (by name: step_N with its state file), oldest first.
+    Folders mid-replacement (.partial, .old) are never listed."""
     folder = Path(folder)
     if not folder.exists():
         return []
-    found = [p for p in folder.iterdir() if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX)
-             and not p.name.endswith(".partial") and (p / "updater_state.json").exists()]
-    return sorted(found, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX):]))
+    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)
+             and (p / STATE_FILE).exists()]
+    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)))
 
 
 def latest_checkpoint(folder: str | Path) -> Path | None:
     found = list_checkpoints(folder)
     return found[-1] if found else None
+
+
+def latest_intact_checkpoint(folder: str | Path) -> Path | None:
+    """The newest checkpoint that passes `verify_checkpoint`, warning about each newer bad one;
+    None when the folder holds no checkpoint; CheckpointError (naming the bad file of the newest)
+    when it holds some and none is intact. Repairs interrupted replacements first."""
+    folder = Path(folder)
+    if not folder.exists():
+        return None
+    for leftover in folder.iterdir():
+        for suffix in (PARTIAL_SUFFIX, OLD_SUFFIX):
+            if leftover.name.endswith(suffix) and CHECKPOINT_NAME.match(leftover.name[:-len(suffix)]):
+                done = recover_folder(folder / leftover.name[:-len(suffix)])
+                if done:
+                    logger.warning("%s: %s", folder, done)
+    candidates = sorted((p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)),
+                        key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)), reverse=True)
+    first_error = None
+    for candidate in candidates:
+        try:
+            verify_checkpoint(candidate)
+        except CheckpointError as err:
+            first_error = first_error or err
+            logger.warning("skipping damaged checkpoint: %s", err)
+            continue
+        if first_error is not None:
+            logger.warning("falling back to %s, the newest intact checkpoint", candidate)
+        return candidate
+    if first_error is not None:
+        raise CheckpointError(f"no intact checkpoint in {folder}: {first_error}")
+    return None

@@ -237,8 +237,26 @@ def main(argv: Optional[list[str]] = None) -> dict:
         raise SystemExit("error: --train_jsonl is required (an interactions JSONL: prompt, completion, user_response)")
     if not cfg.output_dir:
         raise SystemExit("error: no output folder: pass --output_dir or set OUTPUT_DIR")
-    check_output_dir(cfg)
-    return train(cfg)
+    return train_holding_output_dir(cfg)
+
+
+def train_holding_output_dir(cfg: OfflineSDPOArguments) -> dict:
+    """train() with --output_dir locked against a second run writing it. Only the first process of a
+    torchrun/accelerate launch takes the lock: all its processes write the one folder together."""
+    from auxiliary.runtime.locks import FolderLock, FolderLockError
+
+    lock = FolderLock(cfg.output_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    if lock is not None:
+        try:
+            lock.acquire()
+        except FolderLockError as err:
+            raise SystemExit(f"error: {err}") from None
+    try:
+        check_output_dir(cfg)  # under the lock: a second run never deletes the first one's files
+        return train(cfg)
+    finally:
+        if lock is not None:
+            lock.release()
 
 
 # What a run leaves in --output_dir (besides checkpoint-N/ folders): an earlier run's results.

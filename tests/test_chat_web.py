@@ -1,9 +1,11 @@
 """The web chat (Gradio) in headless Chromium on a tiny model: two messages, two replies,
-one update reported, /why highlighted, a screenshot, /quit saves the adapter.
+one update reported, /why highlighted, a screenshot, /quit saves the adapter; with --auth, two
+logins in two browsers each get their own conversation and adapter.
 
 Needs the Debian packages `chromium` and `chromium-driver` (/usr/bin/chromium and
 /usr/bin/chromedriver); skipped with that reason when they are missing.
 """
+import json
 import os
 import shutil
 import socket
@@ -11,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
@@ -35,27 +38,36 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.fixture()
-def server(tmp_path, tiny_model_dir):
+def start_server(tmp_path, tiny_model_dir, *extra):
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false")
     args = [str(ROOT / "chat_sdpo.py"), "--ui", "web", "--port", str(port), "--model", tiny_model_dir,
             "--adapters_dir", str(tmp_path / "adapters"), "--user_id", "webuser", "--max_new_tokens", "6",
-            "--temperature", "0", "--lora_r", "4", "--lora_alpha", "8"]
+            "--temperature", "0", "--lora_r", "4", "--lora_alpha", "8", *extra]
     child = pexpect.spawn(sys.executable, args, cwd=str(ROOT), env=env, encoding="utf-8", timeout=WAIT)
     child.expect_exact(f"web UI on http://127.0.0.1:{port}")
-    yield child, f"http://127.0.0.1:{port}/", tmp_path / "adapters" / "webuser" / "adapter"
+    return child, f"http://127.0.0.1:{port}/"
+
+
+@pytest.fixture()
+def server(tmp_path, tiny_model_dir):
+    child, url = start_server(tmp_path, tiny_model_dir)
+    yield child, url, tmp_path / "adapters" / "webuser" / "adapter"
     if child.isalive():
         child.terminate(force=True)
 
 
-@pytest.fixture()
-def browser():
+def new_browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
     for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,1000"):
         options.add_argument(arg)
-    driver = webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+    return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
+
+
+@pytest.fixture()
+def browser():
+    driver = new_browser()
     yield driver
     driver.quit()
 
@@ -100,3 +112,49 @@ def test_web_chat_two_messages_one_update_why_and_screenshot(server, browser, tm
     child.expect_exact(f"saved to {adapter}")
     child.expect(pexpect.EOF)
     assert (adapter / "model" / "adapter_model.safetensors").exists()
+
+
+def log_in(driver, url, user, password):
+    driver.get(url)
+    WebDriverWait(driver, WAIT).until(lambda d: d.find_elements(By.CSS_SELECTOR, "input[type=password]"))
+    name_box = driver.find_elements(By.CSS_SELECTOR, "input[type=text], textarea")[0]
+    name_box.send_keys(user)
+    driver.find_element(By.CSS_SELECTOR, "input[type=password]").send_keys(password, Keys.ENTER)
+    WebDriverWait(driver, WAIT).until(lambda d: d.find_elements(By.CSS_SELECTOR, "#status")
+                                      and "updates" in d.find_element(By.CSS_SELECTOR, "#status").text)
+
+
+@pytest.mark.slow  # a chat server subprocess and two browsers: 40-90 s on 2 busy cores
+def test_two_logins_have_their_own_conversations_and_adapters(tmp_path, tiny_model_dir):
+    child, url = start_server(tmp_path, tiny_model_dir, "--auth", "alice:pa", "--auth", "bob:pb")
+    alice, bob = new_browser(), new_browser()
+    try:
+        log_in(alice, url, "alice", "pa")
+        send(alice, "Hello, how are you today?", 1)
+        send(alice, "Too long, be concise.", 2)
+        WebDriverWait(alice, WAIT).until(lambda d: "[update 1: loss" in d.find_element(By.CSS_SELECTOR, "#status").text)
+        log_in(bob, url, "bob", "pb")
+        assert "Hello, how are you today?" not in bob.find_element(By.CSS_SELECTOR, "#chat").text
+        assert "applied 0" in bob.find_element(By.CSS_SELECTOR, "#status").text
+        bob.find_element(By.CSS_SELECTOR, "#cmd-reset").click()
+        WebDriverWait(bob, WAIT).until(lambda d: "back to the base model" in d.find_element(By.CSS_SELECTOR, "#status").text)
+        alice.find_element(By.CSS_SELECTOR, "#cmd-quit").click()  # ends (and saves) alice's session only
+        WebDriverWait(alice, WAIT).until(lambda d: "your session ended" in d.find_element(By.CSS_SELECTOR, "#status").text)
+    finally:
+        alice.quit()
+        bob.quit()
+    assert child.isalive()  # one user cannot stop the server for the others
+    child.sendintr()  # Ctrl-C: saves bob's open session
+    child.expect(pexpect.EOF)
+    from online_sdpo_updater import verify_checkpoint
+
+    from safetensors.torch import load_file
+
+    weights = {}
+    for user, updates in (("alice", 1), ("bob", 0)):
+        adapter = tmp_path / "adapters" / user / "adapter"
+        verify_checkpoint(adapter)
+        assert json.loads((adapter / "updater_state.json").read_text())["extra"]["updates_applied"] == updates
+        weights[user] = load_file(str(adapter / "model" / "adapter_model.safetensors"))
+    # bob's /reset left alice's learned adapter alone: hers still differs from bob's fresh one
+    assert any(not torch.equal(weights["alice"][k], weights["bob"][k]) for k in weights["alice"])

@@ -10,8 +10,9 @@ weights as they are), THEN runs the update that the message triggers, while the 
 reads and types. The reply to o is therefore written before o's own update; every
 later reply uses all updates so far.
 
-One user per process: the session owns one adapter (under `<adapters_dir>/<user_id>/`)
-and one optimizer; serving several people means one process (and port) per user.
+One session per user: it owns one adapter (under `<adapters_dir>/<user_id>/`, a private
+folder held with a FolderLock from `load()` to `close()`, so no second process writes it) and
+one optimizer. The web UI keeps one session per logged-in user (auxiliary/chat/web.py).
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from typing import Callable, Iterator
 import torch
 
 from auxiliary.runtime.generation import GeneratedResponse, cut_at_stop, left_pad, stop_token_ids
-from auxiliary.runtime.io_utils import append_jsonl
+from auxiliary.runtime.io_utils import append_jsonl, private_dir, recover_folder
+from auxiliary.runtime.locks import FolderLock
 from sdpo_objective import compute_signal, hindsight_messages, render_context_ids
 
 ADAPTER_FOLDER = "adapter"            # <adapters_dir>/<user_id>/adapter: an updater checkpoint
@@ -192,6 +194,7 @@ class ChatSession:
         self._jobs_in_flight = 0
         self._jobs_lock = threading.Lock()
         self._closed = False
+        self._lock = FolderLock(self.user_dir)
 
     # ------------------------------------------------------------------ paths and persistence
     @property
@@ -199,11 +202,23 @@ class ChatSession:
         return self.user_dir / ADAPTER_FOLDER
 
     def load(self) -> str:
-        """Load this user's saved adapter and optimizer if there is one; returns what happened."""
-        return self._run(self._load)
+        """Take this user's folder (lock) and load the saved adapter and optimizer if there is one;
+        returns what happened. A failed load gives the folder back."""
+        self._hold_folder()
+        try:
+            return self._run(self._load)
+        except BaseException:
+            self._lock.release()
+            raise
+
+    def _hold_folder(self) -> None:
+        if not self._lock.held:
+            private_dir(self.user_dir)
+            self._lock.acquire()
 
     def _load(self) -> str:
         path = self.adapter_path
+        repaired = recover_folder(path)  # an interrupted save: the old or the new adapter, never none
         if not (path / "updater_state.json").exists():
             return f"new user: fresh adapter (will be saved to {path})"
         import json
@@ -221,7 +236,9 @@ class ChatSession:
         self.updater.load_checkpoint(path)
         self.updates_applied = int(extra.get("updates_applied", 0))
         self.updates_skipped = int(extra.get("updates_skipped", 0))
-        return f"loaded adapter of user '{self.user_dir.name}' from {path} ({self.updates_applied} updates so far)"
+        note = f"; {repaired}" if repaired else ""
+        return (f"loaded adapter of user '{self.user_dir.name}' from {path} "
+                f"({self.updates_applied} updates so far{note})")
 
     def _check_lora_shape(self, adapter_config: Path) -> None:
         if not self.updater.config.use_lora or not adapter_config.exists():
@@ -240,6 +257,7 @@ class ChatSession:
         return self._run(self._save)
 
     def _save(self) -> Path:
+        self._hold_folder()
         extra = {"base_model": str(self.updater.model_path), "user_id": self.user_dir.name,
                  "updates_applied": self.updates_applied, "updates_skipped": self.updates_skipped}
         return self.updater.save_checkpoint(self.adapter_path, extra_state=extra)
@@ -248,9 +266,12 @@ class ChatSession:
         """Finish queued work, save (by default) and stop the worker. Safe to call twice."""
         if self._closed:
             return None
-        path = self.save() if save else None
-        self._closed = True
-        self._worker.shutdown(wait=True)
+        try:
+            path = self.save() if save else None
+        finally:
+            self._closed = True
+            self._worker.shutdown(wait=True)
+            self._lock.release()
         return path
 
     # ------------------------------------------------------------------ chatting
@@ -372,7 +393,7 @@ class ChatSession:
         if not self.log_interactions:
             return
         values = torch.tensor(signal, dtype=torch.float32)
-        append_jsonl(self.user_dir / INTERACTIONS_FILE, {
+        append_jsonl(self.user_dir / INTERACTIONS_FILE, private=True, record={
             "prompt": pending.context, "completion": pending.reply.text, "user_response": followup,
             "updated": updated, "signal_mean": float(values.mean()), "signal_abs_mean": float(values.abs().mean()),
             "time": time.strftime("%Y-%m-%dT%H:%M:%S"),

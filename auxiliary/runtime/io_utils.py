@@ -132,11 +132,19 @@ def atomic_write_jsonl(path: str | os.PathLike, records: Iterable[dict]) -> int:
     return len(lines)
 
 
-def append_jsonl(path: str | os.PathLike, record: dict) -> None:
-    """Append one line and fsync (used for metrics.jsonl; resume truncates by step)."""
+def append_jsonl(path: str | os.PathLike, record: dict, private: bool = False) -> None:
+    """Append one line and fsync (used for metrics.jsonl; resume truncates by step).
+
+    private: a new file is created readable by its owner only (the chat's interaction log)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a", encoding="utf-8") as handle:
+    if private:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, PRIVATE_FILE_MODE)
+        os.fchmod(fd, PRIVATE_FILE_MODE)  # also tightens a log written by an older version
+        handle = os.fdopen(fd, "a", encoding="utf-8")
+    else:
+        handle = path.open("a", encoding="utf-8")
+    with handle:
         handle.write(to_json(record) + "\n")
         handle.flush()
         os.fsync(handle.fileno())
@@ -162,3 +170,101 @@ def _json_default(obj: Any):
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"not JSON serialisable: {type(obj).__name__}")
+
+
+# ---------------------------------------------------------------------- private folders
+
+PRIVATE_DIR_MODE = 0o700
+PRIVATE_FILE_MODE = 0o600
+
+
+def private_dir(path: str | os.PathLike) -> Path:
+    """Create `path` (and missing parents) readable by its owner only, or tighten an existing one.
+
+    The default chat and run folders live under a world-writable base (/tmp): a folder that
+    someone else created there could hold files planted for us, so one not owned by this user
+    is refused rather than used."""
+    path = Path(path)
+    missing = []
+    probe = path
+    while not probe.exists():
+        missing.append(probe)
+        probe = probe.parent
+    for folder in reversed(missing):
+        try:
+            folder.mkdir(mode=PRIVATE_DIR_MODE)
+        except FileExistsError:  # created meanwhile by another process: checked below
+            pass
+    if not path.is_dir():
+        raise NotADirectoryError(f"{path} is not a folder")
+    owner = path.stat().st_uid
+    if owner != os.getuid():
+        raise PermissionError(f"{path} belongs to user id {owner}, not to you ({os.getuid()}): "
+                              "refusing to read or write it; choose another folder")
+    for folder in [path, *missing]:
+        os.chmod(folder, PRIVATE_DIR_MODE)  # mkdir's mode is reduced by the umask; set it exactly
+    return path
+
+
+# ---------------------------------------------------------------------- crash-safe folder replacement
+#
+# A folder (checkpoint, adapter) is replaced in four steps so that at every moment either the old
+# or the new complete folder exists: write the new one as NAME.partial, rename NAME to NAME.old,
+# rename NAME.partial to NAME, delete NAME.old. `recover_folder` repairs what a crash left.
+
+PARTIAL_SUFFIX = ".partial"
+OLD_SUFFIX = ".old"
+
+
+def partial_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + PARTIAL_SUFFIX)
+
+
+def old_path(path: str | os.PathLike) -> Path:
+    path = Path(path)
+    return path.with_name(path.name + OLD_SUFFIX)
+
+
+def recover_folder(path: str | os.PathLike) -> str:
+    """Undo what an interrupted `replace_folder` left behind; returns what it did ("" when nothing).
+
+    A .partial is never complete-by-name: it is deleted. NAME missing with NAME.old present means
+    the crash came between the two renames: the old folder is put back. NAME and NAME.old both
+    present means the crash came after the second rename: NAME is the new complete one."""
+    import shutil
+
+    path = Path(path)
+    done = []
+    partial, old = partial_path(path), old_path(path)
+    if partial.exists():
+        shutil.rmtree(partial)
+        done.append(f"deleted the unfinished {partial.name}")
+    if old.exists():
+        if path.exists():
+            shutil.rmtree(old)
+            done.append(f"deleted the replaced {old.name}")
+        else:
+            old.rename(path)
+            done.append(f"restored {path.name} from {old.name}")
+    if done:
+        fsync_dir(path.parent)
+    return "; ".join(done)
+
+
+def replace_folder(partial: str | os.PathLike, path: str | os.PathLike) -> Path:
+    """Move the complete folder `partial` to `path`, replacing what is there, crash-safely."""
+    import shutil
+
+    partial, path = Path(partial), Path(path)
+    old = old_path(path)
+    if old.exists():
+        shutil.rmtree(old)  # recover_folder ran before the new folder was written: NAME is intact
+    if path.exists():
+        path.rename(old)
+        fsync_dir(path.parent)
+    partial.rename(path)
+    fsync_dir(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+    return path
