@@ -34,6 +34,8 @@ import hashlib
 import json
 import logging
 import os
+import signal
+import threading
 import sys
 import time
 from pathlib import Path
@@ -90,6 +92,8 @@ class OnlineRun:
         self.folder = RunFolder.open(out, resume=run.resume, overwrite=run.overwrite)
         self.out = self.folder.path
         self.folder.attach_log()
+        if run.resume:  # before any model loads: a changed experiment (another model, say) is one line
+            self.folder.check_resume_config(self._config_parts(), run.allow_config_change)
         tokenizer, model_path = self._load_tokenizer()
         self._load_data(tokenizer)
         self._make_users_and_judges()
@@ -173,15 +177,17 @@ class OnlineRun:
         self.metrics, self.history = self.folder.truncate_after(step)  # what comes after is replayed
         self.start_step = max(step, 0) + 1
 
-    def _write_config(self, model_path: str) -> None:
+    def _config_parts(self) -> dict:
         from auxiliary.runtime.secrets import public_config
 
-        self.folder.write_config({"sdpo": public_config(self.sdpo.to_dict()),
-                                  "run": public_config(dataclasses.asdict(self.run)),
+        return {"sdpo": public_config(self.sdpo.to_dict()), "run": public_config(dataclasses.asdict(self.run))}
+
+    def _write_config(self, model_path: str) -> None:
+        self.folder.write_config({**self._config_parts(),
                                   "resolved": {"model_path": model_path, "output_dir": str(self.out),
                                                "arms": self.arms, "styles": self.styles,
                                                "device": str(self.updaters["feedback"].device), **self.data_info}},
-                                 resume=self.run.resume)
+                                 resume_step=self.start_step - 1 if self.run.resume else None)
 
     def _load_or_make_baseline(self) -> None:
         signature = {"baseline_model": self.run.baseline_model or self.sdpo.model,
@@ -367,8 +373,12 @@ def _expected_errors() -> tuple[tuple, tuple]:
              UnsupportedStyleError, ValueError, ClaudeAuthError), (ClaudeAuthError, ClaudeRequestError, EmptyFeedbackError))
 
 
-def fail(message: str, code: int = 2) -> int:
+def fail(message: str, code: int = 2, run: "OnlineRun | None" = None) -> int:
     print(f"eval_online_sdpo.py: error: {message}", file=sys.stderr, flush=True)
+    folder = getattr(run, "folder", None)
+    if folder is not None:
+        folder.log_error(message)  # the final error goes to run.log too
+        folder.close()
     return code
 
 
@@ -379,20 +389,32 @@ def main(argv: list[str] | None = None) -> int:
     from auxiliary.runtime.cli import parse_dataclasses
 
     setup_errors, run_errors = _expected_errors()
+    run = None
     try:
         sdpo, run_config = parse_dataclasses((OnlineSDPOConfig, OnlineRunConfig), argv, prog="eval_online_sdpo.py")
         run = OnlineRun(sdpo, run_config)
         run.setup()
     except setup_errors as err:
-        return fail(str(err))
+        return fail(str(err), 2, run)
+    in_main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None  # SLURM preemption
     try:
         run.loop()
         run.summary()
     except run_errors as err:
-        return fail(f"{type(err).__name__}: {err} (completed steps are in {run.out}; rerun with --resume)", 1)
-    except KeyboardInterrupt:
-        return fail(f"interrupted; completed steps are in {run.out} (continue with --resume)", 130)
+        return fail(f"{type(err).__name__}: {err} (completed steps are in {run.out}; rerun with --resume)", 1, run)
+    except KeyboardInterrupt as interrupt:
+        return fail(f"{interrupt.args[0] if interrupt.args else 'interrupted'}; completed steps are in {run.out} "
+                    "(the run can be resumed: rerun with --resume)", 143 if interrupt.args else 130, run)
+    finally:
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+        run.folder.close()
     return 0
+
+
+def _terminated(signum, frame):
+    raise KeyboardInterrupt("terminated (SIGTERM)")
 
 
 if __name__ == "__main__":

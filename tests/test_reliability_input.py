@@ -46,9 +46,9 @@ def online_cases(model_dir: Path, data: Path) -> dict:
 
 
 def offline_cases(model_dir: Path, data: Path) -> dict:
-    def args(train_jsonl, model=model_dir):
-        return ["--base_model", model, "--train_jsonl", train_jsonl, "--output_dir", data / "offline_out",
-                "--max_steps", "1"]
+    def args(train_jsonl, model=model_dir):  # an output folder each: the cases run at once, and a folder has one writer
+        return ["--base_model", model, "--train_jsonl", train_jsonl, "--output_dir",
+                data / f"offline_out_{Path(train_jsonl).stem}", "--max_steps", "1"]
 
     return {
         "offline_malformed_jsonl": (args(data / "offline_malformed.jsonl"), {},

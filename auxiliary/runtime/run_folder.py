@@ -1,13 +1,18 @@
 """The folder of one online run: the single owner of what is written there and of the resume rules.
 
-    folder = RunFolder.open(path, resume=False, overwrite=False)   # create, probe, apply the rules
-    folder.attach_log()                                             # run.log, for this run only
+    folder = RunFolder.open(path, resume=False, overwrite=False)   # create, probe, lock, apply the rules
+    folder.attach_log()                                             # run.log (0600), for this run only
+    folder.check_resume_config(config, allow_change=False)          # resume: refuse changed settings
+    step, paths = folder.resume_checkpoints(arms)                   # resume: newest intact checkpoints
     metrics, history = folder.truncate_after(step)                  # resume: drop what comes after
-    folder.write_config(config, resume=True)                        # warns about changed settings
+    folder.write_config(config, resume_step=step)                   # config.json with its change history
     folder.cached_baseline(signature) / folder.save_baseline(signature, replies)
-    folder.write_checkpoint_marker(step, arms) / folder.checkpoint_marker_step()
+    folder.write_checkpoint_marker(step, arms)
+    folder.close()                                                  # the lock goes
 
-Rules of open(): the folder must be writable (a probe file is written and removed); --overwrite
+Rules of open(): the folder is created owner-only (0700) and must be writable (a probe file is
+written and removed); it is locked (.lock: PID and host) so that a second run or a --resume while
+the first is alive is refused, and a stale lock of a dead process is taken over; --overwrite
 deletes earlier results first; without it a folder that holds results (metrics.jsonl or
 eval_history.json) is refused unless the run resumes. Checkpoints of several arms sit in
 checkpoints/<arm>/step_N; checkpoints/latest.json names a step only once every arm has it.
@@ -21,14 +26,20 @@ import shutil
 import time
 from pathlib import Path
 
-from auxiliary.runtime.io_utils import DataError, append_jsonl, atomic_write_json, atomic_write_jsonl, read_jsonl
+from auxiliary.runtime.io_utils import (DataError, append_jsonl, atomic_write_json, atomic_write_jsonl, private_dir,
+                                        read_jsonl)
+from auxiliary.runtime.locks import FolderLock, FolderLockError
 
 logger = logging.getLogger("eval_online_sdpo")  # the run's own lines in run.log, as before the move
 
 RESULT_FILES = ("config.json", "metrics.jsonl", "eval_history.json", "completions.jsonl", "winrate.png",
                 "summary.json", "baseline_completions.json", "run.log")
-# Flags that may differ between a run and its resume without changing the results.
-RESUME_NEUTRAL_FLAGS = {"resume", "overwrite", "wandb", "debug_first_example"}
+# Flags that may differ between a run and its resume without changing the experiment; any other
+# difference is refused unless --allow_config_change (then recorded in config.json's history).
+RESUME_NEUTRAL_FLAGS = {"resume", "overwrite", "allow_config_change", "wandb", "wandb_project", "debug_first_example",
+                        "api_concurrency", "api_max_retries", "api_timeout_s", "run_name", "output_dir",
+                        # the run's length and bookkeeping: a stopped run is continued to more steps
+                        "train_n", "save_checkpoints", "checkpoint_every", "max_checkpoints", "checkpoint_dir"}
 
 
 class RunFolderError(RuntimeError):
@@ -67,27 +78,45 @@ class RunFolder:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.checkpoint_root = self.path / "checkpoints"
+        self.lock: FolderLock | None = None
+        self.config_changes: dict = {}  # what a --resume --allow_config_change changed: {key: [old, new]}
 
     @classmethod
     def open(cls, path: Path, resume: bool, overwrite: bool) -> "RunFolder":
+        """Create (owner-only), probe and lock the folder, then apply the overwrite / resume rules."""
         folder = cls(Path(path).expanduser().resolve())
         out = folder.path
         try:
-            out.mkdir(parents=True, exist_ok=True)
+            private_dir(out)
             probe = out / f".write_test.{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
-        except OSError as err:
-            raise RunFolderError(f"output dir {out} is not writable: {err.strerror or err}") from None
+        except (OSError, ValueError) as err:
+            raise RunFolderError(f"output dir {out} is not writable: {getattr(err, 'strerror', None) or err}") from None
         has_results = (out / "metrics.jsonl").exists() or (out / "eval_history.json").exists()
+        if has_results and not (resume or overwrite):
+            raise RunFolderError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+        try:  # one writer per folder: a second run, or a --resume while the first is alive, stops here
+            folder.lock = FolderLock(out).acquire()
+        except FolderLockError as err:
+            raise RunFolderError(str(err)) from None
         if overwrite:
             for name in RESULT_FILES:
                 (out / name).unlink(missing_ok=True)
             shutil.rmtree(folder.checkpoint_root, ignore_errors=True)
             shutil.rmtree(out / "wandb", ignore_errors=True)
-        elif has_results and not resume:
-            raise RunFolderError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
         return folder
+
+    def close(self) -> None:
+        if self.lock is not None:
+            self.lock.release()
+            self.lock = None
+
+    def log_error(self, message: str) -> None:
+        """The run's final error, into run.log only (the console has it already)."""
+        for handler in logging.getLogger().handlers:
+            if getattr(handler, "is_sdpo_run_log", False):
+                handler.handle(logging.LogRecord(logger.name, logging.ERROR, __file__, 0, message, None, None))
 
     def __truediv__(self, name: str) -> Path:
         return self.path / name
@@ -98,7 +127,10 @@ class RunFolder:
         for earlier in [h for h in root.handlers if getattr(h, "is_sdpo_run_log", False)]:
             root.removeHandler(earlier)  # an earlier run in this process (main() called twice) logs no more
             earlier.close()
-        handler = logging.FileHandler(self.path / "run.log", encoding="utf-8")
+        log_file = self.path / "run.log"
+        log_file.touch(mode=0o600)
+        os.chmod(log_file, 0o600)  # the log names paths and settings: owner-only, like the folder
+        handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.is_sdpo_run_log = True
         root.addHandler(handler)
@@ -131,16 +163,33 @@ class RunFolder:
         atomic_write_jsonl(self.path / "completions.jsonl", kept)
         return metrics, history
 
-    def write_config(self, config: dict, resume: bool) -> None:
-        """config.json ({"sdpo": ..., "run": ..., "resolved": ...}); a resume warns about changed settings."""
+    def check_resume_config(self, config: dict, allow_change: bool) -> None:
+        """Before anything is loaded: a --resume whose settings change the experiment is refused with
+        the list of differences, unless allowed (the change is then recorded by write_config)."""
         previous = self.path / "config.json"
-        if resume and previous.exists():
-            old = json.loads(previous.read_text())
-            changed = sorted(k for part in ("sdpo", "run") for k, v in config[part].items()
-                             if k not in RESUME_NEUTRAL_FLAGS and old.get(part, {}).get(k) != v)
-            if changed:
-                logger.warning("--resume with settings that differ from the first run: %s", ", ".join(changed))
-        atomic_write_json(previous, config)
+        if not previous.exists():
+            return
+        old = json.loads(previous.read_text())
+        changes = {k: [old.get(part, {}).get(k), v] for part in ("sdpo", "run") for k, v in config[part].items()
+                   if k not in RESUME_NEUTRAL_FLAGS and old.get(part, {}).get(k) != v}
+        if changes and not allow_change:
+            listed = "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in sorted(changes.items()))
+            raise RunFolderError(f"--resume with settings that change the experiment ({listed}); pass "
+                                 "--allow_config_change to go on (the change is recorded in config.json)")
+        if changes:
+            logger.warning("--resume --allow_config_change: %s", ", ".join(sorted(changes)))
+        self.config_changes = changes
+
+    def write_config(self, config: dict, resume_step: int | None = None) -> None:
+        """config.json ({"sdpo": ..., "run": ..., "resolved": ..., "history": [...]}); the history keeps
+        every change a resume made, with the step it was made after, so nothing is lost."""
+        previous = self.path / "config.json"
+        history = json.loads(previous.read_text()).get("history", []) if previous.exists() else []
+        if resume_step is not None and self.config_changes:
+            history.append({"resumed_after_step": resume_step, "changed": self.config_changes,
+                            "time": time.strftime("%Y-%m-%d %H:%M:%S")})
+            self.config_changes = {}  # recorded once
+        atomic_write_json(previous, {**config, "history": history})
 
     # ------------------------------------------------------------ baseline cache
     def cached_baseline(self, signature: dict) -> list[str] | None:
@@ -166,19 +215,46 @@ class RunFolder:
         atomic_write_json(self.checkpoint_root / "latest.json", {"step": step, "arms": arms})
 
     def checkpoint_marker_step(self) -> int | None:
-        """The newest step every arm has a checkpoint of; None without a marker."""
-        marker = self.checkpoint_root / "latest.json"
-        return int(json.loads(marker.read_text())["step"]) if marker.exists() else None
+        """The step the marker names (every arm has it); None without a marker."""
+        from online_sdpo_updater import read_latest_marker
+
+        return read_latest_marker(self.checkpoint_root / "latest.json")
 
     def resume_checkpoints(self, arms: list[str]) -> tuple[int, dict[str, Path]]:
-        """(step, {arm: its checkpoint}) to resume from; (-1, {}) when there is no checkpoint."""
-        step = self.checkpoint_marker_step()
+        """(step, {arm: its checkpoint}) to resume from; (-1, {}) when there is no checkpoint.
+
+        The marker's step is used when every arm's checkpoint there is intact (sizes and checksums of
+        its manifest); else, with a warning, the newest step at which every arm's checkpoint is intact;
+        a one-line error naming the bad file when there is none."""
+        from online_sdpo_updater import CheckpointError, list_checkpoints, read_latest_marker, verify_checkpoint
+
+        try:
+            step = read_latest_marker(self.checkpoint_root / "latest.json")
+        except CheckpointError as err:
+            logger.warning("--resume: %s; looking for the newest intact checkpoint", err)
+            step = -2  # corrupted: fall back below
         if step is None:
             logger.warning("--resume: no checkpoint in %s, starting again from step 0 (baseline cache kept)",
                            self.checkpoint_root)
             return -1, {}
-        paths = {arm: self.checkpoint_path(arm, step) for arm in arms}
-        for path in paths.values():
-            if not path.exists():
-                raise RunFolderError(f"--resume: {path} is missing (the run had arms {arms}?)")
-        return step, paths
+        steps = sorted(set.intersection(*[{int(p.name.split("_")[1]) for p in list_checkpoints(self.checkpoint_root / a)}
+                                          for a in arms]), reverse=True)
+        candidates = ([step] if step >= 0 else []) + [s for s in steps if step < 0 or s < step]
+        first_error = None
+        for candidate in candidates:
+            paths = {arm: self.checkpoint_path(arm, candidate) for arm in arms}
+            try:
+                for arm, path in paths.items():
+                    if not path.exists():
+                        raise CheckpointError(f"{path} is missing (the run had arms {arms}?)")
+                    verify_checkpoint(path)
+            except CheckpointError as err:
+                first_error = first_error or err
+                logger.warning("--resume: skipping step %d: %s", candidate, err)
+                continue
+            if first_error is not None or step < 0:
+                logger.warning("--resume: falling back to step %d, the newest intact checkpoint of every arm", candidate)
+            return candidate, paths
+        raise RunFolderError(f"--resume: no intact checkpoint in {self.checkpoint_root}: {first_error}")
+
+
