@@ -114,29 +114,12 @@ class OnlineRun:
             raise SetupError(f"could not load the tokenizer of --model {self.sdpo.model}: {err}") from None
 
     def _load_data(self, tokenizer) -> None:
-        from auxiliary.evals.evaluation_helpers import find_data_file, load_prompts
+        from auxiliary.evals.evaluation_helpers import load_run_prompts
 
-        run, limit = self.run, self.run.max_prompt_tokens
-        self.train_prompts, dropped_train = load_prompts(find_data_file(run.train_jsonl), n=run.train_n,
-                                                         seed=self.sdpo.seed, tokenizer=tokenizer, max_prompt_tokens=limit)
-        self.eval_prompts, dropped_eval = (([], 0) if run.eval_n == 0 else
-                                           load_prompts(find_data_file(run.val_jsonl), n=run.eval_n,
-                                                        seed=self.sdpo.seed + 1, tokenizer=tokenizer,
-                                                        max_prompt_tokens=limit))
-        self.data_info = {"train_prompts": len(self.train_prompts), "eval_prompts": len(self.eval_prompts),
-                          "dropped_train_over_max_prompt_tokens": dropped_train,
-                          "dropped_eval_over_max_prompt_tokens": dropped_eval}
-        for path, asked, kept, dropped in ((run.train_jsonl, run.train_n, self.train_prompts, dropped_train),
-                                           (run.val_jsonl, run.eval_n, self.eval_prompts, dropped_eval)):
-            if asked and not kept:  # else a run of zero steps would look like a success
-                raise SetupError(f"{path}: all {dropped} prompts are longer than --max_prompt_tokens {limit}")
-        for name, asked, got in (("train_n", run.train_n, len(self.train_prompts)),
-                                 ("eval_n", run.eval_n, len(self.eval_prompts))):
-            if got < asked:
-                logger.warning("--%s %d is more than the usable data: clamped to %d", name, asked, got)
-        if dropped_train or dropped_eval:
-            logger.warning("dropped prompts over max_prompt_tokens=%s: %d train, %d eval", limit, dropped_train,
-                           dropped_eval)
+        run = self.run
+        self.train_prompts, self.eval_prompts, self.data_info = load_run_prompts(
+            run.train_jsonl, run.train_n, run.val_jsonl, run.eval_n, self.sdpo.seed, tokenizer, run.max_prompt_tokens,
+            logger)
         self.num_steps = len(self.train_prompts)
 
     def _make_users_and_judges(self) -> None:

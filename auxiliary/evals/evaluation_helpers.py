@@ -233,3 +233,28 @@ def plot_win_rates(history_records: Sequence[dict], path: str | os.PathLike, tit
     fig.savefig(image, format=path.suffix.lstrip(".") or "png", dpi=120)
     atomic_write_bytes(path, image.getvalue())
     return str(path)
+
+
+def load_run_prompts(train_jsonl, train_n: int, val_jsonl, eval_n: int, seed: int, tokenizer, max_prompt_tokens,
+                     logger) -> tuple[list, list, dict]:
+    """The online run's training and evaluation prompts (seeds `seed` and `seed + 1`) and what was
+    dropped; DataError when every prompt of a file is too long (a run of zero steps would look like a
+    success); `logger` (the run's) warns about clamped counts and dropped prompts."""
+    train, dropped_train = load_prompts(find_data_file(train_jsonl), n=train_n, seed=seed, tokenizer=tokenizer,
+                                        max_prompt_tokens=max_prompt_tokens)
+    held_out, dropped_eval = (([], 0) if eval_n == 0 else
+                              load_prompts(find_data_file(val_jsonl), n=eval_n, seed=seed + 1, tokenizer=tokenizer,
+                                           max_prompt_tokens=max_prompt_tokens))
+    for path, asked, kept, dropped in ((train_jsonl, train_n, train, dropped_train),
+                                       (val_jsonl, eval_n, held_out, dropped_eval)):
+        if asked and not kept:
+            raise DataError(f"{path}: all {dropped} prompts are longer than --max_prompt_tokens {max_prompt_tokens}")
+    for name, asked, got in (("train_n", train_n, len(train)), ("eval_n", eval_n, len(held_out))):
+        if got < asked:
+            logger.warning("--%s %d is more than the usable data: clamped to %d", name, asked, got)
+    if dropped_train or dropped_eval:
+        logger.warning("dropped prompts over max_prompt_tokens=%s: %d train, %d eval", max_prompt_tokens,
+                       dropped_train, dropped_eval)
+    info = {"train_prompts": len(train), "eval_prompts": len(held_out),
+            "dropped_train_over_max_prompt_tokens": dropped_train, "dropped_eval_over_max_prompt_tokens": dropped_eval}
+    return train, held_out, info

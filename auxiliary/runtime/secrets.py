@@ -12,7 +12,7 @@ import re
 
 MASK = "***"
 SECRET_KEY_NAMES = ("api_key", "apikey", "hf_token", "access_token", "auth_token", "token", "secret",
-                    "client_secret", "password", "passwd", "credentials", "auth")  # auth: the web chat logins
+                    "client_secret", "password", "passwd", "credentials", "auth", "auth_file")  # auth: the web chat logins
 _SECRET_KEY = re.compile(r"(^|_)(" + "|".join(SECRET_KEY_NAMES) + r")$")
 _SECRET_VALUE = re.compile(
     r"^(sk-ant-[A-Za-z0-9_-]{8,}"     # Anthropic
@@ -34,6 +34,8 @@ def looks_like_secret(value) -> bool:
 
 
 def mask_value(key: str, value):
+    if value and is_secret_key(key):  # the whole value, a list of logins included
+        return MASK
     if isinstance(value, dict):
         return public_config(value)
     if isinstance(value, (list, tuple)):
