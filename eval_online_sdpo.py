@@ -313,7 +313,7 @@ class OnlineRun:
         # The marker names a step only once every arm has it: a crash in between resumes from the older one.
         self.folder.write_checkpoint_marker(step, self.arms)
         for arm in self.arms:  # pruned only now, so the marker's step always survives
-            self.updaters[arm].prune_checkpoints(self.folder.checkpoint_root / arm, max(1, self.sdpo.max_checkpoints))
+            self.updaters[arm].prune_checkpoints(self.folder.checkpoint_root / arm, self.sdpo.max_checkpoints)  # 0: all
 
     # ------------------------------------------------------------ reporting
     def summary(self) -> dict:

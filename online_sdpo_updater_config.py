@@ -24,7 +24,7 @@ class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, Context
     # checkpoints
     checkpoint_dir: Optional[str] = field(default=None, metadata={"help": "where step_N checkpoints go"})
     checkpoint_every: int = field(default=0, metadata={"help": "save every N updates (0 = only when asked)"})
-    max_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    max_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept (0 = all)"})
     # misc
     seed: int = field(default=1234, metadata={"help": "random seed"})
     use_vllm: bool = field(default=False, metadata={"help": "generate with vLLM (GPU, optional extra); LoRA adapter-only weight sync"})

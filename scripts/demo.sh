@@ -9,6 +9,7 @@
 # DEMO_EVAL_EVERY, DEMO_MAX_NEW_TOKENS (also the evaluation's) and DEMO_SEED override it when set,
 # and extra arguments go to eval_online_sdpo.py:
 #   DEMO_TRAIN_N=40 scripts/demo.sh --eval_every 10
+# `--dry-run` prints the resolved command, like the other wrappers, and runs or writes nothing.
 set -euo pipefail
 REPO_ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$REPO_ROOT"
@@ -17,6 +18,12 @@ PY=${PYTHON:-$REPO_ROOT/.venv/bin/python}
 [[ -x $PY ]] || { echo "error: $PY not found; run 'make demo' (it creates .venv) or set PYTHON" >&2; exit 2; }
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline}
 PROFILE=configs/demo.yaml
+DRY_RUN=0
+passed=()
+for arg in "$@"; do
+    if [[ $arg == --dry-run ]]; then DRY_RUN=1; else passed+=("$arg"); fi
+done
+set -- ${passed[@]+"${passed[@]}"}
 
 BASE_WORK=${BASE_WORK:-${SCRATCH:-${TMPDIR:-/tmp}}}
 OUTPUT_DIR=${OUTPUT_DIR:-$BASE_WORK/sdpo_runs/demo-$(date +%Y%m%d-%H%M%S)}
@@ -46,6 +53,12 @@ setting EVAL_EVERY eval_every
 setting MAX_NEW_TOKENS max_new_tokens --eval_max_new_tokens
 setting SEED seed
 
+command=("$PY" eval_online_sdpo.py --config "$PROFILE" ${overrides[@]+"${overrides[@]}"} --output_dir "$OUTPUT_DIR" "$@")
+if [[ $DRY_RUN == 1 ]]; then
+    printf '%q ' "${command[@]}" | sed 's/ $/\n/'
+    exit 0
+fi
+
 cat <<HEADER
 == make demo: online SDPO on CPU ==
 policy      SmolLM2-135M-Instruct (embedded), fp32, $("$PY" -c 'import torch; print(torch.get_num_threads())') CPU threads
@@ -58,6 +71,6 @@ output      $OUTPUT_DIR
 HEADER
 
 started=$(date +%s)
-"$PY" eval_online_sdpo.py --config "$PROFILE" ${overrides[@]+"${overrides[@]}"} --output_dir "$OUTPUT_DIR" "$@"
+"${command[@]}"
 elapsed=$(( $(date +%s) - started ))
 printf 'demo finished in %dm%02ds\n' $((elapsed / 60)) $((elapsed % 60))

@@ -305,3 +305,12 @@ def test_every_user_gets_its_per_step_seed_as_an_argument(tiny_model_dir, data_d
     expected = [(kind, derive_seed(7, "user", arm, step)) for step in (1, 2)
                 for kind, arm in (("rule", "feedback"), ("neutral", "placebo"))]
     assert calls == expected
+
+
+@pytest.mark.parametrize("keep, expected", [(0, [1, 2, 3]), (1, [3])])
+def test_max_checkpoints_zero_keeps_every_checkpoint(tiny_model_dir, data_dir, tmp_path, keep, expected):
+    out = tmp_path / "run"
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=3, eval_n=0, save_checkpoints=True,
+                                           checkpoint_every=1, max_checkpoints=keep)) == 0
+    kept = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints" / "feedback").iterdir())
+    assert kept == expected

@@ -669,3 +669,15 @@ def test_the_profile_and_the_users_config_decide_whether_claude_needs_a_key(work
     # the profile first, the user's YAML after it (later files win), then the user's flags
     configs = [call["argv"][i + 1] for i, a in enumerate(call["argv"]) if a == "--config"]
     assert configs == [str(REPO / "configs" / "wrappers" / "eval_online_sdpo.yaml"), str(mine)]
+
+
+def test_demo_accepts_dry_run_and_writes_nothing(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
+    env.update(BASE_WORK=str(tmp_path), DEMO_SEED="7")
+    result = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--dry-run", "--eval_every", "5"],
+                            capture_output=True, text=True, env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    line = result.stdout.strip().splitlines()[-1]
+    assert "eval_online_sdpo.py --config configs/demo.yaml --seed 7 --output_dir" in line
+    assert line.endswith("--eval_every 5") and "--dry-run" not in line
+    assert list(tmp_path.iterdir()) == []
