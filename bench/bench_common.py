@@ -45,16 +45,21 @@ def _full_response_logits(model, batch: ScoringBatch) -> torch.Tensor:
     return logits[:, width_c - 1: width_c + width_r - 1]
 
 
-def straightforward_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: ObjectiveOptions) -> torch.Tensor:
-    """The same loss as sdpo_loss with default shaping options, computed the obvious way."""
+def student_and_teacher_logits(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: ObjectiveOptions):
+    """Two full forwards: the teacher (xo + y, eval mode, no gradient), then the student (x + y)."""
     if opts.ignore_first_k or opts.center_signal or opts.signal_clip or opts.negate_signal or opts.beta:
-        raise ValueError("the yardstick implements the default signal options only")
+        raise ValueError("the full-logit paths implement the default signal options only")
     was_training = model.training
     model.eval()
     with torch.no_grad():
         teacher_logits = _full_response_logits(model, batch_xo)
     model.train(was_training)
-    student_logits = _full_response_logits(model, batch_x)
+    return _full_response_logits(model, batch_x), teacher_logits
+
+
+def straightforward_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: ObjectiveOptions) -> torch.Tensor:
+    """The same loss as sdpo_loss with default shaping options, computed the obvious way."""
+    student_logits, teacher_logits = student_and_teacher_logits(model, batch_x, batch_xo, opts)
     mask = batch_x.response_mask
     if opts.loss_mode == "simple_signal":
         return simple_signal_loss(student_logits, teacher_logits, batch_x.response_ids, mask)

@@ -16,16 +16,8 @@ costs nothing measurable next to the forwards and is left out (the batches are r
 """
 from __future__ import annotations
 
-import torch
-
+from bench_common import student_and_teacher_logits
 from sdpo_objective import ObjectiveOptions, ScoringBatch
-
-
-def _response_logits(model, batch: ScoringBatch) -> torch.Tensor:
-    logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                   position_ids=batch.position_ids, use_cache=False).logits
-    width_c, width_r = batch.context_width, batch.response_ids.shape[1]
-    return logits[:, width_c - 1: width_c + width_r - 1].float()
 
 
 def trl_available() -> bool:
@@ -40,14 +32,7 @@ def trl_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Objecti
     from trl.experimental.sdpo.loss_utils import (compute_sampled_token_self_distillation_loss,
                                                   compute_topk_self_distillation_loss)
 
-    if opts.ignore_first_k or opts.center_signal or opts.signal_clip or opts.negate_signal or opts.beta:
-        raise ValueError("the TRL path implements the default signal options only")
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        teacher_logits = _response_logits(model, batch_xo)
-    model.train(was_training)
-    student_logits = _response_logits(model, batch_x)
+    student_logits, teacher_logits = student_and_teacher_logits(model, batch_x, batch_xo, opts)
     mask = batch_x.response_mask.float()
     if opts.loss_mode == "simple_signal":
         per_token = compute_sampled_token_self_distillation_loss(student_logits, teacher_logits, batch_x.response_ids,

@@ -106,3 +106,22 @@ def test_yardstick_simple_signal_by_hand():
     logp_x, logp_xo = token_logprobs(batch_x), token_logprobs(batch_xo)
     expected = -((logp_xo - logp_x) * logp_x).sum() / 4
     assert float(loss.detach()) == pytest.approx(float(expected), rel=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["simple_signal", "full_distillation"])
+def test_trl_peer_path_computes_the_same_loss(mode):
+    """bench/peers.py calls TRL's own self-distillation losses; they must equal ours before anything is timed."""
+    import torch
+    from bench_common import LOSS_FUNCTIONS, qwen3_model, random_batches
+    from peers import trl_available, trl_loss
+
+    from sdpo_objective import ObjectiveOptions
+
+    if not trl_available():
+        pytest.skip("trl.experimental.sdpo not installed")
+    torch.manual_seed(0)
+    model = qwen3_model(512, 64, 2)
+    batch_x, batch_xo = random_batches(2, 16, 24, 512)[:2]
+    opts = ObjectiveOptions(loss_mode=mode)
+    ours = LOSS_FUNCTIONS["ours"](model, batch_x, batch_xo, opts)
+    assert float(trl_loss(model, batch_x, batch_xo, opts)) == pytest.approx(float(ours), rel=1e-4, abs=1e-9)
