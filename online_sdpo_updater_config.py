@@ -112,8 +112,10 @@ class OnlineRunConfig:
         for name, value in (("user_simulator", self.user_simulator), ("judge", self.judge)):
             if value not in ("rule", "local", "claude", "vllm"):
                 raise ValueError(f"--{name} must be rule, local, claude or vllm, got {value!r}")
-        if self.judge_framing not in ("user", "neutral"):
-            raise ValueError(f"--judge_framing must be user or neutral, got {self.judge_framing!r}")
+        from auxiliary.feedback.style_judge import JUDGE_FRAMINGS  # fail before any judge model loads
+
+        if self.judge_framing not in JUDGE_FRAMINGS:
+            raise ValueError(f"--judge_framing must be one of {', '.join(JUDGE_FRAMINGS)}, got {self.judge_framing!r}")
         check_ranges(self)
         if not self.placebo_texts or not all(t.strip() for t in self.placebo_texts):
             raise ValueError("--placebo_texts needs at least one non-empty text")

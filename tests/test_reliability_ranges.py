@@ -51,3 +51,15 @@ def test_entry_points_exit_2_with_the_range_and_write_nothing(tmp_path, script, 
     assert result.returncode == 2, result.stderr[-2000:]
     assert message in result.stderr.strip().splitlines()[-1] and "Traceback" not in result.stderr
     assert not out.exists() and list(tmp_path.iterdir()) == []
+
+
+def test_an_unknown_judge_framing_fails_before_anything_loads():
+    from auxiliary.evals.style_eval import StyleEvalArgs
+    from online_sdpo_updater_config import OnlineRunConfig
+
+    with pytest.raises(ValueError, match="--judge_framing must be one of user, neutral, got 'referee'"):
+        OnlineRunConfig(judge_framing="referee")
+    with pytest.raises(ValueError, match="--judge_framing must be one of user, neutral"):
+        StyleEvalArgs(judge_framing="referee").check()
+    with pytest.raises(ValueError, match="--tie_margin must be >= 0, got -0.1"):
+        OnlineRunConfig(tie_margin=-0.1)

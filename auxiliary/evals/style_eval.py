@@ -81,8 +81,10 @@ class StyleEvalArgs:
         self.eval_styles = split_list(self.eval_styles)
         if not self.eval_styles:
             raise ValueError("--eval_styles is empty")
-        if self.judge_framing not in ("user", "neutral"):
-            raise ValueError(f"--judge_framing must be user or neutral, got {self.judge_framing!r}")
+        from auxiliary.feedback.style_judge import JUDGE_FRAMINGS  # fail before any judge model loads
+
+        if self.judge_framing not in JUDGE_FRAMINGS:
+            raise ValueError(f"--judge_framing must be one of {', '.join(JUDGE_FRAMINGS)}, got {self.judge_framing!r}")
         if self.judge not in JUDGE_KINDS:
             raise ValueError(f"unknown --judge {self.judge!r}; choose one of {', '.join(JUDGE_KINDS)}")
         if self.eval_n < 1:
