@@ -142,7 +142,10 @@ class OnlineRun:
         from online_sdpo_updater import OnlineSDPOUpdater
 
         # The run checkpoints (both arms, then a marker, then pruning); the updaters never do it on their own.
-        arm_config = dataclasses.replace(self.sdpo, checkpoint_dir=None, checkpoint_every=0, max_checkpoints=0)
+        # A decaying lr schedule spans the whole run unless --scheduler_steps says otherwise.
+        updates = self.sdpo.scheduler_steps or max(1, self.num_steps * self.sdpo.train_steps_per_example)
+        arm_config = dataclasses.replace(self.sdpo, checkpoint_dir=None, checkpoint_every=0, max_checkpoints=0,
+                                         scheduler_steps=updates)
         first = OnlineSDPOUpdater(arm_config)
         self.updaters["feedback"] = first
         if self.run.placebo:

@@ -73,6 +73,7 @@ class OnlineSDPOUpdater:
         trainable = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay,
                                            eps=config.adam_epsilon)
+        self.scheduler = make_lr_scheduler(self.optimizer, config)
         self.step = 0
         self.skipped_nonfinite = 0
         self._vllm = None
@@ -135,6 +136,7 @@ class OnlineSDPOUpdater:
         batch_x, batch_xo = self.build_batches(conversations, response_ids, followups)
         first: dict | None = None
         losses = []
+        lr = self.optimizer.param_groups[0]["lr"]  # the rate this interaction's (first) update uses
         for _ in range(self.config.train_steps_per_example):
             stats = self._gradient_step(batch_x, batch_xo)
             first = first or stats
@@ -142,7 +144,7 @@ class OnlineSDPOUpdater:
         self.step += 1
         metrics = {k: v for k, v in first.items() if k != "signal_per_sequence"}
         metrics.update({"step": self.step, "loss": losses[-1], "loss_first": losses[0],
-                        "skipped_nonfinite": self.skipped_nonfinite, "lr": self.config.lr,
+                        "skipped_nonfinite": self.skipped_nonfinite, "lr": lr,
                         "seconds": time.perf_counter() - started})
         metrics["signal_per_sequence"] = first["signal_per_sequence"]
         if self.config.checkpoint_every and self.config.checkpoint_dir and self.step % self.config.checkpoint_every == 0:
@@ -162,6 +164,7 @@ class OnlineSDPOUpdater:
         if not math.isfinite(grad_norm):
             return self._skip(stats, grad_norm)
         self.optimizer.step()
+        self.scheduler.step()  # per real update: a skipped step does not advance the schedule
         self.optimizer.zero_grad(set_to_none=True)
         stats.update(grad_norm=grad_norm, skipped=False)
         return stats
@@ -196,7 +199,7 @@ class OnlineSDPOUpdater:
         torch.save(self.optimizer.state_dict(), partial / OPTIMIZER_FILE)
         save_rng_state(partial)
         state = {"step": self.step, "skipped_nonfinite": self.skipped_nonfinite, "use_lora": self.config.use_lora,
-                 "extra": extra_state or {}}
+                 "scheduler": self.scheduler.state_dict(), "extra": extra_state or {}}
         atomic_write_json(partial / STATE_FILE, state)
         atomic_write_json(partial / "config.json", public_config(self.config.to_dict()))
         write_manifest(partial)
@@ -240,6 +243,8 @@ class OnlineSDPOUpdater:
             del saved
         self.optimizer.load_state_dict(safe_torch_load(path / OPTIMIZER_FILE, map_location=self.device))
         load_rng_state(path)
+        if "scheduler" in state:  # checkpoints written before the schedule existed ran at a constant lr
+            self.scheduler.load_state_dict(state["scheduler"])
         self.step = int(state["step"])
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         return state.get("extra", {})
@@ -255,6 +260,20 @@ RNG_TENSORS_FILE = "rng.pt"      # torch (and CUDA) generator states: tensors on
 RNG_JSON_FILE = "rng.json"       # python's and numpy's generator states as JSON lists
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def make_lr_scheduler(optimizer, config: OnlineSDPOConfig):
+    """transformers' schedule for config.lr_scheduler, stepped once per update (its state is plain
+    numbers, saved in updater_state.json)."""
+    from transformers import get_scheduler
+
+    if config.lr_scheduler == "constant":
+        name = "constant_with_warmup" if config.warmup_steps else "constant"
+        return get_scheduler(name, optimizer, num_warmup_steps=config.warmup_steps or None)
+    if not config.scheduler_steps:
+        raise ValueError(f"--lr_scheduler {config.lr_scheduler} needs --scheduler_steps (the updates to decay over)")
+    return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
+                         num_training_steps=config.scheduler_steps)
 
 
 def safe_torch_load(path: Path, map_location=None):

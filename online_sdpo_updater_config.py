@@ -16,11 +16,21 @@ from auxiliary.runtime.option_groups import (ContextOptions, GenerationOptions, 
 from sdpo_objective import ObjectiveOptions, validate_template
 
 
+LR_SCHEDULERS = ("constant", "cosine", "linear")
+
+
 @dataclass
 class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, ContextOptions, ObjectiveOptions, ModelOptions):
     # dataclass fields follow the bases from the last one: model, objective, context, optimiser, generation, LoRA
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
     train_steps_per_example: int = field(default=1, metadata={"help": "gradient steps per interaction (signal recomputed each step)"})
+    # learning-rate schedule (transformers' schedulers, stepped once per update)
+    lr_scheduler: str = field(default="constant", metadata={
+        "help": "constant, cosine or linear (decay to 0 over scheduler_steps), after warmup_steps of linear warm-up",
+        "aliases": ["--lr_scheduler_type"]})
+    warmup_steps: int = field(default=0, metadata={"help": "updates of linear warm-up from 0 to lr (the first update runs at lr 0 when > 0, as in transformers)"})
+    scheduler_steps: Optional[int] = field(default=None, metadata={
+        "help": "updates over which cosine/linear decay (default in eval_online_sdpo.py: interactions x train_steps_per_example)"})
     # checkpoints
     checkpoint_dir: Optional[str] = field(default=None, metadata={"help": "where step_N checkpoints go"})
     checkpoint_every: int = field(default=0, metadata={"help": "save every N updates (0 = only when asked)"})
@@ -38,6 +48,10 @@ class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, Context
             raise ValueError("train_steps_per_example must be >= 1")
         if self.lr <= 0:
             raise ValueError("lr must be > 0")
+        if self.lr_scheduler not in LR_SCHEDULERS:
+            raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
+        if self.scheduler_steps and self.lr_scheduler != "constant" and self.warmup_steps >= self.scheduler_steps:
+            raise ValueError(f"--warmup_steps {self.warmup_steps} must be below --scheduler_steps {self.scheduler_steps}")
 
     def objective_options(self) -> ObjectiveOptions:
         return ObjectiveOptions.from_config(self)

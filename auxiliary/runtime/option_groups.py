@@ -30,7 +30,8 @@ RANGES: dict[str, tuple] = {
     "generation_batch_size": (1, True, None, None), "batch_size": (1, True, None, None),
     "lora_r": (1, True, None, None), "lora_alpha": (0, False, None, None), "lora_dropout": (0, True, 1, False),
     # online trainer and run
-    "train_steps_per_example": (1, True, None, None), "checkpoint_every": (0, True, None, None),
+    "train_steps_per_example": (1, True, None, None), "warmup_steps": (0, True, None, None),
+    "scheduler_steps": (1, True, None, None), "checkpoint_every": (0, True, None, None),
     "max_checkpoints": (0, True, None, None), "vllm_gpu_memory_utilization": (0, False, 1, True),
     "train_n": (0, True, None, None), "eval_n": (0, True, None, None), "eval_every": (0, True, None, None),
     "max_prompt_tokens": (1, True, None, None), "api_concurrency": (1, True, None, None),
