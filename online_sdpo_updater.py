@@ -105,6 +105,14 @@ class OnlineSDPOUpdater:
                                   self.config.generation_batch_size, self.config.max_context_length, seed,
                                   progress, desc)
 
+    def generate_response(self, messages: Sequence[dict]) -> str:
+        """The paper repository's call: one reply to one conversation, as text."""
+        return self.generate([messages])[0].text
+
+    def generate_responses_batch(self, conversations: Sequence[Sequence[dict]]) -> list[str]:
+        """The paper repository's call: one batched generation, the replies as text."""
+        return [reply.text for reply in self.generate(conversations)]
+
     def _vllm_engine(self):
         if self._vllm is None:
             from auxiliary.runtime.vllm_adapter import VLLMPolicyGenerator  # lazy: vLLM is an optional extra
@@ -127,9 +135,23 @@ class OnlineSDPOUpdater:
         return (build_scoring_batch(contexts_x, response_ids, pad, limit, self.device),
                 build_scoring_batch(contexts_xo, response_ids, pad, limit, self.device))
 
-    def train_step(self, messages: Sequence[dict], response_ids: Sequence[int], followup: str) -> dict:
-        """One interaction (x, y, o) -> `train_steps_per_example` gradient steps; returns metrics."""
+    def train_step(self, messages: Sequence[dict], response_ids: Sequence[int] | str, followup: str) -> dict:
+        """One interaction (x, y, o) -> `train_steps_per_example` gradient steps; returns metrics.
+
+        y is best given as the sampled ids (`generate(...)[i].ids`): the text decoded from them may
+        tokenize differently, and then the update scores tokens the policy never sampled. The paper
+        repository's call with y as text also works (tokenized once here, `response_ids_from_text`)."""
+        if isinstance(response_ids, str):
+            response_ids = self.response_ids_from_text(response_ids)
         return self.train_batch([messages], [response_ids], [followup])
+
+    def response_ids_from_text(self, text: str) -> list[int]:
+        """A reply given as text, as the ids the policy would have ended it with (EOS appended)."""
+        if not text.strip():
+            raise ValueError("the assistant response is empty")
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        eos = self.tokenizer.eos_token_id
+        return ids + [eos] if eos is not None and (not ids or ids[-1] != eos) else ids
 
     def train_batch(self, conversations, response_ids, followups) -> dict:
         started = time.perf_counter()
@@ -183,12 +205,18 @@ class OnlineSDPOUpdater:
         """Model (or LoRA adapter), tokenizer, optimizer, RNG states, step, config and a manifest of
         every file's size and sha256; written beside as .partial, then swapped in crash-safely.
 
+        `path`: None -> checkpoint_dir/step_N; a bare name (a tag such as "final", as the paper
+        repository's save_checkpoint(tag)) -> checkpoint_dir/<tag> when checkpoint_dir is set; any
+        other path is used as given. Tags other than step_N are never pruned.
+
         Nothing is pickled: the optimizer state is tensors and plain values (loaded back with
         weights_only=True), the RNG states are a tensor file and JSON."""
         if path is None:
             if not self.config.checkpoint_dir:
                 raise ValueError("no checkpoint path given and config.checkpoint_dir is not set")
             path = Path(self.config.checkpoint_dir) / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+        elif self.config.checkpoint_dir and _is_tag(path):
+            path = Path(self.config.checkpoint_dir) / str(path)
         path = Path(path)
         private_dir(path.parent)
         recover_folder(path)  # a crash of an earlier save: put its old folder back before replacing it
@@ -260,6 +288,12 @@ RNG_TENSORS_FILE = "rng.pt"      # torch (and CUDA) generator states: tensors on
 RNG_JSON_FILE = "rng.json"       # python's and numpy's generator states as JSON lists
 MANIFEST_FILE = "manifest.json"
 CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
+
+
+def _is_tag(path) -> bool:
+    """A checkpoint name without any folder part ("final", "step_000010"), not a path."""
+    text = str(path)
+    return bool(text) and Path(text).name == text and text not in (".", "..")
 
 
 def make_lr_scheduler(optimizer, config: OnlineSDPOConfig):

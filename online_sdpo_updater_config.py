@@ -12,13 +12,14 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from auxiliary.runtime.option_groups import (ContextOptions, GenerationOptions, LoraOptions, ModelOptions,
-                                             OptimizerOptions, check_ranges)
+                                             OptimizerOptions, accept_field_aliases, canonical_template, check_ranges)
 from sdpo_objective import ObjectiveOptions, validate_template
 
 
 LR_SCHEDULERS = ("constant", "cosine", "linear")
 
 
+@accept_field_aliases
 @dataclass
 class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, ContextOptions, ObjectiveOptions, ModelOptions):
     # dataclass fields follow the bases from the last one: model, objective, context, optimiser, generation, LoRA
@@ -43,7 +44,7 @@ class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, Context
     def __post_init__(self):
         super().__post_init__()  # the objective group validates its options
         check_ranges(self)  # every numeric flag in its range, before anything is loaded or written
-        validate_template(self.hindsight_template)
+        self.hindsight_template = validate_template(canonical_template(self.hindsight_template))
         if self.train_steps_per_example < 1:
             raise ValueError("train_steps_per_example must be >= 1")
         if self.lr <= 0:

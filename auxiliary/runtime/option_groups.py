@@ -70,6 +70,34 @@ def check_ranges(config, ranges: dict[str, tuple] = RANGES) -> None:
             raise ValueError(f"--{f.name} must be {_describe_range(*ranges[f.name])}, got {value}")
 
 
+def canonical_template(template: str) -> str:
+    """The paper repository's placeholder {follow_up} as ours, {followup}."""
+    return template.replace("{follow_up}", "{followup}")
+
+
+def accept_field_aliases(cls: type) -> type:
+    """Let the config's constructor take the fields' alias spellings as keywords too (the paper
+    repository's `OnlineSDPOConfig(model_name_or_path=..., learning_rate=...)`), as the command line
+    and YAML files do; an alias and its field with different values is an error."""
+    import functools
+
+    aliases = {alias.lstrip("-"): f.name for f in dataclasses.fields(cls) for alias in f.metadata.get("aliases", ())}
+    init = cls.__init__
+
+    @functools.wraps(init)
+    def __init__(self, *args, **kwargs):
+        for alias, name in aliases.items():
+            if alias in kwargs:
+                value = kwargs.pop(alias)
+                if name in kwargs and kwargs[name] != value:
+                    raise TypeError(f"{alias}={value!r} and {name}={kwargs[name]!r} set the same setting: give one")
+                kwargs[name] = value
+        init(self, *args, **kwargs)
+
+    cls.__init__ = __init__
+    return cls
+
+
 def override(group: type, name: str, default: Any, help: Optional[str] = None):
     """A field of `group` with another default (and optionally another help text), metadata kept."""
     (base,) = [f for f in dataclasses.fields(group) if f.name == name]
@@ -104,7 +132,8 @@ class ContextOptions:
         "help": "context tokens kept, cut from the LEFT (the assistant header survives)",
         "aliases": ["--max_prompt_length"]})
     hindsight_template: str = field(default=DEFAULT_HINDSIGHT_TEMPLATE, metadata={
-        "help": "block appended to the last user message; must contain {followup}"})
+        "help": "block appended to the last user message; must contain {followup} ({follow_up} is accepted too)",
+        "aliases": ["--hindsight_block_template"]})
 
 
 @dataclass
