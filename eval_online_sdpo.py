@@ -128,7 +128,7 @@ class OnlineRun:
         run = self.run
         api = {"max_retries": run.api_max_retries, "timeout_s": run.api_timeout_s}  # Claude clients only
         # One factory: the judges of every style (and a user on the same model) share one loaded model.
-        factory = FeedbackFactory(self.sdpo.dtype, self.sdpo.device, run.api_concurrency, api)
+        factory = FeedbackFactory(self.sdpo.dtype, self.sdpo.device, run.api_concurrency, api, placement=run)
         self.users["feedback"] = factory.user(run.user_simulator, run.style,
                                               model_for_kind(run.user_simulator, run.user_model_name_or_path),
                                               seed=self.sdpo.seed, **user_options(run.user_simulator, run.user_temperature))

@@ -11,8 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from auxiliary.runtime.option_groups import (ContextOptions, GenerationOptions, LoraOptions, ModelOptions,
-                                             OptimizerOptions, accept_field_aliases, canonical_template, check_ranges)
+from auxiliary.runtime.option_groups import (ContextOptions, FeedbackPlacementOptions, GenerationOptions, LoraOptions,
+                                             ModelOptions, OptimizerOptions, accept_field_aliases, canonical_template, check_ranges)
 from sdpo_objective import ObjectiveOptions, validate_template
 
 
@@ -40,6 +40,9 @@ class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, Context
     seed: int = field(default=1234, metadata={"help": "random seed"})
     use_vllm: bool = field(default=False, metadata={"help": "generate with vLLM (GPU, optional extra); LoRA adapter-only weight sync"})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "share of GPU memory vLLM may take"})
+    vllm_tp: int = field(default=1, metadata={"help": "policy's vLLM engine: tensor parallel size"})
+    vllm_gpu_start: Optional[int] = field(default=None, metadata={
+        "help": "policy's vLLM engine: first GPU (default: vLLM's placement); keep it off the user's and judge's GPUs"})
 
     def __post_init__(self):
         super().__post_init__()  # the objective group validates its options
@@ -62,7 +65,7 @@ class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, Context
 
 
 @dataclass
-class OnlineRunConfig:
+class OnlineRunConfig(FeedbackPlacementOptions):
     # data
     train_jsonl: str = field(default="data/helpsteer_prompts/train.jsonl",
                              metadata={"help": "training prompts (JSONL with `prompt` or `messages`)"})

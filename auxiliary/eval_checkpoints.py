@@ -152,9 +152,30 @@ def load_checkpoint(spec: CheckpointSpec, args: EvalCheckpointsArgs):
     return model, tokenizer
 
 
+def max_lora_rank(specs: list[CheckpointSpec]) -> int | None:
+    """The largest LoRA rank among the checkpoints (the vLLM engine must be built for it), None without any."""
+    ranks = [int(json.loads((Path(s.model_dir) / "adapter_config.json").read_text()).get("r", 0))
+             for s in specs if s.kind == "lora"]
+    return max(ranks) if ranks else None
+
+
+def vllm_target(spec: CheckpointSpec, args: EvalCheckpointsArgs, models: "style_eval.VLLMModels"):
+    """(VLLMTarget, tokenizer) of a checkpoint: a LoRA adapter on its base model's engine, a full model
+    on an engine of its own."""
+    from auxiliary.runtime.model_loading import load_tokenizer, resolve_model_path
+
+    if spec.kind == "full":
+        tokenizer = load_tokenizer(spec.model_dir)
+        return models.target(spec.model_dir, tokenizer), tokenizer
+    base = resolve_model_path(adapter_base(spec, args))
+    own_tokenizer = (Path(spec.model_dir) / "tokenizer_config.json").exists()
+    tokenizer = load_tokenizer(spec.model_dir if own_tokenizer else base)
+    return models.target(base, tokenizer, lora_dir=spec.model_dir), tokenizer
+
+
 def run(args: EvalCheckpointsArgs) -> Path:
     from auxiliary.evals.evaluation_helpers import prompt_as_messages
-    from auxiliary.runtime.model_loading import load_model_and_tokenizer
+    from auxiliary.runtime.model_loading import load_model_and_tokenizer, load_tokenizer, resolve_model_path
 
     args.check()
     if not args.baseline_model:
@@ -166,8 +187,14 @@ def run(args: EvalCheckpointsArgs) -> Path:
             check_adapter_fits_base(spec, args)
     output_dir = style_eval.prepare_output_dir(args, "eval_checkpoints")
 
-    model, tokenizer, baseline_path = load_model_and_tokenizer(args.baseline_model, args.dtype,
-                                                               args.attn_implementation, args.device)
+    vllm_models = style_eval.VLLMModels(args, max_lora_rank(specs)) if args.use_vllm else None
+    if vllm_models:
+        baseline_path = resolve_model_path(args.baseline_model)
+        tokenizer = load_tokenizer(baseline_path)
+        model = vllm_models.target(baseline_path, tokenizer)
+    else:
+        model, tokenizer, baseline_path = load_model_and_tokenizer(args.baseline_model, args.dtype,
+                                                                   args.attn_implementation, args.device)
     prompts, prompt_file = style_eval.load_eval_prompts(args, args.data_dir, tokenizer)
     conversations = [prompt_as_messages(p) for p in prompts]
     logger.info("%d prompts from %s; %d checkpoint(s); styles %s", len(prompts), prompt_file, len(specs),
@@ -177,7 +204,7 @@ def run(args: EvalCheckpointsArgs) -> Path:
     completions = style_eval.completion_records("baseline", prompts, baseline)
     generated = {}
     for spec in specs:
-        model, tokenizer = load_checkpoint(spec, args)
+        model, tokenizer = vllm_target(spec, args, vllm_models) if vllm_models else load_checkpoint(spec, args)
         generated[spec.label] = style_eval.generate(model, tokenizer, conversations, args, spec.label)
         style_eval.release(model)
         completions += style_eval.completion_records(spec.label, prompts, generated[spec.label])

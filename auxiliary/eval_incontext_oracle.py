@@ -57,8 +57,15 @@ def run(args: OracleArgs) -> Path:
     style_eval.validate_styles(args.eval_styles, args.judge)
     output_dir = style_eval.prepare_output_dir(args, "incontext_oracle")
 
-    model, tokenizer, model_path = load_model_and_tokenizer(args.model, args.dtype, args.attn_implementation,
-                                                            args.device)
+    if args.use_vllm:  # one engine; the persona only changes the prompts
+        from auxiliary.runtime.model_loading import load_tokenizer, resolve_model_path
+
+        model_path = resolve_model_path(args.model)
+        tokenizer = load_tokenizer(model_path)
+        model = style_eval.VLLMModels(args).target(model_path, tokenizer)
+    else:
+        model, tokenizer, model_path = load_model_and_tokenizer(args.model, args.dtype, args.attn_implementation,
+                                                                args.device)
     prompts, prompt_file = style_eval.load_eval_prompts(args, args.data_dir, tokenizer)
     conversations = [prompt_as_messages(p) for p in prompts]
     baseline = style_eval.generate(model, tokenizer, conversations, args, "without persona")

@@ -4,6 +4,8 @@ This checks OUR side of the contract: what we pass to vllm.LLM / SamplingParams 
 adapters are synced, how outputs become token ids, retries and verdicts. It does not prove that a
 real vLLM accepts these calls: run a real `--use_vllm` smoke on a GPU machine for that.
 """
+import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -35,6 +37,7 @@ class FakeLLM:
 
     def __init__(self, **kwargs):
         self.kwargs = kwargs
+        self.visible_gpus = os.environ.get("CUDA_VISIBLE_DEVICES")  # what the engine's processes would see
         self.generate_calls, self.chat_calls = [], []
         self.text_scripts = []
         self.tokenizer = types.SimpleNamespace(chat_template="{% if enable_thinking %}{% endif %}")
@@ -156,3 +159,100 @@ def test_a_vllm_component_without_a_model_fails_clearly(fake_vllm):
 
     with pytest.raises(ValueError, match="model_name_or_path"):
         VLLMUserSimulator(None, "concise")
+
+
+# ------------------------------------------------------------------ placement on the GPUs of a node
+
+def test_user_and_judge_engines_go_where_the_run_says(fake_vllm, monkeypatch):
+    from auxiliary.feedback.factory import FeedbackFactory
+    from online_sdpo_updater_config import OnlineRunConfig
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "4,5,6,7")  # the job's GPUs; indices count within them
+    run = OnlineRunConfig(user_simulator="vllm", judge="vllm", user_vllm_tp=2, user_vllm_gpu_start=1)
+    factory = FeedbackFactory(placement=run)
+    factory.user("vllm", "concise", run.user_model_name_or_path, seed=1)
+    factory.judges("vllm", ["concise", "no_emojis"], run.judge_model)
+    (engine,) = fake_vllm.llms  # the judge on the user's model shares the user's engine
+    assert engine.visible_gpus == "5,6" and engine.kwargs["tensor_parallel_size"] == 2
+    assert os.environ["CUDA_VISIBLE_DEVICES"] == "4,5,6,7"  # restored after the engine was built
+
+    apart = OnlineRunConfig(user_simulator="vllm", judge="vllm", user_vllm_gpu_start=0, judge_vllm_gpu_start=3)
+    factory = FeedbackFactory(placement=apart)
+    factory.user("vllm", "concise", apart.user_model_name_or_path)
+    factory.judge("vllm", "concise", apart.judge_model)
+    assert [e.visible_gpus for e in fake_vllm.llms[1:]] == ["4", "7"]  # a judge engine of its own
+
+    no_placement = FeedbackFactory()
+    no_placement.user("vllm", "concise", "Qwen/Qwen3-32B")
+    assert fake_vllm.llms[-1].visible_gpus == "4,5,6,7"  # vLLM's own placement: the environment untouched
+
+
+def test_a_placement_beyond_the_visible_gpus_is_one_clear_error(fake_vllm, monkeypatch):
+    from auxiliary.feedback.factory import FeedbackFactory
+    from online_sdpo_updater_config import OnlineRunConfig
+
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    run = OnlineRunConfig(user_simulator="vllm", user_vllm_tp=2, user_vllm_gpu_start=1)
+    with pytest.raises(ValueError, match=r"GPUs 1\.\.2 \(first GPU 1, tensor parallel 2\) requested, but 2 are visible"):
+        FeedbackFactory(placement=run).user("vllm", "concise", "Qwen/Qwen3-32B")
+    with pytest.raises(ValueError, match="--user_vllm_gpu_start must be >= 0"):
+        OnlineRunConfig(user_vllm_gpu_start=-1)
+
+
+def test_policy_engine_placement(fake_vllm, monkeypatch, tiny_model, tiny_tokenizer):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1,2")
+    config = OnlineSDPOConfig(model="my/policy", device="cpu", use_vllm=True, use_lora=True, lora_r=4,
+                              lora_target_modules="q_proj,v_proj", vllm_gpu_start=2)
+    updater = OnlineSDPOUpdater(config, tiny_model, tiny_tokenizer)
+    fake_vllm.token_scripts += [([11], "stop")]
+    updater.generate([[{"role": "user", "content": "hi"}]])
+    assert fake_vllm.llms[0].visible_gpus == "2" and fake_vllm.llms[0].kwargs["tensor_parallel_size"] == 1
+
+
+def test_eval_checkpoints_generates_on_vllm_with_adapters_on_the_base_engine(fake_vllm, monkeypatch, tiny_model_dir,
+                                                                            tmp_path):
+    """--use_vllm: the baseline and a LoRA checkpoint on one engine (the adapter as a LoRARequest), a
+    full checkpoint on an engine of its own; the judge (rule) sees the engines' replies."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from auxiliary.eval_checkpoints import main
+
+    full = shutil.copytree(tiny_model_dir, tmp_path / "full")
+    base = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    adapter = tmp_path / "adapter"
+    get_peft_model(base, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj"])).save_pretrained(adapter)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    n = 2
+    fake_vllm.token_scripts += [([30 + i], "stop") for i in range(3 * n)]
+    out = tmp_path / "out"
+    assert main(["--baseline_model", tiny_model_dir, "--checkpoints", f"{adapter} {full}", "--eval_styles", "concise",
+                 "--judge", "rule", "--eval_n", str(n), "--data_dir", "data/samples", "--max_new_tokens", "8",
+                 "--n_bootstrap", "50", "--output_dir", str(out), "--use_vllm", "--vllm_gpu_start", "1"]) == 0
+    base_engine, full_engine = fake_vllm.llms
+    assert base_engine.kwargs["model"] == str(tiny_model_dir) and base_engine.kwargs["enable_lora"]
+    assert base_engine.kwargs["max_lora_rank"] == 8 and base_engine.visible_gpus == "1"
+    assert full_engine.kwargs["model"] == str(full)
+    requests = [c["lora_request"] for c in base_engine.generate_calls]
+    assert requests[0] is None and requests[1].path == str(adapter)
+    assert full_engine.generate_calls[0]["lora_request"] is None
+    rows = json.loads((out / "results.json").read_text())["results"]
+    assert [r["checkpoint"] for r in rows] == ["adapter", "full"] and all(r["n"] == n for r in rows)
+
+
+def test_incontext_oracle_generates_on_one_vllm_engine(fake_vllm, tiny_model_dir, tmp_path):
+    from auxiliary.eval_incontext_oracle import main
+
+    n, styles = 2, ["concise", "no_emojis"]
+    fake_vllm.token_scripts += [([40 + i], "stop") for i in range(n * (1 + len(styles)))]
+    out = tmp_path / "oracle"
+    assert main(["--model", str(tiny_model_dir), "--eval_styles", ",".join(styles), "--judge", "rule",
+                 "--eval_n", str(n), "--data_dir", "data/samples", "--max_new_tokens", "8", "--n_bootstrap", "50",
+                 "--output_dir", str(out), "--use_vllm"]) == 0
+    (engine,) = fake_vllm.llms
+    assert len(engine.generate_calls) == 1 + len(styles)
+    system_prompts = [c["prompts"][0]["prompt_token_ids"] for c in engine.generate_calls]
+    assert system_prompts[1] != system_prompts[0]  # the persona is in the oracle's prompts
+    assert not fake_vllm.token_scripts  # every reply came from the engine

@@ -30,6 +30,7 @@ from typing import Optional, Sequence
 
 from auxiliary.feedback.factory import JUDGE_KINDS
 from auxiliary.runtime.io_utils import DataError
+from auxiliary.runtime.option_groups import JudgePlacementOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -39,7 +40,7 @@ DEFAULT_EVAL_STYLES = ["less_filler_praise_sycophancy", "no_emojis", "answer_dir
 
 
 @dataclass
-class StyleEvalArgs:
+class StyleEvalArgs(JudgePlacementOptions):
     """Flags shared by both evaluation tools (each tool adds its own)."""
     eval_styles: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_STYLES),
                                    metadata={"help": "styles to judge (several words, or one quoted space/comma separated list)"})
@@ -71,6 +72,13 @@ class StyleEvalArgs:
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, eager, flash_attention_2"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
+    use_vllm: bool = field(default=False, metadata={
+        "help": "generate the evaluated models' completions with vLLM (GPU; LoRA checkpoints served as adapters on their base)"})
+    vllm_tp: int = field(default=1, metadata={"help": "--use_vllm: tensor parallel size of the generation engine"})
+    vllm_gpu_start: Optional[int] = field(default=None, metadata={
+        "help": "--use_vllm: first GPU of the generation engine (default: vLLM's placement); a vLLM judge may sit elsewhere"})
+    generation_vllm_gpu_memory_utilization: float = field(default=0.4, metadata={
+        "help": "--use_vllm: share of GPU memory of the generation engine (the judge's is --vllm_gpu_memory_utilization)"})
 
     def check(self) -> None:
         from auxiliary.runtime.option_groups import check_ranges
@@ -115,7 +123,7 @@ def build_judges(args: StyleEvalArgs) -> dict:
     from auxiliary.feedback.factory import FeedbackFactory, judge_options
 
     factory = FeedbackFactory(args.dtype, args.device, args.api_concurrency,
-                              vllm_options={"gpu_memory_utilization": args.vllm_gpu_memory_utilization})
+                              vllm_options={"gpu_memory_utilization": args.vllm_gpu_memory_utilization}, placement=args)
     extra = {"mode": args.judge_mode, "batch_size": args.judge_batch_size} if args.judge == "local" else {}
     options = judge_options(args.judge, args.judge_framing, args.judge_temperature, args.judge_max_new_tokens,
                             args.tie_margin, **extra)
@@ -167,11 +175,48 @@ class Completions:
         return sum(count_words(t) for t in self.texts) / max(1, len(self.texts))
 
 
+@dataclass
+class VLLMTarget:
+    """A model to generate with on vLLM: an engine and, for a LoRA checkpoint, its adapter request."""
+    engine: object
+    lora_request: object = None
+
+
+class VLLMModels:
+    """--use_vllm: one generation engine at a time, per base model; LoRA checkpoints on that base are
+    served as adapters (nothing merged, no reload), a full checkpoint gets an engine of its own."""
+
+    def __init__(self, args: StyleEvalArgs, max_lora_rank: int | None = None):
+        self.args, self.max_lora_rank = args, max_lora_rank
+        self._engine, self._engine_model, self._adapters = None, None, 0
+
+    def target(self, model_path: str, tokenizer, lora_dir: str | None = None) -> VLLMTarget:
+        from auxiliary.runtime.vllm_adapter import VLLMGenerator, lora_request
+
+        if self._engine_model != str(model_path):
+            self._engine = None
+            gc.collect()
+            self._engine = VLLMGenerator(str(model_path), tokenizer, seed=self.args.seed, dtype=self.args.dtype,
+                                         gpu_memory_utilization=self.args.generation_vllm_gpu_memory_utilization,
+                                         tensor_parallel_size=self.args.vllm_tp, gpu_start=self.args.vllm_gpu_start,
+                                         max_lora_rank=self.max_lora_rank)
+            self._engine_model = str(model_path)
+        if lora_dir is None:
+            return VLLMTarget(self._engine)
+        self._adapters += 1
+        return VLLMTarget(self._engine, lora_request(f"checkpoint_{self._adapters}", self._adapters, lora_dir))
+
+
 def generate(model, tokenizer, conversations: list[list[dict]], args: StyleEvalArgs, desc: str) -> Completions:
-    """Seeded with args.seed for every model: the same random stream for baseline and evaluated models."""
+    """Seeded with args.seed for every model: the same random stream for baseline and evaluated models.
+    `model` is a loaded HF model, or a VLLMTarget with --use_vllm."""
     from auxiliary.runtime.generation import generate_responses
 
     started = time.time()
+    if isinstance(model, VLLMTarget):
+        replies = model.engine.generate(conversations, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                                        lora_request=model.lora_request)
+        return Completions([r.text for r in replies], [len(r.ids) for r in replies], time.time() - started)
     replies = generate_responses(model, tokenizer, conversations, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, top_p=args.top_p, batch_size=args.batch_size,
                                  seed=args.seed, progress=True, desc=desc)

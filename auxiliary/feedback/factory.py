@@ -39,8 +39,10 @@ class FeedbackFactory:
     """Builds users and judges; loaded models, vLLM engines and Claude clients are shared by name."""
 
     def __init__(self, dtype: str = "auto", device: str = "auto", api_concurrency: int = 8,
-                 api_options: dict | None = None, vllm_options: dict | None = None):
+                 api_options: dict | None = None, vllm_options: dict | None = None, placement=None):
         self.dtype, self.device, self.api_concurrency = dtype, device, api_concurrency
+        # FeedbackPlacementOptions / JudgePlacementOptions (or None): which GPUs a vLLM user / judge takes
+        self.placement = placement
         self.api_options = dict(api_options or {})    # ClaudeClient keywords (max_retries, timeout_s, ...)
         self.vllm_options = dict(vllm_options or {})  # vllm.LLM keywords (gpu_memory_utilization, ...)
         self._local: dict = {}
@@ -60,15 +62,30 @@ class FeedbackFactory:
         return self._local[key]
 
     def vllm_engine(self, model_name_or_path, seed: int = 0, **options):
-        """One vllm.LLM per model name (user and judge on the same model share it)."""
+        """One vllm.LLM per model name and placement (user and judge on the same model and GPUs share it)."""
         from auxiliary.runtime.vllm_adapter import import_vllm, make_llm
 
-        key = str(model_name_or_path)
+        merged = {"gpu_memory_utilization": 0.4, "tensor_parallel_size": 1, "gpu_start": None,
+                  **self.vllm_options, **{k: v for k, v in options.items() if v is not None}}
+        gpu_share, tp, start = (merged.pop(k) for k in ("gpu_memory_utilization", "tensor_parallel_size", "gpu_start"))
+        key = (str(model_name_or_path), tp, start)  # another placement of the same model is another engine
         if key not in self._engines:
-            merged = {"gpu_memory_utilization": 0.4, "tensor_parallel_size": 1, **self.vllm_options, **options}
-            gpu_share, tp = merged.pop("gpu_memory_utilization"), merged.pop("tensor_parallel_size")
-            self._engines[key] = make_llm(import_vllm(), model_name_or_path, gpu_share, tp, seed, **merged)
+            self._engines[key] = make_llm(import_vllm(), model_name_or_path, gpu_share, tp, seed, gpu_start=start,
+                                          **merged)
         return self._engines[key]
+
+    def _placement(self, role: str, model_name_or_path) -> dict:
+        """vllm.LLM placement keywords of a vLLM user or judge. A judge with no placement of its own on
+        the user's model shares the user's engine (the paper's runs: one Qwen3-32B engine for both)."""
+        p = self.placement
+        if p is None:
+            return {}
+        if role == "judge" and (p.judge_vllm_tp is not None or p.judge_vllm_gpu_start is not None):
+            return {"tensor_parallel_size": p.judge_vllm_tp or 1, "gpu_start": p.judge_vllm_gpu_start}
+        user = {"tensor_parallel_size": getattr(p, "user_vllm_tp", 1), "gpu_start": getattr(p, "user_vllm_gpu_start", None)}
+        if role == "user" or str(model_name_or_path) == str(getattr(p, "user_model_name_or_path", None)):
+            return user
+        return {}
 
     def claude_client(self, model: str | None, role: str, seed: int | None = None, **options):
         """One client per (role, model): the judges of all styles share one, the user has its own
@@ -101,7 +118,8 @@ class FeedbackFactory:
             return ClaudeUserSimulator(style, client=client, seed=seed, **kw)
         from auxiliary.feedback.vllm_user_simulator import VLLMUserSimulator
 
-        llm = kw.pop("llm", None) or self.vllm_engine(model_name_or_path, seed, **_engine_options(kw))
+        llm = kw.pop("llm", None) or self.vllm_engine(model_name_or_path, seed,
+                                                      **{**self._placement("user", model_name_or_path), **_engine_options(kw)})
         return VLLMUserSimulator(model_name_or_path, style, seed=seed, llm=llm, **kw)
 
     def judge(self, kind: str, style: str, model_name_or_path=None, **kw):
@@ -121,7 +139,8 @@ class FeedbackFactory:
             return ClaudeStyleJudge(style, client=client, **kw)
         from auxiliary.feedback.vllm_style_judge import VLLMStyleJudge
 
-        llm = kw.pop("llm", None) or self.vllm_engine(model_name_or_path, kw.get("seed", 0), **_engine_options(kw))
+        llm = kw.pop("llm", None) or self.vllm_engine(model_name_or_path, kw.get("seed", 0),
+                                                      **{**self._placement("judge", model_name_or_path), **_engine_options(kw)})
         return VLLMStyleJudge(model_name_or_path, style, llm=llm, **kw)
 
     def judges(self, kind: str, styles, model_name_or_path=None, **kw) -> dict:
@@ -150,21 +169,5 @@ def user_options(kind: str, temperature: float | None = None) -> dict:
 
 def _engine_options(kw: dict) -> dict:
     """Pop the vllm.LLM keywords out of a component's keyword arguments."""
-    return {name: kw.pop(name) for name in ("gpu_memory_utilization", "tensor_parallel_size") if name in kw}
+    return {name: kw.pop(name) for name in ("gpu_memory_utilization", "tensor_parallel_size", "gpu_start") if name in kw}
 
-
-def _single_use_factory(api_concurrency: int, kw: dict) -> FeedbackFactory:
-    """A fresh factory for one component; pops its own keywords (dtype, device, Claude client options) from kw."""
-    client_kwargs = {k: kw.pop(k) for k in CLIENT_KEYWORDS if k in kw}
-    return FeedbackFactory(kw.pop("dtype", "auto"), kw.pop("device", "auto"), api_concurrency, client_kwargs)
-
-
-def make_user_simulator(kind: str, style: str, model_name_or_path=None, seed: int = 0, api_concurrency: int = 8,
-                        **kw):
-    """A single simulated user (a fresh FeedbackFactory: nothing shared)."""
-    return _single_use_factory(api_concurrency, kw).user(kind, style, model_name_or_path, seed=seed, **kw)
-
-
-def make_judge(kind: str, style: str, model_name_or_path=None, api_concurrency: int = 8, **kw):
-    """A single judge (a fresh FeedbackFactory: nothing shared)."""
-    return _single_use_factory(api_concurrency, kw).judge(kind, style, model_name_or_path, **kw)

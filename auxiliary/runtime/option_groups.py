@@ -41,6 +41,10 @@ RANGES: dict[str, tuple] = {
     # evaluation tools
     "judge_batch_size": (1, True, None, None), "n_bootstrap": (0, True, None, None), "n_cases": (0, True, None, None),
     "min_tokens": (0, True, None, None), "max_tries": (1, True, None, None),
+    # vLLM placement: tensor parallel sizes and first GPU indices
+    "vllm_tp": (1, True, None, None), "vllm_gpu_start": (0, True, None, None),
+    "user_vllm_tp": (1, True, None, None), "user_vllm_gpu_start": (0, True, None, None),
+    "judge_vllm_tp": (1, True, None, None), "judge_vllm_gpu_start": (0, True, None, None),
 }
 
 
@@ -160,3 +164,20 @@ class LoraOptions:
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (not tied to r)"})
     lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
     lora_target_modules: str = field(default="all-linear", metadata={"help": "comma-separated module names, or all-linear"})
+
+
+@dataclass
+class JudgePlacementOptions:
+    """Where a vLLM judge runs (of the GPUs visible to the job; nothing hard-codes an index)."""
+    judge_vllm_tp: Optional[int] = field(default=None, metadata={
+        "help": "vLLM judge: tensor parallel size (default: the user's engine when both run the same model, else 1)"})
+    judge_vllm_gpu_start: Optional[int] = field(default=None, metadata={
+        "help": "vLLM judge: first GPU of its own engine (default: the user's engine on the same model, else vLLM's placement)"})
+
+
+@dataclass
+class FeedbackPlacementOptions(JudgePlacementOptions):
+    """Where the vLLM user (and judge) run: the paper repository's --user_vllm_tp / --user_vllm_gpu_start."""
+    user_vllm_tp: int = field(default=1, metadata={"help": "vLLM user: tensor parallel size"})
+    user_vllm_gpu_start: Optional[int] = field(default=None, metadata={
+        "help": "vLLM user: first GPU of its engine (GPUs start .. start + tp - 1; default: vLLM's placement)"})

@@ -6,6 +6,8 @@ Imported lazily, so nothing else needs vLLM installed.
 """
 from __future__ import annotations
 
+import contextlib
+import os
 import tempfile
 from pathlib import Path
 
@@ -22,36 +24,25 @@ def import_vllm():
     return vllm
 
 
-class VLLMPolicyGenerator:
-    def __init__(self, model_path: str, tokenizer, config):
-        if not config.use_lora:
-            raise ValueError("--use_vllm syncs LoRA adapters only: add --use_lora (full-weight sync is not supported)")
+class VLLMGenerator:
+    """One vLLM engine generating replies as GeneratedResponse (ids with EOS kept, like HF generation);
+    `lora_request` picks an adapter per call. Placed with make_llm (tensor parallel size, first GPU)."""
+
+    def __init__(self, model_path: str, tokenizer, *, seed: int, dtype: str = "auto", gpu_memory_utilization: float = 0.3,
+                 tensor_parallel_size: int = 1, gpu_start: int | None = None, max_lora_rank: int | None = None):
         vllm = import_vllm()
         self._vllm = vllm
         self.tokenizer = tokenizer
-        self.config = config
-        self.llm = vllm.LLM(model=model_path, enable_lora=True, max_lora_rank=config.lora_r,
-                            gpu_memory_utilization=config.vllm_gpu_memory_utilization, seed=config.seed,
-                            dtype="bfloat16" if config.dtype in ("auto", "bf16", "bfloat16") else config.dtype)
-        self._adapter_dir = Path(tempfile.mkdtemp(prefix="sdpo_vllm_adapter_"))
-        self._synced_step = -1
-        self._lora_request = None
+        lora = {"enable_lora": True, "max_lora_rank": max_lora_rank} if max_lora_rank else {}
+        self.llm = make_llm(vllm, model_path, gpu_memory_utilization, tensor_parallel_size, seed, gpu_start=gpu_start,
+                            dtype="bfloat16" if dtype in ("auto", "bf16", "bfloat16") else dtype, **lora)
 
-    def sync_weights(self, peft_model, step: int) -> None:
-        if step == self._synced_step:
-            return
-        target = self._adapter_dir / f"step_{step}"
-        peft_model.save_pretrained(target)
-        from vllm.lora.request import LoRARequest
-
-        self._lora_request = LoRARequest(f"policy_step_{step}", step + 1, str(target))
-        self._synced_step = step
-
-    def generate(self, conversations, max_new_tokens, temperature, top_p, seed=None) -> list[GeneratedResponse]:
+    def generate(self, conversations, max_new_tokens, temperature, top_p, seed=None,
+                 lora_request=None) -> list[GeneratedResponse]:
         params = self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                            seed=seed, stop_token_ids=[self.tokenizer.eos_token_id])
         prompts = [{"prompt_token_ids": render_context_ids(self.tokenizer, c)} for c in conversations]
-        outputs = self.llm.generate(prompts, params, lora_request=self._lora_request, use_tqdm=False)
+        outputs = self.llm.generate(prompts, params, lora_request=lora_request, use_tqdm=False)
         results = []
         stops = {self.tokenizer.eos_token_id}
         for output in outputs:
@@ -63,6 +54,41 @@ class VLLMPolicyGenerator:
         return results
 
 
+def lora_request(name: str, lora_id: int, path: str):
+    from vllm.lora.request import LoRARequest
+
+    return LoRARequest(name, lora_id, str(path))
+
+
+class VLLMPolicyGenerator(VLLMGenerator):
+    """The online policy on vLLM: the trained weights stay in the HF model; after each update only
+    the LoRA adapter is saved and handed to vLLM as a new LoRARequest."""
+
+    def __init__(self, model_path: str, tokenizer, config):
+        if not config.use_lora:
+            raise ValueError("--use_vllm syncs LoRA adapters only: add --use_lora (full-weight sync is not supported)")
+        super().__init__(model_path, tokenizer, seed=config.seed, dtype=config.dtype,
+                         gpu_memory_utilization=config.vllm_gpu_memory_utilization,
+                         tensor_parallel_size=config.vllm_tp, gpu_start=config.vllm_gpu_start,
+                         max_lora_rank=config.lora_r)
+        self.config = config
+        self._adapter_dir = Path(tempfile.mkdtemp(prefix="sdpo_vllm_adapter_"))
+        self._synced_step = -1
+        self._lora_request = None
+
+    def sync_weights(self, peft_model, step: int) -> None:
+        if step == self._synced_step:
+            return
+        target = self._adapter_dir / f"step_{step}"
+        peft_model.save_pretrained(target)
+        self._lora_request = lora_request(f"policy_step_{step}", step + 1, str(target))
+        self._synced_step = step
+
+    def generate(self, conversations, max_new_tokens, temperature, top_p, seed=None, lora_request=None):
+        return super().generate(conversations, max_new_tokens, temperature, top_p, seed,
+                                lora_request=lora_request or self._lora_request)
+
+
 def vllm_chat(llm, conversations: list[list[dict]], sampling_params) -> list[str]:
     """Batched chat generation with thinking off (where the template has the switch)."""
     tokenizer = llm.get_tokenizer()
@@ -72,11 +98,48 @@ def vllm_chat(llm, conversations: list[list[dict]], sampling_params) -> list[str
     return [output.outputs[0].text for output in outputs]
 
 
+def gpu_ids(start: int, count: int) -> list[str]:
+    """The `count` GPUs from index `start` of the visible ones (CUDA_VISIBLE_DEVICES, else all)."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        devices = [d.strip() for d in visible.split(",") if d.strip()]
+    else:
+        import torch
+
+        devices = [str(i) for i in range(torch.cuda.device_count())]
+    if start < 0 or count < 1 or start + count > len(devices):
+        raise ValueError(f"GPUs {start}..{start + count - 1} (first GPU {start}, tensor parallel {count}) requested, "
+                         f"but {len(devices)} are visible ({','.join(devices) or 'none'})")
+    return devices[start:start + count]
+
+
+@contextlib.contextmanager
+def visible_gpus(devices: list[str] | None):
+    """CUDA_VISIBLE_DEVICES set to `devices` while an engine is built: vLLM's engine and worker
+    processes start inside and keep that view, the policy in this process keeps its own device."""
+    if devices is None:
+        yield
+        return
+    before = os.environ.get("CUDA_VISIBLE_DEVICES")
+    os.environ["CUDA_VISIBLE_DEVICES"] = ",".join(devices)
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop("CUDA_VISIBLE_DEVICES", None)
+        else:
+            os.environ["CUDA_VISIBLE_DEVICES"] = before
+
+
 def make_llm(vllm, model_name_or_path: str, gpu_memory_utilization: float, tensor_parallel_size: int,
-             seed: int, **llm_kwargs):
+             seed: int, gpu_start: int | None = None, **llm_kwargs):
+    """The one place a vllm.LLM is built. gpu_start None: vLLM places it (the visible GPUs from 0);
+    else on GPUs gpu_start .. gpu_start + tensor_parallel_size - 1 of the visible ones."""
     if not model_name_or_path:
         raise ValueError("a vLLM component needs model_name_or_path")
     from auxiliary.runtime.model_loading import resolve_model_path
 
-    return vllm.LLM(model=resolve_model_path(model_name_or_path), gpu_memory_utilization=gpu_memory_utilization,
-                    tensor_parallel_size=tensor_parallel_size, seed=seed, **llm_kwargs)
+    devices = None if gpu_start is None else gpu_ids(gpu_start, tensor_parallel_size)
+    with visible_gpus(devices):
+        return vllm.LLM(model=resolve_model_path(model_name_or_path), gpu_memory_utilization=gpu_memory_utilization,
+                        tensor_parallel_size=tensor_parallel_size, seed=seed, **llm_kwargs)
