@@ -155,6 +155,8 @@ class OnlineSDPOUpdater:
 
     def train_batch(self, conversations, response_ids, followups) -> dict:
         started = time.perf_counter()
+        if self._vllm is not None:
+            self._vllm.sleep()  # --vllm_enable_sleep_mode: the engine's memory is the update's until the next generate
         batch_x, batch_xo = self.build_batches(conversations, response_ids, followups)
         first: dict | None = None
         losses = []

@@ -40,6 +40,8 @@ class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, Context
     seed: int = field(default=1234, metadata={"help": "random seed"})
     use_vllm: bool = field(default=False, metadata={"help": "generate with vLLM (GPU, optional extra); LoRA adapter-only weight sync"})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "share of GPU memory vLLM may take"})
+    vllm_enable_sleep_mode: bool = field(default=False, metadata={
+        "help": "policy's vLLM engine sleeps during each update (weights to CPU, KV cache freed) and wakes for the next generation"})
     vllm_tp: int = field(default=1, metadata={"help": "policy's vLLM engine: tensor parallel size"})
     vllm_gpu_start: Optional[int] = field(default=None, metadata={
         "help": "policy's vLLM engine: first GPU (default: vLLM's placement); keep it off the user's and judge's GPUs"})

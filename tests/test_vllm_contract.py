@@ -46,6 +46,12 @@ class FakeLLM:
     def get_tokenizer(self):
         return self.tokenizer
 
+    def sleep(self, level=1):
+        self.generate_calls.append({"sleep": level})
+
+    def wake_up(self):
+        self.generate_calls.append({"wake_up": True})
+
     def generate(self, prompts, params, lora_request=None, use_tqdm=True):
         self.generate_calls.append({"prompts": prompts, "params": params, "lora_request": lora_request})
         outputs = []
@@ -256,3 +262,27 @@ def test_incontext_oracle_generates_on_one_vllm_engine(fake_vllm, tiny_model_dir
     system_prompts = [c["prompts"][0]["prompt_token_ids"] for c in engine.generate_calls]
     assert system_prompts[1] != system_prompts[0]  # the persona is in the oracle's prompts
     assert not fake_vllm.token_scripts  # every reply came from the engine
+
+
+def test_sleep_mode_frees_the_policy_engine_during_each_update(fake_vllm, tiny_model, tiny_tokenizer):
+    config = OnlineSDPOConfig(model="my/policy", device="cpu", use_vllm=True, use_lora=True, lora_r=4,
+                              lora_target_modules="q_proj,v_proj", max_new_tokens=4, vllm_enable_sleep_mode=True,
+                              loss_mode="simple_signal")
+    updater = OnlineSDPOUpdater(config, tiny_model, tiny_tokenizer)
+    messages = [{"role": "user", "content": "hi"}]
+    for _ in range(2):
+        fake_vllm.token_scripts += [([11, 12], "stop")]
+        reply = updater.generate([messages], seed=1)[0]
+        updater.train_step(messages, reply.ids, "Shorter.")
+    (engine,) = fake_vllm.llms
+    assert engine.kwargs["enable_sleep_mode"] is True
+    events = [next(iter(c)) for c in engine.generate_calls]
+    assert events == ["prompts", "sleep", "wake_up", "prompts", "sleep"]
+    without = OnlineSDPOConfig(model="my/policy", device="cpu", use_vllm=True, use_lora=True, lora_r=4,
+                               lora_target_modules="q_proj,v_proj", max_new_tokens=4, loss_mode="simple_signal")
+    plain = OnlineSDPOUpdater(without, tiny_model, tiny_tokenizer)
+    fake_vllm.token_scripts += [([11], "stop")]
+    reply = plain.generate([messages])[0]
+    plain.train_step(messages, reply.ids, "Shorter.")
+    assert "enable_sleep_mode" not in fake_vllm.llms[1].kwargs
+    assert [next(iter(c)) for c in fake_vllm.llms[1].generate_calls] == ["prompts"]

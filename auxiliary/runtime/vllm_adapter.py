@@ -29,16 +29,33 @@ class VLLMGenerator:
     `lora_request` picks an adapter per call. Placed with make_llm (tensor parallel size, first GPU)."""
 
     def __init__(self, model_path: str, tokenizer, *, seed: int, dtype: str = "auto", gpu_memory_utilization: float = 0.3,
-                 tensor_parallel_size: int = 1, gpu_start: int | None = None, max_lora_rank: int | None = None):
+                 tensor_parallel_size: int = 1, gpu_start: int | None = None, max_lora_rank: int | None = None,
+                 enable_sleep_mode: bool = False):
         vllm = import_vllm()
         self._vllm = vllm
         self.tokenizer = tokenizer
-        lora = {"enable_lora": True, "max_lora_rank": max_lora_rank} if max_lora_rank else {}
+        extra = {"enable_lora": True, "max_lora_rank": max_lora_rank} if max_lora_rank else {}
+        if enable_sleep_mode:
+            extra["enable_sleep_mode"] = True
+        self.sleep_mode, self.asleep = enable_sleep_mode, False
         self.llm = make_llm(vllm, model_path, gpu_memory_utilization, tensor_parallel_size, seed, gpu_start=gpu_start,
-                            dtype="bfloat16" if dtype in ("auto", "bf16", "bfloat16") else dtype, **lora)
+                            dtype="bfloat16" if dtype in ("auto", "bf16", "bfloat16") else dtype, **extra)
+
+    def sleep(self) -> None:
+        """Free the engine's GPU memory while the policy trains (level 1: weights to CPU, KV cache
+        dropped); a no-op without sleep mode."""
+        if self.sleep_mode and not self.asleep:
+            self.llm.sleep(level=1)
+            self.asleep = True
+
+    def wake_up(self) -> None:
+        if self.asleep:
+            self.llm.wake_up()
+            self.asleep = False
 
     def generate(self, conversations, max_new_tokens, temperature, top_p, seed=None,
                  lora_request=None) -> list[GeneratedResponse]:
+        self.wake_up()
         params = self._vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
                                            seed=seed, stop_token_ids=[self.tokenizer.eos_token_id])
         prompts = [{"prompt_token_ids": render_context_ids(self.tokenizer, c)} for c in conversations]
@@ -70,7 +87,7 @@ class VLLMPolicyGenerator(VLLMGenerator):
         super().__init__(model_path, tokenizer, seed=config.seed, dtype=config.dtype,
                          gpu_memory_utilization=config.vllm_gpu_memory_utilization,
                          tensor_parallel_size=config.vllm_tp, gpu_start=config.vllm_gpu_start,
-                         max_lora_rank=config.lora_r)
+                         max_lora_rank=config.lora_r, enable_sleep_mode=config.vllm_enable_sleep_mode)
         self.config = config
         self._adapter_dir = Path(tempfile.mkdtemp(prefix="sdpo_vllm_adapter_"))
         self._synced_step = -1
