@@ -47,3 +47,25 @@ def test_warnings_fire_past_their_thresholds_only():
     collapsed = {"distinct_2": 0.3, "entropy": 0.4, "logprob": -4.0, "degenerate_share": 0.3}
     warnings = collapse_warnings(collapsed, reference, baseline_share=0.0)
     assert len(warnings) == 4 and "degenerate replies 30%" in warnings[0] and "-2.00 nats" in warnings[3]
+
+
+def test_eval_and_reply_monitors_combine_the_pieces(tiny_model, tiny_tokenizer):
+    from auxiliary.evals.collapse import eval_monitors, relative_to_start, reply_monitors
+
+    conversations = [[{"role": "user", "content": "hello there"}], [{"role": "user", "content": "count to three"}]]
+    own = ["Say it now. Say it now. Say it now. Say it now.", "one two three"]
+    baseline = ["hello friend", "one, two, three"]
+    record = eval_monitors(tiny_model, tiny_tokenizer, conversations, own, baseline)
+    # entropy on the arm's own replies, log-probability on the baseline's: two different reply sets
+    assert record["entropy"] == pytest.approx(policy_monitors(tiny_model, tiny_tokenizer, conversations, own)["entropy"])
+    assert record["logprob"] == pytest.approx(
+        policy_monitors(tiny_model, tiny_tokenizer, conversations, baseline)["logprob"])
+    assert record["degenerate_replies"] == 1 and record["distinct_2"] == pytest.approx(distinct_n(own))
+    start = {"entropy": 2.0, "logprob": -3.0}
+    assert relative_to_start({"entropy": 1.0, "logprob": -3.5}, start) == pytest.approx(
+        {"entropy_ratio": 0.5, "logprob_drift": -0.5})
+    assert relative_to_start({"entropy": 1.0}, None) == {}
+    row = reply_monitors(tiny_model, tiny_tokenizer, conversations[0], own[0])
+    assert row["degenerate"] is True and row["distinct_2"] == pytest.approx(distinct_n([own[0]]))
+    assert row["entropy"] == pytest.approx(
+        policy_monitors(tiny_model, tiny_tokenizer, conversations[:1], own[:1])["entropy"])

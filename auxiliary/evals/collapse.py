@@ -4,6 +4,9 @@
     policy_monitors(model, tokenizer, conversations, reply_texts)
                                                -> {"entropy", "logprob"} in nats per token
     collapse_warnings(record, reference)       -> list of one-line warnings
+    eval_monitors(model, tokenizer, conversations, texts, baseline_texts)
+                                               -> one arm's monitors at one evaluation (eval_history.json)
+    reply_monitors(model, tokenizer, messages, text) -> one training reply's (metrics.jsonl rows)
 
 - degenerate_share: the share of replies with a repeated phrase, an answer to the follow-up or
   no text (auxiliary/feedback/style_checks.degeneracy).
@@ -97,3 +100,28 @@ def collapse_warnings(record: dict, reference: dict, baseline_share: float | Non
         if math.isfinite(drift) and drift < WARN_LOGPROB_DRIFT:
             warnings.append(f"baseline replies drifted {drift:+.2f} nats per token under the policy")
     return warnings
+
+
+def eval_monitors(model, tokenizer, conversations, texts: Sequence[str], baseline_texts: Sequence[str]) -> dict:
+    """The monitors of one arm at one evaluation: its replies' text monitors, the policy's entropy on
+    them and the log-probability of the baseline's replies under the policy (nats per token)."""
+    own = policy_monitors(model, tokenizer, conversations, texts)
+    on_baseline = policy_monitors(model, tokenizer, conversations, baseline_texts)
+    return {**text_monitors(texts), "entropy": own["entropy"], "logprob": on_baseline["logprob"]}
+
+
+def relative_to_start(record: dict, start: dict | None) -> dict:
+    """entropy_ratio (entropy / step 0's) and logprob_drift (logprob - step 0's) of an eval record."""
+    out = {}
+    if start and start.get("entropy") and record.get("entropy") is not None:
+        out["entropy_ratio"] = record["entropy"] / start["entropy"]
+    if start and start.get("logprob") is not None and record.get("logprob") is not None:
+        out["logprob_drift"] = record["logprob"] - start["logprob"]
+    return out
+
+
+def reply_monitors(model, tokenizer, messages, text: str) -> dict:
+    """One training reply: whether it is degenerate, its distinct-2 ratio and the policy's mean token
+    entropy along it (the step's own reply, scored before the update)."""
+    return {"degenerate": bool(degeneracy(text)), "distinct_2": distinct_n([text], 2),
+            "entropy": policy_monitors(model, tokenizer, [messages], [text])["entropy"]}
