@@ -126,11 +126,23 @@ def summary_text(summary: dict, history: list[dict], arms: list[str], styles: li
     return "\n".join(lines)
 
 
+EXAMPLE_RULE = "the prompt with the median change in length (feedback minus baseline words; lower middle, then first)"
+
+
+def example_index(baseline: list[str], replies: list[str]) -> int:
+    """The prompt shown as the example, by a fixed rule (EXAMPLE_RULE) rather than the first prompt:
+    typical of the run, neither its best nor its worst case."""
+    changes = sorted((words(r) - words(b), i) for i, (b, r) in enumerate(zip(baseline, replies)))
+    return changes[(len(changes) - 1) // 2][1] if changes else 0
+
+
 def example_text(eval_prompts: list, baseline: list[str], texts: dict[str, list[str]], arms: list[str],
                  limit: int = 400) -> str:
     clip = lambda t: t if len(t) <= limit else t[:limit].rstrip() + " [...]"  # noqa: E731
-    parts = [f"example eval prompt: {prompt_as_text(eval_prompts[0])}", f"  baseline: {clip(baseline[0])!r}"]
-    parts += [f"  {arm}: {clip(texts[arm][0])!r}" for arm in arms if texts.get(arm)]
+    index = example_index(baseline, texts.get(arms[0]) or baseline)
+    parts = [f"example eval prompt #{index} ({EXAMPLE_RULE}): {prompt_as_text(eval_prompts[index])}",
+             f"  baseline: {clip(baseline[index])!r}"]
+    parts += [f"  {arm}: {clip(texts[arm][index])!r}" for arm in arms if texts.get(arm)]
     return "\n".join(parts)
 
 
