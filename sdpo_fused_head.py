@@ -39,7 +39,7 @@ def fused_head_supported(model, hidden: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.shape[1] == hidden.shape[-1]
 
 
-def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int):
+def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, teacher_head=None):
     """Loss of all tokens with the LM head's gradient computed chunk by chunk in the forward.
 
     `head` has `.linear` (a plain nn.Linear) and `.softcap`; `plan` is sdpo_objective's loss plan.
@@ -54,6 +54,7 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int):
     grad_hidden = G W and grad_W += G^T h are formed at once, so the chunk's logits are never
     needed again: 4 head products per response row instead of 6 (checkpointed path). With
     soft-capping (z = cap * tanh(a / cap)), G is multiplied by dz/da = 1 - tanh(a / cap)^2.
+    `teacher_head` (a plain linear head too, same soft-capping) scores hidden_t; default `head`.
     Returns (loss, logp_x, logp_xo, kl or None), all but loss detached.
     """
     opts, weight, softcap = plan.opts, head.linear.weight, head.softcap
@@ -64,6 +65,8 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int):
     total = hidden_s.shape[0]
     with torch.no_grad(), torch.autocast(device_type, enabled=False):
         w = weight.detach().to(compute_dtype)
+        teacher_weight = head.linear.weight if teacher_head is None else teacher_head.linear.weight
+        w_teacher = w if teacher_weight is weight else teacher_weight.detach().to(compute_dtype)
         h_all = hidden_s.detach()
         grad_hidden = torch.empty_like(h_all)
         grad_weight = None
@@ -90,7 +93,7 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int):
             target_logp = logp.gather(1, target)
             teacher_buckets = None
             if distill:
-                teacher_logits = F.linear(hidden_t[rows].to(compute_dtype), w).float()
+                teacher_logits = F.linear(hidden_t[rows].to(compute_dtype), w_teacher).float()
                 if softcap is not None:
                     teacher_logits.div_(softcap).tanh_().mul_(softcap)
                 teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
