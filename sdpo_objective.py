@@ -223,7 +223,8 @@ def buckets_divergence(student: torch.Tensor, teacher: torch.Tensor, renormalise
             student_terms = _times(p_s, s - mixture)
             value = (1 - alpha) * student_terms.sum(dim=-1) + alpha * _times(p_t, t - mixture).sum(dim=-1)
             grad = (1 - alpha) * student_terms  # d/ds of both sums: the +p_s and -p_s parts cancel exactly
-    surrogate = (grad * student).sum(dim=-1)
+    # an empty bucket (log-prob -inf) has gradient 0: keep it out of the product, which would be NaN
+    surrogate = (grad * torch.where(torch.isfinite(s), student, 0.0)).sum(dim=-1)
     return value + surrogate - surrogate.detach()
 
 
