@@ -16,18 +16,21 @@ def _batches(tokenizer):
     return build_scoring_batch(CONTEXTS_X, RESPONSES, pad), build_scoring_batch(CONTEXTS_XO, RESPONSES, pad)
 
 
-def _loss_and_grads(model, batch_x, batch_xo, opts, ref_model=None):
+def _loss_and_grads(model, batch_x, batch_xo, opts, ref_model=None, teacher_object=None):
     model.zero_grad(set_to_none=True)
-    loss, stats = sdpo_loss(model, batch_x, batch_xo, opts, ref_model)
+    loss, stats = sdpo_loss(model, batch_x, batch_xo, opts, ref_model, teacher_object)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return loss.detach(), stats, grads
 
 
-def _assert_same(model, batch_x, batch_xo, ref_model=None, **options):
-    fused = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=True, **options), ref_model)
-    plain = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=False, **options), ref_model)
+def _assert_same(model, batch_x, batch_xo, ref_model=None, teacher_object=None, **options):
+    """Fused and checkpointed head paths: same loss, gradients and stats (`teacher_object`: a sdpo_objective.Teacher)."""
+    fused = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=True, **options), ref_model,
+                            teacher_object)
+    plain = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=False, **options), ref_model,
+                            teacher_object)
     assert fused[1]["fused_lm_head"] and not plain[1]["fused_lm_head"]
     torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-5)
     assert fused[2].keys() == plain[2].keys() and fused[2]
