@@ -79,6 +79,19 @@ def test_chat_signal_uses_the_placement(tmp_path, tiny_tokenizer):
     assert signal == pytest.approx(expected, abs=1e-6)
 
 
+def test_the_online_debug_print_shows_the_separate_turn(tiny_tokenizer):
+    import torch
+
+    from auxiliary.evals.online_report import debug_example_text
+    from auxiliary.runtime.generation import GeneratedResponse
+    from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE
+
+    reply = GeneratedResponse(text="Dear", ids=[5, 6, 2], finished=True)
+    text = debug_example_text(tiny_tokenizer, MESSAGES, reply, FOLLOWUP, torch.zeros(3), DEFAULT_HINDSIGHT_TEMPLATE,
+                              "separate_turn")
+    assert tiny_tokenizer.decode(separate_turn_ids(tiny_tokenizer)) in text
+
+
 def test_bad_placement_fails_clearly():
     from offline_sdpo.main_offline_sdpo import OfflineSDPOArguments
     from online_sdpo_updater_config import OnlineSDPOConfig
