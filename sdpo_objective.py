@@ -424,8 +424,9 @@ def split_by_sequence(values: torch.Tensor, batch: ScoringBatch) -> list[torch.T
 
 @torch.no_grad()
 def compute_signal(model, contexts_x, contexts_xo, responses, pad_token_id: int, max_context_length=None,
-                   chunk_size: int = 256) -> list[dict]:
-    """Per-token signal for each response (analysis and /why): dicts of signal, logp_x, logp_xo (CPU floats)."""
+                   chunk_size: int = 256, teacher: "Teacher | None" = None) -> list[dict]:
+    """Per-token signal for each response (analysis and /why): dicts of signal, logp_x, logp_xo (CPU floats).
+    xo is scored by `teacher` (a frozen or EMA Teacher) where given, else by the model itself."""
     was_training = model.training
     model.eval()
     try:
@@ -433,7 +434,8 @@ def compute_signal(model, contexts_x, contexts_xo, responses, pad_token_id: int,
         batch_x = build_scoring_batch(contexts_x, responses, pad_token_id, max_context_length, device)
         batch_xo = build_scoring_batch(contexts_xo, responses, pad_token_id, max_context_length, device)
         logp_x, _ = score_tokens(model, batch_x, chunk_size)
-        logp_xo, _ = score_tokens(model, batch_xo, chunk_size)
+        with contextlib.nullcontext(model) if teacher is None else teacher.scoring(model) as teacher_model:
+            logp_xo, _ = score_tokens(teacher_model, batch_xo, chunk_size)
     finally:
         model.train(was_training)
     results = []

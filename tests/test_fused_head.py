@@ -111,7 +111,7 @@ def test_fused_head_with_untied_head_and_frozen_head(tiny_tokenizer):
     assert "lm_head.weight" not in fused[2]
 
 
-def test_heads_the_fused_path_does_not_take(tiny_model, tiny_tokenizer):
+def test_heads_the_fused_path_does_not_take(tiny_model, tiny_tokenizer, caplog):
     batch_x, batch_xo = _batches(tiny_tokenizer)
     hidden = torch.zeros(1, tiny_model.config.hidden_size)
     assert fused_head_supported(tiny_model, hidden)
@@ -119,8 +119,18 @@ def test_heads_the_fused_path_does_not_take(tiny_model, tiny_tokenizer):
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
     tiny_model.set_output_embeddings(biased)
     assert not fused_head_supported(tiny_model, hidden)
-    _, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
+    import logging
+
+    import sdpo_objective
+
+    sdpo_objective._LOGGED_FALLBACKS.clear()  # the reason is logged once per process
+    with caplog.at_level(logging.INFO, logger="sdpo_objective"):
+        _, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
+        sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
     assert stats["fused_lm_head"] is False  # falls back, still trains
+    reasons = [r.getMessage() for r in caplog.records if "fused LM head off" in r.getMessage()]
+    assert reasons == ["fused LM head off, checkpointed chunks instead: the LM head is not a plain, bias-free, "
+                       "unsharded nn.Linear (LoRA-wrapped, biased or sharded)"]
     with torch.no_grad():  # no gradient wanted: plain chunked scoring
         _, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
     assert stats["fused_lm_head"] is False

@@ -192,3 +192,22 @@ def test_offline_ema_teacher_is_checkpointed_and_restored(tiny_model_dir, tmp_pa
     final_resumed = load_file(str(resumed / "checkpoint-3" / "teacher_ema.safetensors"))
     for name, value in final_straight.items():
         torch.testing.assert_close(final_resumed[name], value, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_compute_signal_scores_xo_with_the_teacher(tiny_tokenizer, lora):
+    """The chat's /why and min_signal read the same A_t the update trains on."""
+    from sdpo_objective import compute_signal
+
+    updater = make_updater(tiny_tokenizer, teacher="frozen", **(LORA if lora else {}))
+    initial = copy.deepcopy(build_tiny_model(tiny_tokenizer, seed=0)).eval()
+    _perturb(updater.model, seed=3, scale=0.2)
+    pad = tiny_tokenizer.pad_token_id
+    ours = compute_signal(updater.model, CONTEXTS_X, CONTEXTS_XO, RESPONSES, pad, teacher=updater.teacher)
+    student = compute_signal(updater.model, CONTEXTS_X, CONTEXTS_X, RESPONSES, pad)
+    frozen = compute_signal(initial, CONTEXTS_XO, CONTEXTS_XO, RESPONSES, pad)
+    for a, s, f in zip(ours, student, frozen):
+        assert a["logp_x"] == pytest.approx(s["logp_x"], abs=1e-6)
+        assert a["logp_xo"] == pytest.approx(f["logp_xo"], abs=1e-5)
+    live = compute_signal(updater.model, CONTEXTS_X, CONTEXTS_XO, RESPONSES, pad)
+    assert live[0]["logp_xo"] != pytest.approx(ours[0]["logp_xo"], abs=1e-4)

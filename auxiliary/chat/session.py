@@ -380,7 +380,7 @@ class ChatSession:
             pending.context, followup, config.hindsight_template, config.hindsight_placement))
         result = compute_signal(self.updater.model, [context_x], [context_xo], [pending.reply.ids],
                                 self.tokenizer.pad_token_id, self.updater.config.max_context_length,
-                                self.updater.config.logits_chunk_size)
+                                self.updater.config.logits_chunk_size, teacher=self.updater.teacher)
         return result[0]["signal"]
 
     def _remember_why(self, pending: _Pending, followup: str, signal: list[float], updated: bool) -> None:
