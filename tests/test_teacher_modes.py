@@ -211,3 +211,22 @@ def test_compute_signal_scores_xo_with_the_teacher(tiny_tokenizer, lora):
         assert a["logp_xo"] == pytest.approx(f["logp_xo"], abs=1e-5)
     live = compute_signal(updater.model, CONTEXTS_X, CONTEXTS_XO, RESPONSES, pad)
     assert live[0]["logp_xo"] != pytest.approx(ours[0]["logp_xo"], abs=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["frozen", "ema"])
+def test_lora_adapted_lm_head_is_scored_under_the_teacher(tiny_tokenizer, mode):
+    """LoRA on the LM head itself: the teacher's head calls (chunked, after the forward) switch adapters too."""
+    peft = pytest.importorskip("peft")
+    base = build_tiny_model(tiny_tokenizer, seed=0)
+    reference = copy.deepcopy(base).eval()
+    base.config.tie_word_embeddings = False
+    model = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "lm_head"],
+                                                      init_lora_weights=False)).eval()
+    teacher = Teacher(model, mode, ema_rate=0.3)
+    expected_teacher = reference if mode == "frozen" else copy.deepcopy(model).eval()
+    _perturb(model, seed=4)
+    opts = ObjectiveOptions(loss_mode="full_distillation", teacher=mode, distillation_topk=5, logits_chunk_size=4)
+    loss, stats = sdpo_loss(model, *_batches(tiny_tokenizer), opts, teacher=teacher)
+    assert stats["fused_lm_head"] is False  # a LoRA-wrapped head: the checkpointed chunks
+    torch.testing.assert_close(loss.detach(), full_logit_loss(model, expected_teacher, opts).detach(),
+                               atol=1e-6, rtol=1e-5)
