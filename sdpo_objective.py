@@ -657,6 +657,10 @@ class Teacher:
                 self._pairs = [(name, p, students[name]) for name, p in self.copy.named_parameters() if name in students]
         elif mode == "ema":
             self._add_ema_adapter()
+        # 16-bit EMA weights average in a float32 copy: r * (student - teacher) is often below a bf16
+        # weight's rounding step, and would be lost at every update
+        self._float32 = {name: teacher_param.detach().float().clone() for name, teacher_param, _ in self._pairs
+                         if teacher_param.dtype in (torch.float16, torch.bfloat16)}
 
     def _add_ema_adapter(self):
         active = self.student.active_adapter
@@ -711,12 +715,18 @@ class Teacher:
     @torch.no_grad()
     def update(self) -> None:
         """One EMA step (after each optimizer step); nothing for live and frozen teachers."""
-        for _, teacher_param, student_param in self._pairs:
-            teacher_param.lerp_(student_param.detach().to(teacher_param.dtype), self.ema_rate)
+        for name, teacher_param, student_param in self._pairs:
+            master = self._float32.get(name)
+            if master is None:
+                teacher_param.lerp_(student_param.detach().to(teacher_param.dtype), self.ema_rate)
+            else:
+                master.lerp_(student_param.detach().float(), self.ema_rate)
+                teacher_param.copy_(master)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The EMA weights by the student parameter's name (empty unless ema)."""
-        return {name: teacher_param.detach().cpu().clone() for name, teacher_param, _ in self._pairs}
+        """The EMA weights by the student parameter's name (float32 for 16-bit weights; empty unless ema)."""
+        return {name: self._float32.get(name, teacher_param).detach().cpu().clone()
+                for name, teacher_param, _ in self._pairs}
 
     def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "teacher state") -> None:
         expected = {name for name, _, _ in self._pairs}
@@ -729,6 +739,8 @@ class Teacher:
                     raise ValueError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, "
                                      f"expected {tuple(teacher_param.shape)}")
                 teacher_param.copy_(tensors[name])
+                if name in self._float32:
+                    self._float32[name].copy_(tensors[name])
 
 
 _LOGGED_FALLBACKS: set[str] = set()

@@ -230,3 +230,25 @@ def test_lora_adapted_lm_head_is_scored_under_the_teacher(tiny_tokenizer, mode):
     assert stats["fused_lm_head"] is False  # a LoRA-wrapped head: the checkpointed chunks
     torch.testing.assert_close(loss.detach(), full_logit_loss(model, expected_teacher, opts).detach(),
                                atol=1e-6, rtol=1e-5)
+
+
+def test_ema_of_bf16_weights_keeps_the_small_steps(tiny_tokenizer):
+    """r * (student - teacher) below a bf16 weight's rounding step still moves the teacher (a float32 average)."""
+    model = build_tiny_model(tiny_tokenizer, seed=0).to(torch.bfloat16)
+    teacher = Teacher(model, "ema", ema_rate=0.05)
+    expected = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for param in model.parameters():
+            param.mul_(1.01)  # a 1% step: 0.05 of it is below bf16's 2^-8 relative resolution
+    for _ in range(20):  # 1 - 0.95^20 = 64% of the step: the bf16 weights move, one step alone would not
+        teacher.update()
+        for name, param in model.named_parameters():
+            expected[name] = expected[name].lerp(param.detach().float(), 0.05)
+    state = teacher.state_dict()
+    name = "model.layers.0.self_attn.q_proj.weight"
+    assert state[name].dtype == torch.float32
+    torch.testing.assert_close(state[name], expected[name], atol=1e-7, rtol=1e-6)
+    teacher_weight = dict(teacher.copy.named_parameters())[name]
+    assert torch.equal(teacher_weight, expected[name].to(torch.bfloat16))  # the weights scored with follow
+    before = dict(build_tiny_model(tiny_tokenizer, seed=0).to(torch.bfloat16).named_parameters())[name]
+    assert not torch.equal(teacher_weight, before)
