@@ -260,7 +260,8 @@ class OnlineRun:
                                 "completion": reply.text, "followup": followup})
             if self.run.debug_first_example and step == 1 and arm == "feedback":
                 print(debug_example_text(updater.tokenizer, messages, reply, followup, signals[0],
-                                         self.sdpo.hindsight_template), file=sys.stderr, flush=True)
+                                         self.sdpo.hindsight_template, self.sdpo.hindsight_placement),
+                      file=sys.stderr, flush=True)
         for row in completions:
             self.folder.append_completion(row)
         return record

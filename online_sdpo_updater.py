@@ -6,7 +6,7 @@
     updater.save_checkpoint()
 
 The teacher is the current model under the hindsight context, with no gradient,
-refreshed at every step (no frozen copy).
+refreshed at every step (no frozen copy); --teacher frozen|ema keep one (sdpo_objective.Teacher).
 """
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ from auxiliary.runtime.io_utils import (OLD_SUFFIX, PARTIAL_SUFFIX, atomic_write
 from auxiliary.runtime.model_loading import load_model_and_tokenizer, pick_device
 from auxiliary.runtime.secrets import public_config
 from online_sdpo_updater_config import OnlineSDPOConfig
-from sdpo_objective import (build_scoring_batch, check_lm_head, hindsight_messages, normalize_messages,
+from sdpo_objective import (Teacher, build_scoring_batch, check_lm_head, hindsight_messages, normalize_messages,
                             render_context_ids, sdpo_loss)
 
 logger = logging.getLogger(__name__)
@@ -68,6 +68,7 @@ class OnlineSDPOUpdater:
             model = self._wrap_lora(model)
         self.model = model
         check_lm_head(self.model)
+        self.teacher = self._build_teacher()
         self.model.train()
         self.options = config.objective_options()
         trainable = [p for p in self.model.parameters() if p.requires_grad]
@@ -128,8 +129,8 @@ class OnlineSDPOUpdater:
         for messages, followup in zip(conversations, followups):
             messages = normalize_messages(messages)
             contexts_x.append(render_context_ids(self.tokenizer, messages))
-            contexts_xo.append(render_context_ids(
-                self.tokenizer, hindsight_messages(messages, followup, self.config.hindsight_template)))
+            contexts_xo.append(render_context_ids(self.tokenizer, hindsight_messages(
+                messages, followup, self.config.hindsight_template, self.config.hindsight_placement)))
         pad = self.tokenizer.pad_token_id
         limit = self.config.max_context_length
         return (build_scoring_batch(contexts_x, response_ids, pad, limit, self.device),
@@ -178,7 +179,7 @@ class OnlineSDPOUpdater:
     def _gradient_step(self, batch_x, batch_xo) -> dict:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = sdpo_loss(self.model, batch_x, batch_xo, self.options, self.ref_model)
+        loss, stats = sdpo_loss(self.model, batch_x, batch_xo, self.options, self.ref_model, self.teacher)
         if not torch.isfinite(loss):
             return self._skip(stats, float("nan"))
         loss.backward()
@@ -189,6 +190,7 @@ class OnlineSDPOUpdater:
             return self._skip(stats, grad_norm)
         self.optimizer.step()
         self.scheduler.step()  # per real update: a skipped step does not advance the schedule
+        self.teacher.update()
         self.optimizer.zero_grad(set_to_none=True)
         stats.update(grad_norm=grad_norm, skipped=False)
         return stats
@@ -201,6 +203,36 @@ class OnlineSDPOUpdater:
                        self.skipped_nonfinite)
         stats.update(grad_norm=grad_norm, skipped=True)
         return stats
+
+    # ------------------------------------------------------------------ teacher (--teacher)
+    def _build_teacher(self) -> Teacher:
+        """live: nothing kept; frozen / ema: sdpo_objective.Teacher. A frozen full-weight teacher is the
+        beta reference model when that holds the initial weights too: one frozen copy for both."""
+        reference = None
+        if self.config.teacher == "frozen" and not self.config.use_lora and self.ref_model is not None:
+            pairs = zip(self.ref_model.state_dict().values(), self.model.state_dict().values())
+            if not self.config.ref_model and all(a.shape == b.shape and torch.equal(a, b) for a, b in pairs):
+                reference = self.ref_model
+        return Teacher(self.model, self.config.teacher, self.config.teacher_ema_rate, frozen_copy=reference)
+
+    def _save_teacher(self, folder: Path) -> None:
+        if self.teacher.mode == "ema":  # frozen needs nothing: the initial weights are rebuilt on resume
+            from safetensors.torch import save_file
+
+            save_file(self.teacher.state_dict(), str(folder / TEACHER_FILE))
+
+    def _load_teacher(self, folder: Path) -> None:
+        if self.teacher.mode != "ema":
+            return
+        file = folder / TEACHER_FILE
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (the checkpoint was not written by an --teacher ema run)")
+        from safetensors.torch import load_file
+
+        try:
+            self.teacher.load_state_dict(load_file(str(file), device=str(self.device)), source=str(file))
+        except ValueError as err:
+            raise CheckpointError(str(err)) from None
 
     # ------------------------------------------------------------------ checkpoints
     def save_checkpoint(self, path: str | Path | None = None, extra_state: dict | None = None) -> Path:
@@ -227,6 +259,7 @@ class OnlineSDPOUpdater:
         self.model.save_pretrained(partial / "model")
         self.tokenizer.save_pretrained(partial / "model")
         torch.save(self.optimizer.state_dict(), partial / OPTIMIZER_FILE)
+        self._save_teacher(partial)
         save_rng_state(partial)
         state = {"step": self.step, "skipped_nonfinite": self.skipped_nonfinite, "use_lora": self.config.use_lora,
                  "scheduler": self.scheduler.state_dict(), "extra": extra_state or {}}
@@ -272,6 +305,7 @@ class OnlineSDPOUpdater:
             self.model.load_state_dict(saved.state_dict())
             del saved
         self.optimizer.load_state_dict(safe_torch_load(path / OPTIMIZER_FILE, map_location=self.device))
+        self._load_teacher(path)
         load_rng_state(path)
         if "scheduler" in state:  # checkpoints written before the schedule existed ran at a constant lr
             self.scheduler.load_state_dict(state["scheduler"])
@@ -286,6 +320,7 @@ class CheckpointError(ValueError):
 
 STATE_FILE = "updater_state.json"
 OPTIMIZER_FILE = "optimizer.pt"
+TEACHER_FILE = "teacher_ema.safetensors"  # the EMA teacher's weights (--teacher ema only)
 RNG_TENSORS_FILE = "rng.pt"      # torch (and CUDA) generator states: tensors only
 RNG_JSON_FILE = "rng.json"       # python's and numpy's generator states as JSON lists
 MANIFEST_FILE = "manifest.json"

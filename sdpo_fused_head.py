@@ -39,7 +39,7 @@ def fused_head_supported(model, hidden: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.shape[1] == hidden.shape[-1]
 
 
-def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int):
+def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, teacher_head=None):
     """Loss of all tokens with the LM head's gradient computed chunk by chunk in the forward.
 
     `head` has `.linear` (a plain nn.Linear) and `.softcap`; `plan` is sdpo_objective's loss plan.
@@ -54,6 +54,7 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int):
     grad_hidden = G W and grad_W += G^T h are formed at once, so the chunk's logits are never
     needed again: 4 head products per response row instead of 6 (checkpointed path). With
     soft-capping (z = cap * tanh(a / cap)), G is multiplied by dz/da = 1 - tanh(a / cap)^2.
+    `teacher_head` (a plain linear head too, same soft-capping) scores hidden_t; default `head`.
     Returns (loss, logp_x, logp_xo, kl or None), all but loss detached.
     """
     opts, weight, softcap = plan.opts, head.linear.weight, head.softcap
@@ -64,6 +65,8 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int):
     total = hidden_s.shape[0]
     with torch.no_grad(), torch.autocast(device_type, enabled=False):
         w = weight.detach().to(compute_dtype)
+        teacher_weight = head.linear.weight if teacher_head is None else teacher_head.linear.weight
+        w_teacher = w if teacher_weight is weight else teacher_weight.detach().to(compute_dtype)
         h_all = hidden_s.detach()
         grad_hidden = torch.empty_like(h_all)
         grad_weight = None
@@ -85,21 +88,30 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int):
                 logits = squashed * softcap
                 cap_slope = squashed.square_().neg_().add_(1.0)  # in place: 1 - tanh^2
             ids = logits.topk(k, dim=-1).indices if distill else None
-            logp = torch.log_softmax(logits, dim=-1)
+            tail_buckets = with_tail and distill
+            if tail_buckets:  # logits become p outside the top-k (0 at the top-k): the softmax the gradient needs
+                student_buckets, target_logp = _tail_buckets(
+                    logits, ids, target, lambda index: _logits(h[index], w, softcap), as_probabilities=True)
+                logp = logits
+            else:
+                logp = torch.log_softmax(logits, dim=-1)
+                target_logp = logp.gather(1, target)
+                student_buckets = plan.buckets(logp, ids, with_tail) if distill else None
             del logits
-            target_logp = logp.gather(1, target)
             teacher_buckets = None
             if distill:
-                teacher_logits = F.linear(hidden_t[rows].to(compute_dtype), w).float()
-                if softcap is not None:
-                    teacher_logits.div_(softcap).tanh_().mul_(softcap)
-                teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
+                h_teacher = hidden_t[rows].to(compute_dtype)
+                teacher_logits = _logits(h_teacher, w_teacher, softcap)
+                if tail_buckets:
+                    teacher_buckets, teacher_target = _tail_buckets(
+                        teacher_logits, ids, target, lambda index: _logits(h_teacher[index], w_teacher, softcap))
+                else:
+                    teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
+                    teacher_target = teacher_logp.gather(1, target)
+                    teacher_buckets = plan.buckets(teacher_logp, ids, with_tail)
+                    del teacher_logp
                 del teacher_logits
-                logp_xo[rows] = teacher_logp.gather(1, target).squeeze(1)
-                teacher_buckets = plan.buckets(teacher_logp, ids, with_tail, in_place=True)
-                del teacher_logp
-                # with the tail, logp's top-k entries become -inf here: softmax outside the top-k below
-                student_buckets = plan.buckets(logp, ids, with_tail, in_place=True)
+                logp_xo[rows] = teacher_target.squeeze(1)
                 picked = torch.cat([student_buckets, target_logp], dim=1).requires_grad_(True)
             else:
                 picked = target_logp.requires_grad_(True)
@@ -113,7 +125,8 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int):
             if distill:
                 kl_values[rows] = kl.detach()
             row_scale = -grad_picked.sum(dim=1, keepdim=True)
-            grad_logits = logp.exp_()  # in place (logp is not needed any more): p, or p outside the top-k
+            # in place (logp is not needed any more): p, or (tail bucket: formed above) p outside the top-k
+            grad_logits = logp if tail_buckets else logp.exp_()
             if with_tail and distill:
                 grad_tail = grad_picked[:, k:k + 1]
                 row_scale = row_scale + grad_tail  # the tail bucket's gradient sums to zero over z
@@ -146,3 +159,57 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int):
             grad_weight = grad_weight.to(weight.dtype)
     loss = _LossWithPrecomputedGradients.apply(loss_value, hidden_s, weight, grad_hidden, grad_weight)
     return loss, logp_x, logp_xo, kl_values
+
+
+# --------------------------------------------------------------------------- the exact tail bucket, cheaply
+#
+# The tail bucket is log(P_out / (P_topk + P_out)), P_out the mass outside the student's top-k ids. A
+# masked log-sum-exp over the vocabulary (sdpo_objective.topk_buckets, the reference) costs a second
+# full pass with a temporary; 1 - P_topk cancels. Here P_out is a plain sum of exp over the row, whose
+# exp the fused gradient needs anyway (the student) or which replaces the log-softmax (the teacher).
+# A sum of positive terms does not cancel; float32's exp loses only terms below 2^-126 (the largest
+# term is <= 1), together less than V * 2^-126, which is below float32's own rounding (2^-24) of any
+# sum >= V * 2^-102 (3e-26 at V = 151,936). Rows with a smaller outside sum are redone exactly by the
+# masked log-sum-exp on their recomputed logits (a handful of rows, if any).
+
+def _logits(h, w, softcap):
+    logits = F.linear(h, w).float()
+    if softcap is not None:
+        logits.div_(softcap).tanh_().mul_(softcap)
+    return logits
+
+
+def _log_outside_sum(values, ids, exact_masked_lse):
+    """Per row, log of the sum of exp(values) outside `ids`, in float64 [rows, 1]. `values` (row max 0)
+    becomes exp(values) with 0 at ids, in place; rows below the bound above take exact_masked_lse(row index)."""
+    values.scatter_(1, ids, float("-inf")).exp_()
+    # float32 accumulation (torch's blocked sum: relative error ~1e-7 here; a float64 one is ~10x slower on CPU)
+    outside = values.sum(dim=1, keepdim=True).double()
+    log_outside = outside.log()
+    redo = (outside.squeeze(1) < values.shape[1] * 2.0 ** -102).nonzero().squeeze(1)
+    if redo.numel():
+        log_outside[redo] = exact_masked_lse(redo)
+    return log_outside
+
+
+def _tail_buckets(logits, ids, target, recompute_logits, as_probabilities: bool = False):
+    """([log-probs at ids, tail] [rows, k + 1], log-prob of the target [rows, 1]) from float32 logits,
+    without a log-softmax: the row max, one exp and one sum over the row; the few values read are
+    normalised in float64. Student and teacher go through the same steps, so that the rounding of
+    their log-probs is alike where they are alike (the divergence is their difference).
+    `logits` is consumed: exp(logits - max), 0 at ids, and (as_probabilities) divided by the row's
+    total, i.e. the probabilities outside the top-k."""
+    row_max = logits.amax(dim=1, keepdim=True)
+    picked = logits.gather(1, ids).double() - row_max.double()
+    target_value = logits.gather(1, target).double() - row_max.double()
+
+    def exact(index):
+        outside = recompute_logits(index).scatter_(1, ids[index], float("-inf"))
+        return torch.logsumexp(outside, dim=1, keepdim=True).double() - row_max[index].double()
+
+    log_outside = _log_outside_sum(logits.sub_(row_max), ids, exact)
+    log_total = torch.logaddexp(torch.logsumexp(picked, dim=1, keepdim=True), log_outside)
+    if as_probabilities:
+        logits.mul_(torch.exp(-log_total).float())
+    buckets = torch.cat([picked - log_total, log_outside - log_total], dim=1).float()
+    return buckets, (target_value - log_total).float()

@@ -22,7 +22,10 @@ the chunked head would not reproduce.
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
+import math
 from dataclasses import dataclass, field
 from typing import Sequence
 
@@ -32,6 +35,8 @@ from torch.utils.checkpoint import checkpoint
 
 from sdpo_fused_head import fused_head_loss, fused_head_supported
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_HINDSIGHT_TEMPLATE = (
     "\n\n=== HINDSIGHT CONTEXT ===\n"
     "[What follows is the user's next message, written after reading your answer. "
@@ -40,6 +45,10 @@ DEFAULT_HINDSIGHT_TEMPLATE = (
 )
 
 LOSS_MODES = ("simple_signal", "full_distillation")
+# full_distillation's divergence between the student's and the teacher's top-k buckets (docs/objective.md)
+DIVERGENCES = ("reverse_kl", "forward_kl", "jsd")
+# who scores y under xo: the current model (the paper's), the initial weights, or a moving average
+TEACHER_MODES = ("live", "frozen", "ema")
 
 # Role names of the chat formats we read -> chat-template roles: ShareGPT's human/gpt,
 # OpenAssistant's prompter, WildChat's and others' spellings. The preprocessors use it too.
@@ -120,19 +129,21 @@ def render_context_ids(tokenizer, messages: Sequence[dict]) -> list[int]:
 # the benchmark's yardstick is these functions on whole-sequence logits.
 
 def topk_divergence(student_logits: torch.Tensor, teacher_logits: torch.Tensor, k: int,
-                    tail: bool = True) -> torch.Tensor:
-    """Per-position reverse KL(student || teacher) over the student's top-k ids (the full_distillation term).
+                    tail: bool = True, divergence: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
+    """Per-position divergence over the student's top-k ids (the full_distillation term).
 
     The teacher's log-probs are read at the student's top-k ids. tail=True adds one bucket holding
     all the remaining mass of each distribution; tail=False renormalises both over the top-k.
-    k >= V is the exact full-vocabulary KL. No gradient flows to the teacher.
+    divergence: reverse_kl = KL(student || teacher) (default), forward_kl = KL(teacher || student),
+    jsd = the generalized Jensen-Shannon divergence of weight `alpha` (see `buckets_divergence`).
+    k >= V is the exact full-vocabulary divergence. No gradient flows to the teacher.
     """
     student_logp = torch.log_softmax(_at_least_float32(student_logits), dim=-1)
     teacher_logp = torch.log_softmax(_at_least_float32(teacher_logits.detach()), dim=-1)
     k, with_tail = topk_support(k, student_logp.shape[-1], tail)
     ids = student_logp.detach().topk(k, dim=-1).indices
-    return buckets_reverse_kl(topk_buckets(student_logp, ids, with_tail), topk_buckets(teacher_logp, ids, with_tail),
-                              renormalise=not tail)
+    return buckets_divergence(topk_buckets(student_logp, ids, with_tail), topk_buckets(teacher_logp, ids, with_tail),
+                              renormalise=not tail, divergence=divergence, alpha=alpha)
 
 
 def simple_signal_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, targets: torch.Tensor,
@@ -175,17 +186,51 @@ def topk_buckets(logp: torch.Tensor, ids: torch.Tensor, with_tail: bool, in_plac
     return torch.cat([picked, tail], dim=-1)
 
 
-def buckets_reverse_kl(student: torch.Tensor, teacher: torch.Tensor, renormalise: bool) -> torch.Tensor:
-    """KL(student || teacher) over the last dimension's buckets; renormalise=True first makes each sum to 1."""
+def buckets_divergence(student: torch.Tensor, teacher: torch.Tensor, renormalise: bool,
+                       divergence: str = "reverse_kl", alpha: float = 0.5) -> torch.Tensor:
+    """The divergence between two bucket log-prob vectors over the last dimension (teacher: no gradient).
+
+    renormalise=True first makes each sum to 1. With s, t the student's and teacher's log-probs and
+    p_s, p_t their probabilities (TRL's `distillation_alpha` convention, trl.experimental.sdpo):
+        reverse_kl   sum p_s (s - t)                                   (= jsd with alpha 1)
+        forward_kl   sum p_t (t - s)                                   (= jsd with alpha 0)
+        jsd          (1 - a) sum p_s (s - m) + a sum p_t (t - m),  m = log((1 - a) p_s + a p_t), 0 < a < 1
+    """
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"unknown divergence {divergence!r}; choose one of {', '.join(DIVERGENCES)}")
     if renormalise:
         student = student - torch.logsumexp(student, dim=-1, keepdim=True)
         teacher = teacher - torch.logsumexp(teacher, dim=-1, keepdim=True)
-    terms = student.exp() * (student - teacher)
-    # d/ds [p (s - t)] = p (s - t) + p; the "+ p" sums to d(sum of p) = 0 over buckets that always
-    # sum to 1, but float32 would form it and cancel it later (O(1) terms against a small gradient).
-    # Same value, same exact gradient, without that term:
-    surrogate = (terms.detach() * student).sum(dim=-1)
-    return terms.sum(dim=-1).detach() + surrogate - surrogate.detach()
+    if divergence == "jsd" and alpha >= 1.0:
+        divergence = "reverse_kl"
+    elif divergence == "jsd" and alpha <= 0.0:
+        divergence = "forward_kl"
+    with torch.no_grad():
+        s, t = student.detach(), teacher.detach()
+        p_s, p_t = s.exp(), t.exp()
+        # Each value comes with its exact gradient with respect to the student's buckets, up to a
+        # multiple of p_s (which sums to d(sum of p_s) = 0 over buckets that always sum to 1): written
+        # out, so that float32 never forms O(1) terms that cancel against a small gradient.
+        if divergence == "reverse_kl":
+            terms = _times(p_s, s - t)
+            value, grad = terms.sum(dim=-1), terms
+        elif divergence == "forward_kl":
+            value = _times(p_t, t - s).sum(dim=-1)
+            grad = -p_s * torch.expm1(t - s)  # -p_t + p_s, without the cancellation when t ~ s
+            grad = torch.where(p_s > 0, grad, -p_t)
+        else:
+            mixture = torch.logaddexp(s + math.log1p(-alpha), t + math.log(alpha))
+            student_terms = _times(p_s, s - mixture)
+            value = (1 - alpha) * student_terms.sum(dim=-1) + alpha * _times(p_t, t - mixture).sum(dim=-1)
+            grad = (1 - alpha) * student_terms  # d/ds of both sums: the +p_s and -p_s parts cancel exactly
+    # an empty bucket (log-prob -inf) has gradient 0: keep it out of the product, which would be NaN
+    surrogate = (grad * torch.where(torch.isfinite(s), student, 0.0)).sum(dim=-1)
+    return value + surrogate - surrogate.detach()
+
+
+def _times(probs: torch.Tensor, log_ratio: torch.Tensor) -> torch.Tensor:
+    """probs * log_ratio with 0 where probs is 0 (an empty bucket contributes nothing, not NaN)."""
+    return torch.where(probs > 0, probs * log_ratio, 0.0)
 
 
 def _at_least_float32(logits: torch.Tensor) -> torch.Tensor:
@@ -313,15 +358,23 @@ def _logit_softcap(model) -> float | None:
 
 
 class _HeadLogits:
-    """The LM head as the model applies it, in float32: linear, then soft-capping where the model has it."""
+    """The LM head as the model applies it, in float32: linear, then soft-capping where the model has it.
 
-    def __init__(self, model):
+    `scope`: a context manager factory each call runs under (a teacher that is the same model with
+    its LoRA adapter switched, whose head is itself adapted)."""
+
+    def __init__(self, model, scope=None):
         self.linear = _head(model)
         self.softcap = _logit_softcap(model)
         self.vocab_size = getattr(self.linear, "out_features", None) or _unwrap(model).config.vocab_size
+        self.scope = scope
 
     def __call__(self, hidden: torch.Tensor) -> torch.Tensor:
-        logits = self.linear(hidden).float()
+        if self.scope is not None:
+            with self.scope():
+                logits = self.linear(hidden).float()
+        else:
+            logits = self.linear(hidden).float()
         return logits if self.softcap is None else torch.tanh(logits / self.softcap) * self.softcap
 
 
@@ -371,8 +424,9 @@ def split_by_sequence(values: torch.Tensor, batch: ScoringBatch) -> list[torch.T
 
 @torch.no_grad()
 def compute_signal(model, contexts_x, contexts_xo, responses, pad_token_id: int, max_context_length=None,
-                   chunk_size: int = 256) -> list[dict]:
-    """Per-token signal for each response (analysis and /why): dicts of signal, logp_x, logp_xo (CPU floats)."""
+                   chunk_size: int = 256, teacher: "Teacher | None" = None) -> list[dict]:
+    """Per-token signal for each response (analysis and /why): dicts of signal, logp_x, logp_xo (CPU floats).
+    xo is scored by `teacher` (a frozen or EMA Teacher) where given, else by the model itself."""
     was_training = model.training
     model.eval()
     try:
@@ -380,7 +434,8 @@ def compute_signal(model, contexts_x, contexts_xo, responses, pad_token_id: int,
         batch_x = build_scoring_batch(contexts_x, responses, pad_token_id, max_context_length, device)
         batch_xo = build_scoring_batch(contexts_xo, responses, pad_token_id, max_context_length, device)
         logp_x, _ = score_tokens(model, batch_x, chunk_size)
-        logp_xo, _ = score_tokens(model, batch_xo, chunk_size)
+        with contextlib.nullcontext(model) if teacher is None else teacher.scoring(model) as teacher_model:
+            logp_xo, _ = score_tokens(teacher_model, batch_xo, chunk_size)
     finally:
         model.train(was_training)
     results = []
@@ -399,6 +454,16 @@ class ObjectiveOptions:
     distillation_topk: int = field(default=20, metadata={"help": "student top-k support of full_distillation"})
     distillation_tail: bool = field(default=True, metadata={
         "help": "full_distillation: keep a tail bucket for the remaining mass (else renormalise over top-k)"})
+    divergence: str = field(default="reverse_kl", metadata={
+        "help": "full_distillation: reverse_kl = KL(student||teacher), forward_kl = KL(teacher||student), "
+                "or jsd (generalized Jensen-Shannon, weight --divergence_alpha)"})
+    divergence_alpha: float = field(default=0.5, metadata={
+        "help": "jsd: TRL's distillation_alpha, the teacher's weight in the mixture (0 = forward KL, 1 = reverse KL)"})
+    teacher: str = field(default="live", metadata={
+        "help": "who scores y under xo: live (the current model, the paper's), frozen (the initial weights; "
+                "LoRA: the adapter switched off) or ema (a moving average of the weights; LoRA: a second adapter)"})
+    teacher_ema_rate: float = field(default=0.05, metadata={
+        "help": "ema teacher: teacher <- (1 - r) teacher + r student after every optimizer step"})
     signal_clip: float = field(default=0.0, metadata={"help": "clamp the signal to +-c (0 = off)"})
     ignore_first_k: int = field(default=0, metadata={"help": "give no signal to the first k reply tokens"})
     center_signal: bool = field(default=False, metadata={"help": "subtract each reply's mean signal (simple_signal)"})
@@ -419,6 +484,14 @@ class ObjectiveOptions:
                                  f"got {value}")
         if self.negate_signal and self.loss_mode != "simple_signal":
             raise ValueError("negate_signal is only defined for loss_mode simple_signal")
+        # ranges of divergence_alpha and teacher_ema_rate: option_groups.RANGES (checked by every config)
+        for name, value, choices in (("divergence", self.divergence, DIVERGENCES),
+                                     ("teacher", self.teacher, TEACHER_MODES)):
+            if value not in choices:
+                raise ValueError(f"unknown --{name} {value!r}; choose one of {', '.join(choices)}")
+        if self.divergence != "reverse_kl" and self.loss_mode != "full_distillation":
+            raise ValueError(f"--divergence {self.divergence} needs --loss_mode full_distillation "
+                             "(simple_signal has no divergence)")
 
     @classmethod
     def from_config(cls, config: "ObjectiveOptions") -> "ObjectiveOptions":
@@ -465,13 +538,15 @@ class _TokenLossPlan:
         return topk_buckets(logp, ids, with_tail, in_place)
 
     def kl(self, student_buckets: torch.Tensor, teacher_buckets: torch.Tensor) -> torch.Tensor:
-        return buckets_reverse_kl(student_buckets, teacher_buckets, renormalise=not self.opts.distillation_tail)
+        """The per-token divergence of full_distillation (`--divergence`; named kl for the default)."""
+        return buckets_divergence(student_buckets, teacher_buckets, renormalise=not self.opts.distillation_tail,
+                                  divergence=self.opts.divergence, alpha=self.opts.divergence_alpha)
 
     def loss_sum(self, rows: slice, logp_x: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
         """Sum of the loss terms of tokens `rows` (the whole loss when rows covers every token).
 
         simple_signal:      -(1/B) sum_b (1/|y_b|) sum_t A_t log p(y_t | x)
-        full_distillation:  mean over tokens of the top-k reverse KL
+        full_distillation:  mean over tokens of the top-k divergence (reverse KL by default)
         beta > 0:           + beta * mean over tokens of the k3 estimate of KL(policy || reference)
         logp_x and kl carry the gradient; the signal never does.
         """
@@ -510,13 +585,16 @@ def _student_distill_chunk(head, hidden_chunk, ids_chunk, target_chunk, teacher_
     return kl, logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
 
 
-def _checkpointed_head_loss(head: _HeadLogits, plan: _TokenLossPlan, hidden_s, hidden_t, targets, chunk_size: int):
+def _checkpointed_head_loss(head: _HeadLogits, plan: _TokenLossPlan, hidden_s, hidden_t, targets, chunk_size: int,
+                            teacher_head: _HeadLogits | None = None):
     """The loss with the LM head in chunks; with gradients on, each chunk runs under activation checkpointing.
 
     Per chunk and response row: student top-k pass (no grad), teacher, student forward, its
     recompute and 2 backward products: 6 head products. Returns (loss, logp_x, logp_xo, kl or None).
+    `teacher_head` scores hidden_t (default: `head`, the live teacher).
     """
     opts = plan.opts
+    teacher_head = teacher_head or head
     grad_on = torch.is_grad_enabled() and hidden_s.requires_grad
     if opts.loss_mode == "simple_signal":
         logp_x = token_logprobs(head, hidden_s, targets, chunk_size)
@@ -529,8 +607,8 @@ def _checkpointed_head_loss(head: _HeadLogits, plan: _TokenLossPlan, hidden_s, h
         rows = slice(start, end)
         with torch.no_grad():
             ids = head(hidden_s[rows].detach()).topk(k, dim=-1).indices
-            teacher_buckets, teacher_target = _teacher_distill_chunk(head, hidden_t[rows], ids, targets[rows],
-                                                                     with_tail)
+            teacher_buckets, teacher_target = _teacher_distill_chunk(teacher_head, hidden_t[rows], ids,
+                                                                     targets[rows], with_tail)
         arguments = (head, hidden_s[rows], ids, targets[rows], teacher_buckets, plan)
         kl, student_target = (checkpoint(_student_distill_chunk, *arguments, use_reentrant=False) if grad_on
                               else _student_distill_chunk(*arguments))
@@ -544,11 +622,153 @@ def _checkpointed_head_loss(head: _HeadLogits, plan: _TokenLossPlan, hidden_s, h
     return plan.loss_sum(slice(None), logp_x, kl_values), logp_x, logp_xo, kl_values
 
 
+# --------------------------------------------------------------------------- the teacher
+
+class Teacher:
+    """Who scores y under xo (ObjectiveOptions.teacher); always in eval mode and without gradient.
+
+    live    the current model (the paper's; nothing kept).
+    frozen  the initial weights: under LoRA the same model with its adapter switched off (peft's
+            disable_adapter); otherwise a frozen copy (`frozen_copy`, e.g. the reference model of
+            beta > 0 when that is the initial policy too, else a deep copy made here).
+    ema     teacher <- (1 - rate) teacher + rate student after every optimizer step (`update`): under
+            LoRA a second adapter of the same model (only adapter weights are averaged), otherwise a copy.
+    `state_dict` / `load_state_dict` carry the EMA weights through checkpoints (plain tensors).
+    """
+
+    EMA_ADAPTER = "sdpo_teacher_ema"
+
+    def __init__(self, model, mode: str = "live", ema_rate: float = 0.05, frozen_copy=None):
+        if mode not in TEACHER_MODES:
+            raise ValueError(f"unknown teacher {mode!r}; choose one of {', '.join(TEACHER_MODES)}")
+        if mode == "ema" and not 0 < ema_rate <= 1:
+            raise ValueError(f"--teacher_ema_rate must be in (0, 1], got {ema_rate}")
+        self.mode, self.ema_rate = mode, float(ema_rate)
+        self.student = _unwrap(model)
+        self.lora = hasattr(self.student, "peft_config") and hasattr(self.student, "disable_adapter")
+        self.copy = None
+        self._pairs: list[tuple[str, torch.Tensor, torch.Tensor]] = []  # (name, teacher tensor, student tensor)
+        if mode == "live":
+            return
+        if not self.lora:
+            self.copy = frozen_copy if (mode == "frozen" and frozen_copy is not None) else _frozen_copy(self.student)
+            if mode == "ema":
+                students = dict(self.student.named_parameters())
+                self._pairs = [(name, p, students[name]) for name, p in self.copy.named_parameters() if name in students]
+        elif mode == "ema":
+            self._add_ema_adapter()
+        # 16-bit EMA weights average in a float32 copy: r * (student - teacher) is often below a bf16
+        # weight's rounding step, and would be lost at every update
+        self._float32 = {name: teacher_param.detach().float().clone() for name, teacher_param, _ in self._pairs
+                         if teacher_param.dtype in (torch.float16, torch.bfloat16)}
+
+    def _add_ema_adapter(self):
+        active = self.student.active_adapter
+        config = dataclasses.replace(self.student.peft_config[active], inference_mode=True)
+        self.student.add_adapter(self.EMA_ADAPTER, config)
+        self.student.set_adapter(active)  # the trained adapter stays the active, trainable one
+        params = dict(self.student.named_parameters())
+        marker = f".{active}."
+        for name, student_param in params.items():
+            if marker in name and "lora_" in name:
+                teacher_param = params[name.replace(marker, f".{self.EMA_ADAPTER}.")]
+                with torch.no_grad():
+                    teacher_param.copy_(student_param)  # the teacher starts as the student
+                teacher_param.requires_grad_(False)
+                self._pairs.append((name, teacher_param, student_param))
+        if not self._pairs:
+            raise ValueError("--teacher ema under LoRA: found no LoRA weights to average")
+
+    @contextlib.contextmanager
+    def scoring(self, model):
+        """The module to score xo with (`model` is the possibly DDP-wrapped student), in eval mode."""
+        if self.copy is not None:
+            yield self.copy
+            return
+        was_training = model.training
+        model.eval()
+        try:
+            if self.mode == "frozen":
+                with self.student.disable_adapter():
+                    yield model
+            elif self.mode == "ema":
+                active = self.student.active_adapter
+                self.student.set_adapter(self.EMA_ADAPTER, inference_mode=True)
+                try:
+                    yield model
+                finally:
+                    self.student.set_adapter(active)  # trainable again; the EMA adapter frozen
+            else:
+                yield model
+        finally:
+            model.train(was_training)
+
+    def head(self, model, student_head: "_HeadLogits") -> "_HeadLogits":
+        """The teacher's LM head: the copy's own, or the student's (run under the teacher's scope
+        when LoRA adapts the head itself)."""
+        if self.copy is not None:
+            return _HeadLogits(self.copy)
+        if self.mode == "live" or type(student_head.linear) is torch.nn.Linear:
+            return student_head
+        return _HeadLogits(model, scope=lambda: self.scoring(model))
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One EMA step (after each optimizer step); nothing for live and frozen teachers."""
+        for name, teacher_param, student_param in self._pairs:
+            master = self._float32.get(name)
+            if master is None:
+                teacher_param.lerp_(student_param.detach().to(teacher_param.dtype), self.ema_rate)
+            else:
+                master.lerp_(student_param.detach().float(), self.ema_rate)
+                teacher_param.copy_(master)
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """The EMA weights by the student parameter's name (float32 for 16-bit weights; empty unless ema)."""
+        return {name: self._float32.get(name, teacher_param).detach().cpu().clone()
+                for name, teacher_param, _ in self._pairs}
+
+    def load_state_dict(self, tensors: dict[str, torch.Tensor], source: str = "teacher state") -> None:
+        expected = {name for name, _, _ in self._pairs}
+        if set(tensors) != expected:
+            missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
+            raise ValueError(f"{source}: does not match the ema teacher (missing {missing[:3]}, unexpected {extra[:3]})")
+        with torch.no_grad():
+            for name, teacher_param, _ in self._pairs:
+                if tensors[name].shape != teacher_param.shape:
+                    raise ValueError(f"{source}: {name} has shape {tuple(tensors[name].shape)}, "
+                                     f"expected {tuple(teacher_param.shape)}")
+                teacher_param.copy_(tensors[name])
+                if name in self._float32:
+                    self._float32[name].copy_(tensors[name])
+
+
+_LOGGED_FALLBACKS: set[str] = set()
+
+
+def _fused_head_refusal(model, teacher: Teacher, teacher_head: "_HeadLogits", hidden: torch.Tensor) -> str | None:
+    """Why the fused head cannot take this model and teacher (None: it can)."""
+    if not fused_head_supported(model, hidden):
+        return "the LM head is not a plain, bias-free, unsharded nn.Linear (LoRA-wrapped, biased or sharded)"
+    if teacher_head.scope is not None or (teacher.copy is not None and not fused_head_supported(teacher.copy, hidden)):
+        return f"the {teacher.mode} teacher's LM head is not a plain nn.Linear"
+    return None
+
+
+def _frozen_copy(model):
+    import copy
+
+    duplicate = copy.deepcopy(model).eval()
+    duplicate.requires_grad_(False)
+    return duplicate
+
+
 # ----------------------------------------------------------------------------- the loss
 
 def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: ObjectiveOptions,
-              ref_model=None) -> tuple[torch.Tensor, dict]:
-    """The SDPO loss for a batch of interactions. The teacher is the same model under xo, no grad, eval mode.
+              ref_model=None, teacher: Teacher | None = None) -> tuple[torch.Tensor, dict]:
+    """The SDPO loss for a batch of interactions. The teacher scores xo without gradient, in eval mode:
+    by default (teacher None or live) the same model; else the frozen or EMA teacher given.
 
     Returns (loss, stats); stats holds floats plus `signal_per_sequence` (list of CPU tensors, raw A_t).
     With gradients on and a plain LM head (opts.fused_lm_head), the head's gradient is formed in
@@ -557,16 +777,18 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
     """
     if not torch.equal(batch_x.response_ids, batch_xo.response_ids):
         raise ValueError("x and xo batches must hold the same response ids")
+    if teacher is not None and teacher.mode != opts.teacher:
+        raise ValueError(f"the teacher given is {teacher.mode!r} but the options say --teacher {opts.teacher}")
+    if teacher is None and opts.teacher != "live":
+        raise ValueError(f"--teacher {opts.teacher} needs a Teacher object (sdpo_objective.Teacher)")
+    teacher = teacher or Teacher(model)
     num_seq = batch_x.response_ids.shape[0]
     chunk = opts.logits_chunk_size
     mask = batch_x.response_mask
     positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0).expand_as(mask)[mask]
 
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        hidden_t, targets, seq_index = _valid_rows(_response_hidden(model, batch_xo), batch_xo)
-    model.train(was_training)
+    with torch.no_grad(), teacher.scoring(model) as teacher_model:
+        hidden_t, targets, seq_index = _valid_rows(_response_hidden(teacher_model, batch_xo), batch_xo)
     hidden_s, _, _ = _valid_rows(_response_hidden(model, batch_x), batch_x)
     total = hidden_s.shape[0]
 
@@ -578,20 +800,28 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
         with torch.no_grad():
             plan.ref_logp, _ = score_tokens(ref_model, batch_x, chunk)
     head = _HeadLogits(model)
-    fused = (opts.fused_lm_head and torch.is_grad_enabled() and hidden_s.requires_grad
-             and fused_head_supported(model, hidden_s))
+    teacher_head = teacher.head(model, head)
+    fused = False
+    if opts.fused_lm_head and torch.is_grad_enabled() and hidden_s.requires_grad:
+        refusal = _fused_head_refusal(model, teacher, teacher_head, hidden_s)
+        fused = refusal is None
+        if refusal and refusal not in _LOGGED_FALLBACKS:  # once per reason: the loss runs every step
+            _LOGGED_FALLBACKS.add(refusal)
+            logger.info("fused LM head off, checkpointed chunks instead: %s", refusal)
 
     if opts.loss_mode == "simple_signal":
         with torch.no_grad():
-            plan.logp_xo = token_logprobs(head, hidden_t, targets, chunk)
+            plan.logp_xo = token_logprobs(teacher_head, hidden_t, targets, chunk)
     if fused:
         if opts.loss_mode == "simple_signal" and opts.center_signal:
             with torch.no_grad():  # centring needs each reply's whole signal before any token's weight is known
                 prepass = token_logprobs(head, hidden_s.detach(), targets, chunk)
                 plan.signal = shape_signal(plan.logp_xo - prepass, seq_index, positions, num_seq, opts)[0]
-        loss, logp_x, logp_xo, kl_values = fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk)
+        loss, logp_x, logp_xo, kl_values = fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk,
+                                                           teacher_head=teacher_head)
     else:
-        loss, logp_x, logp_xo, kl_values = _checkpointed_head_loss(head, plan, hidden_s, hidden_t, targets, chunk)
+        loss, logp_x, logp_xo, kl_values = _checkpointed_head_loss(head, plan, hidden_s, hidden_t, targets, chunk,
+                                                                   teacher_head=teacher_head)
 
     raw = (logp_xo - logp_x).detach()
     stats: dict = {"fused_lm_head": bool(fused)}

@@ -331,12 +331,14 @@ def train(cfg: OfflineSDPOArguments) -> dict:
         model=model,
         args=args,
         train_dataset=InteractionDataset(records),
-        data_collator=SDPOCollator(tokenizer, cfg.max_context_length, cfg.max_completion_length, cfg.hindsight_template),
+        data_collator=SDPOCollator(tokenizer, cfg.max_context_length, cfg.max_completion_length, cfg.hindsight_template,
+                                   hindsight_placement=cfg.hindsight_placement),
         processing_class=tokenizer,
         callbacks=[MetricsJsonlCallback(Path(cfg.output_dir) / METRICS_FILENAME)],
         objective=cfg.objective_options(),
         max_prompt_length=cfg.max_context_length,
         ref_model=load_reference(cfg, precision, attn),
+        ref_is_initial_policy=not cfg.ref_model,  # then a frozen full-weight teacher reuses it
     )
     result = trainer.train(resume_from_checkpoint=resume)
     save_final_model(trainer, cfg, model_path, tokenizer)

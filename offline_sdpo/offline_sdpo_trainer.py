@@ -32,7 +32,7 @@ import torch
 from transformers import Trainer, TrainerCallback
 
 from auxiliary.runtime.io_utils import DataError, append_jsonl, atomic_write_text, iter_jsonl
-from sdpo_objective import (DEFAULT_HINDSIGHT_TEMPLATE, ObjectiveOptions, build_scoring_batch, check_lm_head,
+from sdpo_objective import (DEFAULT_HINDSIGHT_TEMPLATE, ObjectiveOptions, Teacher, build_scoring_batch, check_lm_head,
                             hindsight_messages, normalize_messages, render_context_ids, sdpo_loss)
 
 REQUIRED_FIELDS = ("prompt", "completion", "user_response")
@@ -159,7 +159,8 @@ class SDPOCollator:
     """
 
     def __init__(self, tokenizer, max_prompt_length: int = 2048, max_completion_length: int = 2048,
-                 hindsight_template: str = DEFAULT_HINDSIGHT_TEMPLATE, append_eos: bool = True):
+                 hindsight_template: str = DEFAULT_HINDSIGHT_TEMPLATE, append_eos: bool = True,
+                 hindsight_placement: str = "last_user_message"):
         if tokenizer.eos_token_id is None and append_eos:
             raise ValueError("the tokenizer has no EOS token to append to completions")
         if max_prompt_length < 1 or max_completion_length < 1:
@@ -168,14 +169,16 @@ class SDPOCollator:
         self.max_prompt_length = max_prompt_length
         self.max_completion_length = max_completion_length
         self.hindsight_template = hindsight_template
+        self.hindsight_placement = hindsight_placement
         self.append_eos = append_eos
 
     def encode(self, record: dict) -> dict:
         record = normalize_record(record)
         messages = record["prompt"]
         x_ids = render_context_ids(self.tokenizer, messages)
-        xo_ids = render_context_ids(self.tokenizer,
-                                    hindsight_messages(messages, record["user_response"], self.hindsight_template))
+        xo_ids = render_context_ids(self.tokenizer, hindsight_messages(messages, record["user_response"],
+                                                                       self.hindsight_template,
+                                                                       self.hindsight_placement))
         completion_ids = self.tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
         if self.append_eos and (not completion_ids or completion_ids[-1] != eos):
@@ -285,14 +288,16 @@ class MetricsJsonlCallback(TrainerCallback):
 class OfflineSDPOTrainer(Trainer):
     """transformers.Trainer whose loss is the SDPO loss of `sdpo_objective`.
 
-    Extra arguments: `objective` (ObjectiveOptions), `max_prompt_length`, `ref_model` (frozen, for beta > 0).
+    Extra arguments: `objective` (ObjectiveOptions), `max_prompt_length`, `ref_model` (frozen, for beta > 0;
+    also the frozen teacher of `objective.teacher == "frozen"` when `ref_is_initial_policy`).
     The collator must be an SDPOCollator (or produce the same keys); `remove_unused_columns` must be False.
     """
 
     # sdpo_loss returns a per-micro-batch mean: the Trainer divides it by the accumulation steps.
     loss_is_scaled_for_ga = False
 
-    def __init__(self, *args, objective: ObjectiveOptions, max_prompt_length: int = 2048, ref_model=None, **kwargs):
+    def __init__(self, *args, objective: ObjectiveOptions, max_prompt_length: int = 2048, ref_model=None,
+                 ref_is_initial_policy: bool = False, **kwargs):
         super().__init__(*args, **kwargs)
         if self.args.remove_unused_columns:
             raise ValueError("OfflineSDPOTrainer needs TrainingArguments(remove_unused_columns=False)")
@@ -306,6 +311,7 @@ class OfflineSDPOTrainer(Trainer):
         self._sums = new_sums()
         self.interactions_seen = 0  # by this rank, in this run (a per-rank progress check)
         check_lm_head(self.model)
+        self.teacher = self._build_teacher(objective, ref_is_initial_policy)
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         pad_id = self.processing_class.pad_token_id
@@ -313,7 +319,7 @@ class OfflineSDPOTrainer(Trainer):
         batch_x = build_scoring_batch(inputs["x_ids"], inputs["completion_ids"], pad_id, self.max_prompt_length, device)
         batch_xo = build_scoring_batch(inputs["xo_ids"], inputs["completion_ids"], pad_id, self.max_prompt_length,
                                        device)
-        loss, stats = sdpo_loss(model, batch_x, batch_xo, self.objective, ref_model=self.ref_model)
+        loss, stats = sdpo_loss(model, batch_x, batch_xo, self.objective, ref_model=self.ref_model, teacher=self.teacher)
         if model.training:
             accumulate_stats(self._sums, stats, inputs["has_eos"], inputs.get("prompt_truncated", ()))
             self.interactions_seen += len(inputs["completion_ids"])
@@ -331,3 +337,47 @@ class OfflineSDPOTrainer(Trainer):
             logs.update(metrics_from_sums(self._reduce_sums(), with_ref_kl=self.ref_model is not None,
                                            with_distill_kl=self.objective.loss_mode == "full_distillation"))
         super().log(logs, start_time)
+
+    # ------------------------------------------------------------------ teacher (--teacher)
+    def _build_teacher(self, objective: ObjectiveOptions, ref_is_initial_policy: bool) -> Teacher:
+        copies_weights = objective.teacher == "ema" or (objective.teacher == "frozen" and not hasattr(self.model, "peft_config"))
+        if copies_weights and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
+            raise ValueError(f"--teacher {objective.teacher} keeps its own weights, which DeepSpeed / FSDP would shard: "
+                             "use --teacher live, or --teacher frozen with --use_lora")
+        reuse = self.ref_model if (objective.teacher == "frozen" and ref_is_initial_policy) else None
+        teacher = Teacher(self.model, objective.teacher, objective.teacher_ema_rate, frozen_copy=reuse)
+        if teacher.mode == "ema":
+            self.add_callback(_TeacherEmaCallback(teacher))
+        return teacher
+
+    def _save_checkpoint(self, model, trial) -> None:
+        super()._save_checkpoint(model, trial)
+        if self.teacher.mode == "ema" and self.args.should_save:
+            from safetensors.torch import save_file
+            from transformers.trainer_utils import PREFIX_CHECKPOINT_DIR
+
+            folder = Path(self._get_output_dir(trial=trial)) / f"{PREFIX_CHECKPOINT_DIR}-{self.state.global_step}"
+            save_file(self.teacher.state_dict(), str(folder / TEACHER_FILE))
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model=None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if self.teacher.mode == "ema":
+            from safetensors.torch import load_file
+
+            file = Path(resume_from_checkpoint) / TEACHER_FILE
+            if not file.is_file():
+                raise DataError(f"{file}: missing (the checkpoint was not written by an --teacher ema run)")
+            self.teacher.load_state_dict(load_file(str(file), device=str(self.accelerator.device)), source=str(file))
+
+
+TEACHER_FILE = "teacher_ema.safetensors"  # in each checkpoint-N folder of an --teacher ema run
+
+
+class _TeacherEmaCallback(TrainerCallback):
+    """One EMA step of the teacher after every optimizer step (on every rank: the ranks stay equal)."""
+
+    def __init__(self, teacher: Teacher):
+        self.teacher = teacher
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.teacher.update()

@@ -9,6 +9,10 @@ from sdpo_objective import ObjectiveOptions, build_scoring_batch, fused_head_sup
 RESPONSES = [[5, 6, 7, 8, 9, 2], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 2]]
 CONTEXTS_X = [[3, 4, 20, 21], [3, 30, 31, 32, 33, 34, 4], [3, 50, 4]]
 CONTEXTS_XO = [c + [60, 61, 62] for c in CONTEXTS_X]
+# Gradients, relative to each tensor's largest entry. Each path is 2e-6 to 7e-6 from a float64
+# computation on these divergences of 3e-5 to 2e-4 (test_both_paths_are_as_close_to_float64): the fused
+# path normalises its tail buckets in float64, so the two paths no longer share their float32 rounding.
+GRAD_TOLERANCE = 1e-5
 
 
 def _batches(tokenizer):
@@ -16,24 +20,27 @@ def _batches(tokenizer):
     return build_scoring_batch(CONTEXTS_X, RESPONSES, pad), build_scoring_batch(CONTEXTS_XO, RESPONSES, pad)
 
 
-def _loss_and_grads(model, batch_x, batch_xo, opts, ref_model=None):
+def _loss_and_grads(model, batch_x, batch_xo, opts, ref_model=None, teacher_object=None):
     model.zero_grad(set_to_none=True)
-    loss, stats = sdpo_loss(model, batch_x, batch_xo, opts, ref_model)
+    loss, stats = sdpo_loss(model, batch_x, batch_xo, opts, ref_model, teacher_object)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return loss.detach(), stats, grads
 
 
-def _assert_same(model, batch_x, batch_xo, ref_model=None, **options):
-    fused = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=True, **options), ref_model)
-    plain = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=False, **options), ref_model)
+def _assert_same(model, batch_x, batch_xo, ref_model=None, teacher_object=None, **options):
+    """Fused and checkpointed head paths: same loss, gradients and stats (`teacher_object`: a sdpo_objective.Teacher)."""
+    fused = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=True, **options), ref_model,
+                            teacher_object)
+    plain = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=False, **options), ref_model,
+                            teacher_object)
     assert fused[1]["fused_lm_head"] and not plain[1]["fused_lm_head"]
     torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-5)
     assert fused[2].keys() == plain[2].keys() and fused[2]
     for name, grad in plain[2].items():
         scale = float(grad.abs().max().clamp(min=1e-8))
-        torch.testing.assert_close(fused[2][name] / scale, grad / scale, atol=2e-6, rtol=0, msg=name)
+        torch.testing.assert_close(fused[2][name] / scale, grad / scale, atol=GRAD_TOLERANCE, rtol=0, msg=name)
     for key in ("loss", "signal_mean", "logp_x", "logp_xo", "distill_kl", "ref_kl"):
         if key in plain[1]:
             assert fused[1][key] == pytest.approx(plain[1][key], abs=1e-6, rel=1e-5), key
@@ -55,6 +62,23 @@ def test_fused_head_equals_checkpointed_path(tiny_model, tiny_tokenizer, options
     torch.manual_seed(0)
     batch_x, batch_xo = _batches(tiny_tokenizer)
     _assert_same(tiny_model.eval(), batch_x, batch_xo, **options)
+
+
+@pytest.mark.parametrize("divergence", ["reverse_kl", "jsd"])
+def test_both_paths_are_as_close_to_float64(tiny_tokenizer, divergence):
+    from auxiliary.runtime.tiny_model import build_tiny_model
+
+    batch_x, batch_xo = _batches(tiny_tokenizer)
+    options = dict(loss_mode="full_distillation", distillation_topk=5, logits_chunk_size=4, divergence=divergence)
+    model = build_tiny_model(tiny_tokenizer, seed=0).eval()
+    exact = _loss_and_grads(build_tiny_model(tiny_tokenizer, seed=0).double().eval(), batch_x, batch_xo,
+                            ObjectiveOptions(fused_lm_head=False, **options))
+    errors = {}
+    for fused in (True, False):
+        loss, _, grads = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=fused, **options))
+        assert abs(float(loss) - float(exact[0])) <= 2e-5 * float(exact[0])
+        errors[fused] = max(float((grads[n].double() - g).abs().max() / g.abs().max()) for n, g in exact[2].items())
+    assert errors[True] < 1e-5 and errors[True] <= 3 * errors[False], errors
 
 
 @pytest.mark.parametrize("loss_mode", ["simple_signal", "full_distillation"])
@@ -87,7 +111,7 @@ def test_fused_head_with_untied_head_and_frozen_head(tiny_tokenizer):
     assert "lm_head.weight" not in fused[2]
 
 
-def test_heads_the_fused_path_does_not_take(tiny_model, tiny_tokenizer):
+def test_heads_the_fused_path_does_not_take(tiny_model, tiny_tokenizer, caplog):
     batch_x, batch_xo = _batches(tiny_tokenizer)
     hidden = torch.zeros(1, tiny_model.config.hidden_size)
     assert fused_head_supported(tiny_model, hidden)
@@ -95,8 +119,18 @@ def test_heads_the_fused_path_does_not_take(tiny_model, tiny_tokenizer):
     biased = torch.nn.Linear(head.in_features, head.out_features, bias=True)
     tiny_model.set_output_embeddings(biased)
     assert not fused_head_supported(tiny_model, hidden)
-    _, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
+    import logging
+
+    import sdpo_objective
+
+    sdpo_objective._LOGGED_FALLBACKS.clear()  # the reason is logged once per process
+    with caplog.at_level(logging.INFO, logger="sdpo_objective"):
+        _, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
+        sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
     assert stats["fused_lm_head"] is False  # falls back, still trains
+    reasons = [r.getMessage() for r in caplog.records if "fused LM head off" in r.getMessage()]
+    assert reasons == ["fused LM head off, checkpointed chunks instead: the LM head is not a plain, bias-free, "
+                       "unsharded nn.Linear (LoRA-wrapped, biased or sharded)"]
     with torch.no_grad():  # no gradient wanted: plain chunked scoring
         _, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
     assert stats["fused_lm_head"] is False
@@ -221,3 +255,46 @@ def test_head_paths_tail_bucket_against_float64(path):
     weight_scale = expected_weight_grad.abs().max()
     torch.testing.assert_close(model.head.weight.grad.double() / weight_scale, expected_weight_grad / weight_scale,
                                rtol=0, atol=2e-5)
+
+
+@pytest.mark.parametrize("path", ["fused", "checkpointed"])
+def test_head_paths_tail_bucket_below_float32_range(path):
+    """Tails so small that float32's exp of their entries is denormal or 0 (1e-44: every entry flushes to 0):
+    the fused path redoes those rows with the masked log-sum-exp; the values stay exact."""
+    from test_objective import brute_force_topk_kl, crafted_logits
+
+    from sdpo_fused_head import fused_head_loss
+    from sdpo_objective import _checkpointed_head_loss, _HeadLogits, _TokenLossPlan
+
+    pairs = [(s, t) for s in (0.3, 1e-3) for t in (1e-20, 1e-30, 1e-40, 1e-44)] + [(1e-30, 0.3), (1e-44, 1e-3)]
+    student64 = crafted_logits([s for s, _ in pairs], seed=4)
+    teacher64 = crafted_logits([t for _, t in pairs], seed=5)
+    tokens, vocab, k = student64.shape[0], student64.shape[1], 4
+    expected = brute_force_topk_kl(student64, teacher64, k)
+    model = _IdentityHeadModel(vocab)
+    plan = _TokenLossPlan(ObjectiveOptions(loss_mode="full_distillation", distillation_topk=k), 1,
+                          torch.zeros(tokens, dtype=torch.long), torch.arange(tokens), torch.ones(tokens),
+                          torch.full((tokens,), float(tokens)))
+    head_loss = fused_head_loss if path == "fused" else _checkpointed_head_loss
+    hidden_s = student64.float().requires_grad_(True)
+    _, _, _, kl = head_loss(_HeadLogits(model), plan, hidden_s, teacher64.float(), torch.zeros(tokens, dtype=torch.long),
+                            chunk_size=5)
+    assert torch.isfinite(kl).all()
+    torch.testing.assert_close(kl.double(), expected, rtol=2e-5, atol=1e-6)
+
+
+def test_bench_tail_bucket_tiny_prints_its_ratio():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    sys.path.insert(0, str(repo / "bench"))
+    import bench_common
+
+    result = subprocess.run([sys.executable, "bench/bench_tail_bucket.py", "--rows", "12", "--hidden", "8",
+                             "--vocab", "300", "--chunk", "5", "--repeats", "1"], capture_output=True, text=True,
+                            timeout=300, cwd=repo)
+    assert result.returncode == 0, result.stderr[-2000:]
+    ratios = bench_common.parse_ratio_lines(result.stdout)
+    assert list(ratios) == ["tail_bucket_exact_vs_plain"] and ratios["tail_bucket_exact_vs_plain"] > 0

@@ -374,12 +374,13 @@ class ChatSession:
             return UpdateReport("error", self.updates_applied, self.updates_skipped, error=f"{type(err).__name__}: {err}")
 
     def _signal(self, pending: _Pending, followup: str) -> list[float]:
-        template = self.updater.config.hindsight_template
+        config = self.updater.config
         context_x = render_context_ids(self.tokenizer, pending.context)
-        context_xo = render_context_ids(self.tokenizer, hindsight_messages(pending.context, followup, template))
+        context_xo = render_context_ids(self.tokenizer, hindsight_messages(
+            pending.context, followup, config.hindsight_template, config.hindsight_placement))
         result = compute_signal(self.updater.model, [context_x], [context_xo], [pending.reply.ids],
                                 self.tokenizer.pad_token_id, self.updater.config.max_context_length,
-                                self.updater.config.logits_chunk_size)
+                                self.updater.config.logits_chunk_size, teacher=self.updater.teacher)
         return result[0]["signal"]
 
     def _remember_why(self, pending: _Pending, followup: str, signal: list[float], updated: bool) -> None:

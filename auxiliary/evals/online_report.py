@@ -146,12 +146,14 @@ def example_text(eval_prompts: list, baseline: list[str], texts: dict[str, list[
     return "\n".join(parts)
 
 
-def debug_example_text(tokenizer, messages, reply, followup: str, signal, hindsight_template: str) -> str:
+def debug_example_text(tokenizer, messages, reply, followup: str, signal, hindsight_template: str,
+                       hindsight_placement: str = "last_user_message") -> str:
     """The first interaction in full: contexts x and xo, the reply, the follow-up, the signal per token."""
     from sdpo_objective import hindsight_messages, render_context_ids
 
     x = tokenizer.decode(render_context_ids(tokenizer, messages))
-    xo = tokenizer.decode(render_context_ids(tokenizer, hindsight_messages(messages, followup, hindsight_template)))
+    xo = tokenizer.decode(render_context_ids(tokenizer, hindsight_messages(messages, followup, hindsight_template,
+                                                                           hindsight_placement)))
     pieces = [tokenizer.decode([i]) for i in reply.ids]
     tokens = " ".join(f"{p!r}:{float(s):+.2f}" for p, s in zip(pieces, signal.tolist()))
     return (f"\n=== first interaction ===\n--- context x ---\n{x}\n--- context xo ---\n{xo}\n--- reply y ---\n"

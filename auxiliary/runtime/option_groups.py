@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE
+from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, HINDSIGHT_PLACEMENTS
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
@@ -29,6 +29,8 @@ RANGES: dict[str, tuple] = {
     "eval_max_new_tokens": (1, True, None, None), "temperature": (0, True, None, None), "top_p": (0, False, 1, True),
     "generation_batch_size": (1, True, None, None), "batch_size": (1, True, None, None),
     "lora_r": (1, True, None, None), "lora_alpha": (0, False, None, None), "lora_dropout": (0, True, 1, False),
+    # objective (sdpo_objective.ObjectiveOptions)
+    "divergence_alpha": (0, True, 1, True), "teacher_ema_rate": (0, False, 1, True),
     # online trainer and run
     "train_steps_per_example": (1, True, None, None), "warmup_steps": (0, True, None, None),
     "scheduler_steps": (1, True, None, None), "checkpoint_every": (0, True, None, None),
@@ -138,6 +140,17 @@ class ContextOptions:
     hindsight_template: str = field(default=DEFAULT_HINDSIGHT_TEMPLATE, metadata={
         "help": "block appended to the last user message; must contain {followup} ({follow_up} is accepted too)",
         "aliases": ["--hindsight_block_template"]})
+    hindsight_placement: str = field(default="last_user_message", metadata={
+        "help": f"where the hindsight block goes: {' or '.join(HINDSIGHT_PLACEMENTS)} (a user turn of its own, "
+                "as the paper's offline Qwen3-4B run)"})
+
+    def __post_init__(self):
+        if self.hindsight_placement not in HINDSIGHT_PLACEMENTS:
+            raise ValueError(f"unknown --hindsight_placement {self.hindsight_placement!r}; "
+                             f"choose one of {', '.join(HINDSIGHT_PLACEMENTS)}")
+        parent = getattr(super(), "__post_init__", None)  # the next group of a config (the objective's)
+        if parent is not None:
+            parent()
 
 
 @dataclass
