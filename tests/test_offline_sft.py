@@ -1,6 +1,7 @@
 """The SFT baseline (offline_sdpo/main_offline_sft.py) next to offline SDPO, on the same fixture and a tiny model:
 it learns the logged replies, only completion tokens carry loss, LoRA works, the run folder has the SDPO
 trainer's layout, bad input is one line with exit 2, and the wrappers resolve the SFT entry point."""
+import importlib.util
 import json
 import os
 import re
@@ -181,6 +182,46 @@ def test_bad_input_is_one_line_naming_file_line_and_field_with_exit_2(tiny_model
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(r"bad\.jsonl:2: malformed JSON", errors[0]) and "Traceback" not in proc.stderr
     assert not (tmp_path / "out2" / "checkpoint-1").exists() and not (tmp_path / "out2" / CONFIG_FILENAME).exists()
+
+
+# --------------------------------------------------------------------------- DeepSpeed
+
+@pytest.mark.parametrize("stage", [2, 3])
+def test_deepspeed_configs_parse_and_the_wrapper_launches_with_them(stage, tmp_path):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = REPO / "offline_sdpo" / "configs" / f"deepspeed_zero{stage}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type == "DEEPSPEED" and config.deepspeed_config["zero_stage"] == stage
+    assert config.num_processes in (None, -1, 1)  # no process count baked in: --num_processes decides
+    env = wrapper_env(tmp_path, TRAIN_JSONL=FIXTURE, WORLD_SIZE="2", ACCELERATE_CONFIG=path)
+    (launch,) = printed_commands(subprocess.run(["bash", str(REPO / "scripts" / "train_offline_sft.sh"), "--dry-run"],
+                                                env=env, capture_output=True, text=True, timeout=60).stdout)
+    assert launch[launch.index("--config_file") + 1] == str(path) and launch[launch.index("--num_processes") + 1] == "2"
+
+
+@pytest.mark.slow  # two DeepSpeed processes on CPU: ~40 s alone
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (requirements-dev.txt)")
+def test_two_cpu_processes_under_zero3_match_one_process(runs, tiny_model_dir, tmp_path):
+    """accelerate + DeepSpeed ZeRO-3, 2 ranks x 1 micro-batch == 1 process x 2 accumulated micro-batches."""
+    out = tmp_path / "zero3"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1",
+           "TOKENIZERS_PARALLELISM": "false", "DS_ACCELERATOR": "cpu"}
+    accelerate = Path(sys.executable).with_name("accelerate")
+    command = [str(accelerate), "launch", "--num_processes", "2", "--main_process_port", "29517",
+               "--config_file", str(REPO / "offline_sdpo" / "configs" / "deepspeed_zero3.yaml"),
+               str(REPO / "offline_sdpo" / "main_offline_sdpo.py"), *flags(tiny_model_dir, out),
+               "--batch_size", "2", "--grad_accum", "1", "--max_steps", "3"]
+    proc = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert (out / "checkpoint-2" / "zero_to_fp32.py").exists()  # a DeepSpeed checkpoint: ZeRO really ran
+    single = read_metrics(runs["sdpo"][0])
+    for mine, reference in zip(read_metrics(out), single, strict=True):
+        for key in ("loss", "grad_norm", "signal_mean", "logp_x"):
+            assert mine[key] == pytest.approx(reference[key], rel=1e-4, abs=1e-6), key
+    gathered, straight = load_model(out).state_dict(), load_model(runs["sdpo"][0]).state_dict()
+    for key, value in straight.items():  # the final save gathered the full weights
+        torch.testing.assert_close(gathered[key], value, rtol=1e-4, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- wrappers
