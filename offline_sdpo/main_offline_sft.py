@@ -56,10 +56,8 @@ def build_sft_config(cfg: OfflineSFTArguments, precision: str, optim: str):
     return build_training_arguments(
         cfg, precision, optim, SFTConfig,
         remove_unused_columns=True, label_names=None,  # TRL's collator builds input_ids / labels from our columns
-        completion_only_loss=True,  # prompt tokens get label -100
+        completion_only_loss=True,  # prompt tokens get label -100 (a pre-tokenized dataset would not imply it)
         max_length=None,            # already cut: prompt from the left, completion from the right
-        packing=False,
-        dataset_num_proc=None,
     )
 
 
