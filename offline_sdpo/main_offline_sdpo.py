@@ -29,14 +29,13 @@ logger = logging.getLogger("offline_sdpo")
 
 
 @dataclass
-class OfflineSDPOArguments(LoraOptions, OptimizerOptions, ContextOptions, ObjectiveOptions, ModelOptions):
-    # the offline trainer's defaults where they differ from the shared groups' (one line each)
+class OfflineTrainingArguments(LoraOptions, OptimizerOptions, ModelOptions):
+    """What offline SDPO and the SFT baseline (main_offline_sft.py) share: model, LoRA, optimiser, data, schedule, run."""
+    # the offline trainers' defaults where they differ from the shared groups' (one line each)
     model: str = override(ModelOptions, "model", "Qwen/Qwen3-4B")
     dtype: str = override(ModelOptions, "dtype", "auto", help=(
         "autocast precision over fp32 master weights: auto (bf16 on GPUs that support it, fp32 on CPU), bf16, fp16, fp32"))
     max_context_length: int = override(ContextOptions, "max_context_length", 2048)
-    loss_mode: str = override(ObjectiveOptions, "loss_mode", "simple_signal")
-    ignore_first_k: int = override(ObjectiveOptions, "ignore_first_k", 2)
     lr: float = override(OptimizerOptions, "lr", 2e-6)
     use_lora: bool = override(LoraOptions, "use_lora", False, help="train a LoRA adapter (saved, then merged into a full model)")
     # data
@@ -66,9 +65,7 @@ class OfflineSDPOArguments(LoraOptions, OptimizerOptions, ContextOptions, Object
     def __post_init__(self):
         if self.output_dir is None:
             self.output_dir = os.environ.get("OUTPUT_DIR") or None
-        super().__post_init__()  # the objective group validates its options
         check_ranges(self)
-        validate_template(self.hindsight_template)
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype '{self.dtype}'; choose {', '.join(DTYPES)}")
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "lora_r"):
@@ -78,6 +75,17 @@ class OfflineSDPOArguments(LoraOptions, OptimizerOptions, ContextOptions, Object
             raise ValueError("--warmup_ratio must be in [0, 1)")
         if self.lr <= 0:
             raise ValueError("--lr must be > 0")
+
+
+@dataclass
+class OfflineSDPOArguments(OfflineTrainingArguments, ContextOptions, ObjectiveOptions):
+    loss_mode: str = override(ObjectiveOptions, "loss_mode", "simple_signal")
+    ignore_first_k: int = override(ObjectiveOptions, "ignore_first_k", 2)
+
+    def __post_init__(self):
+        ObjectiveOptions.__post_init__(self)  # the objective group validates its options
+        OfflineTrainingArguments.__post_init__(self)
+        validate_template(self.hindsight_template)
 
     def objective_options(self) -> ObjectiveOptions:
         return ObjectiveOptions.from_config(self)
@@ -124,14 +132,15 @@ def resolve_checkpoint(value: Optional[str], output_dir: str) -> Optional[str]:
     return value
 
 
-def build_training_arguments(cfg: OfflineSDPOArguments, precision: str, optim: str):
+def build_training_arguments(cfg: OfflineTrainingArguments, precision: str, optim: str, args_class=None, **overrides):
+    """TrainingArguments (or `args_class`, e.g. TRL's SFTConfig) from the flags; `overrides` replace or add fields."""
     import torch
     from transformers import TrainingArguments
 
     # The accelerate launcher exports its config's mixed_precision; --dtype is the one that counts
     # (a GPU config must not switch a CPU run to bf16 autocast).
     os.environ["ACCELERATE_MIXED_PRECISION"] = "no" if precision == "fp32" else precision
-    return TrainingArguments(
+    return (args_class or TrainingArguments)(**{**dict(
         output_dir=cfg.output_dir,
         per_device_train_batch_size=cfg.batch_size,
         gradient_accumulation_steps=cfg.grad_accum,
@@ -166,12 +175,12 @@ def build_training_arguments(cfg: OfflineSDPOArguments, precision: str, optim: s
         ddp_backend="gloo" if not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1 else None,
         ddp_find_unused_parameters=False,
         disable_tqdm=False,
-    )
+    ), **overrides})
 
 
 # --------------------------------------------------------------------------- model
 
-def load_policy(cfg: OfflineSDPOArguments, model_path: str, attn: str):
+def load_policy(cfg: OfflineTrainingArguments, model_path: str, attn: str):
     """fp32 master weights everywhere; bf16 is autocast by the Trainer (a 2e-6 update vanishes in bf16 weights)."""
     import torch
     from transformers import AutoModelForCausalLM
@@ -203,7 +212,7 @@ def load_reference(cfg: OfflineSDPOArguments, precision: str, attn: str):
     return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
 
 
-def save_final_model(trainer, cfg: OfflineSDPOArguments, base_path: str, tokenizer) -> None:
+def save_final_model(trainer, cfg: OfflineTrainingArguments, base_path: str, tokenizer) -> None:
     """output_dir holds a model AutoModelForCausalLM loads; with LoRA also the adapter in output_dir/adapter."""
     if not cfg.use_lora:
         trainer.save_model(cfg.output_dir)  # gathers ZeRO-3 / FSDP shards; rank 0 writes
@@ -240,8 +249,8 @@ def main(argv: Optional[list[str]] = None) -> dict:
     return train_holding_output_dir(cfg)
 
 
-def train_holding_output_dir(cfg: OfflineSDPOArguments) -> dict:
-    """train() with --output_dir locked against a second run writing it. Only the first process of a
+def train_holding_output_dir(cfg: OfflineTrainingArguments, train_fn=None) -> dict:
+    """train() (or `train_fn`) with --output_dir locked against a second run writing it. Only the first process of a
     torchrun/accelerate launch takes the lock: all its processes write the one folder together."""
     from auxiliary.runtime.locks import FolderLock, FolderLockError
 
@@ -253,7 +262,7 @@ def train_holding_output_dir(cfg: OfflineSDPOArguments) -> dict:
             raise SystemExit(f"error: {err}") from None
     try:
         check_output_dir(cfg)  # under the lock: a second run never deletes the first one's files
-        return train(cfg)
+        return (train_fn or train)(cfg)
     finally:
         if lock is not None:
             lock.release()
@@ -264,7 +273,7 @@ RESULT_NAMES = (CONFIG_FILENAME, METRICS_FILENAME, "trainer_state.json", "train_
                 "config.json", "model.safetensors", "model.safetensors.index.json", "adapter")
 
 
-def check_output_dir(cfg: OfflineSDPOArguments) -> None:
+def check_output_dir(cfg: OfflineTrainingArguments) -> None:
     """Never overwrite an earlier run silently: a folder holding results needs --resume_from_checkpoint
     or --overwrite (which deletes those results first, on the main process only)."""
     import shutil

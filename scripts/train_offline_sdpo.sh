@@ -8,6 +8,13 @@
 # aliases of --model and --lr); the defaults are main_offline_sdpo.py's.
 # `--help` lists every variable; `--dry-run` prints the command and runs nothing.
 set -euo pipefail
+# scripts/train_offline_sft.sh sources this file with OFFLINE_TRAINER=sft: one wrapper for both trainers.
+[[ ${BASH_SOURCE[0]} != "$0" ]] || OFFLINE_TRAINER=sdpo
+case ${OFFLINE_TRAINER:-sdpo} in
+    sdpo) OFFLINE_ENTRY=main_offline_sdpo.py OFFLINE_PREFIX=offline OFFLINE_TITLE="Offline SDPO training" ;;
+    sft) OFFLINE_ENTRY=main_offline_sft.py OFFLINE_PREFIX=offline_sft OFFLINE_TITLE="Offline SFT baseline (the follow-ups ignored)" ;;
+    *) echo "error: OFFLINE_TRAINER=$OFFLINE_TRAINER: choose sdpo or sft" >&2; exit 2 ;;
+esac
 # shellcheck source=scripts/_common.sh
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 sdpo_init "$@"
@@ -25,9 +32,9 @@ sdpo_var MACHINE_RANK "${SLURM_NODEID:-0}" "This machine's rank in a multi-node 
 sdpo_var MAIN_PROCESS_IP "" "Address of rank 0 (required when NUM_MACHINES > 1)"
 sdpo_var MAIN_PROCESS_PORT "29500" "Port on rank 0 for the process group"
 model_slug=$(sdpo_effective BASE_MODEL model)
-sdpo_var OUTPUT_DIR "$BASE_WORK/sdpo_outputs/offline_${model_slug:+$(sdpo_slug "$model_slug")_}$(sdpo_run_tag)" \
-    "Checkpoints, metrics.jsonl and the final model" "\$BASE_WORK/sdpo_outputs/offline_<model>_<job id or time>"
-sdpo_help_or_continue "Offline SDPO training on logged (prompt, completion, user_response) interactions."
+sdpo_var OUTPUT_DIR "$BASE_WORK/sdpo_outputs/${OFFLINE_PREFIX}_${model_slug:+$(sdpo_slug "$model_slug")_}$(sdpo_run_tag)" \
+    "Checkpoints, metrics.jsonl and the final model" "\$BASE_WORK/sdpo_outputs/${OFFLINE_PREFIX}_<model>_<job id or time>"
+sdpo_help_or_continue "$OFFLINE_TITLE on logged (prompt, completion, user_response) interactions."
 
 sdpo_config_sets train_jsonl || sdpo_require TRAIN_JSONL
 sdpo_input_path TRAIN_JSONL
@@ -50,7 +57,7 @@ if (( NUM_MACHINES > 1 )); then
 fi
 if (( WORLD_SIZE > 1 )) && [[ -n $ACCELERATE_CONFIG ]]; then sdpo_check_exists ACCELERATE_CONFIG file; fi
 
-sdpo_launcher "$REPO_ROOT/offline_sdpo/main_offline_sdpo.py"
+sdpo_launcher "$REPO_ROOT/offline_sdpo/$OFFLINE_ENTRY"
 sdpo_flag --train_jsonl TRAIN_JSONL
 sdpo_flag --base_model BASE_MODEL
 sdpo_flag --learning_rate LR

@@ -16,6 +16,7 @@ PRESETS = {
     "signal_analysis.yaml": "auxiliary/sdpo_signal_analysis.py",
     "offline_wildfeedback.yaml": "offline_sdpo/main_offline_sdpo.py",
     "offline_wildchat.yaml": "offline_sdpo/main_offline_sdpo.py",
+    "offline_sft_wildfeedback.yaml": "offline_sdpo/main_offline_sft.py",
 }
 
 
@@ -67,6 +68,12 @@ def test_offline_presets_hold_the_paper_trainers_settings(resolved):
         assert (config["warmup_ratio"], config["lr_scheduler_type"], config["max_grad_norm"]) == (0.05, "cosine", 10.0)
         assert (config["max_context_length"], config["max_completion_length"], config["ignore_first_k"]) == (2048, 2048, 2)
         assert config["gradient_checkpointing"] is True and config["optim"] == "auto"
+
+
+def test_the_sft_baseline_preset_shares_every_applicable_setting_of_the_sdpo_one(resolved):
+    sft, sdpo = flat(resolved["offline_sft_wildfeedback.yaml"]), flat(resolved["offline_wildfeedback.yaml"])
+    assert "loss_mode" not in sft and "ignore_first_k" not in sft  # the objective's settings do not apply to SFT
+    assert {key: sdpo[key] for key in sft} == sft
 
 
 def test_oracle_and_signal_presets(resolved):

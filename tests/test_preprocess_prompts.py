@@ -51,6 +51,54 @@ def test_helpsteer_missing_prompt_field_is_reported_with_its_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def write_rated_rows(path, rows):
+    """HelpSteer2-shaped rows: (prompt, response) pairs, two responses per prompt as in the real data."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(json.dumps({"prompt": p, "response": r, "helpfulness": 3}) + "\n" for p, r in rows))
+
+
+def test_helpsteer_response_length_filter_drops_every_row_of_a_prompt_with_a_long_response(tmp_path):
+    src = tmp_path / "src"
+    write_rated_rows(src / "train.jsonl", [
+        ("Explain recursion with an example.", "x" * 10), ("Explain recursion with an example.", "y" * 21),
+        ("Name two rivers in Africa.", "z" * 20), ("Name two rivers in Africa.", "w" * 5)])
+    write_rated_rows(src / "validation.jsonl", [("Describe a rainbow briefly.", "v" * 30),
+                                                ("Describe a rainbow briefly.", "u" * 3)])
+    off = preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "off")])
+    assert "response_too_long" not in off.dropped  # off by default: today's output
+    assert prompts(tmp_path / "off" / "train.jsonl") == ["Explain recursion with an example.", "Name two rivers in Africa."]
+    on = preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "on"), "--max_response_chars", "20"])
+    assert prompts(tmp_path / "on" / "train.jsonl") == ["Name two rivers in Africa."]  # 20 characters is not over 20
+    assert prompts(tmp_path / "on" / "validation.jsonl") == []
+    assert on.dropped["response_too_long"] == 4 and on.dropped["duplicate_in_split"] == 1  # rows, as every filter counts
+    assert "response_too_long (rows): 4" in on.render()
+
+
+def test_helpsteer_paper_filters_preset_sets_the_response_limit_and_flags_still_win(tmp_path):
+    src = tmp_path / "train.jsonl"
+    write_rated_rows(src, [("A prompt with a long answer.", "a" * 8001), ("A prompt with a long answer.", "b"),
+                           ("A prompt at the limit.", "c" * 8000)])
+    summary = preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "paper"), "--paper_filters"])
+    assert prompts(tmp_path / "paper" / "train.jsonl") == ["A prompt at the limit."]
+    assert summary.dropped["response_too_long"] == 2 and preprocess_helpsteer.PAPER_FILTERS == {"max_response_chars": 8000}
+    summary = preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "both"), "--paper_filters",
+                                         "--max_response_chars", "0"])
+    assert "response_too_long" not in summary.dropped
+
+
+def test_helpsteer_response_filter_needs_the_response_field_and_a_valid_limit(tmp_path):
+    src = tmp_path / "train.jsonl"
+    src.write_text(json.dumps({"prompt": "A fine prompt here.", "response": "ok"}) + "\n"
+                   + json.dumps({"prompt": "Another fine prompt."}) + "\n")
+    preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "off")])  # not needed when off
+    with pytest.raises(DataError, match=r"train.jsonl:2: record has no 'response' field"):
+        preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "out"), "--max_response_chars", "5"])
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(SystemExit) as bad:
+        preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "neg"), "--max_response_chars", "-1"])
+    assert bad.value.code == 2
+
+
 # ----------------------------------------------------------------- TL;DR
 def test_tldr_outputs_prompt_format_and_every_filter(tmp_path):
     out = tmp_path / "tldr_prompts_unique"

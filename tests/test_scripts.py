@@ -109,6 +109,11 @@ CASES = {
          "NUM_EPOCHS": "3", "WORLD_SIZE": "1", "OUTPUT_DIR": "{tmp}/out offline"},
         [("--train_jsonl", str(FIXTURE)), ("--base_model", "my-org/base-7b"), ("--learning_rate", "3e-5"),
          ("--batch_size", "2"), ("--grad_accum", "16"), ("--num_epochs", "3"), ("--output_dir", "{tmp}/out offline")]),
+    "train_offline_sft.sh": (  # the SDPO wrapper's body with the SFT baseline's entry point
+        {"TRAIN_JSONL": FIXTURE, "BASE_MODEL": "my-org/base-7b", "LR": "3e-5", "BS": "2", "GA": "16",
+         "NUM_EPOCHS": "3", "WORLD_SIZE": "1", "OUTPUT_DIR": "{tmp}/out sft"},
+        [("--train_jsonl", str(FIXTURE)), ("--base_model", "my-org/base-7b"), ("--learning_rate", "3e-5"),
+         ("--batch_size", "2"), ("--grad_accum", "16"), ("--num_epochs", "3"), ("--output_dir", "{tmp}/out sft")]),
     "eval_checkpoints.sh": (
         {"CHECKPOINTS": "/ckpt/a /ckpt/b", "BASELINE_MODEL": "my-org/baseline", "EVAL_STYLES": "no_emojis concise_casual_beginner",
          "USER_MODEL": "my-org/judge", "EVAL_N": "7", "JUDGE": "local", "DATA_DIR": str(REPO / "data" / "samples"),

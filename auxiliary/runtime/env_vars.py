@@ -27,11 +27,13 @@ REPO = Path(__file__).resolve().parents[2]
 WRAPPERS: dict[str, tuple[str, ...]] = {
     "scripts/eval_online_sdpo.sh": ("online_sdpo_updater_config:OnlineSDPOConfig", "eval_online_sdpo:OnlineRunConfig"),
     "scripts/train_offline_sdpo.sh": ("offline_sdpo.main_offline_sdpo:OfflineSDPOArguments",),
+    "scripts/train_offline_sft.sh": ("offline_sdpo.main_offline_sft:OfflineSFTArguments",),
     "scripts/eval_checkpoints.sh": ("auxiliary.eval_checkpoints:EvalCheckpointsArgs",),
     "scripts/eval_incontext_oracle.sh": ("auxiliary.eval_incontext_oracle:OracleArgs",),
     "scripts/run_signal_analysis.sh": ("auxiliary.sdpo_signal_analysis:SignalAnalysisArgs",),
     "scripts/prepare_data.sh": (),
     "scripts/slurm/train_offline_sdpo.sbatch": (),
+    "scripts/slurm/train_offline_sft.sbatch": (),
 }
 
 
