@@ -235,17 +235,29 @@ def save_final_model(trainer, cfg: OfflineTrainingArguments, base_path: str, tok
 
 # --------------------------------------------------------------------------- main
 
+class BadInput(SystemExit):
+    """Bad input found by the trainer itself: `error: <message>` on stderr and exit status 2 (the
+    __main__ block prints it; called from Python, str() is the line)."""
+
+    def __init__(self, message):
+        super().__init__(2)
+        self.line = f"error: {message}"
+
+    def __str__(self) -> str:
+        return self.line
+
+
 def main(argv: Optional[list[str]] = None) -> dict:
     from auxiliary.runtime.cli import parse_dataclasses
 
     try:
         (cfg,) = parse_dataclasses([OfflineSDPOArguments], argv, prog="main_offline_sdpo.py")
     except ValueError as err:  # bad values (ConfigError included): one line, no traceback
-        raise SystemExit(f"error: {err}") from None
+        raise BadInput(err) from None
     if not cfg.train_jsonl:
-        raise SystemExit("error: --train_jsonl is required (an interactions JSONL: prompt, completion, user_response)")
+        raise BadInput("--train_jsonl is required (an interactions JSONL: prompt, completion, user_response)")
     if not cfg.output_dir:
-        raise SystemExit("error: no output folder: pass --output_dir or set OUTPUT_DIR")
+        raise BadInput("no output folder: pass --output_dir or set OUTPUT_DIR")
     return train_holding_output_dir(cfg)
 
 
@@ -259,7 +271,7 @@ def train_holding_output_dir(cfg: OfflineTrainingArguments, train_fn=None) -> di
         try:
             lock.acquire()
         except FolderLockError as err:
-            raise SystemExit(f"error: {err}") from None
+            raise BadInput(err) from None
     try:
         check_output_dir(cfg)  # under the lock: a second run never deletes the first one's files
         return (train_fn or train)(cfg)
@@ -285,7 +297,7 @@ def check_output_dir(cfg: OfflineTrainingArguments) -> None:
     if not earlier or cfg.resume_from_checkpoint:
         return
     if not cfg.overwrite:
-        raise SystemExit(f"error: {out} already holds an earlier run ({', '.join(earlier[:4])}"
+        raise BadInput(f"{out} already holds an earlier run ({', '.join(earlier[:4])}"
                          f"{', ...' if len(earlier) > 4 else ''}); pass --resume_from_checkpoint latest to continue "
                          "it or --overwrite to replace it")
     if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:
@@ -368,5 +380,6 @@ if __name__ == "__main__":
 
     try:
         main()
-    except (DataError, ConfigError, ModelLoadError) as err:  # bad input: one line, no traceback
-        raise SystemExit(f"error: {err}") from None
+    except (DataError, ConfigError, ModelLoadError, BadInput) as err:  # bad input: one line, no traceback, exit 2
+        print(err if isinstance(err, BadInput) else f"error: {err}", file=sys.stderr)
+        sys.exit(2)

@@ -141,8 +141,10 @@ if __name__ == "__main__":
     from auxiliary.runtime.io_utils import DataError
     from auxiliary.runtime.model_loading import ModelLoadError
 
+    from offline_sdpo.main_offline_sdpo import BadInput
+
     try:
         main()
-    except (DataError, ConfigError, ModelLoadError) as err:  # bad input: one line, no traceback
-        print(f"error: {err}", file=sys.stderr)
+    except (DataError, ConfigError, ModelLoadError, BadInput) as err:  # bad input: one line, no traceback
+        print(err if isinstance(err, BadInput) else f"error: {err}", file=sys.stderr)
         sys.exit(2)

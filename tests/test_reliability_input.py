@@ -114,7 +114,7 @@ def test_online_bad_input_ends_with_one_clear_line(results, case):
 @pytest.mark.parametrize("case", ["offline_malformed_jsonl", "offline_missing_field"])
 def test_offline_bad_input_ends_with_one_clear_line(results, case):
     result, expected = results[0][case]
-    assert result.returncode == 1, result.stderr[-2000:]
+    assert result.returncode == 2, result.stderr[-2000:]
     line = last_line(result.stderr)
     assert line.startswith("error:") and expected in line, result.stderr[-2000:]
     assert "Traceback" not in result.stderr
