@@ -12,11 +12,21 @@ Loop, for step s = 1..train_n, one training prompt per step:
     follow-up -> OnlineSDPOUpdater.train_step. With --placebo a second policy from the same
     initial weights sees the same prompts and sampling seeds, but its user always answers with a
     neutral approval (--placebo_texts): what it learns is what the objective does on its own.
-Evaluation at step 0, every eval_every steps and at the end: each arm answers the eval prompts
-(one batched generation, the same sampling seed at every evaluation and for the baseline) and
-a judge per style (primary --style plus --eval_styles) compares each reply with the baseline's.
+Evaluation at step 0, every eval_every steps, at each phase boundary and at the end: each arm
+answers the eval prompts (one batched generation, the same sampling seed at every evaluation and
+for the baseline) and a judge per style (the users' styles plus --eval_styles) compares each reply
+with the baseline's.
 
-Outputs (OUTPUT_DIR): config.json, metrics.jsonl (one line per step), eval_history.json,
+Who the user is (auxiliary/feedback/schedule.py): --style (one style for the whole run),
+--style_schedule concise:250,detailed:250 (a flip, or preferences one after another: the phases
+set the run's length) or --users concise,no_lists (a user drawn per step, seeded); with
+--per_user_adapters each user trains its own LoRA adapter on one shared base model.
+--phase_baseline snapshot also judges each phase's style against the arm's own replies at the
+start of that phase (cached eval replies, not a model copy).
+
+Outputs (OUTPUT_DIR): config.json, metrics.jsonl (one line per step: the active style and phase,
+per arm the metrics and gen_time_s / sim_time_s / train_time_s), eval_history.json (with
+eval_gen_time_s and judge_time_s),
 completions.jsonl, baseline_completions.json (cache), winrate.png, summary.json, run.log and,
 with --save_checkpoints, checkpoints/<arm>/step_N plus checkpoints/latest.json.
 
@@ -40,7 +50,9 @@ import sys
 import time
 from pathlib import Path
 
-from auxiliary.evals.online_report import build_summary, debug_example_text, fmt_rate, mean_words, summary_text, words
+from auxiliary.evals.online_report import (build_summary, debug_example_text, fmt_rate, initial_baseline, mean_words,
+                                           summary_text, words)
+from auxiliary.feedback.schedule import StyleSchedule
 from auxiliary.runtime.io_utils import DataError, atomic_write_json
 from auxiliary.runtime.run_folder import RunFolder, RunFolderError
 from auxiliary.runtime.wandb_run import WandbRun, WandbSetupError
@@ -49,6 +61,8 @@ from online_sdpo_updater_config import OnlineRunConfig, OnlineSDPOConfig
 logger = logging.getLogger("eval_online_sdpo")
 
 ARMS = ("feedback", "placebo")
+# Wall-clock fields of metrics.jsonl and eval_history.json: the only values a resumed run does not reproduce.
+TIMING_KEYS = ("time", "seconds", "gen_time_s", "sim_time_s", "train_time_s", "eval_gen_time_s", "judge_time_s")
 
 
 class SetupError(RuntimeError):
@@ -67,14 +81,18 @@ class OnlineRun:
     def __init__(self, sdpo: OnlineSDPOConfig, run: OnlineRunConfig):
         self.sdpo, self.run = sdpo, run
         self.arms = list(ARMS) if run.placebo else [ARMS[0]]
+        self.plan = run.user_plan(seed=sdpo.seed)  # StyleSchedule or MultiUserDraw
+        self.schedule = self.plan if isinstance(self.plan, StyleSchedule) else None
+        self.user_styles = self.plan.styles
         self.styles = run.styles()
-        self.updaters: dict = {}
-        self.users: dict = {}
+        self.per_user = run.per_user_adapters
+        self.updaters: dict = {}  # arm -> the shared policy's updater (per-user adapters: the first user's)
+        self.adapter_updaters: dict = {}  # per-user adapters: arm -> {style: updater on that style's adapter}
+        self.users: dict = {}  # arm -> {style: simulated user}
         self.judges: dict = {}
         self.metrics: list[dict] = []
         self.history: list[dict] = []
-        self.eval_texts: dict[str, list[str]] = {}  # the latest eval replies of each arm, at eval_step
-        self.eval_step: int | None = None
+        self.eval_texts: dict[tuple, list[str]] = {}  # (step, arm, adapter) -> eval replies of this process
         self.start_step = 1
         self.wandb = WandbRun()
 
@@ -85,10 +103,12 @@ class OnlineRun:
         for style in self.styles:
             get_persona(style)  # UnknownStyleError lists the known styles
         run = self.run
+        if self.per_user:
+            self._check_per_user_adapters()
         if run.resume and not (run.output_dir or run.run_name or os.environ.get("OUTPUT_DIR")):
             raise SetupError("--resume needs the run's --output_dir (or --run_name / $OUTPUT_DIR)")
         out = (Path(run.output_dir).expanduser() if run.output_dir else
-               default_output_dir(run.run_name, self.sdpo.model, run.style))
+               default_output_dir(run.run_name, self.sdpo.model, "+".join(self.user_styles)))
         self.folder = RunFolder.open(out, resume=run.resume, overwrite=run.overwrite)
         self.out = self.folder.path
         self.folder.attach_log()
@@ -104,6 +124,15 @@ class OnlineRun:
         self._load_or_make_baseline()
         self.wandb = WandbRun.start(run.wandb, self.out, run.wandb_project)
 
+    def _check_per_user_adapters(self) -> None:
+        problems = [(not self.sdpo.use_lora, "--use_lora (each user's adapter is a LoRA adapter)"),
+                    (self.sdpo.use_vllm, "generation without --use_vllm"),
+                    (self.run.save_checkpoints or self.run.resume, "a run without --save_checkpoints / --resume"),
+                    (bool(self.run.eval_styles.strip()), "no --eval_styles (each adapter is judged on its user's style)")]
+        for failed, need in problems:
+            if failed:
+                raise SetupError(f"--per_user_adapters needs {need}")
+
     def _load_tokenizer(self):
         from auxiliary.runtime.model_loading import load_tokenizer, resolve_model_path
 
@@ -117,8 +146,10 @@ class OnlineRun:
         from auxiliary.evals.evaluation_helpers import load_run_prompts
 
         run = self.run
+        # A schedule sets the run's length: the sum of its phases.
+        train_n = self.schedule.total if run.style_schedule.strip() else run.train_n
         self.train_prompts, self.eval_prompts, self.data_info = load_run_prompts(
-            run.train_jsonl, run.train_n, run.val_jsonl, run.eval_n, self.sdpo.seed, tokenizer, run.max_prompt_tokens,
+            run.train_jsonl, train_n, run.val_jsonl, run.eval_n, self.sdpo.seed, tokenizer, run.max_prompt_tokens,
             logger)
         self.num_steps = len(self.train_prompts)
 
@@ -129,11 +160,15 @@ class OnlineRun:
         api = {"max_retries": run.api_max_retries, "timeout_s": run.api_timeout_s}  # Claude clients only
         # One factory: the judges of every style (and a user on the same model) share one loaded model.
         factory = FeedbackFactory(self.sdpo.dtype, self.sdpo.device, run.api_concurrency, api, placement=run)
-        self.users["feedback"] = factory.user(run.user_simulator, run.style,
-                                              model_for_kind(run.user_simulator, run.user_model_name_or_path),
-                                              seed=self.sdpo.seed, **user_options(run.user_simulator, run.user_temperature))
-        if run.placebo:
-            self.users["placebo"] = factory.user("neutral", run.style, texts=run.placebo_texts, seed=self.sdpo.seed)
+        # One user per style (a schedule's phases, the users of --users); they share one loaded model / client.
+        self.users["feedback"] = {style: factory.user(run.user_simulator, style,
+                                                      model_for_kind(run.user_simulator, run.user_model_name_or_path),
+                                                      seed=self.sdpo.seed,
+                                                      **user_options(run.user_simulator, run.user_temperature))
+                                  for style in self.user_styles}
+        if run.placebo:  # the same schedule or draw, always answered with a neutral approval
+            neutral = factory.user("neutral", self.user_styles[0], texts=run.placebo_texts, seed=self.sdpo.seed)
+            self.users["placebo"] = {style: neutral for style in self.user_styles}
         self.judges = factory.judges(run.judge, self.styles, model_for_kind(run.judge, run.judge_model),
                                      **judge_options(run.judge, run.judge_framing, run.judge_temperature,
                                                      run.judge_max_new_tokens, run.tie_margin))
@@ -146,13 +181,45 @@ class OnlineRun:
         updates = self.sdpo.scheduler_steps or max(1, self.num_steps * self.sdpo.train_steps_per_example)
         arm_config = dataclasses.replace(self.sdpo, checkpoint_dir=None, checkpoint_every=0, max_checkpoints=0,
                                          scheduler_steps=updates)
+        import copy
+
         first = OnlineSDPOUpdater(arm_config)
+        if self.per_user:
+            # Each arm: one base model (the placebo's a copy, taken before any user adapter exists).
+            models = {arm: first.model if arm == "feedback" else copy.deepcopy(first.model) for arm in self.arms}
+            for arm in self.arms:
+                self.adapter_updaters[arm] = self._adapter_updaters(models[arm], first.tokenizer, arm_config)
+                self.updaters[arm] = self.adapter_updaters[arm][self.user_styles[0]]
+            return
         self.updaters["feedback"] = first
         if self.run.placebo:
-            import copy
-
             twin = copy.deepcopy(first.model)  # the same initial weights, without a second load
             self.updaters["placebo"] = OnlineSDPOUpdater(arm_config, model=twin, tokenizer=first.tokenizer)
+
+    def _adapter_updaters(self, peft_model, tokenizer, arm_config) -> dict:
+        """One LoRA adapter per user on the arm's one base model (peft's named adapters: no copy of the base
+        weights); each updater's optimizer holds only its adapter's parameters."""
+        from online_sdpo_updater import OnlineSDPOUpdater
+
+        template = peft_model.peft_config[peft_model.active_adapter]
+        # The model arrives wrapped: the updater must not wrap it again (use_lora off for it alone).
+        adapter_config = dataclasses.replace(arm_config, use_lora=False)
+        updaters = {}
+        for style in self.user_styles:
+            peft_model.add_adapter(style, dataclasses.replace(template))
+            peft_model.set_adapter(style)  # trainable: this adapter's parameters only
+            updaters[style] = OnlineSDPOUpdater(adapter_config, model=peft_model, tokenizer=tokenizer)
+        if "default" in peft_model.peft_config:
+            peft_model.delete_adapter("default")  # the wrapping updater's own adapter: no user trains it
+        return updaters
+
+    def policy(self, arm: str, style: str):
+        """The updater that answers and learns for `style`'s user: the arm's shared policy, or that user's adapter."""
+        if not self.per_user:
+            return self.updaters[arm]
+        updater = self.adapter_updaters[arm][style]
+        updater.model.set_adapter(style)
+        return updater
 
     def _resume(self) -> None:
         step, paths = self.folder.resume_checkpoints(self.arms)  # step -1: none, replay from the very start
@@ -172,6 +239,7 @@ class OnlineRun:
         self.folder.write_config({**self._config_parts(),
                                   "resolved": {"model_path": model_path, "output_dir": str(self.out),
                                                "arms": self.arms, "styles": self.styles,
+                                               "user_styles": self.user_styles, "boundaries": self.boundaries,
                                                "device": str(self.updaters["feedback"].device), **self.data_info}},
                                  resume_step=self.start_step - 1 if self.run.resume else None)
 
@@ -204,6 +272,15 @@ class OnlineRun:
         self.folder.save_baseline(signature, self.baseline)
 
     @property
+    def boundaries(self) -> list[int]:
+        """The last step of every phase but the final one (none without a schedule)."""
+        return self.schedule.boundaries if self.schedule else []
+
+    def phase_number(self, step: int) -> int:
+        """1-based phase of `step` (step 0 and every step of a one-style or multi-user run: phase 1)."""
+        return self.schedule.phase_at(max(step, 1)) + 1 if self.schedule else 1
+
+    @property
     def eval_seed(self) -> int:
         return derive_seed(self.sdpo.seed, "eval")
 
@@ -223,12 +300,14 @@ class OnlineRun:
                              if isinstance(v, (int, float)) and not isinstance(v, bool)}, step)
             first = record[self.arms[0]]
             bar.set_postfix(loss=f"{first['loss']:.3g}", words=first["reply_words"], refresh=False)
-            if (self.run.eval_every and step % self.run.eval_every == 0) or step == self.num_steps:
+            if ((self.run.eval_every and step % self.run.eval_every == 0) or step == self.num_steps
+                    or step in self.boundaries):
                 self.evaluate(step)
             if self.run.save_checkpoints and (step % max(1, self.sdpo.checkpoint_every) == 0 or step == self.num_steps):
                 self.checkpoint(step)
         bar.close()
-        for name, part in [("user", self.users["feedback"])] + [(f"judge {s}", j) for s, j in self.judges.items()]:
+        users = list({id(u): u for u in self.users["feedback"].values()}.values())
+        for name, part in [("user", u) for u in users] + [(f"judge {s}", j) for s, j in self.judges.items()]:
             stats = part.api_usage()  # one line per Claude client: requests, retries by reason, time waiting
             if stats is not None:
                 logger.info("Claude API (%s): %d requests, %d retries %s, %.1f s waiting", name, stats["requests"],
@@ -239,24 +318,30 @@ class OnlineRun:
 
         prompt = self.train_prompts[step - 1]
         messages = prompt_as_messages(prompt)
-        record: dict = {"step": step, "time": time.time()}
+        style = self.plan.style_at(step)  # a function of the step (and seed): a resume replays it
+        record: dict = {"step": step, "time": time.time(), "style": style, "phase": self.phase_number(step)}
         completions = []
         for arm in self.arms:
-            updater = self.updaters[arm]
+            updater = self.policy(arm, style)
+            started = time.perf_counter()
             reply = updater.generate([messages], seed=derive_seed(self.sdpo.seed, "train", step))[0]
+            generated = time.perf_counter()
             # The user's own randomness is also a function of (seed, arm, step): a resume replays it.
-            followup = self.users[arm].generate_feedback([prompt], [reply.text],
-                                                         seed=derive_seed(self.sdpo.seed, "user", arm, step))[0]
+            followup = self.users[arm][style].generate_feedback([prompt], [reply.text],
+                                                                seed=derive_seed(self.sdpo.seed, "user", arm, step))[0]
+            simulated = time.perf_counter()
             metrics = updater.train_step(messages, reply.ids, followup)
+            trained = time.perf_counter()
             signals = metrics.pop("signal_per_sequence")
             metrics.pop("step", None)
             metrics.update(followup=followup, reply_tokens=len(reply.ids), reply_words=words(reply.text),
-                           reply_finished=reply.finished)
-            problems = self.users["feedback"].problems(reply.text)  # what a rule user would complain about
+                           reply_finished=reply.finished, gen_time_s=round(generated - started, 4),
+                           sim_time_s=round(simulated - generated, 4), train_time_s=round(trained - simulated, 4))
+            problems = self.users["feedback"][style].problems(reply.text)  # what a rule user would complain about
             if problems is not None:
                 metrics["style_problems"] = problems
             record[arm] = metrics
-            completions.append({"step": step, "phase": "train", "arm": arm, "prompt": prompt,
+            completions.append({"step": step, "phase": "train", "arm": arm, "style": style, "prompt": prompt,
                                 "completion": reply.text, "followup": followup})
             if self.run.debug_first_example and step == 1 and arm == "feedback":
                 print(debug_example_text(updater.tokenizer, messages, reply, followup, signals[0],
@@ -271,45 +356,82 @@ class OnlineRun:
 
         return [prompt_as_messages(p) for p in self.eval_prompts]
 
-    def _generate_eval(self, arm: str, desc: str):
-        return self.updaters[arm].generate(self._eval_messages(), max_new_tokens=self.run.eval_max_new_tokens,
-                                           seed=self.eval_seed, progress=True, desc=desc)
+    def _generate_eval(self, arm: str, desc: str, adapter: str | None = None):
+        return self.policy(arm, adapter or self.user_styles[0]).generate(
+            self._eval_messages(), max_new_tokens=self.run.eval_max_new_tokens, seed=self.eval_seed, progress=True,
+            desc=desc)
+
+    def _eval_groups(self) -> list[tuple[str | None, list[str]]]:
+        """(adapter, styles judged on its replies): the shared policy on every style, or each user's adapter
+        on its user's style."""
+        return [(style, [style]) for style in self.user_styles] if self.per_user else [(None, self.styles)]
 
     def evaluate(self, step: int) -> None:
-        from auxiliary.evals.evaluation_helpers import plot_win_rates, win_rate_stats
-
         if not self.eval_prompts:
             return
+        phase = self.phase_number(step)
         for arm in self.arms:
-            if step == 0 and not self.run.baseline_model:
-                # Same initial weights and the same sampling seed as the baseline: identical replies.
-                texts = list(self.baseline)
-            else:
-                texts = [r.text for r in self._generate_eval(arm, f"eval {arm} @{step}")]
-            self.eval_texts[arm] = texts
-            for style in self.styles:
-                comparison = self.judges[style].compare_detailed(self.eval_prompts, texts, self.baseline)
-                stats = win_rate_stats(comparison.decisions,
-                                       seed=derive_seed(self.sdpo.seed, "bootstrap", step, style, arm))
-                if comparison.unparseable:
-                    logger.warning("eval @%d %s/%s: %d of %d judge replies had no verdict (counted as ties)", step,
-                                   style, arm, comparison.unparseable, 2 * len(comparison.decisions))
-                self.history.append({"step": step, "style": style, "arm": arm, **stats,
-                                     "unparseable_verdicts": comparison.unparseable,
-                                     "mean_words": round(mean_words(texts), 2)})
-                self.wandb.log({f"eval/{style}/{arm}/{k}": v for k, v in stats.items() if v is not None}, step)
-            for index, (prompt, text) in enumerate(zip(self.eval_prompts, texts)):
-                self.folder.append_completion({"step": step, "phase": "eval", "arm": arm, "index": index,
-                                               "prompt": prompt, "completion": text})
-        self.eval_step = step
+            for adapter, styles in self._eval_groups():
+                started = time.perf_counter()
+                if step == 0 and not self.run.baseline_model:
+                    # Same initial weights (LoRA adapters start at zero) and sampling seed as the baseline: identical.
+                    texts = list(self.baseline)
+                else:
+                    where = f"{arm}/{adapter}" if adapter else arm
+                    texts = [r.text for r in self._generate_eval(arm, f"eval {where} @{step}", adapter)]
+                gen_time = round(time.perf_counter() - started, 4)
+                self.eval_texts[(step, arm, adapter)] = texts
+                tags = {"phase": phase, **({"adapter": adapter} if adapter else {})}
+                for style in styles:
+                    self._judge_record(step, style, arm, texts, self.baseline, "initial", gen_time, tags)
+                if self.run.phase_baseline == "snapshot" and step > 0:
+                    # The phase's own style against the arm's replies when the phase began (eval step 0 or the
+                    # boundary before): what the phase added on top of what the policy had.
+                    start = self.schedule.phases[phase - 1].first_step - 1
+                    self._judge_record(step, self.schedule.phases[phase - 1].style, arm, texts,
+                                       self._eval_texts_at(start, arm), "snapshot", gen_time,
+                                       {**tags, "snapshot_step": start})
+                for index, (prompt, text) in enumerate(zip(self.eval_prompts, texts)):
+                    self.folder.append_completion({"step": step, "phase": "eval", "arm": arm,
+                                                   **({"adapter": adapter} if adapter else {}), "index": index,
+                                                   "prompt": prompt, "completion": text})
         self.folder.write_history(self.history)
+        self._plot()
+        logger.info("eval @%d: %s", step, "; ".join(
+            f"{r['style']}/{r['arm']}{'/' + r['adapter'] if 'adapter' in r else ''}"
+            f"{' vs snapshot' if r['baseline'] == 'snapshot' else ''} {fmt_rate(r)}"
+            for r in self.history if r["step"] == step))
+
+    def _judge_record(self, step: int, style: str, arm: str, texts: list[str], reference: list[str], baseline: str,
+                      gen_time: float, tags: dict) -> None:
+        """Judge `texts` against `reference` for `style`; one eval_history record."""
+        from auxiliary.evals.evaluation_helpers import win_rate_stats
+
+        started = time.perf_counter()
+        comparison = self.judges[style].compare_detailed(self.eval_prompts, texts, reference)
+        judge_time = round(time.perf_counter() - started, 4)
+        seed_parts = ("bootstrap", step, style, arm) + (() if baseline == "initial" else (baseline,))
+        stats = win_rate_stats(comparison.decisions, seed=derive_seed(self.sdpo.seed, *seed_parts))
+        if comparison.unparseable:
+            logger.warning("eval @%d %s/%s: %d of %d judge replies had no verdict (counted as ties)", step,
+                           style, arm, comparison.unparseable, 2 * len(comparison.decisions))
+        self.history.append({"step": step, "style": style, "arm": arm, **stats,
+                             "unparseable_verdicts": comparison.unparseable,
+                             "mean_words": round(mean_words(texts), 2), "baseline": baseline, **tags,
+                             "eval_gen_time_s": gen_time, "judge_time_s": judge_time})
+        prefix = f"eval/{style}/{arm}" + (f"/{tags['adapter']}" if "adapter" in tags else "") + \
+            ("" if baseline == "initial" else f"/vs_{baseline}")
+        self.wandb.log({f"{prefix}/{k}": v for k, v in stats.items() if v is not None}, step)
+
+    def _plot(self) -> None:
+        from auxiliary.evals.evaluation_helpers import plot_win_rates
+
         # Step 0 with every pair tied is the policy reproducing the baseline: drawn at 50%, not left out.
         plotted = [dict(r, win_rate=50.0, se=0.0) if r["step"] == 0 and r["win_rate"] is None and r["ties"] == r["n"]
-                   else r for r in self.history]
+                   else r for r in initial_baseline(self.history)]
         plot_win_rates(plotted, self.out / "winrate.png",
-                       title=f"{Path(self.sdpo.model).name}: win rate vs baseline ({self.run.judge} judge), +-1 SE")
-        logger.info("eval @%d: %s", step, "; ".join(
-            f"{r['style']}/{r['arm']} {fmt_rate(r)}" for r in self.history if r["step"] == step))
+                       title=f"{Path(self.sdpo.model).name}: win rate vs baseline ({self.run.judge} judge), +-1 SE",
+                       boundaries=self.boundaries)
 
     def checkpoint(self, step: int) -> None:
         for arm in self.arms:
@@ -325,27 +447,50 @@ class OnlineRun:
         from auxiliary.evals.evaluation_helpers import win_rate_stats
 
         last_step = max((r["step"] for r in self.history), default=None)
-        texts = {arm: self._final_eval_texts(last_step, arm) for arm in self.arms} if last_step is not None else {}
+        # style -> arm -> the final eval replies judged on that style (the shared policy's, or the user's adapter's)
+        style_texts = {}
+        if last_step is not None:
+            for adapter, styles in self._eval_groups():
+                for style in styles:
+                    style_texts[style] = {arm: self._eval_texts_at(last_step, arm, adapter) for arm in self.arms}
+        texts = style_texts.get(self.styles[0], {})
         head_to_head = {}
-        if texts.get("feedback") and texts.get("placebo"):
-            # The same prompts answered by both arms, judged directly: a paired, more sensitive comparison.
-            for style in self.styles:
-                decisions = self.judges[style].compare(self.eval_prompts, texts["feedback"], texts["placebo"])
+        for style, by_arm in style_texts.items():
+            if by_arm.get("feedback") and by_arm.get("placebo"):
+                # The same prompts answered by both arms, judged directly: a paired, more sensitive comparison.
+                decisions = self.judges[style].compare(self.eval_prompts, by_arm["feedback"], by_arm["placebo"])
                 head_to_head[style] = win_rate_stats(decisions, seed=derive_seed(self.sdpo.seed, "h2h", style))
-        summary = build_summary(self.history, self.styles, last_step, self.baseline, texts, head_to_head, self.out)
+        summary = build_summary(self.history, self.styles, last_step, self.baseline, texts, head_to_head, self.out,
+                                style_texts=style_texts, phase_ends=self._phase_ends(last_step))
         atomic_write_json(self.out / "summary.json", summary)
         print(summary_text(summary, self.history, self.arms, self.styles, self.baseline, texts, self.eval_prompts,
                            self.out), flush=True)
         self.wandb.finish(self.out / "winrate.png", {"final": summary["final"], "head_to_head": head_to_head})
         return summary
 
-    def _final_eval_texts(self, step: int, arm: str) -> list[str]:
+    def _phase_ends(self, last_step: int | None) -> list[dict] | None:
+        """The forgetting table's rows: the start and the end of each phase reached (a schedule of 2+ phases)."""
+        if not self.schedule or len(self.schedule.phases) < 2 or last_step is None:
+            return None
+        rows = [{"label": "start", "step": 0, "phase": None, "style": None}]
+        for number, phase in enumerate(self.schedule.phases, start=1):
+            end = min(phase.first_step + phase.interactions - 1, last_step)
+            if end >= phase.first_step:
+                rows.append({"label": f"end of phase {number} ({phase.style})", "step": end, "phase": number,
+                             "style": phase.style})
+        return rows
+
+    def _eval_texts_at(self, step: int, arm: str, adapter: str | None = None) -> list[str]:
         """The arm's eval replies at `step` (from memory, or from completions.jsonl after a resume)."""
-        if self.eval_step == step and arm in self.eval_texts:
-            return self.eval_texts[arm]
+        if (step, arm, adapter) in self.eval_texts:
+            return self.eval_texts[(step, arm, adapter)]
         rows = sorted((r for r in self.folder.read_completions()
-                       if r["phase"] == "eval" and r["step"] == step and r["arm"] == arm), key=lambda r: r["index"])
-        return [r["completion"] for r in rows] if len(rows) == len(self.eval_prompts) else []
+                       if r["phase"] == "eval" and r["step"] == step and r["arm"] == arm
+                       and r.get("adapter") == adapter), key=lambda r: r["index"])
+        texts = [r["completion"] for r in rows] if len(rows) == len(self.eval_prompts) else []
+        if texts:
+            self.eval_texts[(step, arm, adapter)] = texts
+        return texts
 
 
 def _expected_errors() -> tuple[tuple, tuple]:

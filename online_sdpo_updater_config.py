@@ -79,6 +79,16 @@ class OnlineRunConfig(FeedbackPlacementOptions):
         "help": "drop (and count) prompts whose chat-templated length exceeds this"})
     # user and judge
     style: str = field(default="no_emojis", metadata={"help": "the simulated user's style (persona)"})
+    style_schedule: str = field(default="", metadata={
+        "help": "STYLE:N[,STYLE:N...]: the user follows each style for N interactions in turn (a flip, sequential "
+                "preferences); sets the run's length and replaces --style"})
+    users: str = field(default="", metadata={
+        "help": "STYLE,STYLE,...: several simulated users at once, the user of each interaction drawn at random (seeded)"})
+    per_user_adapters: bool = field(default=False, metadata={
+        "help": "with --users and --use_lora: each user trains its own LoRA adapter on one shared base model"})
+    phase_baseline: str = field(default="initial", metadata={
+        "help": "initial (the initial policy for every style) or snapshot (also: each phase's style against the "
+                "policy's replies at the start of that phase)"})
     eval_styles: str = field(default="", metadata={"help": "more styles to evaluate on (space or comma separated)"})
     user_simulator: str = field(default="rule", metadata={"help": "rule, local, claude or vllm"})
     user_model_name_or_path: str = field(default="Qwen/Qwen3-32B", metadata={
@@ -137,9 +147,34 @@ class OnlineRunConfig(FeedbackPlacementOptions):
         if self.judge_framing not in JUDGE_FRAMINGS:
             raise ValueError(f"--judge_framing must be one of {', '.join(JUDGE_FRAMINGS)}, got {self.judge_framing!r}")
         check_ranges(self)
+        self.user_plan(seed=0)  # a malformed schedule or user list is one line, before anything is loaded
+        if self.style_schedule.strip() and self.users.strip():
+            raise ValueError("--style_schedule and --users are exclusive: one user whose style changes, or several users")
+        if self.per_user_adapters and not self.users.strip():
+            raise ValueError("--per_user_adapters needs --users (one adapter per simulated user)")
+        if self.phase_baseline not in ("initial", "snapshot"):
+            raise ValueError(f"--phase_baseline must be initial or snapshot, got {self.phase_baseline!r}")
+        if self.phase_baseline == "snapshot" and not self.style_schedule.strip():
+            raise ValueError("--phase_baseline snapshot needs --style_schedule (a snapshot is taken at each phase start)")
         if not self.placebo_texts or not all(t.strip() for t in self.placebo_texts):
             raise ValueError("--placebo_texts needs at least one non-empty text")
 
+    def user_plan(self, seed: int):
+        """Who the user is at each step: a StyleSchedule (--style, --style_schedule) or a MultiUserDraw (--users)."""
+        from auxiliary.feedback.schedule import MultiUserDraw, StyleSchedule
+
+        if self.users.strip():
+            return MultiUserDraw(self.users.replace(" ", ",").split(","), seed=seed)
+        if self.style_schedule.strip():
+            return StyleSchedule.parse(self.style_schedule)
+        return StyleSchedule.single(self.style, self.train_n)
+
+    def user_styles(self) -> list[str]:
+        """The styles the simulated users follow (--style alone: just it)."""
+        return self.user_plan(seed=0).styles
+
     def styles(self) -> list[str]:
+        """Every style evaluated: the users' styles (all phases of a schedule, the ones to come too), then --eval_styles."""
         extra = [s for s in self.eval_styles.replace(",", " ").split() if s]
-        return [self.style] + [s for s in dict.fromkeys(extra) if s != self.style]
+        first = self.user_styles()
+        return first + [s for s in dict.fromkeys(extra) if s not in first]

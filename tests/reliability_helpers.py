@@ -132,3 +132,16 @@ def anthropic_message(text: str) -> dict:
     return {"id": "msg_stub", "type": "message", "role": "assistant", "model": "claude-stub",
             "content": [{"type": "text", "text": text}], "stop_reason": "end_turn", "stop_sequence": None,
             "usage": {"input_tokens": 1, "output_tokens": 1}}
+
+
+def without_timings(records: list[dict]) -> list[dict]:
+    """metrics.jsonl rows or eval_history.json records without their wall-clock fields (eval_online_sdpo.TIMING_KEYS,
+    also inside each arm's dict): what a resumed run must reproduce exactly."""
+    from eval_online_sdpo import TIMING_KEYS
+
+    def strip(value):
+        if isinstance(value, dict):
+            return {k: strip(v) for k, v in value.items() if k not in TIMING_KEYS}
+        return value
+
+    return [strip(record) for record in records]

@@ -12,6 +12,8 @@ REPO = Path(__file__).resolve().parent.parent
 PRESETS = {
     "online_helpsteer2.yaml": "eval_online_sdpo.py",
     "online_tldr.yaml": "eval_online_sdpo.py",
+    "flip.yaml": "eval_online_sdpo.py",
+    "sequential.yaml": "eval_online_sdpo.py",
     "incontext_oracle.yaml": "auxiliary/eval_incontext_oracle.py",
     "signal_analysis.yaml": "auxiliary/sdpo_signal_analysis.py",
     "offline_wildfeedback.yaml": "offline_sdpo/main_offline_sdpo.py",
@@ -49,7 +51,7 @@ def test_every_preset_under_configs_paper_is_tested():
 
 
 def test_online_presets_hold_the_papers_settings(resolved):
-    for name in ("online_helpsteer2.yaml", "online_tldr.yaml"):
+    for name in ("online_helpsteer2.yaml", "online_tldr.yaml", "flip.yaml", "sequential.yaml"):
         config = flat(resolved[name])
         assert (config["model"], config["use_lora"], config["lora_r"], config["lora_alpha"], config["lora_dropout"]) == \
             ("Qwen/Qwen3-8B", True, 256, 512, 0.0)
@@ -57,8 +59,22 @@ def test_online_presets_hold_the_papers_settings(resolved):
         assert config["use_vllm"] and config["user_simulator"] == config["judge"] == "vllm"
         assert config["user_model_name_or_path"] == config["judge_model"] == "Qwen/Qwen3-32B"
         assert config["max_new_tokens"] == config["eval_max_new_tokens"] == config["max_prompt_tokens"] == 2048
-        assert (config["checkpoint_every"], config["max_checkpoints"], config["adam_epsilon"]) == (1, 0, 1e-6)
+        assert config["max_checkpoints"] == 0 and config["adam_epsilon"] == 1e-6
+    for name in ("online_helpsteer2.yaml", "online_tldr.yaml"):
+        assert flat(resolved[name])["checkpoint_every"] == 1
     assert "tldr_prompts_unique" in flat(resolved["online_tldr.yaml"])["train_jsonl"]
+
+
+def test_flip_and_sequential_presets_hold_the_papers_schedules():
+    from auxiliary.feedback.schedule import StyleSchedule
+
+    flip = yaml.safe_load((REPO / "configs" / "paper" / "flip.yaml").read_text())
+    sequential = yaml.safe_load((REPO / "configs" / "paper" / "sequential.yaml").read_text())
+    # a flip after 250 interactions; three preferences of 500 interactions each
+    assert [(p.style, p.interactions) for p in StyleSchedule.parse(flip["style_schedule"]).phases] == [
+        ("no_lists", 250), ("more_lists", 250)]
+    assert [p.interactions for p in StyleSchedule.parse(sequential["style_schedule"]).phases] == [500, 500, 500]
+    assert len(StyleSchedule.parse(sequential["style_schedule"]).styles) == 3
 
 
 def test_offline_presets_hold_the_paper_trainers_settings(resolved):

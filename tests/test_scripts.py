@@ -141,8 +141,11 @@ CASES = {
 WRAPPERS = sorted(CASES)
 
 
+TEMPLATE_WRAPPERS = {"online_preferences.sh": "eval_online_sdpo.sh"}  # a template named apart from its wrapper
+
+
 def case_env(name: str, work, **extra) -> dict:
-    settings, _ = CASES[name]
+    settings, _ = CASES[TEMPLATE_WRAPPERS.get(name, name)]
     filled = {k: str(v).replace("{tmp}", str(work["tmp"])) for k, v in settings.items()}
     return clean_env(work["base"], **{**filled, **extra})
 
@@ -439,6 +442,7 @@ def test_offline_template_single_node_and_gpu_count(work):
 
 
 @pytest.mark.parametrize("template,case", [("eval_online_sdpo.sbatch", "eval_online_sdpo.sh"),
+                                           ("online_preferences.sbatch", "eval_online_sdpo.sh"),
                                            ("eval_checkpoints.sbatch", "eval_checkpoints.sh")])
 def test_eval_templates_run_their_wrapper(template, case, work):
     env = case_env(case, work, SLURM_JOB_ID="77", SLURM_SUBMIT_DIR=str(work["cwd"]))  # submitted elsewhere: found anyway
@@ -686,3 +690,14 @@ def test_demo_accepts_dry_run_and_writes_nothing(tmp_path):
     assert "eval_online_sdpo.py --config configs/demo.yaml --seed 7 --output_dir" in line
     assert line.endswith("--eval_every 5") and "--dry-run" not in line
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_preferences_template_runs_the_sequential_preset_unless_given_one_and_resumes_a_requeued_job(work):
+    env = case_env("eval_online_sdpo.sh", work, SLURM_JOB_ID="78")
+    template = SLURM / "online_preferences.sbatch"
+    (argv,) = commands(run(template, "--dry-run", env=env, cwd=work["cwd"]).stdout)
+    assert has_pair(argv, "--config", str(REPO / "configs/paper/sequential.yaml")) and "--resume" not in argv
+    (argv,) = commands(run(template, "--dry-run", "--config", "configs/paper/flip.yaml", env=env, cwd=work["cwd"]).stdout)
+    assert str(REPO / "configs/paper/sequential.yaml") not in argv and has_pair(argv, "--config", "configs/paper/flip.yaml")
+    (argv,) = commands(run(template, "--dry-run", env={**env, "SLURM_RESTART_COUNT": "1"}, cwd=work["cwd"]).stdout)
+    assert "--resume" in argv

@@ -30,9 +30,10 @@ Metrics (decisions come from PairwiseJudge.compare: "A" = the evaluated policy w
     net_effect(feedback_stats, placebo_stats) -> {"diff", "se"}
         diff = win_rate(feedback) - win_rate(placebo), se = sqrt(se_f^2 + se_p^2) (analytic SEs,
         independent samples); both None when either win rate is None.
-    plot_win_rates(history_records, path) -> path
+    plot_win_rates(history_records, path, boundaries=()) -> path
         win rate vs interaction step, one line per style (and one line style per `arm` when the
-        records carry it), a +-SE band, and the 50% reference line; written atomically.
+        records carry it), a +-SE band, the 50% reference line and a dashed vertical line at each
+        phase boundary of a style schedule; written atomically.
 """
 from __future__ import annotations
 
@@ -194,8 +195,10 @@ def net_effect(feedback_stats: dict, placebo_stats: dict) -> dict:
 _ARM_LINESTYLES = {"feedback": "-", "placebo": "--"}
 
 
-def plot_win_rates(history_records: Sequence[dict], path: str | os.PathLike, title: str | None = None) -> str:
-    """history_records: dicts with `step`, `style`, `win_rate` (None allowed: a gap), `se`, optional `arm`.
+def plot_win_rates(history_records: Sequence[dict], path: str | os.PathLike, title: str | None = None,
+                   boundaries: Sequence[int] = ()) -> str:
+    """history_records: dicts with `step`, `style`, `win_rate` (None allowed: a gap), `se`, optional `arm`;
+    `boundaries`: steps after which the user's style changed (a style schedule), drawn as vertical lines.
     Matplotlib's Agg renderer is used, so no display is needed."""
     # A bare Figure renders with Agg and leaves pyplot's global state (and backend) alone.
     import matplotlib
@@ -213,6 +216,9 @@ def plot_win_rates(history_records: Sequence[dict], path: str | os.PathLike, tit
     fig = Figure(figsize=(7, 4.2))
     ax = fig.subplots()
     ax.axhline(50.0, color="grey", linewidth=1, linestyle=":", label="50% (no change)")
+    for index, step in enumerate(boundaries):
+        ax.axvline(step, color="black", linewidth=1, linestyle="--", alpha=0.6,
+                   label="phase boundary" if index == 0 else None)
     for (style, arm), records in sorted(series.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         records = sorted(records, key=lambda r: r["step"])
         steps = np.array([r["step"] for r in records], dtype=float)

@@ -1,12 +1,14 @@
 """What an online run reports at the end: summary.json and the printed summary.
 
-    summary = build_summary(history, styles, last_step, baseline, texts, head_to_head, out)
+    summary = build_summary(history, styles, last_step, baseline, texts, head_to_head, out,
+                            style_texts=None, phase_ends=None)   # a schedule: the forgetting table's rows
     print(summary_text(summary, history, arms, styles, baseline, texts, eval_prompts, out))
 
 `history` is eval_history.json (one record per eval step, style and arm), `texts` the final eval
 replies of each arm, `head_to_head` the judged feedback-vs-placebo win rates per style (the run
-judges; this module only counts and formats). Also here: the win-rate table (summary_table) and
-the paired rule-score difference of the two arms (paired_score_difference).
+judges; this module only counts and formats). Also here: the win-rate table (summary_table), the
+paired rule-score difference of the two arms (paired_score_difference) and, for a style schedule,
+the forgetting table (rows: the start and the end of each phase, columns: styles; forgetting_table).
 """
 from __future__ import annotations
 
@@ -16,6 +18,12 @@ from pathlib import Path
 from auxiliary.evals.evaluation_helpers import net_effect, prompt_as_text
 
 FINAL_FIELDS = ("win_rate", "se", "wins", "losses", "ties", "mean_words")
+CELL_FIELDS = ("win_rate", "se", "wins", "losses", "ties", "n")
+
+
+def initial_baseline(history: list[dict]) -> list[dict]:
+    """The records against the run's baseline (the initial policy or --baseline_model), not a phase snapshot."""
+    return [r for r in history if r.get("baseline", "initial") == "initial"]
 
 
 def words(text: str) -> int:
@@ -60,6 +68,7 @@ def paired_score_difference(style: str, texts_a: list[str], texts_b: list[str]) 
 def summary_table(history: list[dict], arms: list[str], styles: list[str]) -> str:
     """Win rate per eval step, style and arm, plus the net effect when a placebo arm ran."""
     header = ["step", "style"] + arms + (["net (feedback - placebo)"] if "placebo" in arms else [])
+    history = initial_baseline(history)
     rows = []
     for step in sorted({r["step"] for r in history}):
         for style in styles:
@@ -71,33 +80,88 @@ def summary_table(history: list[dict], arms: list[str], styles: list[str]) -> st
                 net = net_effect(by_arm["feedback"], by_arm["placebo"])
                 row.append("-" if net["diff"] is None else f"{net['diff']:+.1f} +- {net['se']:.1f}")
             rows.append(row)
+    title = "win rate of the policy vs the baseline (%, ties excluded, +- analytic SE, decisive pairs / n)"
+    return render_table(title, header, rows)
+
+
+def render_table(title: str, header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(line[i]) for line in [header] + rows) for i in range(len(header))]
     render = lambda cells: "  ".join(c.ljust(w) for c, w in zip(cells, widths)).rstrip()  # noqa: E731
-    title = "win rate of the policy vs the baseline (%, ties excluded, +- analytic SE, decisive pairs / n)"
     return "\n".join([title, render(header), render(["-" * w for w in widths])] + [render(r) for r in rows])
 
 
+def forgetting_table(history: list[dict], styles: list[str], phase_ends: list[dict]) -> list[dict]:
+    """Per row of `phase_ends` (label, step, phase, style): each arm's win rate vs the baseline on every style."""
+    rows = []
+    for end in phase_ends:
+        cells: dict = {}
+        for record in initial_baseline(history):
+            if record["step"] == end["step"] and record["style"] in styles:
+                cells.setdefault(record["arm"], {})[record["style"]] = {k: record[k] for k in CELL_FIELDS}
+        rows.append({**end, "win_rates": cells})
+    return rows
+
+
+def forgetting_text(forgetting: list[dict], arms: list[str], styles: list[str]) -> str:
+    """One table per arm: rows the start and the end of each phase, columns the styles."""
+    parts = []
+    for arm in arms:
+        rows = [[row["label"], str(row["step"])] + [fmt_cell(row["win_rates"].get(arm, {}).get(style))
+                                                    for style in styles] for row in forgetting]
+        parts.append(render_table(f"forgetting table, {arm} arm: win rate vs the baseline (%, +- SE) at the end of "
+                                  "each phase", ["row", "step"] + styles, rows))
+    return "\n\n".join(parts)
+
+
+def fmt_cell(record: dict | None) -> str:
+    if record is None:
+        return ""
+    return "-" if record["win_rate"] is None else f"{record['win_rate']:.1f} +- {record['se']:.1f}"
+
+
+def snapshot_records(history: list[dict]) -> list[dict]:
+    """--phase_baseline snapshot: the end of each phase, its style against the policy at the phase's start."""
+    ends: dict = {}
+    for record in history:
+        if record.get("baseline") == "snapshot":
+            key = (record["phase"], record["arm"])
+            if key not in ends or record["step"] > ends[key]["step"]:
+                ends[key] = record
+    return [{k: r[k] for k in ("phase", "style", "arm", "step", "snapshot_step") + CELL_FIELDS}
+            for _, r in sorted(ends.items())]
+
+
 def build_summary(history: list[dict], styles: list[str], last_step: int | None, baseline: list[str],
-                  texts: dict[str, list[str]], head_to_head: dict, out: Path) -> dict:
+                  texts: dict[str, list[str]], head_to_head: dict, out: Path, style_texts: dict | None = None,
+                  phase_ends: list[dict] | None = None) -> dict:
     """summary.json: the final win rates per style and arm (with the net effect), the head-to-head
-    and the paired rule-score difference of the arms."""
+    and the paired rule-score difference of the arms; `style_texts` (style -> arm -> replies, default:
+    `texts` for every style) when the replies differ per style (per-user adapters); with `phase_ends`
+    the forgetting table and, when the history has them, the win rates against each phase's snapshot."""
     final = {}
+    history_initial = initial_baseline(history)
     for style in styles:
-        by_arm = {r["arm"]: r for r in history if r["step"] == last_step and r["style"] == style}
+        by_arm = {r["arm"]: r for r in history_initial if r["step"] == last_step and r["style"] == style}
         entry = {arm: {k: by_arm[arm][k] for k in FINAL_FIELDS} for arm in by_arm}
         if "placebo" in by_arm:
             entry["net_effect"] = net_effect(by_arm["feedback"], by_arm["placebo"])
         final[style] = entry
     paired = {}
-    if texts.get("feedback") and texts.get("placebo"):
-        for style in styles:
-            diff = paired_score_difference(style, texts["feedback"], texts["placebo"])
+    for style in styles:
+        by_arm = (style_texts or {}).get(style, texts)
+        if by_arm.get("feedback") and by_arm.get("placebo"):
+            diff = paired_score_difference(style, by_arm["feedback"], by_arm["placebo"])
             if diff is not None:
                 paired[style] = {**diff, "baseline_score": mean_style_score(style, baseline)}
-    return {"final_step": last_step, "baseline_mean_words": mean_words(baseline) if baseline else None,
-            "final": final, "head_to_head_feedback_vs_placebo": head_to_head,
-            "paired_style_score_feedback_minus_placebo": paired,
-            "output_dir": str(out), "winrate_png": str(out / "winrate.png")}
+    summary = {"final_step": last_step, "baseline_mean_words": mean_words(baseline) if baseline else None,
+               "final": final, "head_to_head_feedback_vs_placebo": head_to_head,
+               "paired_style_score_feedback_minus_placebo": paired,
+               "output_dir": str(out), "winrate_png": str(out / "winrate.png")}
+    if phase_ends:
+        summary["forgetting"] = forgetting_table(history, styles, phase_ends)
+    if any(r.get("baseline") == "snapshot" for r in history):
+        summary["vs_phase_snapshot"] = snapshot_records(history)
+    return summary
 
 
 def summary_text(summary: dict, history: list[dict], arms: list[str], styles: list[str], baseline: list[str],
@@ -105,6 +169,11 @@ def summary_text(summary: dict, history: list[dict], arms: list[str], styles: li
     """The printed summary: table, net effects, head-to-head, paired scores, lengths, one example."""
     last_step, baseline_words = summary["final_step"], summary["baseline_mean_words"]
     lines = [summary_table(history, arms, styles), ""]
+    if summary.get("forgetting"):
+        lines += [forgetting_text(summary["forgetting"], arms, styles), ""]
+    for record in summary.get("vs_phase_snapshot", []):
+        lines.append(f"phase {record['phase']} ({record['style']}, {record['arm']}) at step {record['step']} vs the "
+                     f"policy at step {record['snapshot_step']}: {fmt_rate(record)}")
     for style, entry in summary["final"].items():
         if "net_effect" in entry:
             net = entry["net_effect"]
