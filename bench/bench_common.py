@@ -81,6 +81,44 @@ def checkpointed_loss(model, batch_x, batch_xo, opts) -> torch.Tensor:
 LOSS_FUNCTIONS = {"ours": ours_loss, "checkpointed": checkpointed_loss, "straightforward": straightforward_loss}
 
 
+def floor_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: ObjectiveOptions) -> torch.Tensor:
+    """The floor: the work any exact update must do, and nothing else; its "loss" is a surrogate.
+
+    The backbone (decoder without the head) forward with gradient over x+y, a no-grad forward
+    over xo+y (eval mode), and the 4 LM-head products per response row that an exact method needs:
+    student logits h W^T, teacher logits h_o W^T, and the two backward products G W and G^T h,
+    in chunks of `opts.logits_chunk_size` rows. G stands in for dL/dlogits (the teacher logits
+    are reused: no softmax, top-k or loss is formed). The returned scalar,
+    sum(hidden * G W) + sum(W * G^T h), has exactly those gradients, so its backward is the
+    backbone's backward plus two elementwise products.
+    """
+    decoder, weight = model.get_decoder(), model.get_output_embeddings().weight
+    width_c, width_r = batch_x.context_width, batch_x.response_ids.shape[1]
+
+    def response_hidden(batch):
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        return hidden[:, width_c - 1: width_c + width_r - 1][batch.response_mask]
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        hidden_t = response_hidden(batch_xo)
+    model.train(was_training)
+    hidden_s = response_hidden(batch_x)
+    grad_hidden = torch.empty_like(hidden_s)
+    grad_weight = torch.zeros_like(weight)
+    size = max(1, opts.logits_chunk_size)
+    with torch.no_grad():
+        for start in range(0, hidden_s.shape[0], size):
+            rows = hidden_s[start:start + size].detach()
+            rows @ weight.t()  # the student's logits: computed by every method, unused here
+            stand_in = hidden_t[start:start + size] @ weight.t()
+            torch.mm(stand_in, weight, out=grad_hidden[start:start + size])
+            grad_weight.addmm_(stand_in.t(), rows)
+    return (hidden_s * grad_hidden).sum() + (weight * grad_weight).sum()
+
+
 # --------------------------------------------------------------------------- models and batches
 
 def qwen3_model(vocab_size: int, hidden_size: int, num_layers: int, intermediate_size: int | None = None,
