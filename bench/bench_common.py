@@ -93,11 +93,11 @@ def floor_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Objec
     backbone's backward plus two elementwise products.
     """
     decoder, weight = model.get_decoder(), model.get_output_embeddings().weight
-    width_c, width_r = batch_x.context_width, batch_x.response_ids.shape[1]
 
     def response_hidden(batch):
         hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
                          position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        width_c, width_r = batch.context_width, batch.response_ids.shape[1]
         return hidden[:, width_c - 1: width_c + width_r - 1][batch.response_mask]
 
     was_training = model.training

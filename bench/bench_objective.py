@@ -107,9 +107,11 @@ def parse_args(argv=None):
 PEERS = ("trl", "paper")  # the update as others compute it (bench/peers.py)
 FLOOR = "floor"  # the backbone and the LM-head products alone (bench_common.floor_loss)
 # Every path's loss against the yardstick's, on the benchmark's own model and batch: |a - b| <= rtol |b| + atol.
-# atol: TRL forms the tail bucket as log(1 - P_topk) in float32; at the near-zero KL of random weights
-# (~4e-5 per token) that differs from our log-sum-exp tail by ~1e-8, i.e. 2e-4 relative.
-LOSS_RTOL, LOSS_ATOL = 1e-4, 1e-7
+# Random weights give a teacher and student that nearly agree: at V=151,936, A_t = log p_xo - log p_x
+# is ~3e-3 while each log-prob is ~-12 and rounds by ~1e-6 in float32, so two exact methods that
+# compute the head over other shapes (TRL keeps |y| + 1 logits) differ by ~3e-4 relative; a wrong
+# reduction, shift or sign differs by O(1). atol: TRL forms the tail bucket as log(1 - P_topk).
+LOSS_RTOL, LOSS_ATOL = 1e-3, 1e-7
 
 
 def bench_paths(args) -> tuple[str, ...]:
@@ -151,14 +153,17 @@ def check_case_losses(losses: dict, label: str) -> None:
             raise AssertionError(f"{label}: loss {value} ({path}) vs {reference} (straightforward)")
 
 
-def run_case(case, args, dtype, progress, paths=PATHS) -> list[dict]:
-    """All modes and paths for one grid point; one row per (mode, path)."""
+def run_case(case, args, dtype, progress, paths=PATHS, loss_functions=None) -> list[dict]:
+    """All modes and paths for one grid point; one row per (mode, path).
+
+    loss_functions: path -> loss_fn for paths of the caller's own (default: case_loss_functions).
+    """
     batch_size, context, response, vocab, repeats = case
     repeats = args.repeats or repeats
     device = args.device
     model = qwen3_model(vocab, args.hidden_size, args.layers, seed=0, device=device, dtype=dtype)
     batch_x, batch_xo = random_batches(batch_size, context, response, vocab, seed=1, device=device)
-    loss_functions = case_loss_functions(paths, vocab, batch_x, batch_xo)
+    loss_functions = loss_functions or case_loss_functions(paths, vocab, batch_x, batch_xo)
     rows = []
     for mode in LOSS_MODES:
         opts = ObjectiveOptions(loss_mode=mode, logits_chunk_size=args.chunk_size)

@@ -116,3 +116,33 @@ def paper_loss(model, tokenizer, texts: TextBatch, opts: ObjectiveOptions, devic
     batch_x = build_scoring_batch(texts.contexts_x, replies, texts.pad_token_id, device=device)
     batch_xo = build_scoring_batch(texts.contexts_xo, replies, texts.pad_token_id, device=device)
     return straightforward_loss(model, batch_x, batch_xo, opts)
+
+
+# --------------------------------------------------------------------------- equal losses
+
+def check_peers(device="cpu", vocab_size: int = 512, rtol: float = 1e-4) -> dict:
+    """TRL's and the paper's loss must equal the yardstick's (fp32, small model, equal lengths); raises if not.
+
+    Equal lengths: TRL's trainer passes no position ids, so left padding would shift its positions.
+    Returns {mode: {path: loss}}.
+    """
+    from bench_common import qwen3_model, random_batches
+
+    model = qwen3_model(vocab_size, hidden_size=64, num_layers=2, seed=1, device=device, dtype=torch.float32)
+    with torch.no_grad():  # spread the logits, as bench_common.check_equivalence does
+        model.lm_head.weight.normal_(0.0, 0.5, generator=torch.Generator(device=device).manual_seed(2))
+    batch_x, batch_xo = random_batches(2, 20, 32, vocab_size, hindsight_tokens=9, seed=3, device=device)
+    tokenizer = word_tokenizer(vocab_size)
+    texts = text_batch(tokenizer, batch_x, batch_xo)
+    report = {}
+    for mode in ("simple_signal", "full_distillation"):
+        opts = ObjectiveOptions(loss_mode=mode)
+        losses = {"straightforward": float(straightforward_loss(model, batch_x, batch_xo, opts).detach()),
+                  "paper": float(paper_loss(model, tokenizer, texts, opts, device=device).detach())}
+        if trl_available():
+            losses["trl"] = float(trl_loss(model, batch_x, batch_xo, opts).detach())
+        reference = losses["straightforward"]
+        for path, value in losses.items():
+            assert abs(value - reference) <= rtol * abs(reference), f"{mode}: loss {value} ({path}) vs {reference}"
+        report[mode] = losses
+    return report
