@@ -233,3 +233,29 @@ def test_floor_has_the_gradients_of_the_head_products():
     expected = (rows_t @ weight.t()).t() @ rows_s
     torch.testing.assert_close(model.lm_head.weight.grad, expected, rtol=1e-4, atol=1e-5)
     assert model.model.layers[0].mlp.up_proj.weight.grad.abs().sum() > 0  # the backbone's backward ran
+
+
+def test_chunk_size_sweep_tiny_prints_ratios_against_the_default(capsys):
+    import bench_chunk_size
+
+    assert bench_chunk_size.main(["--tiny", "--repeats", "1", "--sizes", "16,64"]) == 0
+    stdout = capsys.readouterr().out
+    default = ObjectiveOptions.logits_chunk_size
+    ratios = bench_common.parse_ratio_lines(stdout)
+    assert set(ratios) == {f"{metric}_chunk{size}_vs_chunk{default}_{mode}" for metric in ("update_time", "peak_memory")
+                           for size in (16, 64) for mode in ("simple_signal", "full_distillation")}
+    assert all(math.isfinite(v) and v > 0 for v in ratios.values())
+    assert "fastest chunk size (full_distillation): " in stdout
+    with pytest.raises(SystemExit):
+        bench_chunk_size.parse_args(["--sizes", "0,32"])
+
+
+def test_breakdown_sorts_operators_by_the_tensors_they_touch():
+    from bench_breakdown import kind_of
+
+    vocab = 1000
+    assert kind_of("aten::mm", [[32, 64], [64, vocab]], vocab) == "head_products"
+    assert kind_of("aten::addmm_", [[vocab, 64], [vocab, 32], [32, 64]], vocab) == "head_products"  # G^T h
+    assert kind_of("aten::_log_softmax", [[32, vocab], []], vocab) == "vocabulary_passes"
+    assert kind_of("aten::embedding", [[vocab, 64], [1, 40]], vocab) == "backbone_and_rest"  # a [V, H] weight
+    assert kind_of("aten::mm", [[40, 64], [64, 192]], vocab) == "backbone_and_rest"
