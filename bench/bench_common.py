@@ -146,6 +146,18 @@ def qwen3_model(vocab_size: int, hidden_size: int, num_layers: int, intermediate
     return model.to(device=device, dtype=dtype).train()
 
 
+def spread_logits(model, std: float = 0.5, seed: int = 2):
+    """Redraw the LM head with a large spread: peaked next-token distributions, as a trained model has.
+
+    At the default initialisation (std 0.02) every distribution is nearly uniform, so student and
+    teacher agree to ~1e-7 in KL and top-k membership is decided by rounding: no test of a loss.
+    """
+    weight = model.get_output_embeddings().weight
+    with torch.no_grad():
+        weight.normal_(0.0, std, generator=torch.Generator(device=weight.device).manual_seed(seed))
+    return model
+
+
 def random_batches(batch_size: int, context_length: int, response_length: int, vocab_size: int,
                    hindsight_tokens: int = 64, ragged: bool = False, seed: int = 0, device="cpu"):
     """(batch_x, batch_xo) of random token ids; xo = x plus `hindsight_tokens` of follow-up block.
@@ -177,9 +189,8 @@ def check_equivalence(device="cpu", vocab_size: int = 512, rtol: float = 1e-4) -
     Returns {mode: (loss_ours, loss_straightforward, max relative gradient difference)}; raises
     AssertionError when they disagree, so no timing is ever reported for paths that differ.
     """
-    model = qwen3_model(vocab_size, hidden_size=64, num_layers=2, seed=1, device=device, dtype=torch.float32)
-    with torch.no_grad():  # spread the logits so that top-k membership is not decided by rounding
-        model.lm_head.weight.normal_(0.0, 0.5, generator=torch.Generator(device=device).manual_seed(2))
+    model = spread_logits(qwen3_model(vocab_size, hidden_size=64, num_layers=2, seed=1, device=device,
+                                      dtype=torch.float32))
     batch_x, batch_xo = random_batches(3, 24, 40, vocab_size, hindsight_tokens=9, ragged=True, seed=3, device=device)
     report = {}
     for mode in LOSS_MODES:

@@ -8,7 +8,17 @@ One update = score y under x with gradient and under xo without (teacher), loss,
                    (6 head products per row); the path before the fused head, kept as a yardstick.
   straightforward  bench_common.straightforward_loss: two full forwards with logits over all
                    positions and a full-vocabulary float32 log-softmax (the yardstick).
-Before anything is timed, both paths must agree on loss and gradients (bench_common.check_equivalence).
+  trl              bench/peers.py: TRL's SDPO trainer (two full forwards keeping |y| + 1 logits,
+                   then TRL's own trl.experimental.sdpo loss functions; sampled-token mode for
+                   simple_signal); present when trl.experimental.sdpo imports.
+  paper            bench/peers.py: the paper repository's updater (replies re-tokenised from
+                   text, full logits, full-vocabulary log-softmax of student and teacher, no chunking).
+  floor            bench_common.floor_loss: the backbone (forward + backward over x+y, no-grad
+                   forward over xo+y) and the 4 LM-head products per response row, nothing else.
+Before anything is timed, ours and checkpointed must agree with the yardstick on loss and gradients
+(bench_common.check_equivalence, small fp32 model), and on every case every path but the floor must
+give the yardstick's loss on that case's own model and batch (check_case_losses). `--no-peers`
+runs ours, checkpointed and the yardstick only.
 
 Grid: batch size x context length x response length x vocabulary (the Qwen3 vocabulary,
 151,936, with responses up to 2,048 tokens) on a Qwen3 of small hidden size (64, 2 layers),
@@ -32,10 +42,12 @@ headline case (vocabulary 151,936, response length 1,024):
   ratio peak_memory_<mode>, ratio update_time_<mode>, ratio update_cpu_time_<mode>
   for mode simple_signal and full_distillation, then the same six with suffix _r2048 for
   the longest response (full grid only), then ratio update_time_<mode>_fused_vs_checkpointed
-  (ours / checkpointed, headline case).
+  (ours / checkpointed, headline case), then ours against the peers and the floor (headline case):
+  ratio {update_time,update_cpu_time,peak_memory,peak_rss}_vs_{trl,paper}_<mode>,
+  ratio {update_time,update_cpu_time}_vs_floor_<mode>.
 --out FILE writes every number as JSON.
 
-    python bench/bench_objective.py [--quick | --tiny] [--device cpu|cuda] [--out results.json]
+    python bench/bench_objective.py [--quick | --tiny] [--chunk_size N] [--no-peers] [--device cpu|cuda] [--out results.json]
 """
 from __future__ import annotations
 
@@ -48,7 +60,7 @@ import time
 import torch
 from bench_common import (
     LOSS_FUNCTIONS, LOSS_MODES, PATHS, QWEN3_VOCAB, PeakMemory, RssPeak, check_equivalence, environment_lines,
-    floor_loss, format_table, median, qwen3_model, random_batches, synchronize,
+    floor_loss, format_table, median, qwen3_model, random_batches, spread_logits, synchronize,
 )
 from peers import paper_loss, text_batch, trl_available, trl_loss, word_tokenizer
 from tqdm import tqdm
@@ -161,7 +173,8 @@ def run_case(case, args, dtype, progress, paths=PATHS, loss_functions=None) -> l
     batch_size, context, response, vocab, repeats = case
     repeats = args.repeats or repeats
     device = args.device
-    model = qwen3_model(vocab, args.hidden_size, args.layers, seed=0, device=device, dtype=dtype)
+    # spread logits: the equal-loss check below compares real KLs and signals, not rounding noise
+    model = spread_logits(qwen3_model(vocab, args.hidden_size, args.layers, seed=0, device=device, dtype=dtype))
     batch_x, batch_xo = random_batches(batch_size, context, response, vocab, seed=1, device=device)
     loss_functions = loss_functions or case_loss_functions(paths, vocab, batch_x, batch_xo)
     rows = []
@@ -295,14 +308,15 @@ def headline_lines(per_case: dict, grid) -> list[str]:
         lines.append(f"ratio update_time_{mode}_fused_vs_checkpointed {value:.4f}")
     ours = {mode: per_case[tuple(headline[:4]) + (mode, "ours")] for mode in LOSS_MODES}
     for peer in ("trl", "paper"):
-        for metric in ("update_time", "peak_memory", "peak_rss"):
+        for metric in ("update_time", "update_cpu_time", "peak_memory", "peak_rss"):
             for mode in LOSS_MODES:
                 name = f"{metric}_vs_{peer}"
                 if name in ours[mode]:
                     lines.append(f"ratio {name}_{mode} {ours[mode][name]:.4f}")
-    for mode in LOSS_MODES:
-        if "update_time_vs_floor" in ours[mode]:
-            lines.append(f"ratio update_time_vs_floor_{mode} {ours[mode]['update_time_vs_floor']:.4f}")
+    for metric in ("update_time", "update_cpu_time"):
+        for mode in LOSS_MODES:
+            if f"{metric}_vs_floor" in ours[mode]:
+                lines.append(f"ratio {metric}_vs_floor_{mode} {ours[mode][f'{metric}_vs_floor']:.4f}")
     return lines
 
 
@@ -345,7 +359,7 @@ def main(argv=None) -> int:
         key = (row["batch"], row["context"], row["response"], row["vocab"], row["mode"], row["path"])
         is_ours = row["path"] != "straightforward"
         table.append([row["batch"], row["context"], row["response"], row["vocab"], row["mode"], row["path"],
-                      "-" if row["loss"] is None or row["path"] == FLOOR else f"{row['loss']:.6f}",
+                      "-" if row["loss"] is None or row["path"] == FLOOR else f"{row['loss']:.6g}",
                       row["error"] or f"{row['time_s']:.3f}", f"{row['cpu_time_s']:.3f}", mib(row["peak_bytes"]),
                       mib(row["rss_peak_bytes"]),
                       f"{per_case[key]['update_time']:.2f}" if is_ours else "",

@@ -126,11 +126,10 @@ def check_peers(device="cpu", vocab_size: int = 512, rtol: float = 1e-4) -> dict
     Equal lengths: TRL's trainer passes no position ids, so left padding would shift its positions.
     Returns {mode: {path: loss}}.
     """
-    from bench_common import qwen3_model, random_batches
+    from bench_common import qwen3_model, random_batches, spread_logits
 
-    model = qwen3_model(vocab_size, hidden_size=64, num_layers=2, seed=1, device=device, dtype=torch.float32)
-    with torch.no_grad():  # spread the logits, as bench_common.check_equivalence does
-        model.lm_head.weight.normal_(0.0, 0.5, generator=torch.Generator(device=device).manual_seed(2))
+    model = spread_logits(qwen3_model(vocab_size, hidden_size=64, num_layers=2, seed=1, device=device,
+                                      dtype=torch.float32))
     batch_x, batch_xo = random_batches(2, 20, 32, vocab_size, hindsight_tokens=9, seed=3, device=device)
     tokenizer = word_tokenizer(vocab_size)
     texts = text_batch(tokenizer, batch_x, batch_xo)
