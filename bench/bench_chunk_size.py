@@ -23,7 +23,7 @@ import time
 
 import torch
 from bench_common import LOSS_MODES, QWEN3_VOCAB, environment_lines, format_table, ours_loss
-from bench_objective import _paired_ratio, _safe_ratio, mib, run_case
+from bench_objective import mib, paired_ratio, run_case, safe_ratio
 from tqdm import tqdm
 
 from sdpo_objective import ObjectiveOptions
@@ -89,8 +89,8 @@ def main(argv=None) -> int:
         base = by_path[chunk_path(baseline)]
         for size in sizes:
             row = by_path[chunk_path(size)]
-            time_x = _paired_ratio(row["times_s"], base["times_s"])
-            memory_x = _safe_ratio(row["peak_bytes"], base["peak_bytes"])
+            time_x = paired_ratio(row["times_s"], base["times_s"])
+            memory_x = safe_ratio(row["peak_bytes"], base["peak_bytes"])
             table.append([mode, size, f"{row['time_s']:.3f}", f"{row['cpu_time_s']:.3f}", mib(row["peak_bytes"]),
                           mib(row["rss_peak_bytes"]), f"{time_x:.2f}", f"{memory_x:.3f}"])
             if size != baseline:

@@ -271,19 +271,19 @@ def ratios(rows) -> dict[tuple, dict[str, float]]:
 
 def _versus(row, other) -> dict[str, float]:
     return {
-        "update_time": _paired_ratio(row["times_s"], other["times_s"]),
-        "update_cpu_time": _paired_ratio(row["cpu_times_s"], other["cpu_times_s"]),
-        "peak_memory": _safe_ratio(row["peak_bytes"], other["peak_bytes"]),
-        "peak_rss": _safe_ratio(row["rss_peak_bytes"], other["rss_peak_bytes"]),
+        "update_time": paired_ratio(row["times_s"], other["times_s"]),
+        "update_cpu_time": paired_ratio(row["cpu_times_s"], other["cpu_times_s"]),
+        "peak_memory": safe_ratio(row["peak_bytes"], other["peak_bytes"]),
+        "peak_rss": safe_ratio(row["rss_peak_bytes"], other["rss_peak_bytes"]),
     }
 
 
-def _paired_ratio(ours: list[float], straight: list[float]) -> float:
+def paired_ratio(ours: list[float], straight: list[float]) -> float:
     pairs = [a / b for a, b in zip(ours, straight) if b > 0]
     return median(pairs) if pairs and len(ours) == len(straight) else float("nan")
 
 
-def _safe_ratio(numerator, denominator) -> float:
+def safe_ratio(numerator, denominator) -> float:
     if numerator is None or denominator is None or not denominator or math.isnan(numerator) or math.isnan(denominator):
         return float("nan")
     return numerator / denominator

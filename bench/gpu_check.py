@@ -96,13 +96,13 @@ def with_lora(model, rank: int):
                                             target_modules="all-linear", task_type="CAUSAL_LM"))
 
 
-def run_path(model, path, mode, batch_x, batch_xo, args, result_updates: int) -> dict:
+def run_path(model, path, mode, batch_x, batch_xo, args, setup_updates: int) -> dict:
     """`warmup` + `updates` online updates of one path; returns times and memory, or the OOM error."""
     device = args.device
     opts = ObjectiveOptions(loss_mode=mode, logits_chunk_size=args.chunk_size)
     loss_fn = trl_loss if path == "trl" else LOSS_FUNCTIONS[path]
     params = [p for p in model.parameters() if p.requires_grad]
-    # fused AdamW on CUDA: one kernel over all tensors, no foreach temporaries (8B: 16 GB of them)
+    # fused AdamW on CUDA: one kernel over all tensors, without the foreach path's parameter-sized temporaries
     optimizer = torch.optim.AdamW(params, lr=5e-6, weight_decay=0.0, fused=torch.device(device).type == "cuda")
 
     def update():
@@ -115,7 +115,7 @@ def run_path(model, path, mode, batch_x, batch_xo, args, result_updates: int) ->
         return loss
 
     result = {"times": [], "error": None}
-    updates = args.updates or result_updates
+    updates = args.updates or setup_updates  # --updates overrides the setup's own count
     try:
         for _ in range(args.warmup):  # also creates the AdamW state, so it is not counted as update memory
             update()
@@ -194,7 +194,6 @@ def main(argv=None) -> int:
     for mode, losses in check_peers(args.device).items():
         print(f"equivalence {mode} (fp32, small model): " + ", ".join(f"{p} {v:.6f}" for p, v in losses.items()),
               flush=True)
-    torch.backends.cuda.matmul.allow_tf32 = True  # bf16 runs: as training would
 
     started = time.time()
     rows, ratio_lines, records = [], [], []

@@ -64,7 +64,7 @@ def trl_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Objecti
     reply_width = batch_x.response_ids.shape[1]
     student_logits = _trl_forward_logits(model, batch_x.input_ids, batch_x.attention_mask, reply_width)
     was_training = model.training
-    model.eval()  # our teacher runs in eval mode; TRL's teacher context does the same for dropout
+    model.eval()  # as sdpo_objective scores its teacher (no dropout; the benchmark models have none anyway)
     with torch.no_grad():
         teacher_logits = _trl_forward_logits(model, batch_xo.input_ids, batch_xo.attention_mask, reply_width)
     model.train(was_training)

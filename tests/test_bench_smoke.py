@@ -211,9 +211,10 @@ def test_paper_path_scores_the_retokenised_text():
         expected = float(bench_common.straightforward_loss(model, batch_x, batch_xo, opts).detach())
         assert float(paper_loss(model, tokenizer, texts, opts).detach()) == pytest.approx(expected, rel=1e-6)
     texts.replies[0] = texts.replies[0].replace(f"w{first_reply[0]} ", f"w{(first_reply[0] + 1) % vocab} ", 1)
-    changed = float(paper_loss(model, tokenizer, texts, ObjectiveOptions(loss_mode="simple_signal")))
-    assert changed != pytest.approx(float(bench_common.straightforward_loss(
-        model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))), rel=1e-6)
+    simple = ObjectiveOptions(loss_mode="simple_signal")
+    changed = float(paper_loss(model, tokenizer, texts, simple).detach())
+    assert changed != pytest.approx(float(bench_common.straightforward_loss(model, batch_x, batch_xo, simple).detach()),
+                                    rel=1e-6)
 
 
 def test_floor_has_the_gradients_of_the_head_products():
