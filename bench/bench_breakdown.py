@@ -11,7 +11,7 @@ The profiler adds overhead per operator, so the shares, not the seconds, are the
 bench_objective's timings are the unprofiled ones. Prints a table and, last, one line per path:
     share <path> head_products=X vocabulary_passes=Y backbone_and_rest=Z
 
-    python bench/bench_breakdown.py [--tiny] [--chunk-size N] [--top 8]
+    python bench/bench_breakdown.py [--tiny] [--chunk-size N] [--hidden-size 64] [--top 8]
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def parse_args(argv=None):
     parser.add_argument("--tiny", action="store_true", help="tiny vocabulary and lengths (smoke test)")
     parser.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int,
                         default=ObjectiveOptions.logits_chunk_size)
+    parser.add_argument("--hidden-size", type=int, default=64, help="hidden size of the 2-layer Qwen3")
     parser.add_argument("--top", type=int, default=8, help="vocabulary-pass operators listed per path")
     parser.add_argument("--threads", type=int, default=1)
     return parser.parse_args(argv)
@@ -78,8 +79,8 @@ def main(argv=None) -> int:
     for line in environment_lines("cpu"):
         print(line)
     print(f"case: batch {batch_size}, context {context}, response {response}, vocabulary {vocab}; "
-          f"chunk size {args.chunk_size}")
-    model = qwen3_model(vocab, 64, 2, seed=0)
+          f"chunk size {args.chunk_size}; hidden size {args.hidden_size}")
+    model = qwen3_model(vocab, args.hidden_size, 2, seed=0)
     batch_x, batch_xo = random_batches(batch_size, context, response, vocab, seed=1)
     results = {path: profile_update(model, fn, batch_x, batch_xo,
                                     ObjectiveOptions(loss_mode=mode, logits_chunk_size=args.chunk_size), vocab)
