@@ -81,6 +81,44 @@ def checkpointed_loss(model, batch_x, batch_xo, opts) -> torch.Tensor:
 LOSS_FUNCTIONS = {"ours": ours_loss, "checkpointed": checkpointed_loss, "straightforward": straightforward_loss}
 
 
+def floor_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: ObjectiveOptions) -> torch.Tensor:
+    """The floor: the work any exact update must do, and nothing else; its "loss" is a surrogate.
+
+    The backbone (decoder without the head) forward with gradient over x+y, a no-grad forward
+    over xo+y (eval mode), and the 4 LM-head products per response row that an exact method needs:
+    student logits h W^T, teacher logits h_o W^T, and the two backward products G W and G^T h,
+    in chunks of `opts.logits_chunk_size` rows. G stands in for dL/dlogits (the teacher logits
+    are reused: no softmax, top-k or loss is formed). The returned scalar,
+    sum(hidden * G W) + sum(W * G^T h), has exactly those gradients, so its backward is the
+    backbone's backward plus two elementwise products.
+    """
+    decoder, weight = model.get_decoder(), model.get_output_embeddings().weight
+
+    def response_hidden(batch):
+        hidden = decoder(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                         position_ids=batch.position_ids, use_cache=False).last_hidden_state
+        width_c, width_r = batch.context_width, batch.response_ids.shape[1]
+        return hidden[:, width_c - 1: width_c + width_r - 1][batch.response_mask]
+
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        hidden_t = response_hidden(batch_xo)
+    model.train(was_training)
+    hidden_s = response_hidden(batch_x)
+    grad_hidden = torch.empty_like(hidden_s)
+    grad_weight = torch.zeros_like(weight)
+    size = max(1, opts.logits_chunk_size)
+    with torch.no_grad():
+        for start in range(0, hidden_s.shape[0], size):
+            rows = hidden_s[start:start + size].detach()
+            rows @ weight.t()  # the student's logits: computed by every method, unused here
+            stand_in = hidden_t[start:start + size] @ weight.t()
+            torch.mm(stand_in, weight, out=grad_hidden[start:start + size])
+            grad_weight.addmm_(stand_in.t(), rows)
+    return (hidden_s * grad_hidden).sum() + (weight * grad_weight).sum()
+
+
 # --------------------------------------------------------------------------- models and batches
 
 def qwen3_model(vocab_size: int, hidden_size: int, num_layers: int, intermediate_size: int | None = None,
@@ -106,6 +144,18 @@ def qwen3_model(vocab_size: int, hidden_size: int, num_layers: int, intermediate
     finally:
         torch.set_default_dtype(previous)
     return model.to(device=device, dtype=dtype).train()
+
+
+def spread_logits(model, std: float = 0.5, seed: int = 2):
+    """Redraw the LM head with a large spread: peaked next-token distributions, as a trained model has.
+
+    At the default initialisation (std 0.02) every distribution is nearly uniform, so student and
+    teacher agree to ~1e-7 in KL and top-k membership is decided by rounding: no test of a loss.
+    """
+    weight = model.get_output_embeddings().weight
+    with torch.no_grad():
+        weight.normal_(0.0, std, generator=torch.Generator(device=weight.device).manual_seed(seed))
+    return model
 
 
 def random_batches(batch_size: int, context_length: int, response_length: int, vocab_size: int,
@@ -139,9 +189,8 @@ def check_equivalence(device="cpu", vocab_size: int = 512, rtol: float = 1e-4) -
     Returns {mode: (loss_ours, loss_straightforward, max relative gradient difference)}; raises
     AssertionError when they disagree, so no timing is ever reported for paths that differ.
     """
-    model = qwen3_model(vocab_size, hidden_size=64, num_layers=2, seed=1, device=device, dtype=torch.float32)
-    with torch.no_grad():  # spread the logits so that top-k membership is not decided by rounding
-        model.lm_head.weight.normal_(0.0, 0.5, generator=torch.Generator(device=device).manual_seed(2))
+    model = spread_logits(qwen3_model(vocab_size, hidden_size=64, num_layers=2, seed=1, device=device,
+                                      dtype=torch.float32))
     batch_x, batch_xo = random_batches(3, 24, 40, vocab_size, hindsight_tokens=9, ragged=True, seed=3, device=device)
     report = {}
     for mode in LOSS_MODES:

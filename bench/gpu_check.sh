@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Prepared GPU check (no network needed): Qwen3-0.6B and Qwen3-1.7B shapes, random weights,
-# 20 bf16 online updates per loss mode with our objective and with the straightforward path.
+# Prepared GPU check (no network needed): Qwen3-0.6B, 1.7B (full fine-tuning) and 8B (full
+# fine-tuning and LoRA r 256) shapes, random weights, bf16 online updates per loss mode with our
+# objective (fused and checkpointed head), the straightforward path and TRL's path.
 # Prints the environment, a table (update time, response tokens/s, peak GPU memory) and `ratio` lines.
 #
-#   bash bench/gpu_check.sh                         # CUDA, full check (< 5 minutes on one H100)
-#   bash bench/gpu_check.sh --device cpu --tiny     # CPU smoke run
+#   bash bench/gpu_check.sh                         # CUDA, full check (< 5 minutes on one H100/H200)
+#   bash bench/gpu_check.sh --device cpu --tiny     # CPU smoke run (tiny model, full and LoRA r 8)
 #   bash bench/gpu_check.sh --models qwen3-0.6b --out gpu.json
 # Any flag is passed on to bench/gpu_check.py (see --help there).
 set -euo pipefail
