@@ -81,7 +81,10 @@ class OnlineSDPOUpdater:
 
     # ------------------------------------------------------------------ setup
     def _wrap_lora(self, model):
-        from peft import LoraConfig, get_peft_model
+        from peft import LoraConfig, PeftModel, get_peft_model
+
+        if isinstance(model, PeftModel):  # handed an adapter already (the placebo's copy of the policy): train it
+            return model
 
         targets = self.config.lora_target_modules
         target_modules = targets if targets == "all-linear" else [t.strip() for t in targets.split(",") if t.strip()]

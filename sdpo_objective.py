@@ -665,6 +665,8 @@ class Teacher:
     def _add_ema_adapter(self):
         active = self.student.active_adapter
         config = dataclasses.replace(self.student.peft_config[active], inference_mode=True)
+        if self.EMA_ADAPTER in self.student.peft_config:  # a copy of a model that had one (the placebo arm's)
+            self.student.delete_adapter(self.EMA_ADAPTER)
         self.student.add_adapter(self.EMA_ADAPTER, config)
         self.student.set_adapter(active)  # the trained adapter stays the active, trainable one
         params = dict(self.student.named_parameters())

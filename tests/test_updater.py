@@ -148,3 +148,19 @@ def test_adam_epsilon_reaches_the_optimizers(tiny_model, tiny_tokenizer):
     assert build_training_arguments(offline, "fp32", "adamw_torch").adam_epsilon == 2e-7
     with pytest.raises(ValueError, match="--adam_epsilon must be > 0"):
         OnlineSDPOConfig(adam_epsilon=0.0)
+
+
+@pytest.mark.parametrize("teacher", ["live", "ema"])
+def test_a_copy_of_a_lora_policy_is_trained_as_it_is_not_wrapped_twice(tiny_tokenizer, teacher):
+    """The placebo arm: a deep copy of the first updater's (LoRA-wrapped) model handed to a second updater."""
+    import copy
+
+    first = make_updater(tiny_tokenizer, use_lora=True, lora_r=4, lora_alpha=8, lora_target_modules="q_proj,v_proj",
+                         teacher=teacher)
+    twin = OnlineSDPOUpdater(first.config, model=copy.deepcopy(first.model), tokenizer=tiny_tokenizer)
+    lora_names = lambda m: sorted(n for n, _ in m.named_parameters() if "lora_" in n)  # noqa: E731
+    assert lora_names(twin.model) == lora_names(first.model)
+    assert sorted(twin.trainable_parameters()) == sorted(first.trainable_parameters())
+    reply = first.generate([MESSAGES], seed=1)[0]
+    assert first.train_step(MESSAGES, reply.ids, "Shorter.")["loss"] == twin.train_step(MESSAGES, reply.ids,
+                                                                                          "Shorter.")["loss"]
