@@ -27,7 +27,7 @@ import dataclasses
 import logging
 import math
 from dataclasses import dataclass, field
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -398,6 +398,20 @@ def _target_logprob_chunk(head, hidden_chunk, target_chunk):
     return logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
 
 
+# The default chunk of response positions per device, by measurement (bench/bench_chunk_size.py, 2-core
+# CPU at V 151,936: 64 fastest for simple_signal, 32-256 within noise for full_distillation, memory falling
+# with the chunk); 256 on accelerators until measured there.
+CPU_CHUNK_SIZE = 64
+ACCELERATOR_CHUNK_SIZE = 256
+
+
+def resolve_chunk_size(chunk_size: int | None, device) -> int:
+    """--logits_chunk_size, or the measured default of the device the rows live on."""
+    if chunk_size:
+        return int(chunk_size)
+    return CPU_CHUNK_SIZE if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_SIZE
+
+
 def token_logprobs(head: "_HeadLogits", hidden_rows: torch.Tensor, targets: torch.Tensor,
                    chunk_size: int) -> torch.Tensor:
     """log p(target) for each row, chunked; checkpointed when gradients flow."""
@@ -411,10 +425,10 @@ def token_logprobs(head: "_HeadLogits", hidden_rows: torch.Tensor, targets: torc
     return torch.cat(pieces) if pieces else hidden_rows.new_zeros(0, dtype=torch.float32)
 
 
-def score_tokens(model, batch: ScoringBatch, chunk_size: int = 256) -> tuple[torch.Tensor, torch.Tensor]:
+def score_tokens(model, batch: ScoringBatch, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """(log p(y_t | context), sequence index) over the N real response tokens, row-major."""
     hidden, targets, seq_index = _valid_rows(_response_hidden(model, batch), batch)
-    return token_logprobs(_HeadLogits(model), hidden, targets, chunk_size), seq_index
+    return token_logprobs(_HeadLogits(model), hidden, targets, resolve_chunk_size(chunk_size, hidden.device)), seq_index
 
 
 def split_by_sequence(values: torch.Tensor, batch: ScoringBatch) -> list[torch.Tensor]:
@@ -424,7 +438,7 @@ def split_by_sequence(values: torch.Tensor, batch: ScoringBatch) -> list[torch.T
 
 @torch.no_grad()
 def compute_signal(model, contexts_x, contexts_xo, responses, pad_token_id: int, max_context_length=None,
-                   chunk_size: int = 256, teacher: "Teacher | None" = None) -> list[dict]:
+                   chunk_size: int | None = None, teacher: "Teacher | None" = None) -> list[dict]:
     """Per-token signal for each response (analysis and /why): dicts of signal, logp_x, logp_xo (CPU floats).
     xo is scored by `teacher` (a frozen or EMA Teacher) where given, else by the model itself."""
     was_training = model.training
@@ -469,7 +483,9 @@ class ObjectiveOptions:
     center_signal: bool = field(default=False, metadata={"help": "subtract each reply's mean signal (simple_signal)"})
     negate_signal: bool = field(default=False, metadata={"help": "control experiments only: train on -A (simple_signal)"})
     beta: float = field(default=0.0, metadata={"help": "weight of a KL to a frozen reference model (k3 estimator on y; 0 = off)"})
-    logits_chunk_size: int = field(default=256, metadata={"help": "response positions per chunk of the LM head / log-softmax"})
+    logits_chunk_size: Optional[int] = field(default=None, metadata={
+        "help": f"response positions per chunk of the LM head / log-softmax (default: {CPU_CHUNK_SIZE} on CPU, "
+                f"{ACCELERATOR_CHUNK_SIZE} on GPU, chosen by bench/bench_chunk_size.py)"})
     fused_lm_head: bool = field(default=True, metadata={
         "help": "form the LM head's gradient during the forward (faster; falls back to checkpointed chunks for LoRA/biased/sharded heads)"})
 
@@ -477,7 +493,8 @@ class ObjectiveOptions:
         if self.loss_mode not in LOSS_MODES:
             raise ValueError(f"unknown loss_mode '{self.loss_mode}'; choose one of {', '.join(LOSS_MODES)}")
         for name, value, low in (("distillation_topk", self.distillation_topk, 1),
-                                 ("logits_chunk_size", self.logits_chunk_size, 1), ("ignore_first_k", self.ignore_first_k, 0),
+                                 ("logits_chunk_size", 1 if self.logits_chunk_size is None else self.logits_chunk_size, 1),
+                                 ("ignore_first_k", self.ignore_first_k, 0),
                                  ("signal_clip", self.signal_clip, 0), ("beta", self.beta, 0)):
             if not value >= low or value == float("inf"):  # also catches NaN
                 raise ValueError(f"--{name} must be >= {low}{' and finite' if isinstance(value, float) else ''}, "
@@ -785,7 +802,7 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
         raise ValueError(f"--teacher {opts.teacher} needs a Teacher object (sdpo_objective.Teacher)")
     teacher = teacher or Teacher(model)
     num_seq = batch_x.response_ids.shape[0]
-    chunk = opts.logits_chunk_size
+    chunk = resolve_chunk_size(opts.logits_chunk_size, batch_x.response_ids.device)
     mask = batch_x.response_mask
     positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0).expand_as(mask)[mask]
 

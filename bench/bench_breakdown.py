@@ -21,7 +21,7 @@ import sys
 import torch
 from bench_common import QWEN3_VOCAB, environment_lines, floor_loss, format_table, ours_loss, qwen3_model, random_batches
 
-from sdpo_objective import ObjectiveOptions
+from sdpo_objective import ObjectiveOptions, resolve_chunk_size
 
 MATRIX_PRODUCTS = {"aten::mm", "aten::addmm", "aten::addmm_", "aten::bmm", "aten::matmul", "aten::linear"}
 PATHS = {"ours full_distillation": ("full_distillation", ours_loss), "ours simple_signal": ("simple_signal", ours_loss),
@@ -32,11 +32,13 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--tiny", action="store_true", help="tiny vocabulary and lengths (smoke test)")
     parser.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int,
-                        default=ObjectiveOptions.logits_chunk_size)
+                        default=None, help="default: the objective's CPU default")
     parser.add_argument("--hidden-size", type=int, default=64, help="hidden size of the 2-layer Qwen3")
     parser.add_argument("--top", type=int, default=8, help="vocabulary-pass operators listed per path")
     parser.add_argument("--threads", type=int, default=1)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    args.chunk_size = resolve_chunk_size(args.chunk_size, "cpu")
+    return args
 
 
 def kind_of(name: str, shapes, vocab: int) -> str:

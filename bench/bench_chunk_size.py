@@ -26,7 +26,7 @@ from bench_common import LOSS_MODES, QWEN3_VOCAB, environment_lines, format_tabl
 from bench_objective import mib, paired_ratio, run_case, safe_ratio
 from tqdm import tqdm
 
-from sdpo_objective import ObjectiveOptions
+from sdpo_objective import resolve_chunk_size
 
 HEADLINE_CASE = (1, 512, 1024, QWEN3_VOCAB)
 TINY_CASE = (1, 32, 96, 2_048)
@@ -48,7 +48,7 @@ def parse_args(argv=None):
     if not args.sizes or min(args.sizes) < 1 or args.repeats < 1:
         parser.error("chunk sizes and --repeats must be >= 1")
     # run_case reads these bench_objective options
-    args.hidden_size, args.layers, args.chunk_size = 64, 2, ObjectiveOptions.logits_chunk_size
+    args.hidden_size, args.layers, args.chunk_size = 64, 2, resolve_chunk_size(None, args.device)
     return args
 
 
@@ -67,7 +67,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     dtype = torch.bfloat16 if torch.device(args.device).type == "cuda" else torch.float32
     case = (TINY_CASE if args.tiny else HEADLINE_CASE) + (args.repeats,)
-    baseline = ObjectiveOptions.logits_chunk_size
+    baseline = resolve_chunk_size(None, args.device)  # the objective's default on this device
     sizes = sorted(set(args.sizes) | {baseline})
     paths = tuple(chunk_path(size) for size in sizes)
     for line in environment_lines(args.device):

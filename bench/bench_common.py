@@ -23,7 +23,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from sdpo_objective import (ObjectiveOptions, ScoringBatch, build_scoring_batch, sdpo_loss, simple_signal_loss,
+from sdpo_objective import (ObjectiveOptions, resolve_chunk_size, ScoringBatch, build_scoring_batch, sdpo_loss, simple_signal_loss,
                             topk_divergence)
 
 PATHS = ("ours", "checkpointed", "straightforward")
@@ -108,7 +108,7 @@ def floor_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Objec
     hidden_s = response_hidden(batch_x)
     grad_hidden = torch.empty_like(hidden_s)
     grad_weight = torch.zeros_like(weight)
-    size = max(1, opts.logits_chunk_size)
+    size = resolve_chunk_size(opts.logits_chunk_size, weight.device)
     with torch.no_grad():
         for start in range(0, hidden_s.shape[0], size):
             rows = hidden_s[start:start + size].detach()

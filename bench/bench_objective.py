@@ -66,7 +66,7 @@ from peers import paper_loss, text_batch, trl_available, trl_loss, word_tokenize
 from tqdm import tqdm
 
 from auxiliary.runtime.io_utils import atomic_write_json
-from sdpo_objective import ObjectiveOptions
+from sdpo_objective import ObjectiveOptions, resolve_chunk_size
 
 # (batch, context, response, vocabulary, timed repeats); the case with V=151,936 and R=1,024 is
 # the headline of the ratio lines. Repeats are spent where the goals are measured, so the full
@@ -96,8 +96,8 @@ def parse_args(argv=None):
     parser.add_argument("--repeats", type=int, default=None,
                         help="timed updates per case, mode and path (default: per case, 1-3)")
     parser.add_argument("--chunk-size", "--chunk_size", dest="chunk_size", type=int,
-                        default=ObjectiveOptions.logits_chunk_size,
-                        help="logits_chunk_size of our path (default: the ObjectiveOptions default)")
+                        default=None,
+                        help="logits_chunk_size of our path (default: the objective's default for --device)")
     parser.add_argument("--hidden-size", type=int, default=64)
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--dtype", choices=["float32", "bfloat16"], default=None,
@@ -111,8 +111,9 @@ def parse_args(argv=None):
     args = parser.parse_args(argv)
     if args.repeats is not None and args.repeats < 1:
         parser.error("--repeats must be >= 1")
-    if args.chunk_size < 1:
+    if args.chunk_size is not None and args.chunk_size < 1:
         parser.error("--chunk-size must be >= 1")
+    args.chunk_size = resolve_chunk_size(args.chunk_size, args.device)
     return args
 
 

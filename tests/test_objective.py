@@ -347,3 +347,14 @@ def test_topk_divergence_loss_and_gradient_against_float64_over_tail_masses():
     torch.testing.assert_close(kl.double(), expected.detach(), rtol=2e-5, atol=1e-6)
     scale = expected_grad.abs().amax(dim=-1, keepdim=True)
     torch.testing.assert_close(student.grad.double() / scale, expected_grad / scale, rtol=0, atol=2e-5)
+
+
+def test_the_chunk_size_default_is_per_device_and_a_flag_overrides_it():
+    from sdpo_objective import ACCELERATOR_CHUNK_SIZE, CPU_CHUNK_SIZE, resolve_chunk_size
+
+    assert (CPU_CHUNK_SIZE, ACCELERATOR_CHUNK_SIZE) == (64, 256)
+    assert ObjectiveOptions().logits_chunk_size is None
+    assert resolve_chunk_size(None, "cpu") == 64 and resolve_chunk_size(None, torch.device("cuda", 1)) == 256
+    assert resolve_chunk_size(7, "cpu") == 7
+    with pytest.raises(ValueError, match="--logits_chunk_size must be >= 1"):
+        ObjectiveOptions(logits_chunk_size=0)
