@@ -314,6 +314,7 @@ class OnlineRun:
                             stats["retries"], stats["retries_by_reason"], stats["wait_s"])
 
     def interact(self, step: int) -> dict:
+        from auxiliary.evals.collapse import reply_monitors
         from auxiliary.evals.evaluation_helpers import prompt_as_messages
 
         prompt = self.train_prompts[step - 1]
@@ -326,6 +327,9 @@ class OnlineRun:
             started = time.perf_counter()
             reply = updater.generate([messages], seed=derive_seed(self.sdpo.seed, "train", step))[0]
             generated = time.perf_counter()
+            # Collapse monitors of the reply, scored by the policy that wrote it (before its update).
+            monitors = reply_monitors(updater.model, updater.tokenizer, messages, reply.text)
+            asked = time.perf_counter()
             # The user's own randomness is also a function of (seed, arm, step): a resume replays it.
             followup = self.users[arm][style].generate_feedback([prompt], [reply.text],
                                                                 seed=derive_seed(self.sdpo.seed, "user", arm, step))[0]
@@ -336,7 +340,9 @@ class OnlineRun:
             metrics.pop("step", None)
             metrics.update(followup=followup, reply_tokens=len(reply.ids), reply_words=words(reply.text),
                            reply_finished=reply.finished, gen_time_s=round(generated - started, 4),
-                           sim_time_s=round(simulated - generated, 4), train_time_s=round(trained - simulated, 4))
+                           sim_time_s=round(simulated - asked, 4), train_time_s=round(trained - simulated, 4),
+                           reply_degenerate=monitors["degenerate"], reply_distinct_2=round(monitors["distinct_2"], 4),
+                           reply_entropy=monitors["entropy"])
             problems = self.users["feedback"][style].problems(reply.text)  # what a rule user would complain about
             if problems is not None:
                 metrics["style_problems"] = problems
@@ -381,7 +387,8 @@ class OnlineRun:
                     texts = [r.text for r in self._generate_eval(arm, f"eval {where} @{step}", adapter)]
                 gen_time = round(time.perf_counter() - started, 4)
                 self.eval_texts[(step, arm, adapter)] = texts
-                tags = {"phase": phase, **({"adapter": adapter} if adapter else {})}
+                tags = {"phase": phase, **({"adapter": adapter} if adapter else {}),
+                        "monitors": self._monitors(step, arm, adapter, texts)}
                 for style in styles:
                     self._judge_record(step, style, arm, texts, self.baseline, "initial", gen_time, tags)
                 if self.run.phase_baseline == "snapshot" and step > 0:
@@ -402,6 +409,22 @@ class OnlineRun:
             f"{' vs snapshot' if r['baseline'] == 'snapshot' else ''} {fmt_rate(r)}"
             for r in self.history if r["step"] == step))
 
+    def _monitors(self, step: int, arm: str, adapter: str | None, texts: list[str]) -> dict:
+        """Collapse monitors of one arm's eval replies (auxiliary/evals/collapse.py), relative to step 0's;
+        a monitor past its threshold is a logged warning (and kept in the record)."""
+        from auxiliary.evals.collapse import collapse_warnings, eval_monitors, relative_to_start, text_monitors
+
+        updater = self.policy(arm, adapter or self.user_styles[0])
+        monitors = eval_monitors(updater.model, updater.tokenizer, self._eval_messages(), texts, self.baseline)
+        start = monitors if step == 0 else next(
+            (r["monitors"] for r in self.history if r["step"] == 0 and r["arm"] == arm
+             and r.get("adapter") == adapter and "monitors" in r), None)
+        monitors.update(relative_to_start(monitors, start))
+        warnings = collapse_warnings(monitors, start or {}, text_monitors(self.baseline)["degenerate_share"])
+        for warning in warnings:
+            logger.warning("eval @%d %s: collapse monitor: %s", step, f"{arm}/{adapter}" if adapter else arm, warning)
+        return {**monitors, "warnings": warnings}
+
     def _judge_record(self, step: int, style: str, arm: str, texts: list[str], reference: list[str], baseline: str,
                       gen_time: float, tags: dict) -> None:
         """Judge `texts` against `reference` for `style`; one eval_history record."""
@@ -421,7 +444,8 @@ class OnlineRun:
                              "eval_gen_time_s": gen_time, "judge_time_s": judge_time})
         prefix = f"eval/{style}/{arm}" + (f"/{tags['adapter']}" if "adapter" in tags else "") + \
             ("" if baseline == "initial" else f"/vs_{baseline}")
-        self.wandb.log({f"{prefix}/{k}": v for k, v in stats.items() if v is not None}, step)
+        self.wandb.log({f"{prefix}/{k}": v for k, v in {**stats, **tags["monitors"]}.items()
+                        if isinstance(v, (int, float)) and not isinstance(v, bool)}, step)
 
     def _plot(self) -> None:
         from auxiliary.evals.evaluation_helpers import plot_win_rates

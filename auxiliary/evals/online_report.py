@@ -131,6 +131,47 @@ def snapshot_records(history: list[dict]) -> list[dict]:
             for _, r in sorted(ends.items())]
 
 
+def collapse_summary(history: list[dict], styles: list[str], last_step: int | None, baseline: list[str]) -> dict:
+    """From the final evaluation's records: per style, degenerate replies {"n", "baseline", "feedback",
+    "placebo"} (counts of n), and per style and arm the collapse monitors and their warnings."""
+    from auxiliary.evals.collapse import text_monitors
+
+    degenerate, monitors = {}, {}
+    base = text_monitors(baseline)["degenerate_replies"] if baseline else None
+    for style in styles:
+        final = {r["arm"]: r["monitors"] for r in initial_baseline(history)
+                 if r["step"] == last_step and r["style"] == style and "monitors" in r}
+        if not final:
+            continue
+        degenerate[style] = {"n": len(baseline), "baseline": base,
+                             **{arm: m["degenerate_replies"] for arm, m in sorted(final.items())}}
+        monitors[style] = final
+    return {"degenerate_replies": degenerate, "collapse_monitors": monitors}
+
+
+def collapse_text(summary: dict, last_step) -> list[str]:
+    """The degenerate-reply counts and collapse monitors at the final evaluation, with any warning; a
+    style whose replies are those of the style before (one shared policy) is not repeated."""
+    lines, shown = [], []
+    for style, counts in summary.get("degenerate_replies", {}).items():
+        monitors = summary["collapse_monitors"][style]
+        if (counts, monitors) in shown:
+            continue
+        shown.append((counts, monitors))
+        arms = ", ".join(f"{arm} {counts[arm]}/{counts['n']}" for arm in ("feedback", "placebo") if arm in counts)
+        lines.append(f"degenerate replies at step {last_step} ({style}; a repeated phrase, an answer to the follow-up "
+                     f"or nothing): baseline {counts['baseline']}/{counts['n']}, {arms}")
+        for arm, m in monitors.items():
+            parts = [f"distinct-2 {m['distinct_2']:.2f}"]
+            if m.get("entropy_ratio") is not None:
+                parts.append(f"token entropy x{m['entropy_ratio']:.2f} of step 0")
+            if m.get("logprob_drift") is not None:
+                parts.append(f"baseline replies {m['logprob_drift']:+.2f} nats/token vs step 0")
+            lines.append(f"  collapse monitors, {arm}: " + ", ".join(parts))
+            lines += [f"  WARNING ({arm}): {warning}" for warning in m["warnings"]]
+    return lines
+
+
 def build_summary(history: list[dict], styles: list[str], last_step: int | None, baseline: list[str],
                   texts: dict[str, list[str]], head_to_head: dict, out: Path, style_texts: dict | None = None,
                   phase_ends: list[dict] | None = None) -> dict:
@@ -156,6 +197,7 @@ def build_summary(history: list[dict], styles: list[str], last_step: int | None,
     summary = {"final_step": last_step, "baseline_mean_words": mean_words(baseline) if baseline else None,
                "final": final, "head_to_head_feedback_vs_placebo": head_to_head,
                "paired_style_score_feedback_minus_placebo": paired,
+               **collapse_summary(history, styles, last_step, baseline),
                "output_dir": str(out), "winrate_png": str(out / "winrate.png")}
     if phase_ends:
         summary["forgetting"] = forgetting_table(history, styles, phase_ends)
@@ -187,6 +229,7 @@ def summary_text(summary: dict, history: list[dict], arms: list[str], styles: li
                      f"+- {diff['se']:.2f} (paired over {diff['n']} prompts; feedback {diff['feedback']:.2f}, "
                      f"placebo {diff['placebo']:.2f}, baseline {diff['baseline_score']:.2f}; higher fits the style)")
     if baseline_words is not None and last_step is not None:
+        lines += collapse_text(summary, last_step)
         lines.append(f"mean words per eval reply: baseline {baseline_words:.1f}; at step {last_step}: " + ", ".join(
             f"{arm} {mean_words(texts[arm]):.1f}" for arm in arms if texts.get(arm)))
         lines.append(example_text(eval_prompts, baseline, texts, arms))

@@ -171,3 +171,20 @@ def _engine_options(kw: dict) -> dict:
     """Pop the vllm.LLM keywords out of a component's keyword arguments."""
     return {name: kw.pop(name) for name in ("gpu_memory_utilization", "tensor_parallel_size", "gpu_start") if name in kw}
 
+
+
+def _single_use_factory(api_concurrency: int, kw: dict) -> FeedbackFactory:
+    """A fresh factory for one component; pops its own keywords (dtype, device, Claude client options) from kw."""
+    client_kwargs = {k: kw.pop(k) for k in CLIENT_KEYWORDS if k in kw}
+    return FeedbackFactory(kw.pop("dtype", "auto"), kw.pop("device", "auto"), api_concurrency, client_kwargs)
+
+
+def make_user_simulator(kind: str, style: str, model_name_or_path=None, seed: int = 0, api_concurrency: int = 8,
+                        **kw):
+    """A single simulated user (a fresh FeedbackFactory: nothing shared)."""
+    return _single_use_factory(api_concurrency, kw).user(kind, style, model_name_or_path, seed=seed, **kw)
+
+
+def make_judge(kind: str, style: str, model_name_or_path=None, api_concurrency: int = 8, **kw):
+    """A single judge (a fresh FeedbackFactory: nothing shared)."""
+    return _single_use_factory(api_concurrency, kw).judge(kind, style, model_name_or_path, **kw)
