@@ -172,7 +172,6 @@ def _engine_options(kw: dict) -> dict:
     return {name: kw.pop(name) for name in ("gpu_memory_utilization", "tensor_parallel_size", "gpu_start") if name in kw}
 
 
-
 def _single_use_factory(api_concurrency: int, kw: dict) -> FeedbackFactory:
     """A fresh factory for one component; pops its own keywords (dtype, device, Claude client options) from kw."""
     client_kwargs = {k: kw.pop(k) for k in CLIENT_KEYWORDS if k in kw}
