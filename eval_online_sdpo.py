@@ -86,6 +86,7 @@ class OnlineRun:
         self.user_styles = self.plan.styles
         self.styles = run.styles()
         self.per_user = run.per_user_adapters
+        self.batch_size = run.interactions_per_update  # interactions per update (B)
         self.updaters: dict = {}  # arm -> the shared policy's updater (per-user adapters: the first user's)
         self.adapter_updaters: dict = {}  # per-user adapters: arm -> {style: updater on that style's adapter}
         self.users: dict = {}  # arm -> {style: simulated user}
@@ -103,6 +104,9 @@ class OnlineRun:
         for style in self.styles:
             get_persona(style)  # UnknownStyleError lists the known styles
         run = self.run
+        if self.sdpo.checkpoint_every % self.batch_size:
+            raise SetupError(f"--checkpoint_every {self.sdpo.checkpoint_every} must be a multiple of "
+                             f"--interactions_per_update {self.batch_size} (checkpoints are taken between updates)")
         if self.per_user:
             self._check_per_user_adapters()
         if run.resume and not (run.output_dir or run.run_name or os.environ.get("OUTPUT_DIR")):
@@ -178,7 +182,7 @@ class OnlineRun:
 
         # The run checkpoints (both arms, then a marker, then pruning); the updaters never do it on their own.
         # A decaying lr schedule spans the whole run unless --scheduler_steps says otherwise.
-        updates = self.sdpo.scheduler_steps or max(1, self.num_steps * self.sdpo.train_steps_per_example)
+        updates = self.sdpo.scheduler_steps or max(1, self.num_updates * self.sdpo.train_steps_per_example)
         arm_config = dataclasses.replace(self.sdpo, checkpoint_dir=None, checkpoint_every=0, max_checkpoints=0,
                                          scheduler_steps=updates)
         import copy
@@ -281,6 +285,10 @@ class OnlineRun:
         return self.schedule.phase_at(max(step, 1)) + 1 if self.schedule else 1
 
     @property
+    def num_updates(self) -> int:
+        return -(-self.num_steps // self.batch_size)  # the last batch may be short
+
+    @property
     def eval_seed(self) -> int:
         return derive_seed(self.sdpo.seed, "eval")
 
@@ -290,22 +298,29 @@ class OnlineRun:
 
         if self.start_step == 1:
             self.evaluate(0)
-        bar = tqdm(range(self.start_step, self.num_steps + 1), total=self.num_steps, initial=self.start_step - 1,
-                   desc="interactions", unit="step", dynamic_ncols=True)
-        for step in bar:
-            record = self.interact(step)
-            self.metrics.append(record)
-            self.folder.write_metrics(self.metrics)
-            self.wandb.log({f"{arm}/{k}": v for arm in self.arms for k, v in record[arm].items()
-                             if isinstance(v, (int, float)) and not isinstance(v, bool)}, step)
-            first = record[self.arms[0]]
-            bar.set_postfix(loss=f"{first['loss']:.3g}", words=first["reply_words"], refresh=False)
-            if ((self.run.eval_every and step % self.run.eval_every == 0) or step == self.num_steps
-                    or step in self.boundaries):
-                self.evaluate(step)
-            if self.run.save_checkpoints and (step % max(1, self.sdpo.checkpoint_every) == 0 or step == self.num_steps):
-                self.checkpoint(step)
-        bar.close()
+        bar = tqdm(total=self.num_steps, initial=self.start_step - 1, desc="interactions", unit="step",
+                   dynamic_ncols=True)
+        try:  # closed on an interrupt too: the error line starts a line of its own
+            for steps in self.batches():
+                records = self.interact_batch(steps)
+                self.metrics.extend(records)
+                self.folder.write_metrics(self.metrics)
+                for record in records:
+                    self.wandb.log({f"{arm}/{k}": v for arm in self.arms for k, v in record[arm].items()
+                                    if isinstance(v, (int, float)) and not isinstance(v, bool)}, record["step"])
+                first = records[-1][self.arms[0]]
+                bar.update(len(steps))
+                bar.set_postfix(loss=f"{first['loss']:.3g}", words=first["reply_words"], refresh=False)
+                # Eval steps, phase boundaries and checkpoint steps are multiples of B (checked at setup): batch ends.
+                step = steps[-1]
+                if ((self.run.eval_every and step % self.run.eval_every == 0) or step == self.num_steps
+                        or step in self.boundaries):
+                    self.evaluate(step)
+                if self.run.save_checkpoints and (step % (self.sdpo.checkpoint_every or self.batch_size) == 0
+                                                  or step == self.num_steps):
+                    self.checkpoint(step)
+        finally:
+            bar.close()
         users = list({id(u): u for u in self.users["feedback"].values()}.values())
         for name, part in [("user", u) for u in users] + [(f"judge {s}", j) for s, j in self.judges.items()]:
             stats = part.api_usage()  # one line per Claude client: requests, retries by reason, time waiting
@@ -313,49 +328,76 @@ class OnlineRun:
                 logger.info("Claude API (%s): %d requests, %d retries %s, %.1f s waiting", name, stats["requests"],
                             stats["retries"], stats["retries_by_reason"], stats["wait_s"])
 
-    def interact(self, step: int) -> dict:
+    def batches(self) -> list[list[int]]:
+        """The steps of each update still to run: B consecutive steps from start_step (a resume starts after a
+        checkpoint, taken at a batch end, so it replays the same batches); the last may be short."""
+        first_steps = range(self.start_step, self.num_steps + 1, self.batch_size)
+        return [list(range(start, min(start + self.batch_size, self.num_steps + 1))) for start in first_steps]
+
+    def interact_batch(self, steps: list[int]) -> list[dict]:
+        """The interactions of `steps` (one batched generation per arm, the users' follow-ups, one update on
+        them); one metrics record per step, the update's metrics shared by its rows (`update` names it)."""
         from auxiliary.evals.collapse import reply_monitors
         from auxiliary.evals.evaluation_helpers import prompt_as_messages
 
-        prompt = self.train_prompts[step - 1]
-        messages = prompt_as_messages(prompt)
-        style = self.plan.style_at(step)  # a function of the step (and seed): a resume replays it
-        record: dict = {"step": step, "time": time.time(), "style": style, "phase": self.phase_number(step)}
-        completions = []
+        prompts = [self.train_prompts[step - 1] for step in steps]
+        conversations = [prompt_as_messages(prompt) for prompt in prompts]
+        styles = [self.plan.style_at(step) for step in steps]  # a function of the step (and seed): a resume replays it
+        now = time.time()
+        records = [{"step": step, "time": now, "style": style, "phase": self.phase_number(step)}
+                   for step, style in zip(steps, styles)]
+        completions = [[] for _ in steps]
+        share = 1 / len(steps)  # a row's part of the batch's phase times: the rows add up to the run's time
         for arm in self.arms:
-            updater = self.policy(arm, style)
+            updater = self.policy(arm, styles[0])  # per-user adapters run with B = 1 (checked by the config)
             started = time.perf_counter()
-            reply = updater.generate([messages], seed=derive_seed(self.sdpo.seed, "train", step))[0]
+            # One sampling seed per batch, from its first step (B = 1: the step's own seed, as always).
+            replies = updater.generate(conversations, seed=derive_seed(self.sdpo.seed, "train", steps[0]))
             generated = time.perf_counter()
-            # Collapse monitors of the reply, scored by the policy that wrote it (before its update).
-            monitors = reply_monitors(updater.model, updater.tokenizer, messages, reply.text)
+            # Collapse monitors of each reply, scored by the policy that wrote it (before its update).
+            monitors = [reply_monitors(updater.model, updater.tokenizer, messages, reply.text)
+                        for messages, reply in zip(conversations, replies)]
             asked = time.perf_counter()
-            # The user's own randomness is also a function of (seed, arm, step): a resume replays it.
-            followup = self.users[arm][style].generate_feedback([prompt], [reply.text],
-                                                                seed=derive_seed(self.sdpo.seed, "user", arm, step))[0]
+            followups = self._followups(arm, steps, styles, prompts, [reply.text for reply in replies])
             simulated = time.perf_counter()
-            metrics = updater.train_step(messages, reply.ids, followup)
+            update = updater.train_batch(conversations, [reply.ids for reply in replies], followups)
             trained = time.perf_counter()
-            signals = metrics.pop("signal_per_sequence")
-            metrics.pop("step", None)
-            metrics.update(followup=followup, reply_tokens=len(reply.ids), reply_words=words(reply.text),
-                           reply_finished=reply.finished, gen_time_s=round(generated - started, 4),
-                           sim_time_s=round(simulated - asked, 4), train_time_s=round(trained - simulated, 4),
-                           reply_degenerate=monitors["degenerate"], reply_distinct_2=round(monitors["distinct_2"], 4),
-                           reply_entropy=monitors["entropy"])
-            problems = self.users["feedback"][style].problems(reply.text)  # what a rule user would complain about
-            if problems is not None:
-                metrics["style_problems"] = problems
-            record[arm] = metrics
-            completions.append({"step": step, "phase": "train", "arm": arm, "style": style, "prompt": prompt,
-                                "completion": reply.text, "followup": followup})
-            if self.run.debug_first_example and step == 1 and arm == "feedback":
-                print(debug_example_text(updater.tokenizer, messages, reply, followup, signals[0],
-                                         self.sdpo.hindsight_template, self.sdpo.hindsight_placement),
-                      file=sys.stderr, flush=True)
-        for row in completions:
-            self.folder.append_completion(row)
-        return record
+            signals = update.pop("signal_per_sequence")
+            update["update"] = update.pop("step")  # the updater's count of updates: rows of one batch share it
+            times = {"gen_time_s": round(share * (generated - started), 4),
+                     "sim_time_s": round(share * (simulated - asked), 4),
+                     "train_time_s": round(share * (trained - simulated), 4)}
+            for i, (step, style, prompt, reply, followup) in enumerate(zip(steps, styles, prompts, replies, followups)):
+                metrics = dict(update, followup=followup, reply_tokens=len(reply.ids), reply_words=words(reply.text),
+                               reply_finished=reply.finished, **times, reply_degenerate=monitors[i]["degenerate"],
+                               reply_distinct_2=round(monitors[i]["distinct_2"], 4), reply_entropy=monitors[i]["entropy"])
+                problems = self.users["feedback"][style].problems(reply.text)  # what a rule user would complain about
+                if problems is not None:
+                    metrics["style_problems"] = problems
+                records[i][arm] = metrics
+                completions[i].append({"step": step, "phase": "train", "arm": arm, "style": style, "prompt": prompt,
+                                       "completion": reply.text, "followup": followup})
+                if self.run.debug_first_example and step == 1 and arm == "feedback":
+                    print(debug_example_text(updater.tokenizer, conversations[i], reply, followup, signals[i],
+                                             self.sdpo.hindsight_template, self.sdpo.hindsight_placement),
+                          file=sys.stderr, flush=True)
+        for rows in completions:  # step by step, the arms in order
+            for row in rows:
+                self.folder.append_completion(row)
+        return records
+
+    def _followups(self, arm: str, steps: list[int], styles: list[str], prompts: list, texts: list[str]) -> list[str]:
+        """Each reply's follow-up from its step's user: one call per user of the batch, whose randomness is a
+        function of (seed, arm, the user's first step in the batch), so a resume replays it (B = 1: the step)."""
+        followups: list = [None] * len(steps)
+        for style in dict.fromkeys(styles):
+            rows = [i for i, s in enumerate(styles) if s == style]
+            answers = self.users[arm][style].generate_feedback(
+                [prompts[i] for i in rows], [texts[i] for i in rows],
+                seed=derive_seed(self.sdpo.seed, "user", arm, steps[rows[0]]))
+            for i, answer in zip(rows, answers):
+                followups[i] = answer
+        return followups
 
     def _eval_messages(self) -> list[list[dict]]:
         from auxiliary.evals.evaluation_helpers import prompt_as_messages

@@ -74,6 +74,10 @@ class OnlineRunConfig(FeedbackPlacementOptions):
     val_jsonl: str = field(default="data/helpsteer_prompts/validation.jsonl",
                            metadata={"help": "held-out evaluation prompts"})
     train_n: int = field(default=15, metadata={"help": "training prompts = interactions (clamped to the data)"})
+    interactions_per_update: int = field(default=1, metadata={
+        "help": "B: B prompts answered in one batched generation, B follow-ups, one update on the B interactions "
+                "(1: the paper's one update per interaction); eval_every, checkpoint_every and schedule phases must be "
+                "multiples of B"})
     eval_n: int = field(default=100, metadata={"help": "evaluation prompts (clamped to the data)"})
     max_prompt_tokens: Optional[int] = field(default=1024, metadata={
         "help": "drop (and count) prompts whose chat-templated length exceeds this"})
@@ -147,9 +151,21 @@ class OnlineRunConfig(FeedbackPlacementOptions):
         if self.judge_framing not in JUDGE_FRAMINGS:
             raise ValueError(f"--judge_framing must be one of {', '.join(JUDGE_FRAMINGS)}, got {self.judge_framing!r}")
         check_ranges(self)
-        self.user_plan(seed=0)  # a malformed schedule or user list is one line, before anything is loaded
+        plan = self.user_plan(seed=0)  # a malformed schedule or user list is one line, before anything is loaded
+        # The last phase may end with a short batch; every other phase ends where an update (and an evaluation) does.
+        uneven = [p for p in getattr(plan, "phases", [])[:-1] if p.interactions % self.interactions_per_update]
+        if self.style_schedule.strip() and uneven:
+            raise ValueError(f"--style_schedule: every phase but the last must be a multiple of --interactions_per_update "
+                             f"{self.interactions_per_update} (a phase ends between updates); "
+                             f"{uneven[0].style}:{uneven[0].interactions} is not")
         if self.style_schedule.strip() and self.users.strip():
             raise ValueError("--style_schedule and --users are exclusive: one user whose style changes, or several users")
+        if self.per_user_adapters and self.interactions_per_update > 1:
+            # A batch draws several users, each with its own adapter: one update on it has no single set of weights.
+            raise ValueError("--per_user_adapters needs --interactions_per_update 1 (one user's adapter per update)")
+        if self.eval_every % self.interactions_per_update:
+            raise ValueError(f"--eval_every {self.eval_every} must be a multiple of --interactions_per_update "
+                             f"{self.interactions_per_update} (evaluations fall between updates)")
         if self.per_user_adapters and not self.users.strip():
             raise ValueError("--per_user_adapters needs --users (one adapter per simulated user)")
         if self.phase_baseline not in ("initial", "snapshot"):

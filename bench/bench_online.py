@@ -63,7 +63,7 @@ from auxiliary.runtime.io_utils import atomic_write_json
 REPO = Path(__file__).resolve().parents[1]
 LOOP_PHASES = ("policy_generation", "feedback", "update", "loop_other")
 EVAL_PHASES = ("eval_generation", "eval_other")
-QUICK = dict(model="tiny-random", n_interactions=2, eval_n=4, max_new_tokens=8)
+QUICK = dict(model="tiny-random", n_interactions=2, eval_n=4, max_new_tokens=8, batch_sizes="1,2", sweep_batches=1)
 
 
 def parse_args(argv=None):
@@ -82,6 +82,9 @@ def parse_args(argv=None):
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--quick", action="store_true",
                         help=f"smoke test in seconds: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
+    parser.add_argument("--batch_sizes", default="1,4,8",
+                        help="--interactions_per_update values of the throughput sweep (the first is the reference)")
+    parser.add_argument("--sweep_batches", type=int, default=2, help="measured updates per batch size (plus one warm-up)")
     parser.add_argument("--out", default=None, help="write all numbers to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -89,6 +92,12 @@ def parse_args(argv=None):
             setattr(args, name, value)
     if args.n_interactions < 2 or args.eval_n < 1 or args.max_new_tokens < 1 or args.eval_every < 1:
         parser.error("need --n_interactions >= 2, --eval_n >= 1, --max_new_tokens >= 1, --eval_every >= 1")
+    try:
+        args.batch_sizes = [int(b) for b in args.batch_sizes.split(",")]
+    except ValueError:
+        parser.error(f"--batch_sizes: comma-separated integers, got {args.batch_sizes!r}")
+    if min(args.batch_sizes) < 1 or args.sweep_batches < 1:
+        parser.error("need --batch_sizes >= 1 and --sweep_batches >= 1")
     return args
 
 
@@ -139,17 +148,50 @@ def load_average() -> str:
 
 # --------------------------------------------------------------------------- the loop
 
-def build_run(args, out_dir: Path):
+def build_run(args, out_dir: Path, batch_size: int = 1, train_n: int | None = None, eval_n: int | None = None):
     from eval_online_sdpo import OnlineRun, OnlineRunConfig
     from online_sdpo_updater_config import OnlineSDPOConfig
 
+    eval_n = args.eval_n if eval_n is None else eval_n
     sdpo = OnlineSDPOConfig(model=args.model, device=args.device, seed=args.seed, max_new_tokens=args.max_new_tokens,
-                            generation_batch_size=args.eval_n)
+                            generation_batch_size=max(args.eval_n, batch_size))
     run = OnlineRunConfig(train_jsonl=str(REPO / "data/samples/train.jsonl"),
                           val_jsonl=str(REPO / "data/samples/validation.jsonl"),
-                          train_n=args.n_interactions + 1, eval_n=args.eval_n, style=args.style,
-                          eval_every=0, eval_max_new_tokens=args.max_new_tokens, output_dir=str(out_dir))
+                          train_n=train_n or args.n_interactions + 1, eval_n=eval_n, style=args.style,
+                          eval_every=0, eval_max_new_tokens=args.max_new_tokens, output_dir=str(out_dir),
+                          interactions_per_update=batch_size)
     return OnlineRun(sdpo, run)
+
+
+def sweep_batch_sizes(args, work_dir: Path) -> dict:
+    """Interactions per minute of the real loop with --interactions_per_update B, for each B of --batch_sizes:
+    one warm-up update, then --sweep_batches timed updates (generation of B replies, B follow-ups, one update,
+    completions.jsonl); no evaluation (eval_n 0), so only the loop's own work is timed."""
+    results = {}
+    for batch_size in args.batch_sizes:
+        run = build_run(args, work_dir / f"sweep_B{batch_size}", batch_size,
+                        train_n=batch_size * (1 + args.sweep_batches), eval_n=0)
+        run.setup()
+        if run.num_steps < batch_size * (1 + args.sweep_batches):
+            raise SystemExit(f"only {run.num_steps} training prompts for B = {batch_size}; lower --sweep_batches")
+        walls = []
+        interact = run.interact_batch
+
+        def timed(steps, interact=interact, walls=walls):
+            started = time.perf_counter()
+            try:
+                return interact(steps)
+            finally:
+                walls.append(time.perf_counter() - started)
+
+        run.interact_batch = timed
+        run.loop()
+        measured = walls[1:]
+        results[batch_size] = {"update_walls_s": walls, "interactions": batch_size * len(measured),
+                               "interactions_per_minute": 60 * batch_size * len(measured) / sum(measured)}
+        run.folder.close()
+        del run
+    return results
 
 
 def run_loop(args, out_dir: Path, clock: PhaseClock):
@@ -166,26 +208,26 @@ def run_loop(args, out_dir: Path, clock: PhaseClock):
         if len(run.train_prompts) < args.n_interactions + 1:
             raise SystemExit(f"only {len(run.train_prompts)} training prompts; lower --n_interactions")
         updater = run.updaters["feedback"]
-        user = run.users["feedback"]
+        user = run.users["feedback"][args.style]
         user.generate_feedback = clock.wrap(user.generate_feedback, "feedback")
-        train_step = updater.train_step
+        train_batch = updater.train_batch
 
-        def recorded_train_step(messages, response_ids, followup):
-            interactions.append((messages, list(response_ids), followup))
-            return train_step(messages, response_ids, followup)
+        def recorded_train_batch(conversations, response_ids, followups):
+            interactions.extend((m, list(ids), f) for m, ids, f in zip(conversations, response_ids, followups))
+            return train_batch(conversations, response_ids, followups)
 
-        updater.train_step = clock.wrap(recorded_train_step, "update")
-        interact, evaluate = run.interact, run.evaluate
+        updater.train_batch = clock.wrap(recorded_train_batch, "update")
+        interact, evaluate = run.interact_batch, run.evaluate
 
-        def timed_interact(step):
+        def timed_interact(steps):
             with clock.current("policy_generation"):
-                return clock.wrap(interact, "interaction")(step)
+                return clock.wrap(interact, "interaction")(steps)
 
         def timed_evaluate(step):
             with clock.current("eval_generation"):
                 return clock.wrap(evaluate, "evaluation")(step)
 
-        run.interact, run.evaluate = timed_interact, timed_evaluate
+        run.interact_batch, run.evaluate = timed_interact, timed_evaluate
         _, loop_wall, _ = measure(run.loop)
     finally:
         OnlineSDPOUpdater.generate = original_generate
@@ -456,11 +498,22 @@ def main(argv=None) -> int:
         checkpoint = compare_checkpoint(run, work_dir)
         baseline = compare_baseline_cache(run, clock)
         retok = retokenisation_mismatches(run, interactions)
+        del run
+        print(f"throughput sweep: --interactions_per_update {args.batch_sizes} ...", file=sys.stderr, flush=True)
+        sweep = sweep_batch_sizes(args, work_dir)
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     elapsed = time.time() - started
     lines, rates, ratios = report(args, phases, evalgen, teacher, head, checkpoint, baseline, retok, setup_wall,
                                   elapsed, load_start)
+    reference = args.batch_sizes[0]
+    lines.append(f"throughput by --interactions_per_update ({args.sweep_batches} timed updates each, after one "
+                 "warm-up; no evaluation):")
+    for batch_size, result in sweep.items():
+        lines.append(f"  B = {batch_size}: {result['interactions_per_minute']:.1f} interactions/min")
+        if batch_size != reference:
+            ratios[f"interactions_per_minute_B{batch_size}_vs_B{reference}"] = \
+                result["interactions_per_minute"] / sweep[reference]["interactions_per_minute"]
     print("\n".join(lines))
     if args.out:
         atomic_write_json(args.out, {
@@ -468,7 +521,8 @@ def main(argv=None) -> int:
             "load_average_start": load_start, "load_average_end": load_average(), "elapsed_s": elapsed,
             "phases_s": phases, "rates": rates, "eval_generation": evalgen, "teacher_forward": teacher,
             "update_head": head,
-            "checkpoint": checkpoint, "baseline_cache": baseline, "retokenisation": retok, "ratios": ratios,
+            "checkpoint": checkpoint, "baseline_cache": baseline, "retokenisation": retok,
+            "batch_sweep": {str(b): r for b, r in sweep.items()}, "ratios": ratios,
         })
     for name, value in ratios.items():
         print(f"ratio {name} {value:.4g}")

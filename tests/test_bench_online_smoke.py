@@ -55,6 +55,13 @@ def test_quick_run_prints_ratios_and_consistent_json(tmp_path):
     assert len(report["phases_s"]["steady_per_step"]["update"]) == 2  # the warm-up interaction is apart
     assert report["retokenisation"]["replies"] == 3
     assert "load average at start" in done.stdout
+    # the throughput sweep (--quick: B = 1, 2): its ratio is the ratio of the measured rates
+    sweep = report["batch_sweep"]
+    assert set(sweep) == {"1", "2"} and [len(sweep[b]["update_walls_s"]) for b in ("1", "2")] == [2, 2]
+    assert sweep["2"]["interactions"] == 2 and sweep["2"]["interactions_per_minute"] == pytest.approx(
+        60 * 2 / sweep["2"]["update_walls_s"][1])
+    assert ratios["interactions_per_minute_B2_vs_B1"] == pytest.approx(
+        sweep["2"]["interactions_per_minute"] / sweep["1"]["interactions_per_minute"], rel=1e-3)
 
 
 def test_loop_phases_split_hand_made_timings():

@@ -36,6 +36,7 @@ RANGES: dict[str, tuple] = {
     "scheduler_steps": (1, True, None, None), "checkpoint_every": (0, True, None, None),
     "max_checkpoints": (0, True, None, None), "vllm_gpu_memory_utilization": (0, False, 1, True),
     "train_n": (0, True, None, None), "eval_n": (0, True, None, None), "eval_every": (0, True, None, None),
+    "interactions_per_update": (1, True, None, None),
     "max_prompt_tokens": (1, True, None, None), "api_concurrency": (1, True, None, None),
     "api_max_retries": (0, True, None, None), "api_timeout_s": (0, False, None, None),
     "judge_temperature": (0, True, None, None), "judge_max_new_tokens": (1, True, None, None),
