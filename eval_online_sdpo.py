@@ -40,6 +40,7 @@ auxiliary/runtime/wandb_run.py; checkpoints are OnlineSDPOUpdater's.
 from __future__ import annotations
 
 import dataclasses
+import datetime
 import hashlib
 import json
 import logging
@@ -96,6 +97,10 @@ class OnlineRun:
         self.eval_texts: dict[tuple, list[str]] = {}  # (step, arm, adapter) -> eval replies of this process
         self.start_step = 1
         self.wandb = WandbRun()
+        self.folder = None  # the run folder: the main process's alone
+        # torchrun / accelerate launch: one process per device, each its own share of every batch
+        self.rank, self.world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+        self.main_process = self.rank == 0
 
     # ------------------------------------------------------------ setup (all bad input fails here)
     def setup(self) -> None:
@@ -109,24 +114,64 @@ class OnlineRun:
                              f"--interactions_per_update {self.batch_size} (checkpoints are taken between updates)")
         if self.per_user:
             self._check_per_user_adapters()
+        if self.world > 1:
+            self._start_processes()
         if run.resume and not (run.output_dir or run.run_name or os.environ.get("OUTPUT_DIR")):
             raise SetupError("--resume needs the run's --output_dir (or --run_name / $OUTPUT_DIR)")
         out = (Path(run.output_dir).expanduser() if run.output_dir else
                default_output_dir(run.run_name, self.sdpo.model, "+".join(self.user_styles)))
-        self.folder = RunFolder.open(out, resume=run.resume, overwrite=run.overwrite)
-        self.out = self.folder.path
-        self.folder.attach_log()
-        if run.resume:  # before any model loads: a changed experiment (another model, say) is one line
-            self.folder.check_resume_config(self._config_parts(), run.allow_config_change)
+        self.out = out
+        if self.main_process:
+            self.folder = RunFolder.open(out, resume=run.resume, overwrite=run.overwrite)
+            self.out = self.folder.path
+            self.folder.attach_log()
+            if run.resume:  # before any model loads: a changed experiment (another model, say) is one line
+                self.folder.check_resume_config(self._config_parts(), run.allow_config_change)
+        self._barrier()  # the others start once the folder is open (or the main process has failed)
         tokenizer, model_path = self._load_tokenizer()
         self._load_data(tokenizer)
+        if self.num_steps % self.world:
+            raise SetupError(f"{self.num_steps} training prompts cannot be shared evenly by {self.world} processes "
+                             "(each update needs the same number of interactions on every process)")
         self._make_users_and_judges()
         self._load_policies()
         if run.resume:
             self._resume()
-        self._write_config(model_path)
-        self._load_or_make_baseline()
-        self.wandb = WandbRun.start(run.wandb, self.out, run.wandb_project)
+        if self.world > 1:
+            for updater in self.updaters.values():
+                updater.distribute(device_ids=[updater.device.index] if updater.device.type == "cuda" else None)
+        if self.main_process:
+            self._write_config(model_path)
+            self._load_or_make_baseline()
+            self.wandb = WandbRun.start(run.wandb, self.out, run.wandb_project)
+
+    def _start_processes(self) -> None:
+        """Join the process group of a torchrun / accelerate launch (gloo on CPU, nccl on GPUs); what DDP's
+        all-reduced gradient cannot reproduce exactly, or what one process alone must do, is refused first."""
+        import torch
+        import torch.distributed as dist
+
+        problems = [(self.batch_size % self.world, f"--interactions_per_update a multiple of the {self.world} "
+                                                   "processes (each takes an equal share of every batch)"),
+                    (self.per_user, "no --per_user_adapters"), (self.sdpo.use_vllm, "generation without --use_vllm"),
+                    (self.sdpo.beta > 0, "--beta 0 (its per-token mean and the loss's differ in what they average)")]
+        for failed, need in problems:
+            if failed:
+                raise SetupError(f"{self.world} processes need {need}")
+        if torch.cuda.is_available() and self.sdpo.device in ("auto", "cuda"):
+            local = int(os.environ.get("LOCAL_RANK", self.rank))
+            torch.cuda.set_device(local)
+            self.sdpo = dataclasses.replace(self.sdpo, device=f"cuda:{local}")
+        if not dist.is_initialized():
+            # The others wait at a barrier through each evaluation (a large judge may take long): a generous timeout.
+            dist.init_process_group("nccl" if torch.cuda.is_available() and self.sdpo.device.startswith("cuda")
+                                    else "gloo", timeout=datetime.timedelta(hours=4))
+
+    def _barrier(self) -> None:
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
 
     def _check_per_user_adapters(self) -> None:
         problems = [(not self.sdpo.use_lora, "--use_lora (each user's adapter is a LoRA adapter)"),
@@ -173,6 +218,8 @@ class OnlineRun:
         if run.placebo:  # the same schedule or draw, always answered with a neutral approval
             neutral = factory.user("neutral", self.user_styles[0], texts=run.placebo_texts, seed=self.sdpo.seed)
             self.users["placebo"] = {style: neutral for style in self.user_styles}
+        if not self.main_process:
+            return  # only the main process evaluates
         self.judges = factory.judges(run.judge, self.styles, model_for_kind(run.judge, run.judge_model),
                                      **judge_options(run.judge, run.judge_framing, run.judge_temperature,
                                                      run.judge_max_new_tokens, run.tie_margin))
@@ -226,12 +273,18 @@ class OnlineRun:
         return updater
 
     def _resume(self) -> None:
-        step, paths = self.folder.resume_checkpoints(self.arms)  # step -1: none, replay from the very start
+        found = [self.folder.resume_checkpoints(self.arms) if self.main_process else None]  # step -1: none
+        if self.world > 1:
+            import torch.distributed as dist
+
+            dist.broadcast_object_list(found)  # every process loads the same checkpoint (a shared file system)
+        step, paths = found[0]
         for arm, path in paths.items():
             self.updaters[arm].load_checkpoint(path)
-        if paths:
-            logger.info("resuming after step %d from %s", step, self.folder.checkpoint_root)
-        self.metrics, self.history = self.folder.truncate_after(step)  # what comes after is replayed
+        if self.main_process:
+            if paths:
+                logger.info("resuming after step %d from %s", step, self.folder.checkpoint_root)
+            self.metrics, self.history = self.folder.truncate_after(step)  # what comes after is replayed
         self.start_step = max(step, 0) + 1
 
     def _config_parts(self) -> dict:
@@ -296,13 +349,17 @@ class OnlineRun:
     def loop(self) -> None:
         from tqdm.auto import tqdm
 
-        if self.start_step == 1:
+        if self.start_step == 1 and self.main_process:
             self.evaluate(0)
+        self._barrier()
         bar = tqdm(total=self.num_steps, initial=self.start_step - 1, desc="interactions", unit="step",
-                   dynamic_ncols=True)
+                   dynamic_ncols=True, disable=not self.main_process)
         try:  # closed on an interrupt too: the error line starts a line of its own
             for steps in self.batches():
                 records = self.interact_batch(steps)
+                if not self.main_process:
+                    self._barrier()  # while the main process writes, evaluates and checkpoints
+                    continue
                 self.metrics.extend(records)
                 self.folder.write_metrics(self.metrics)
                 for record in records:
@@ -319,6 +376,7 @@ class OnlineRun:
                 if self.run.save_checkpoints and (step % (self.sdpo.checkpoint_every or self.batch_size) == 0
                                                   or step == self.num_steps):
                     self.checkpoint(step)
+                self._barrier()
         finally:
             bar.close()
         users = list({id(u): u for u in self.users["feedback"].values()}.values())
@@ -336,7 +394,24 @@ class OnlineRun:
 
     def interact_batch(self, steps: list[int]) -> list[dict]:
         """The interactions of `steps` (one batched generation per arm, the users' follow-ups, one update on
-        them); one metrics record per step, the update's metrics shared by its rows (`update` names it)."""
+        them); one metrics record per step, the update's metrics shared by its rows (`update` names it).
+        Several processes: each takes every world-th step of the batch; DDP's gradient is that of the union."""
+        records, completions = self._interact_share(steps[self.rank::self.world])
+        if self.world > 1:
+            import torch.distributed as dist
+
+            shares = [None] * self.world
+            dist.all_gather_object(shares, (records, completions))
+            rows = sorted((row for share in shares for row in zip(*share)), key=lambda row: row[0]["step"])
+            records, completions = [r for r, _ in rows], [c for _, c in rows]
+        if self.main_process:
+            for rows in completions:  # step by step, the arms in order
+                for row in rows:
+                    self.folder.append_completion(row)
+        return records
+
+    def _interact_share(self, steps: list[int]) -> tuple[list[dict], list[list[dict]]]:
+        """This process's interactions of a batch: (metrics records, completions rows per step)."""
         from auxiliary.evals.collapse import reply_monitors
         from auxiliary.evals.evaluation_helpers import prompt_as_messages
 
@@ -381,10 +456,7 @@ class OnlineRun:
                     print(debug_example_text(updater.tokenizer, conversations[i], reply, followup, signals[i],
                                              self.sdpo.hindsight_template, self.sdpo.hindsight_placement),
                           file=sys.stderr, flush=True)
-        for rows in completions:  # step by step, the arms in order
-            for row in rows:
-                self.folder.append_completion(row)
-        return records
+        return records, completions
 
     def _followups(self, arm: str, steps: list[int], styles: list[str], prompts: list, texts: list[str]) -> list[str]:
         """Each reply's follow-up from its step's user: one call per user of the batch, whose randomness is a
@@ -598,7 +670,8 @@ def main(argv: list[str] | None = None) -> int:
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None  # SLURM preemption
     try:
         run.loop()
-        run.summary()
+        if run.main_process:
+            run.summary()
     except run_errors as err:
         return fail(f"{type(err).__name__}: {err} (completed steps are in {run.out}; rerun with --resume)", 1, run)
     except KeyboardInterrupt as interrupt:
@@ -607,7 +680,13 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
-        run.folder.close()
+        if run.folder is not None:
+            run.folder.close()
+        if run.world > 1:
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.destroy_process_group()
     return 0
 
 

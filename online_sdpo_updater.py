@@ -78,6 +78,8 @@ class OnlineSDPOUpdater:
         self.step = 0
         self.skipped_nonfinite = 0
         self._vllm = None
+        self.train_model = self.model  # what the loss runs through: the model, or its DDP wrapper (distribute)
+        self._loss_scale = 1.0
 
     # ------------------------------------------------------------------ setup
     def _wrap_lora(self, model):
@@ -126,6 +128,31 @@ class OnlineSDPOUpdater:
         return self._vllm
 
     # ------------------------------------------------------------------ training
+    def distribute(self, device_ids=None) -> None:
+        """Train through torch DDP (a process group must be up): each process updates on its own interactions,
+        DDP averages the gradients, and train_batch scales each process's loss so that average is the gradient
+        of the loss on the union of the processes' interactions. Generation and checkpoints use the plain model."""
+        from torch.nn.parallel import DistributedDataParallel
+
+        self.train_model = DistributedDataParallel(self.model, device_ids=device_ids)
+
+    def _union_loss_scale(self, batch_x) -> float:
+        """world x (this process's share of the loss's denominator): full_distillation is a mean over reply
+        tokens, simple_signal a mean over replies (exact for equal replies per process; the run checks that)."""
+        import torch.distributed as dist
+
+        if self.train_model is self.model:
+            return 1.0
+        if self.config.loss_mode == "simple_signal":
+            mine = float(batch_x.response_ids.shape[0])
+        else:  # the objective's token weights: reply positions from ignore_first_k on
+            mask = batch_x.response_mask
+            positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
+            mine = float((mask & (positions >= self.config.ignore_first_k)).sum())
+        total = torch.tensor([mine], dtype=torch.float64)
+        dist.all_reduce(total)
+        return dist.get_world_size() * mine / max(float(total), 1.0)
+
     def build_batches(self, conversations: Sequence[Sequence[dict]], response_ids: Sequence[Sequence[int]],
                       followups: Sequence[str]):
         contexts_x, contexts_xo = [], []
@@ -162,6 +189,7 @@ class OnlineSDPOUpdater:
         if self._vllm is not None:
             self._vllm.sleep()  # --vllm_enable_sleep_mode: the engine's memory is the update's until the next generate
         batch_x, batch_xo = self.build_batches(conversations, response_ids, followups)
+        self._loss_scale = self._union_loss_scale(batch_x)
         first: dict | None = None
         losses = []
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this interaction's (first) update uses
@@ -182,10 +210,10 @@ class OnlineSDPOUpdater:
     def _gradient_step(self, batch_x, batch_xo) -> dict:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = sdpo_loss(self.model, batch_x, batch_xo, self.options, self.ref_model, self.teacher)
+        loss, stats = sdpo_loss(self.train_model, batch_x, batch_xo, self.options, self.ref_model, self.teacher)
         if not torch.isfinite(loss):
             return self._skip(stats, float("nan"))
-        loss.backward()
+        (loss * self._loss_scale).backward()
         params = [p for p in self.model.parameters() if p.requires_grad]
         clip = self.config.max_grad_norm if self.config.max_grad_norm > 0 else float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(params, clip))
