@@ -12,6 +12,11 @@ Loop, for step s = 1..train_n, one training prompt per step:
     follow-up -> OnlineSDPOUpdater.train_step. With --placebo a second policy from the same
     initial weights sees the same prompts and sampling seeds, but its user always answers with a
     neutral approval (--placebo_texts): what it learns is what the objective does on its own.
+--interactions_per_update B: B steps per update (one batched generation seeded by the batch's first
+step, B follow-ups, one train_batch); metrics.jsonl keeps one row per step, the rows of a batch sharing
+the update's metrics and `update` index. Under torchrun / accelerate launch each process takes every
+world-th step of a batch and trains through DDP (the gradient of the union batch); the main process
+alone writes, evaluates and checkpoints (docs/online.md, "Batches and several processes").
 Evaluation at step 0, every eval_every steps, at each phase boundary and at the end: each arm
 answers the eval prompts (one batched generation, the same sampling seed at every evaluation and
 for the baseline) and a judge per style (the users' styles plus --eval_styles) compares each reply

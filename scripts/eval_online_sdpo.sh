@@ -7,6 +7,7 @@
 #       DATA_DIR=data/tldr_prompts_unique scripts/eval_online_sdpo.sh
 #   USER_SIMULATOR=rule JUDGE=rule MODEL=smollm2-135m-instruct DATA_DIR=data/samples \
 #       scripts/eval_online_sdpo.sh                               # free, CPU, no download
+#   WORLD_SIZE=4 INTERACTIONS_PER_UPDATE=8 scripts/eval_online_sdpo.sh  # accelerate launch, 4 processes (DDP)
 # Only the variables you set become flags; the defaults are eval_online_sdpo.py's, changed by the
 # profile configs/wrappers/eval_online_sdpo.yaml (passed as --config first).
 # `--help` lists every variable; `--dry-run` prints the command and runs nothing.
@@ -29,6 +30,7 @@ sdpo_field TRAIN_N --train_n
 sdpo_field EVAL_N --eval_n
 sdpo_field EVAL_EVERY --eval_every
 sdpo_field TRAIN_STEPS_PER_EXAMPLE --train_steps_per_example
+sdpo_field INTERACTIONS_PER_UPDATE --interactions_per_update
 sdpo_field SEED --seed
 sdpo_field DATA_DIR --train_jsonl --val_jsonl
 sdpo_field BASELINE_MODEL --baseline_model
@@ -36,6 +38,7 @@ model_slug=$(sdpo_effective MODEL model)
 style_slug=$(sdpo_effective STYLE style)
 sdpo_var OUTPUT_DIR "$BASE_WORK/sdpo_outputs/online_${model_slug:+$(sdpo_slug "$model_slug")_}${style_slug:+${style_slug}_}$(sdpo_run_tag)" \
     "Checkpoints, metrics and results" "\$BASE_WORK/sdpo_outputs/online_<model>_<style>_<job id or time>"
+sdpo_var WORLD_SIZE "1" "Processes (GPUs); > 1 runs accelerate launch (DDP; INTERACTIONS_PER_UPDATE a multiple of it)"
 sdpo_help_or_continue "Online SDPO: learn a user's style from simulated interactions, judged against a baseline."
 
 sdpo_check_choice USER_SIMULATOR rule local claude vllm
@@ -43,6 +46,8 @@ sdpo_check_choice JUDGE rule local claude vllm
 sdpo_check_number LR
 for count in TRAIN_N EVAL_N TRAIN_STEPS_PER_EXAMPLE; do sdpo_check_int "$count" 1; done
 sdpo_check_int EVAL_EVERY 0
+sdpo_check_int WORLD_SIZE 1
+sdpo_check_int INTERACTIONS_PER_UPDATE 1
 sdpo_check_int SEED 0
 sdpo_check_api_key USER_SIMULATOR:user_simulator JUDGE:judge
 [[ -n $JUDGE_MODEL ]] || JUDGE_MODEL=$USER_MODEL
@@ -60,7 +65,7 @@ if [[ -n $DATA_DIR ]]; then  # DATA_DIR stands for both files
     sdpo_check_exists DATA_DIR file validation.jsonl
 fi
 
-sdpo_python "$REPO_ROOT/eval_online_sdpo.py"
+sdpo_launcher "$REPO_ROOT/eval_online_sdpo.py"
 sdpo_flag --model MODEL
 sdpo_flag --user_simulator USER_SIMULATOR
 # A model name means something to a model-backed user or judge; for Claude only a claude-* id does.
@@ -76,6 +81,7 @@ sdpo_flag --train_n TRAIN_N
 sdpo_flag --eval_n EVAL_N
 sdpo_flag --eval_every EVAL_EVERY
 sdpo_flag --train_steps_per_example TRAIN_STEPS_PER_EXAMPLE
+sdpo_flag --interactions_per_update INTERACTIONS_PER_UPDATE
 sdpo_flag --seed SEED
 sdpo_flag --train_jsonl TRAIN_JSONL
 sdpo_flag --val_jsonl VAL_JSONL
