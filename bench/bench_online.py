@@ -4,7 +4,7 @@ The loop is the real one: eval_online_sdpo.OnlineRun (setup, then loop with one 
 the rule-based user and the rule judge), with timing wrappers around its parts:
   policy_generation   OnlineSDPOUpdater.generate for the interaction's prompt (sampled, as in the loop)
   feedback            the simulated user's follow-up (make_user_simulator("rule", style))
-  update              OnlineSDPOUpdater.train_step (teacher under xo, loss, backward, AdamW step)
+  update              OnlineSDPOUpdater.train_batch (teacher under xo, loss, backward, AdamW step)
   loop_other          the rest of the loop (metrics.jsonl, completions.jsonl, progress bar)
   eval_generation     the evaluation's batched generation of --eval_n replies (at the end of the run)
   eval_other          judging against the cached baseline, eval_history.json, winrate.png
@@ -32,11 +32,17 @@ Then, on the trained model, each fast path against the straightforward way, in t
   (no ratio) re-tokenisation: how many replies decode-then-encode to other ids than were sampled,
              which is why train_step takes the sampled ids.
 
+Last, the throughput sweep: the real loop again with --interactions_per_update B for each B of
+--batch_sizes (default 1,4,8; a fresh run each, no evaluation), one warm-up update then
+--sweep_batches timed ones; interactions per minute per B, as ratios to the first B
+(`ratio interactions_per_minute_B4_vs_B1`: above 1 is faster).
+
 Output: a phase table, the comparisons, then `ratio NAME VALUE` lines (ours / straightforward).
 --out FILE writes every number as JSON.
 
     python bench/bench_online.py [--quick] [--model smollm2-135m-instruct] [--n_interactions 6]
-                                 [--eval_n 16] [--max_new_tokens 48] [--threads 1] [--out results.json]
+                                 [--eval_n 16] [--max_new_tokens 48] [--threads 1] [--batch_sizes 1,4,8]
+                                 [--sweep_batches 2] [--out results.json]
 """
 from __future__ import annotations
 
