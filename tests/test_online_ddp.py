@@ -74,32 +74,50 @@ def test_two_processes_update_like_one_process_on_the_union_batch(tiny_model_dir
             torch.testing.assert_close(ddp[key], value, rtol=1e-5, atol=1e-6, msg=lambda m: f"{loss_mode} {key}: {m}")
 
 
-@pytest.mark.slow
-def test_eval_online_sdpo_under_torchrun_writes_once_per_interaction(tiny_model_dir, tmp_path):
+def torchrun_online(data, out, train_n, *extra):
+    return torchrun([REPO / "eval_online_sdpo.py", "--model", data / "model", "--train_jsonl", data / "train.jsonl",
+                     "--val_jsonl", data / "val.jsonl", "--style", "concise", "--train_n", train_n, "--eval_n", "2",
+                     "--eval_every", "2", "--max_new_tokens", "6", "--eval_max_new_tokens", "6", "--seed", "5",
+                     "--loss_mode", "simple_signal", "--interactions_per_update", "2", "--save_checkpoints",
+                     "--output_dir", out, *extra])
+
+
+def read_jsonl(path):
+    return [json.loads(line) for line in Path(path).read_text().splitlines()]
+
+
+@pytest.mark.slow  # three torchrun runs
+def test_eval_online_sdpo_under_torchrun_writes_once_and_resumes_exactly(tiny_model_dir, tmp_path):
+    from reliability_helpers import without_timings
+
     data = tmp_path / "data"
     data.mkdir()
+    (data / "model").symlink_to(tiny_model_dir)
     (data / "train.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n"
                                               for i in range(4)))
     (data / "val.jsonl").write_text("".join(json.dumps({"prompt": f"Explain idea {i}."}) + "\n" for i in range(2)))
     out = tmp_path / "run"
-    done = torchrun([REPO / "eval_online_sdpo.py", "--model", tiny_model_dir, "--train_jsonl", data / "train.jsonl",
-                     "--val_jsonl", data / "val.jsonl", "--style", "concise", "--train_n", "4", "--eval_n", "2",
-                     "--eval_every", "2", "--max_new_tokens", "6", "--eval_max_new_tokens", "6", "--seed", "5",
-                     "--loss_mode", "simple_signal", "--interactions_per_update", "2", "--save_checkpoints",
-                     "--output_dir", out])
+    done = torchrun_online(data, out, 4)
     assert done.returncode == 0, (done.stdout + done.stderr)[-4000:]
-    rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    rows = read_jsonl(out / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     assert [r["feedback"]["update"] for r in rows] == [1, 1, 2, 2]
     # each process reports its own share's loss; the gradient norm is of the all-reduced gradient: shared
     assert rows[0]["feedback"]["grad_norm"] == pytest.approx(rows[1]["feedback"]["grad_norm"], rel=1e-6)
-    train = [json.loads(line) for line in (out / "completions.jsonl").read_text().splitlines()
-             if json.loads(line)["phase"] == "train"]
+    train = [r for r in read_jsonl(out / "completions.jsonl") if r["phase"] == "train"]
     assert [r["step"] for r in train] == [1, 2, 3, 4] and len({r["prompt"] for r in train}) == 4
     history = json.loads((out / "eval_history.json").read_text())
     assert sorted({r["step"] for r in history}) == [0, 2, 4]  # evaluated once (by the main process)
     assert json.loads((out / "checkpoints/latest.json").read_text())["step"] == 4
     assert (out / "summary.json").is_file()
+
+    # stopped after the first update, then resumed on both processes from the main process's checkpoint
+    part = tmp_path / "part"
+    assert torchrun_online(data, part, 2).returncode == 0
+    resumed = torchrun_online(data, part, 4, "--resume")
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
+    assert without_timings(read_jsonl(part / "metrics.jsonl")) == without_timings(rows)
+    assert read_jsonl(part / "completions.jsonl") == read_jsonl(out / "completions.jsonl")
 
 
 @pytest.mark.parametrize("flags, expected", [(["--interactions_per_update", "1"], "a multiple of the 2 processes"),
