@@ -9,7 +9,7 @@ below; `--config run.yaml` sets any of them (command-line flags win).
 
 Loop, for step s = 1..train_n, one training prompt per step:
     generate a reply (sampling seed derived from (seed, s)) -> the simulated user writes the
-    follow-up -> OnlineSDPOUpdater.train_step. With --placebo a second policy from the same
+    follow-up -> OnlineSDPOUpdater.train_batch. With --placebo a second policy from the same
     initial weights sees the same prompts and sampling seeds, but its user always answers with a
     neutral approval (--placebo_texts): what it learns is what the objective does on its own.
 --interactions_per_update B: B steps per update (one batched generation seeded by the batch's first
@@ -450,7 +450,8 @@ class OnlineRun:
             for i, (step, style, prompt, reply, followup) in enumerate(zip(steps, styles, prompts, replies, followups)):
                 metrics = dict(update, followup=followup, reply_tokens=len(reply.ids), reply_words=words(reply.text),
                                reply_finished=reply.finished, **times, reply_degenerate=monitors[i]["degenerate"],
-                               reply_distinct_2=round(monitors[i]["distinct_2"], 4), reply_entropy=monitors[i]["entropy"])
+                               reply_distinct_2=round(monitors[i]["distinct_2"], 4),
+                               reply_entropy=monitors[i]["entropy"])
                 problems = self.users["feedback"][style].problems(reply.text)  # what a rule user would complain about
                 if problems is not None:
                     metrics["style_problems"] = problems

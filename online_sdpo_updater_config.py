@@ -155,8 +155,8 @@ class OnlineRunConfig(FeedbackPlacementOptions):
         # The last phase may end with a short batch; every other phase ends where an update (and an evaluation) does.
         uneven = [p for p in getattr(plan, "phases", [])[:-1] if p.interactions % self.interactions_per_update]
         if self.style_schedule.strip() and uneven:
-            raise ValueError(f"--style_schedule: every phase but the last must be a multiple of --interactions_per_update "
-                             f"{self.interactions_per_update} (a phase ends between updates); "
+            raise ValueError(f"--style_schedule: every phase but the last must be a multiple of "
+                             f"--interactions_per_update {self.interactions_per_update} (a phase ends between updates); "
                              f"{uneven[0].style}:{uneven[0].interactions} is not")
         if self.style_schedule.strip() and self.users.strip():
             raise ValueError("--style_schedule and --users are exclusive: one user whose style changes, or several users")
