@@ -91,7 +91,7 @@ def test_case_loss_check_rejects_a_path_that_differs():
 def test_gpu_check_cpu_tiny_prints_ratios():
     from peers import trl_available
 
-    stdout = run_script(["bash", "bench/gpu_check.sh", "--device", "cpu", "--tiny", "--threads", "1"])
+    stdout = run_script(["bash", "bench/gpu_check.sh", "--device", "cpu", "--tiny", "--threads", "1", "--no-deepspeed"])
     assert "torch " in stdout and "resp tok/s" in stdout
     assert "tiny_lora8: " in stdout and "M trained" in stdout
     ratios = bench_common.parse_ratio_lines(stdout)

@@ -201,6 +201,7 @@ def test_an_adapter_learns_only_from_its_own_user(tiny_model_dir):
     sdpo = OnlineSDPOConfig(model=str(tiny_model_dir), use_lora=True, lr=5e-2, max_new_tokens=6,
                             loss_mode="simple_signal", device="cpu")
     run = OnlineRun(sdpo, OnlineRunConfig(users="concise,detailed", per_user_adapters=True))
+    run.num_steps = 4  # what _load_data would have found (the lr schedule spans it)
     run._load_policies()
     model = run.adapter_updaters["feedback"]["concise"].model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
