@@ -11,7 +11,8 @@ load average around it are written to ROOT/<name>-s<seed>/search_run.json.
 
 The table (ROOT/table.md and ROOT/table.json) has, per run: the win rate against the baseline of the
 feedback and placebo arms at the final step (+- SE), the net effect (feedback - placebo) +- SE and
-whether it is beyond 2 SE, the head to head of the arms, degenerate eval replies of the baseline,
+whether it is beyond 2 SE, the head to head of the arms, the paired rule-score difference of the arms
+(for concise: minus words per reply), degenerate eval replies of the baseline,
 feedback and placebo (auxiliary/evals/collapse.text_monitors, computed here from completions.jsonl),
 mean words per reply of each, and wall time. The results are discussed in docs/demo_search.md.
 """
@@ -106,6 +107,7 @@ def table_row(out: Path) -> dict:
     degenerate = {arm: text_monitors(texts[arm])["degenerate_replies"] for arm in ("baseline", "feedback", "placebo")}
     net = final["net_effect"]
     head = summary["head_to_head_feedback_vs_placebo"].get(style, {})
+    paired = summary.get("paired_style_score_feedback_minus_placebo", {}).get(style, {})
     name, _, seed = out.name.rpartition("-s")
     return {
         "setting": record.get("setting", name), "seed": record.get("seed", int(seed)),
@@ -115,6 +117,8 @@ def table_row(out: Path) -> dict:
                        "beyond_2se": net["diff"] is not None and net["diff"] > 2 * net["se"]},
         "head_to_head": {"rate": head.get("win_rate"), "se": head.get("se"), "wins": head.get("wins"),
                          "losses": head.get("losses"), "ties": head.get("ties")},
+        # The style's rule score per reply, feedback - placebo over the same prompts (concise: minus words).
+        "paired_score": {"diff": paired.get("diff"), "se": paired.get("se")},
         "degenerate": degenerate,
         "degenerate_within_goal": degenerate["feedback"] <= degenerate["baseline"] + DEGENERATE_ALLOWANCE,
         "mean_words": {"baseline": summary["baseline_mean_words"], "feedback": final["feedback"]["mean_words"],
@@ -143,7 +147,7 @@ def _minutes(seconds: float | None) -> str:
 
 def markdown_table(rows: list[dict]) -> str:
     headers = ["setting", "seed", "feedback vs baseline", "placebo vs baseline", "net effect", "> 2 SE",
-               "head to head", "degenerate b / f / p", "words b / f / p", "wall (m:s)"]
+               "head to head", "paired score f - p", "degenerate b / f / p", "words b / f / p", "wall (m:s)"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for r in rows:
         words = " / ".join(f"{r['mean_words'][arm]:.1f}" for arm in ("baseline", "feedback", "placebo"))
@@ -153,6 +157,7 @@ def markdown_table(rows: list[dict]) -> str:
                  _rate(r["net_effect"]["diff"], r["net_effect"]["se"], signed=True),
                  "yes" if r["net_effect"]["beyond_2se"] else "no",
                  _rate(r["head_to_head"]["rate"], r["head_to_head"]["se"]),
+                 _rate(r["paired_score"]["diff"], r["paired_score"]["se"], signed=True),
                  f"{degenerate} of {r['n']}", words, _minutes(r["wall_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"

@@ -36,7 +36,8 @@ def fabricate_run(root: Path, name: str, seed: int, feedback_rate: float, placeb
                                      "placebo": {"win_rate": placebo_rate, "se": 9.5, "mean_words": 4.0},
                                      "net_effect": {"diff": feedback_rate - placebo_rate, "se": net_se}}},
                "head_to_head_feedback_vs_placebo": {"concise": {"win_rate": 62.5, "se": 8.0, "wins": 5, "losses": 3,
-                                                                "ties": 0}}}
+                                                                "ties": 0}},
+               "paired_style_score_feedback_minus_placebo": {"concise": {"diff": 1.5, "se": 0.5}}}
     (out / "summary.json").write_text(json.dumps(summary))
     if wall_s is not None:
         (out / demo_search.RUN_RECORD).write_text(json.dumps({"setting": name, "seed": seed, "flags": ["--lr", "1"],
@@ -55,6 +56,7 @@ def test_table_row_reads_the_run_and_counts_degenerate_final_replies(tmp_path):
     assert row["degenerate_within_goal"] is False  # 3 > 0 + 2
     assert row["mean_words"] == {"baseline": 5.0, "feedback": 3.0, "placebo": 4.0}
     assert row["head_to_head"]["rate"] == 62.5 and row["wall_s"] == 600.0
+    assert row["paired_score"] == {"diff": 1.5, "se": 0.5}
 
 
 def test_net_effect_within_2_se_and_a_negative_effect_are_not_beyond(tmp_path):
@@ -82,9 +84,9 @@ def test_table_orders_runs_by_settings_then_seed_and_writes_markdown_and_json(tm
     assert json.loads((tmp_path / "table.json").read_text()) == rows
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert len(lines) == 2 + 3
-    assert lines[2] == ("| default | 1234 | 56.7 ± 9.0 | 56.7 ± 9.5 | +0.0 ± 12.8 | no | 62.5 ± 8.0 | 0 / 0 / 0 of 4 "
+    assert lines[2] == ("| default | 1234 | 56.7 ± 9.0 | 56.7 ± 9.5 | +0.0 ± 12.8 | no | 62.5 ± 8.0 | +1.5 ± 0.5 | 0 / 0 / 0 of 4 "
                         "| 5.0 / 3.0 / 4.0 | 10:00 |")
-    assert lines[3].endswith("| +10.0 ± 8.0 | no | 62.5 ± 8.0 | 0 / 0 / 0 of 4 | 5.0 / 3.0 / 4.0 | n/a |")
+    assert lines[3].endswith("| +10.0 ± 8.0 | no | 62.5 ± 8.0 | +1.5 ± 0.5 | 0 / 0 / 0 of 4 | 5.0 / 3.0 / 4.0 | n/a |")
     assert "| +20.0 ± 8.0 | yes |" in lines[4]
 
 
