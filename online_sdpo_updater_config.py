@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Optional
 
 from auxiliary.runtime.option_groups import (ContextOptions, FeedbackPlacementOptions, GenerationOptions, LoraOptions,
-                                             ModelOptions, OptimizerOptions, accept_field_aliases, canonical_template, check_ranges)
-from sdpo_objective import ObjectiveOptions, validate_template
+                                             ModelOptions, OptimizerOptions, accept_field_aliases, check_ranges)
+from sdpo_objective import ObjectiveOptions
 
 
 LR_SCHEDULERS = ("constant", "cosine", "linear")
@@ -49,7 +49,6 @@ class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, Context
     def __post_init__(self):
         super().__post_init__()  # the objective group validates its options
         check_ranges(self)  # every numeric flag in its range, before anything is loaded or written
-        self.hindsight_template = validate_template(canonical_template(self.hindsight_template))
         if self.train_steps_per_example < 1:
             raise ValueError("train_steps_per_example must be >= 1")
         if self.lr <= 0:

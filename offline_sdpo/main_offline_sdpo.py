@@ -21,7 +21,7 @@ from typing import Optional
 
 from auxiliary.runtime.option_groups import (DTYPES, ContextOptions, LoraOptions, ModelOptions, OptimizerOptions,
                                              check_ranges, override)
-from sdpo_objective import ObjectiveOptions, validate_template
+from sdpo_objective import ObjectiveOptions
 
 CONFIG_FILENAME = "offline_sdpo_config.json"  # not config.json: that name belongs to the saved model
 METRICS_FILENAME = "metrics.jsonl"
@@ -66,6 +66,7 @@ class OfflineTrainingArguments(LoraOptions, OptimizerOptions, ModelOptions):
         if self.output_dir is None:
             self.output_dir = os.environ.get("OUTPUT_DIR") or None
         check_ranges(self)
+        self.check_context()  # ContextOptions: placement and template
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype '{self.dtype}'; choose {', '.join(DTYPES)}")
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "lora_r"):
@@ -85,7 +86,6 @@ class OfflineSDPOArguments(OfflineTrainingArguments, ContextOptions, ObjectiveOp
     def __post_init__(self):
         ObjectiveOptions.__post_init__(self)  # the objective group validates its options
         OfflineTrainingArguments.__post_init__(self)
-        validate_template(self.hindsight_template)
 
     def objective_options(self) -> ObjectiveOptions:
         return ObjectiveOptions.from_config(self)

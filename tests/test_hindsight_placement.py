@@ -109,3 +109,12 @@ def test_new_objective_flags_are_in_help(script):
     assert result.returncode == 0, result.stderr[-2000:]
     for flag in ("--divergence", "--divergence_alpha", "--teacher", "--teacher_ema_rate", "--hindsight_placement"):
         assert f"{flag} " in result.stdout, flag
+
+
+def test_the_offline_trainers_read_the_paper_placeholder_too():
+    from offline_sdpo.main_offline_sdpo import OfflineSDPOArguments
+
+    args = OfflineSDPOArguments(hindsight_template="\n\n(later: {follow_up})")
+    assert args.hindsight_template == "\n\n(later: {followup})"
+    with pytest.raises(ValueError, match="must contain the placeholder"):
+        OfflineSDPOArguments(hindsight_template="no placeholder here")

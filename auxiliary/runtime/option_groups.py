@@ -15,7 +15,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, HINDSIGHT_PLACEMENTS
+from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, HINDSIGHT_PLACEMENTS, validate_template
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
@@ -146,12 +146,18 @@ class ContextOptions:
                 "as the paper's offline Qwen3-4B run)"})
 
     def __post_init__(self):
-        if self.hindsight_placement not in HINDSIGHT_PLACEMENTS:
-            raise ValueError(f"unknown --hindsight_placement {self.hindsight_placement!r}; "
-                             f"choose one of {', '.join(HINDSIGHT_PLACEMENTS)}")
+        self.check_context()
         parent = getattr(super(), "__post_init__", None)  # the next group of a config (the objective's)
         if parent is not None:
             parent()
+
+    def check_context(self) -> None:
+        """The placement is known and the template has its placeholder ({follow_up} read as {followup});
+        also called by configs whose __post_init__ chain skips this group's (the offline trainers')."""
+        if self.hindsight_placement not in HINDSIGHT_PLACEMENTS:
+            raise ValueError(f"unknown --hindsight_placement {self.hindsight_placement!r}; "
+                             f"choose one of {', '.join(HINDSIGHT_PLACEMENTS)}")
+        self.hindsight_template = validate_template(canonical_template(self.hindsight_template))
 
 
 @dataclass

@@ -1,0 +1,210 @@
+"""The settings search of `make demo` (issue #18): run the demo with named settings and seeds, and tabulate.
+
+    .venv/bin/python bench/demo_search.py --settings default lora-1e-4 --seeds 1234 --parallel 2
+    .venv/bin/python bench/demo_search.py --table-only          # rebuild the table from the run folders
+
+Each setting is a list of flag overrides over configs/demo.yaml (SETTINGS below, the record of what
+was tried). One run per (setting, seed) goes to ROOT/<name>-s<seed>/; a run whose summary.json
+exists is skipped, so the search can be stopped and restarted. Each run is a child process with one
+CPU thread under `nice`, so two can share a 2-core machine with other work; its wall time and the
+load average around it are written to ROOT/<name>-s<seed>/search_run.json.
+
+The table (ROOT/table.md and ROOT/table.json) has, per run: the win rate against the baseline of the
+feedback and placebo arms at the final step (+- SE), the net effect (feedback - placebo) +- SE and
+whether it is beyond 2 SE, the head to head of the arms, the paired rule-score difference of the arms
+(for concise: minus words per reply), degenerate eval replies of the baseline,
+feedback and placebo (auxiliary/evals/collapse.text_monitors, computed here from completions.jsonl),
+mean words per reply of each, and wall time. The results are discussed in docs/demo_search.md.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+PROFILE = "configs/demo.yaml"
+DEFAULT_ROOT = Path("/tmp/demo_search")
+RUN_RECORD = "search_run.json"
+# Issue #18: feedback's degenerate replies may exceed the baseline's by at most this many of n.
+DEGENERATE_ALLOWANCE = 2
+
+LORA = ["--use_lora", "true"]  # rank 16, alpha 32 (the defaults), on every linear layer
+# name -> flags over configs/demo.yaml. Append, never rewrite: the table refers to these names.
+SETTINGS: dict[str, list[str]] = {
+    "default": [],
+    "lora-1e-4": LORA + ["--lr", "1e-4"],
+    "lora-3e-5": LORA + ["--lr", "3e-5"],
+    "lora-3e-4": LORA + ["--lr", "3e-4"],
+    "lr-2e-6": ["--lr", "2e-6"],
+    "lr-1e-5": ["--lr", "1e-5"],
+    "beta-0.05": ["--beta", "0.05"],
+    "beta-0.1": ["--beta", "0.1"],
+    "k-0": ["--ignore_first_k", "0"],
+    "full-distillation": ["--loss_mode", "full_distillation"],
+    "train-30": ["--train_n", "30", "--eval_every", "15"],
+}
+
+
+def run_dir(root: Path, name: str, seed: int) -> Path:
+    return root / f"{name}-s{seed}"
+
+
+def run_command(python: str, flags: list[str], seed: int, out: Path) -> list[str]:
+    # --overwrite: a folder without summary.json is a run that was cut off; start it again clean.
+    return [python, "eval_online_sdpo.py", "--config", PROFILE, *flags, "--seed", str(seed),
+            "--output_dir", str(out), "--overwrite"]
+
+
+def run_one(name: str, flags: list[str], seed: int, root: Path, python: str, niceness: int) -> str:
+    out = run_dir(root, name, seed)
+    if (out / "summary.json").exists():
+        return f"{out.name}: done before, skipped"
+    out.mkdir(parents=True, exist_ok=True)
+    command = run_command(python, flags, seed, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+           "WANDB_MODE": "offline", "PYTHONPATH": str(REPO_ROOT)}
+    load_before, started = os.getloadavg()[0], time.time()
+    with open(root / f"{out.name}.log", "w") as log:
+        returncode = subprocess.call(["nice", "-n", str(niceness), *command], cwd=REPO_ROOT, env=env,
+                                     stdout=log, stderr=subprocess.STDOUT)
+    record = {"setting": name, "seed": seed, "flags": flags, "command": command, "returncode": returncode,
+              "wall_s": round(time.time() - started, 1), "loadavg_1min_start": load_before,
+              "loadavg_1min_end": os.getloadavg()[0]}
+    (out / RUN_RECORD).write_text(json.dumps(record, indent=2) + "\n")
+    return f"{out.name}: exit {returncode} after {record['wall_s']:.0f} s"
+
+
+def final_eval_texts(out: Path, step: int) -> dict[str, list[str]]:
+    """The eval replies of each arm at `step`, in prompt order, from completions.jsonl."""
+    rows: dict[str, list[tuple[int, str]]] = {}
+    with open(out / "completions.jsonl") as handle:
+        for line in handle:
+            row = json.loads(line)
+            if row["phase"] == "eval" and row["step"] == step:
+                rows.setdefault(row["arm"], []).append((row["index"], row["completion"]))
+    return {arm: [text for _, text in sorted(pairs)] for arm, pairs in rows.items()}
+
+
+def table_row(out: Path) -> dict:
+    """One finished run folder -> the numbers of the table."""
+    from auxiliary.evals.collapse import text_monitors
+
+    summary = json.loads((out / "summary.json").read_text())
+    config = json.loads((out / "config.json").read_text())
+    record_path = out / RUN_RECORD
+    record = json.loads(record_path.read_text()) if record_path.exists() else {}
+    style = config["run"]["style"]
+    final = summary["final"][style]
+    step = summary["final_step"]
+    texts = final_eval_texts(out, step)
+    texts["baseline"] = json.loads((out / "baseline_completions.json").read_text())["completions"]
+    degenerate = {arm: text_monitors(texts[arm])["degenerate_replies"] for arm in ("baseline", "feedback", "placebo")}
+    net = final["net_effect"]
+    head = summary["head_to_head_feedback_vs_placebo"].get(style, {})
+    paired = summary.get("paired_style_score_feedback_minus_placebo", {}).get(style, {})
+    name, _, seed = out.name.rpartition("-s")
+    return {
+        "setting": record.get("setting", name), "seed": record.get("seed", int(seed)),
+        "flags": record.get("flags"), "style": style, "final_step": step, "n": len(texts["baseline"]),
+        "win_rate": {arm: {"rate": final[arm]["win_rate"], "se": final[arm]["se"]} for arm in ("feedback", "placebo")},
+        "net_effect": {"diff": net["diff"], "se": net["se"],
+                       "beyond_2se": net["diff"] is not None and net["diff"] > 2 * net["se"]},
+        "head_to_head": {"rate": head.get("win_rate"), "se": head.get("se"), "wins": head.get("wins"),
+                         "losses": head.get("losses"), "ties": head.get("ties")},
+        # The style's rule score per reply, feedback - placebo over the same prompts (concise: minus words).
+        "paired_score": {"diff": paired.get("diff"), "se": paired.get("se")},
+        "degenerate": degenerate,
+        "degenerate_within_goal": degenerate["feedback"] <= degenerate["baseline"] + DEGENERATE_ALLOWANCE,
+        "mean_words": {"baseline": summary["baseline_mean_words"], "feedback": final["feedback"]["mean_words"],
+                       "placebo": final["placebo"]["mean_words"]},
+        "wall_s": record.get("wall_s"),
+        "loadavg_1min": [record.get("loadavg_1min_start"), record.get("loadavg_1min_end")],
+    }
+
+
+def collect_rows(root: Path) -> list[dict]:
+    """Every finished run under `root`, in the order of SETTINGS (then by name), then by seed."""
+    order = {name: i for i, name in enumerate(SETTINGS)}
+    rows = [table_row(path.parent) for path in root.glob("*/summary.json")]
+    return sorted(rows, key=lambda r: (order.get(r["setting"], len(order)), r["setting"], r["seed"]))
+
+
+def _rate(value: float | None, se: float | None, signed: bool = False) -> str:
+    if value is None:
+        return "n/a"
+    return f"{value:+.1f} ± {se:.1f}" if signed else f"{value:.1f} ± {se:.1f}"
+
+
+def _minutes(seconds: float | None) -> str:
+    return "n/a" if seconds is None else f"{int(seconds // 60)}:{int(seconds % 60):02d}"
+
+
+def markdown_table(rows: list[dict]) -> str:
+    headers = ["setting", "seed", "feedback vs baseline", "placebo vs baseline", "net effect", "> 2 SE",
+               "head to head", "paired score f - p", "degenerate b / f / p", "words b / f / p", "wall (m:s)"]
+    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    for r in rows:
+        words = " / ".join(f"{r['mean_words'][arm]:.1f}" for arm in ("baseline", "feedback", "placebo"))
+        degenerate = " / ".join(str(r["degenerate"][arm]) for arm in ("baseline", "feedback", "placebo"))
+        cells = [r["setting"], str(r["seed"]), _rate(r["win_rate"]["feedback"]["rate"], r["win_rate"]["feedback"]["se"]),
+                 _rate(r["win_rate"]["placebo"]["rate"], r["win_rate"]["placebo"]["se"]),
+                 _rate(r["net_effect"]["diff"], r["net_effect"]["se"], signed=True),
+                 "yes" if r["net_effect"]["beyond_2se"] else "no",
+                 _rate(r["head_to_head"]["rate"], r["head_to_head"]["se"]),
+                 _rate(r["paired_score"]["diff"], r["paired_score"]["se"], signed=True),
+                 f"{degenerate} of {r['n']}", words, _minutes(r["wall_s"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_table(root: Path) -> list[dict]:
+    rows = collect_rows(root)
+    (root / "table.json").write_text(json.dumps(rows, indent=2) + "\n")
+    (root / "table.md").write_text(markdown_table(rows))
+    return rows
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--settings", nargs="+", default=list(SETTINGS), metavar="NAME",
+                        help=f"named settings to run (default: all): {', '.join(SETTINGS)}")
+    parser.add_argument("--seeds", nargs="+", type=int, default=[1234])
+    parser.add_argument("--root", type=Path, default=DEFAULT_ROOT, help="one folder per run under it")
+    parser.add_argument("--parallel", type=int, default=1, help="runs at a time (1 or 2 on a 2-core machine)")
+    parser.add_argument("--nice", type=int, default=10, help="niceness of each run")
+    parser.add_argument("--python", default=str(REPO_ROOT / ".venv" / "bin" / "python"))
+    parser.add_argument("--table-only", action="store_true", help="run nothing; rebuild the table")
+    args = parser.parse_args(argv)
+    unknown = [name for name in args.settings if name not in SETTINGS]
+    if unknown:
+        parser.error(f"unknown setting(s) {', '.join(unknown)}; known: {', '.join(SETTINGS)}")
+    if len(set(args.settings)) != len(args.settings) or len(set(args.seeds)) != len(args.seeds):
+        parser.error("a setting or seed is listed twice")
+    if not 1 <= args.parallel <= 2:
+        parser.error("--parallel must be 1 or 2 (each run already takes a core)")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    args.root.mkdir(parents=True, exist_ok=True)
+    if not args.table_only:
+        jobs = [(name, SETTINGS[name], seed) for seed in args.seeds for name in args.settings]
+        with ThreadPoolExecutor(max_workers=args.parallel) as pool:
+            for line in pool.map(lambda job: run_one(*job, args.root, args.python, args.nice), jobs):
+                print(line, flush=True)
+    rows = write_table(args.root)
+    print(markdown_table(rows), end="")
+    print(f"table: {args.root / 'table.md'} and {args.root / 'table.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(REPO_ROOT))
+    sys.exit(main())
