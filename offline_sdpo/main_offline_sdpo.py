@@ -66,7 +66,6 @@ class OfflineTrainingArguments(LoraOptions, OptimizerOptions, ModelOptions):
         if self.output_dir is None:
             self.output_dir = os.environ.get("OUTPUT_DIR") or None
         check_ranges(self)
-        self.check_context()  # ContextOptions: placement and template
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype '{self.dtype}'; choose {', '.join(DTYPES)}")
         for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "lora_r"):
@@ -86,6 +85,7 @@ class OfflineSDPOArguments(OfflineTrainingArguments, ContextOptions, ObjectiveOp
     def __post_init__(self):
         ObjectiveOptions.__post_init__(self)  # the objective group validates its options
         OfflineTrainingArguments.__post_init__(self)
+        self.check_context()  # ContextOptions: placement and template
 
     def objective_options(self) -> ObjectiveOptions:
         return ObjectiveOptions.from_config(self)
