@@ -307,6 +307,41 @@ def check_output_dir(cfg: OfflineTrainingArguments) -> None:
         logger.warning("--overwrite: removed %d earlier results from %s", len(earlier), out)
 
 
+@dataclass
+class RunStart:
+    """What both offline trainers have once started: the policy, its tokenizer, the records."""
+    is_main: bool
+    resume: Optional[str]
+    records: list
+    summary: object
+    model_path: str
+    tokenizer: object
+    model: object
+    attn: str
+
+
+def start_run(cfg: OfflineTrainingArguments, args, tag: str, data_note: str = "") -> RunStart:
+    """Seed, quiet the other processes, find the checkpoint to resume (before anything loads), read the
+    records, load the tokenizer and the policy. Shared by the SDPO trainer and the SFT baseline."""
+    import transformers
+
+    from auxiliary.runtime.model_loading import load_tokenizer, pick_attn_implementation, resolve_model_path
+    from offline_sdpo.offline_sdpo_trainer import load_interactions
+
+    transformers.set_seed(cfg.seed)
+    is_main = args.process_index == 0
+    if not is_main:
+        transformers.utils.logging.set_verbosity_warning()
+    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)  # fail before any loading
+    records, summary = load_interactions(cfg.train_jsonl)
+    if is_main:
+        print(f"[{tag}] {summary.describe()}{data_note}", flush=True)
+    model_path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(model_path)
+    attn = pick_attn_implementation(cfg.attn_implementation, "cuda" if args.device.type == "cuda" else "cpu")
+    return RunStart(is_main, resume, records, summary, model_path, tokenizer, load_policy(cfg, model_path, attn), attn)
+
+
 def train(cfg: OfflineSDPOArguments) -> dict:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -314,28 +349,16 @@ def train(cfg: OfflineSDPOArguments) -> dict:
     import transformers
 
     from auxiliary.runtime.io_utils import atomic_write_json
-    from auxiliary.runtime.model_loading import load_tokenizer, pick_attn_implementation, resolve_model_path
     from offline_sdpo.offline_sdpo_trainer import (InteractionDataset, MetricsJsonlCallback, OfflineSDPOTrainer,
-                                                   SDPOCollator, load_interactions)
+                                                   SDPOCollator)
     from auxiliary.runtime.secrets import public_config
 
     precision = resolve_precision(cfg.dtype)
     optim = resolve_optim(cfg.optim)
     args = build_training_arguments(cfg, precision, optim)  # also sets up the process group (torchrun/accelerate)
-    transformers.set_seed(cfg.seed)
-    is_main = args.process_index == 0
-    if not is_main:
-        transformers.utils.logging.set_verbosity_warning()
-
-    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)  # fail before any loading
-    records, summary = load_interactions(cfg.train_jsonl)
-    if is_main:
-        print(f"[offline_sdpo] {summary.describe()}", flush=True)
-
-    model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(model_path)
-    attn = pick_attn_implementation(cfg.attn_implementation, "cuda" if args.device.type == "cuda" else "cpu")
-    model = load_policy(cfg, model_path, attn)
+    start = start_run(cfg, args, "offline_sdpo")
+    is_main, resume, records, summary = start.is_main, start.resume, start.records, start.summary
+    model_path, tokenizer, model, attn = start.model_path, start.tokenizer, start.model, start.attn
 
     resolved = {
         **public_config(asdict(cfg)),

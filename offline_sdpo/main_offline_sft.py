@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from offline_sdpo.main_offline_sdpo import (METRICS_FILENAME, OfflineTrainingArguments, build_training_arguments,
-                                            load_policy, resolve_checkpoint, resolve_optim, resolve_precision,
-                                            save_final_model, train_holding_output_dir)
+                                            resolve_optim, resolve_precision, save_final_model, start_run,
+                                            train_holding_output_dir)
 
 CONFIG_FILENAME = "offline_sft_config.json"  # the SDPO trainer's offline_sdpo_config.json, for this trainer
 logger = logging.getLogger("offline_sft")
@@ -85,27 +85,15 @@ def train(cfg: OfflineSFTArguments) -> dict:
     from trl import SFTTrainer
 
     from auxiliary.runtime.io_utils import atomic_write_json
-    from auxiliary.runtime.model_loading import load_tokenizer, pick_attn_implementation, resolve_model_path
     from auxiliary.runtime.secrets import public_config
-    from offline_sdpo.offline_sdpo_trainer import MetricsJsonlCallback, load_interactions
+    from offline_sdpo.offline_sdpo_trainer import MetricsJsonlCallback
 
     precision = resolve_precision(cfg.dtype)
     optim = resolve_optim(cfg.optim)
     args = build_sft_config(cfg, precision, optim)  # also sets up the process group (torchrun/accelerate)
-    transformers.set_seed(cfg.seed)
-    is_main = args.process_index == 0
-    if not is_main:
-        transformers.utils.logging.set_verbosity_warning()
-
-    resume = resolve_checkpoint(cfg.resume_from_checkpoint, cfg.output_dir)  # fail before any loading
-    records, summary = load_interactions(cfg.train_jsonl)
-    if is_main:
-        print(f"[offline_sft] {summary.describe()} (follow-ups ignored)", flush=True)
-
-    model_path = resolve_model_path(cfg.model)
-    tokenizer = load_tokenizer(model_path)
-    attn = pick_attn_implementation(cfg.attn_implementation, "cuda" if args.device.type == "cuda" else "cpu")
-    model = load_policy(cfg, model_path, attn)
+    start = start_run(cfg, args, "offline_sft", " (follow-ups ignored)")
+    is_main, resume, records, summary = start.is_main, start.resume, start.records, start.summary
+    model_path, tokenizer, model, attn = start.model_path, start.tokenizer, start.model, start.attn
     dataset = build_sft_dataset(records, tokenizer, cfg)
 
     resolved = {
