@@ -347,6 +347,12 @@ def check_lm_head(model, probe_length: int = 8) -> None:
             "sdpo_objective does not reproduce (it knows final_logit_softcapping only)")
 
 
+def _sharded_head(model) -> bool:
+    """The LM head's weight is a DeepSpeed ZeRO-3 partition or an FSDP2 shard."""
+    weight = getattr(_head(model), "weight", None)
+    return weight is not None and (hasattr(weight, "ds_id") or type(weight).__name__ == "DTensor")
+
+
 def _head(model):
     return _unwrap(model).get_output_embeddings()
 
@@ -810,6 +816,10 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
         hidden_t, targets, seq_index = _valid_rows(_response_hidden(teacher_model, batch_xo), batch_xo)
     hidden_s, _, _ = _valid_rows(_response_hidden(model, batch_x), batch_x)
     total = hidden_s.shape[0]
+    if _sharded_head(model):
+        # ZeRO-3 / FSDP gather the head's weight at every call, a collective: every process must make
+        # the same number of head calls whatever its number of response rows, so one chunk per pass.
+        chunk = max(chunk, total, 1)
 
     weight = (positions >= opts.ignore_first_k).float()
     tokens_per_seq = torch.zeros(num_seq, device=weight.device).index_add_(0, seq_index, weight).clamp(min=1)
