@@ -11,8 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from auxiliary.runtime.option_groups import (ContextOptions, FeedbackPlacementOptions, GenerationOptions, LoraOptions,
-                                             ModelOptions, OptimizerOptions, accept_field_aliases, check_ranges)
+from auxiliary.runtime.option_groups import (ContextOptions, FeedbackPlacementOptions, GenerationOptions, JudgeOptions, LoraOptions,
+                                             ModelOptions, OptimizerOptions, VLLMEngineOptions, accept_field_aliases,
+                                             check_ranges)
 from sdpo_objective import ObjectiveOptions
 
 
@@ -21,7 +22,7 @@ LR_SCHEDULERS = ("constant", "cosine", "linear")
 
 @accept_field_aliases
 @dataclass
-class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, ContextOptions, ObjectiveOptions, ModelOptions):
+class OnlineSDPOConfig(VLLMEngineOptions, LoraOptions, GenerationOptions, OptimizerOptions, ContextOptions, ObjectiveOptions, ModelOptions):
     # dataclass fields follow the bases from the last one: model, objective, context, optimiser, generation, LoRA
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
     train_steps_per_example: int = field(default=1, metadata={"help": "gradient steps per interaction (signal recomputed each step)"})
@@ -38,13 +39,9 @@ class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, Context
     max_checkpoints: int = field(default=2, metadata={"help": "newest checkpoints kept (0 = all)"})
     # misc
     seed: int = field(default=1234, metadata={"help": "random seed"})
-    use_vllm: bool = field(default=False, metadata={"help": "generate with vLLM (GPU, optional extra); LoRA adapter-only weight sync"})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "share of GPU memory vLLM may take"})
     vllm_enable_sleep_mode: bool = field(default=False, metadata={
         "help": "policy's vLLM engine sleeps during each update (weights to CPU, KV cache freed) and wakes for the next generation"})
-    vllm_tp: int = field(default=1, metadata={"help": "policy's vLLM engine: tensor parallel size"})
-    vllm_gpu_start: Optional[int] = field(default=None, metadata={
-        "help": "policy's vLLM engine: first GPU (default: vLLM's placement); keep it off the user's and judge's GPUs"})
 
     def __post_init__(self):
         super().__post_init__()  # the objective group validates its options
@@ -66,7 +63,7 @@ class OnlineSDPOConfig(LoraOptions, GenerationOptions, OptimizerOptions, Context
 
 
 @dataclass
-class OnlineRunConfig(FeedbackPlacementOptions):
+class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
     # data
     train_jsonl: str = field(default="data/helpsteer_prompts/train.jsonl",
                              metadata={"help": "training prompts (JSONL with `prompt` or `messages`)"})
@@ -101,13 +98,6 @@ class OnlineRunConfig(FeedbackPlacementOptions):
     judge_model: str = field(default="Qwen/Qwen3-32B", metadata={
         "help": "model of a local/vllm judge; for --judge claude a claude-* id (else the default Claude)"})
     judge_local: bool = field(default=False, metadata={"help": "the paper repository's spelling of --judge local"})
-    judge_framing: str = field(default="user", metadata={
-        "help": "user (the paper's: the judge role-plays the persona and decides as that user) or neutral (a referee)"})
-    judge_temperature: float = field(default=0.0, metadata={"help": "judge decoding temperature (0 = greedy, the paper's)"})
-    judge_max_new_tokens: Optional[int] = field(default=None, metadata={
-        "help": "judge reply length limit (default: 512 for Claude, 1024 for local and vLLM judges, as the paper's)"})
-    tie_margin: float = field(default=0.05, metadata={
-        "help": "log-prob judge: a verdict counts only when its label beats the runner-up by this many nats"})
     user_temperature: Optional[float] = field(default=None, metadata={
         "help": "user decoding temperature (default: 0 = greedy for Claude and vLLM users, 0.7 for local ones, as the paper's)"})
     api_concurrency: int = field(default=8, metadata={"help": "Claude requests in flight at most"})
@@ -145,10 +135,7 @@ class OnlineRunConfig(FeedbackPlacementOptions):
         for name, value in (("user_simulator", self.user_simulator), ("judge", self.judge)):
             if value not in ("rule", "local", "claude", "vllm"):
                 raise ValueError(f"--{name} must be rule, local, claude or vllm, got {value!r}")
-        from auxiliary.feedback.style_judge import JUDGE_FRAMINGS  # fail before any judge model loads
-
-        if self.judge_framing not in JUDGE_FRAMINGS:
-            raise ValueError(f"--judge_framing must be one of {', '.join(JUDGE_FRAMINGS)}, got {self.judge_framing!r}")
+        self.check_judge_options()
         check_ranges(self)
         plan = self.user_plan(seed=0)  # a malformed schedule or user list is one line, before anything is loaded
         # The last phase may end with a short batch; every other phase ends where an update (and an evaluation) does.

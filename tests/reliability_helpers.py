@@ -118,6 +118,20 @@ def read_jsonl(path: Path) -> list[dict]:
     return [json.loads(line) for line in Path(path).read_text().splitlines() if line.strip()]
 
 
+def run_in_process(entry, argv):
+    """An entry point's main(argv) in this process, leaving the environment as it found it."""
+    saved = dict(os.environ)
+    try:
+        return entry(argv)
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def read_metrics(out_dir) -> list[dict]:
+    return read_jsonl(Path(out_dir) / "metrics.jsonl")
+
+
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
 

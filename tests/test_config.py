@@ -8,12 +8,14 @@ import os
 import pytest
 import yaml
 
+from auxiliary.evals.style_eval import StyleEvalArgs
 from auxiliary.runtime.cli import ConfigError, parse_dataclasses
-from auxiliary.runtime.option_groups import ContextOptions, LoraOptions, ModelOptions, OptimizerOptions
+from auxiliary.runtime.option_groups import (ContextOptions, JudgeOptions, LoraOptions, ModelOptions, OptimizerOptions,
+                                             VLLMEngineOptions)
 from auxiliary.runtime.secrets import public_config
 from chat_sdpo import ChatConfig
 from offline_sdpo.main_offline_sdpo import OfflineSDPOArguments
-from online_sdpo_updater_config import OnlineSDPOConfig
+from online_sdpo_updater_config import OnlineRunConfig, OnlineSDPOConfig
 from sdpo_objective import ObjectiveOptions
 
 
@@ -30,6 +32,23 @@ def test_every_config_inherits_the_shared_groups_with_their_help(config, group):
     for name, f in fields(group).items():
         assert fields(config)[name].metadata["help"], (config.__name__, name)
     assert all(f.metadata.get("help") for f in dataclasses.fields(ObjectiveOptions))
+
+
+@pytest.mark.parametrize("config, group", [(OnlineRunConfig, JudgeOptions), (StyleEvalArgs, JudgeOptions),
+                                           (OnlineSDPOConfig, VLLMEngineOptions), (StyleEvalArgs, VLLMEngineOptions)])
+def test_judge_and_generation_engine_settings_are_declared_once(config, group):
+    # the online run and both evaluation tools take these from one group: same default, same help
+    assert issubclass(config, group)
+    for name, f in fields(group).items():
+        assert name not in vars(config).get("__annotations__", {}), (config.__name__, name)
+        assert (fields(config)[name].default, fields(config)[name].metadata) == (f.default, f.metadata)
+
+
+def test_the_judge_framing_is_checked_by_every_config_that_has_it():
+    with pytest.raises(ValueError, match="--judge_framing must be one of user, neutral, got 'referee'"):
+        OnlineRunConfig(judge_framing="referee")
+    with pytest.raises(ValueError, match="--judge_framing must be one of user, neutral, got 'referee'"):
+        StyleEvalArgs(judge_framing="referee").check()
 
 
 def test_subclasses_change_defaults_in_one_place():

@@ -16,7 +16,7 @@ import torch
 import eval_online_sdpo
 from auxiliary.evals.evaluation_helpers import win_rate_stats
 from auxiliary.feedback.factory import make_judge
-from reliability_helpers import copy_without_chat_template, flags_from_values, without_timings
+from reliability_helpers import copy_without_chat_template, flags_from_values, read_metrics, without_timings
 
 TRAIN = [f"Tell me something about topic number {i}." for i in range(5)]
 EVAL = [f"Explain idea {i} in simple terms." for i in range(6)]
@@ -40,10 +40,6 @@ def base_args(model_dir, data_dir, out, **overrides):
               "loss_mode": "simple_signal", "output_dir": out, "seed": 7}
     values.update(overrides)
     return flags_from_values(values)
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in (Path(out) / "metrics.jsonl").read_text().splitlines()]
 
 
 def read_history(out):

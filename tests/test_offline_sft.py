@@ -15,6 +15,7 @@ import torch
 
 from offline_sdpo.main_offline_sdpo import main as sdpo_main
 from offline_sdpo.main_offline_sft import CONFIG_FILENAME, OfflineSFTArguments, main as sft_main
+from reliability_helpers import read_metrics, run_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "offline" / "interactions.jsonl"
@@ -24,20 +25,6 @@ SHORT_RUN = ["--batch_size", "2", "--grad_accum", "2", "--max_steps", "3"]
 def flags(model_dir, out_dir):
     return ["--base_model", str(model_dir), "--train_jsonl", str(FIXTURE), "--output_dir", str(out_dir),
             "--learning_rate", "1e-3", "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--save_steps", "2"]
-
-
-def run_main(entry, argv):
-    """An entry point's main() in this process, leaving the environment as it found it."""
-    saved = dict(os.environ)
-    try:
-        return entry(argv)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-def read_metrics(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def load_model(path):
@@ -76,8 +63,8 @@ def completion_logprobs(model, pairs) -> list[torch.Tensor]:
 def runs(tiny_model_dir, tmp_path_factory):
     """3 optimizer steps of each trainer from the same file, same flags."""
     base = tmp_path_factory.mktemp("sft_and_sdpo")
-    sft = run_main(sft_main, flags(tiny_model_dir, base / "sft") + SHORT_RUN)
-    sdpo = run_main(sdpo_main, flags(tiny_model_dir, base / "sdpo") + SHORT_RUN)
+    sft = run_in_process(sft_main, flags(tiny_model_dir, base / "sft") + SHORT_RUN)
+    sdpo = run_in_process(sdpo_main, flags(tiny_model_dir, base / "sdpo") + SHORT_RUN)
     return {"sft": (base / "sft", sft), "sdpo": (base / "sdpo", sdpo)}
 
 
@@ -126,7 +113,7 @@ def test_only_completion_tokens_carry_loss_and_padding_changes_nothing(tiny_mode
 
 def test_lora_trains_an_adapter_and_saves_a_merged_model(tiny_model_dir, tmp_path):
     out = tmp_path / "lora"
-    result = run_main(sft_main, flags(tiny_model_dir, out) + ["--batch_size", "4", "--grad_accum", "1", "--max_steps", "1",
+    result = run_in_process(sft_main, flags(tiny_model_dir, out) + ["--batch_size", "4", "--grad_accum", "1", "--max_steps", "1",
                                                               "--learning_rate", "1e-2", "--use_lora", "--lora_r", "4",
                                                               "--lora_alpha", "8"])
     assert result["global_step"] == 1 and (out / "adapter" / "adapter_config.json").exists()
@@ -172,7 +159,7 @@ def test_bad_input_is_one_line_naming_file_line_and_field_with_exit_2(tiny_model
     missing.pop("completion")
     (tmp_path / "missing.jsonl").write_text(good[0] + "\n" + json.dumps(missing) + "\n")
     with pytest.raises(DataError, match=r"missing\.jsonl:2: missing field\(s\) completion"):
-        run_main(sft_main, flags(tiny_model_dir, tmp_path / "out1") + ["--train_jsonl", str(tmp_path / "missing.jsonl")])
+        run_in_process(sft_main, flags(tiny_model_dir, tmp_path / "out1") + ["--train_jsonl", str(tmp_path / "missing.jsonl")])
     (tmp_path / "bad.jsonl").write_text(good[0] + "\n{not json\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "offline_sdpo" / "main_offline_sft.py"),

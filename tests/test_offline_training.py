@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from offline_sdpo.main_offline_sdpo import CONFIG_FILENAME, OfflineSDPOArguments, main
+from reliability_helpers import read_metrics, run_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "offline" / "interactions.jsonl"
@@ -20,20 +21,6 @@ SDPO_METRICS = ("loss", "signal_mean", "signal_std", "signal_seq_mean", "logp_x"
 def common_flags(model_dir, out_dir):
     return ["--base_model", str(model_dir), "--train_jsonl", str(FIXTURE), "--output_dir", str(out_dir),
             "--learning_rate", "1e-3", "--warmup_ratio", "0", "--lr_scheduler_type", "constant", "--save_steps", "2"]
-
-
-def run_main(argv):
-    """main() in this process, leaving the environment as it found it."""
-    saved = dict(os.environ)
-    try:
-        return main(argv)
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
-
-
-def read_metrics(out_dir):
-    return [json.loads(line) for line in (Path(out_dir) / "metrics.jsonl").read_text().splitlines()]
 
 
 def state_dict(path):
@@ -50,7 +37,7 @@ def three_steps(tiny_model_dir, tmp_path_factory):
     yaml_file.write_text("batch_size: 2\ngrad_accum: 2\nmax_steps: 3\n")  # YAML keys are flags too
     os.environ["ANTHROPIC_API_KEY"] = SECRET  # must never reach any output file
     try:
-        result = run_main(common_flags(tiny_model_dir, out) + ["--config", str(yaml_file)])
+        result = run_in_process(main, common_flags(tiny_model_dir, out) + ["--config", str(yaml_file)])
     finally:
         os.environ.pop("ANTHROPIC_API_KEY", None)
     return out, result
@@ -95,7 +82,7 @@ def test_resume_continues_the_step_count_exactly(three_steps, tiny_model_dir, tm
     shutil.copytree(out, resumed)
     shutil.rmtree(resumed / "checkpoint-3")  # as if the job had died after step 2
     flags = common_flags(tiny_model_dir, resumed) + ["--batch_size", "2", "--grad_accum", "2", "--max_steps", "3"]
-    result = run_main(flags + ["--resume_from_checkpoint", "latest"])
+    result = run_in_process(main, flags + ["--resume_from_checkpoint", "latest"])
     assert result["global_step"] == 3 and result["interactions_seen"] == 4  # only step 3 was trained
     metrics = read_metrics(resumed)
     assert [m["step"] for m in metrics] == [1, 2, 3]  # the old step-3 line was dropped, the new one written
@@ -105,12 +92,12 @@ def test_resume_continues_the_step_count_exactly(three_steps, tiny_model_dir, tm
     for key, value in straight_weights.items():
         torch.testing.assert_close(resumed_weights[key], value, rtol=1e-5, atol=1e-7)
     with pytest.raises(ValueError, match="not a checkpoint folder"):
-        run_main(flags + ["--resume_from_checkpoint", str(tmp_path / "nowhere")])
+        run_in_process(main, flags + ["--resume_from_checkpoint", str(tmp_path / "nowhere")])
 
 
 def test_lora_with_reference_kl_and_full_distillation(tiny_model_dir, tmp_path):
     out = tmp_path / "lora"
-    result = run_main(common_flags(tiny_model_dir, out) + [
+    result = run_in_process(main, common_flags(tiny_model_dir, out) + [
         "--batch_size", "4", "--grad_accum", "1", "--max_steps", "1", "--learning_rate", "1e-2",
         "--use_lora", "--lora_r", "4", "--lora_alpha", "8", "--beta", "0.1", "--loss_mode", "full_distillation"])
     assert result["global_step"] == 1
@@ -143,7 +130,7 @@ def test_malformed_data_fails_before_training(tiny_model_dir, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(FIXTURE.read_text().splitlines()[0] + "\n{not json\n")
     with pytest.raises(DataError, match=r"bad\.jsonl:2: malformed JSON"):
-        run_main(common_flags(tiny_model_dir, tmp_path / "out") + ["--train_jsonl", str(bad)])
+        run_in_process(main, common_flags(tiny_model_dir, tmp_path / "out") + ["--train_jsonl", str(bad)])
     assert not (tmp_path / "out" / "checkpoint-1").exists()
 
 
@@ -201,9 +188,9 @@ def test_an_earlier_run_is_never_overwritten_silently(three_steps, tiny_model_di
     before = (earlier / "metrics.jsonl").read_bytes()
     flags = common_flags(tiny_model_dir, earlier) + ["--batch_size", "2", "--grad_accum", "2", "--max_steps", "1"]
     with pytest.raises(SystemExit) as refused:
-        run_main(flags)
+        run_in_process(main, flags)
     assert "already holds an earlier run" in str(refused.value) and "--overwrite" in str(refused.value)
     assert (earlier / "metrics.jsonl").read_bytes() == before and (earlier / "checkpoint-3").is_dir()
-    result = run_main(flags + ["--overwrite"])
+    result = run_in_process(main, flags + ["--overwrite"])
     assert result["global_step"] == 1 and not (earlier / "checkpoint-3").exists()
     assert [m["step"] for m in read_metrics(earlier)] == [1]

@@ -30,7 +30,7 @@ from typing import Optional, Sequence
 
 from auxiliary.feedback.factory import JUDGE_KINDS
 from auxiliary.runtime.io_utils import DataError
-from auxiliary.runtime.option_groups import JudgePlacementOptions
+from auxiliary.runtime.option_groups import JudgeOptions, JudgePlacementOptions, VLLMEngineOptions
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
@@ -40,7 +40,7 @@ DEFAULT_EVAL_STYLES = ["less_filler_praise_sycophancy", "no_emojis", "answer_dir
 
 
 @dataclass
-class StyleEvalArgs(JudgePlacementOptions):
+class StyleEvalArgs(VLLMEngineOptions, JudgeOptions, JudgePlacementOptions):
     """Flags shared by both evaluation tools (each tool adds its own)."""
     eval_styles: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_STYLES),
                                    metadata={"help": "styles to judge (several words, or one quoted space/comma separated list)"})
@@ -50,12 +50,6 @@ class StyleEvalArgs(JudgePlacementOptions):
     claude_model: Optional[str] = field(default=None, metadata={"help": "Claude model id for --judge claude (default: claude-haiku-4-5-20251001)"})
     judge_mode: str = field(default="generate", metadata={"help": "local judge: generate (verdict line) or logprob (A/B/C log-probs)"})
     judge_batch_size: int = field(default=8, metadata={"help": "local judge batch size"})
-    judge_framing: str = field(default="user", metadata={
-        "help": "user (the paper's: the judge role-plays the persona) or neutral (an impartial referee)"})
-    judge_temperature: float = field(default=0.0, metadata={"help": "judge decoding temperature (0 = greedy, the paper's)"})
-    judge_max_new_tokens: Optional[int] = field(default=None, metadata={
-        "help": "judge reply length limit (default: 512 for Claude, 1024 for local and vLLM judges)"})
-    tie_margin: float = field(default=0.05, metadata={"help": "logprob judge: the margin (nats) a verdict needs over the runner-up"})
     api_concurrency: int = field(default=8, metadata={"help": "Claude requests in flight"})
     vllm_gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vLLM judge: share of GPU memory"})
     eval_n: int = field(default=100, metadata={"help": "held-out prompts to evaluate on"})
@@ -72,11 +66,6 @@ class StyleEvalArgs(JudgePlacementOptions):
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, eager, flash_attention_2"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
-    use_vllm: bool = field(default=False, metadata={
-        "help": "generate the evaluated models' completions with vLLM (GPU; LoRA checkpoints served as adapters on their base)"})
-    vllm_tp: int = field(default=1, metadata={"help": "--use_vllm: tensor parallel size of the generation engine"})
-    vllm_gpu_start: Optional[int] = field(default=None, metadata={
-        "help": "--use_vllm: first GPU of the generation engine (default: vLLM's placement); a vLLM judge may sit elsewhere"})
     generation_vllm_gpu_memory_utilization: float = field(default=0.4, metadata={
         "help": "--use_vllm: share of GPU memory of the generation engine (the judge's is --vllm_gpu_memory_utilization)"})
 
@@ -89,10 +78,7 @@ class StyleEvalArgs(JudgePlacementOptions):
         self.eval_styles = split_list(self.eval_styles)
         if not self.eval_styles:
             raise ValueError("--eval_styles is empty")
-        from auxiliary.feedback.style_judge import JUDGE_FRAMINGS  # fail before any judge model loads
-
-        if self.judge_framing not in JUDGE_FRAMINGS:
-            raise ValueError(f"--judge_framing must be one of {', '.join(JUDGE_FRAMINGS)}, got {self.judge_framing!r}")
+        self.check_judge_options()
         if self.judge not in JUDGE_KINDS:
             raise ValueError(f"unknown --judge {self.judge!r}; choose one of {', '.join(JUDGE_KINDS)}")
         if self.eval_n < 1:

@@ -45,6 +45,7 @@ from auxiliary.evals.evaluation_helpers import Prompt, prompt_as_text
 from auxiliary.feedback.personas import get_persona
 from auxiliary.feedback.style_checks import RULE_CHECKABLE_STYLES, build_style_checks, degeneracy, looks_unfinished
 from auxiliary.feedback.user_simulator import UnsupportedStyleError, load_local_model
+from auxiliary.runtime.option_groups import JUDGE_FRAMINGS
 
 VERDICTS = ("A", "B", "C")
 JUDGEMENT_PREFIX = "Judgement:"
@@ -108,7 +109,6 @@ def parse_verdict(text: str | None) -> str | None:
 
 # --------------------------------------------------------------------------- prompt
 
-JUDGE_FRAMINGS = ("user", "neutral")
 NEUTRAL_JUDGE_SYSTEM = "You are an impartial, careful judge of writing style."
 USER_JUDGE_RULES = (
     "You are this user. An assistant answered one of your requests twice, and you decide, as yourself, which "

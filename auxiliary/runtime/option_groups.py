@@ -186,6 +186,36 @@ class LoraOptions:
     lora_target_modules: str = field(default="all-linear", metadata={"help": "comma-separated module names, or all-linear"})
 
 
+JUDGE_FRAMINGS = ("user", "neutral")
+
+
+@dataclass
+class JudgeOptions:
+    """How a model judge decides, in the online run and in both evaluation tools."""
+    judge_framing: str = field(default="user", metadata={
+        "help": "user (the paper's: the judge role-plays the persona and decides as that user) or neutral (a referee)"})
+    judge_temperature: float = field(default=0.0, metadata={"help": "judge decoding temperature (0 = greedy, the paper's)"})
+    judge_max_new_tokens: Optional[int] = field(default=None, metadata={
+        "help": "judge reply length limit (default: 512 for Claude, 1024 for local and vLLM judges, as the paper's)"})
+    tie_margin: float = field(default=0.05, metadata={
+        "help": "log-prob judge: a verdict counts only when its label beats the runner-up by this many nats"})
+
+    def check_judge_options(self) -> None:
+        """Fail before any judge model loads (the ranges are in RANGES)."""
+        if self.judge_framing not in JUDGE_FRAMINGS:
+            raise ValueError(f"--judge_framing must be one of {', '.join(JUDGE_FRAMINGS)}, got {self.judge_framing!r}")
+
+
+@dataclass
+class VLLMEngineOptions:
+    """The vLLM engine that generates the replies of the policy (online) or of the evaluated models (evaluation tools)."""
+    use_vllm: bool = field(default=False, metadata={
+        "help": "generate the model's replies with vLLM (GPU, optional extra; LoRA weights reach it as an adapter)"})
+    vllm_tp: int = field(default=1, metadata={"help": "the generation engine's tensor parallel size"})
+    vllm_gpu_start: Optional[int] = field(default=None, metadata={
+        "help": "the generation engine's first GPU (default: vLLM's placement); keep it off a vLLM user's and judge's GPUs"})
+
+
 @dataclass
 class JudgePlacementOptions:
     """Where a vLLM judge runs (of the GPUs visible to the job; nothing hard-codes an index)."""
