@@ -77,40 +77,41 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
         logp_x = torch.empty(total, device=hidden_s.device)
         logp_xo = torch.empty(total, device=hidden_s.device) if distill else plan.logp_xo
         kl_values = torch.empty(total, device=hidden_s.device) if distill else None
-        for start in range(0, total, max(1, int(chunk_size))):
-            rows = slice(start, min(total, start + max(1, int(chunk_size))))
+        chunk = max(1, int(chunk_size))
+        # Two [chunk, V] float32 buffers for the whole call (student, teacher logits), filled in place: a fresh
+        # one per chunk costs more than the product itself on CPU (tens of MB, page-faulted in every time).
+        student_buffer = torch.empty((min(chunk, total), weight.shape[0]), device=hidden_s.device)
+        teacher_buffer = torch.empty_like(student_buffer) if distill else None
+        for start in range(0, total, chunk):
+            rows = slice(start, min(total, start + chunk))
             h = h_all[rows].to(compute_dtype)
             target = targets[rows].unsqueeze(1)
-            logits = F.linear(h, w).float()
-            cap_slope = None
-            if softcap is not None:
-                squashed = logits.div_(softcap).tanh_()
-                logits = squashed * softcap
-                cap_slope = squashed.square_().neg_().add_(1.0)  # in place: 1 - tanh^2
-            ids = logits.topk(k, dim=-1).indices if distill else None
+            logits, cap_slope = logits_into(student_buffer[:h.shape[0]], h, w, softcap, with_slope=True)
+            top = logits.topk(k, dim=-1) if distill else None
+            ids, row_max = (top.indices, top.values[:, :1]) if distill else (None, None)  # the top-1 is the max
             tail_buckets = with_tail and distill
-            if tail_buckets:  # logits become p outside the top-k (0 at the top-k): the softmax the gradient needs
-                student_buckets, target_logp = _tail_buckets(
-                    logits, ids, target, lambda index: _logits(h[index], w, softcap), as_probabilities=True)
-                logp = logits
-            else:
-                logp = torch.log_softmax(logits, dim=-1)
-                target_logp = logp.gather(1, target)
-                student_buckets = plan.buckets(logp, ids, with_tail) if distill else None
-            del logits
+            if tail_buckets:  # logits become exp(z - max) outside the top-k, 0 at the top-k
+                student_buckets, target_logp, student_log_total = _tail_buckets(
+                    logits, ids, target, lambda index: _logits(h[index], w, softcap), row_max=row_max)
+            else:  # logits become exp(z - max); the few log-probs read come from the row's log-sum-exp
+                picked_values = top.values.double() if distill else None
+                target_value = logits.gather(1, target).double()
+                row_max, student_log_total = exp_in_place(logits, row_max)
+                target_logp = (target_value - row_max - student_log_total).float()
+                student_buckets = (picked_values - row_max - student_log_total).float() if distill else None
             teacher_buckets = None
             if distill:
                 h_teacher = hidden_t[rows].to(compute_dtype)
-                teacher_logits = _logits(h_teacher, w_teacher, softcap)
+                teacher_logits, _ = logits_into(teacher_buffer[:h.shape[0]], h_teacher, w_teacher, softcap)
                 if tail_buckets:
-                    teacher_buckets, teacher_target = _tail_buckets(
+                    teacher_buckets, teacher_target, _ = _tail_buckets(
                         teacher_logits, ids, target, lambda index: _logits(h_teacher[index], w_teacher, softcap))
                 else:
-                    teacher_logp = torch.log_softmax(teacher_logits, dim=-1)
-                    teacher_target = teacher_logp.gather(1, target)
-                    teacher_buckets = plan.buckets(teacher_logp, ids, with_tail)
-                    del teacher_logp
-                del teacher_logits
+                    teacher_picked = teacher_logits.gather(1, ids).double()
+                    teacher_value = teacher_logits.gather(1, target).double()
+                    teacher_max, teacher_log_total = exp_in_place(teacher_logits)
+                    teacher_target = (teacher_value - teacher_max - teacher_log_total).float()
+                    teacher_buckets = (teacher_picked - teacher_max - teacher_log_total).float()
                 logp_xo[rows] = teacher_target.squeeze(1)
                 picked = torch.cat([student_buckets, target_logp], dim=1).requires_grad_(True)
             else:
@@ -125,19 +126,20 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
             if distill:
                 kl_values[rows] = kl.detach()
             row_scale = -grad_picked.sum(dim=1, keepdim=True)
-            # in place (logp is not needed any more): p, or (tail bucket: formed above) p outside the top-k
-            grad_logits = logp if tail_buckets else logp.exp_()
+            # In place: the buffer holds exp(z - max) (0 at the top-k with the tail bucket); the row's factor
+            # carries the softmax's normalisation exp(-log_total), so p is never formed on its own.
+            grad_logits = logits
             if with_tail and distill:
                 grad_tail = grad_picked[:, k:k + 1]
                 row_scale = row_scale + grad_tail  # the tail bucket's gradient sums to zero over z
                 # g_tail * P_K / P_tail in float64: P_tail may be far below float32's range while g_tail ~ P_tail
                 mass_ratio = torch.exp(torch.logsumexp(picked[:, :k].double(), dim=1, keepdim=True)
                                        - picked[:, k:k + 1].double())
-                tail_scale = torch.where(grad_tail != 0, grad_tail.double() * mass_ratio, 0.0).float()
-                grad_logits.mul_(row_scale + tail_scale)
+                tail_scale = torch.where(grad_tail != 0, grad_tail.double() * mass_ratio, 0.0)
+                grad_logits.mul_(((row_scale.double() + tail_scale) * torch.exp(-student_log_total)).float())
                 grad_logits.scatter_add_(1, ids, picked[:, :k].exp() * (row_scale - grad_tail))
             else:
-                grad_logits.mul_(row_scale)
+                grad_logits.mul_((row_scale.double() * torch.exp(-student_log_total)).float())
             if distill:
                 columns = torch.cat([ids, target], dim=1)
                 grad_columns = torch.cat([grad_picked[:, :k], grad_picked[:, -1:]], dim=1)
@@ -154,7 +156,7 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
                     grad_weight.addmm_(grad_logits.t(), h)
                 else:  # fp32 master weights under autocast: accumulate in fp32, as autograd would
                     grad_weight += (grad_logits.t() @ h).float()
-            del logp, grad_logits
+            del logits, grad_logits
         if grad_weight is not None:
             grad_weight = grad_weight.to(weight.dtype)
     loss = _LossWithPrecomputedGradients.apply(loss_value, hidden_s, weight, grad_hidden, grad_weight)
@@ -179,6 +181,30 @@ def _logits(h, w, softcap):
     return logits
 
 
+def logits_into(out, h, w, softcap, with_slope: bool = False):
+    """(float32 logits of h in `out`, soft-capping's slope 1 - tanh^2 or None): the product written straight
+    into the reused buffer when h and w are float32 (else computed in their dtype, then copied)."""
+    if h.dtype == torch.float32 and w.dtype == torch.float32:
+        torch.mm(h, w.t(), out=out)
+    else:
+        out.copy_(F.linear(h, w))
+    if softcap is None:
+        return out, None
+    squashed = out.div_(softcap).tanh_()
+    slope = squashed.square().neg_().add_(1.0) if with_slope else None
+    return squashed.mul_(softcap), slope
+
+
+def exp_in_place(logits, row_max=None):
+    """`logits` becomes exp(logits - row max); returns (row max, log of the row's sum of those), float64
+    [rows, 1] each: log p = logit - max - log sum. The largest term is exp(0) = 1, so the float32 sum
+    neither underflows nor cancels: log_softmax's accuracy without its [rows, V] output."""
+    if row_max is None:
+        row_max = logits.amax(dim=1, keepdim=True)
+    total = logits.sub_(row_max).exp_().sum(dim=1, keepdim=True)
+    return row_max.double(), total.double().log()
+
+
 def _log_outside_sum(values, ids, exact_masked_lse):
     """Per row, log of the sum of exp(values) outside `ids`, in float64 [rows, 1]. `values` (row max 0)
     becomes exp(values) with 0 at ids, in place; rows below the bound above take exact_masked_lse(row index)."""
@@ -192,14 +218,16 @@ def _log_outside_sum(values, ids, exact_masked_lse):
     return log_outside
 
 
-def _tail_buckets(logits, ids, target, recompute_logits, as_probabilities: bool = False):
-    """([log-probs at ids, tail] [rows, k + 1], log-prob of the target [rows, 1]) from float32 logits,
-    without a log-softmax: the row max, one exp and one sum over the row; the few values read are
-    normalised in float64. Student and teacher go through the same steps, so that the rounding of
-    their log-probs is alike where they are alike (the divergence is their difference).
-    `logits` is consumed: exp(logits - max), 0 at ids, and (as_probabilities) divided by the row's
-    total, i.e. the probabilities outside the top-k."""
-    row_max = logits.amax(dim=1, keepdim=True)
+def _tail_buckets(logits, ids, target, recompute_logits, row_max=None):
+    """([log-probs at ids, tail] [rows, k + 1], log-prob of the target [rows, 1], log of the row's
+    total sum of exp(logits - max) in float64 [rows, 1]) from float32 logits, without a log-softmax:
+    the row max (or the given one: the student's top-1 value), one exp and one sum over the row; the few values
+    read are normalised in float64. Student and teacher go through the same steps, so that the
+    rounding of their log-probs is alike where they are alike (the divergence is their difference).
+    `logits` is consumed: it becomes exp(logits - max) with 0 at ids (times exp(-total): the
+    probabilities outside the top-k)."""
+    if row_max is None:
+        row_max = logits.amax(dim=1, keepdim=True)
     picked = logits.gather(1, ids).double() - row_max.double()
     target_value = logits.gather(1, target).double() - row_max.double()
 
@@ -209,7 +237,5 @@ def _tail_buckets(logits, ids, target, recompute_logits, as_probabilities: bool 
 
     log_outside = _log_outside_sum(logits.sub_(row_max), ids, exact)
     log_total = torch.logaddexp(torch.logsumexp(picked, dim=1, keepdim=True), log_outside)
-    if as_probabilities:
-        logits.mul_(torch.exp(-log_total).float())
     buckets = torch.cat([picked - log_total, log_outside - log_total], dim=1).float()
-    return buckets, (target_value - log_total).float()
+    return buckets, (target_value - log_total).float(), log_total

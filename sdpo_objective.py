@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sdpo_fused_head import fused_head_loss, fused_head_supported
+from sdpo_fused_head import exp_in_place, fused_head_loss, fused_head_supported, logits_into
 
 logger = logging.getLogger(__name__)
 
@@ -419,8 +419,16 @@ def resolve_chunk_size(chunk_size: int | None, device) -> int:
 
 
 def token_logprobs(head: "_HeadLogits", hidden_rows: torch.Tensor, targets: torch.Tensor,
-                   chunk_size: int) -> torch.Tensor:
-    """log p(target) for each row, chunked; checkpointed when gradients flow."""
+                   chunk_size: int, fused_numerics: bool = False) -> torch.Tensor:
+    """log p(target) for each row, chunked; checkpointed when gradients flow (log_softmax).
+
+    `fused_numerics` (no gradients; a plain head, as the fused head needs): the fused head's way instead,
+    each chunk's logits written into one reused buffer and normalised in place, log p = z - max - log sum
+    in float64 (closer to float64 than log_softmax at V = 151,936: 1e-6 against 5e-5). Log-probs that
+    are subtracted from one another (the signal, the reference KL) must all come one way or the other:
+    their rounding then cancels where the rows are alike."""
+    if fused_numerics and not (torch.is_grad_enabled() and hidden_rows.requires_grad):
+        return _target_logprobs_in_place(head, hidden_rows, targets, chunk_size)
     pieces = []
     for start, end in _chunks(hidden_rows.shape[0], chunk_size):
         if torch.is_grad_enabled() and hidden_rows.requires_grad:
@@ -431,10 +439,32 @@ def token_logprobs(head: "_HeadLogits", hidden_rows: torch.Tensor, targets: torc
     return torch.cat(pieces) if pieces else hidden_rows.new_zeros(0, dtype=torch.float32)
 
 
-def score_tokens(model, batch: ScoringBatch, chunk_size: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log p(y_t | context), sequence index) over the N real response tokens, row-major."""
+def _target_logprobs_in_place(head: "_HeadLogits", hidden_rows, targets, chunk_size: int):
+    total = hidden_rows.shape[0]
+    out = torch.empty(total, device=hidden_rows.device)
+    weight = head.linear.weight
+    buffer = None
+    if head.scope is None and weight.dtype == hidden_rows.dtype == torch.float32 and total:
+        buffer = torch.empty((min(max(1, int(chunk_size)), total), weight.shape[0]), device=hidden_rows.device)
+    for start, end in _chunks(total, chunk_size):
+        if buffer is not None:
+            logits, _ = logits_into(buffer[:end - start], hidden_rows[start:end], weight, head.softcap)
+        else:
+            logits = head(hidden_rows[start:end])
+        target_value = logits.gather(1, targets[start:end].unsqueeze(1)).double()
+        row_max, log_sum = exp_in_place(logits)
+        out[start:end] = (target_value - row_max - log_sum).squeeze(1).float()
+    return out
+
+
+def score_tokens(model, batch: ScoringBatch, chunk_size: int | None = None,
+                 fused_numerics: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log p(y_t | context), sequence index) over the N real response tokens, row-major. `fused_numerics`:
+    as the fused head rounds (token_logprobs), where the model's head allows it."""
     hidden, targets, seq_index = _valid_rows(_response_hidden(model, batch), batch)
-    return token_logprobs(_HeadLogits(model), hidden, targets, resolve_chunk_size(chunk_size, hidden.device)), seq_index
+    fused_numerics = fused_numerics and fused_head_supported(model, hidden)
+    return token_logprobs(_HeadLogits(model), hidden, targets, resolve_chunk_size(chunk_size, hidden.device),
+                          fused_numerics), seq_index
 
 
 def split_by_sequence(values: torch.Tensor, batch: ScoringBatch) -> list[torch.Tensor]:
@@ -825,9 +855,6 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
     tokens_per_seq = torch.zeros(num_seq, device=weight.device).index_add_(0, seq_index, weight).clamp(min=1)
     plan = _TokenLossPlan(opts, num_seq, seq_index, positions, weight, tokens_per_seq[seq_index])
     use_ref = opts.beta > 0 and ref_model is not None
-    if use_ref:
-        with torch.no_grad():
-            plan.ref_logp, _ = score_tokens(ref_model, batch_x, chunk)
     head = _HeadLogits(model)
     teacher_head = teacher.head(model, head)
     fused = False
@@ -838,13 +865,17 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
             _LOGGED_FALLBACKS.add(refusal)
             logger.info("fused LM head off, checkpointed chunks instead: %s", refusal)
 
+    # The log-probs the student's are compared with come the way the student's own will (token_logprobs).
+    if use_ref:
+        with torch.no_grad():
+            plan.ref_logp, _ = score_tokens(ref_model, batch_x, chunk, fused_numerics=fused)
     if opts.loss_mode == "simple_signal":
         with torch.no_grad():
-            plan.logp_xo = token_logprobs(teacher_head, hidden_t, targets, chunk)
+            plan.logp_xo = token_logprobs(teacher_head, hidden_t, targets, chunk, fused_numerics=fused)
     if fused:
         if opts.loss_mode == "simple_signal" and opts.center_signal:
             with torch.no_grad():  # centring needs each reply's whole signal before any token's weight is known
-                prepass = token_logprobs(head, hidden_s.detach(), targets, chunk)
+                prepass = token_logprobs(head, hidden_s.detach(), targets, chunk, fused_numerics=True)
                 plan.signal = shape_signal(plan.logp_xo - prepass, seq_index, positions, num_seq, opts)[0]
         loss, logp_x, logp_xo, kl_values = fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk,
                                                            teacher_head=teacher_head)

@@ -109,13 +109,18 @@ def floor_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Objec
     grad_hidden = torch.empty_like(hidden_s)
     grad_weight = torch.zeros_like(weight)
     size = resolve_chunk_size(opts.logits_chunk_size, weight.device)
+    # The products written into two [chunk, V] buffers reused by every chunk, as the fused head does: a
+    # fresh [chunk, V] tensor per product is page-faulted in anew on CPU and would raise the floor.
+    logits = weight.new_empty((min(size, max(1, hidden_s.shape[0])), weight.shape[0]))
+    stand_in = torch.empty_like(logits)
     with torch.no_grad():
         for start in range(0, hidden_s.shape[0], size):
             rows = hidden_s[start:start + size].detach()
-            rows @ weight.t()  # the student's logits: computed by every method, unused here
-            stand_in = hidden_t[start:start + size] @ weight.t()
-            torch.mm(stand_in, weight, out=grad_hidden[start:start + size])
-            grad_weight.addmm_(stand_in.t(), rows)
+            n = rows.shape[0]
+            torch.mm(rows, weight.t(), out=logits[:n])  # the student's logits: computed by every method, unused here
+            torch.mm(hidden_t[start:start + size], weight.t(), out=stand_in[:n])
+            torch.mm(stand_in[:n], weight, out=grad_hidden[start:start + size])
+            grad_weight.addmm_(stand_in[:n].t(), rows)
     return (hidden_s * grad_hidden).sum() + (weight * grad_weight).sum()
 
 

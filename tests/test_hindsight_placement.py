@@ -48,7 +48,9 @@ def test_offline_collator_renders_the_separate_turn(tiny_tokenizer):
 
 def test_main_offline_passes_the_placement_to_its_collator(tiny_model_dir, tmp_path, monkeypatch):
     import offline_sdpo.offline_sdpo_trainer as trainer_module
-    from test_offline_training import common_flags, run_main
+    from offline_sdpo.main_offline_sdpo import main
+    from reliability_helpers import run_in_process
+    from test_offline_training import common_flags
 
     placements = []
 
@@ -58,7 +60,7 @@ def test_main_offline_passes_the_placement_to_its_collator(tiny_model_dir, tmp_p
             placements.append(self.hindsight_placement)
 
     monkeypatch.setattr(trainer_module, "SDPOCollator", RecordingCollator)
-    run_main(common_flags(tiny_model_dir, tmp_path / "out") + ["--max_steps", "1", "--batch_size", "1",
+    run_in_process(main, common_flags(tiny_model_dir, tmp_path / "out") + ["--max_steps", "1", "--batch_size", "1",
                                                                 "--grad_accum", "1",
                                                                 "--hindsight_placement", "separate_turn"])
     assert placements == ["separate_turn"]

@@ -58,7 +58,9 @@ def test_fused_head_with_soft_capping_matches_checkpointed_path(loss_mode):
     assert grads_f.keys() == grads_c.keys()
     for name, grad in grads_c.items():
         scale = float(grad.abs().max().clamp(min=1e-8))
-        torch.testing.assert_close(grads_f[name] / scale, grad / scale, atol=2e-6, rtol=0, msg=name)
+        # 1e-5 of the largest entry: the fused path's log-probs are z - max - log sum in float64, the
+        # checkpointed path's float32 log_softmax; the two round differently (measured: 4.8e-6 at most here)
+        torch.testing.assert_close(grads_f[name] / scale, grad / scale, atol=1e-5, rtol=0, msg=name)
 
 
 def test_simple_signal_loss_of_soft_capped_model_by_hand():

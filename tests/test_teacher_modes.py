@@ -174,18 +174,20 @@ def test_offline_ema_teacher_is_checkpointed_and_restored(tiny_model_dir, tmp_pa
     import shutil
 
     from safetensors.torch import load_file
-    from test_offline_training import common_flags, read_metrics, run_main
+    from offline_sdpo.main_offline_sdpo import main
+    from reliability_helpers import read_metrics, run_in_process
+    from test_offline_training import common_flags
 
     out = tmp_path / "ema"
     extra = ["--batch_size", "2", "--grad_accum", "1", "--max_steps", "3", "--loss_mode", "full_distillation",
              "--teacher", "ema", "--teacher_ema_rate", "0.5"]
-    run_main(common_flags(tiny_model_dir, out) + extra)
+    run_in_process(main, common_flags(tiny_model_dir, out) + extra)
     saved = load_file(str(out / "checkpoint-2" / "teacher_ema.safetensors"))
     assert saved and all(torch.isfinite(v).all() for v in saved.values())
     resumed = tmp_path / "resumed"
     shutil.copytree(out, resumed)
     shutil.rmtree(resumed / "checkpoint-3")  # as if the job had died after step 2
-    run_main(common_flags(tiny_model_dir, resumed) + extra + ["--resume_from_checkpoint", "latest"])
+    run_in_process(main, common_flags(tiny_model_dir, resumed) + extra + ["--resume_from_checkpoint", "latest"])
     # step 3 used the restored teacher: the same loss as without the interruption
     assert read_metrics(resumed)[2]["loss"] == pytest.approx(read_metrics(out)[2]["loss"], rel=1e-5)
     final_straight = load_file(str(out / "checkpoint-3" / "teacher_ema.safetensors"))
