@@ -68,6 +68,9 @@ logger = logging.getLogger("eval_online_sdpo")
 
 ARMS = ("feedback", "placebo")
 # Wall-clock fields of metrics.jsonl and eval_history.json: the only values a resumed run does not reproduce.
+# Model-config dropout rates (besides nn.Dropout modules) that --arms_in_parallel refuses when above 0.
+DROPOUT_SETTINGS = ("attention_dropout", "hidden_dropout", "dropout", "resid_pdrop", "attn_pdrop", "embd_pdrop",
+                    "hidden_dropout_prob", "attention_probs_dropout_prob")
 TIMING_KEYS = ("time", "seconds", "gen_time_s", "sim_time_s", "train_time_s", "eval_gen_time_s", "judge_time_s")
 
 
@@ -140,6 +143,8 @@ class OnlineRun:
                              "(each update needs the same number of interactions on every process)")
         self._make_users_and_judges()
         self._load_policies()
+        if self.parallel_arms:
+            self._check_arms_in_parallel()
         if run.resume:
             self._resume()
         if self.world > 1:
@@ -186,6 +191,43 @@ class OnlineRun:
         for failed, need in problems:
             if failed:
                 raise SetupError(f"--per_user_adapters needs {need}")
+
+    @property
+    def parallel_arms(self) -> bool:
+        return self.run.arms_in_parallel and len(self.arms) > 1
+
+    def _check_arms_in_parallel(self) -> None:
+        """Two arms in two threads give the replies and weights of one after the other only when nothing in
+        them draws from the process's one random stream: sampling does not (generation.SeededSampler), dropout
+        would."""
+        import torch
+
+        if self.sdpo.use_vllm:
+            raise SetupError("--arms_in_parallel needs generation without --use_vllm (each engine batches on its own)")
+        if self.world > 1:  # two DDP models all-reducing from two threads would interleave their collectives
+            raise SetupError("--arms_in_parallel needs a single process (under torchrun each process runs its arms in turn)")
+        for arm, updater in self.updaters.items():
+            config = getattr(updater.model, "config", None)
+            rates = [m.p for m in updater.model.modules() if isinstance(m, torch.nn.Dropout)]
+            rates += [float(getattr(config, name, 0) or 0) for name in DROPOUT_SETTINGS]
+            if any(rate > 0 for rate in rates):
+                raise SetupError(f"--arms_in_parallel needs a model without dropout (the {arm} arm's has "
+                                 f"{max(rates)}; with --use_lora set --lora_dropout 0): dropout draws from the "
+                                 "process's one random stream, which two threads would share")
+
+    def _per_arm(self, work) -> dict:
+        """{arm: work(arm)}: one arm after the other, or (--arms_in_parallel) each arm in its own thread with
+        its share of the torch threads; `work` must touch only its arm's policy."""
+        if not self.parallel_arms:
+            return {arm: work(arm) for arm in self.arms}
+        from concurrent.futures import ThreadPoolExecutor
+
+        from auxiliary.runtime.generation import split_torch_threads
+
+        with split_torch_threads(len(self.arms)), \
+                ThreadPoolExecutor(max_workers=len(self.arms), thread_name_prefix="arm") as pool:
+            futures = {arm: pool.submit(work, arm) for arm in self.arms}
+            return {arm: future.result() for arm, future in futures.items()}
 
     def _load_tokenizer(self):
         from auxiliary.runtime.model_loading import load_tokenizer, resolve_model_path
@@ -250,7 +292,9 @@ class OnlineRun:
         self.updaters["feedback"] = first
         if self.run.placebo:
             twin = copy.deepcopy(first.model)  # the same initial weights, without a second load
-            self.updaters["placebo"] = OnlineSDPOUpdater(arm_config, model=twin, tokenizer=first.tokenizer)
+            # In two threads each arm has its own tokenizer (a fast tokenizer is not safe to share between threads).
+            tokenizer = copy.deepcopy(first.tokenizer) if self.run.arms_in_parallel else first.tokenizer
+            self.updaters["placebo"] = OnlineSDPOUpdater(arm_config, model=twin, tokenizer=tokenizer)
 
     def _adapter_updaters(self, peft_model, tokenizer, arm_config) -> dict:
         """One LoRA adapter per user on the arm's one base model (peft's named adapters: no copy of the base
@@ -330,7 +374,9 @@ class OnlineRun:
             if self.start_step > 1:
                 raise SetupError(f"--resume: {self.out / 'baseline_completions.json'} is missing; "
                                  "the baseline (the initial policy) cannot be rebuilt")
-            self.baseline = [r.text for r in self._generate_eval("feedback", "baseline")]
+            # --arms_in_parallel: the cores the two arms will share take the baseline's batches side by side
+            workers = len(self.arms) if self.parallel_arms else 1
+            self.baseline = [r.text for r in self._generate_eval("feedback", "baseline", workers=workers)]
         self.folder.save_baseline(signature, self.baseline)
 
     @property
@@ -428,7 +474,8 @@ class OnlineRun:
                    for step, style in zip(steps, styles)]
         completions = [[] for _ in steps]
         share = 1 / len(steps)  # a row's part of the batch's phase times: the rows add up to the run's time
-        for arm in self.arms:
+
+        def answer(arm):
             updater = self.policy(arm, styles[0])  # per-user adapters run with B = 1 (checked by the config)
             started = time.perf_counter()
             # One sampling seed per batch, from its first step (B = 1: the step's own seed, as always).
@@ -437,16 +484,29 @@ class OnlineRun:
             # Collapse monitors of each reply, scored by the policy that wrote it (before its update).
             monitors = [reply_monitors(updater.model, updater.tokenizer, messages, reply.text)
                         for messages, reply in zip(conversations, replies)]
+            return replies, monitors, generated - started
+
+        answered = self._per_arm(answer)  # the policies' work may run in parallel; the users' never does
+        followups_of, sim_time = {}, {}
+        for arm in self.arms:
             asked = time.perf_counter()
-            followups = self._followups(arm, steps, styles, prompts, [reply.text for reply in replies])
-            simulated = time.perf_counter()
-            update = updater.train_batch(conversations, [reply.ids for reply in replies], followups)
-            trained = time.perf_counter()
+            followups_of[arm] = self._followups(arm, steps, styles, prompts, [reply.text for reply in answered[arm][0]])
+            sim_time[arm] = time.perf_counter() - asked
+
+        def learn(arm):
+            started = time.perf_counter()
+            update = self.policy(arm, styles[0]).train_batch(conversations, [reply.ids for reply in answered[arm][0]],
+                                                             followups_of[arm])
+            return update, time.perf_counter() - started
+
+        learned = self._per_arm(learn)
+        for arm in self.arms:
+            updater = self.policy(arm, styles[0])
+            (replies, monitors, gen_time), followups, (update, train_time) = answered[arm], followups_of[arm], learned[arm]
             signals = update.pop("signal_per_sequence")
             update["update"] = update.pop("step")  # the updater's count of updates: rows of one batch share it
-            times = {"gen_time_s": round(share * (generated - started), 4),
-                     "sim_time_s": round(share * (simulated - asked), 4),
-                     "train_time_s": round(share * (trained - simulated), 4)}
+            times = {"gen_time_s": round(share * gen_time, 4), "sim_time_s": round(share * sim_time[arm], 4),
+                     "train_time_s": round(share * train_time, 4)}
             for i, (step, style, prompt, reply, followup) in enumerate(zip(steps, styles, prompts, replies, followups)):
                 metrics = dict(update, followup=followup, reply_tokens=len(reply.ids), reply_words=words(reply.text),
                                reply_finished=reply.finished, **times, reply_degenerate=monitors[i]["degenerate"],
@@ -482,10 +542,10 @@ class OnlineRun:
 
         return [prompt_as_messages(p) for p in self.eval_prompts]
 
-    def _generate_eval(self, arm: str, desc: str, adapter: str | None = None):
+    def _generate_eval(self, arm: str, desc: str, adapter: str | None = None, workers: int = 1):
         return self.policy(arm, adapter or self.user_styles[0]).generate(
             self._eval_messages(), max_new_tokens=self.run.eval_max_new_tokens, seed=self.eval_seed, progress=True,
-            desc=desc)
+            desc=desc, workers=workers)
 
     def _eval_groups(self) -> list[tuple[str | None, list[str]]]:
         """(adapter, styles judged on its replies): the shared policy on every style, or each user's adapter
@@ -495,9 +555,14 @@ class OnlineRun:
     def evaluate(self, step: int) -> None:
         if not self.eval_prompts:
             return
+        from auxiliary.evals.collapse import eval_monitors
+
         phase = self.phase_number(step)
-        for arm in self.arms:
-            for adapter, styles in self._eval_groups():
+
+        def replies_and_monitors(arm):
+            """{adapter: (texts, generation seconds, the arm's collapse monitors on them)} of one arm."""
+            found = {}
+            for adapter, _ in self._eval_groups():
                 started = time.perf_counter()
                 if step == 0 and not self.run.baseline_model:
                     # Same initial weights (LoRA adapters start at zero) and sampling seed as the baseline: identical.
@@ -506,9 +571,18 @@ class OnlineRun:
                     where = f"{arm}/{adapter}" if adapter else arm
                     texts = [r.text for r in self._generate_eval(arm, f"eval {where} @{step}", adapter)]
                 gen_time = round(time.perf_counter() - started, 4)
+                updater = self.policy(arm, adapter or self.user_styles[0])
+                found[adapter] = (texts, gen_time, eval_monitors(updater.model, updater.tokenizer,
+                                                                 self._eval_messages(), texts, self.baseline))
+            return found
+
+        evaluated = self._per_arm(replies_and_monitors)
+        for arm in self.arms:
+            for adapter, styles in self._eval_groups():
+                texts, gen_time, monitors = evaluated[arm][adapter]
                 self.eval_texts[(step, arm, adapter)] = texts
                 tags = {"phase": phase, **({"adapter": adapter} if adapter else {}),
-                        "monitors": self._monitors(step, arm, adapter, texts)}
+                        "monitors": self._monitors(step, arm, adapter, monitors)}
                 for style in styles:
                     self._judge_record(step, style, arm, texts, self.baseline, "initial", gen_time, tags)
                 if self.run.phase_baseline == "snapshot" and step > 0:
@@ -529,13 +603,11 @@ class OnlineRun:
             f"{' vs snapshot' if r['baseline'] == 'snapshot' else ''} {fmt_rate(r)}"
             for r in self.history if r["step"] == step))
 
-    def _monitors(self, step: int, arm: str, adapter: str | None, texts: list[str]) -> dict:
-        """Collapse monitors of one arm's eval replies (auxiliary/evals/collapse.py), relative to step 0's;
+    def _monitors(self, step: int, arm: str, adapter: str | None, monitors: dict) -> dict:
+        """One arm's collapse monitors of its eval replies (collapse.eval_monitors), relative to step 0's;
         a monitor past its threshold is a logged warning (and kept in the record)."""
-        from auxiliary.evals.collapse import collapse_warnings, eval_monitors, relative_to_start, text_monitors
+        from auxiliary.evals.collapse import collapse_warnings, relative_to_start, text_monitors
 
-        updater = self.policy(arm, adapter or self.user_styles[0])
-        monitors = eval_monitors(updater.model, updater.tokenizer, self._eval_messages(), texts, self.baseline)
         start = monitors if step == 0 else next(
             (r["monitors"] for r in self.history if r["step"] == 0 and r["arm"] == arm
              and r.get("adapter") == adapter and "monitors" in r), None)

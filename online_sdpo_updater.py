@@ -100,7 +100,8 @@ class OnlineSDPOUpdater:
     # ------------------------------------------------------------------ generation
     def generate(self, conversations: Sequence[Sequence[dict]], max_new_tokens: int | None = None,
                  temperature: float | None = None, top_p: float | None = None, seed: int | None = None,
-                 progress: bool = False, desc: str = "generate") -> list[GeneratedResponse]:
+                 progress: bool = False, desc: str = "generate", workers: int = 1) -> list[GeneratedResponse]:
+        """Replies as text and ids; `workers` > 1: that many batches at once in threads (generate_responses)."""
         conversations = [normalize_messages(c) for c in conversations]
         max_new_tokens = self.config.max_new_tokens if max_new_tokens is None else max_new_tokens
         temperature = self.config.temperature if temperature is None else temperature
@@ -109,7 +110,7 @@ class OnlineSDPOUpdater:
             return self._vllm_engine().generate(conversations, max_new_tokens, temperature, top_p, seed)
         return generate_responses(self.model, self.tokenizer, conversations, max_new_tokens, temperature, top_p,
                                   self.config.generation_batch_size, self.config.max_context_length, seed,
-                                  progress, desc)
+                                  progress, desc, workers)
 
     def generate_response(self, messages: Sequence[dict]) -> str:
         """The paper repository's call: one reply to one conversation, as text."""

@@ -105,6 +105,10 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         "help": "Claude: retries of a request on 429/408/5xx/timeouts/connection errors, then the run stops"})
     api_timeout_s: float = field(default=60.0, metadata={"help": "Claude: seconds to wait for one answer"})
     placebo: bool = field(default=False, metadata={"help": "also train a placebo arm whose user is always neutral"})
+    arms_in_parallel: bool = field(default=False, metadata={
+        "help": "with --placebo: each arm generates, is scored and is updated in a thread of its own, with half the "
+                "torch threads (CPU: about half the wall time; the same replies and weights as one arm after the "
+                "other; the users still answer one at a time); needs a model without dropout"})
     placebo_texts: list[str] = field(default_factory=lambda: ["OK, thanks."], metadata={
         "help": "the placebo user's follow-ups (one is drawn per step)"})
     # evaluation

@@ -6,8 +6,9 @@
 Each setting is a list of flag overrides over configs/demo.yaml (SETTINGS below, the record of what
 was tried). One run per (setting, seed) goes to ROOT/<name>-s<seed>/; a run whose summary.json
 exists is skipped, so the search can be stopped and restarted. Each run is a child process with one
-CPU thread under `nice`, so two can share a 2-core machine with other work; its wall time and the
-load average around it are written to ROOT/<name>-s<seed>/search_run.json.
+torch thread under `nice`; the profile's `arms_in_parallel` runs its two arms side by side, one core
+each, so on a 2-core machine run one at a time (`--parallel 1`); its wall time and the load average
+around it are written to ROOT/<name>-s<seed>/search_run.json.
 
 The table (ROOT/table.md and ROOT/table.json) has, per run: the win rate against the baseline of the
 feedback and placebo arms at the final step (+- SE), the net effect (feedback - placebo) +- SE and
@@ -48,6 +49,9 @@ SETTINGS: dict[str, list[str]] = {
     "k-0": ["--ignore_first_k", "0"],
     "full-distillation": ["--loss_mode", "full_distillation"],
     "train-30": ["--train_n", "30", "--eval_every", "15"],
+    # --arms_in_parallel (the profile's since 2026-12-02) refuses dropout: LoRA without it, the arms side by side
+    "lora-1e-4-d0": LORA + ["--lora_dropout", "0", "--lr", "1e-4"],
+    "lora-3e-5-d0": LORA + ["--lora_dropout", "0", "--lr", "3e-5"],
 }
 
 

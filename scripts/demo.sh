@@ -64,6 +64,7 @@ cat <<HEADER
 policy      SmolLM2-135M-Instruct (embedded), fp32, $("$PY" -c 'import torch; print(torch.get_num_threads())') CPU threads
 user        rule-based '$STYLE' user (complains when a reply is over 60 words, else approves)
 placebo     a second policy, same start, same prompts and seeds; its user always says "OK, thanks."
+            (arms_in_parallel: $(profile_value arms_in_parallel): the two arms side by side, half the CPU threads each)
 objective   $LOSS_MODE, signal centred per reply, first $IGNORE_FIRST_K reply tokens ignored, lr $LR, 1 step per interaction
 run         $TRAIN_N interactions, $EVAL_N held-out prompts judged at steps 0, every $EVAL_EVERY and the end
 judge       rule-based '$STYLE' judge vs the initial policy's replies (shorter wins; both orders)

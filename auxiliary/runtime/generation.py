@@ -1,6 +1,7 @@
 """Batched generation with Hugging Face `generate`: left padding, text AND token ids back."""
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -47,12 +48,48 @@ def cut_at_stop(generated: Sequence[int], stops: set[int]) -> tuple[list[int], b
     return ids, False
 
 
+@contextlib.contextmanager
+def split_torch_threads(parts: int):
+    """Give each of `parts` threads working at once its share of the process's torch threads (at least one)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, threads // max(1, parts)))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
+
+
+class SeededSampler:
+    """Sampling as a logits processor with its own torch.Generator, for `generate(do_sample=False)`.
+
+    `generate` samples from the process's one random stream; two policies generating at once (the
+    arms of an online run in two threads) would then draw from it in an order that varies run to
+    run. This processor applies transformers' own temperature and top-p warpers, draws the next
+    token from its private generator, and leaves only that token finite, so greedy selection picks
+    it: the same replies whatever else the process does meanwhile."""
+
+    def __init__(self, temperature: float, top_p: float, generator: torch.Generator):
+        from transformers.generation.logits_process import TemperatureLogitsWarper, TopPLogitsWarper
+
+        self.warpers = [TemperatureLogitsWarper(temperature)] + ([TopPLogitsWarper(top_p)] if top_p < 1.0 else [])
+        self.generator = generator
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        for warper in self.warpers:
+            scores = warper(input_ids, scores)
+        probs = torch.softmax(scores.float(), dim=-1)
+        chosen = torch.multinomial(probs, num_samples=1, generator=self.generator)
+        return torch.full_like(scores, float("-inf")).scatter_(1, chosen, 0.0)
+
+
 @torch.no_grad()
 def generate_responses(model, tokenizer, conversations: Sequence[Sequence[dict]], max_new_tokens: int = 256,
                        temperature: float = 1.0, top_p: float = 1.0, batch_size: int = 16,
                        max_context_length: int | None = None, seed: int | None = None,
-                       progress: bool = False, desc: str = "generate") -> list[GeneratedResponse]:
-    """Generate one reply per conversation. temperature 0 means greedy decoding."""
+                       progress: bool = False, desc: str = "generate", workers: int = 1) -> list[GeneratedResponse]:
+    """Generate one reply per conversation. temperature 0 means greedy decoding. `workers` > 1 runs that
+    many batches at once in threads (each with its share of the torch threads): the same replies, since
+    each seeded batch samples from its own generator (unseeded sampling stays one batch at a time)."""
     from tqdm.auto import tqdm
 
     was_training = model.training
@@ -63,25 +100,45 @@ def generate_responses(model, tokenizer, conversations: Sequence[Sequence[dict]]
     if max_context_length:
         contexts = [c[-max_context_length:] for c in contexts]
     sampling = temperature > 0
-    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sampling, eos_token_id=stops,
+    # do_sample stays off: a seeded run samples through SeededSampler (its own generator), an unseeded
+    # one through transformers' sampling on the process's random stream, as before.
+    kwargs = dict(max_new_tokens=max_new_tokens, do_sample=sampling and seed is None, eos_token_id=stops,
                   pad_token_id=tokenizer.pad_token_id)
-    if sampling:
+    if sampling and seed is None:
         kwargs.update(temperature=temperature, top_p=top_p, top_k=0)
+    else:  # keep the model's generation_config from asking for sampling (or warping) of its own
+        kwargs.update(temperature=1.0, top_p=1.0)
+    starts = list(range(0, len(contexts), batch_size))
+
+    def one_batch(batch_index: int) -> list[list[int]]:
+        chunk = contexts[starts[batch_index]:starts[batch_index] + batch_size]
+        input_ids, attention = left_pad(chunk, tokenizer.pad_token_id, device)
+        extra = {}
+        if sampling and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(seed + batch_index)
+            extra["logits_processor"] = [SeededSampler(temperature, top_p, generator)]
+        output = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs, **extra)
+        return output[:, input_ids.shape[1]:].tolist()
+
+    # Batches side by side only where nothing draws from the process's one random stream.
+    workers = max(1, min(int(workers), len(starts))) if (seed is not None or not sampling) else 1
     results: list[GeneratedResponse] = []
-    starts = range(0, len(contexts), batch_size)
     try:
-        for batch_index, start in enumerate(tqdm(starts, desc=desc, disable=not progress, leave=False)):
-            chunk = contexts[start:start + batch_size]
-            input_ids, attention = left_pad(chunk, tokenizer.pad_token_id, device)
-            if seed is not None:
-                torch.manual_seed(seed + batch_index)
-            output = model.generate(input_ids=input_ids, attention_mask=attention, **kwargs)
-            for row in output[:, input_ids.shape[1]:].tolist():
-                ids, finished = cut_at_stop(row, set(stops))
-                if not ids:  # max_new_tokens == 0 or immediate pad; keep one stop token so y is never empty
-                    ids, finished = [stops[0]], True
-                text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                results.append(GeneratedResponse(text=text, ids=ids, finished=finished))
+        with contextlib.ExitStack() as stack:
+            if workers > 1:
+                from concurrent.futures import ThreadPoolExecutor
+
+                stack.enter_context(split_torch_threads(workers))
+                batches = stack.enter_context(ThreadPoolExecutor(max_workers=workers)).map(one_batch, range(len(starts)))
+            else:
+                batches = map(one_batch, range(len(starts)))
+            for rows in tqdm(batches, total=len(starts), desc=desc, disable=not progress, leave=False):
+                for row in rows:  # decoded here, in this thread: one tokenizer, never used by two at once
+                    ids, finished = cut_at_stop(row, set(stops))
+                    if not ids:  # max_new_tokens == 0 or immediate pad; keep one stop token so y is never empty
+                        ids, finished = [stops[0]], True
+                    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                    results.append(GeneratedResponse(text=text, ids=ids, finished=finished))
     finally:
         model.train(was_training)
     return results
