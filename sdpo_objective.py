@@ -467,6 +467,21 @@ def score_tokens(model, batch: ScoringBatch, chunk_size: int | None = None,
                           fused_numerics), seq_index
 
 
+@torch.no_grad()
+def response_token_stats(model, batch: ScoringBatch, chunk_size: int | None = None):
+    """No gradients: (log p(y_t | context), the entropy of the next-token distribution there, sequence
+    index) over the N real response tokens, row-major; the batch is scored as the objective scores it."""
+    hidden, targets, seq_index = _valid_rows(_response_hidden(model, batch), batch)
+    head = _HeadLogits(model)
+    logp_out, entropy_out = [], []
+    for start, end in _chunks(hidden.shape[0], resolve_chunk_size(chunk_size, hidden.device)):
+        logp = torch.log_softmax(head(hidden[start:end]), dim=-1)
+        logp_out.append(logp.gather(1, targets[start:end].unsqueeze(1)).squeeze(1))
+        entropy_out.append(-(logp.exp() * logp).sum(dim=-1))
+    empty = hidden.new_zeros(0, dtype=torch.float32)
+    return (torch.cat(logp_out) if logp_out else empty), (torch.cat(entropy_out) if entropy_out else empty), seq_index
+
+
 def split_by_sequence(values: torch.Tensor, batch: ScoringBatch) -> list[torch.Tensor]:
     lengths = batch.response_mask.sum(dim=1).tolist()
     return list(torch.split(values, lengths))

@@ -20,10 +20,12 @@ def test_text_monitors_by_hand():
     assert distinct_n([]) == 1.0 and text_monitors([])["degenerate_share"] == 0.0
 
 
-def test_policy_monitors_equal_a_direct_computation(tiny_model, tiny_tokenizer):
-    conversations = [[{"role": "user", "content": "hello there"}], [{"role": "user", "content": "count to three"}]]
+@pytest.mark.parametrize("batch_size", [1, 2])  # one reply per forward, or both left-padded in one
+def test_policy_monitors_equal_a_direct_computation(tiny_model, tiny_tokenizer, batch_size):
+    conversations = [[{"role": "user", "content": "hello there"}],
+                     [{"role": "user", "content": "count to three, then keep counting a while"}]]
     replies = ["hello friend", "one two three"]
-    got = policy_monitors(tiny_model, tiny_tokenizer, conversations, replies)
+    got = policy_monitors(tiny_model, tiny_tokenizer, conversations, replies, batch_size=batch_size)
     entropy, logprob, tokens = 0.0, 0.0, 0
     with torch.no_grad():
         for messages, text in zip(conversations, replies):

@@ -133,3 +133,15 @@ def test_every_setting_changes_exactly_the_fields_its_flags_name(name):
     changed = {key for key, value in _demo_config(flags).items() if value != default[key]}
     named = {flag.removeprefix("--") for flag in flags if flag.startswith("--")}
     assert changed == named
+
+
+def test_copy_tokens_are_the_repeats_of_an_earlier_trigram():
+    from bench.demo_copy_signal import centred, copy_tokens, mean_and_se
+
+    ids = [5, 6, 7, 8, 5, 6, 7, 9, 6, 7, 8]
+    # position 6 closes (5, 6, 7) seen at 0-2; position 10 closes (6, 7, 8) seen at 1-3; 9 closes (9, 6, 7): new
+    assert copy_tokens(ids, 0) == [False] * 6 + [True, False, False, False, True]
+    assert copy_tokens(ids, 4) == [False, False, True, False, False, False, True]
+    assert centred([9.0, 1.0, 2.0, 3.0], 1) == [-1.0, 0.0, 1.0]
+    mean, se = mean_and_se([1.0, 2.0, 3.0])
+    assert mean == 2.0 and abs(se - (1.0 / 3) ** 0.5) < 1e-12

@@ -49,33 +49,31 @@ def text_monitors(texts: Sequence[str]) -> dict:
             "mean_words": sum(map(count_words, texts)) / n if n else 0.0}
 
 
-def policy_monitors(model, tokenizer, conversations: Sequence[Sequence[dict]], reply_texts: Sequence[str]) -> dict:
+def policy_monitors(model, tokenizer, conversations: Sequence[Sequence[dict]], reply_texts: Sequence[str],
+                    batch_size: int = 8) -> dict:
     """Mean next-token entropy and mean log-probability of the replies under `model`, per token.
 
-    One reply at a time, with logits only at the reply's positions (logits_to_keep), so memory
-    stays at one reply's [R, V]. Reply texts are tokenised again: a monitor, not the objective.
+    Replies are scored `batch_size` at a time, left-padded, as the objective scores (sdpo_objective.
+    response_token_stats: logits only at reply positions, in chunks). Reply texts are tokenised again:
+    a monitor, not the objective.
     """
-    import torch
-
-    from sdpo_objective import render_context_ids
+    from sdpo_objective import build_scoring_batch, render_context_ids, response_token_stats
 
     device = next(model.parameters()).device
+    pairs = [(render_context_ids(tokenizer, messages), reply) for messages, reply in
+             ((m, tokenizer(t, add_special_tokens=False)["input_ids"]) for m, t in zip(conversations, reply_texts))
+             if reply]
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     entropy_sum, logprob_sum, tokens = 0.0, 0.0, 0
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad():
-            for messages, text in zip(conversations, reply_texts):
-                reply = tokenizer(text, add_special_tokens=False)["input_ids"]
-                if not reply:
-                    continue
-                context = render_context_ids(tokenizer, messages)
-                ids = torch.tensor([context + reply], device=device)
-                logits = model(input_ids=ids, logits_to_keep=len(reply) + 1, use_cache=False).logits[0, :-1].float()
-                logp = torch.log_softmax(logits, dim=-1)
-                entropy_sum += float(-(logp.exp() * logp).sum(dim=-1).sum())
-                logprob_sum += float(logp.gather(1, torch.tensor(reply, device=device).unsqueeze(1)).sum())
-                tokens += len(reply)
+        for start in range(0, len(pairs), max(1, batch_size)):
+            contexts, replies = zip(*pairs[start:start + batch_size])
+            logp, entropy, _ = response_token_stats(model, build_scoring_batch(contexts, replies, pad, device=device))
+            entropy_sum += float(entropy.double().sum())
+            logprob_sum += float(logp.double().sum())
+            tokens += int(logp.numel())
     finally:
         model.train(was_training)
     if not tokens:
