@@ -84,6 +84,43 @@ def derive_seed(*parts) -> int:
     return int.from_bytes(digest[:4], "big") & 0x7FFFFFFF
 
 
+class FrozenPolicy:
+    """--overlap_generation: a copy of an arm's policy that answers the next batch in a thread while the
+    update changes the policy. It generates as the updater does (OnlineSDPOUpdater.generate on the copy:
+    the same settings and seeds) and `refresh` copies the trainable weights back in before each update
+    (the others never change: a LoRA run copies only its adapters)."""
+
+    def __init__(self, updater):
+        import copy
+
+        self.updates = updater.step  # how many updates the copied weights have seen
+        self.source = updater
+        self.twin = copy.copy(updater)  # the updater's settings and generate(); its own model and tokenizer
+        self.twin.model = copy.deepcopy(updater.model).requires_grad_(False).eval()
+        self.twin.tokenizer = copy.deepcopy(updater.tokenizer)  # a fast tokenizer is not safe to share between threads
+        self.pairs = [(mine, theirs) for mine, theirs in zip(self.twin.model.parameters(), updater.model.parameters())
+                      if theirs.requires_grad]
+
+    @property
+    def model(self):
+        return self.twin.model
+
+    @property
+    def tokenizer(self):
+        return self.twin.tokenizer
+
+    def generate(self, conversations, seed):
+        return self.twin.generate(conversations, seed=seed)
+
+    def refresh(self) -> None:
+        import torch
+
+        with torch.no_grad():
+            for mine, theirs in self.pairs:
+                mine.copy_(theirs)
+        self.updates = self.source.step
+
+
 # --------------------------------------------------------------------------- the run
 
 class OnlineRun:
@@ -103,6 +140,8 @@ class OnlineRun:
         self.metrics: list[dict] = []
         self.history: list[dict] = []
         self.eval_texts: dict[tuple, list[str]] = {}  # (step, arm, adapter) -> eval replies of this process
+        self.frozen: dict = {}  # --overlap_generation: arm -> FrozenPolicy, the weights that answer the next batch
+        self.answered_ahead: dict = {}  # --overlap_generation: first step of a batch -> its answers, made ahead
         self.start_step = 1
         self.wandb = WandbRun()
         self.folder = None  # the run folder: the main process's alone
@@ -122,6 +161,8 @@ class OnlineRun:
                              f"--interactions_per_update {self.batch_size} (checkpoints are taken between updates)")
         if self.per_user:
             self._check_per_user_adapters()
+        if run.overlap_generation:
+            self._check_overlap()
         if self.world > 1:
             self._start_processes()
         if run.resume and not (run.output_dir or run.run_name or os.environ.get("OUTPUT_DIR")):
@@ -145,6 +186,8 @@ class OnlineRun:
         self._load_policies()
         if self.parallel_arms:
             self._check_arms_in_parallel()
+        if run.overlap_generation:
+            self.frozen = {arm: FrozenPolicy(updater) for arm, updater in self.updaters.items()}
         if run.resume:
             self._resume()
         if self.world > 1:
@@ -192,6 +235,16 @@ class OnlineRun:
             if failed:
                 raise SetupError(f"--per_user_adapters needs {need}")
 
+    def _check_overlap(self) -> None:
+        problems = [(self.world > 1, "a single process (each process's update waits for the others' all-reduce)"),
+                    (self.sdpo.use_vllm, "generation without --use_vllm (the engine holds the latest weights)"),
+                    (self.per_user, "no --per_user_adapters (the users' adapters share one base model)"),
+                    (self.run.resume, "a run without --resume (a checkpoint holds the latest weights, not the older "
+                                      "ones that answered the batch after it, so a resume would not replay the run)")]
+        for failed, need in problems:
+            if failed:
+                raise SetupError(f"--overlap_generation needs {need}")
+
     @property
     def parallel_arms(self) -> bool:
         return self.run.arms_in_parallel and len(self.arms) > 1
@@ -220,14 +273,9 @@ class OnlineRun:
         its share of the torch threads; `work` must touch only its arm's policy."""
         if not self.parallel_arms:
             return {arm: work(arm) for arm in self.arms}
-        from concurrent.futures import ThreadPoolExecutor
+        from auxiliary.runtime.generation import run_side_by_side
 
-        from auxiliary.runtime.generation import split_torch_threads
-
-        with split_torch_threads(len(self.arms)), \
-                ThreadPoolExecutor(max_workers=len(self.arms), thread_name_prefix="arm") as pool:
-            futures = {arm: pool.submit(work, arm) for arm in self.arms}
-            return {arm: future.result() for arm, future in futures.items()}
+        return dict(zip(self.arms, run_side_by_side([lambda arm=arm: work(arm) for arm in self.arms])))
 
     def _load_tokenizer(self):
         from auxiliary.runtime.model_loading import load_tokenizer, resolve_model_path
@@ -406,8 +454,9 @@ class OnlineRun:
         bar = tqdm(total=self.num_steps, initial=self.start_step - 1, desc="interactions", unit="step",
                    dynamic_ncols=True, disable=not self.main_process)
         try:  # closed on an interrupt too: the error line starts a line of its own
-            for steps in self.batches():
-                records = self.interact_batch(steps)
+            batches = self.batches()
+            for index, steps in enumerate(batches):
+                records = self.interact_batch(steps, batches[index + 1] if index + 1 < len(batches) else None)
                 if not self.main_process:
                     self._barrier()  # while the main process writes, evaluates and checkpoints
                     continue
@@ -443,11 +492,11 @@ class OnlineRun:
         first_steps = range(self.start_step, self.num_steps + 1, self.batch_size)
         return [list(range(start, min(start + self.batch_size, self.num_steps + 1))) for start in first_steps]
 
-    def interact_batch(self, steps: list[int]) -> list[dict]:
+    def interact_batch(self, steps: list[int], next_steps: list[int] | None = None) -> list[dict]:
         """The interactions of `steps` (one batched generation per arm, the users' follow-ups, one update on
         them); one metrics record per step, the update's metrics shared by its rows (`update` names it).
         Several processes: each takes every world-th step of the batch; DDP's gradient is that of the union."""
-        records, completions = self._interact_share(steps[self.rank::self.world])
+        records, completions = self._interact_share(steps[self.rank::self.world], next_steps)
         if self.world > 1:
             import torch.distributed as dist
 
@@ -461,37 +510,24 @@ class OnlineRun:
                     self.folder.append_completion(row)
         return records
 
-    def _interact_share(self, steps: list[int]) -> tuple[list[dict], list[list[dict]]]:
-        """This process's interactions of a batch: (metrics records, completions rows per step)."""
-        from auxiliary.evals.collapse import reply_monitors
-        from auxiliary.evals.evaluation_helpers import prompt_as_messages
-
-        prompts = [self.train_prompts[step - 1] for step in steps]
-        conversations = [prompt_as_messages(prompt) for prompt in prompts]
-        styles = [self.plan.style_at(step) for step in steps]  # a function of the step (and seed): a resume replays it
+    def _interact_share(self, steps: list[int], next_steps: list[int] | None = None
+                        ) -> tuple[list[dict], list[list[dict]]]:
+        """This process's interactions of a batch: (metrics records, completions rows per step).
+        --overlap_generation: the batch was answered during the previous update (the first one now), and
+        `next_steps` is answered during this one, by the frozen copies of the weights before it."""
+        if not self.frozen:
+            answers = self._answer_share(steps, {arm: self.policy(arm, self.plan.style_at(steps[0])) for arm in self.arms})
+        elif steps[0] in self.answered_ahead:
+            answers = self.answered_ahead.pop(steps[0])
+        else:  # the run's first batch: nothing ran ahead of it
+            answers = self._answer_share(steps, self.frozen)
+        prompts, conversations, styles = answers["prompts"], answers["conversations"], answers["styles"]
+        answered, followups_of, sim_time = answers["answered"], answers["followups"], answers["sim_time"]
         now = time.time()
         records = [{"step": step, "time": now, "style": style, "phase": self.phase_number(step)}
                    for step, style in zip(steps, styles)]
         completions = [[] for _ in steps]
         share = 1 / len(steps)  # a row's part of the batch's phase times: the rows add up to the run's time
-
-        def answer(arm):
-            updater = self.policy(arm, styles[0])  # per-user adapters run with B = 1 (checked by the config)
-            started = time.perf_counter()
-            # One sampling seed per batch, from its first step (B = 1: the step's own seed, as always).
-            replies = updater.generate(conversations, seed=derive_seed(self.sdpo.seed, "train", steps[0]))
-            generated = time.perf_counter()
-            # Collapse monitors of each reply, scored by the policy that wrote it (before its update).
-            monitors = [reply_monitors(updater.model, updater.tokenizer, messages, reply.text)
-                        for messages, reply in zip(conversations, replies)]
-            return replies, monitors, generated - started
-
-        answered = self._per_arm(answer)  # the policies' work may run in parallel; the users' never does
-        followups_of, sim_time = {}, {}
-        for arm in self.arms:
-            asked = time.perf_counter()
-            followups_of[arm] = self._followups(arm, steps, styles, prompts, [reply.text for reply in answered[arm][0]])
-            sim_time[arm] = time.perf_counter() - asked
 
         def learn(arm):
             started = time.perf_counter()
@@ -499,16 +535,26 @@ class OnlineRun:
                                                              followups_of[arm])
             return update, time.perf_counter() - started
 
-        learned = self._per_arm(learn)
+        if self.frozen and next_steps:
+            from auxiliary.runtime.generation import run_side_by_side
+
+            for frozen in self.frozen.values():
+                frozen.refresh()  # the weights before this update answer the next batch
+            learned, self.answered_ahead[next_steps[0]] = run_side_by_side(
+                [lambda: self._per_arm(learn), lambda: self._answer_share(next_steps, self.frozen)])
+        else:
+            learned = self._per_arm(learn)
         for arm in self.arms:
             updater = self.policy(arm, styles[0])
-            (replies, monitors, gen_time), followups, (update, train_time) = answered[arm], followups_of[arm], learned[arm]
+            (replies, monitors, gen_time, generated_by), followups = answered[arm], followups_of[arm]
+            update, train_time = learned[arm]
             signals = update.pop("signal_per_sequence")
             update["update"] = update.pop("step")  # the updater's count of updates: rows of one batch share it
             times = {"gen_time_s": round(share * gen_time, 4), "sim_time_s": round(share * sim_time[arm], 4),
                      "train_time_s": round(share * train_time, 4)}
             for i, (step, style, prompt, reply, followup) in enumerate(zip(steps, styles, prompts, replies, followups)):
-                metrics = dict(update, followup=followup, reply_tokens=len(reply.ids), reply_words=words(reply.text),
+                metrics = dict(update, generated_by_update=generated_by, followup=followup, reply_tokens=len(reply.ids),
+                               reply_words=words(reply.text),
                                reply_finished=reply.finished, **times, reply_degenerate=monitors[i]["degenerate"],
                                reply_distinct_2=round(monitors[i]["distinct_2"], 4),
                                reply_entropy=monitors[i]["entropy"])
@@ -523,6 +569,37 @@ class OnlineRun:
                                              self.sdpo.hindsight_template, self.sdpo.hindsight_placement),
                           file=sys.stderr, flush=True)
         return records, completions
+
+    def _answer_share(self, steps: list[int], policies: dict) -> dict:
+        """The replies to `steps` by `policies` ({arm: its updater or FrozenPolicy}), with their collapse
+        monitors and the users' follow-ups: everything of an interaction before the update."""
+        from auxiliary.evals.collapse import reply_monitors
+        from auxiliary.evals.evaluation_helpers import prompt_as_messages
+
+        prompts = [self.train_prompts[step - 1] for step in steps]
+        conversations = [prompt_as_messages(prompt) for prompt in prompts]
+        styles = [self.plan.style_at(step) for step in steps]  # a function of the step (and seed): a resume replays it
+
+        def answer(arm):
+            policy = policies[arm]  # per-user adapters run with B = 1 (checked by the config)
+            generated_by = policy.updates if isinstance(policy, FrozenPolicy) else policy.step
+            started = time.perf_counter()
+            # One sampling seed per batch, from its first step (B = 1: the step's own seed, as always).
+            replies = policy.generate(conversations, seed=derive_seed(self.sdpo.seed, "train", steps[0]))
+            generated = time.perf_counter()
+            # Collapse monitors of each reply, scored by the weights that wrote it (before the update).
+            monitors = [reply_monitors(policy.model, policy.tokenizer, messages, reply.text)
+                        for messages, reply in zip(conversations, replies)]
+            return replies, monitors, generated - started, generated_by
+
+        answered = self._per_arm(answer)  # the policies' work may run in parallel; the users' never does
+        followups_of, sim_time = {}, {}
+        for arm in self.arms:
+            asked = time.perf_counter()
+            followups_of[arm] = self._followups(arm, steps, styles, prompts, [reply.text for reply in answered[arm][0]])
+            sim_time[arm] = time.perf_counter() - asked
+        return {"prompts": prompts, "conversations": conversations, "styles": styles, "answered": answered,
+                "followups": followups_of, "sim_time": sim_time}
 
     def _followups(self, arm: str, steps: list[int], styles: list[str], prompts: list, texts: list[str]) -> list[str]:
         """Each reply's follow-up from its step's user: one call per user of the batch, whose randomness is a

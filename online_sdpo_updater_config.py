@@ -109,6 +109,12 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         "help": "with --placebo: each arm generates, is scored and is updated in a thread of its own, with half the "
                 "torch threads (CPU: about half the wall time; the same replies and weights as one arm after the "
                 "other; the users still answer one at a time); needs a model without dropout"})
+    overlap_generation: bool = field(default=False, metadata={
+        "help": "answer the next batch (replies, collapse monitors, follow-ups) in a thread while the update runs, "
+                "with a frozen copy of each arm's policy taken before that update: every batch after the first is "
+                "answered by weights one update older (as asynchronous RL trainers do; `generated_by_update` in "
+                "metrics.jsonl says which); one more copy of the weights per arm; a single process, without "
+                "--use_vllm, --per_user_adapters or --resume"})
     placebo_texts: list[str] = field(default_factory=lambda: ["OK, thanks."], metadata={
         "help": "the placebo user's follow-ups (one is drawn per step)"})
     # evaluation

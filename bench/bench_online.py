@@ -33,9 +33,10 @@ Then, on the trained model, each fast path against the straightforward way, in t
              which is why train_step takes the sampled ids.
 
 Last, the throughput sweep: the real loop again with --interactions_per_update B for each B of
---batch_sizes (default 1,4,8; a fresh run each, no evaluation), one warm-up update then
---sweep_batches timed ones; interactions per minute per B, as ratios to the first B
-(`ratio interactions_per_minute_B4_vs_B1`: above 1 is faster).
+--batch_sizes (default 1,4,8; a fresh run each, no evaluation), without and with
+--overlap_generation, one warm-up batch, --sweep_batches timed ones, one last untimed; interactions
+per minute per B, as ratios to the first B (`ratio interactions_per_minute_B4_vs_B1`: above 1 is
+faster) and with the overlap to without it (`ratio interactions_per_minute_overlap_vs_in_turn_B1`).
 
 Output: a phase table, the comparisons, then `ratio NAME VALUE` lines (ours / straightforward).
 --out FILE writes every number as JSON.
@@ -154,7 +155,8 @@ def load_average() -> str:
 
 # --------------------------------------------------------------------------- the loop
 
-def build_run(args, out_dir: Path, batch_size: int = 1, train_n: int | None = None, eval_n: int | None = None):
+def build_run(args, out_dir: Path, batch_size: int = 1, train_n: int | None = None, eval_n: int | None = None,
+              overlap: bool = False):
     from eval_online_sdpo import OnlineRun, OnlineRunConfig
     from online_sdpo_updater_config import OnlineSDPOConfig
 
@@ -165,38 +167,44 @@ def build_run(args, out_dir: Path, batch_size: int = 1, train_n: int | None = No
                           val_jsonl=str(REPO / "data/samples/validation.jsonl"),
                           train_n=train_n or args.n_interactions + 1, eval_n=eval_n, style=args.style,
                           eval_every=0, eval_max_new_tokens=args.max_new_tokens, output_dir=str(out_dir),
-                          interactions_per_update=batch_size)
+                          interactions_per_update=batch_size, overlap_generation=overlap)
     return OnlineRun(sdpo, run)
 
 
 def sweep_batch_sizes(args, work_dir: Path) -> dict:
-    """Interactions per minute of the real loop with --interactions_per_update B, for each B of --batch_sizes:
-    one warm-up update, then --sweep_batches timed updates (generation of B replies, B follow-ups, one update,
-    completions.jsonl); no evaluation (eval_n 0), so only the loop's own work is timed."""
+    """Interactions per minute of the real loop with --interactions_per_update B, for each B of --batch_sizes,
+    without and with --overlap_generation: one warm-up batch, --sweep_batches timed ones and one last batch,
+    untimed (generation of B replies, B follow-ups, one update, completions.jsonl; with the overlap the next
+    batch's answers beside the update, so each timed batch holds one answering and one update either way);
+    no evaluation (eval_n 0), so only the loop's own work is timed."""
     results = {}
+    needed = 2 + args.sweep_batches
     for batch_size in args.batch_sizes:
-        run = build_run(args, work_dir / f"sweep_B{batch_size}", batch_size,
-                        train_n=batch_size * (1 + args.sweep_batches), eval_n=0)
-        run.setup()
-        if run.num_steps < batch_size * (1 + args.sweep_batches):
-            raise SystemExit(f"only {run.num_steps} training prompts for B = {batch_size}; lower --sweep_batches")
-        walls = []
-        interact = run.interact_batch
+        for overlap in (False, True):
+            name = f"B{batch_size}" + ("_overlap" if overlap else "")
+            run = build_run(args, work_dir / f"sweep_{name}", batch_size, train_n=batch_size * needed, eval_n=0,
+                            overlap=overlap)
+            run.setup()
+            if run.num_steps < batch_size * needed:
+                raise SystemExit(f"only {run.num_steps} training prompts for B = {batch_size}; lower --sweep_batches")
+            walls = []
+            interact = run.interact_batch
 
-        def timed(steps, interact=interact, walls=walls):
-            started = time.perf_counter()
-            try:
-                return interact(steps)
-            finally:
-                walls.append(time.perf_counter() - started)
+            def timed(*batch, interact=interact, walls=walls):
+                started = time.perf_counter()
+                try:
+                    return interact(*batch)
+                finally:
+                    walls.append(time.perf_counter() - started)
 
-        run.interact_batch = timed
-        run.loop()
-        measured = walls[1:]
-        results[batch_size] = {"update_walls_s": walls, "interactions": batch_size * len(measured),
-                               "interactions_per_minute": 60 * batch_size * len(measured) / sum(measured)}
-        run.folder.close()
-        del run
+            run.interact_batch = timed
+            run.loop()
+            measured = walls[1:-1]
+            results[name] = {"batch_size": batch_size, "overlap": overlap, "update_walls_s": walls,
+                             "interactions": batch_size * len(measured),
+                             "interactions_per_minute": 60 * batch_size * len(measured) / sum(measured)}
+            run.folder.close()
+            del run
     return results
 
 
@@ -225,9 +233,9 @@ def run_loop(args, out_dir: Path, clock: PhaseClock):
         updater.train_batch = clock.wrap(recorded_train_batch, "update")
         interact, evaluate = run.interact_batch, run.evaluate
 
-        def timed_interact(steps):
+        def timed_interact(*batch):
             with clock.current("policy_generation"):
-                return clock.wrap(interact, "interaction")(steps)
+                return clock.wrap(interact, "interaction")(*batch)
 
         def timed_evaluate(step):
             with clock.current("eval_generation"):
@@ -515,11 +523,13 @@ def main(argv=None) -> int:
     reference = args.batch_sizes[0]
     lines.append(f"throughput by --interactions_per_update ({args.sweep_batches} timed updates each, after one "
                  "warm-up; no evaluation):")
-    for batch_size, result in sweep.items():
-        lines.append(f"  B = {batch_size}: {result['interactions_per_minute']:.1f} interactions/min")
+    per_minute = {name: result["interactions_per_minute"] for name, result in sweep.items()}
+    for batch_size in args.batch_sizes:
+        plain, overlapped = per_minute[f"B{batch_size}"], per_minute[f"B{batch_size}_overlap"]
+        lines.append(f"  B = {batch_size}: {plain:.1f} interactions/min; with --overlap_generation {overlapped:.1f}")
         if batch_size != reference:
-            ratios[f"interactions_per_minute_B{batch_size}_vs_B{reference}"] = \
-                result["interactions_per_minute"] / sweep[reference]["interactions_per_minute"]
+            ratios[f"interactions_per_minute_B{batch_size}_vs_B{reference}"] = plain / per_minute[f"B{reference}"]
+        ratios[f"interactions_per_minute_overlap_vs_in_turn_B{batch_size}"] = overlapped / plain
     print("\n".join(lines))
     if args.out:
         atomic_write_json(args.out, {
@@ -528,7 +538,7 @@ def main(argv=None) -> int:
             "phases_s": phases, "rates": rates, "eval_generation": evalgen, "teacher_forward": teacher,
             "update_head": head,
             "checkpoint": checkpoint, "baseline_cache": baseline, "retokenisation": retok,
-            "batch_sweep": {str(b): r for b, r in sweep.items()}, "ratios": ratios,
+            "batch_sweep": sweep, "ratios": ratios,
         })
     for name, value in ratios.items():
         print(f"ratio {name} {value:.4g}")

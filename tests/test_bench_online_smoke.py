@@ -57,11 +57,18 @@ def test_quick_run_prints_ratios_and_consistent_json(tmp_path):
     assert "load average at start" in done.stdout
     # the throughput sweep (--quick: B = 1, 2): its ratio is the ratio of the measured rates
     sweep = report["batch_sweep"]
-    assert set(sweep) == {"1", "2"} and [len(sweep[b]["update_walls_s"]) for b in ("1", "2")] == [2, 2]
-    assert sweep["2"]["interactions"] == 2 and sweep["2"]["interactions_per_minute"] == pytest.approx(
-        60 * 2 / sweep["2"]["update_walls_s"][1])
+    assert set(sweep) == {"B1", "B1_overlap", "B2", "B2_overlap"}
+    # one warm-up, one timed, one last batch each; only the middle one counts
+    assert all(len(result["update_walls_s"]) == 3 for result in sweep.values())
+    assert sweep["B2"]["interactions"] == 2 and sweep["B2"]["interactions_per_minute"] == pytest.approx(
+        60 * 2 / sweep["B2"]["update_walls_s"][1])
     assert ratios["interactions_per_minute_B2_vs_B1"] == pytest.approx(
-        sweep["2"]["interactions_per_minute"] / sweep["1"]["interactions_per_minute"], rel=1e-3)
+        sweep["B2"]["interactions_per_minute"] / sweep["B1"]["interactions_per_minute"], rel=1e-3)
+    for batch_size in (1, 2):
+        assert sweep[f"B{batch_size}_overlap"]["overlap"] is True
+        assert ratios[f"interactions_per_minute_overlap_vs_in_turn_B{batch_size}"] == pytest.approx(
+            sweep[f"B{batch_size}_overlap"]["interactions_per_minute"] / sweep[f"B{batch_size}"]["interactions_per_minute"],
+            rel=1e-3)
 
 
 def test_loop_phases_split_hand_made_timings():

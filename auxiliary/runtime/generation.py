@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
@@ -57,6 +57,40 @@ def split_torch_threads(parts: int):
         yield
     finally:
         torch.set_num_threads(threads)
+
+
+def run_side_by_side(calls: Sequence[Callable[[], Any]]) -> list:
+    """Run `calls` at once, each in a thread of its own with an equal share of the caller's torch threads
+    (at least one), and return their results in order; the caller keeps its count afterwards. Each thread
+    sets its share itself: torch's count is per thread, and a thread started later may inherit whichever
+    count another thread set last (which nested side-by-side work would make a race)."""
+    import threading
+
+    threads = torch.get_num_threads()
+    share = max(1, threads // max(1, len(calls)))
+    results: list = [None] * len(calls)
+    errors: list = [None] * len(calls)
+
+    def pinned(index, call):
+        torch.set_num_threads(share)
+        try:
+            results[index] = call()
+        except BaseException as err:  # re-raised in the caller, the first in order
+            errors[index] = err
+
+    workers = [threading.Thread(target=pinned, args=(i, call), name=f"side-{i}", daemon=True)
+               for i, call in enumerate(calls)]
+    try:
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join()
+    finally:
+        torch.set_num_threads(threads)
+    for err in errors:
+        if err is not None:
+            raise err
+    return results
 
 
 class SeededSampler:
