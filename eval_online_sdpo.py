@@ -17,6 +17,8 @@ step, B follow-ups, one train_batch); metrics.jsonl keeps one row per step, the 
 the update's metrics and `update` index. Under torchrun / accelerate launch each process takes every
 world-th step of a batch and trains through DDP (the gradient of the union batch); the main process
 alone writes, evaluates and checkpoints (docs/online.md, "Batches and several processes").
+--overlap_generation: while an update runs, a thread answers the next batch with a frozen copy of the
+weights from before it (FrozenPolicy): each batch after the first is one update stale.
 Evaluation at step 0, every eval_every steps, at each phase boundary and at the end: each arm
 answers the eval prompts (one batched generation, the same sampling seed at every evaluation and
 for the baseline) and a judge per style (the users' styles plus --eval_styles) compares each reply
