@@ -94,11 +94,9 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
                 student_buckets, target_logp, student_log_total = _tail_buckets(
                     logits, ids, target, lambda index: _logits(h[index], w, softcap), row_max=row_max)
             else:  # logits become exp(z - max); the few log-probs read come from the row's log-sum-exp
-                picked_values = top.values.double() if distill else None
-                target_value = logits.gather(1, target).double()
-                row_max, student_log_total = exp_in_place(logits, row_max)
-                target_logp = (target_value - row_max - student_log_total).float()
-                student_buckets = (picked_values - row_max - student_log_total).float() if distill else None
+                values = [logits.gather(1, target).double()] + ([top.values.double()] if distill else [])
+                logps, row_max, student_log_total = logprobs_in_place(logits, values, row_max)
+                target_logp, student_buckets = logps[0], (logps[1] if distill else None)
             teacher_buckets = None
             if distill:
                 h_teacher = hidden_t[rows].to(compute_dtype)
@@ -107,11 +105,8 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
                     teacher_buckets, teacher_target, _ = _tail_buckets(
                         teacher_logits, ids, target, lambda index: _logits(h_teacher[index], w_teacher, softcap))
                 else:
-                    teacher_picked = teacher_logits.gather(1, ids).double()
-                    teacher_value = teacher_logits.gather(1, target).double()
-                    teacher_max, teacher_log_total = exp_in_place(teacher_logits)
-                    teacher_target = (teacher_value - teacher_max - teacher_log_total).float()
-                    teacher_buckets = (teacher_picked - teacher_max - teacher_log_total).float()
+                    (teacher_target, teacher_buckets), _, _ = logprobs_in_place(
+                        teacher_logits, [teacher_logits.gather(1, target).double(), teacher_logits.gather(1, ids).double()])
                 logp_xo[rows] = teacher_target.squeeze(1)
                 picked = torch.cat([student_buckets, target_logp], dim=1).requires_grad_(True)
             else:
@@ -203,6 +198,13 @@ def exp_in_place(logits, row_max=None):
         row_max = logits.amax(dim=1, keepdim=True)
     total = logits.sub_(row_max).exp_().sum(dim=1, keepdim=True)
     return row_max.double(), total.double().log()
+
+
+def logprobs_in_place(logits, values, row_max=None):
+    """log p (float32) of each of `values` (raw logits read from `logits` beforehand, float64), then
+    `logits` becomes exp(logits - row max) in place (exp_in_place); returns (log-probs, row_max, log_total)."""
+    row_max, log_total = exp_in_place(logits, row_max)
+    return [(value - row_max - log_total).float() for value in values], row_max, log_total
 
 
 def _log_outside_sum(values, ids, exact_masked_lse):

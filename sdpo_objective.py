@@ -33,7 +33,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-from sdpo_fused_head import exp_in_place, fused_head_loss, fused_head_supported, logits_into
+from sdpo_fused_head import fused_head_loss, fused_head_supported, logits_into, logprobs_in_place
 
 logger = logging.getLogger(__name__)
 
@@ -451,9 +451,8 @@ def _target_logprobs_in_place(head: "_HeadLogits", hidden_rows, targets, chunk_s
             logits, _ = logits_into(buffer[:end - start], hidden_rows[start:end], weight, head.softcap)
         else:
             logits = head(hidden_rows[start:end])
-        target_value = logits.gather(1, targets[start:end].unsqueeze(1)).double()
-        row_max, log_sum = exp_in_place(logits)
-        out[start:end] = (target_value - row_max - log_sum).squeeze(1).float()
+        (target_logp,), _, _ = logprobs_in_place(logits, [logits.gather(1, targets[start:end].unsqueeze(1)).double()])
+        out[start:end] = target_logp.squeeze(1)
     return out
 
 
