@@ -52,6 +52,7 @@ SETTINGS: dict[str, list[str]] = {
     # --arms_in_parallel (the profile's since 2026-12-02) refuses dropout: LoRA without it, the arms side by side
     "lora-1e-4-d0": LORA + ["--lora_dropout", "0", "--lr", "1e-4"],
     "lora-3e-5-d0": LORA + ["--lora_dropout", "0", "--lr", "3e-5"],
+    "lora-3e-4-d0": LORA + ["--lora_dropout", "0", "--lr", "3e-4"],
 }
 
 
