@@ -88,31 +88,27 @@ def derive_seed(*parts) -> int:
 
 class FrozenPolicy:
     """--overlap_generation: a copy of an arm's policy that answers the next batch in a thread while the
-    update changes the policy. It generates as the updater does (OnlineSDPOUpdater.generate on the copy:
-    the same settings and seeds) and `refresh` copies the trainable weights back in before each update
-    (the others never change: a LoRA run copies only its adapters)."""
+    update changes the policy. It holds only what generation reads (the settings, its own model and
+    tokenizer) and generates with OnlineSDPOUpdater.generate itself (the same settings and seeds);
+    `refresh` copies the trainable weights back in before each update (the others never change: a
+    LoRA run copies only its adapters, though the copy holds the whole model)."""
 
     def __init__(self, updater):
         import copy
 
+        self.source, self.config = updater, updater.config
+        self.model = copy.deepcopy(updater.model).requires_grad_(False).eval()
+        self.tokenizer = copy.deepcopy(updater.tokenizer)  # a fast tokenizer is not safe to share between threads
         self.updates = updater.step  # how many updates the copied weights have seen
-        self.source = updater
-        self.twin = copy.copy(updater)  # the updater's settings and generate(); its own model and tokenizer
-        self.twin.model = copy.deepcopy(updater.model).requires_grad_(False).eval()
-        self.twin.tokenizer = copy.deepcopy(updater.tokenizer)  # a fast tokenizer is not safe to share between threads
-        self.pairs = [(mine, theirs) for mine, theirs in zip(self.twin.model.parameters(), updater.model.parameters())
-                      if theirs.requires_grad]
-
-    @property
-    def model(self):
-        return self.twin.model
-
-    @property
-    def tokenizer(self):
-        return self.twin.tokenizer
+        mine, theirs = dict(self.model.named_parameters()), dict(updater.model.named_parameters())
+        if mine.keys() != theirs.keys():
+            raise SetupError("--overlap_generation: the policy's copy has other parameters than the policy")
+        self.pairs = [(mine[name], tensor) for name, tensor in theirs.items() if tensor.requires_grad]
 
     def generate(self, conversations, seed):
-        return self.twin.generate(conversations, seed=seed)
+        from online_sdpo_updater import OnlineSDPOUpdater
+
+        return OnlineSDPOUpdater.generate(self, conversations, seed=seed)  # reads config, model, tokenizer only
 
     def refresh(self) -> None:
         import torch
@@ -518,10 +514,15 @@ class OnlineRun:
         --overlap_generation: the batch was answered during the previous update (the first one now), and
         `next_steps` is answered during this one, by the frozen copies of the weights before it."""
         if not self.frozen:
-            answers = self._answer_share(steps, {arm: self.policy(arm, self.plan.style_at(steps[0])) for arm in self.arms})
+            policies = {arm: self.policy(arm, self.plan.style_at(steps[0])) for arm in self.arms}
+            answers = self._answer_share(steps, policies)
         elif steps[0] in self.answered_ahead:
             answers = self.answered_ahead.pop(steps[0])
+            if isinstance(answers, BaseException):
+                raise answers  # answering ahead failed: the batch before it is written, this one is not
         else:  # the run's first batch: nothing ran ahead of it
+            for frozen in self.frozen.values():
+                frozen.refresh()
             answers = self._answer_share(steps, self.frozen)
         prompts, conversations, styles = answers["prompts"], answers["conversations"], answers["styles"]
         answered, followups_of, sim_time = answers["answered"], answers["followups"], answers["sim_time"]
@@ -529,7 +530,9 @@ class OnlineRun:
         records = [{"step": step, "time": now, "style": style, "phase": self.phase_number(step)}
                    for step, style in zip(steps, styles)]
         completions = [[] for _ in steps]
-        share = 1 / len(steps)  # a row's part of the batch's phase times: the rows add up to the run's time
+        # A row's part of the batch's phase times: the rows add up to the run's time (with --overlap_generation
+        # the answering ran beside the previous update, so they add up to more).
+        share = 1 / len(steps)
 
         def learn(arm):
             started = time.perf_counter()
@@ -542,8 +545,14 @@ class OnlineRun:
 
             for frozen in self.frozen.values():
                 frozen.refresh()  # the weights before this update answer the next batch
+            def answer_ahead():
+                try:
+                    return self._answer_share(next_steps, self.frozen)
+                except Exception as err:  # raised when that batch's turn comes, after this one is written
+                    return err
+
             learned, self.answered_ahead[next_steps[0]] = run_side_by_side(
-                [lambda: self._per_arm(learn), lambda: self._answer_share(next_steps, self.frozen)])
+                [lambda: self._per_arm(learn), answer_ahead])
         else:
             learned = self._per_arm(learn)
         for arm in self.arms:
@@ -830,10 +839,10 @@ def main(argv: list[str] | None = None) -> int:
         if run.main_process:
             run.summary()
     except run_errors as err:
-        return fail(f"{type(err).__name__}: {err} (completed steps are in {run.out}; rerun with --resume)", 1, run)
+        return fail(f"{type(err).__name__}: {err} (completed steps are in {run.out}; {_resume_hint(run)})", 1, run)
     except KeyboardInterrupt as interrupt:
         return fail(f"{interrupt.args[0] if interrupt.args else 'interrupted'}; completed steps are in {run.out} "
-                    "(the run can be resumed: rerun with --resume)", 143 if interrupt.args else 130, run)
+                    f"({_resume_hint(run)})", 143 if interrupt.args else 130, run)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
@@ -845,6 +854,12 @@ def main(argv: list[str] | None = None) -> int:
             if dist.is_initialized():
                 dist.destroy_process_group()
     return 0
+
+
+def _resume_hint(run) -> str:
+    if run.run.overlap_generation:  # refused by _check_overlap: a checkpoint lacks the weights that answered ahead
+        return "a run with --overlap_generation cannot be resumed exactly; start it again"
+    return "the run can be resumed: rerun with --resume"
 
 
 def _terminated(signum, frame):

@@ -113,7 +113,7 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         "help": "answer the next batch (replies, collapse monitors, follow-ups) in a thread while the update runs, "
                 "with a frozen copy of each arm's policy taken before that update: every batch after the first is "
                 "answered by weights one update older (as asynchronous RL trainers do; `generated_by_update` in "
-                "metrics.jsonl says which); one more copy of the weights per arm; a single process, without "
+                "metrics.jsonl says which); one more copy of the model per arm; a single process, without "
                 "--use_vllm, --per_user_adapters or --resume"})
     placebo_texts: list[str] = field(default_factory=lambda: ["OK, thanks."], metadata={
         "help": "the placebo user's follow-ups (one is drawn per step)"})

@@ -124,3 +124,75 @@ def test_run_side_by_side_gives_each_thread_its_share_and_restores_the_caller():
         assert torch.get_num_threads() == 4
     finally:
         torch.set_num_threads(threads)
+
+
+def test_schedule_batches_and_lora_with_checkpoints(tiny_model_dir, data_dir, tmp_path):
+    # B = 2 over a flip after 4 interactions, LoRA (with its dropout: only the update draws from the process's
+    # stream, the answering thread never does) and checkpoints
+    out = tmp_path / "lora"
+    flags = run_flags(tiny_model_dir, data_dir, out, overlap_generation=True, interactions_per_update=2,
+                      style_schedule="concise:2,detailed:2", use_lora=True, save_checkpoints=True)
+    assert eval_online_sdpo.main(flags) == 0
+    rows = read_metrics(out)
+    assert [row["style"] for row in rows] == ["concise", "concise", "detailed", "detailed"]
+    assert [row["feedback"]["update"] for row in rows] == [1, 1, 2, 2]
+    assert [row["feedback"]["generated_by_update"] for row in rows] == [0, 0, 0, 0]  # batch 2 beside update 1
+    assert (out / "checkpoints" / "latest.json").exists()
+
+
+def test_frozen_copy_takes_the_lora_weights_at_refresh(tiny_model_dir):
+    updater = OnlineSDPOUpdater(OnlineSDPOConfig(model=str(tiny_model_dir), use_lora=True, lora_dropout=0.0,
+                                                 lr=1e-2, max_new_tokens=6, loss_mode="simple_signal", seed=1))
+    frozen = eval_online_sdpo.FrozenPolicy(updater)
+    assert frozen.pairs and all("lora" in name for name, p in updater.model.named_parameters() if p.requires_grad)
+    conversation = [{"role": "user", "content": "Say something."}]
+    reply = updater.generate([conversation], seed=5)[0]
+    updater.train_batch([conversation], [reply.ids], ["Much shorter, please."])
+
+    def same_weights():
+        theirs = updater.model.state_dict()
+        return all(torch.equal(tensor, theirs[name]) for name, tensor in frozen.model.state_dict().items())
+
+    assert not same_weights() and frozen.updates == 0
+    frozen.refresh()
+    assert same_weights() and frozen.updates == 1
+
+
+def test_failure_while_answering_ahead_keeps_the_batch_before(tiny_model_dir, data_dir, tmp_path, monkeypatch, capsys):
+    from auxiliary.feedback.user_simulator import EmptyFeedbackError, RuleBasedUserSimulator
+
+    real = RuleBasedUserSimulator.generate_feedback
+    failing_seed = eval_online_sdpo.derive_seed(SEED, "user", "feedback", 3)
+
+    def feedback(self, prompts, completions, seed=None):
+        if seed == failing_seed:  # the user of step 3, asked while update 2 runs
+            raise EmptyFeedbackError("no follow-up for step 3")
+        return real(self, prompts, completions, seed=seed)
+
+    monkeypatch.setattr(RuleBasedUserSimulator, "generate_feedback", feedback)
+    out = tmp_path / "out"
+    assert eval_online_sdpo.main(run_flags(tiny_model_dir, data_dir, out, overlap_generation=True, placebo=False)) == 1
+    err = capsys.readouterr().err
+    assert "no follow-up for step 3" in err and "cannot be resumed exactly" in err
+    assert [row["step"] for row in read_metrics(out)] == [1, 2]  # step 2's update finished and was written
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("flag", ["overlap_generation", "arms_in_parallel"])
+def test_sigterm_while_threads_work_exits_cleanly(flag, tiny_model_dir, data_dir, tmp_path):
+    # the signal reaches the main thread while it waits for the threads: they finish their call first,
+    # or the process would exit with a thread inside torch (an abort, exit 134)
+    import signal
+    import time
+
+    from reliability_helpers import clean_env, last_line, start_cli
+
+    out, log = tmp_path / "run", tmp_path / "child.log"
+    flags = run_flags(tiny_model_dir, data_dir, out, train_n=4, eval_every=0, max_new_tokens=48, **{flag: True})
+    child = start_cli(flags, clean_env(), log_path=log)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (out / "metrics.jsonl").exists():
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    assert child.wait(timeout=120) == 143, log.read_text()[-2000:]
+    assert "terminated (SIGTERM)" in last_line(log.read_text())

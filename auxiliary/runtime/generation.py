@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
@@ -63,26 +64,38 @@ def run_side_by_side(calls: Sequence[Callable[[], Any]]) -> list:
     """Run `calls` at once, each in a thread of its own with an equal share of the caller's torch threads
     (at least one), and return their results in order; the caller keeps its count afterwards. Each thread
     sets its share itself: torch's count is per thread, and a thread started later may inherit whichever
-    count another thread set last (which nested side-by-side work would make a race)."""
-    import threading
-
+    count another thread set last (which nested side-by-side work would make a race). An interrupt of the
+    caller waits for the calls to finish before it propagates."""
     threads = torch.get_num_threads()
     share = max(1, threads // max(1, len(calls)))
     results: list = [None] * len(calls)
     errors: list = [None] * len(calls)
+    finished = [threading.Event() for _ in calls]
 
     def pinned(index, call):
-        torch.set_num_threads(share)
         try:
+            if torch.get_num_threads() != share:
+                torch.set_num_threads(share)
             results[index] = call()
         except BaseException as err:  # re-raised in the caller, the first in order
             errors[index] = err
+        finally:
+            finished[index].set()
 
-    workers = [threading.Thread(target=pinned, args=(i, call), name=f"side-{i}", daemon=True)
-               for i, call in enumerate(calls)]
+    workers = [threading.Thread(target=pinned, args=(i, call), name=f"side-{i}") for i, call in enumerate(calls)]
     try:
         for worker in workers:
             worker.start()
+        try:
+            for event in finished:
+                event.wait()
+        except BaseException:
+            # An interrupt (Ctrl-C, SIGTERM) reaches the caller only: let the workers finish their call before it
+            # propagates, so the process never exits with a thread inside torch (an abort). Events, not join():
+            # a join interrupted by a signal marks a thread that is still running as stopped (CPython 3.11).
+            for event in finished:
+                event.wait()
+            raise
         for worker in workers:
             worker.join()
     finally:
