@@ -545,6 +545,7 @@ class OnlineRun:
 
             for frozen in self.frozen.values():
                 frozen.refresh()  # the weights before this update answer the next batch
+
             def answer_ahead():
                 try:
                     return self._answer_share(next_steps, self.frozen)
@@ -564,8 +565,8 @@ class OnlineRun:
             times = {"gen_time_s": round(share * gen_time, 4), "sim_time_s": round(share * sim_time[arm], 4),
                      "train_time_s": round(share * train_time, 4)}
             for i, (step, style, prompt, reply, followup) in enumerate(zip(steps, styles, prompts, replies, followups)):
-                metrics = dict(update, generated_by_update=generated_by, followup=followup, reply_tokens=len(reply.ids),
-                               reply_words=words(reply.text),
+                metrics = dict(update, generated_by_update=generated_by, followup=followup,
+                               reply_tokens=len(reply.ids), reply_words=words(reply.text),
                                reply_finished=reply.finished, **times, reply_degenerate=monitors[i]["degenerate"],
                                reply_distinct_2=round(monitors[i]["distinct_2"], 4),
                                reply_entropy=monitors[i]["entropy"])
