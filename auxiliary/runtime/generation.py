@@ -1,7 +1,6 @@
 """Batched generation with Hugging Face `generate`: left padding, text AND token ids back."""
 from __future__ import annotations
 
-import contextlib
 import threading
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
@@ -47,17 +46,6 @@ def cut_at_stop(generated: Sequence[int], stops: set[int]) -> tuple[list[int], b
         if int(token) in stops:
             return ids, True
     return ids, False
-
-
-@contextlib.contextmanager
-def split_torch_threads(parts: int):
-    """Give each of `parts` threads working at once its share of the process's torch threads (at least one)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, threads // max(1, parts)))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)
 
 
 def run_side_by_side(calls: Sequence[Callable[[], Any]]) -> list:
@@ -135,7 +123,7 @@ def generate_responses(model, tokenizer, conversations: Sequence[Sequence[dict]]
                        max_context_length: int | None = None, seed: int | None = None,
                        progress: bool = False, desc: str = "generate", workers: int = 1) -> list[GeneratedResponse]:
     """Generate one reply per conversation. temperature 0 means greedy decoding. `workers` > 1 runs that
-    many batches at once in threads (each with its share of the torch threads): the same replies, since
+    many batches at once in threads (run_side_by_side: each its share of the torch threads): the same replies, since
     each seeded batch samples from its own generator (unseeded sampling stays one batch at a time)."""
     from tqdm.auto import tqdm
 
@@ -169,23 +157,28 @@ def generate_responses(model, tokenizer, conversations: Sequence[Sequence[dict]]
 
     # Batches side by side only where nothing draws from the process's one random stream.
     workers = max(1, min(int(workers), len(starts))) if (seed is not None or not sampling) else 1
+    generated: list = [None] * len(starts)  # token ids per batch, in batch order
     results: list[GeneratedResponse] = []
     try:
-        with contextlib.ExitStack() as stack:
-            if workers > 1:
-                from concurrent.futures import ThreadPoolExecutor
+        with tqdm(total=len(starts), desc=desc, disable=not progress, leave=False) as bar:
+            def share_of(worker: int):
+                def run():  # this worker's batches: every workers-th one
+                    for index in range(worker, len(starts), workers):
+                        generated[index] = one_batch(index)
+                        bar.update(1)
+                return run
 
-                stack.enter_context(split_torch_threads(workers))
-                batches = stack.enter_context(ThreadPoolExecutor(max_workers=workers)).map(one_batch, range(len(starts)))
+            if workers > 1:
+                run_side_by_side([share_of(worker) for worker in range(workers)])
             else:
-                batches = map(one_batch, range(len(starts)))
-            for rows in tqdm(batches, total=len(starts), desc=desc, disable=not progress, leave=False):
-                for row in rows:  # decoded here, in this thread: one tokenizer, never used by two at once
-                    ids, finished = cut_at_stop(row, set(stops))
-                    if not ids:  # max_new_tokens == 0 or immediate pad; keep one stop token so y is never empty
-                        ids, finished = [stops[0]], True
-                    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
-                    results.append(GeneratedResponse(text=text, ids=ids, finished=finished))
+                share_of(0)()
+        for rows in generated:
+            for row in rows:  # decoded here, in this thread: one tokenizer, never used by two at once
+                ids, finished = cut_at_stop(row, set(stops))
+                if not ids:  # max_new_tokens == 0 or immediate pad; keep one stop token so y is never empty
+                    ids, finished = [stops[0]], True
+                text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+                results.append(GeneratedResponse(text=text, ids=ids, finished=finished))
     finally:
         model.train(was_training)
     return results
