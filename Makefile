@@ -33,10 +33,13 @@ $(SYSDEPS):
 install: $(STAMP)
 
 # One torch thread per process: the suite runs many tiny models and subprocesses on 2 cores.
+# ruff first: an undefined name fails in a second, before any test runs.
 test: $(STAMP) $(SYSDEPS)
+	$(PY) -m ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
 
 test-fast: $(STAMP)
+	$(PY) -m ruff check .
 	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" tests
 
 demo: $(STAMP)

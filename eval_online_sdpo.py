@@ -62,7 +62,7 @@ from auxiliary.evals.online_report import (build_summary, debug_example_text, fm
                                            summary_text, words)
 from auxiliary.feedback.schedule import StyleSchedule
 from auxiliary.runtime.io_utils import DataError, atomic_write_json
-from auxiliary.runtime.run_folder import RunFolder, RunFolderError
+from auxiliary.runtime.run_folder import RunFolder, RunFolderError, default_output_dir
 from auxiliary.runtime.wandb_run import WandbRun, WandbSetupError
 from online_sdpo_updater_config import OnlineRunConfig, OnlineSDPOConfig
 

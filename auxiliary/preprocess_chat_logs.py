@@ -13,7 +13,6 @@ preprocessors; the offline trainer reads it with `--train_jsonl`.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from auxiliary.data.preprocess_common import (  # stdlib-only module: --help stays light

@@ -233,7 +233,7 @@ def run_case(case, args, dtype, progress, paths=PATHS, loss_functions=None) -> l
                 "rss_peak_bytes": max(entry["rss"]) if entry["rss"] else None, "error": entry["error"],
                 "loss": entry["loss"], "tokens": int(batch_x.response_mask.sum()),
             })
-    del model
+    model = None  # release the weights before the next case
     return rows
 
 

@@ -32,7 +32,6 @@ a small fp32 model on the same device; in bf16 the paths' losses are recorded, n
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import time
 
@@ -142,7 +141,7 @@ def run_path(model, path, mode, batch_x, batch_xo, args, setup_updates: int) -> 
         result["message"] = str(error).split("\n")[0][:200]
     finally:
         optimizer.zero_grad(set_to_none=True)
-        del optimizer
+        optimizer = None  # release the state before emptying the cache
         if torch.device(device).type == "cuda":
             torch.cuda.empty_cache()
     return result

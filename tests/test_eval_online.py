@@ -281,6 +281,16 @@ def test_default_output_dir_follows_the_environment(monkeypatch):
     assert default_output_dir("my-run", "m", "concise") == Path("/exact/place")
 
 
+def test_run_without_output_dir_writes_under_base_work(tiny_model_dir, data_dir, tmp_path, monkeypatch):
+    """The documented default path (no --output_dir): the run lands in $BASE_WORK/sdpo_runs/<run_name>."""
+    monkeypatch.delenv("OUTPUT_DIR", raising=False)
+    monkeypatch.setenv("BASE_WORK", str(tmp_path))
+    argv = base_args(tiny_model_dir, data_dir, None, train_n=1, eval_n=2, eval_every=0, run_name="default-place")
+    assert eval_online_sdpo.main(argv) == 0
+    saved = json.loads((tmp_path / "sdpo_runs" / "default-place" / "config.json").read_text())
+    assert saved["run"]["train_n"] == 1
+
+
 def test_every_user_gets_its_per_step_seed_as_an_argument(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     from auxiliary.feedback.factory import FeedbackFactory
     from eval_online_sdpo import derive_seed

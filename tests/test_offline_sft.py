@@ -69,7 +69,7 @@ def runs(tiny_model_dir, tmp_path_factory):
 
 
 def test_sft_and_sdpo_train_on_the_same_records_and_sft_learns_the_replies(runs, tiny_model_dir):
-    (sft_out, sft), (sdpo_out, sdpo) = runs["sft"], runs["sdpo"]
+    (sft_out, sft), (_, sdpo) = runs["sft"], runs["sdpo"]
     assert sft["global_step"] == sdpo["global_step"] == 3
     assert sft["config"]["resolved"]["data"] == sdpo["config"]["resolved"]["data"] == {
         "path": str(FIXTURE), "read": 10, "kept": 8, "skipped": {"empty completion": 1, "empty user_response": 1}}

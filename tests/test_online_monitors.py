@@ -85,5 +85,5 @@ def test_summary_counts_degenerate_replies_per_style_and_prints_them(run):
                 "feedback": text_monitors(final["feedback"])["degenerate_replies"],
                 "placebo": text_monitors(final["placebo"])["degenerate_replies"]}
     assert summary["degenerate_replies"] == {"concise": expected, "no_emojis": expected}
-    assert f"degenerate replies at step 4 (concise; a repeated phrase" in printed
+    assert "degenerate replies at step 4 (concise; a repeated phrase" in printed
     assert "collapse monitors, feedback: distinct-2" in printed and "collapse monitors, placebo" in printed
