@@ -154,6 +154,7 @@ class OnlineRun:
         for style in self.styles:
             get_persona(style)  # UnknownStyleError lists the known styles
         run = self.run
+        run.check_against(self.sdpo)
         if self.sdpo.checkpoint_every % self.batch_size:
             raise SetupError(f"--checkpoint_every {self.sdpo.checkpoint_every} must be a multiple of "
                              f"--interactions_per_update {self.batch_size} (checkpoints are taken between updates)")

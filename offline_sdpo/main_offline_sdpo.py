@@ -376,7 +376,7 @@ def train(cfg: OfflineSDPOArguments) -> dict:
         args=args,
         train_dataset=InteractionDataset(records),
         data_collator=SDPOCollator(tokenizer, cfg.max_context_length, cfg.max_completion_length, cfg.hindsight_template,
-                                   hindsight_placement=cfg.hindsight_placement),
+                                   hindsight_placement=cfg.hindsight_placement, contrast_followup=cfg.contrast_followup),
         processing_class=tokenizer,
         callbacks=[MetricsJsonlCallback(Path(cfg.output_dir) / METRICS_FILENAME)],
         objective=cfg.objective_options(),

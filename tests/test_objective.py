@@ -15,6 +15,7 @@ from sdpo_objective import (
     render_context_ids,
     sdpo_loss,
     shape_signal,
+    token_weights,
     topk_divergence,
     validate_template,
 )
@@ -227,14 +228,22 @@ def test_full_distillation_gradient_is_finite_and_loss_nonnegative(tiny_model, t
 def test_signal_shaping_ignore_center_clip_by_hand():
     raw = torch.tensor([1.0, -2.0, 3.0, 0.5, -0.5])
     seq = torch.tensor([0, 0, 0, 1, 1])
-    pos = torch.tensor([0, 1, 2, 0, 1])
-    signal, weight = shape_signal(raw, seq, pos, 2, ObjectiveOptions(loss_mode="simple_signal", ignore_first_k=1))
+    ids, mask = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([[True, True, True], [True, True, False]])
+
+    def shaped(**options):
+        opts = ObjectiveOptions(loss_mode="simple_signal", **options)
+        weight = token_weights(ids, mask, opts)
+        return shape_signal(raw, weight, seq, 2, opts), weight
+
+    signal, weight = shaped(ignore_first_k=1)
     assert weight.tolist() == [0, 1, 1, 0, 1] and signal.tolist() == [0, -2, 3, 0, -0.5]
-    centred, _ = shape_signal(raw, seq, pos, 2, ObjectiveOptions(loss_mode="simple_signal", center_signal=True))
+    centred, _ = shaped(center_signal=True)
     assert centred.tolist() == pytest.approx([1 - 2 / 3, -2 - 2 / 3, 3 - 2 / 3, 0.5, -0.5])
-    clipped, _ = shape_signal(raw, seq, pos, 2, ObjectiveOptions(loss_mode="simple_signal", signal_clip=1.0))
+    centred_after_ignore, _ = shaped(center_signal=True, ignore_first_k=1)  # the mean of the kept tokens only
+    assert centred_after_ignore.tolist() == pytest.approx([0, -2.5, 2.5, 0, 0])
+    clipped, _ = shaped(signal_clip=1.0)
     assert clipped.tolist() == [1, -1, 1, 0.5, -0.5]
-    negated, _ = shape_signal(raw, seq, pos, 2, ObjectiveOptions(loss_mode="simple_signal", negate_signal=True))
+    negated, _ = shaped(negate_signal=True)
     assert negated.tolist() == [-1, 2, -3, -0.5, 0.5]
 
 
