@@ -82,29 +82,34 @@ def validate_template(template: str) -> str:
     return template
 
 
-HINDSIGHT_PLACEMENTS = ("last_user_message", "separate_turn")
+# where the hindsight block goes: the last user message (ours), a user turn after x, or an assistant turn after x
+# (the paper's offline Qwen3-4B run); docs/objective.md
+HINDSIGHT_PLACEMENTS = ("last_user_message", "separate_turn", "assistant_turn")
 
 
 def hindsight_messages(messages: Sequence[dict], followup: str, template: str = DEFAULT_HINDSIGHT_TEMPLATE,
                        placement: str = "last_user_message") -> list[dict]:
     """xo: a copy of x whose LAST user message carries the hindsight block (not a new turn).
 
-    placement "separate_turn" puts the block in a user turn of its own after x instead (the paper's
-    offline Qwen3-4B run did this)."""
+    placement "separate_turn" puts the block (stripped) in a user turn of its own after x instead;
+    "assistant_turn" puts it in an assistant turn after x (as the paper's offline Qwen3-4B run did), so the
+    reply y follows a second assistant header."""
     if not isinstance(followup, str) or not followup.strip():
         raise ValueError("the follow-up message is empty")
     if placement not in HINDSIGHT_PLACEMENTS:
         raise ValueError(f"unknown hindsight placement {placement!r}; choose one of {', '.join(HINDSIGHT_PLACEMENTS)}")
     xo = [dict(m) for m in messages]
-    if placement == "separate_turn":
-        if not any(m["role"] == "user" for m in xo):
-            raise ValueError("the conversation has no user message to attach the hindsight context to")
-        return xo + [{"role": "user", "content": template.format(followup=followup.strip()).strip()}]
+    if not any(m["role"] == "user" for m in xo):
+        raise ValueError("the conversation has no user message to attach the hindsight context to")
+    block = template.format(followup=followup.strip())
+    if placement != "last_user_message":
+        role = "user" if placement == "separate_turn" else "assistant"
+        return xo + [{"role": role, "content": block.strip()}]
     for message in reversed(xo):
         if message["role"] == "user":
-            message["content"] = message["content"] + template.format(followup=followup.strip())
+            message["content"] = message["content"] + block
             return xo
-    raise ValueError("the conversation has no user message to attach the hindsight context to")
+    raise AssertionError("unreachable: a user message exists")
 
 
 def hindsight_contexts(tokenizer, messages: Sequence[dict], followup: str,

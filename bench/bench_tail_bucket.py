@@ -47,8 +47,7 @@ class _HeadOnly(torch.nn.Module):
 def time_fused_head(model, hidden_s, hidden_t, targets, tail: bool, chunk: int) -> float:
     rows = hidden_s.shape[0]
     opts = ObjectiveOptions(loss_mode="full_distillation", distillation_tail=tail, logits_chunk_size=chunk)
-    plan = TokenLoss(opts, 1, torch.zeros(rows, dtype=torch.long), torch.ones(rows),
-                          torch.full((rows,), float(rows)))
+    plan = TokenLoss(opts, 1, torch.zeros(rows, dtype=torch.long), torch.ones(rows), torch.full((rows,), float(rows)))
     model.zero_grad(set_to_none=True)
     started = time.perf_counter()
     loss, _, _, _ = fused_head_loss(HeadLogits(model), plan, hidden_s, hidden_t, targets, chunk)

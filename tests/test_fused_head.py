@@ -241,7 +241,7 @@ def test_head_paths_tail_bucket_against_float64(path):
     model = _IdentityHeadModel(vocab)
     opts = ObjectiveOptions(loss_mode="full_distillation", distillation_topk=k)
     plan = TokenLoss(opts, 1, torch.zeros(tokens, dtype=torch.long), torch.ones(tokens),
-                          torch.full((tokens,), float(tokens)))
+                     torch.full((tokens,), float(tokens)))
     hidden_s = student64.detach().float().requires_grad_(True)
     head_loss = fused_head_loss if path == "fused" else checkpointed_head_loss
     loss, _, _, kl = head_loss(HeadLogits(model), plan, hidden_s, teacher64.float(), torch.zeros(tokens, dtype=torch.long),
@@ -274,8 +274,7 @@ def test_head_paths_tail_bucket_below_float32_range(path):
     expected = brute_force_topk_kl(student64, teacher64, k)
     model = _IdentityHeadModel(vocab)
     plan = TokenLoss(ObjectiveOptions(loss_mode="full_distillation", distillation_topk=k), 1,
-                          torch.zeros(tokens, dtype=torch.long), torch.ones(tokens),
-                          torch.full((tokens,), float(tokens)))
+                     torch.zeros(tokens, dtype=torch.long), torch.ones(tokens), torch.full((tokens,), float(tokens)))
     head_loss = fused_head_loss if path == "fused" else checkpointed_head_loss
     hidden_s = student64.float().requires_grad_(True)
     _, _, _, kl = head_loss(HeadLogits(model), plan, hidden_s, teacher64.float(), torch.zeros(tokens, dtype=torch.long),
