@@ -14,7 +14,6 @@ Output: a table, then `ratio contrast_vs_plain_<mode> <x>` and `ratio copy_guard
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import sys
 import time
