@@ -727,7 +727,8 @@ def test_config_variable_passes_a_preset_after_the_profile_and_env_vars_still_wi
     (argv,) = commands(run(SCRIPTS / "eval_online_sdpo.sh", "--dry-run", env=case_env(
         "eval_online_sdpo.sh", work, CONFIG="configs/paper/online_tldr.yaml"), cwd=work["cwd"]).stdout)
     configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
-    assert configs == [str(REPO / "configs/wrappers/eval_online_sdpo.yaml"), str(REPO / "configs/paper/online_tldr.yaml")]
+    assert configs == [str(REPO / "configs/wrappers/eval_online_sdpo.yaml"),
+                       str(REPO / "configs/paper/online_tldr.yaml")]
     result = run(SCRIPTS / "eval_checkpoints.sh", env=case_env("eval_checkpoints.sh", work, CONFIG="nope.yaml",
                                                                SDPO_PYTHON=work["python"]))
     assert result.returncode == 2 and "CONFIG" in result.stderr and recorded(work) == []
