@@ -204,7 +204,8 @@ class OnlineSDPOUpdater:
                         "skipped_nonfinite": self.skipped_nonfinite, "lr": lr,
                         "seconds": time.perf_counter() - started})
         metrics["signal_per_sequence"] = first["signal_per_sequence"]
-        if self.config.checkpoint_every and self.config.checkpoint_dir and self.step % self.config.checkpoint_every == 0:
+        every = self.config.checkpoint_every
+        if every and self.config.checkpoint_dir and self.step % every == 0:
             self.save_checkpoint()
         return metrics
 

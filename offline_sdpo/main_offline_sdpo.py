@@ -30,35 +30,46 @@ logger = logging.getLogger("offline_sdpo")
 
 @dataclass
 class OfflineTrainingArguments(LoraOptions, OptimizerOptions, ModelOptions):
-    """What offline SDPO and the SFT baseline (main_offline_sft.py) share: model, LoRA, optimiser, data, schedule, run."""
+    """What offline SDPO and the SFT baseline (main_offline_sft.py) share: model, LoRA, optimiser, data, schedule,
+    run."""
     # the offline trainers' defaults where they differ from the shared groups' (one line each)
     model: str = override(ModelOptions, "model", "Qwen/Qwen3-4B")
     dtype: str = override(ModelOptions, "dtype", "auto", help=(
-        "autocast precision over fp32 master weights: auto (bf16 on GPUs that support it, fp32 on CPU), bf16, fp16, fp32"))
+        "autocast precision over fp32 master weights: auto (bf16 on GPUs that support it, fp32 on CPU), bf16, fp16, "
+        "fp32"))
     max_context_length: int = override(ContextOptions, "max_context_length", 2048)
     lr: float = override(OptimizerOptions, "lr", 2e-6)
-    use_lora: bool = override(LoraOptions, "use_lora", False, help="train a LoRA adapter (saved, then merged into a full model)")
+    use_lora: bool = override(LoraOptions, "use_lora", False,
+                              help="train a LoRA adapter (saved, then merged into a full model)")
     # data
-    train_jsonl: Optional[str] = field(default=None, metadata={"help": "interactions JSONL: prompt, completion, user_response (required)"})
-    output_dir: Optional[str] = field(default=None, metadata={"help": "where checkpoints and the final model go (default: $OUTPUT_DIR)"})
-    max_completion_length: int = field(default=2048, metadata={"help": "completion tokens kept (a cut completion gets no EOS)"})
+    train_jsonl: Optional[str] = field(default=None, metadata={
+        "help": "interactions JSONL: prompt, completion, user_response (required)"})
+    output_dir: Optional[str] = field(default=None, metadata={
+        "help": "where checkpoints and the final model go (default: $OUTPUT_DIR)"})
+    max_completion_length: int = field(default=2048, metadata={
+        "help": "completion tokens kept (a cut completion gets no EOS)"})
     # optimisation
     batch_size: int = field(default=4, metadata={"help": "interactions per device per micro-batch",
                                                   "aliases": ["--per_device_train_batch_size"]})
-    grad_accum: int = field(default=8, metadata={"help": "gradient-accumulation steps", "aliases": ["--gradient_accumulation_steps"]})
+    grad_accum: int = field(default=8, metadata={
+        "help": "gradient-accumulation steps", "aliases": ["--gradient_accumulation_steps"]})
     num_epochs: float = field(default=2.0, metadata={"help": "passes over the data", "aliases": ["--num_train_epochs"]})
     max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --num_epochs when > 0"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
-    optim: str = field(default="auto", metadata={"help": "auto (8-bit AdamW where CUDA and bitsandbytes exist, else adamw_torch) or a transformers optim name"})
+    optim: str = field(default="auto", metadata={
+        "help": "auto (8-bit AdamW where CUDA and bitsandbytes exist, else adamw_torch) or a transformers optim name"})
     # bookkeeping
     seed: int = field(default=1234, metadata={"help": "random seed (data order, init of LoRA)"})
     logging_steps: int = field(default=1, metadata={"help": "log every N optimizer steps"})
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps"})
     save_total_limit: int = field(default=2, metadata={"help": "newest checkpoints kept"})
-    resume_from_checkpoint: Optional[str] = field(default=None, metadata={"help": "a checkpoint folder, or 'latest' (newest in --output_dir; fresh start if none)"})
-    overwrite: bool = field(default=False, metadata={"help": "replace the results of an earlier run in --output_dir (else such a folder is refused)"})
-    wandb: bool = field(default=False, metadata={"help": "report to Weights & Biases (WANDB_PROJECT etc. from the environment)"})
+    resume_from_checkpoint: Optional[str] = field(default=None, metadata={
+        "help": "a checkpoint folder, or 'latest' (newest in --output_dir; fresh start if none)"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace the results of an earlier run in --output_dir (else such a folder is refused)"})
+    wandb: bool = field(default=False, metadata={
+        "help": "report to Weights & Biases (WANDB_PROJECT etc. from the environment)"})
     run_name: Optional[str] = field(default=None, metadata={"help": "run name for wandb"})
     dataloader_num_workers: int = field(default=0, metadata={"help": "collator worker processes"})
 

@@ -45,7 +45,8 @@ def test_resume_with_another_model_or_lr_is_refused_in_one_line_before_loading(t
     capsys.readouterr()
     other_model = tmp_path / "no_such_model"  # never loaded: the refusal comes first
     assert eval_online_sdpo.main(online_args(tiny_model_dir, data_dir, out, resume=True, model=other_model,
-                                             lr=5e-4, train_n=4, **{k: v for k, v in args.items() if k != "train_n"})) == 2
+                                             lr=5e-4, train_n=4,
+                                             **{k: v for k, v in args.items() if k != "train_n"})) == 2
     error = capsys.readouterr().err.strip().splitlines()
     assert len(error) == 1 and "change the experiment" in error[0] and "lr: 0.001 -> 0.0005" in error[0]
     assert f"model: '{tiny_model_dir}' -> '{other_model}'" in error[0] and "--allow_config_change" in error[0]

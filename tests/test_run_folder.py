@@ -46,7 +46,8 @@ def test_the_marker_names_a_step_every_arm_has(tmp_path):
         fake_checkpoint(folder.checkpoint_path("feedback", step))
     folder.write_checkpoint_marker(3, ["feedback", "placebo"])
     assert folder.checkpoint_marker_step() == 3
-    assert folder.resume_checkpoints(["feedback"]) == (3, {"feedback": folder.checkpoint_root / "feedback" / "step_000003"})
+    expected = (3, {"feedback": folder.checkpoint_root / "feedback" / "step_000003"})
+    assert folder.resume_checkpoints(["feedback"]) == expected
     with pytest.raises(RunFolderError, match="placebo/step_000003 is missing"):
         folder.resume_checkpoints(["feedback", "placebo"])
 

@@ -42,8 +42,9 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
             try:
                 line = raw_line.decode("utf-8")
             except UnicodeDecodeError as err:
-                raise DataError(f"{path}:{line_number}: not UTF-8 text (byte 0x{err.object[err.start]:02x}; "
-                                "a latin-1 or other legacy encoding? convert it with iconv -f latin1 -t utf-8)") from None
+                raise DataError(f"{path}:{line_number}: not UTF-8 text "
+                                f"(byte 0x{err.object[err.start]:02x}; a latin-1 or other legacy encoding? "
+                                "convert it with iconv -f latin1 -t utf-8)") from None
             if not line.strip():
                 continue
             try:

@@ -145,7 +145,8 @@ class RunFolder:
         refuse_links(out, RESULT_FILES + RESULT_FOLDERS)
         has_results = (out / "metrics.jsonl").exists() or (out / "eval_history.json").exists()
         if has_results and not (resume or overwrite):
-            raise RunFolderError(f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
+            raise RunFolderError(
+                f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it")
         try:  # one writer per folder: a second run, or a --resume while the first is alive, stops here
             folder.lock = FolderLock(out).acquire()
         except FolderLockError as err:
@@ -319,7 +320,8 @@ class RunFolder:
             logger.warning("--resume: no checkpoint in %s, starting again from step 0 (baseline cache kept)",
                            self.checkpoint_root)
             return -1, {}
-        steps = sorted(set.intersection(*[{int(p.name.split("_")[1]) for p in list_checkpoints(self.checkpoint_root / a)}
+        steps = sorted(
+            set.intersection(*[{int(p.name.split("_")[1]) for p in list_checkpoints(self.checkpoint_root / a)}
                                           for a in arms]), reverse=True)
         candidates = ([step] if step >= 0 else []) + [s for s in steps if step < 0 or s < step]
         first_error = None
@@ -335,7 +337,8 @@ class RunFolder:
                 logger.warning("--resume: skipping step %d: %s", candidate, err)
                 continue
             if first_error is not None or step < 0:
-                logger.warning("--resume: falling back to step %d, the newest intact checkpoint of every arm", candidate)
+                logger.warning("--resume: falling back to step %d, the newest intact checkpoint of every arm",
+                               candidate)
             return candidate, paths
         raise RunFolderError(f"--resume: no intact checkpoint in {self.checkpoint_root}: {first_error}")
 
