@@ -57,7 +57,8 @@ def test_overwrite_refuses_a_folder_no_run_of_ours_made_and_leaves_it_alone(tmp_
     os.chmod(user, 0o755)
     before = snapshot(user)
     for resume, overwrite in ((False, True), (False, False)):
-        with pytest.raises(RunFolderError, match=rf"holds config.json, summary.json, checkpoints, wandb but not the run marker {RUN_MARKER}"):
+        refusal = rf"holds config.json, summary.json, checkpoints, wandb but not the run marker {RUN_MARKER}"
+        with pytest.raises(RunFolderError, match=refusal):
             RunFolder.open(user, resume=resume, overwrite=overwrite)
     assert snapshot(user) == before and {p.name for p in user.iterdir()} == {
         "checkpoints", "wandb", "config.json", "summary.json", "model.safetensors"}
