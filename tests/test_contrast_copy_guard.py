@@ -46,7 +46,8 @@ def _full_logit_reference(student, teacher_model, opts, ref_model=None):
         neutral = _response_logits(teacher_model, CONTEXTS_NEUTRAL) if opts.contrast_followup else None
         ref_logp = None
         if ref_model is not None:
-            ref_logp = torch.log_softmax(_response_logits(ref_model, CONTEXTS_X), -1).gather(-1, ids.unsqueeze(-1))[..., 0]
+            ref_logp = torch.log_softmax(_response_logits(ref_model, CONTEXTS_X), -1)
+            ref_logp = ref_logp.gather(-1, ids.unsqueeze(-1))[..., 0]
     return reference_loss(_response_logits(student, CONTEXTS_X), teacher, ids, mask, opts, neutral, ref_logp)
 
 
@@ -150,8 +151,8 @@ def test_a_contrast_equal_to_the_followup_cancels_the_hindsight_block(tiny_model
     """o_neutral = o: the signal is identically zero and the tilted teacher is the student (no loss, no gradient)."""
     batch_x, batch_xo, _ = _batches(tiny_tokenizer)
     model = tiny_model.eval()
-    loss, stats = sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal", contrast_followup="o"),
-                            batch_neutral=batch_xo)
+    loss, stats = sdpo_loss(model, batch_x, batch_xo,
+                            ObjectiveOptions(loss_mode="simple_signal", contrast_followup="o"), batch_neutral=batch_xo)
     assert float(loss) == 0.0 and all(float(s.abs().max()) == 0.0 for s in stats["signal_per_sequence"])
     for fused in (True, False):
         loss, stats = sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(contrast_followup="o", distillation_topk=5,
@@ -198,8 +199,8 @@ def test_token_weights_copy_guard_and_short_replies():
         return [flat[sum(lengths[:i]):sum(lengths[:i + 1])] for i in range(len(lengths))]
 
     assert weights(copy_guard_ngram=3) == [[1] * 5 + [0, 0, 0, 1], [1] * 5, [1] * 9, [1, 1]]
-    assert weights(copy_guard_ngram=2, ignore_first_k=1) == [[0, 1, 1, 1, 0, 0, 0, 0, 1], [0, 1, 1, 0, 1], [0] + [1] * 8,
-                                                             [0, 1]]
+    assert weights(copy_guard_ngram=2, ignore_first_k=1) == [[0, 1, 1, 1, 0, 0, 0, 0, 1], [0, 1, 1, 0, 1],
+                                                             [0] + [1] * 8, [0, 1]]
     # a reply of ignore_first_k tokens or fewer keeps every token (the paper's code), a longer one loses the first k
     assert weights(ignore_first_k=2)[3] == [1, 1] and weights(ignore_first_k=3)[3] == [1, 1]
     assert weights(ignore_first_k=4)[1] == [0, 0, 0, 0, 1] and weights(ignore_first_k=5)[1] == [1] * 5
@@ -265,9 +266,11 @@ def test_online_updater_trains_on_the_contrastive_signal(tiny_tokenizer):
     batch_x, batch_xo, batch_neutral = updater.build_batches([MESSAGES], [reply], ["Shorter!"])
     x, xo, neutral = hindsight_contexts(tiny_tokenizer, MESSAGES, "Shorter!", contrast_followup="OK.")
     assert batch_neutral.input_ids[0].tolist() == neutral + reply
-    expected = compute_signal(updater.model, [x], [xo], [reply], tiny_tokenizer.pad_token_id, contexts_neutral=[neutral])
+    expected = compute_signal(updater.model, [x], [xo], [reply], tiny_tokenizer.pad_token_id,
+                              contexts_neutral=[neutral])
     metrics = updater.train_step(MESSAGES, reply, "Shorter!")
-    torch.testing.assert_close(metrics["signal_per_sequence"][0], torch.tensor(expected[0]["signal"]), atol=1e-5, rtol=0)
+    torch.testing.assert_close(metrics["signal_per_sequence"][0], torch.tensor(expected[0]["signal"]), atol=1e-5,
+                               rtol=0)
     assert metrics["weighted_tokens"] == 5  # the second (5, 6) completes a repeated bigram
     assert "logp_neutral" in metrics
 
@@ -277,7 +280,8 @@ def test_offline_collator_gives_the_neutral_context(tiny_tokenizer):
 
     record = {"prompt": MESSAGES, "completion": "Dear manager, ...", "user_response": "Shorter!"}
     encoded = SDPOCollator(tiny_tokenizer, contrast_followup="OK.").encode(record)
-    assert encoded["neutral_ids"] == hindsight_contexts(tiny_tokenizer, MESSAGES, "Shorter!", contrast_followup="OK.")[2]
+    expected = hindsight_contexts(tiny_tokenizer, MESSAGES, "Shorter!", contrast_followup="OK.")[2]
+    assert encoded["neutral_ids"] == expected
     assert "neutral_ids" not in SDPOCollator(tiny_tokenizer).encode(record)
 
 
