@@ -45,18 +45,29 @@ class ChatConfig(OnlineSDPOConfig):
     temperature: float = override(OnlineSDPOConfig, "temperature", 0.7)
     top_p: float = override(OnlineSDPOConfig, "top_p", 0.9)
     # the chat's own flags
-    user_id: str = field(default="default", metadata={"help": "whose adapter: <adapters_dir>/<user_id>/ (letters, digits, _ . -)"})
-    adapters_dir: Optional[str] = field(default=None, metadata={"help": "folder of per-user adapters (default: $BASE_WORK/chat_adapters, BASE_WORK=${SCRATCH:-${TMPDIR:-/tmp}})"})
+    user_id: str = field(default="default", metadata={
+        "help": "whose adapter: <adapters_dir>/<user_id>/ (letters, digits, _ . -)"})
+    adapters_dir: Optional[str] = field(default=None, metadata={
+        "help": "folder of per-user adapters "
+                "(default: $BASE_WORK/chat_adapters, BASE_WORK=${SCRATCH:-${TMPDIR:-/tmp}})"})
     ui: str = field(default="terminal", metadata={"help": "terminal or web (Gradio)"})
-    host: str = field(default="127.0.0.1", metadata={"help": "web UI address (loopback unless told otherwise; another address needs --auth or --auth_file)"})
-    auth: Optional[list[str]] = field(default=None, metadata={"help": "web UI logins USER:PASS (repeatable); each user gets their own session and adapter <adapters_dir>/<USER>/"})
-    auth_file: Optional[str] = field(default=None, metadata={"help": "web UI logins from a file, one USER:PASS a line (safer than --auth: not shown by ps)"})
+    host: str = field(default="127.0.0.1", metadata={
+        "help": "web UI address (loopback unless told otherwise; another address needs --auth or --auth_file)"})
+    auth: Optional[list[str]] = field(default=None, metadata={
+        "help": "web UI logins USER:PASS (repeatable); each user gets their own session and adapter "
+                "<adapters_dir>/<USER>/"})
+    auth_file: Optional[str] = field(default=None, metadata={
+        "help": "web UI logins from a file, one USER:PASS a line (safer than --auth: not shown by ps)"})
     port: int = field(default=7860, metadata={"help": "web UI port"})
-    min_signal: float = field(default=DEFAULT_MIN_SIGNAL, metadata={"help": "skip updates whose mean |signal| is below this (0 = never skip)"})
-    undo_depth: int = field(default=10, metadata={"help": "how many updates /undo can take back (each keeps a copy of the adapter + optimizer state)"})
+    min_signal: float = field(default=DEFAULT_MIN_SIGNAL, metadata={
+        "help": "skip updates whose mean |signal| is below this (0 = never skip)"})
+    undo_depth: int = field(default=10, metadata={
+        "help": "how many updates /undo can take back (each keeps a copy of the adapter + optimizer state)"})
     system_prompt: str = field(default="", metadata={"help": "system message of every conversation (empty: none)"})
-    log_interactions: bool = field(default=True, metadata={"help": "append (prompt, completion, user_response) to <adapters_dir>/<user_id>/interactions.jsonl"})
-    color: str = field(default="auto", metadata={"help": "terminal colours: auto (a tty and no NO_COLOR), always, never"})
+    log_interactions: bool = field(default=True, metadata={
+        "help": "append (prompt, completion, user_response) to <adapters_dir>/<user_id>/interactions.jsonl"})
+    color: str = field(default="auto", metadata={
+        "help": "terminal colours: auto (a tty and no NO_COLOR), always, never"})
 
     def __post_init__(self):
         super().__post_init__()

@@ -193,8 +193,10 @@ class OnlineRun:
             for updater in self.updaters.values():
                 updater.distribute(device_ids=[updater.device.index] if updater.device.type == "cuda" else None)
         if self.main_process:
-            self._write_config(model_path)
             self._load_or_make_baseline()
+            WandbRun.require(run.wandb)
+            self.folder.clear_earlier_results()  # --overwrite: only now, every check that can fail has passed
+            self._write_config(model_path)
             self.wandb = WandbRun.start(run.wandb, self.out, run.wandb_project)
 
     def _start_processes(self) -> None:
@@ -229,7 +231,8 @@ class OnlineRun:
         problems = [(not self.sdpo.use_lora, "--use_lora (each user's adapter is a LoRA adapter)"),
                     (self.sdpo.use_vllm, "generation without --use_vllm"),
                     (self.run.save_checkpoints or self.run.resume, "a run without --save_checkpoints / --resume"),
-                    (bool(self.run.eval_styles.strip()), "no --eval_styles (each adapter is judged on its user's style)")]
+                    (bool(self.run.eval_styles.strip()),
+                     "no --eval_styles (each adapter is judged on its user's style)")]
         for failed, need in problems:
             if failed:
                 raise SetupError(f"--per_user_adapters needs {need}")
@@ -257,7 +260,8 @@ class OnlineRun:
         if self.sdpo.use_vllm:
             raise SetupError("--arms_in_parallel needs generation without --use_vllm (each engine batches on its own)")
         if self.world > 1:  # two DDP models all-reducing from two threads would interleave their collectives
-            raise SetupError("--arms_in_parallel needs a single process (under torchrun each process runs its arms in turn)")
+            raise SetupError(
+                "--arms_in_parallel needs a single process (under torchrun each process runs its arms in turn)")
         for arm, updater in self.updaters.items():
             config = getattr(updater.model, "config", None)
             rates = [m.p for m in updater.model.modules() if isinstance(m, torch.nn.Dropout)]
@@ -816,7 +820,8 @@ def _expected_errors() -> tuple[tuple, tuple]:
     from auxiliary.runtime.model_loading import ModelLoadError
 
     return ((SetupError, RunFolderError, WandbSetupError, DataError, ConfigError, ModelLoadError, UnknownStyleError,
-             UnsupportedStyleError, ValueError, ClaudeAuthError), (ClaudeAuthError, ClaudeRequestError, EmptyFeedbackError))
+             UnsupportedStyleError, ValueError, ClaudeAuthError),
+             (ClaudeAuthError, ClaudeRequestError, EmptyFeedbackError))
 
 
 def fail(message: str, code: int = 2, run: "OnlineRun | None" = None) -> int:

@@ -71,7 +71,8 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
         grad_hidden = torch.empty_like(h_all)
         grad_weight = None
         if weight.requires_grad:  # frozen under LoRA: skip the largest product
-            grad_weight = torch.zeros(weight.shape, dtype=weight.dtype if weight.dtype == compute_dtype else torch.float32,
+            grad_weight = torch.zeros(weight.shape,
+                                      dtype=weight.dtype if weight.dtype == compute_dtype else torch.float32,
                                       device=weight.device)
         loss_value = torch.zeros((), device=hidden_s.device)
         logp_x = torch.empty(total, device=hidden_s.device)
@@ -106,7 +107,8 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
                         teacher_logits, ids, target, lambda index: _logits(h_teacher[index], w_teacher, softcap))
                 else:
                     (teacher_target, teacher_buckets), _, _ = logprobs_in_place(
-                        teacher_logits, [teacher_logits.gather(1, target).double(), teacher_logits.gather(1, ids).double()])
+                        teacher_logits,
+                        [teacher_logits.gather(1, target).double(), teacher_logits.gather(1, ids).double()])
                 logp_xo[rows] = teacher_target.squeeze(1)
                 picked = torch.cat([student_buckets, target_logp], dim=1).requires_grad_(True)
             else:

@@ -504,7 +504,8 @@ def compute_signal(model, contexts_x, contexts_xo, responses, pad_token_id: int,
         model.train(was_training)
     results = []
     for lx, lxo in zip(split_by_sequence(logp_x, batch_x), split_by_sequence(logp_xo, batch_x)):
-        results.append({"signal": (lxo - lx).cpu().tolist(), "logp_x": lx.cpu().tolist(), "logp_xo": lxo.cpu().tolist()})
+        results.append(
+            {"signal": (lxo - lx).cpu().tolist(), "logp_x": lx.cpu().tolist(), "logp_xo": lxo.cpu().tolist()})
     return results
 
 
@@ -531,19 +532,23 @@ class ObjectiveOptions:
     signal_clip: float = field(default=0.0, metadata={"help": "clamp the signal to +-c (0 = off)"})
     ignore_first_k: int = field(default=0, metadata={"help": "give no signal to the first k reply tokens"})
     center_signal: bool = field(default=False, metadata={"help": "subtract each reply's mean signal (simple_signal)"})
-    negate_signal: bool = field(default=False, metadata={"help": "control experiments only: train on -A (simple_signal)"})
-    beta: float = field(default=0.0, metadata={"help": "weight of a KL to a frozen reference model (k3 estimator on y; 0 = off)"})
+    negate_signal: bool = field(default=False, metadata={
+        "help": "control experiments only: train on -A (simple_signal)"})
+    beta: float = field(default=0.0, metadata={
+        "help": "weight of a KL to a frozen reference model (k3 estimator on y; 0 = off)"})
     logits_chunk_size: Optional[int] = field(default=None, metadata={
         "help": f"response positions per chunk of the LM head / log-softmax (default: {CPU_CHUNK_SIZE} on CPU, "
                 f"{ACCELERATOR_CHUNK_SIZE} on GPU, chosen by bench/bench_chunk_size.py)"})
     fused_lm_head: bool = field(default=True, metadata={
-        "help": "form the LM head's gradient during the forward (faster; falls back to checkpointed chunks for LoRA/biased/sharded heads)"})
+        "help": "form the LM head's gradient during the forward (faster; falls back to checkpointed chunks for "
+                "LoRA/biased/sharded heads)"})
 
     def __post_init__(self):
         if self.loss_mode not in LOSS_MODES:
             raise ValueError(f"unknown loss_mode '{self.loss_mode}'; choose one of {', '.join(LOSS_MODES)}")
         for name, value, low in (("distillation_topk", self.distillation_topk, 1),
-                                 ("logits_chunk_size", 1 if self.logits_chunk_size is None else self.logits_chunk_size, 1),
+                                 ("logits_chunk_size",
+                                  1 if self.logits_chunk_size is None else self.logits_chunk_size, 1),
                                  ("ignore_first_k", self.ignore_first_k, 0),
                                  ("signal_clip", self.signal_clip, 0), ("beta", self.beta, 0)):
             if not value >= low or value == float("inf"):  # also catches NaN
@@ -721,7 +726,8 @@ class Teacher:
             self.copy = frozen_copy if (mode == "frozen" and frozen_copy is not None) else _frozen_copy(self.student)
             if mode == "ema":
                 students = dict(self.student.named_parameters())
-                self._pairs = [(name, p, students[name]) for name, p in self.copy.named_parameters() if name in students]
+                self._pairs = [(name, p, students[name]) for name, p in self.copy.named_parameters()
+                               if name in students]
         elif mode == "ema":
             self._add_ema_adapter()
         # 16-bit EMA weights average in a float32 copy: r * (student - teacher) is often below a bf16
@@ -801,7 +807,8 @@ class Teacher:
         expected = {name for name, _, _ in self._pairs}
         if set(tensors) != expected:
             missing, extra = sorted(expected - set(tensors)), sorted(set(tensors) - expected)
-            raise ValueError(f"{source}: does not match the ema teacher (missing {missing[:3]}, unexpected {extra[:3]})")
+            raise ValueError(
+                f"{source}: does not match the ema teacher (missing {missing[:3]}, unexpected {extra[:3]})")
         with torch.no_grad():
             for name, teacher_param, _ in self._pairs:
                 if tensors[name].shape != teacher_param.shape:

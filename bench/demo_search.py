@@ -157,7 +157,8 @@ def markdown_table(rows: list[dict]) -> str:
     for r in rows:
         words = " / ".join(f"{r['mean_words'][arm]:.1f}" for arm in ("baseline", "feedback", "placebo"))
         degenerate = " / ".join(str(r["degenerate"][arm]) for arm in ("baseline", "feedback", "placebo"))
-        cells = [r["setting"], str(r["seed"]), _rate(r["win_rate"]["feedback"]["rate"], r["win_rate"]["feedback"]["se"]),
+        cells = [r["setting"], str(r["seed"]),
+                 _rate(r["win_rate"]["feedback"]["rate"], r["win_rate"]["feedback"]["se"]),
                  _rate(r["win_rate"]["placebo"]["rate"], r["win_rate"]["placebo"]["se"]),
                  _rate(r["net_effect"]["diff"], r["net_effect"]["se"], signed=True),
                  "yes" if r["net_effect"]["beyond_2se"] else "no",

@@ -319,7 +319,8 @@ class OfflineSDPOTrainer(Trainer):
         batch_x = build_scoring_batch(inputs["x_ids"], inputs["completion_ids"], pad_id, self.max_prompt_length, device)
         batch_xo = build_scoring_batch(inputs["xo_ids"], inputs["completion_ids"], pad_id, self.max_prompt_length,
                                        device)
-        loss, stats = sdpo_loss(model, batch_x, batch_xo, self.objective, ref_model=self.ref_model, teacher=self.teacher)
+        loss, stats = sdpo_loss(model, batch_x, batch_xo, self.objective, ref_model=self.ref_model,
+                                teacher=self.teacher)
         if model.training:
             accumulate_stats(self._sums, stats, inputs["has_eos"], inputs.get("prompt_truncated", ()))
             self.interactions_seen += len(inputs["completion_ids"])
@@ -340,9 +341,11 @@ class OfflineSDPOTrainer(Trainer):
 
     # ------------------------------------------------------------------ teacher (--teacher)
     def _build_teacher(self, objective: ObjectiveOptions, ref_is_initial_policy: bool) -> Teacher:
-        copies_weights = objective.teacher == "ema" or (objective.teacher == "frozen" and not hasattr(self.model, "peft_config"))
+        copies_weights = objective.teacher == "ema" or (objective.teacher == "frozen"
+                                                        and not hasattr(self.model, "peft_config"))
         if copies_weights and (self.is_deepspeed_enabled or self.is_fsdp_enabled):
-            raise ValueError(f"--teacher {objective.teacher} keeps its own weights, which DeepSpeed / FSDP would shard: "
+            raise ValueError(
+                f"--teacher {objective.teacher} keeps its own weights, which DeepSpeed / FSDP would shard: "
                              "use --teacher live, or --teacher frozen with --use_lora")
         reuse = self.ref_model if (objective.teacher == "frozen" and ref_is_initial_policy) else None
         teacher = Teacher(self.model, objective.teacher, objective.teacher_ema_rate, frozen_copy=reuse)

@@ -59,7 +59,8 @@ def test_subclasses_change_defaults_in_one_place():
         ("full_distillation", 0, 5e-6, "Qwen/Qwen3-8B", 4096)
     assert (chat.lr, chat.use_lora, chat.lora_dropout, chat.max_new_tokens) == (1e-4, True, 0.0, 256)
     # an override keeps the group's help text unless it gives its own
-    assert fields(OfflineSDPOArguments)["loss_mode"].metadata["help"] == fields(ObjectiveOptions)["loss_mode"].metadata["help"]
+    assert fields(OfflineSDPOArguments)["loss_mode"].metadata["help"] == fields(ObjectiveOptions)[
+        "loss_mode"].metadata["help"]
     assert fields(OfflineSDPOArguments)["lr"].metadata["aliases"] == ["--learning_rate"]
 
 
@@ -152,7 +153,8 @@ def test_public_config_masks_secrets_but_keeps_token_counts():
               "note": "sk-ant-api03-abcdefghijklmnop", "model": "hf_abcdefghijklmnopqrstuvwxyz",
               "nested": {"api_key": "k", "max_new_tokens": 8}, "empty_api_key": ""}
     masked = public_config(values)
-    assert (masked["max_new_tokens"], masked["max_prompt_tokens"], masked["eval_max_new_tokens"], masked["tokenizer"]) == \
+    assert (masked["max_new_tokens"], masked["max_prompt_tokens"], masked["eval_max_new_tokens"],
+            masked["tokenizer"]) == \
         (96, 1024, 64, "t")
     for key in ("api_key", "hf_token", "wandb_api_key", "db_password", "secret", "note", "model"):
         assert masked[key] == "***", key

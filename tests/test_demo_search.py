@@ -84,7 +84,8 @@ def test_table_orders_runs_by_settings_then_seed_and_writes_markdown_and_json(tm
     assert json.loads((tmp_path / "table.json").read_text()) == rows
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert len(lines) == 2 + 3
-    assert lines[2] == ("| default | 1234 | 56.7 ± 9.0 | 56.7 ± 9.5 | +0.0 ± 12.8 | no | 62.5 ± 8.0 | +1.5 ± 0.5 | 0 / 0 / 0 of 4 "
+    assert lines[2] == (
+        "| default | 1234 | 56.7 ± 9.0 | 56.7 ± 9.5 | +0.0 ± 12.8 | no | 62.5 ± 8.0 | +1.5 ± 0.5 | 0 / 0 / 0 of 4 "
                         "| 5.0 / 3.0 / 4.0 | 10:00 |")
     assert lines[3].endswith("| +10.0 ± 8.0 | no | 62.5 ± 8.0 | +1.5 ± 0.5 | 0 / 0 / 0 of 4 | 5.0 / 3.0 / 4.0 | n/a |")
     assert "| +20.0 ± 8.0 | yes |" in lines[4]

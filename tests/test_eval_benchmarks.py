@@ -95,8 +95,10 @@ def test_dry_run_prints_calls_and_writes_nothing(tmp_path, tiny_models):
     pytest.importorskip("transformers")
     base, checkpoint = tiny_models
     out = tmp_path / "out"
-    result = run_tool(["--baseline_model", base, "--checkpoints", str(Path(checkpoint).parent), "--tasks", "ifeval,alpaca_eval",
-                       "--ifeval_jsonl", str(FIXTURES / "ifeval.jsonl"), "--alpaca_eval_json", str(FIXTURES / "alpaca_eval.json"),
+    result = run_tool(
+        ["--baseline_model", base, "--checkpoints", str(Path(checkpoint).parent), "--tasks", "ifeval,alpaca_eval",
+                       "--ifeval_jsonl", str(FIXTURES / "ifeval.jsonl"), "--alpaca_eval_json",
+                       str(FIXTURES / "alpaca_eval.json"),
                        "--limit", "2", "--output_dir", str(out), "--dry-run"], {})
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lm_eval.simple_evaluate(" in result.stdout and "ifeval_local" in result.stdout
@@ -106,7 +108,8 @@ def test_dry_run_prints_calls_and_writes_nothing(tmp_path, tiny_models):
 
 
 def test_unknown_task_is_refused(tmp_path):
-    result = run_tool(["--baseline_model", "x", "--tasks", "ifeval,gsm8k", "--output_dir", str(tmp_path), "--dry_run"], {})
+    result = run_tool(
+        ["--baseline_model", "x", "--tasks", "ifeval,gsm8k", "--output_dir", str(tmp_path), "--dry_run"], {})
     assert result.returncode == 2 and "unknown --tasks gsm8k" in result.stderr
 
 

@@ -222,7 +222,8 @@ def test_bad_input_fails_with_one_clear_line(case, tiny_model_dir, data_dir, tmp
     elif case == "missing_model":
         overrides, expected = {"model": tmp_path / "nowhere"}, "does not exist"
     elif case == "no_chat_template":
-        overrides, expected = {"model": copy_without_chat_template(tiny_model_dir, tmp_path / "no_template")}, "chat template"
+        overrides, expected = {
+            "model": copy_without_chat_template(tiny_model_dir, tmp_path / "no_template")}, "chat template"
     elif case == "unwritable_output":
         blocker = tmp_path / "a_file"
         blocker.write_text("x")

@@ -30,7 +30,8 @@ def _loss_and_grads(model, batch_x, batch_xo, opts, ref_model=None, teacher_obje
 
 
 def _assert_same(model, batch_x, batch_xo, ref_model=None, teacher_object=None, **options):
-    """Fused and checkpointed head paths: same loss, gradients and stats (`teacher_object`: a sdpo_objective.Teacher)."""
+    """Fused and checkpointed head paths: same loss, gradients and stats (`teacher_object`: a
+    sdpo_objective.Teacher)."""
     fused = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=True, **options), ref_model,
                             teacher_object)
     plain = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=False, **options), ref_model,
@@ -104,7 +105,8 @@ def test_fused_head_with_untied_head_and_frozen_head(tiny_tokenizer):
     model.set_output_embeddings(untied)
     model.config.tie_word_embeddings = False
     model.eval()
-    fused = _assert_same(model, batch_x, batch_xo, loss_mode="full_distillation", distillation_topk=4, logits_chunk_size=5)
+    fused = _assert_same(model, batch_x, batch_xo, loss_mode="full_distillation", distillation_topk=4,
+                         logits_chunk_size=5)
     assert fused[2]["lm_head.weight"].abs().sum() > 0
     untied.weight.requires_grad_(False)  # as under LoRA: the head gets no gradient, the rest does
     fused = _assert_same(model, batch_x, batch_xo, loss_mode="simple_signal", logits_chunk_size=5)
@@ -142,7 +144,8 @@ def test_fused_head_under_lora_matches_and_trains_only_adapters(tiny_model, tiny
     model = peft.get_peft_model(tiny_model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
                                                             init_lora_weights=False))
     model.eval()
-    fused = _assert_same(model, batch_x, batch_xo, loss_mode="full_distillation", distillation_topk=5, logits_chunk_size=4)
+    fused = _assert_same(model, batch_x, batch_xo, loss_mode="full_distillation", distillation_topk=5,
+                         logits_chunk_size=4)
     assert fused[2] and all("lora_" in name for name in fused[2])
 
 
@@ -243,7 +246,8 @@ def test_head_paths_tail_bucket_against_float64(path):
                           torch.full((tokens,), float(tokens)))
     hidden_s = student64.detach().float().requires_grad_(True)
     head_loss = fused_head_loss if path == "fused" else _checkpointed_head_loss
-    loss, _, _, kl = head_loss(_HeadLogits(model), plan, hidden_s, teacher64.float(), torch.zeros(tokens, dtype=torch.long),
+    loss, _, _, kl = head_loss(_HeadLogits(model), plan, hidden_s, teacher64.float(),
+                               torch.zeros(tokens, dtype=torch.long),
                                chunk_size=5)
     loss.backward()
     torch.testing.assert_close(kl.double(), expected.detach(), rtol=2e-5, atol=1e-6)
@@ -277,7 +281,8 @@ def test_head_paths_tail_bucket_below_float32_range(path):
                           torch.full((tokens,), float(tokens)))
     head_loss = fused_head_loss if path == "fused" else _checkpointed_head_loss
     hidden_s = student64.float().requires_grad_(True)
-    _, _, _, kl = head_loss(_HeadLogits(model), plan, hidden_s, teacher64.float(), torch.zeros(tokens, dtype=torch.long),
+    _, _, _, kl = head_loss(_HeadLogits(model), plan, hidden_s, teacher64.float(),
+                            torch.zeros(tokens, dtype=torch.long),
                             chunk_size=5)
     assert torch.isfinite(kl).all()
     torch.testing.assert_close(kl.double(), expected, rtol=2e-5, atol=1e-6)

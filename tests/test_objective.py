@@ -155,7 +155,8 @@ def _batches(tokenizer):
 def test_simple_signal_gradient_matches_formula(tiny_model, tiny_tokenizer):
     batch_x, batch_xo, cx, cxo = _batches(tiny_tokenizer)
     tiny_model.eval()
-    loss, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal", logits_chunk_size=2))
+    loss, stats = sdpo_loss(tiny_model, batch_x, batch_xo,
+                            ObjectiveOptions(loss_mode="simple_signal", logits_chunk_size=2))
     loss.backward()
     ours = {n: p.grad.clone() for n, p in tiny_model.named_parameters()}
     tiny_model.zero_grad()
@@ -253,10 +254,12 @@ def test_reference_kl_is_zero_against_itself_and_adds_to_loss(tiny_model, tiny_t
     same = build_tiny_model(tiny_tokenizer, seed=0).eval()
     other = build_tiny_model(tiny_tokenizer, seed=1).eval()
     base, _ = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
-    with_same, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal", beta=0.5), same)
+    with_same, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal", beta=0.5),
+                                 same)
     assert stats["ref_kl"] == pytest.approx(0.0, abs=1e-6)
     torch.testing.assert_close(with_same, base)
-    with_other, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal", beta=0.5), other)
+    with_other, stats = sdpo_loss(tiny_model, batch_x, batch_xo,
+                                  ObjectiveOptions(loss_mode="simple_signal", beta=0.5), other)
     assert stats["ref_kl"] > 0
     torch.testing.assert_close(with_other, base + 0.5 * stats["ref_kl"], atol=1e-5, rtol=1e-5)
 

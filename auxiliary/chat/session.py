@@ -252,6 +252,15 @@ class ChatSession:
                 flag = "--lora_r" if key == "r" else "--lora_alpha"
                 raise ChatError(f"{adapter_config}: the saved adapter has {key}={saved[key]}, this run {flag} {ours}; "
                                 f"pass {flag} {saved[key]} to continue it")
+        # peft stores the resolved module names (all-linear becomes the list it stands for): compare those
+        targets = getattr(self.updater.model, "peft_config", {}).get("default")
+        saved_targets = saved.get("target_modules")
+        ours = set(targets.target_modules) if targets is not None and targets.target_modules else None
+        if saved_targets and ours is not None and set(saved_targets) != ours:
+            saved_flag = ",".join(sorted(saved_targets))
+            raise ChatError(f"{adapter_config}: the saved adapter has target_modules={saved_flag}, this run "
+                            f"--lora_target_modules {config.lora_target_modules} ({','.join(sorted(ours))}); "
+                            f"pass --lora_target_modules {saved_flag} to continue it")
 
     def save(self) -> Path:
         return self._run(self._save)
@@ -324,7 +333,8 @@ class ChatSession:
             context = context[-config.max_context_length:]
         input_ids, attention = left_pad([context], self.tokenizer.pad_token_id, self.updater.device)
         stops = stop_token_ids(model, self.tokenizer)
-        kwargs = dict(max_new_tokens=config.max_new_tokens, eos_token_id=stops, pad_token_id=self.tokenizer.pad_token_id,
+        kwargs = dict(max_new_tokens=config.max_new_tokens, eos_token_id=stops,
+                      pad_token_id=self.tokenizer.pad_token_id,
                       do_sample=config.temperature > 0, streamer=streamer,
                       stopping_criteria=StoppingCriteriaList([_StopOnEvent(stop_event)]))
         if config.temperature > 0:
@@ -366,12 +376,14 @@ class ChatSession:
             signal = metrics["signal_per_sequence"][0].tolist()
             self._remember_why(pending, followup, signal, updated=True)
             self._log(pending, followup, updated=True, signal=signal)
-            return UpdateReport("update", self.updates_applied, self.updates_skipped, signal_mean=metrics["signal_mean"],
+            return UpdateReport("update", self.updates_applied, self.updates_skipped,
+                                signal_mean=metrics["signal_mean"],
                                 signal_abs_mean=metrics["signal_abs_mean"], loss=metrics["loss"],
                                 seconds=time.perf_counter() - started, tokens=metrics["tokens"],
                                 min_signal=self.min_signal)
         except Exception as err:  # a failed update must not end the conversation
-            return UpdateReport("error", self.updates_applied, self.updates_skipped, error=f"{type(err).__name__}: {err}")
+            return UpdateReport("error", self.updates_applied, self.updates_skipped,
+                                error=f"{type(err).__name__}: {err}")
 
     def _signal(self, pending: _Pending, followup: str) -> list[float]:
         config = self.updater.config

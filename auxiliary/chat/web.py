@@ -19,8 +19,10 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no calls home
 
 logger = logging.getLogger(__name__)
 
-WHY_LABEL = "/why: signal per token of the last reply that got a follow-up (red: the model would now write it less, purple: more)"
-PLACEHOLDER = "Write a message. Everything you write after a reply is feedback for it (commands: /undo /save /reset /why /new)"
+WHY_LABEL = ("/why: signal per token of the last reply that got a follow-up "
+             "(red: the model would now write it less, purple: more)")
+PLACEHOLDER = ("Write a message. Everything you write after a reply is feedback for it "
+               "(commands: /undo /save /reset /why /new)")
 
 
 def why_highlights(view) -> list[tuple[str, float | None]]:
@@ -45,7 +47,8 @@ def why_caption(view) -> str:
 
 
 def status_markdown(session) -> str:
-    last = session.last_report.status_line() if session.last_report else "no update yet: your first follow-up triggers one"
+    last = (session.last_report.status_line() if session.last_report
+            else "no update yet: your first follow-up triggers one")
     busy = " - working ..." if session.busy() else ""
     return (f"**updates** applied {session.updates_applied}, skipped {session.updates_skipped}{busy}  \n"
             f"last: `{last}`")

@@ -61,29 +61,46 @@ ALPACA_MAX_NEW_TOKENS = 2048  # AlpacaEval has no generation limit of its own
 
 @dataclass
 class BenchmarkArgs:
-    checkpoints: list[str] = field(default_factory=list, metadata={"help": "checkpoint folders: model, LoRA adapter, online step_N/ or a folder of those"})
-    baseline_model: Optional[str] = field(default=None, metadata={"help": "baseline model: hub id or folder (required)"})
-    base_model: Optional[str] = field(default=None, metadata={"help": "base model of LoRA adapters (default: the one in adapter_config.json)"})
-    tasks: list[str] = field(default_factory=lambda: list(BENCHMARKS), metadata={"help": f"comma/space separated: {', '.join(BENCHMARKS)}"})
-    limit: Optional[int] = field(default=None, metadata={"help": "first N items of every task (for smoke runs; not comparable with published numbers)"})
-    output_dir: Optional[str] = field(default=None, metadata={"help": "default: $BASE_WORK/sdpo_outputs/eval_benchmarks_<time>"})
+    checkpoints: list[str] = field(default_factory=list, metadata={
+        "help": "checkpoint folders: model, LoRA adapter, online step_N/ or a folder of those"})
+    baseline_model: Optional[str] = field(default=None, metadata={
+        "help": "baseline model: hub id or folder (required)"})
+    base_model: Optional[str] = field(default=None, metadata={
+        "help": "base model of LoRA adapters (default: the one in adapter_config.json)"})
+    tasks: list[str] = field(default_factory=lambda: list(BENCHMARKS), metadata={
+        "help": f"comma/space separated: {', '.join(BENCHMARKS)}"})
+    limit: Optional[int] = field(default=None, metadata={
+        "help": "first N items of every task (for smoke runs; not comparable with published numbers)"})
+    output_dir: Optional[str] = field(default=None, metadata={
+        "help": "default: $BASE_WORK/sdpo_outputs/eval_benchmarks_<time>"})
     overwrite: bool = field(default=False, metadata={"help": "replace the results already in --output_dir"})
     backend: str = field(default="hf", metadata={"help": "hf (transformers) or vllm"})
-    max_new_tokens: Optional[int] = field(default=None, metadata={"help": f"generation limit (default: each benchmark's own; AlpacaEval {ALPACA_MAX_NEW_TOKENS})"})
+    max_new_tokens: Optional[int] = field(default=None, metadata={
+        "help": f"generation limit (default: each benchmark's own; AlpacaEval {ALPACA_MAX_NEW_TOKENS})"})
     batch_size: int = field(default=8, metadata={"help": "lm_eval batch size (hf backend)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, eager, flash_attention_2"})
-    enable_thinking: bool = field(default=False, metadata={"help": "pass enable_thinking=True to the chat template (Qwen3)"})
+    enable_thinking: bool = field(default=False, metadata={
+        "help": "pass enable_thinking=True to the chat template (Qwen3)"})
     vllm_gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm backend: share of GPU memory"})
     seed: int = field(default=1234, metadata={"help": "lm_eval random seeds"})
-    ifeval_jsonl: Optional[str] = field(default=None, metadata={"help": "local IFEval prompts in the hub's format (key, prompt, instruction_id_list, kwargs)"})
-    alpaca_eval_json: Optional[str] = field(default=None, metadata={"help": "local AlpacaEval set: JSON list (or JSONL) of instruction, output (the reference's), generator, dataset"})
-    alpaca_annotator: str = field(default=DEFAULT_ALPACA_ANNOTATOR, metadata={"help": "alpaca_eval annotator config: a name in alpaca_eval/evaluators_configs (e.g. claude) or a configs.yaml path"})
-    alpaca_annotator_base_url: Optional[str] = field(default=None, metadata={"help": "OpenAI-compatible endpoint for the annotator (key from OPENAI_API_KEY)"})
-    alpaca_annotator_model: Optional[str] = field(default=None, metadata={"help": "model name sent to that endpoint (default: the config's)"})
-    nltk_data: Optional[str] = field(default=None, metadata={"help": "NLTK data folder for IFEval's checkers (sets NLTK_DATA)"})
-    dry_run: bool = field(default=False, metadata={"aliases": ["--dry-run"], "help": "print the harness calls and write nothing"})
+    ifeval_jsonl: Optional[str] = field(default=None, metadata={
+        "help": "local IFEval prompts in the hub's format (key, prompt, instruction_id_list, kwargs)"})
+    alpaca_eval_json: Optional[str] = field(default=None, metadata={
+        "help": "local AlpacaEval set: JSON list (or JSONL) of instruction, output (the reference's), generator, "
+                "dataset"})
+    alpaca_annotator: str = field(default=DEFAULT_ALPACA_ANNOTATOR, metadata={
+        "help": "alpaca_eval annotator config: a name in alpaca_eval/evaluators_configs (e.g. claude) or a "
+                "configs.yaml path"})
+    alpaca_annotator_base_url: Optional[str] = field(default=None, metadata={
+        "help": "OpenAI-compatible endpoint for the annotator (key from OPENAI_API_KEY)"})
+    alpaca_annotator_model: Optional[str] = field(default=None, metadata={
+        "help": "model name sent to that endpoint (default: the config's)"})
+    nltk_data: Optional[str] = field(default=None, metadata={
+        "help": "NLTK data folder for IFEval's checkers (sets NLTK_DATA)"})
+    dry_run: bool = field(default=False, metadata={
+        "aliases": ["--dry-run"], "help": "print the harness calls and write nothing"})
 
     def check(self) -> None:
         from auxiliary.evals.eval_common import split_list
@@ -219,7 +236,8 @@ def build_lm(spec, args: BenchmarkArgs):
     from auxiliary.runtime.model_loading import load_model_and_tokenizer, pick_device
 
     if spec is None:
-        model, tokenizer, _ = load_model_and_tokenizer(args.baseline_model, args.dtype, args.attn_implementation, args.device)
+        model, tokenizer, _ = load_model_and_tokenizer(args.baseline_model, args.dtype, args.attn_implementation,
+                                                       args.device)
     else:
         model, tokenizer = load_checkpoint(spec, args)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=pick_device(args.device),
@@ -258,7 +276,8 @@ def load_alpaca_reference(args: BenchmarkArgs):
         frame = utils.load_or_convert_to_dataframe(constants.ALPACAEVAL_REFERENCE_OUTPUTS)
     missing = {"instruction", "output"} - set(frame.columns)
     if missing:
-        raise DataError(f"AlpacaEval set {args.alpaca_eval_json or 'tatsu-lab/alpaca_eval'}: missing fields {sorted(missing)}")
+        raise DataError(
+            f"AlpacaEval set {args.alpaca_eval_json or 'tatsu-lab/alpaca_eval'}: missing fields {sorted(missing)}")
     if args.limit:
         frame = frame.head(args.limit)
     return frame.reset_index(drop=True)
@@ -289,7 +308,8 @@ def annotator_config(args: BenchmarkArgs, output_dir: Optional[Path]):
 
     configs_dir = Path(constants.EVALUATORS_CONFIG_DIR)
     named = Path(args.alpaca_annotator)
-    config_file = named if named.is_file() else (named / "configs.yaml" if named.is_dir() else configs_dir / args.alpaca_annotator / "configs.yaml")
+    config_file = named if named.is_file() else (named / "configs.yaml" if named.is_dir()
+                                                 else configs_dir / args.alpaca_annotator / "configs.yaml")
     if not config_file.is_file():
         raise DataError(f"--alpaca_annotator {args.alpaca_annotator}: no alpaca_eval annotator config of that name")
     configs = yaml.safe_load(config_file.read_text())

@@ -37,7 +37,8 @@ def mean_words(texts: list[str]) -> float:
 def fmt_rate(record: dict) -> str:
     if record.get("win_rate") is None:
         return f"-  ({record['wins'] + record['losses']}/{record['n']} decisive)"
-    return f"{record['win_rate']:.1f} +- {record['se']:.1f} ({record['wins'] + record['losses']}/{record['n']} decisive)"
+    return (f"{record['win_rate']:.1f} +- {record['se']:.1f} "
+            f"({record['wins'] + record['losses']}/{record['n']} decisive)")
 
 
 def _style_check(style: str):

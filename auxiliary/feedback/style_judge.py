@@ -86,7 +86,8 @@ def _labelled_verdicts(text: str, label: str) -> list[str]:
     found = []
     for match in re.finditer(rf"(?<![A-Za-z])(?:{label})(?![A-Za-z]){_AFTER_LABEL}", text, re.I):
         same_line, next_line = match.group(1), match.group(2) or ""
-        verdict = _verdict_from_words(same_line) if re.search(r"[A-Za-z]", same_line) else _verdict_from_words(next_line)
+        verdict = _verdict_from_words(same_line) if re.search(r"[A-Za-z]",
+                                                              same_line) else _verdict_from_words(next_line)
         if verdict:
             found.append(verdict)
     return found
@@ -284,7 +285,8 @@ class LocalHFJudge(PairwiseJudge):
             conversations = [build_judge_messages(self.style, p, x, y, framing=self.framing)
                              for p, x, y in zip(prompts, first, second)]
             replies = generate_responses(self.model, self.tokenizer, conversations, max_new_tokens=self.max_new_tokens,
-                                         temperature=self.temperature, batch_size=self.batch_size, progress=self.progress,
+                                         temperature=self.temperature, batch_size=self.batch_size,
+                                         progress=self.progress,
                                          desc="style judge")
             self.last_outputs = [r.text for r in replies]
             return [parse_verdict(text) for text in self.last_outputs]

@@ -63,7 +63,8 @@ def _canonical_argv(argv: list[str], aliases: dict[str, str]) -> list[str]:
         name, eq, inline = arg[2:].partition("=")
         canonical = aliases.get(name, name)
         if canonical in aliases.values():
-            value = inline if eq else (argv[index + 1] if index + 1 < len(argv) and not argv[index + 1].startswith("--") else "")
+            value = inline if eq else (argv[index + 1] if index + 1 < len(argv)
+                                       and not argv[index + 1].startswith("--") else "")
             spelling, earlier = given.setdefault(canonical, (name, value))
             if spelling != name and earlier != value:
                 raise ConfigError(f"--{spelling} {earlier} and --{name} {value} set the same setting ({canonical}) "
@@ -113,7 +114,8 @@ def parse_dataclasses(classes: Sequence[type], argv: Sequence[str] | None = None
     rest = _canonical_argv(rest, aliases)
     parser = HfArgumentParser(list(classes), prog=prog)
     parser.add_argument("--config", default=None, action="append",
-                        help="YAML file whose keys are any of these flags (several: later ones win; flags win over all)")
+                        help="YAML file whose keys are any of these flags "
+                             "(several: later ones win; flags win over all)")
     parser.add_argument(PRINT_CONFIG_FLAG, action="store_true",
                         help="print the resolved settings (defaults < YAML < flags) as YAML and exit")
     known = {f.name for cls in classes for f in dataclasses.fields(cls)}

@@ -28,7 +28,8 @@ class VLLMGenerator:
     """One vLLM engine generating replies as GeneratedResponse (ids with EOS kept, like HF generation);
     `lora_request` picks an adapter per call. Placed with make_llm (tensor parallel size, first GPU)."""
 
-    def __init__(self, model_path: str, tokenizer, *, seed: int, dtype: str = "auto", gpu_memory_utilization: float = 0.3,
+    def __init__(self, model_path: str, tokenizer, *, seed: int, dtype: str = "auto",
+                 gpu_memory_utilization: float = 0.3,
                  tensor_parallel_size: int = 1, gpu_start: int | None = None, max_lora_rank: int | None = None,
                  enable_sleep_mode: bool = False):
         vllm = import_vllm()
@@ -67,7 +68,8 @@ class VLLMGenerator:
             if output.outputs[0].finish_reason == "stop" and (not ids or ids[-1] not in stops):
                 ids.append(self.tokenizer.eos_token_id)  # vLLM drops the stop token; y keeps its EOS
                 finished = True
-            results.append(GeneratedResponse(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, finished))
+            results.append(
+                GeneratedResponse(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, finished))
         return results
 
 
