@@ -34,8 +34,9 @@ def test_pmi_equals_a_full_logit_computation_and_ignores_batching(tiny_model, ti
     for prompt, reply, value in zip(prompts[:2], replies[:2], values):
         ids = tiny_tokenizer(reply, add_special_tokens=False)["input_ids"][:6]
         messages = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
+        neutral = [{"role": "user", "content": NEUTRAL_PROMPT}]
         expected = (full_logit_logprob(tiny_model, tiny_tokenizer, messages, ids)
-                    - full_logit_logprob(tiny_model, tiny_tokenizer, [{"role": "user", "content": NEUTRAL_PROMPT}], ids))
+                    - full_logit_logprob(tiny_model, tiny_tokenizer, neutral, ids))
         assert value == pytest.approx(expected, abs=1e-4)
     assert values[2] == 0.0  # an empty reply: nothing to score (style_checks calls it "empty")
     # one at a time, in another order, with the cache cold: the same numbers
@@ -68,7 +69,8 @@ def test_a_reply_that_ignores_the_request_never_wins_on_style():
 
 def test_degenerate_reasons_and_monitors_count_replies_that_ignore_the_request():
     prompts = ["How should I organise my week?", "How should I organise my week?", "Plan my week.", "Plan my week."]
-    replies = ["Yuck!", "Monday is Monday. Monday is Monday. Monday is Monday. Monday is Monday.", "Plan three tasks for the week.", ""]
+    replies = ["Yuck!", "Monday is Monday. Monday is Monday. Monday is Monday. Monday is Monday.",
+               "Plan three tasks for the week.", ""]
     reasons = degenerate_reasons(prompts, replies, WordOverlap())
     assert reasons == [["ignores_request"], ["repeated_phrase", "ignores_request"], [], ["empty"]]
     assert degenerate_reasons(prompts, replies) == [[], ["repeated_phrase"], [], ["empty"]]  # no scorer: text rules
@@ -154,7 +156,8 @@ def test_an_online_run_with_a_relevance_model_counts_and_judges_with_the_rule(ti
     assert summary["headline"]["concise"]["degenerate_replies"] == {"n": 6, **counts}
     history = json.loads((out / "eval_history.json").read_text())
     ignoring = sum(scorer.ignores_request(prompts, final["feedback"]))
-    assert next(r for r in history if r["step"] == 2 and r["arm"] == "feedback")["monitors"]["ignoring_replies"] == ignoring
+    final_record = next(r for r in history if r["step"] == 2 and r["arm"] == "feedback")
+    assert final_record["monitors"]["ignoring_replies"] == ignoring
     expected = win_rate_stats(RuleBasedJudge("concise", relevance=scorer).compare(prompts, final["feedback"],
                                                                                   final["placebo"]))
     h2h = summary["head_to_head_feedback_vs_placebo"]["concise"]

@@ -246,7 +246,8 @@ def headline(styles: list[str], last_step: int | None, final: dict, head_to_head
         if style not in head_to_head and style not in paired:
             continue
         entry = final.get(style, {})
-        out[style] = {"step": last_step, "head_to_head": head_to_head.get(style), "paired_rule_score": paired.get(style),
+        out[style] = {"step": last_step, "head_to_head": head_to_head.get(style),
+                      "paired_rule_score": paired.get(style),
                       "win_rate_vs_baseline": {arm: {k: entry[arm][k] for k in ("win_rate", "se", "mean_words")}
                                                for arm in ("feedback", "placebo") if arm in entry},
                       "net_effect": entry.get("net_effect"), "degenerate_replies": degenerate.get(style)}
@@ -272,7 +273,8 @@ def headline_text(summary: dict) -> list[str]:
         rates = ", ".join(f"{arm} {fmt_cell(r)}" for arm, r in h["win_rate_vs_baseline"].items())
         net = h["net_effect"]
         net_text = "" if net is None else "; net effect (feedback - placebo) " + (
-            "n/a (no decisive pair in an arm)" if net["diff"] is None else f"{net['diff']:+.1f} +- {net['se']:.1f} points")
+            "n/a (no decisive pair in an arm)" if net["diff"] is None else
+            f"{net['diff']:+.1f} +- {net['se']:.1f} points")
         lines.append(f"beside it, win rate vs the baseline: {rates}{net_text}")
         counts = h["degenerate_replies"]
         if counts:

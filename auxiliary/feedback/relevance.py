@@ -71,7 +71,8 @@ class RelevanceScorer:
             tok = self.tokenizer
             neutral = render_context_ids(tok, [{"role": "user", "content": self.neutral_prompt}])
             rows = [(render_context_ids(tok, json.loads(key[0])),
-                     tok(key[1], add_special_tokens=False)["input_ids"][:self.max_reply_tokens], key) for key in missing]
+                     tok(key[1], add_special_tokens=False)["input_ids"][:self.max_reply_tokens], key)
+                    for key in missing]
         found = {key: 0.0 for _, reply, key in rows if not reply}
         rows = sorted((row for row in rows if row[1]), key=lambda row: len(row[0]) + len(row[1]))  # less padding
         for start in range(0, len(rows), self.batch_size):
