@@ -132,6 +132,10 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         "help": "model whose replies the policy is compared with (default: the initial policy)"})
     eval_every: int = field(default=3, metadata={"help": "evaluate every N interactions (0: only at start and end)"})
     eval_max_new_tokens: int = field(default=512, metadata={"help": "reply length limit at evaluation"})
+    relevance_model: str = field(default="", metadata={
+        "help": "a small chat model (smollm2-135m-instruct, as make demo) that scores whether an eval reply takes up "
+                "its request (auxiliary/feedback/relevance.py); one that ignores it counts as degenerate in the "
+                "collapse monitors and loses to a sound reply for the rule judge; empty: off"})
     # run
     save_checkpoints: bool = field(default=False, metadata={
         "help": "checkpoint both arms every `checkpoint_every` steps (0: every step) and at the end"})
