@@ -86,8 +86,9 @@ def load_run(run: Path, model_arg: str | None, ignore_first_k: int | None):
     return model_arg or config["resolved"]["model_path"], replies, first["feedback"]["followup"], k
 
 
-def generate_replies(model, tokenizer, prompt_files: list[Path], samples: int, seed: int) -> list[tuple[str, list[int]]]:
-    """The initial policy's replies to the prompts, sampled as the demo samples (temperature 0.7, top-p 0.9, 96 tokens)."""
+def generate_replies(model, tokenizer, prompt_files: list[Path], samples: int, seed: int):
+    """[(prompt, reply ids)]: the initial policy's replies, sampled as the demo samples them (temperature 0.7,
+    top-p 0.9, 96 tokens)."""
     from auxiliary.runtime.generation import generate_responses
 
     prompts = [json.loads(line)["prompt"] for path in prompt_files for line in path.read_text().splitlines()
@@ -104,7 +105,8 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", type=Path, nargs="+", default=[REPO_ROOT / "data/samples/validation.jsonl"])
     parser.add_argument("--samples", type=int, default=2, help="--generate: replies per prompt")
     parser.add_argument("--seed", type=int, default=1234)
-    parser.add_argument("--model", default=None, help="default: the run's resolved model path, or smollm2-135m-instruct")
+    parser.add_argument("--model", default=None,
+                        help="default: the run's resolved model path, or smollm2-135m-instruct")
     parser.add_argument("--followup", default=None, help=f"the user's (default: the run's first, or {USER_FOLLOWUP!r})")
     parser.add_argument("--placebo", default=PLACEBO_FOLLOWUP)
     parser.add_argument("--contrast_followup", default=CONTRAST_FOLLOWUP)
