@@ -78,12 +78,14 @@ class FakeLLM:
 def fake_vllm(monkeypatch):
     vllm = types.ModuleType("vllm")
     vllm.LLM, vllm.SamplingParams = FakeLLM, FakeSamplingParams
-    # a GPU build: sleep mode exists (the CPU build says no: tests/test_vllm_real.py)
-    vllm.platforms = types.SimpleNamespace(current_platform=types.SimpleNamespace(is_sleep_mode_available=lambda: True))
     lora = types.ModuleType("vllm.lora")
     request = types.ModuleType("vllm.lora.request")
     request.LoRARequest = FakeLoRARequest
-    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request)):
+    platforms = types.ModuleType("vllm.platforms")  # a submodule: imported, not an attribute of vllm until then
+    # a GPU build: sleep mode exists (the CPU build says no: tests/test_vllm_real.py)
+    platforms.current_platform = types.SimpleNamespace(is_sleep_mode_available=lambda: True)
+    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request),
+                         ("vllm.platforms", platforms)):
         monkeypatch.setitem(sys.modules, name, module)
     Recorder.llms, Recorder.token_scripts = [], []
     return Recorder
@@ -305,7 +307,7 @@ def test_sleep_mode_frees_the_policy_engine_during_each_update(fake_vllm, tiny_m
 
 def test_sleep_mode_where_vllm_has_none_is_refused_before_an_engine_starts(fake_vllm, monkeypatch, tiny_model,
                                                                            tiny_tokenizer):
-    monkeypatch.setattr(sys.modules["vllm"].platforms.current_platform, "is_sleep_mode_available", lambda: False)
+    monkeypatch.setattr(sys.modules["vllm.platforms"].current_platform, "is_sleep_mode_available", lambda: False)
     config = OnlineSDPOConfig(model="my/policy", device="cpu", use_vllm=True, use_lora=True, lora_r=4,
                               lora_target_modules="q_proj,v_proj", vllm_enable_sleep_mode=True)
     updater = OnlineSDPOUpdater(config, tiny_model, tiny_tokenizer)

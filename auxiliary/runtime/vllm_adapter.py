@@ -20,6 +20,7 @@ from auxiliary.runtime.generation import GeneratedResponse, cut_at_stop
 from sdpo_objective import render_context_ids
 
 _live_engines: "weakref.WeakSet" = weakref.WeakSet()  # the vllm.LLMs make_llm built and nobody shut down yet
+_live_generators: "weakref.WeakSet" = weakref.WeakSet()  # VLLMGenerators not closed yet (their folders too)
 
 
 def import_vllm():
@@ -51,9 +52,17 @@ def shutdown_llm(llm) -> None:
 
 
 def shutdown_engines() -> None:
-    """Stop every engine still running (the entry points call it on their way out, error or not)."""
+    """Stop every engine still running and remove the policy's adapter folders (the entry points call it on
+    their way out, error or not)."""
+    for generator in list(_live_generators):
+        generator.close()
     for llm in list(_live_engines):
         shutdown_llm(llm)
+
+
+def live_engines() -> int:
+    """How many engines are running (built by make_llm and not shut down)."""
+    return len(_live_engines)
 
 
 class VLLMGenerator:
@@ -69,13 +78,16 @@ class VLLMGenerator:
         self.tokenizer = tokenizer
         extra = {"enable_lora": True, "max_lora_rank": max_lora_rank} if max_lora_rank else {}
         if enable_sleep_mode:
-            if not vllm.platforms.current_platform.is_sleep_mode_available():
+            from vllm.platforms import current_platform
+
+            if not current_platform.is_sleep_mode_available():
                 raise ValueError("--vllm_enable_sleep_mode: this vLLM has no sleep mode here (it frees GPU memory; "
                                  "the CPU build has none): drop the flag")
             extra["enable_sleep_mode"] = True
         self.sleep_mode, self.asleep = enable_sleep_mode, False
         self.llm = make_llm(vllm, model_path, gpu_memory_utilization, tensor_parallel_size, seed, gpu_start=gpu_start,
                             dtype=engine_dtype(dtype), **extra)
+        _live_generators.add(self)
 
     def sleep(self) -> None:
         """Free the engine's GPU memory while the policy trains (level 1: weights to CPU, KV cache
@@ -103,6 +115,7 @@ class VLLMGenerator:
         return results
 
     def close(self) -> None:
+        _live_generators.discard(self)
         shutdown_llm(self.llm)
 
 
