@@ -197,8 +197,10 @@ class OnlineRun:
             for updater in self.updaters.values():
                 updater.distribute(device_ids=[updater.device.index] if updater.device.type == "cuda" else None)
         if self.main_process:
-            self._write_config(model_path)
             self._load_or_make_baseline()
+            WandbRun.require(run.wandb)
+            self.folder.clear_earlier_results()  # --overwrite: only now, every check that can fail has passed
+            self._write_config(model_path)
             self.wandb = WandbRun.start(run.wandb, self.out, run.wandb_project)
 
     def _start_processes(self) -> None:

@@ -327,10 +327,13 @@ class OnlineSDPOUpdater:
         state = json.loads((path / STATE_FILE).read_text())
         model_dir = path / "model"
         if self.config.use_lora:
-            from peft import set_peft_model_state_dict
+            from peft import get_peft_model_state_dict, set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(self.model, load_file(str(model_dir / "adapter_model.safetensors")))
+            weights_file = model_dir / "adapter_model.safetensors"
+            weights = load_file(str(weights_file))
+            check_adapter_fits(weights, get_peft_model_state_dict(self.model), weights_file)
+            set_peft_model_state_dict(self.model, weights)
         else:
             from transformers import AutoModelForCausalLM
 
@@ -349,6 +352,24 @@ class OnlineSDPOUpdater:
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be trusted; the message names the bad file."""
+
+
+def check_adapter_fits(saved: dict, expected: dict, weights_file: Path) -> None:
+    """A saved LoRA adapter whose tensors differ in name or shape from this model's adapter (another
+    --lora_r, --lora_target_modules, base model) is refused before anything is loaded: peft would skip
+    what does not match and the optimizer state would then fail on the first update."""
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    reshaped = sorted(k for k in set(saved) & set(expected) if tuple(saved[k].shape) != tuple(expected[k].shape))
+    if not (missing or unexpected or reshaped):
+        return
+    if reshaped:
+        first = reshaped[0]
+        detail = f"{first} has shape {tuple(saved[first].shape)}, this model's {tuple(expected[first].shape)}"
+    else:
+        detail = (f"{len(missing)} of this model's adapter tensors are missing (e.g. {missing[0]})" if missing else
+                  f"it holds {len(unexpected)} tensors this model's adapter lacks (e.g. {unexpected[0]})")
+    raise CheckpointError(f"{weights_file}: the saved adapter does not fit this model's adapter ({detail}); "
+                          "use the LoRA settings it was saved with (its adapter_config.json)")
 
 
 STATE_FILE = "updater_state.json"

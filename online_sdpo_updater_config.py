@@ -138,7 +138,8 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
     resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last checkpoint"})
     allow_config_change: bool = field(default=False, metadata={
         "help": "--resume with settings that change the experiment (recorded in config.json's history); else refused"})
-    overwrite: bool = field(default=False, metadata={"help": "delete earlier results in --output_dir first"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an earlier run of ours in --output_dir (its results go once every check has passed)"})
     output_dir: Optional[str] = field(default=None, metadata={
         "help": "default: $OUTPUT_DIR, else ${BASE_WORK:-${SCRATCH:-${TMPDIR:-/tmp}}}/sdpo_runs/<run_name>"})
     run_name: Optional[str] = field(default=None, metadata={"help": "default: online-<model>-<style>-<time>"})

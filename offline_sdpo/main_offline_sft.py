@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from offline_sdpo.main_offline_sdpo import (METRICS_FILENAME, OfflineTrainingArguments, build_training_arguments,
-                                            resolve_optim, resolve_precision, save_final_model, start_run,
-                                            train_holding_output_dir)
+                                            clear_earlier_results, resolve_optim, resolve_precision, save_final_model,
+                                            start_run, train_holding_output_dir)
 
 CONFIG_FILENAME = "offline_sft_config.json"  # the SDPO trainer's offline_sdpo_config.json, for this trainer
 logger = logging.getLogger("offline_sft")
@@ -106,6 +106,7 @@ def train(cfg: OfflineSFTArguments) -> dict:
                      "completion_tokens": sum(sum(mask) for mask in dataset["completion_mask"]),
                      "versions": {"transformers": transformers.__version__, "trl": trl.__version__}},
     }
+    clear_earlier_results(cfg)  # --overwrite: only now, every check that can fail has passed
     if is_main:
         atomic_write_json(Path(cfg.output_dir) / CONFIG_FILENAME, resolved)
 

@@ -209,3 +209,31 @@ def test_an_earlier_run_is_never_overwritten_silently(three_steps, tiny_model_di
     result = run_in_process(main, flags + ["--overwrite"])
     assert result["global_step"] == 1 and not (earlier / "checkpoint-3").exists()
     assert [m["step"] for m in read_metrics(earlier)] == [1]
+
+
+def test_overwrite_with_bad_input_deletes_nothing(three_steps, tiny_model_dir, tmp_path):
+    from auxiliary.runtime.io_utils import DataError
+    from auxiliary.runtime.model_loading import ModelLoadError
+
+    out, _ = three_steps
+    earlier = shutil.copytree(out, tmp_path / "earlier")
+    before = sorted(p.name for p in earlier.iterdir())
+    flags = common_flags(tiny_model_dir, earlier) + ["--max_steps", "1", "--overwrite"]
+    for bad in (["--train_jsonl", str(tmp_path / "missing.jsonl")], ["--base_model", str(tmp_path / "no_model")]):
+        with pytest.raises((DataError, ModelLoadError)):
+            run_in_process(main, flags + bad)
+        assert sorted(p.name for p in earlier.iterdir()) == before  # the checks come before any deletion
+
+
+def test_overwrite_refuses_a_model_folder_no_run_of_ours_wrote(tiny_model_dir, tmp_path):
+    RUN_MARKER = ".sdpo_run.json"
+
+    user = shutil.copytree(tiny_model_dir, tmp_path / "my_model")
+    (user / "adapter").mkdir()
+    os.chmod(user, 0o755)
+    before = {p.name: p.read_bytes() for p in user.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as refused:
+        run_in_process(main, common_flags(tiny_model_dir, user) + ["--max_steps", "1", "--overwrite"])
+    assert f"not the run marker {RUN_MARKER}" in str(refused.value) and "nothing was deleted" in str(refused.value)
+    assert {p.name: p.read_bytes() for p in user.iterdir() if p.is_file()} == before and (user / "adapter").is_dir()
+    assert os.stat(user).st_mode & 0o777 == 0o755

@@ -252,6 +252,15 @@ class ChatSession:
                 flag = "--lora_r" if key == "r" else "--lora_alpha"
                 raise ChatError(f"{adapter_config}: the saved adapter has {key}={saved[key]}, this run {flag} {ours}; "
                                 f"pass {flag} {saved[key]} to continue it")
+        # peft stores the resolved module names (all-linear becomes the list it stands for): compare those
+        targets = getattr(self.updater.model, "peft_config", {}).get("default")
+        saved_targets = saved.get("target_modules")
+        ours = set(targets.target_modules) if targets is not None and targets.target_modules else None
+        if saved_targets and ours is not None and set(saved_targets) != ours:
+            saved_flag = ",".join(sorted(saved_targets))
+            raise ChatError(f"{adapter_config}: the saved adapter has target_modules={saved_flag}, this run "
+                            f"--lora_target_modules {config.lora_target_modules} ({','.join(sorted(ours))}); "
+                            f"pass --lora_target_modules {saved_flag} to continue it")
 
     def save(self) -> Path:
         return self._run(self._save)

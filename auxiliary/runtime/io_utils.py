@@ -179,8 +179,9 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 
 
-def private_dir(path: str | os.PathLike) -> Path:
-    """Create `path` (and missing parents) readable by its owner only, or tighten an existing one.
+def private_dir(path: str | os.PathLike, tighten_existing: bool = True) -> Path:
+    """Create `path` (and missing parents) readable by its owner only, or tighten an existing one
+    (tighten_existing=False: a folder that was there before keeps its mode, e.g. a user's own folder).
 
     The default chat and run folders live under a world-writable base (/tmp): a folder that
     someone else created there could hold files planted for us, so one not owned by this user
@@ -202,7 +203,7 @@ def private_dir(path: str | os.PathLike) -> Path:
     if owner != os.getuid():
         raise PermissionError(f"{path} belongs to user id {owner}, not to you ({os.getuid()}): "
                               "refusing to read or write it; choose another folder")
-    for folder in [path, *missing]:
+    for folder in dict.fromkeys(([path] if tighten_existing else []) + missing):
         os.chmod(folder, PRIVATE_DIR_MODE)  # mkdir's mode is reduced by the umask; set it exactly
     return path
 
