@@ -200,7 +200,8 @@ def test_lm_eval_records_this_repositorys_commit_without_git_noise(tmp_path, mon
     monkeypatch.chdir(tmp_path)  # not a git checkout: lm_eval's own lookup prints "fatal: not a git repository"
     seen = {}
     monkeypatch.setattr(lm_eval.evaluator, "get_git_commit_hash", lm_eval.evaluator.get_git_commit_hash)
-    monkeypatch.setattr(lm_eval, "simple_evaluate", lambda **kw: seen.setdefault("hash", lm_eval.evaluator.get_git_commit_hash()))
+    monkeypatch.setattr(lm_eval, "simple_evaluate",
+                        lambda **kw: seen.setdefault("hash", lm_eval.evaluator.get_git_commit_hash()))
     bench.run_lm_eval(None, [], None, bench.BenchmarkArgs(baseline_model="x"))
     captured = capfd.readouterr()
     assert "fatal" not in captured.err + captured.out
