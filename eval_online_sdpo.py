@@ -155,6 +155,7 @@ class OnlineRun:
         for style in self.styles:
             get_persona(style)  # UnknownStyleError lists the known styles
         run = self.run
+        run.check_against(self.sdpo)
         if self.sdpo.checkpoint_every % self.batch_size:
             raise SetupError(f"--checkpoint_every {self.sdpo.checkpoint_every} must be a multiple of "
                              f"--interactions_per_update {self.batch_size} (checkpoints are taken between updates)")
@@ -164,6 +165,11 @@ class OnlineRun:
             self._check_overlap()
         if self.world > 1:
             self._start_processes()
+        from auxiliary.evals.evaluation_helpers import require_prompt_file
+
+        require_prompt_file(run.train_jsonl, "train_jsonl")  # before the output folder: nothing left behind
+        if run.eval_n:
+            require_prompt_file(run.val_jsonl, "val_jsonl")
         if run.resume and not (run.output_dir or run.run_name or os.environ.get("OUTPUT_DIR")):
             raise SetupError("--resume needs the run's --output_dir (or --run_name / $OUTPUT_DIR)")
         out = (Path(run.output_dir).expanduser() if run.output_dir else

@@ -189,6 +189,16 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         if not self.placebo_texts or not all(t.strip() for t in self.placebo_texts):
             raise ValueError("--placebo_texts needs at least one non-empty text")
 
+    def check_against(self, sdpo: OnlineSDPOConfig) -> None:
+        """The rules that need both configs. With --contrast_followup, the placebo's follow-ups must differ from
+        the contrast text: a placebo follow-up equal to it scores y under the same context twice, so its signal
+        is identically zero and the control would show nothing of what the objective does on its own."""
+        contrast = sdpo.contrast_followup.strip()
+        if self.placebo and contrast and any(text.strip() == contrast for text in self.placebo_texts):
+            raise ValueError(f"--placebo_texts holds the --contrast_followup text {contrast!r}: the placebo's signal "
+                             "would be identically zero; give the placebo other neutral replies "
+                             "(or another contrast text)")
+
     def user_plan(self, seed: int):
         """Who the user is at each step: a StyleSchedule (--style, --style_schedule) or a MultiUserDraw (--users)."""
         from auxiliary.feedback.schedule import MultiUserDraw, StyleSchedule
