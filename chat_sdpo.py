@@ -39,8 +39,6 @@ class ChatConfig(OnlineSDPOConfig):
     use_lora: bool = override(OnlineSDPOConfig, "use_lora", True,
                               help="train a per-user LoRA adapter (--no_use_lora: all weights, one user)")
     lr: float = override(OnlineSDPOConfig, "lr", 1e-4, help="AdamW learning rate (LoRA-sized by default)")
-    # no dropout: the signal /why shows and the min_signal check then equal the one the update uses
-    lora_dropout: float = override(OnlineSDPOConfig, "lora_dropout", 0.0)
     max_new_tokens: int = override(OnlineSDPOConfig, "max_new_tokens", 256, help="reply length limit")
     temperature: float = override(OnlineSDPOConfig, "temperature", 0.7)
     top_p: float = override(OnlineSDPOConfig, "top_p", 0.9)

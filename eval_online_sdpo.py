@@ -135,6 +135,7 @@ class OnlineRun:
         self.adapter_updaters: dict = {}  # per-user adapters: arm -> {style: updater on that style's adapter}
         self.users: dict = {}  # arm -> {style: simulated user}
         self.judges: dict = {}
+        self.relevance = None  # --relevance_model: auxiliary/feedback/relevance.RelevanceScorer
         self.metrics: list[dict] = []
         self.history: list[dict] = []
         self.eval_texts: dict[tuple, list[str]] = {}  # (step, arm, adapter) -> eval replies of this process
@@ -154,6 +155,7 @@ class OnlineRun:
         for style in self.styles:
             get_persona(style)  # UnknownStyleError lists the known styles
         run = self.run
+        run.check_against(self.sdpo)
         if self.sdpo.checkpoint_every % self.batch_size:
             raise SetupError(f"--checkpoint_every {self.sdpo.checkpoint_every} must be a multiple of "
                              f"--interactions_per_update {self.batch_size} (checkpoints are taken between updates)")
@@ -163,6 +165,11 @@ class OnlineRun:
             self._check_overlap()
         if self.world > 1:
             self._start_processes()
+        from auxiliary.evals.evaluation_helpers import require_prompt_file
+
+        require_prompt_file(run.train_jsonl, "train_jsonl")  # before the output folder: nothing left behind
+        if run.eval_n:
+            require_prompt_file(run.val_jsonl, "val_jsonl")
         if run.resume and not (run.output_dir or run.run_name or os.environ.get("OUTPUT_DIR")):
             raise SetupError("--resume needs the run's --output_dir (or --run_name / $OUTPUT_DIR)")
         out = (Path(run.output_dir).expanduser() if run.output_dir else
@@ -317,9 +324,14 @@ class OnlineRun:
             self.users["placebo"] = {style: neutral for style in self.user_styles}
         if not self.main_process:
             return  # only the main process evaluates
+        if run.relevance_model:
+            from auxiliary.feedback.relevance import RelevanceScorer
+
+            self.relevance = RelevanceScorer.load(run.relevance_model, self.sdpo.device)
         self.judges = factory.judges(run.judge, self.styles, model_for_kind(run.judge, run.judge_model),
                                      **judge_options(run.judge, run.judge_framing, run.judge_temperature,
-                                                     run.judge_max_new_tokens, run.tie_margin))
+                                                     run.judge_max_new_tokens, run.tie_margin),
+                                     **({"relevance": self.relevance} if run.judge == "rule" else {}))
 
     def _load_policies(self) -> None:
         from online_sdpo_updater import OnlineSDPOUpdater
@@ -666,7 +678,8 @@ class OnlineRun:
                 gen_time = round(time.perf_counter() - started, 4)
                 updater = self.policy(arm, adapter or self.user_styles[0])
                 found[adapter] = (texts, gen_time, eval_monitors(updater.model, updater.tokenizer,
-                                                                 self._eval_messages(), texts, self.baseline))
+                                                                 self._eval_messages(), texts, self.baseline,
+                                                                 self.relevance))
             return found
 
         evaluated = self._per_arm(replies_and_monitors)
@@ -705,7 +718,8 @@ class OnlineRun:
             (r["monitors"] for r in self.history if r["step"] == 0 and r["arm"] == arm
              and r.get("adapter") == adapter and "monitors" in r), None)
         monitors.update(relative_to_start(monitors, start))
-        warnings = collapse_warnings(monitors, start or {}, text_monitors(self.baseline)["degenerate_share"])
+        warnings = collapse_warnings(monitors, start or {}, text_monitors(self.baseline, self._eval_messages(),
+                                                                          self.relevance)["degenerate_share"])
         for warning in warnings:
             logger.warning("eval @%d %s: collapse monitor: %s", step, f"{arm}/{adapter}" if adapter else arm, warning)
         return {**monitors, "warnings": warnings}
@@ -770,7 +784,8 @@ class OnlineRun:
                 decisions = self.judges[style].compare(self.eval_prompts, by_arm["feedback"], by_arm["placebo"])
                 head_to_head[style] = win_rate_stats(decisions, seed=derive_seed(self.sdpo.seed, "h2h", style))
         summary = build_summary(self.history, self.styles, last_step, self.baseline, texts, head_to_head, self.out,
-                                style_texts=style_texts, phase_ends=self._phase_ends(last_step))
+                                style_texts=style_texts, phase_ends=self._phase_ends(last_step),
+                                eval_prompts=self.eval_prompts, relevance=self.relevance)
         atomic_write_json(self.out / "summary.json", summary)
         print(summary_text(summary, self.history, self.arms, self.styles, self.baseline, texts, self.eval_prompts,
                            self.out), flush=True)

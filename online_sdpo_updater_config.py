@@ -132,6 +132,10 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         "help": "model whose replies the policy is compared with (default: the initial policy)"})
     eval_every: int = field(default=3, metadata={"help": "evaluate every N interactions (0: only at start and end)"})
     eval_max_new_tokens: int = field(default=512, metadata={"help": "reply length limit at evaluation"})
+    relevance_model: str = field(default="", metadata={
+        "help": "a small chat model (smollm2-135m-instruct, as make demo) that scores whether an eval reply takes up "
+                "its request (auxiliary/feedback/relevance.py); one that ignores it counts as degenerate in the "
+                "collapse monitors and loses to a sound reply for the rule judge; empty: off"})
     # run
     save_checkpoints: bool = field(default=False, metadata={
         "help": "checkpoint both arms every `checkpoint_every` steps (0: every step) and at the end"})
@@ -184,6 +188,16 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
                 "--phase_baseline snapshot needs --style_schedule (a snapshot is taken at each phase start)")
         if not self.placebo_texts or not all(t.strip() for t in self.placebo_texts):
             raise ValueError("--placebo_texts needs at least one non-empty text")
+
+    def check_against(self, sdpo: OnlineSDPOConfig) -> None:
+        """The rules that need both configs. With --contrast_followup, the placebo's follow-ups must differ from
+        the contrast text: a placebo follow-up equal to it scores y under the same context twice, so its signal
+        is identically zero and the control would show nothing of what the objective does on its own."""
+        contrast = sdpo.contrast_followup.strip()
+        if self.placebo and contrast and any(text.strip() == contrast for text in self.placebo_texts):
+            raise ValueError(f"--placebo_texts holds the --contrast_followup text {contrast!r}: the placebo's signal "
+                             "would be identically zero; give the placebo other neutral replies "
+                             "(or another contrast text)")
 
     def user_plan(self, seed: int):
         """Who the user is at each step: a StyleSchedule (--style, --style_schedule) or a MultiUserDraw (--users)."""

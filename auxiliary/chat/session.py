@@ -32,7 +32,7 @@ import torch
 from auxiliary.runtime.generation import GeneratedResponse, cut_at_stop, left_pad, stop_token_ids
 from auxiliary.runtime.io_utils import append_jsonl, private_dir, recover_folder
 from auxiliary.runtime.locks import FolderLock
-from sdpo_objective import compute_signal, hindsight_messages, render_context_ids
+from sdpo_objective import compute_signal, hindsight_contexts, render_context_ids
 
 ADAPTER_FOLDER = "adapter"            # <adapters_dir>/<user_id>/adapter: an updater checkpoint
 INTERACTIONS_FILE = "interactions.jsonl"
@@ -423,12 +423,13 @@ class ChatSession:
 
     def _signal(self, pending: _Pending, followup: str) -> list[float]:
         config = self.updater.config
-        context_x = render_context_ids(self.tokenizer, pending.context)
-        context_xo = render_context_ids(self.tokenizer, hindsight_messages(
-            pending.context, followup, config.hindsight_template, config.hindsight_placement))
+        context_x, context_xo, context_neutral = hindsight_contexts(
+            self.tokenizer, pending.context, followup, config.hindsight_template, config.hindsight_placement,
+            config.contrast_followup)
         result = compute_signal(self.updater.model, [context_x], [context_xo], [pending.reply.ids],
-                                self.tokenizer.pad_token_id, self.updater.config.max_context_length,
-                                self.updater.config.logits_chunk_size, teacher=self.updater.teacher)
+                                self.tokenizer.pad_token_id, config.max_context_length, config.logits_chunk_size,
+                                teacher=self.updater.teacher,
+                                contexts_neutral=None if context_neutral is None else [context_neutral])
         return result[0]["signal"]
 
     def _remember_why(self, pending: _Pending, followup: str, signal: list[float], updated: bool) -> None:
