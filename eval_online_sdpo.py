@@ -135,6 +135,7 @@ class OnlineRun:
         self.adapter_updaters: dict = {}  # per-user adapters: arm -> {style: updater on that style's adapter}
         self.users: dict = {}  # arm -> {style: simulated user}
         self.judges: dict = {}
+        self.relevance = None  # --relevance_model: auxiliary/feedback/relevance.RelevanceScorer
         self.metrics: list[dict] = []
         self.history: list[dict] = []
         self.eval_texts: dict[tuple, list[str]] = {}  # (step, arm, adapter) -> eval replies of this process
@@ -154,6 +155,7 @@ class OnlineRun:
         for style in self.styles:
             get_persona(style)  # UnknownStyleError lists the known styles
         run = self.run
+        run.check_against(self.sdpo)
         if self.sdpo.checkpoint_every % self.batch_size:
             raise SetupError(f"--checkpoint_every {self.sdpo.checkpoint_every} must be a multiple of "
                              f"--interactions_per_update {self.batch_size} (checkpoints are taken between updates)")
@@ -163,6 +165,11 @@ class OnlineRun:
             self._check_overlap()
         if self.world > 1:
             self._start_processes()
+        from auxiliary.evals.evaluation_helpers import require_prompt_file
+
+        require_prompt_file(run.train_jsonl, "train_jsonl")  # before the output folder: nothing left behind
+        if run.eval_n:
+            require_prompt_file(run.val_jsonl, "val_jsonl")
         if run.resume and not (run.output_dir or run.run_name or os.environ.get("OUTPUT_DIR")):
             raise SetupError("--resume needs the run's --output_dir (or --run_name / $OUTPUT_DIR)")
         out = (Path(run.output_dir).expanduser() if run.output_dir else
@@ -192,8 +199,10 @@ class OnlineRun:
             for updater in self.updaters.values():
                 updater.distribute(device_ids=[updater.device.index] if updater.device.type == "cuda" else None)
         if self.main_process:
-            self._write_config(model_path)
             self._load_or_make_baseline()
+            WandbRun.require(run.wandb)
+            self.folder.clear_earlier_results()  # --overwrite: only now, every check that can fail has passed
+            self._write_config(model_path)
             self.wandb = WandbRun.start(run.wandb, self.out, run.wandb_project)
 
     def _start_processes(self) -> None:
@@ -228,7 +237,8 @@ class OnlineRun:
         problems = [(not self.sdpo.use_lora, "--use_lora (each user's adapter is a LoRA adapter)"),
                     (self.sdpo.use_vllm, "generation without --use_vllm"),
                     (self.run.save_checkpoints or self.run.resume, "a run without --save_checkpoints / --resume"),
-                    (bool(self.run.eval_styles.strip()), "no --eval_styles (each adapter is judged on its user's style)")]
+                    (bool(self.run.eval_styles.strip()),
+                     "no --eval_styles (each adapter is judged on its user's style)")]
         for failed, need in problems:
             if failed:
                 raise SetupError(f"--per_user_adapters needs {need}")
@@ -256,7 +266,8 @@ class OnlineRun:
         if self.sdpo.use_vllm:
             raise SetupError("--arms_in_parallel needs generation without --use_vllm (each engine batches on its own)")
         if self.world > 1:  # two DDP models all-reducing from two threads would interleave their collectives
-            raise SetupError("--arms_in_parallel needs a single process (under torchrun each process runs its arms in turn)")
+            raise SetupError(
+                "--arms_in_parallel needs a single process (under torchrun each process runs its arms in turn)")
         for arm, updater in self.updaters.items():
             config = getattr(updater.model, "config", None)
             rates = [m.p for m in updater.model.modules() if isinstance(m, torch.nn.Dropout)]
@@ -313,9 +324,14 @@ class OnlineRun:
             self.users["placebo"] = {style: neutral for style in self.user_styles}
         if not self.main_process:
             return  # only the main process evaluates
+        if run.relevance_model:
+            from auxiliary.feedback.relevance import RelevanceScorer
+
+            self.relevance = RelevanceScorer.load(run.relevance_model, self.sdpo.device)
         self.judges = factory.judges(run.judge, self.styles, model_for_kind(run.judge, run.judge_model),
                                      **judge_options(run.judge, run.judge_framing, run.judge_temperature,
-                                                     run.judge_max_new_tokens, run.tie_margin))
+                                                     run.judge_max_new_tokens, run.tie_margin),
+                                     **({"relevance": self.relevance} if run.judge == "rule" else {}))
 
     def _load_policies(self) -> None:
         from online_sdpo_updater import OnlineSDPOUpdater
@@ -664,7 +680,8 @@ class OnlineRun:
                 gen_time = round(time.perf_counter() - started, 4)
                 updater = self.policy(arm, adapter or self.user_styles[0])
                 found[adapter] = (texts, gen_time, eval_monitors(updater.model, updater.tokenizer,
-                                                                 self._eval_messages(), texts, self.baseline))
+                                                                 self._eval_messages(), texts, self.baseline,
+                                                                 self.relevance))
             return found
 
         evaluated = self._per_arm(replies_and_monitors)
@@ -703,7 +720,8 @@ class OnlineRun:
             (r["monitors"] for r in self.history if r["step"] == 0 and r["arm"] == arm
              and r.get("adapter") == adapter and "monitors" in r), None)
         monitors.update(relative_to_start(monitors, start))
-        warnings = collapse_warnings(monitors, start or {}, text_monitors(self.baseline)["degenerate_share"])
+        warnings = collapse_warnings(monitors, start or {}, text_monitors(self.baseline, self._eval_messages(),
+                                                                          self.relevance)["degenerate_share"])
         for warning in warnings:
             logger.warning("eval @%d %s: collapse monitor: %s", step, f"{arm}/{adapter}" if adapter else arm, warning)
         return {**monitors, "warnings": warnings}
@@ -736,9 +754,13 @@ class OnlineRun:
         # Step 0 with every pair tied is the policy reproducing the baseline: drawn at 50%, not left out.
         plotted = [dict(r, win_rate=50.0, se=0.0) if r["step"] == 0 and r["win_rate"] is None and r["ties"] == r["n"]
                    else r for r in initial_baseline(self.history)]
+        from auxiliary.evals.collapse import text_monitors
+
+        reference = {"mean_words": mean_words(self.baseline), "n": len(self.baseline), "degenerate_replies":
+                     text_monitors(self.baseline, self._eval_messages(), self.relevance)["degenerate_replies"]}
         plot_win_rates(plotted, self.out / "winrate.png",
                        title=f"{Path(self.sdpo.model).name}: win rate vs baseline ({self.run.judge} judge), +-1 SE",
-                       boundaries=self.boundaries)
+                       boundaries=self.boundaries, reference=reference)
 
     def checkpoint(self, step: int) -> None:
         for arm in self.arms:
@@ -768,7 +790,8 @@ class OnlineRun:
                 decisions = self.judges[style].compare(self.eval_prompts, by_arm["feedback"], by_arm["placebo"])
                 head_to_head[style] = win_rate_stats(decisions, seed=derive_seed(self.sdpo.seed, "h2h", style))
         summary = build_summary(self.history, self.styles, last_step, self.baseline, texts, head_to_head, self.out,
-                                style_texts=style_texts, phase_ends=self._phase_ends(last_step))
+                                style_texts=style_texts, phase_ends=self._phase_ends(last_step),
+                                eval_prompts=self.eval_prompts, relevance=self.relevance)
         atomic_write_json(self.out / "summary.json", summary)
         print(summary_text(summary, self.history, self.arms, self.styles, self.baseline, texts, self.eval_prompts,
                            self.out), flush=True)
@@ -809,7 +832,8 @@ def _expected_errors() -> tuple[tuple, tuple]:
     from auxiliary.runtime.model_loading import ModelLoadError
 
     return ((SetupError, RunFolderError, WandbSetupError, DataError, ConfigError, ModelLoadError, UnknownStyleError,
-             UnsupportedStyleError, ValueError, ClaudeAuthError), (ClaudeAuthError, ClaudeRequestError, EmptyFeedbackError))
+             UnsupportedStyleError, ValueError, ClaudeAuthError),
+             (ClaudeAuthError, ClaudeRequestError, EmptyFeedbackError))
 
 
 def fail(message: str, code: int = 2, run: "OnlineRun | None" = None) -> int:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
-from auxiliary.runtime.option_groups import (ContextOptions, FeedbackPlacementOptions, GenerationOptions, JudgeOptions, LoraOptions,
+from auxiliary.runtime.option_groups import (ContextOptions, FeedbackPlacementOptions, GenerationOptions,
+                                             JudgeOptions, LoraOptions,
                                              ModelOptions, OptimizerOptions, VLLMEngineOptions, accept_field_aliases,
                                              check_ranges)
 from sdpo_objective import ObjectiveOptions
@@ -22,17 +23,21 @@ LR_SCHEDULERS = ("constant", "cosine", "linear")
 
 @accept_field_aliases
 @dataclass
-class OnlineSDPOConfig(VLLMEngineOptions, LoraOptions, GenerationOptions, OptimizerOptions, ContextOptions, ObjectiveOptions, ModelOptions):
+class OnlineSDPOConfig(VLLMEngineOptions, LoraOptions, GenerationOptions, OptimizerOptions, ContextOptions,
+                       ObjectiveOptions, ModelOptions):
     # dataclass fields follow the bases from the last one: model, objective, context, optimiser, generation, LoRA
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
-    train_steps_per_example: int = field(default=1, metadata={"help": "gradient steps per interaction (signal recomputed each step)"})
+    train_steps_per_example: int = field(default=1, metadata={
+        "help": "gradient steps per interaction (signal recomputed each step)"})
     # learning-rate schedule (transformers' schedulers, stepped once per update)
     lr_scheduler: str = field(default="constant", metadata={
         "help": "constant, cosine or linear (decay to 0 over scheduler_steps), after warmup_steps of linear warm-up",
         "aliases": ["--lr_scheduler_type"]})
-    warmup_steps: int = field(default=0, metadata={"help": "updates of linear warm-up from 0 to lr (the first update runs at lr 0 when > 0, as in transformers)"})
+    warmup_steps: int = field(default=0, metadata={
+        "help": "updates of linear warm-up from 0 to lr (the first update runs at lr 0 when > 0, as in transformers)"})
     scheduler_steps: Optional[int] = field(default=None, metadata={
-        "help": "updates over which cosine/linear decay (default in eval_online_sdpo.py: interactions x train_steps_per_example)"})
+        "help": "updates over which cosine/linear decay (default in eval_online_sdpo.py: interactions x "
+                "train_steps_per_example)"})
     # checkpoints
     checkpoint_dir: Optional[str] = field(default=None, metadata={"help": "where step_N checkpoints go"})
     checkpoint_every: int = field(default=0, metadata={"help": "save every N updates (0 = only when asked)"})
@@ -41,7 +46,8 @@ class OnlineSDPOConfig(VLLMEngineOptions, LoraOptions, GenerationOptions, Optimi
     seed: int = field(default=1234, metadata={"help": "random seed"})
     vllm_gpu_memory_utilization: float = field(default=0.3, metadata={"help": "share of GPU memory vLLM may take"})
     vllm_enable_sleep_mode: bool = field(default=False, metadata={
-        "help": "policy's vLLM engine sleeps during each update (weights to CPU, KV cache freed) and wakes for the next generation"})
+        "help": "policy's vLLM engine sleeps during each update (weights to CPU, KV cache freed) and wakes for the "
+                "next generation"})
 
     def __post_init__(self):
         super().__post_init__()  # the objective group validates its options
@@ -53,7 +59,8 @@ class OnlineSDPOConfig(VLLMEngineOptions, LoraOptions, GenerationOptions, Optimi
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         if self.scheduler_steps and self.lr_scheduler != "constant" and self.warmup_steps >= self.scheduler_steps:
-            raise ValueError(f"--warmup_steps {self.warmup_steps} must be below --scheduler_steps {self.scheduler_steps}")
+            raise ValueError(
+                f"--warmup_steps {self.warmup_steps} must be below --scheduler_steps {self.scheduler_steps}")
 
     def objective_options(self) -> ObjectiveOptions:
         return ObjectiveOptions.from_config(self)
@@ -83,7 +90,8 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         "help": "STYLE:N[,STYLE:N...]: the user follows each style for N interactions in turn (a flip, sequential "
                 "preferences); sets the run's length and replaces --style"})
     users: str = field(default="", metadata={
-        "help": "STYLE,STYLE,...: several simulated users at once, the user of each interaction drawn at random (seeded)"})
+        "help": "STYLE,STYLE,...: several simulated users at once, the user of each interaction drawn at random "
+                "(seeded)"})
     per_user_adapters: bool = field(default=False, metadata={
         "help": "with --users and --use_lora: each user trains its own LoRA adapter on one shared base model"})
     phase_baseline: str = field(default="initial", metadata={
@@ -93,13 +101,15 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
     user_simulator: str = field(default="rule", metadata={"help": "rule, local, claude or vllm"})
     user_model_name_or_path: str = field(default="Qwen/Qwen3-32B", metadata={
         "help": "model of a local/vllm user; for --user_simulator claude a claude-* id (else the default Claude)"})
-    user_vllm: bool = field(default=False, metadata={"help": "the paper repository's spelling of --user_simulator vllm"})
+    user_vllm: bool = field(default=False, metadata={
+        "help": "the paper repository's spelling of --user_simulator vllm"})
     judge: str = field(default="rule", metadata={"help": "rule, local, claude or vllm"})
     judge_model: str = field(default="Qwen/Qwen3-32B", metadata={
         "help": "model of a local/vllm judge; for --judge claude a claude-* id (else the default Claude)"})
     judge_local: bool = field(default=False, metadata={"help": "the paper repository's spelling of --judge local"})
     user_temperature: Optional[float] = field(default=None, metadata={
-        "help": "user decoding temperature (default: 0 = greedy for Claude and vLLM users, 0.7 for local ones, as the paper's)"})
+        "help": "user decoding temperature (default: 0 = greedy for Claude and vLLM users, 0.7 for local ones, as the "
+                "paper's)"})
     api_concurrency: int = field(default=8, metadata={"help": "Claude requests in flight at most"})
     api_max_retries: int = field(default=8, metadata={
         "help": "Claude: retries of a request on 429/408/5xx/timeouts/connection errors, then the run stops"})
@@ -122,13 +132,18 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         "help": "model whose replies the policy is compared with (default: the initial policy)"})
     eval_every: int = field(default=3, metadata={"help": "evaluate every N interactions (0: only at start and end)"})
     eval_max_new_tokens: int = field(default=512, metadata={"help": "reply length limit at evaluation"})
+    relevance_model: str = field(default="", metadata={
+        "help": "a small chat model (smollm2-135m-instruct, as make demo) that scores whether an eval reply takes up "
+                "its request (auxiliary/feedback/relevance.py); one that ignores it counts as degenerate in the "
+                "collapse monitors and loses to a sound reply for the rule judge; empty: off"})
     # run
     save_checkpoints: bool = field(default=False, metadata={
         "help": "checkpoint both arms every `checkpoint_every` steps (0: every step) and at the end"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last checkpoint"})
     allow_config_change: bool = field(default=False, metadata={
         "help": "--resume with settings that change the experiment (recorded in config.json's history); else refused"})
-    overwrite: bool = field(default=False, metadata={"help": "delete earlier results in --output_dir first"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an earlier run of ours in --output_dir (its results go once every check has passed)"})
     output_dir: Optional[str] = field(default=None, metadata={
         "help": "default: $OUTPUT_DIR, else ${BASE_WORK:-${SCRATCH:-${TMPDIR:-/tmp}}}/sdpo_runs/<run_name>"})
     run_name: Optional[str] = field(default=None, metadata={"help": "default: online-<model>-<style>-<time>"})
@@ -152,10 +167,12 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         uneven = [p for p in getattr(plan, "phases", [])[:-1] if p.interactions % self.interactions_per_update]
         if self.style_schedule.strip() and uneven:
             raise ValueError(f"--style_schedule: every phase but the last must be a multiple of "
-                             f"--interactions_per_update {self.interactions_per_update} (a phase ends between updates); "
+                             f"--interactions_per_update {self.interactions_per_update} (a phase ends between "
+                             "updates); "
                              f"{uneven[0].style}:{uneven[0].interactions} is not")
         if self.style_schedule.strip() and self.users.strip():
-            raise ValueError("--style_schedule and --users are exclusive: one user whose style changes, or several users")
+            raise ValueError(
+                "--style_schedule and --users are exclusive: one user whose style changes, or several users")
         if self.per_user_adapters and self.interactions_per_update > 1:
             # A batch draws several users, each with its own adapter: one update on it has no single set of weights.
             raise ValueError("--per_user_adapters needs --interactions_per_update 1 (one user's adapter per update)")
@@ -167,9 +184,20 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         if self.phase_baseline not in ("initial", "snapshot"):
             raise ValueError(f"--phase_baseline must be initial or snapshot, got {self.phase_baseline!r}")
         if self.phase_baseline == "snapshot" and not self.style_schedule.strip():
-            raise ValueError("--phase_baseline snapshot needs --style_schedule (a snapshot is taken at each phase start)")
+            raise ValueError(
+                "--phase_baseline snapshot needs --style_schedule (a snapshot is taken at each phase start)")
         if not self.placebo_texts or not all(t.strip() for t in self.placebo_texts):
             raise ValueError("--placebo_texts needs at least one non-empty text")
+
+    def check_against(self, sdpo: OnlineSDPOConfig) -> None:
+        """The rules that need both configs. With --contrast_followup, the placebo's follow-ups must differ from
+        the contrast text: a placebo follow-up equal to it scores y under the same context twice, so its signal
+        is identically zero and the control would show nothing of what the objective does on its own."""
+        contrast = sdpo.contrast_followup.strip()
+        if self.placebo and contrast and any(text.strip() == contrast for text in self.placebo_texts):
+            raise ValueError(f"--placebo_texts holds the --contrast_followup text {contrast!r}: the placebo's signal "
+                             "would be identically zero; give the placebo other neutral replies "
+                             "(or another contrast text)")
 
     def user_plan(self, seed: int):
         """Who the user is at each step: a StyleSchedule (--style, --style_schedule) or a MultiUserDraw (--users)."""
@@ -186,7 +214,8 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         return self.user_plan(seed=0).styles
 
     def styles(self) -> list[str]:
-        """Every style evaluated: the users' styles (all phases of a schedule, the ones to come too), then --eval_styles."""
+        """Every style evaluated: the users' styles (all phases of a schedule, the ones to come too), then
+        --eval_styles."""
         extra = [s for s in self.eval_styles.replace(",", " ").split() if s]
         first = self.user_styles()
         return first + [s for s in dict.fromkeys(extra) if s not in first]

@@ -49,18 +49,26 @@ def print_plan(args: BenchmarkArgs, specs, output_dir: Path) -> None:
         described = bench.describe_model_args(spec, args)
         print(f"# {label}")
         if lm_tasks:
-            print(bench.format_call("lm_eval.simple_evaluate", model=described["model"], model_args=described["model_args"],
+            print(
+                bench.format_call("lm_eval.simple_evaluate", model=described["model"],
+                                  model_args=described["model_args"],
                                     tasks=list(lm_tasks.values()), limit=args.limit, apply_chat_template=True,
                                     gen_kwargs=bench.gen_kwargs(args),
                                     task_manager=f"TaskManager(include_path={str(include) if include else None!r})"))
         if "alpaca_eval" in args.tasks:
             annotators = bench.annotator_config(args, None)
-            print(bench.format_call("alpaca_eval.evaluate", model_outputs=f"<{label} answers to {args.alpaca_eval_json or 'tatsu-lab/alpaca_eval'}>",
-                                    reference_outputs=args.alpaca_eval_json or "tatsu-lab/alpaca_eval", annotators_config=annotators,
-                                    name=label, output_path=str(output_dir / "alpaca_eval" / label), max_new_tokens=args.max_new_tokens or bench.ALPACA_MAX_NEW_TOKENS))
+            print(
+                bench.format_call("alpaca_eval.evaluate",
+                                  model_outputs=f"<{label} answers to "
+                                                f"{args.alpaca_eval_json or 'tatsu-lab/alpaca_eval'}>",
+                                    reference_outputs=args.alpaca_eval_json or "tatsu-lab/alpaca_eval",
+                                    annotators_config=annotators,
+                                    name=label, output_path=str(output_dir / "alpaca_eval" / label),
+                                    max_new_tokens=args.max_new_tokens or bench.ALPACA_MAX_NEW_TOKENS))
 
 
-def evaluate_model(spec, label: str, args: BenchmarkArgs, output_dir: Path, include_path, reference, annotators) -> dict:
+def evaluate_model(spec, label: str, args: BenchmarkArgs, output_dir: Path, include_path, reference,
+                   annotators) -> dict:
     from lm_eval.utils import handle_non_serializable
 
     from auxiliary.runtime.io_utils import atomic_write_text
@@ -94,9 +102,14 @@ def run(args: BenchmarkArgs) -> Path | None:
     specs = resolve_checkpoints(args.checkpoints) if args.checkpoints else []
     output_dir = prepare_output_dir(args)
     bench.set_nltk_data(args.nltk_data)
+    key_problem = bench.annotator_key_problem(args)
     if args.dry_run:
         print_plan(args, specs, output_dir)
+        if key_problem:
+            print(f"# warning: {key_problem} (a real run stops here)")
         return None
+    if key_problem:
+        raise DataError(key_problem)
     for spec in specs:
         if spec.kind == "lora":
             check_adapter_fits_base(spec, args)
@@ -107,7 +120,8 @@ def run(args: BenchmarkArgs) -> Path | None:
     reference = bench.load_alpaca_reference(args) if "alpaca_eval" in args.tasks else None
     annotators = bench.annotator_config(args, output_dir) if reference is not None else None
     config = {"tool": "eval_benchmarks", "args": asdict(args), "checkpoints": [vars(spec) for spec in specs],
-              "lm_eval_tasks": bench.lm_eval_task_names(args.tasks, args), "include_path": str(include_path) if include_path else None,
+              "lm_eval_tasks": bench.lm_eval_task_names(args.tasks, args),
+              "include_path": str(include_path) if include_path else None,
               "alpaca_annotators_config": annotators, "harness_versions": harness_versions()}
     models = []
     for label, spec in [("baseline", None)] + [(s.label, s) for s in specs]:

@@ -32,9 +32,12 @@ logger = logging.getLogger("eval_checkpoints")
 
 @dataclass
 class EvalCheckpointsArgs(style_eval.StyleEvalArgs):
-    checkpoints: list[str] = field(default_factory=list, metadata={"help": "checkpoint folders (required; several words or one quoted list)"})
-    baseline_model: Optional[str] = field(default=None, metadata={"help": "baseline model: hub id, folder or embedded name (required)"})
-    base_model: Optional[str] = field(default=None, metadata={"help": "base model of LoRA adapters (default: the one in adapter_config.json)"})
+    checkpoints: list[str] = field(default_factory=list, metadata={
+        "help": "checkpoint folders (required; several words or one quoted list)"})
+    baseline_model: Optional[str] = field(default=None, metadata={
+        "help": "baseline model: hub id, folder or embedded name (required)"})
+    base_model: Optional[str] = field(default=None, metadata={
+        "help": "base model of LoRA adapters (default: the one in adapter_config.json)"})
     data_dir: str = field(default="data/helpsteer_prompts", metadata={"help": "folder with validation.jsonl"})
 
 
@@ -65,7 +68,8 @@ def resolve_checkpoints(paths: list[str]) -> list[CheckpointSpec]:
         if not folder.is_dir():
             raise DataError(f"checkpoint {given}: no such folder")
         if (folder / "model").is_dir() and _model_folder_kind(folder / "model"):  # online step_N/
-            specs.append(CheckpointSpec(folder.name, given, str(folder / "model"), _model_folder_kind(folder / "model")))
+            specs.append(
+                CheckpointSpec(folder.name, given, str(folder / "model"), _model_folder_kind(folder / "model")))
         elif _model_folder_kind(folder):
             specs.append(CheckpointSpec(folder.name, given, str(folder), _model_folder_kind(folder)))
         elif list_checkpoints(folder):
@@ -136,7 +140,8 @@ def load_checkpoint(spec: CheckpointSpec, args: EvalCheckpointsArgs):
     from auxiliary.runtime.model_loading import ModelLoadError, load_model_and_tokenizer, load_tokenizer
 
     if spec.kind == "full":
-        model, tokenizer, _ = load_model_and_tokenizer(spec.model_dir, args.dtype, args.attn_implementation, args.device)
+        model, tokenizer, _ = load_model_and_tokenizer(spec.model_dir, args.dtype, args.attn_implementation,
+                                                       args.device)
         return model, tokenizer
     base = adapter_base(spec, args)
     try:
@@ -225,7 +230,8 @@ def run(args: EvalCheckpointsArgs) -> Path:
                                              len(args.eval_styles), args.n_bootstrap, args.seed,
                                              checkpoint=spec.label, path=spec.path, kind=spec.kind, style=style))
         style_eval.write_outputs(output_dir, meta, baseline_info, rows, completions,
-                                 f"Checkpoints vs {Path(args.baseline_model).name} ({args.judge} judge, n={len(prompts)})")
+                                 f"Checkpoints vs {Path(args.baseline_model).name} ({args.judge} judge, "
+                                 f"n={len(prompts)})")
     print()
     print(style_eval.format_table(rows))
     print(f"\nbaseline {args.baseline_model}: {baseline.mean_words:.1f} words on average, generated in "

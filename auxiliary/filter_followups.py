@@ -29,19 +29,24 @@ from offline_sdpo.main_offline_sdpo import OfflineTrainingArguments
 
 @dataclass
 class FilterFollowupsArgs(ContextOptions):
-    input_jsonl: Optional[str] = field(default=None, metadata={"help": "interactions JSONL: prompt, completion, user_response (required)"})
+    input_jsonl: Optional[str] = field(default=None, metadata={
+        "help": "interactions JSONL: prompt, completion, user_response (required)"})
     output_jsonl: Optional[str] = field(default=None, metadata={"help": "the kept records, unchanged (required)"})
-    model: Optional[str] = override(ModelOptions, "model", None, help="scoring model, best the one you will train (required)")
+    model: Optional[str] = override(ModelOptions, "model", None,
+                                    help="scoring model, best the one you will train (required)")
     dtype: str = override(ModelOptions, "dtype", ModelOptions.dtype)
     attn_implementation: str = override(ModelOptions, "attn_implementation", ModelOptions.attn_implementation)
     device: str = field(default="auto", metadata={"help": "auto (cuda if available), cuda, cpu"})
-    min_signal: float = field(default=0.0, metadata={"help": "keep records whose mean |signal| per reply token is at least this (0 = keep all)"})
+    min_signal: float = field(default=0.0, metadata={
+        "help": "keep records whose mean |signal| per reply token is at least this (0 = keep all)"})
     batch_size: int = field(default=8, metadata={"help": "records scored per forward pass"})
     # the trainer's cuts, so that the score is of the tokens it will train on
-    max_context_length: int = override(ContextOptions, "max_context_length", OfflineTrainingArguments.max_context_length)
+    max_context_length: int = override(ContextOptions, "max_context_length",
+                                       OfflineTrainingArguments.max_context_length)
     max_completion_length: int = override(OfflineTrainingArguments, "max_completion_length",
                                           OfflineTrainingArguments.max_completion_length)
-    scores_jsonl: Optional[str] = field(default=None, metadata={"help": "also write each scored record's line and score here"})
+    scores_jsonl: Optional[str] = field(default=None, metadata={
+        "help": "also write each scored record's line and score here"})
 
     def __post_init__(self):
         check_ranges(self)
@@ -106,7 +111,8 @@ def run(args: FilterFollowupsArgs) -> dict:
     usable, skipped, read = read_records(args.input_jsonl)  # every record checked before the model loads
     if not usable:
         raise DataError(f"{args.input_jsonl}: no usable interaction records ({read} read)")
-    model, tokenizer, model_path = load_model_and_tokenizer(args.model, args.dtype, args.attn_implementation, args.device)
+    model, tokenizer, model_path = load_model_and_tokenizer(args.model, args.dtype, args.attn_implementation,
+                                                            args.device)
     scores = signal_magnitudes(model, tokenizer, [raw for _, raw in usable], args)
     kept = [raw for (_, raw), score in zip(usable, scores) if score >= args.min_signal]
     summary = {
@@ -117,7 +123,8 @@ def run(args: FilterFollowupsArgs) -> dict:
     atomic_write_jsonl(args.output_jsonl, kept)
     atomic_write_json(summary_path(args.output_jsonl), summary)
     if args.scores_jsonl:
-        atomic_write_jsonl(args.scores_jsonl, [{"line": line, "signal_abs_mean": score, "kept": score >= args.min_signal}
+        atomic_write_jsonl(args.scores_jsonl,
+                           [{"line": line, "signal_abs_mean": score, "kept": score >= args.min_signal}
                                                for (line, _), score in zip(usable, scores)])
     print(describe(summary), flush=True)
     return summary

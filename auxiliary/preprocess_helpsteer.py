@@ -19,7 +19,8 @@ import os
 import sys
 
 from auxiliary.data.preprocess_common import (  # stdlib-only module: --help stays light
-    Summary, canonical_split, load_splits, normalize_prompt_key, parse_args_with_presets, progress, run_cli, write_jsonl,
+    Summary, canonical_split, load_splits, normalize_prompt_key, parse_args_with_presets, progress, run_cli,
+    write_jsonl,
 )
 from auxiliary.runtime.io_utils import DataError
 
@@ -31,7 +32,8 @@ PAPER_FILTERS = {"max_response_chars": 8000}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="nvidia/HelpSteer2", help="hub name or local file/folder (default: %(default)s)")
+    parser.add_argument("--dataset", default="nvidia/HelpSteer2",
+                        help="hub name or local file/folder (default: %(default)s)")
     parser.add_argument("--out_dir", default="data/helpsteer_prompts", help="output folder (default: %(default)s)")
     parser.add_argument("--min_prompt_chars", type=int, default=10, help="drop shorter prompts (default: %(default)s)")
     parser.add_argument("--max_prompt_chars", type=int, default=4000, help="drop longer prompts (default: %(default)s)")

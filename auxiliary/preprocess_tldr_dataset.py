@@ -49,7 +49,8 @@ def format_paper_prompt(info: dict) -> list[dict]:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="openai/summarize_from_feedback", help="hub name or local file/folder (default: %(default)s)")
+    parser.add_argument("--dataset", default="openai/summarize_from_feedback",
+                        help="hub name or local file/folder (default: %(default)s)")
     parser.add_argument("--config", default="comparisons", help="hub config (default: %(default)s)")
     parser.add_argument("--out_dir", default="data/tldr_prompts_unique", help="output folder (default: %(default)s)")
     parser.add_argument("--min_post_chars", type=int, default=50, help="drop shorter posts (default: %(default)s)")

@@ -31,13 +31,16 @@ ENGLISH = {"english", "en"}
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="allenai/WildChat", help="hub name or local file/folder (default: %(default)s)")
+    parser.add_argument("--dataset", default="allenai/WildChat",
+                        help="hub name or local file/folder (default: %(default)s)")
     parser.add_argument("--config", default=None, help="hub config (default: none)")
     parser.add_argument("--out_dir", default="data/wildchat", help="output folder (default: %(default)s)")
     parser.add_argument("--out", default=None, help=f"output file (default: OUT_DIR/{OUTPUT_NAME})")
     parser.add_argument("--seed", type=int, default=42, help="seed of the conversation order (default: %(default)s)")
-    parser.add_argument("--max_conversations", type=int, default=20000, help="cap on conversations used (default: %(default)s)")
-    parser.add_argument("--max_interactions", type=int, default=20000, help="cap on interactions written (default: %(default)s)")
+    parser.add_argument("--max_conversations", type=int, default=20000,
+                        help="cap on conversations used (default: %(default)s)")
+    parser.add_argument("--max_interactions", type=int, default=20000,
+                        help="cap on interactions written (default: %(default)s)")
     parser.add_argument("--keep_toxic", action="store_true", help="keep conversations flagged toxic")
     add_interaction_filter_args(parser)
     return parser
@@ -56,7 +59,8 @@ def make_conversation_filter(keep_toxic: bool):
 
 
 def main(argv=None) -> Summary:
-    args = parse_args_with_presets(build_parser(), argv, {**PAPER_FILTERS, "max_conversations": 15_000, "max_interactions": 50_000})
+    args = parse_args_with_presets(build_parser(), argv,
+                                   {**PAPER_FILTERS, "max_conversations": 15_000, "max_interactions": 50_000})
     summary = Summary("preprocess_wildchat")
     rows = all_rows(load_splits(args.dataset, args.config))
     order = list(range(len(rows)))

@@ -29,7 +29,8 @@ OUTPUT_NAME = "wildfeedback_interactions.jsonl"
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--dataset", default="microsoft/WildFeedback", help="hub name or local file/folder (default: %(default)s)")
+    parser.add_argument("--dataset", default="microsoft/WildFeedback",
+                        help="hub name or local file/folder (default: %(default)s)")
     parser.add_argument("--config", default="wildfeedback", help="hub config (default: %(default)s)")
     parser.add_argument("--out_dir", default="data/wildfeedback", help="output folder (default: %(default)s)")
     parser.add_argument("--out", default=None, help=f"output file (default: OUT_DIR/{OUTPUT_NAME})")

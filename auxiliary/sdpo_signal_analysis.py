@@ -48,21 +48,29 @@ DEFAULT_CASES = "auxiliary/signal_analysis_cases.json"
 
 @dataclass
 class SignalAnalysisArgs:
-    model: str = field(default="Qwen/Qwen3-8B", metadata={"help": "hub id, local folder, smollm2-135m-instruct or tiny-random"})
-    cases_json: str = field(default=DEFAULT_CASES, metadata={"help": "cases file (relative paths also tried from the repo root)"})
+    model: str = field(default="Qwen/Qwen3-8B", metadata={
+        "help": "hub id, local folder, smollm2-135m-instruct or tiny-random"})
+    cases_json: str = field(default=DEFAULT_CASES, metadata={
+        "help": "cases file (relative paths also tried from the repo root)"})
     n_cases: int = field(default=24, metadata={"help": "first N cases of the file (0 = all)"})
-    output_dir: Optional[str] = field(default=None, metadata={"help": "default: $BASE_WORK/sdpo_outputs/signal_analysis_<time>"})
+    output_dir: Optional[str] = field(default=None, metadata={
+        "help": "default: $BASE_WORK/sdpo_outputs/signal_analysis_<time>"})
     seed: int = field(default=1234, metadata={"help": "sampling seed"})
     max_new_tokens: int = field(default=160, metadata={"help": "reply length limit"})
     min_tokens: int = field(default=24, metadata={"help": "resample replies shorter than this (tokens, EOS included)"})
-    max_tries: int = field(default=5, metadata={"help": "samples per case at most; the longest is kept if none is long enough"})
+    max_tries: int = field(default=5, metadata={
+        "help": "samples per case at most; the longest is kept if none is long enough"})
     temperature: float = field(default=1.0, metadata={"help": "sampling temperature (0 = greedy, no resampling)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
-    hindsight_template: Optional[str] = field(default=None, metadata={"help": "hindsight block with {followup} (default: sdpo_objective's)"})
-    max_context_length: Optional[int] = field(default=None, metadata={"help": "cut contexts from the left to this many tokens (default: no cut)"})
+    hindsight_template: Optional[str] = field(default=None, metadata={
+        "help": "hindsight block with {followup} (default: sdpo_objective's)"})
+    max_context_length: Optional[int] = field(default=None, metadata={
+        "help": "cut contexts from the left to this many tokens (default: no cut)"})
     batch_size: int = field(default=8, metadata={"help": "cases per generate / scoring call"})
-    from_json: Optional[str] = field(default=None, metadata={"help": "redraw figures and summary from an existing sdpo_signals.json (no model)"})
-    token_plot_cases: str = field(default="all", metadata={"help": "cases that get case{N}_tokens.png: all, none, or indices like 0,3,5"})
+    from_json: Optional[str] = field(default=None, metadata={
+        "help": "redraw figures and summary from an existing sdpo_signals.json (no model)"})
+    token_plot_cases: str = field(default="all", metadata={
+        "help": "cases that get case{N}_tokens.png: all, none, or indices like 0,3,5"})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, eager, flash_attention_2"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
@@ -122,7 +130,8 @@ def load_cases(path: str | os.PathLike, n_cases: int | None = None) -> list[dict
         else:
             raise DataError(f"{where}: needs a non-empty string 'prompt' or a message list 'messages'")
         if case.get("system"):
-            messages = [{"role": "system", "content": str(case["system"])}] + [m for m in messages if m["role"] != "system"]
+            messages = ([{"role": "system", "content": str(case["system"])}]
+                        + [m for m in messages if m["role"] != "system"])
         cases.append({"id": case_id, "tag": case["tag"], "messages": messages, "followup": case["followup"].strip(),
                       "unrelated_followup": case["unrelated_followup"].strip()})
     if n_cases:
@@ -134,7 +143,8 @@ def load_cases(path: str | os.PathLike, n_cases: int | None = None) -> list[dict
 
 # --------------------------------------------------------------------------- sampling and scoring
 
-def sample_replies(model, tokenizer, conversations: list[list[dict]], args: SignalAnalysisArgs) -> tuple[list, list[int]]:
+def sample_replies(model, tokenizer, conversations: list[list[dict]],
+                   args: SignalAnalysisArgs) -> tuple[list, list[int]]:
     """One reply per conversation; short replies are resampled (new seed each round), the longest kept."""
     from auxiliary.runtime.generation import generate_responses
 
@@ -269,9 +279,11 @@ def write_plots(cases: list[dict], output_dir: Path, summary: dict, token_plot_c
     vmax = plots.shared_scale(unrel + follow)
     written = [
         plots.plot_heatmap(unrel, labels, output_dir / "unrelated.png", vmax,
-                           f"Per-token signal under an UNRELATED follow-up (mean |A| = {summary['all']['mean_abs_unrelated']:.3f})"),
+                           "Per-token signal under an UNRELATED follow-up (mean |A| = "
+                           f"{summary['all']['mean_abs_unrelated']:.3f})"),
         plots.plot_heatmap(follow, labels, output_dir / "followup.png", vmax,
-                           f"Per-token signal under the RELEVANT follow-up (mean |A| = {summary['all']['mean_abs_followup']:.3f})"),
+                           "Per-token signal under the RELEVANT follow-up (mean |A| = "
+                           f"{summary['all']['mean_abs_followup']:.3f})"),
         plots.plot_stacked(unrel, follow, labels, output_dir / "stacked.png", vmax),
         plots.plot_side_by_side(unrel, follow, labels, output_dir / "side_by_side.png", vmax, summary["all"]),
     ]
@@ -320,7 +332,8 @@ def run(args: SignalAnalysisArgs) -> Path:
     output_dir.mkdir(parents=True, exist_ok=True)
 
     started = time.time()
-    model, tokenizer, model_path = load_model_and_tokenizer(args.model, args.dtype, args.attn_implementation, args.device)
+    model, tokenizer, model_path = load_model_and_tokenizer(args.model, args.dtype, args.attn_implementation,
+                                                            args.device)
     check_lm_head(model)  # the chunked head must reproduce the model's own logits
     loaded = time.time()
     conversations = [case["messages"] for case in cases]
@@ -368,7 +381,8 @@ def run(args: SignalAnalysisArgs) -> Path:
 def main(argv: list[str] | None = None) -> int:
     from auxiliary.runtime.cli import run_cli
 
-    return run_cli(SignalAnalysisArgs, lambda args: replot(args) if args.from_json else run(args), argv, prog="sdpo_signal_analysis.py")
+    return run_cli(SignalAnalysisArgs, lambda args: replot(args) if args.from_json else run(args), argv,
+                   prog="sdpo_signal_analysis.py")
 
 
 if __name__ == "__main__":

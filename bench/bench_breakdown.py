@@ -19,7 +19,8 @@ import argparse
 import sys
 
 import torch
-from bench_common import QWEN3_VOCAB, environment_lines, floor_loss, format_table, ours_loss, qwen3_model, random_batches
+from bench_common import (QWEN3_VOCAB, environment_lines, floor_loss, format_table, ours_loss, qwen3_model,
+                          random_batches)
 
 from sdpo_objective import ObjectiveOptions, resolve_chunk_size
 

@@ -23,7 +23,8 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
 
-from sdpo_objective import (ObjectiveOptions, resolve_chunk_size, ScoringBatch, build_scoring_batch, sdpo_loss, simple_signal_loss,
+from sdpo_objective import (ObjectiveOptions, resolve_chunk_size, ScoringBatch, build_scoring_batch, sdpo_loss,
+                            simple_signal_loss,
                             topk_divergence)
 
 PATHS = ("ours", "checkpointed", "straightforward")

@@ -47,7 +47,8 @@ headline case (vocabulary 151,936, response length 1,024):
   ratio {update_time,update_cpu_time}_vs_floor_<mode>.
 --out FILE writes every number as JSON.
 
-    python bench/bench_objective.py [--quick | --tiny] [--chunk_size N] [--no-peers] [--device cpu|cuda] [--out results.json]
+    python bench/bench_objective.py [--quick | --tiny] [--chunk_size N] [--no-peers] [--device cpu|cuda]
+                                    [--out results.json]
 """
 from __future__ import annotations
 
@@ -257,7 +258,8 @@ def ratios(rows) -> dict[tuple, dict[str, float]]:
     """
     by_key = {}
     for row in rows:
-        by_key.setdefault((row["batch"], row["context"], row["response"], row["vocab"], row["mode"]), {})[row["path"]] = row
+        by_key.setdefault((row["batch"], row["context"], row["response"], row["vocab"], row["mode"]),
+                          {})[row["path"]] = row
     out = {}
     for key, paths in by_key.items():
         for path, row in paths.items():
@@ -291,7 +293,8 @@ def safe_ratio(numerator, denominator) -> float:
 
 
 def headline_lines(per_case: dict, grid) -> list[str]:
-    """`ratio NAME VALUE` lines: the headline case, the longest response at the Qwen3 vocabulary, then ours vs others."""
+    """`ratio NAME VALUE` lines: the headline case, the longest response at the Qwen3 vocabulary, then ours vs
+    others."""
     vocab = max(case[3] for case in grid)
     headline = [c for c in grid if c[2] == HEADLINE["response"] and c[3] == HEADLINE["vocab"]]
     headline = headline[0] if headline else max(grid, key=lambda c: (c[3], c[2]))

@@ -91,7 +91,8 @@ def parse_args(argv=None):
                         help=f"smoke test in seconds: {', '.join(f'{k}={v}' for k, v in QUICK.items())}")
     parser.add_argument("--batch_sizes", default="1,4,8",
                         help="--interactions_per_update values of the throughput sweep (the first is the reference)")
-    parser.add_argument("--sweep_batches", type=int, default=2, help="measured updates per batch size (plus one warm-up)")
+    parser.add_argument("--sweep_batches", type=int, default=2,
+                        help="measured updates per batch size (plus one warm-up)")
     parser.add_argument("--out", default=None, help="write all numbers to this JSON file")
     args = parser.parse_args(argv)
     if args.quick:
@@ -319,13 +320,13 @@ def compare_teacher_forward(run, interactions, repeats: int = 3) -> dict:
     model.eval()
 
     def batched():
-        _, batch_xo = updater.build_batches(messages, replies, followups)
+        _, batch_xo, _ = updater.build_batches(messages, replies, followups)
         return score_tokens(model, batch_xo, chunk)[0]
 
     def one_by_one():
         pieces = []
         for m, r, f in interactions:
-            _, batch_xo = updater.build_batches([m], [r], [f])
+            _, batch_xo, _ = updater.build_batches([m], [r], [f])
             pieces.append(score_tokens(model, batch_xo, chunk)[0])
         return torch.cat(pieces)
 
@@ -360,8 +361,9 @@ def compare_update_head(run, interactions, repeats: int = 2) -> dict:
 
     def updates(name):
         losses = []
-        for batch_x, batch_xo in batches:
-            loss, _ = sdpo_loss(updater.model, batch_x, batch_xo, options[name], updater.ref_model)
+        for batch_x, batch_xo, batch_neutral in batches:
+            loss, _ = sdpo_loss(updater.model, batch_x, batch_xo, options[name], updater.ref_model,
+                                batch_neutral=batch_neutral)
             loss.backward()
             updater.model.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))
@@ -437,7 +439,8 @@ def report(args, phases, evalgen, teacher, head, checkpoint, baseline, retok, se
     rates = {
         "interactions_per_minute": 60 / per_interaction,
         "interactions_per_minute_with_eval": 60 / (per_interaction + eval_batched / args.eval_every),
-        "interactions_per_minute_with_eval_one_prompt_at_a_time": 60 / (per_interaction + eval_single / args.eval_every),
+        "interactions_per_minute_with_eval_one_prompt_at_a_time": 60 / (per_interaction
+                                                                        + eval_single / args.eval_every),
     }
     rows = []
     for phase in LOOP_PHASES:
@@ -447,7 +450,8 @@ def report(args, phases, evalgen, teacher, head, checkpoint, baseline, retok, se
     for phase in EVAL_PHASES:
         rows.append([f"{phase} (x{args.eval_n} prompts)", "", f"{phases['final_eval'][phase]:.2f}", ""])
     lines = [format_table(["phase", "warm-up s", f"mean s (n={n_steady})", "share"], rows), ""]
-    lines += [f"{name.replace('_', ' ')}: {value:.2f}" + (f" (evaluation every {args.eval_every})" if "eval" in name else "")
+    lines += [f"{name.replace('_', ' ')}: {value:.2f}"
+              + (f" (evaluation every {args.eval_every})" if "eval" in name else "")
               for name, value in rates.items()]
     lines.append(f"setup (load model, data, baseline of {args.eval_n} replies): {setup_wall:.1f} s")
     lines.append("")
@@ -461,8 +465,10 @@ def report(args, phases, evalgen, teacher, head, checkpoint, baseline, retok, se
     lines.append(f"  token ids batched vs one at a time: {evalgen['ids_mismatches']} of {evalgen['ids_compared']} "
                  f"replies differ" + (f" (first differing token per reply: {evalgen['first_difference_at_token']})"
                                       if evalgen["ids_mismatches"] else ""))
-    lines.append(f"teacher scoring of {teacher['interactions']} xo contexts ({teacher['response_tokens']} reply tokens): "
-                 f"one forward {teacher['wall_batched_s']:.3f} s, one per interaction {teacher['wall_single_s']:.3f} s; "
+    lines.append(
+        f"teacher scoring of {teacher['interactions']} xo contexts ({teacher['response_tokens']} reply tokens): "
+                 f"one forward {teacher['wall_batched_s']:.3f} s, one per interaction {teacher['wall_single_s']:.3f} "
+                 "s; "
                  f"max |log p difference| {teacher['max_abs_logprob_difference']:.1e}")
     lines.append(f"update ({head['loss_mode']}, loss + backward, mean of {head['interactions']} interactions): "
                  f"fused LM head {head['wall_fused_s']:.3f} s, checkpointed head {head['wall_checkpointed_s']:.3f} s; "

@@ -37,7 +37,8 @@ import time
 
 import torch
 from bench_common import (
-    LOSS_FUNCTIONS, LOSS_MODES, PATHS, QWEN3_VOCAB, PeakMemory, check_equivalence, environment_lines, format_table, median, qwen3_model,
+    LOSS_FUNCTIONS, LOSS_MODES, PATHS, QWEN3_VOCAB, PeakMemory, check_equivalence, environment_lines, format_table,
+    median, qwen3_model,
     random_batches, synchronize,
 )
 from peers import check_peers, trl_available, trl_loss
@@ -74,7 +75,8 @@ def parse_args(argv=None):
     parser.add_argument("--updates", type=int, default=None, help="timed updates per path (default: per setup)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--chunk-size", type=int, default=ObjectiveOptions.logits_chunk_size)
-    parser.add_argument("--threads", type=int, default=0, help="torch CPU threads for --device cpu (0 = torch's choice)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads for --device cpu (0 = torch's choice)")
     parser.add_argument("--out", default=None, help="write all numbers to this JSON file")
     args = parser.parse_args(argv)
     if args.tiny:
@@ -230,7 +232,8 @@ def main(argv=None) -> int:
                       f"{time_s:.3f} s/update, peak {r['peak_bytes'] / 2**30:.2f} GiB"), flush=True)
             for metric, key in (("update_time", "times"), ("peak_memory", "peak_bytes"),
                                 ("peak_memory_total", "peak_total_bytes")):
-                ratio_lines.append(f"ratio {metric}_{mode}_{setup} {ratio_of(results, 'ours', 'straightforward', key):.4f}")
+                ratio_lines.append(
+                    f"ratio {metric}_{mode}_{setup} {ratio_of(results, 'ours', 'straightforward', key):.4f}")
             ratio_lines.append(f"ratio update_time_{mode}_{setup}_fused_vs_checkpointed "
                                f"{ratio_of(results, 'ours', 'checkpointed', 'times'):.4f}")
             if "trl" in results:

@@ -58,7 +58,9 @@ def record_terminal(model: str, out: Path) -> None:
     text = "\n".join(line.rsplit("\r", 1)[-1] for line in text.split("\n"))  # a carriage return overwrites
     text = text.replace(adapters, "$ADAPTERS_DIR")
     text = "\n".join(line for line in text.splitlines() if not _noise(line)) + "\n"
-    out.write_text(f"$ OMP_NUM_THREADS=1 python chat_sdpo.py --model {model} --adapters_dir $ADAPTERS_DIR --user_id demo --max_new_tokens 120\n" + text)
+    out.write_text(
+        f"$ OMP_NUM_THREADS=1 python chat_sdpo.py --model {model} --adapters_dir $ADAPTERS_DIR --user_id demo "
+        "--max_new_tokens 120\n" + text)
     print(f"wrote {out}")
 
 

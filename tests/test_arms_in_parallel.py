@@ -89,7 +89,8 @@ def test_seeded_generation_ignores_the_process_random_stream_and_other_threads(t
     model, tokenizer, _ = load_model_and_tokenizer(str(tiny_model_dir), "fp32", "auto", "cpu")
 
     def replies(seed, workers=1):
-        return [r.ids for r in generate_responses(model, tokenizer, CONVERSATIONS, 16, 0.9, 0.9, batch_size=2, seed=seed,
+        return [r.ids
+                for r in generate_responses(model, tokenizer, CONVERSATIONS, 16, 0.9, 0.9, batch_size=2, seed=seed,
                                                   workers=workers)]
 
     alone = replies(11)

@@ -67,7 +67,8 @@ def test_quick_run_prints_ratios_and_consistent_json(tmp_path):
     for batch_size in (1, 2):
         assert sweep[f"B{batch_size}_overlap"]["overlap"] is True
         assert ratios[f"interactions_per_minute_overlap_vs_in_turn_B{batch_size}"] == pytest.approx(
-            sweep[f"B{batch_size}_overlap"]["interactions_per_minute"] / sweep[f"B{batch_size}"]["interactions_per_minute"],
+            sweep[f"B{batch_size}_overlap"]["interactions_per_minute"] / sweep[f"B{batch_size}"][
+                "interactions_per_minute"],
             rel=1e-3)
 
 

@@ -43,7 +43,8 @@ def test_bench_objective_tiny_prints_ratios_and_json(tmp_path):
     peers = ("trl", "paper") if trl_available() else ("paper",)
     expected = {f"{metric}_{mode}" for metric in ("peak_memory", "update_time", "update_cpu_time") for mode in modes}
     expected |= {f"update_time_{mode}_fused_vs_checkpointed" for mode in modes}
-    expected |= {f"{metric}_vs_{peer}_{mode}" for metric in ("update_time", "update_cpu_time", "peak_memory", "peak_rss")
+    expected |= {f"{metric}_vs_{peer}_{mode}"
+                 for metric in ("update_time", "update_cpu_time", "peak_memory", "peak_rss")
                  for peer in peers for mode in modes}
     expected |= {f"{metric}_vs_floor_{mode}" for metric in ("update_time", "update_cpu_time") for mode in modes}
     assert set(ratios) == expected
@@ -68,7 +69,8 @@ def test_bench_objective_tiny_prints_ratios_and_json(tmp_path):
     # the ratio lines are the rows' own numbers: ours / trl peak memory of the headline (largest) case
     if "trl" in peers:
         rows = {(r["path"], r["mode"]): r for r in report["rows"] if (r["batch"], r["response"]) == (1, 64)}
-        expected_ratio = rows["ours", "full_distillation"]["peak_bytes"] / rows["trl", "full_distillation"]["peak_bytes"]
+        expected_ratio = (rows["ours", "full_distillation"]["peak_bytes"]
+                          / rows["trl", "full_distillation"]["peak_bytes"])
         assert ratios["peak_memory_vs_trl_full_distillation"] == pytest.approx(expected_ratio, abs=1e-4)
 
 
@@ -191,7 +193,8 @@ def test_trl_peer_path_computes_the_same_loss(mode):
     batch_x, batch_xo = random_batches(2, 16, 24, 512)[:2]
     opts = ObjectiveOptions(loss_mode=mode)
     ours = LOSS_FUNCTIONS["ours"](model, batch_x, batch_xo, opts)
-    assert float(trl_loss(model, batch_x, batch_xo, opts).detach()) == pytest.approx(float(ours.detach()), rel=1e-4, abs=1e-9)
+    assert float(trl_loss(model, batch_x, batch_xo, opts).detach()) == pytest.approx(float(ours.detach()),
+                                                                                     rel=1e-4, abs=1e-9)
 
 
 def test_paper_path_scores_the_retokenised_text():
@@ -261,3 +264,12 @@ def test_breakdown_sorts_operators_by_the_tensors_they_touch():
     assert kind_of("aten::_log_softmax", [[32, vocab], []], vocab) == "vocabulary_passes"
     assert kind_of("aten::embedding", [[vocab, 64], [1, 40]], vocab) == "backbone_and_rest"  # a [V, H] weight
     assert kind_of("aten::mm", [[40, 64], [64, 192]], vocab) == "backbone_and_rest"
+
+
+def test_bench_options_tiny_prints_the_ratios_of_both_options(capsys):
+    import bench_options
+
+    ratios = bench_options.main(["--model", "tiny-random", "--context", "6", "--response", "8", "--repeats", "1"])
+    assert set(ratios) == {f"{option}_vs_plain_{mode}" for option in ("contrast", "copy_guard")
+                           for mode in ("simple_signal", "full_distillation")}
+    assert bench_common.parse_ratio_lines(capsys.readouterr().out) == pytest.approx(ratios, abs=1e-4)

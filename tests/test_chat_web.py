@@ -60,7 +60,8 @@ def server(tmp_path, tiny_model_dir):
 def new_browser():
     options = webdriver.ChromeOptions()
     options.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--window-size=1100,1000"):
+    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                "--window-size=1100,1000"):
         options.add_argument(arg)
     return webdriver.Chrome(service=Service(CHROMEDRIVER), options=options)
 
@@ -137,9 +138,11 @@ def test_two_logins_have_their_own_conversations_and_adapters(tmp_path, tiny_mod
         assert "Hello, how are you today?" not in bob.find_element(By.CSS_SELECTOR, "#chat").text
         assert "applied 0" in bob.find_element(By.CSS_SELECTOR, "#status").text
         bob.find_element(By.CSS_SELECTOR, "#cmd-reset").click()
-        WebDriverWait(bob, WAIT).until(lambda d: "back to the base model" in d.find_element(By.CSS_SELECTOR, "#status").text)
+        WebDriverWait(bob,
+                      WAIT).until(lambda d: "back to the base model" in d.find_element(By.CSS_SELECTOR, "#status").text)
         alice.find_element(By.CSS_SELECTOR, "#cmd-quit").click()  # ends (and saves) alice's session only
-        WebDriverWait(alice, WAIT).until(lambda d: "your session ended" in d.find_element(By.CSS_SELECTOR, "#status").text)
+        WebDriverWait(alice,
+                      WAIT).until(lambda d: "your session ended" in d.find_element(By.CSS_SELECTOR, "#status").text)
     finally:
         alice.quit()
         bob.quit()

@@ -59,7 +59,8 @@ def test_eval_and_reply_monitors_combine_the_pieces(tiny_model, tiny_tokenizer):
     baseline = ["hello friend", "one, two, three"]
     record = eval_monitors(tiny_model, tiny_tokenizer, conversations, own, baseline)
     # entropy on the arm's own replies, log-probability on the baseline's: two different reply sets
-    assert record["entropy"] == pytest.approx(policy_monitors(tiny_model, tiny_tokenizer, conversations, own)["entropy"])
+    assert record["entropy"] == pytest.approx(
+        policy_monitors(tiny_model, tiny_tokenizer, conversations, own)["entropy"])
     assert record["logprob"] == pytest.approx(
         policy_monitors(tiny_model, tiny_tokenizer, conversations, baseline)["logprob"])
     assert record["degenerate_replies"] == 1 and record["distinct_2"] == pytest.approx(distinct_n(own))

@@ -1,4 +1,5 @@
-"""--divergence reverse_kl|forward_kl|jsd (--divergence_alpha) against TRL, full logits and float64, on both head paths."""
+"""--divergence reverse_kl|forward_kl|jsd (--divergence_alpha) against TRL, full logits and float64, on both head
+paths."""
 import pytest
 import torch
 
@@ -135,7 +136,8 @@ def test_sdpo_loss_each_divergence_fused_equals_checkpointed_equals_full_logits(
     from test_fused_head import _assert_same
 
     pad = tiny_tokenizer.pad_token_id
-    batch_x, batch_xo = build_scoring_batch(CONTEXTS_X, RESPONSES, pad), build_scoring_batch(CONTEXTS_XO, RESPONSES, pad)
+    batch_x = build_scoring_batch(CONTEXTS_X, RESPONSES, pad)
+    batch_xo = build_scoring_batch(CONTEXTS_XO, RESPONSES, pad)
     tiny_model.eval()
     options = dict(loss_mode="full_distillation", distillation_topk=5, distillation_tail=tail, logits_chunk_size=4,
                    divergence=divergence, divergence_alpha=alpha)
@@ -146,7 +148,8 @@ def test_sdpo_loss_each_divergence_fused_equals_checkpointed_equals_full_logits(
 
 def test_divergences_differ_and_jsd_endpoints_equal_the_kls(tiny_model, tiny_tokenizer):
     pad = tiny_tokenizer.pad_token_id
-    batch_x, batch_xo = build_scoring_batch(CONTEXTS_X, RESPONSES, pad), build_scoring_batch(CONTEXTS_XO, RESPONSES, pad)
+    batch_x = build_scoring_batch(CONTEXTS_X, RESPONSES, pad)
+    batch_xo = build_scoring_batch(CONTEXTS_XO, RESPONSES, pad)
     tiny_model.eval()
 
     def loss(**options):

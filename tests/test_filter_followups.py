@@ -35,7 +35,8 @@ def independent_scores(model_dir, path) -> list[float]:
     for r in records:
         reply = tokenizer(r["completion"], add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
         x = render_context_ids(tokenizer, r["prompt"])
-        xo = render_context_ids(tokenizer, hindsight_messages(r["prompt"], r["user_response"], DEFAULT_HINDSIGHT_TEMPLATE))
+        xo = render_context_ids(tokenizer,
+                                hindsight_messages(r["prompt"], r["user_response"], DEFAULT_HINDSIGHT_TEMPLATE))
         scores.append(float((reply_logp(xo, reply) - reply_logp(x, reply)).abs().mean()))
     return scores
 

@@ -94,14 +94,17 @@ def test_an_online_run_decays_over_its_interactions(tiny_model_dir, tmp_path, ca
 
     data = tmp_path / "data"
     data.mkdir()
-    (data / "train.jsonl").write_text("".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(4)))
+    (data / "train.jsonl").write_text(
+        "".join(json.dumps({"prompt": f"Tell me about topic {i}."}) + "\n" for i in range(4)))
     (data / "val.jsonl").write_text(json.dumps({"prompt": "Explain gravity."}) + "\n")
     out = tmp_path / "run"
-    argv = flags_from_values({"model": tiny_model_dir, "train_jsonl": data / "train.jsonl", "val_jsonl": data / "val.jsonl",
+    argv = flags_from_values(
+        {"model": tiny_model_dir, "train_jsonl": data / "train.jsonl", "val_jsonl": data / "val.jsonl",
                               "style": "concise", "train_n": 4, "eval_n": 1, "eval_every": 0, "max_new_tokens": 6,
                               "eval_max_new_tokens": 6, "lr": LR, "loss_mode": "simple_signal", "output_dir": out,
                               "lr_scheduler": "linear"})
     assert eval_online_sdpo.main(argv) == 0
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     # --scheduler_steps defaults to the run's interactions: 4 updates from LR down to LR / 4
-    assert [row["feedback"]["lr"] for row in rows] == pytest.approx([expected_rate("linear", i, 0, 4) for i in range(4)])
+    assert [row["feedback"]["lr"]
+            for row in rows] == pytest.approx([expected_rate("linear", i, 0, 4) for i in range(4)])

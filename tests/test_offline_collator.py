@@ -69,7 +69,8 @@ def test_only_empty_records_is_an_error(tmp_path):
 # --------------------------------------------------------------------------- collator
 
 def test_collator_ids_match_the_objective_module(tiny_tokenizer):
-    record = {"prompt": [{"from": "human", "value": "Give me a recipe."}], "completion": {"from": "gpt", "value": "Boil pasta."},
+    record = {"prompt": [{"from": "human", "value": "Give me a recipe."}],
+              "completion": {"from": "gpt", "value": "Boil pasta."},
               "user_response": "Use a formal tone."}
     out = SDPOCollator(tiny_tokenizer)([record])
     messages = normalize_record(record)["prompt"]

@@ -113,7 +113,8 @@ def test_only_completion_tokens_carry_loss_and_padding_changes_nothing(tiny_mode
 
 def test_lora_trains_an_adapter_and_saves_a_merged_model(tiny_model_dir, tmp_path):
     out = tmp_path / "lora"
-    result = run_in_process(sft_main, flags(tiny_model_dir, out) + ["--batch_size", "4", "--grad_accum", "1", "--max_steps", "1",
+    result = run_in_process(sft_main,
+                            flags(tiny_model_dir, out) + ["--batch_size", "4", "--grad_accum", "1", "--max_steps", "1",
                                                               "--learning_rate", "1e-2", "--use_lora", "--lora_r", "4",
                                                               "--lora_alpha", "8"])
     assert result["global_step"] == 1 and (out / "adapter" / "adapter_config.json").exists()
@@ -159,7 +160,8 @@ def test_bad_input_is_one_line_naming_file_line_and_field_with_exit_2(tiny_model
     missing.pop("completion")
     (tmp_path / "missing.jsonl").write_text(good[0] + "\n" + json.dumps(missing) + "\n")
     with pytest.raises(DataError, match=r"missing\.jsonl:2: missing field\(s\) completion"):
-        run_in_process(sft_main, flags(tiny_model_dir, tmp_path / "out1") + ["--train_jsonl", str(tmp_path / "missing.jsonl")])
+        run_in_process(sft_main,
+                       flags(tiny_model_dir, tmp_path / "out1") + ["--train_jsonl", str(tmp_path / "missing.jsonl")])
     (tmp_path / "bad.jsonl").write_text(good[0] + "\n{not json\n")
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, str(REPO / "offline_sdpo" / "main_offline_sft.py"),
@@ -188,7 +190,8 @@ def test_deepspeed_configs_parse_and_the_wrapper_launches_with_them(stage, tmp_p
 
 
 @pytest.mark.slow  # two DeepSpeed processes on CPU: ~40 s alone
-@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="deepspeed not installed (requirements-dev.txt)")
+@pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None,
+                    reason="deepspeed not installed (requirements-dev.txt)")
 def test_two_cpu_processes_under_zero3_match_one_process(tiny_model_dir, tmp_path):
     """accelerate + DeepSpeed ZeRO-3, 2 ranks x 1 micro-batch == 1 process x 2 accumulated micro-batches."""
     out = tmp_path / "zero3"
@@ -268,5 +271,6 @@ def test_wrapper_dry_run_resolves_the_sft_entry_point_and_touches_nothing(tmp_pa
 def test_help_equals_the_generated_docs(script, tmp_path):
     result = subprocess.run(["bash", str(REPO / script), "--help"], env=wrapper_env(tmp_path),
                             capture_output=True, text=True, timeout=120)
-    rows = [line for line in result.stdout.partition("Read by every wrapper:")[0].splitlines() if line.startswith("| `")]
+    rows = [line for line in result.stdout.partition("Read by every wrapper:")[0].splitlines()
+            if line.startswith("| `")]
     assert rows and "\n".join(rows) in (REPO / "docs" / "env_vars.md").read_text()

@@ -4,7 +4,8 @@ from auxiliary.evals.online_report import EXAMPLE_RULE, example_index, example_t
 
 def test_the_example_is_the_prompt_with_the_median_length_change():
     baseline = ["one two three four", "a b c d e f", "x y", "p q r s t"]
-    # changes in words (feedback - baseline): -3, -5, +1, 0 -> sorted -5 (1), -3 (0), 0 (3), +1 (2); lower middle: prompt 0
+    # changes in words (feedback - baseline): -3, -5, +1, 0 -> sorted -5 (1), -3 (0), 0 (3), +1 (2); lower middle:
+    # prompt 0
     feedback = ["one", "a", "x y z", "p q r s t"]
     assert example_index(baseline, feedback) == 0
     assert example_index(baseline[:3], feedback[:3]) == 0  # -5, -3, +1: the median is -3, prompt 0

@@ -23,7 +23,8 @@ PRESETS = {
 
 
 def print_config(preset: str, tmp_path: Path) -> dict:
-    result = subprocess.run([sys.executable, str(REPO / PRESETS[preset]), "--config", str(REPO / "configs" / "paper" / preset),
+    result = subprocess.run(
+        [sys.executable, str(REPO / PRESETS[preset]), "--config", str(REPO / "configs" / "paper" / preset),
                              "--print_config"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-2000:]
     return yaml.safe_load(result.stdout)
@@ -53,7 +54,8 @@ def test_every_preset_under_configs_paper_is_tested():
 def test_online_presets_hold_the_papers_settings(resolved):
     for name in ("online_helpsteer2.yaml", "online_tldr.yaml", "flip.yaml", "sequential.yaml"):
         config = flat(resolved[name])
-        assert (config["model"], config["use_lora"], config["lora_r"], config["lora_alpha"], config["lora_dropout"]) == \
+        assert (config["model"], config["use_lora"], config["lora_r"], config["lora_alpha"],
+                config["lora_dropout"]) == \
             ("Qwen/Qwen3-8B", True, 256, 512, 0.0)
         assert config["lora_target_modules"] == "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
         assert config["use_vllm"] and config["user_simulator"] == config["judge"] == "vllm"
@@ -82,7 +84,8 @@ def test_offline_presets_hold_the_paper_trainers_settings(resolved):
         config = flat(resolved[name])
         assert (config["lr"], config["batch_size"], config["grad_accum"], config["num_epochs"]) == (2e-6, 4, 8, 2)
         assert (config["warmup_ratio"], config["lr_scheduler_type"], config["max_grad_norm"]) == (0.05, "cosine", 10.0)
-        assert (config["max_context_length"], config["max_completion_length"], config["ignore_first_k"]) == (2048, 2048, 2)
+        lengths = (config["max_context_length"], config["max_completion_length"], config["ignore_first_k"])
+        assert lengths == (2048, 2048, 2)
         assert config["gradient_checkpointing"] is True and config["optim"] == "auto"
 
 

@@ -35,7 +35,8 @@ def test_descriptions_are_distinct_and_substantial():
     # the combinations really combine their three parts
     text = get_persona("detailed_professional_expert")
     assert "thorough" in text and "professional" in text and "terminology" in text
-    assert "short answers" in get_persona("concise_casual_beginner") and "jargon" in get_persona("concise_casual_beginner")
+    assert "short answers" in get_persona("concise_casual_beginner") and "jargon" in get_persona(
+        "concise_casual_beginner")
 
 
 def test_unknown_style_lists_the_known_ones():

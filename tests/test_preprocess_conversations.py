@@ -37,7 +37,8 @@ def assert_trainer_format(records):
 # ----------------------------------------------------------------- WildFeedback
 def test_wildfeedback_pairs_truncates_and_dedups(tmp_path):
     out = tmp_path / "wf.jsonl"
-    summary = preprocess_wildfeedback.main(["--dataset", str(FIXTURES / "wildfeedback" / "wildfeedback.json"), "--out", str(out)])
+    summary = preprocess_wildfeedback.main(
+        ["--dataset", str(FIXTURES / "wildfeedback" / "wildfeedback.json"), "--out", str(out)])
     records = read_jsonl(out)
     assert_trainer_format(records)
     assert [r["id"] for r in records] == ["row0:1", "row0:3", "row3:1", "row3:3", "row3:5", "row3:7"]
@@ -131,7 +132,8 @@ def test_wildchat_parquet_input_matches_jsonl(tmp_path):
     folder.mkdir(parents=True)
     pq.write_table(pa.Table.from_pylist(rows), folder / "train-00000-of-00001.parquet")
     from_jsonl, _ = run_wildchat(tmp_path, name="j.jsonl")
-    summary = preprocess_wildchat.main(["--dataset", str(tmp_path / "wildchat_parquet"), "--out", str(tmp_path / "p.jsonl")])
+    summary = preprocess_wildchat.main(
+        ["--dataset", str(tmp_path / "wildchat_parquet"), "--out", str(tmp_path / "p.jsonl")])
     assert read_jsonl(tmp_path / "p.jsonl") == from_jsonl
     assert summary.counts["interactions kept"] == 5
 
@@ -162,7 +164,8 @@ def test_chat_logs_filters_from_the_command_line(tmp_path):
         [("user", "fine question"), ("assistant", "fine answer"), ("user", "thanks")],
     ]
     src = tmp_path / "logs.jsonl"
-    src.write_text("".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in conv]}) + "\n" for conv in convs))
+    src.write_text(
+        "".join(json.dumps({"messages": [{"role": r, "content": c} for r, c in conv]}) + "\n" for conv in convs))
     summary = preprocess_chat_logs.main(["--input", str(src), "--out", str(tmp_path / "o.jsonl"),
                                          "--max_completion_chars", "20", "--max_prompt_chars", "20",
                                          "--max_user_response_chars", "20"])

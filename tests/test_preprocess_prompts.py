@@ -66,11 +66,14 @@ def test_helpsteer_response_length_filter_drops_every_row_of_a_prompt_with_a_lon
                                                 ("Describe a rainbow briefly.", "u" * 3)])
     off = preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "off")])
     assert "response_too_long" not in off.dropped  # off by default: today's output
-    assert prompts(tmp_path / "off" / "train.jsonl") == ["Explain recursion with an example.", "Name two rivers in Africa."]
-    on = preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "on"), "--max_response_chars", "20"])
+    assert prompts(tmp_path / "off" / "train.jsonl") == ["Explain recursion with an example.",
+                                                         "Name two rivers in Africa."]
+    on = preprocess_helpsteer.main(
+        ["--dataset", str(src), "--out_dir", str(tmp_path / "on"), "--max_response_chars", "20"])
     assert prompts(tmp_path / "on" / "train.jsonl") == ["Name two rivers in Africa."]  # 20 characters is not over 20
     assert prompts(tmp_path / "on" / "validation.jsonl") == []
-    assert on.dropped["response_too_long"] == 4 and on.dropped["duplicate_in_split"] == 1  # rows, as every filter counts
+    # rows, as every filter counts
+    assert on.dropped["response_too_long"] == 4 and on.dropped["duplicate_in_split"] == 1
     assert "response_too_long (rows): 4" in on.render()
 
 
@@ -78,9 +81,11 @@ def test_helpsteer_paper_filters_preset_sets_the_response_limit_and_flags_still_
     src = tmp_path / "train.jsonl"
     write_rated_rows(src, [("A prompt with a long answer.", "a" * 8001), ("A prompt with a long answer.", "b"),
                            ("A prompt at the limit.", "c" * 8000)])
-    summary = preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "paper"), "--paper_filters"])
+    summary = preprocess_helpsteer.main(
+        ["--dataset", str(src), "--out_dir", str(tmp_path / "paper"), "--paper_filters"])
     assert prompts(tmp_path / "paper" / "train.jsonl") == ["A prompt at the limit."]
-    assert summary.dropped["response_too_long"] == 2 and preprocess_helpsteer.PAPER_FILTERS == {"max_response_chars": 8000}
+    assert summary.dropped["response_too_long"] == 2 and preprocess_helpsteer.PAPER_FILTERS == {
+        "max_response_chars": 8000}
     summary = preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "both"), "--paper_filters",
                                          "--max_response_chars", "0"])
     assert "response_too_long" not in summary.dropped
@@ -92,10 +97,12 @@ def test_helpsteer_response_filter_needs_the_response_field_and_a_valid_limit(tm
                    + json.dumps({"prompt": "Another fine prompt."}) + "\n")
     preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "off")])  # not needed when off
     with pytest.raises(DataError, match=r"train.jsonl:2: record has no 'response' field"):
-        preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "out"), "--max_response_chars", "5"])
+        preprocess_helpsteer.main(
+            ["--dataset", str(src), "--out_dir", str(tmp_path / "out"), "--max_response_chars", "5"])
     assert not (tmp_path / "out").exists()
     with pytest.raises(SystemExit) as bad:
-        preprocess_helpsteer.main(["--dataset", str(src), "--out_dir", str(tmp_path / "neg"), "--max_response_chars", "-1"])
+        preprocess_helpsteer.main(
+            ["--dataset", str(src), "--out_dir", str(tmp_path / "neg"), "--max_response_chars", "-1"])
     assert bad.value.code == 2
 
 

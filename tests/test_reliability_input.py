@@ -32,7 +32,8 @@ def online_cases(model_dir: Path, data: Path) -> dict:
 
     cases = dict([
         case("malformed_jsonl", f"{data / 'malformed.jsonl'}:2: malformed JSON", train_jsonl=data / "malformed.jsonl"),
-        case("missing_field", f"{data / 'missing.jsonl'}:3: missing field 'prompt'", train_jsonl=data / "missing.jsonl"),
+        case("missing_field", f"{data / 'missing.jsonl'}:3: missing field 'prompt'",
+             train_jsonl=data / "missing.jsonl"),
         case("empty_prompt", f"{data / 'empty.jsonl'}:2: field 'prompt' is empty", val_jsonl=data / "empty.jsonl"),
         case("all_prompts_too_long", "all 2 prompts are longer than --max_prompt_tokens 96",
              train_jsonl=data / "long.jsonl"),

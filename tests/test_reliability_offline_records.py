@@ -31,7 +31,8 @@ def test_messages_without_a_role_take_the_role_of_their_field(tmp_path):
 
 
 @pytest.mark.parametrize("field, value, message", [
-    ("completion", {"role": "user", "content": "x"}, "field 'completion' is a message of role 'user', expected 'assistant'"),
+    ("completion", {"role": "user", "content": "x"},
+     "field 'completion' is a message of role 'user', expected 'assistant'"),
     ("user_response", {"role": "gpt", "content": "x"}, "field 'user_response' is a message of role 'assistant'"),
     ("user_response", {"role": "user"}, "field 'user_response': needs role/content"),
     ("completion", {"role": "wizard", "content": "x"}, "field 'completion': has unknown role 'wizard'"),

@@ -92,7 +92,8 @@ def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tiny_model_di
     metrics_full, metrics_resumed = read_jsonl(full_out / "metrics.jsonl"), read_jsonl(crash_out / "metrics.jsonl")
     assert [m["step"] for m in metrics_resumed] == list(range(1, steps + 1))  # no gap, no duplicate
     assert without_timings(metrics_resumed) == without_timings(metrics_full)
-    history_full, history_resumed = read_json(full_out / "eval_history.json"), read_json(crash_out / "eval_history.json")
+    history_full, history_resumed = read_json(full_out / "eval_history.json"), read_json(
+        crash_out / "eval_history.json")
     assert [r["step"] for r in history_resumed] == [r["step"] for r in history_full]
     assert sorted({r["step"] for r in history_resumed}) == [0, 3, 6]
     assert without_timings(history_resumed) == without_timings(history_full)

@@ -19,7 +19,10 @@ def test_a_folder_with_results_needs_resume_or_overwrite(tmp_path):
     resumed = RunFolder.open(tmp_path / "run", resume=True, overwrite=False)
     assert (resumed / "metrics.jsonl").exists() and (tmp_path / "run").stat().st_mode & 0o777 == 0o700
     resumed.close()
-    RunFolder.open(tmp_path / "run", resume=False, overwrite=True).close()
+    replacing = RunFolder.open(tmp_path / "run", resume=False, overwrite=True)
+    assert (replacing / "metrics.jsonl").exists()  # nothing goes before the entry point's checks have passed
+    replacing.clear_earlier_results()
+    replacing.close()
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not folder.checkpoint_root.exists()
 
 
@@ -43,7 +46,8 @@ def test_the_marker_names_a_step_every_arm_has(tmp_path):
         fake_checkpoint(folder.checkpoint_path("feedback", step))
     folder.write_checkpoint_marker(3, ["feedback", "placebo"])
     assert folder.checkpoint_marker_step() == 3
-    assert folder.resume_checkpoints(["feedback"]) == (3, {"feedback": folder.checkpoint_root / "feedback" / "step_000003"})
+    expected = (3, {"feedback": folder.checkpoint_root / "feedback" / "step_000003"})
+    assert folder.resume_checkpoints(["feedback"]) == expected
     with pytest.raises(RunFolderError, match="placebo/step_000003 is missing"):
         folder.resume_checkpoints(["feedback", "placebo"])
 

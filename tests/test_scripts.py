@@ -43,7 +43,8 @@ def clean_env(base_work: Path, **overrides) -> dict:
 
 
 def run(script: Path, *args: str, env: dict, cwd: Path | None = None, timeout: int = 60) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", str(script), *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    return subprocess.run(["bash", str(script), *args], env=env, cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def commands(stdout: str) -> list[list[str]]:
@@ -95,12 +96,14 @@ def recorded(work) -> list[dict]:
 CASES = {
     "eval_online_sdpo.sh": (
         {"MODEL": "my-org/policy", "USER_SIMULATOR": "local", "USER_MODEL": "my-org/user", "JUDGE": "rule",
-         "STYLE": "concise_casual_beginner", "EVAL_STYLES": "no_emojis,no_lists", "LR": "1e-5", "LOSS_MODE": "simple_signal",
+         "STYLE": "concise_casual_beginner", "EVAL_STYLES": "no_emojis,no_lists", "LR": "1e-5",
+         "LOSS_MODE": "simple_signal",
          "TRAIN_N": "4", "EVAL_N": "6", "EVAL_EVERY": "2", "TRAIN_STEPS_PER_EXAMPLE": "2", "SEED": "7",
          "DATA_DIR": "data/samples", "BASELINE_MODEL": "my-org/base", "OUTPUT_DIR": "{tmp}/online"},
         [("--model", "my-org/policy"), ("--user_simulator", "local"), ("--user_model_name_or_path", "my-org/user"),
          ("--judge", "rule"), ("--style", "concise_casual_beginner"), ("--eval_styles", "no_emojis,no_lists"),
-         ("--lr", "1e-5"), ("--loss_mode", "simple_signal"), ("--train_n", "4"), ("--eval_n", "6"), ("--eval_every", "2"),
+         ("--lr", "1e-5"), ("--loss_mode", "simple_signal"), ("--train_n", "4"), ("--eval_n", "6"),
+         ("--eval_every", "2"),
          ("--train_steps_per_example", "2"), ("--seed", "7"), ("--train_jsonl", str(REPO / "data/samples/train.jsonl")),
          ("--val_jsonl", str(REPO / "data/samples/validation.jsonl")), ("--baseline_model", "my-org/base"),
          ("--output_dir", "{tmp}/online")]),
@@ -115,7 +118,8 @@ CASES = {
         [("--train_jsonl", str(FIXTURE)), ("--base_model", "my-org/base-7b"), ("--learning_rate", "3e-5"),
          ("--batch_size", "2"), ("--grad_accum", "16"), ("--num_epochs", "3"), ("--output_dir", "{tmp}/out sft")]),
     "eval_checkpoints.sh": (
-        {"CHECKPOINTS": "/ckpt/a /ckpt/b", "BASELINE_MODEL": "my-org/baseline", "EVAL_STYLES": "no_emojis concise_casual_beginner",
+        {"CHECKPOINTS": "/ckpt/a /ckpt/b", "BASELINE_MODEL": "my-org/baseline",
+         "EVAL_STYLES": "no_emojis concise_casual_beginner",
          "USER_MODEL": "my-org/judge", "EVAL_N": "7", "JUDGE": "local", "DATA_DIR": str(REPO / "data" / "samples"),
          "OUTPUT_DIR": "{tmp}/ckpt_eval"},
         [("--checkpoints", "/ckpt/a", "/ckpt/b"), ("--baseline_model", "my-org/baseline"),
@@ -126,12 +130,20 @@ CASES = {
         {"MODEL": "my-org/policy", "JUDGE_MODEL": "my-org/judge", "JUDGE": "vllm", "EVAL_N": "9",
          "DATA_DIR": str(REPO / "data" / "samples"), "EVAL_STYLES": "no_emojis", "OUTPUT_DIR": "{tmp}/oracle"},
         [("--model", "my-org/policy"), ("--judge_model", "my-org/judge"), ("--judge", "vllm"), ("--eval_n", "9"),
-         ("--data_dir", str(REPO / "data" / "samples")), ("--eval_styles", "no_emojis"), ("--output_dir", "{tmp}/oracle")]),
+         ("--data_dir", str(REPO / "data" / "samples")), ("--eval_styles", "no_emojis"),
+         ("--output_dir", "{tmp}/oracle")]),
     "run_signal_analysis.sh": (
         {"MODEL": "my-org/scorer", "CASES_JSON": REPO / "auxiliary" / "signal_analysis_cases.json", "N_CASES": "5",
          "OUTPUT_DIR": "{tmp}/signals"},
         [("--model", "my-org/scorer"), ("--cases_json", str(REPO / "auxiliary" / "signal_analysis_cases.json")),
          ("--n_cases", "5"), ("--output_dir", "{tmp}/signals")]),
+    "eval_benchmarks.sh": (
+        {"CHECKPOINTS": "/ckpt/a /ckpt/b", "BASELINE_MODEL": "my-org/baseline", "TASKS": "ifeval,alpaca_eval",
+         "LIMIT": "5", "BACKEND": "vllm", "BASE_MODEL": "my-org/base", "ALPACA_ANNOTATOR": "claude",
+         "OUTPUT_DIR": "{tmp}/bench"},
+        [("--checkpoints", "/ckpt/a", "/ckpt/b"), ("--baseline_model", "my-org/baseline"),
+         ("--tasks", "ifeval,alpaca_eval"), ("--limit", "5"), ("--backend", "vllm"), ("--base_model", "my-org/base"),
+         ("--alpaca_annotator", "claude"), ("--output_dir", "{tmp}/bench")]),
     "prepare_data.sh": (
         {"DATASETS": "helpsteer wildchat", "DATA_ROOT": "{tmp}/data root", "HELPSTEER_SOURCE": "/mirror/HelpSteer2",
          "WILDCHAT_SOURCE": "/mirror/WildChat"},
@@ -190,8 +202,10 @@ def test_base_work_falls_back_to_scratch_then_tmpdir(work):
     for key in ("BASE_WORK", "OUTPUT_DIR"):
         env.pop(key)
     scratch, tmpdir = work["tmp"] / "scratch", work["tmp"] / "tmpdir"
-    out = run(SCRIPTS / "run_signal_analysis.sh", "--dry-run", env={**env, "SCRATCH": str(scratch), "TMPDIR": str(tmpdir)})
-    assert f"HF_HOME={scratch}/sdpo_cache/huggingface" in out.stdout and f"{scratch}/sdpo_outputs/signal_analysis_" in out.stdout
+    out = run(SCRIPTS / "run_signal_analysis.sh", "--dry-run",
+              env={**env, "SCRATCH": str(scratch), "TMPDIR": str(tmpdir)})
+    assert f"HF_HOME={scratch}/sdpo_cache/huggingface" in out.stdout
+    assert f"{scratch}/sdpo_outputs/signal_analysis_" in out.stdout
     out = run(SCRIPTS / "run_signal_analysis.sh", "--dry-run", env={**env, "TMPDIR": str(tmpdir)})
     assert f"HF_HOME={tmpdir}/sdpo_cache/huggingface" in out.stdout
     # a cache the user chose is kept, and then not printed as the wrapper's own setting
@@ -209,7 +223,8 @@ def test_default_paths_resolve_from_the_repo_whatever_the_current_folder(work):
     assert result.returncode == 0 and "--cases_json" not in argv
     # a relative path that exists from the current folder is taken from there, made absolute
     (work["cwd"] / "mine.json").write_text("[]")
-    result = run(SCRIPTS / "run_signal_analysis.sh", "--dry-run", env={**env, "CASES_JSON": "./mine.json"}, cwd=work["cwd"])
+    result = run(SCRIPTS / "run_signal_analysis.sh", "--dry-run", env={**env, "CASES_JSON": "./mine.json"},
+                 cwd=work["cwd"])
     assert has_pair(commands(result.stdout)[0], "--cases_json", str(work["cwd"] / "mine.json"))
 
 
@@ -246,7 +261,8 @@ def test_real_run_passes_secrets_to_python_but_masks_the_echo(work):
 
 def test_dotenv_is_sourced_and_the_environment_wins(work):
     dotenv = work["tmp"] / "settings.env"
-    dotenv.write_text("# comment\nN_CASES=11\nMODEL=from-dotenv/model\nexport CASES_JSON=\"auxiliary/signal_analysis_cases.json\"\n")
+    dotenv.write_text(
+        "# comment\nN_CASES=11\nMODEL=from-dotenv/model\nexport CASES_JSON=\"auxiliary/signal_analysis_cases.json\"\n")
     env = case_env("run_signal_analysis.sh", work, SDPO_ENV_FILE=dotenv)
     env.pop("N_CASES")
     env.pop("CASES_JSON")
@@ -254,7 +270,8 @@ def test_dotenv_is_sourced_and_the_environment_wins(work):
     (argv,) = commands(run(SCRIPTS / "run_signal_analysis.sh", "--dry-run", env=env).stdout)
     assert has_pair(argv, "--n_cases", "11") and has_pair(argv, "--model", "from-env/model")
     # a named .env that does not exist is an error, not silently skipped
-    result = run(SCRIPTS / "run_signal_analysis.sh", "--dry-run", env={**env, "SDPO_ENV_FILE": str(work["tmp"] / "nope")})
+    result = run(SCRIPTS / "run_signal_analysis.sh", "--dry-run",
+                 env={**env, "SDPO_ENV_FILE": str(work["tmp"] / "nope")})
     assert result.returncode != 0 and "SDPO_ENV_FILE" in result.stderr
 
 
@@ -287,7 +304,8 @@ def test_extra_arguments_reach_python_unchanged(name, work):
     calls = recorded(work)
     assert calls and all(call["argv"][-len(extra):] == extra for call in calls)
     # what the dry run printed is what ran
-    assert [call["argv"] for call in calls] == [argv[argv.index(str(work["python"])) + 1:] for argv in commands(dry.stdout)]
+    assert [call["argv"] for call in calls] == [argv[argv.index(str(work["python"])) + 1:]
+                                                for argv in commands(dry.stdout)]
 
 
 def test_double_dash_passes_wrapper_options_on(work):
@@ -312,12 +330,14 @@ def test_config_yaml_keys_are_left_to_the_file_unless_the_env_var_is_set(work):
     env.pop("N_CASES")  # not set by the user: the YAML decides
     env["MODEL"] = "env/model"  # set by the user: wins over the YAML
     (argv,) = commands(run(SCRIPTS / "run_signal_analysis.sh", "--dry-run", "--config", str(yaml_file), env=env).stdout)
-    assert "--n_cases" not in argv and has_pair(argv, "--model", "env/model") and has_pair(argv, "--config", str(yaml_file))
+    assert "--n_cases" not in argv and has_pair(argv, "--model", "env/model") and has_pair(argv, "--config",
+                                                                                           str(yaml_file))
 
 
 # --------------------------------------------------------------------------- required variables and bad values
 
-@pytest.mark.parametrize("name,missing", [("train_offline_sdpo.sh", "TRAIN_JSONL"), ("eval_checkpoints.sh", "CHECKPOINTS"),
+@pytest.mark.parametrize("name,missing",
+                         [("train_offline_sdpo.sh", "TRAIN_JSONL"), ("eval_checkpoints.sh", "CHECKPOINTS"),
                                           ("eval_checkpoints.sh", "BASELINE_MODEL")])
 @pytest.mark.parametrize("dry", [True, False])
 def test_missing_required_variable_is_named_and_nothing_starts(name, missing, dry, work):
@@ -334,7 +354,8 @@ def test_missing_required_variable_is_named_and_nothing_starts(name, missing, dr
     ("train_offline_sdpo.sh", {"WORLD_SIZE": "0"}, "WORLD_SIZE=0"),
     ("train_offline_sdpo.sh", {"LR": "fast"}, "LR=fast"),
     ("train_offline_sdpo.sh", {"WORLD_SIZE": "8", "NUM_MACHINES": "2"}, "MAIN_PROCESS_IP"),
-    ("train_offline_sdpo.sh", {"WORLD_SIZE": "3", "NUM_MACHINES": "2", "MAIN_PROCESS_IP": "h"}, "multiple of NUM_MACHINES"),
+    ("train_offline_sdpo.sh", {"WORLD_SIZE": "3", "NUM_MACHINES": "2", "MAIN_PROCESS_IP": "h"},
+     "multiple of NUM_MACHINES"),
     ("eval_checkpoints.sh", {"JUDGE": "gpt"}, "rule local claude vllm"),
     ("eval_checkpoints.sh", {"EVAL_N": "-1"}, "EVAL_N"),
     ("prepare_data.sh", {"DATASETS": "helpsteer nope"}, "nope"),
@@ -368,16 +389,19 @@ def test_world_size_picks_the_launcher(work):
     env = case_env("train_offline_sdpo.sh", work, SDPO_PYTHON=work["python"], WORLD_SIZE="2")
     (argv,) = commands(run(SCRIPTS / "train_offline_sdpo.sh", "--dry-run", env=env).stdout)
     launch = [a for a in argv if "=" not in a]
-    assert Path(launch[0]).name == "accelerate" and launch[1:4] == ["launch", "--config_file", str(REPO / "multigpu_accelerate_config.yaml")]
+    assert Path(launch[0]).name == "accelerate" and launch[1:4] == ["launch", "--config_file",
+                                                                    str(REPO / "multigpu_accelerate_config.yaml")]
     assert has_pair(argv, "--num_processes", "2") and "--num_machines" not in argv
     assert launch[launch.index("--num_processes") + 2] == str(REPO / "offline_sdpo" / "main_offline_sdpo.py")
     run(SCRIPTS / "train_offline_sdpo.sh", env=env)
     (call,) = recorded(work)
-    assert call["exe"] == "accelerate" and call["argv"][:5] == ["launch", "--config_file", str(REPO / "multigpu_accelerate_config.yaml"),
+    assert call["exe"] == "accelerate" and call["argv"][:5] == ["launch", "--config_file",
+                                                                str(REPO / "multigpu_accelerate_config.yaml"),
                                                                  "--num_processes", "2"]
     # WORLD_SIZE=1: plain python, even with an accelerate config
     (argv,) = commands(run(SCRIPTS / "train_offline_sdpo.sh", "--dry-run", env={**env, "WORLD_SIZE": "1"}).stdout)
-    assert "launch" not in argv and argv[argv.index(str(work["python"])) + 1] == str(REPO / "offline_sdpo" / "main_offline_sdpo.py")
+    assert "launch" not in argv and argv[argv.index(str(work["python"])) + 1] == str(
+        REPO / "offline_sdpo" / "main_offline_sdpo.py")
 
 
 def test_multi_node_flags(work):
@@ -401,13 +425,15 @@ def test_single_process_tools_ignore_world_size(work):
 def fake_scontrol(work):
     bin_dir = work["tmp"] / "slurm_bin"
     bin_dir.mkdir()
-    (bin_dir / "scontrol").write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n')
+    (bin_dir / "scontrol").write_text(
+        '#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[07-08]" ] && printf "gpu07\\ngpu08\\n"\n')
     (bin_dir / "scontrol").chmod(0o755)
     return str(bin_dir)
 
 
 def test_offline_template_multi_node_dry_run(work, fake_scontrol):
-    env = case_env("train_offline_sdpo.sh", work, SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu[07-08]", SLURM_JOB_ID="4242",
+    env = case_env("train_offline_sdpo.sh", work, SLURM_NNODES="2", SLURM_JOB_NODELIST="gpu[07-08]",
+                   SLURM_JOB_ID="4242",
                    SLURM_GPUS_ON_NODE="4", PATH=f"{fake_scontrol}:{os.environ['PATH']}")
     for key in ("WORLD_SIZE", "OUTPUT_DIR"):
         env.pop(key)
@@ -421,7 +447,8 @@ def test_offline_template_multi_node_dry_run(work, fake_scontrol):
     assert len(per_node) == 2
     output_dirs = set()
     for rank, argv in enumerate(per_node):
-        for pair in [("launch", "--config_file"), ("--num_processes", "8"), ("--num_machines", "2"), ("--machine_rank", str(rank)),
+        for pair in [("launch", "--config_file"), ("--num_processes", "8"), ("--num_machines", "2"),
+                     ("--machine_rank", str(rank)),
                      ("--main_process_ip", "gpu07"), ("--main_process_port", str(20000 + 4242 % 10000))]:
             assert has_pair(argv, *pair), (rank, pair)
         assert argv[-2:] == ["--foo", "a b"]
@@ -437,7 +464,8 @@ def test_offline_template_single_node_and_gpu_count(work):
     (argv,) = commands(result.stdout)
     assert has_pair(argv, "--num_processes", "2") and "--num_machines" not in argv and "srun" not in argv
     # several nodes without SLURM's host list: a clear error
-    result = run(SLURM / "train_offline_sdpo.sbatch", "--dry-run", env={**env, "SLURM_NNODES": "2", "PATH": "/usr/bin:/bin"})
+    result = run(SLURM / "train_offline_sdpo.sbatch", "--dry-run",
+                 env={**env, "SLURM_NNODES": "2", "PATH": "/usr/bin:/bin"})
     assert result.returncode != 0 and ("scontrol" in result.stderr or "SLURM_JOB_NODELIST" in result.stderr)
 
 
@@ -445,7 +473,8 @@ def test_offline_template_single_node_and_gpu_count(work):
                                            ("online_preferences.sbatch", "eval_online_sdpo.sh"),
                                            ("eval_checkpoints.sbatch", "eval_checkpoints.sh")])
 def test_eval_templates_run_their_wrapper(template, case, work):
-    env = case_env(case, work, SLURM_JOB_ID="77", SLURM_SUBMIT_DIR=str(work["cwd"]))  # submitted elsewhere: found anyway
+    # submitted elsewhere: found anyway
+    env = case_env(case, work, SLURM_JOB_ID="77", SLURM_SUBMIT_DIR=str(work["cwd"]))
     env.pop("OUTPUT_DIR")
     result = run(SLURM / template, "--dry-run", "--foo", "a b", env=env, cwd=work["cwd"])
     assert result.returncode == 0, result.stderr
@@ -551,7 +580,8 @@ def test_shellcheck_clean():
 
 def test_prepare_data_real_run_on_local_copies(work):
     env = clean_env(work["base"], DATASETS="helpsteer tldr", DATA_ROOT=work["tmp"] / "data",
-                    HELPSTEER_SOURCE=REPO / "tests/fixtures/preprocess/helpsteer2", TLDR_SOURCE=REPO / "tests/fixtures/preprocess/tldr")
+                    HELPSTEER_SOURCE=REPO / "tests/fixtures/preprocess/helpsteer2",
+                    TLDR_SOURCE=REPO / "tests/fixtures/preprocess/tldr")
     result = run(SCRIPTS / "prepare_data.sh", env=env, cwd=work["cwd"])
     assert result.returncode == 0, result.stderr
     for folder in ("helpsteer_prompts", "tldr_prompts_unique"):
@@ -563,7 +593,8 @@ def test_prepare_data_real_run_on_local_copies(work):
 @pytest.mark.slow
 def test_train_offline_real_run_on_a_tiny_model(work, tiny_model_dir):
     out = work["tmp"] / "offline out"
-    env = clean_env(work["base"], TRAIN_JSONL=FIXTURE, BASE_MODEL=tiny_model_dir, WORLD_SIZE=1, BS=2, GA=1, NUM_EPOCHS=1,
+    env = clean_env(work["base"], TRAIN_JSONL=FIXTURE, BASE_MODEL=tiny_model_dir, WORLD_SIZE=1, BS=2, GA=1,
+                    NUM_EPOCHS=1,
                     OUTPUT_DIR=out, ANTHROPIC_API_KEY=ENV_SECRET)
     result = run(SCRIPTS / "train_offline_sdpo.sh", "--max_steps", "2", "--save_steps", "100", env=env, cwd=work["cwd"],
                  timeout=300)
@@ -595,20 +626,23 @@ def test_online_model_flags_follow_the_chosen_simulator_and_judge(work):
     assert "--user_model_name_or_path" not in argv and "--judge_model" not in argv  # Qwen ids mean nothing to Claude
     # what that command resolves to: the paper repository's quick-start settings
     python_argv = argv[next(i for i, a in enumerate(argv) if a.endswith("eval_online_sdpo.py")):]
-    resolved = subprocess.run([sys.executable, *python_argv, "--print_config"], cwd=REPO, capture_output=True, text=True,
+    resolved = subprocess.run([sys.executable, *python_argv, "--print_config"], cwd=REPO, capture_output=True,
+                              text=True,
                               env={**defaults, "PYTHONPATH": str(REPO)}, timeout=120)
     assert resolved.returncode == 0, resolved.stderr
     import yaml
 
     config = yaml.safe_load(resolved.stdout)
-    expected = {"model": "Qwen/Qwen3-8B", "user_simulator": "claude", "judge": "claude", "style": "no_emojis", "lr": 5e-6,
+    expected = {"model": "Qwen/Qwen3-8B", "user_simulator": "claude", "judge": "claude", "style": "no_emojis",
+                "lr": 5e-6,
                 "loss_mode": "full_distillation", "train_n": 15, "eval_n": 100, "eval_every": 3,
                 "train_steps_per_example": 1, "seed": 1234, "eval_styles": "", "baseline_model": None}
     assert {key: config[key] for key in expected} == expected
     assert tree(work["base"]) == []
     claude_ids = {**defaults, "USER_MODEL": "claude-sonnet-4-5", "JUDGE_MODEL": "claude-opus-4-1"}
     (argv,) = commands(run(SCRIPTS / "eval_online_sdpo.sh", "--dry-run", env=claude_ids).stdout)
-    assert has_pair(argv, "--user_model_name_or_path", "claude-sonnet-4-5") and has_pair(argv, "--judge_model", "claude-opus-4-1")
+    assert has_pair(argv, "--user_model_name_or_path", "claude-sonnet-4-5") and has_pair(argv, "--judge_model",
+                                                                                         "claude-opus-4-1")
 
 
 @pytest.mark.parametrize("name", WRAPPERS)
@@ -631,7 +665,8 @@ def test_eval_online_real_run_on_a_tiny_model(work, tiny_model_dir):
     assert result.returncode == 0, result.stderr[-3000:]
     config = json.loads((out / "config.json").read_text())
     assert config["sdpo"]["lr"] == 1e-5 and config["sdpo"]["seed"] == 7 and config["sdpo"]["model"] == tiny_model_dir
-    assert config["run"]["train_n"] == 2 and config["run"]["style"] == "no_emojis" and config["run"]["user_simulator"] == "rule"
+    assert config["run"]["train_n"] == 2 and config["run"]["style"] == "no_emojis" and config["run"][
+        "user_simulator"] == "rule"
     assert [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()] == [1, 2]
     history = json.loads((out / "eval_history.json").read_text())
     assert {row["step"] for row in history} == {0, 2} and all(row["n"] == 2 for row in history)
@@ -657,7 +692,8 @@ def test_unset_variables_pass_no_flag_only_the_profile(name, work):
     assert result.returncode == 0, result.stderr
     (argv,) = commands(result.stdout)
     flags = [a for a in argv[next(i for i, a in enumerate(argv) if a.endswith(".py")):] if a.startswith("--")]
-    required = {"train_offline_sdpo.sh": ["--train_jsonl"], "eval_checkpoints.sh": ["--checkpoints", "--baseline_model"]}
+    required = {"train_offline_sdpo.sh": ["--train_jsonl"],
+                "eval_checkpoints.sh": ["--checkpoints", "--baseline_model"]}
     profile = REPO / "configs" / "wrappers" / name.replace(".sh", ".yaml")
     expected = (["--config"] if profile.exists() else []) + required.get(name, []) + ["--output_dir"]
     assert flags == expected, argv
@@ -680,6 +716,52 @@ def test_the_profile_and_the_users_config_decide_whether_claude_needs_a_key(work
     assert configs == [str(REPO / "configs" / "wrappers" / "eval_online_sdpo.yaml"), str(mine)]
 
 
+def test_config_variable_passes_a_preset_after_the_profile_and_env_vars_still_win(work):
+    preset = "configs/paper/offline_wildchat.yaml"
+    env = case_env("train_offline_sdpo.sh", work, CONFIG=preset)
+    env.pop("BASE_MODEL")
+    (argv,) = commands(run(SCRIPTS / "train_offline_sdpo.sh", "--dry-run", env=env, cwd=work["cwd"]).stdout)
+    assert has_pair(argv, "--config", str(REPO / preset))
+    assert argv.index("--config") < argv.index("--learning_rate")  # LR (set) comes after the preset: it wins
+    assert "--base_model" not in argv  # the preset's model is left to the preset
+    (argv,) = commands(run(SCRIPTS / "eval_online_sdpo.sh", "--dry-run", env=case_env(
+        "eval_online_sdpo.sh", work, CONFIG="configs/paper/online_tldr.yaml"), cwd=work["cwd"]).stdout)
+    configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
+    assert configs == [str(REPO / "configs/wrappers/eval_online_sdpo.yaml"),
+                       str(REPO / "configs/paper/online_tldr.yaml")]
+    result = run(SCRIPTS / "eval_checkpoints.sh", env=case_env("eval_checkpoints.sh", work, CONFIG="nope.yaml",
+                                                               SDPO_PYTHON=work["python"]))
+    assert result.returncode == 2 and "CONFIG" in result.stderr and recorded(work) == []
+
+
+@pytest.mark.parametrize("visible,launcher", [(None, "python"), ("", "python"), ("0", "python"), ("2,3", "accelerate")])
+def test_world_size_defaults_to_the_gpus_the_machine_shows(visible, launcher, work):
+    env = case_env("train_offline_sdpo.sh", work, SDPO_PYTHON=work["python"], PATH="/usr/bin:/bin")
+    env.pop("WORLD_SIZE")
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    else:
+        env.pop("CUDA_VISIBLE_DEVICES", None)  # and no nvidia-smi on PATH: a CPU machine
+    result = run(SCRIPTS / "train_offline_sdpo.sh", env=env)
+    assert result.returncode == 0, result.stderr
+    (call,) = recorded(work)
+    assert call["exe"] == launcher
+    if launcher == "accelerate":
+        assert has_pair(call["argv"], "--num_processes", "2")
+
+
+def test_demo_help_lists_the_demo_variables_with_the_profiles_values():
+    result = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    profile = (REPO / "configs" / "demo.yaml").read_text()
+    train_n = re.search(r"^train_n:\s*(\d+)", profile, flags=re.M).group(1)
+    assert re.search(rf"^  DEMO_TRAIN_N\s+{train_n}\s+--train_n$", result.stdout, flags=re.M), result.stdout
+    for name in ("DEMO_STYLE", "DEMO_LR", "DEMO_SEED", "DEMO_MAX_NEW_TOKENS", "OUTPUT_DIR"):
+        assert name in result.stdout
+    assert len(result.stdout.splitlines()) < 40  # not the entry point's 400 lines
+
+
 def test_demo_accepts_dry_run_and_writes_nothing(tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
     env.update(BASE_WORK=str(tmp_path), DEMO_SEED="7")
@@ -697,7 +779,9 @@ def test_the_preferences_template_runs_the_sequential_preset_unless_given_one_an
     template = SLURM / "online_preferences.sbatch"
     (argv,) = commands(run(template, "--dry-run", env=env, cwd=work["cwd"]).stdout)
     assert has_pair(argv, "--config", str(REPO / "configs/paper/sequential.yaml")) and "--resume" not in argv
-    (argv,) = commands(run(template, "--dry-run", "--config", "configs/paper/flip.yaml", env=env, cwd=work["cwd"]).stdout)
-    assert str(REPO / "configs/paper/sequential.yaml") not in argv and has_pair(argv, "--config", "configs/paper/flip.yaml")
+    (argv,) = commands(
+        run(template, "--dry-run", "--config", "configs/paper/flip.yaml", env=env, cwd=work["cwd"]).stdout)
+    assert str(REPO / "configs/paper/sequential.yaml") not in argv and has_pair(argv, "--config",
+                                                                                "configs/paper/flip.yaml")
     (argv,) = commands(run(template, "--dry-run", env={**env, "SLURM_RESTART_COUNT": "1"}, cwd=work["cwd"]).stdout)
     assert "--resume" in argv

@@ -15,7 +15,8 @@ from auxiliary.sdpo_signal_analysis import (SignalAnalysisArgs, load_cases, main
 CASES = [
     {"id": "formal", "tag": "constrain", "prompt": "Write a short email to my manager.",
      "followup": "Use a formal tone.", "unrelated_followup": "What is 27 times 4?"},
-    {"id": "with_system", "tag": "reinforce", "system": "You are terse.", "prompt": "Give me three tips for better sleep.",
+    {"id": "with_system", "tag": "reinforce", "system": "You are terse.",
+     "prompt": "Give me three tips for better sleep.",
      "followup": "Thanks, that was helpful!", "unrelated_followup": "What is 27 times 4?"},
     {"id": "two_turns", "tag": "constrain",
      "messages": [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "Hi, how are you today?"},

@@ -1,4 +1,5 @@
-"""Models that soft-cap their logits (Gemma-2: z = cap * tanh(a / cap)): signal and losses match the model's own logits."""
+"""Models that soft-cap their logits (Gemma-2: z = cap * tanh(a / cap)): signal and losses match the model's own
+logits."""
 import pytest
 import torch
 
@@ -50,7 +51,8 @@ def test_fused_head_with_soft_capping_matches_checkpointed_path(loss_mode):
         opts = ObjectiveOptions(loss_mode=loss_mode, distillation_topk=6, logits_chunk_size=4, fused_lm_head=fused)
         loss, stats = sdpo_loss(model, batch_x, batch_xo, opts)
         loss.backward()
-        results.append((loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+        results.append(
+            (loss.detach(), stats, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
         model.zero_grad(set_to_none=True)
     (loss_f, stats_f, grads_f), (loss_c, stats_c, grads_c) = results
     assert stats_f["fused_lm_head"] and not stats_c["fused_lm_head"]

@@ -7,7 +7,9 @@ import pytest
 import torch
 
 from auxiliary.feedback.personas import UnknownStyleError, get_persona
-from auxiliary.feedback.style_judge import (RULE_JUDGE_STYLES, LocalHFJudge, PairwiseJudge, RuleBasedJudge, _label_continuations, build_judge_messages, margin_verdict, combine_verdicts, label_logprobs, parse_verdict)
+from auxiliary.feedback.style_judge import (RULE_JUDGE_STYLES, LocalHFJudge, PairwiseJudge, RuleBasedJudge,
+                                            _label_continuations, build_judge_messages, margin_verdict,
+                                            combine_verdicts, label_logprobs, parse_verdict)
 from auxiliary.feedback.factory import make_judge
 from auxiliary.feedback.user_simulator import UnsupportedStyleError
 
@@ -110,7 +112,8 @@ def test_position_bias_disagreement_and_unparseable_become_ties():
     comparison = broken.compare_detailed(["p"], ["good"], ["bad"])
     assert comparison.decisions == ["C"] and comparison.verdicts == [("A", None)] and comparison.unparseable == 1
     assert broken.stats["unparseable"] == 1
-    assert combine_verdicts("B", "A") == "B" and combine_verdicts("A", "A") == "C" and combine_verdicts(None, "B") == "C"
+    assert combine_verdicts("B", "A") == "B" and combine_verdicts("A", "A") == "C"
+    assert combine_verdicts(None, "B") == "C"
     with pytest.raises(ValueError, match="2 prompts, 1 completions_a"):
         always_first.compare(["p", "q"], ["x"], ["y"])
     with pytest.raises(RuntimeError, match="invalid verdicts"):

@@ -8,7 +8,9 @@ import pytest
 
 from auxiliary.feedback.personas import UnknownStyleError, get_persona
 from auxiliary.feedback.style_checks import build_style_checks
-from auxiliary.feedback.user_simulator import (APPROVALS, COMPLAINTS, RULE_USER_STYLES, LocalHFUserSimulator, NeutralUserSimulator, RuleBasedUserSimulator, UnsupportedStyleError, build_simulator_messages, clean_feedback)
+from auxiliary.feedback.user_simulator import (APPROVALS, COMPLAINTS, RULE_USER_STYLES, LocalHFUserSimulator,
+                                               NeutralUserSimulator, RuleBasedUserSimulator, UnsupportedStyleError,
+                                               build_simulator_messages, clean_feedback)
 from auxiliary.feedback.factory import make_user_simulator
 
 PROMPT = "How do I make a simple tomato sauce?"
@@ -163,8 +165,11 @@ def test_local_hf_user_on_a_tiny_model(tiny_model, tiny_tokenizer, tiny_model_di
 
 
 def test_vllm_modules_do_not_import_vllm():
-    code = ("import sys, auxiliary.feedback.vllm_user_simulator, auxiliary.feedback.vllm_style_judge, auxiliary.feedback.user_simulator, "
-            "auxiliary.feedback.style_judge, auxiliary.feedback.claude_user_simulator, auxiliary.feedback.claude_style_judge; "
+    code = (
+        "import sys, auxiliary.feedback.vllm_user_simulator, auxiliary.feedback.vllm_style_judge, "
+        "auxiliary.feedback.user_simulator, "
+            "auxiliary.feedback.style_judge, auxiliary.feedback.claude_user_simulator, "
+            "auxiliary.feedback.claude_style_judge; "
             "print('vllm' in sys.modules, 'anthropic' in sys.modules)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.split() == ["False", "False"]

@@ -213,7 +213,8 @@ def test_a_placement_beyond_the_visible_gpus_is_one_clear_error(fake_vllm, monke
 
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     run = OnlineRunConfig(user_simulator="vllm", user_vllm_tp=2, user_vllm_gpu_start=1)
-    with pytest.raises(ValueError, match=r"GPUs 1\.\.2 \(first GPU 1, tensor parallel 2\) requested, but 2 are visible"):
+    with pytest.raises(ValueError,
+                       match=r"GPUs 1\.\.2 \(first GPU 1, tensor parallel 2\) requested, but 2 are visible"):
         FeedbackFactory(placement=run).user("vllm", "concise", "Qwen/Qwen3-32B")
     with pytest.raises(ValueError, match="--user_vllm_gpu_start must be >= 0"):
         OnlineRunConfig(user_vllm_gpu_start=-1)

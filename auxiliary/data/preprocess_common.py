@@ -230,7 +230,8 @@ def message_content(raw: Any, where: str) -> str:
 def normalize_message(raw: Any, where: str) -> dict:
     """{"role": user|assistant|system|<other>, "content": str} from role/content or from/value."""
     if not isinstance(raw, dict):
-        raise DataError(f"{where}: a message must be an object with role/content or from/value, got {type(raw).__name__}")
+        raise DataError(
+            f"{where}: a message must be an object with role/content or from/value, got {type(raw).__name__}")
     role = raw.get("role", raw.get("from"))
     if not isinstance(role, str) or not role.strip():
         raise DataError(f"{where}: message has no 'role' (or 'from') field")
@@ -455,7 +456,8 @@ class InteractionBuilder:
         }
 
 
-def record_id(record: dict, fallback: str, fields: Sequence[str] = ("id", "conversation_id", "conversation_hash")) -> str:
+def record_id(record: dict, fallback: str,
+              fields: Sequence[str] = ("id", "conversation_id", "conversation_hash")) -> str:
     for name in fields:
         value = record.get(name)
         if value not in (None, ""):

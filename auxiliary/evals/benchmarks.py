@@ -61,29 +61,46 @@ ALPACA_MAX_NEW_TOKENS = 2048  # AlpacaEval has no generation limit of its own
 
 @dataclass
 class BenchmarkArgs:
-    checkpoints: list[str] = field(default_factory=list, metadata={"help": "checkpoint folders: model, LoRA adapter, online step_N/ or a folder of those"})
-    baseline_model: Optional[str] = field(default=None, metadata={"help": "baseline model: hub id or folder (required)"})
-    base_model: Optional[str] = field(default=None, metadata={"help": "base model of LoRA adapters (default: the one in adapter_config.json)"})
-    tasks: list[str] = field(default_factory=lambda: list(BENCHMARKS), metadata={"help": f"comma/space separated: {', '.join(BENCHMARKS)}"})
-    limit: Optional[int] = field(default=None, metadata={"help": "first N items of every task (for smoke runs; not comparable with published numbers)"})
-    output_dir: Optional[str] = field(default=None, metadata={"help": "default: $BASE_WORK/sdpo_outputs/eval_benchmarks_<time>"})
+    checkpoints: list[str] = field(default_factory=list, metadata={
+        "help": "checkpoint folders: model, LoRA adapter, online step_N/ or a folder of those"})
+    baseline_model: Optional[str] = field(default=None, metadata={
+        "help": "baseline model: hub id or folder (required)"})
+    base_model: Optional[str] = field(default=None, metadata={
+        "help": "base model of LoRA adapters (default: the one in adapter_config.json)"})
+    tasks: list[str] = field(default_factory=lambda: list(BENCHMARKS), metadata={
+        "help": f"comma/space separated: {', '.join(BENCHMARKS)}"})
+    limit: Optional[int] = field(default=None, metadata={
+        "help": "first N items of every task (for smoke runs; not comparable with published numbers)"})
+    output_dir: Optional[str] = field(default=None, metadata={
+        "help": "default: $BASE_WORK/sdpo_outputs/eval_benchmarks_<time>"})
     overwrite: bool = field(default=False, metadata={"help": "replace the results already in --output_dir"})
     backend: str = field(default="hf", metadata={"help": "hf (transformers) or vllm"})
-    max_new_tokens: Optional[int] = field(default=None, metadata={"help": f"generation limit (default: each benchmark's own; AlpacaEval {ALPACA_MAX_NEW_TOKENS})"})
+    max_new_tokens: Optional[int] = field(default=None, metadata={
+        "help": f"generation limit (default: each benchmark's own; AlpacaEval {ALPACA_MAX_NEW_TOKENS})"})
     batch_size: int = field(default=8, metadata={"help": "lm_eval batch size (hf backend)"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
     dtype: str = field(default="auto", metadata={"help": "auto (bf16 on GPU, fp32 on CPU), bf16, fp16, fp32"})
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, eager, flash_attention_2"})
-    enable_thinking: bool = field(default=False, metadata={"help": "pass enable_thinking=True to the chat template (Qwen3)"})
+    enable_thinking: bool = field(default=False, metadata={
+        "help": "pass enable_thinking=True to the chat template (Qwen3)"})
     vllm_gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vllm backend: share of GPU memory"})
     seed: int = field(default=1234, metadata={"help": "lm_eval random seeds"})
-    ifeval_jsonl: Optional[str] = field(default=None, metadata={"help": "local IFEval prompts in the hub's format (key, prompt, instruction_id_list, kwargs)"})
-    alpaca_eval_json: Optional[str] = field(default=None, metadata={"help": "local AlpacaEval set: JSON list (or JSONL) of instruction, output (the reference's), generator, dataset"})
-    alpaca_annotator: str = field(default=DEFAULT_ALPACA_ANNOTATOR, metadata={"help": "alpaca_eval annotator config: a name in alpaca_eval/evaluators_configs (e.g. claude) or a configs.yaml path"})
-    alpaca_annotator_base_url: Optional[str] = field(default=None, metadata={"help": "OpenAI-compatible endpoint for the annotator (key from OPENAI_API_KEY)"})
-    alpaca_annotator_model: Optional[str] = field(default=None, metadata={"help": "model name sent to that endpoint (default: the config's)"})
-    nltk_data: Optional[str] = field(default=None, metadata={"help": "NLTK data folder for IFEval's checkers (sets NLTK_DATA)"})
-    dry_run: bool = field(default=False, metadata={"aliases": ["--dry-run"], "help": "print the harness calls and write nothing"})
+    ifeval_jsonl: Optional[str] = field(default=None, metadata={
+        "help": "local IFEval prompts in the hub's format (key, prompt, instruction_id_list, kwargs)"})
+    alpaca_eval_json: Optional[str] = field(default=None, metadata={
+        "help": "local AlpacaEval set: JSON list (or JSONL) of instruction, output (the reference's), generator, "
+                "dataset"})
+    alpaca_annotator: str = field(default=DEFAULT_ALPACA_ANNOTATOR, metadata={
+        "help": "alpaca_eval annotator config: a name in alpaca_eval/evaluators_configs (e.g. claude) or a "
+                "configs.yaml path"})
+    alpaca_annotator_base_url: Optional[str] = field(default=None, metadata={
+        "help": "OpenAI-compatible endpoint for the annotator (key from OPENAI_API_KEY)"})
+    alpaca_annotator_model: Optional[str] = field(default=None, metadata={
+        "help": "model name sent to that endpoint (default: the config's)"})
+    nltk_data: Optional[str] = field(default=None, metadata={
+        "help": "NLTK data folder for IFEval's checkers (sets NLTK_DATA)"})
+    dry_run: bool = field(default=False, metadata={
+        "aliases": ["--dry-run"], "help": "print the harness calls and write nothing"})
 
     def check(self) -> None:
         from auxiliary.evals.eval_common import split_list
@@ -149,10 +166,25 @@ def chat_template_args(args: BenchmarkArgs) -> dict:
     return {"enable_thinking": args.enable_thinking}
 
 
+def quiet_git_hash() -> Optional[str]:
+    """This repository's commit for lm_eval's `git_hash` field. lm_eval's own runs `git describe` in the
+    current folder with stderr left open, so outside a git checkout it prints "fatal: not a git repository"."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "describe", "--always"], cwd=Path(__file__).resolve().parents[2],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def run_lm_eval(lm, task_names: list[str], include_path: Optional[Path], args: BenchmarkArgs) -> dict:
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.tasks import TaskManager
 
+    lm_eval.evaluator.get_git_commit_hash = quiet_git_hash
     task_manager = TaskManager(include_path=str(include_path) if include_path else None)
     return lm_eval.simple_evaluate(
         model=lm, tasks=task_names, limit=args.limit, apply_chat_template=True, fewshot_as_multiturn=True,
@@ -219,7 +251,8 @@ def build_lm(spec, args: BenchmarkArgs):
     from auxiliary.runtime.model_loading import load_model_and_tokenizer, pick_device
 
     if spec is None:
-        model, tokenizer, _ = load_model_and_tokenizer(args.baseline_model, args.dtype, args.attn_implementation, args.device)
+        model, tokenizer, _ = load_model_and_tokenizer(args.baseline_model, args.dtype, args.attn_implementation,
+                                                       args.device)
     else:
         model, tokenizer = load_checkpoint(spec, args)
     return HFLM(pretrained=model, tokenizer=tokenizer, batch_size=args.batch_size, device=pick_device(args.device),
@@ -258,7 +291,8 @@ def load_alpaca_reference(args: BenchmarkArgs):
         frame = utils.load_or_convert_to_dataframe(constants.ALPACAEVAL_REFERENCE_OUTPUTS)
     missing = {"instruction", "output"} - set(frame.columns)
     if missing:
-        raise DataError(f"AlpacaEval set {args.alpaca_eval_json or 'tatsu-lab/alpaca_eval'}: missing fields {sorted(missing)}")
+        raise DataError(
+            f"AlpacaEval set {args.alpaca_eval_json or 'tatsu-lab/alpaca_eval'}: missing fields {sorted(missing)}")
     if args.limit:
         frame = frame.head(args.limit)
     return frame.reset_index(drop=True)
@@ -279,19 +313,54 @@ def generate_alpaca_outputs(lm, reference, label: str, args: BenchmarkArgs) -> l
             for index, (instruction, answer) in enumerate(zip(reference["instruction"], answers))]
 
 
+def _annotator_config_file(args: BenchmarkArgs) -> tuple[Path, Path]:
+    """(the --alpaca_annotator configs.yaml, alpaca_eval's folder of named configs)."""
+    from alpaca_eval import constants
+
+    configs_dir = Path(constants.EVALUATORS_CONFIG_DIR)
+    named = Path(args.alpaca_annotator)
+    config_file = named if named.is_file() else (named / "configs.yaml" if named.is_dir()
+                                                 else configs_dir / args.alpaca_annotator / "configs.yaml")
+    if not config_file.is_file():
+        raise DataError(f"--alpaca_annotator {args.alpaca_annotator}: no alpaca_eval annotator config of that name")
+    return config_file, configs_dir
+
+
+# alpaca_eval's completion functions that call a hosted API -> the variables its client reads the key from
+ANNOTATOR_KEYS = {"openai_completions": ("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH"),
+                  "anthropic_completions": ("ANTHROPIC_API_KEY",), "cohere_completions": ("COHERE_API_KEY",),
+                  "huggingface_api_completions": ("HUGGINGFACEHUB_API_TOKEN",)}
+
+
+def annotator_key_problem(args: BenchmarkArgs) -> Optional[str]:
+    """Why the AlpacaEval annotator could not be called (its API key missing), or None: checked before any
+    answer is generated, so a missing key costs seconds, not a whole generation pass."""
+    if "alpaca_eval" not in args.tasks:
+        return None
+    import yaml
+
+    config_file, _ = _annotator_config_file(args)
+    (config,) = yaml.safe_load(config_file.read_text()).values()
+    completions = config.get("fn_completions", "")
+    names = ANNOTATOR_KEYS.get(completions)
+    if not names or any(os.environ.get(name) for name in names):
+        return None
+    if args.alpaca_annotator_base_url:
+        return (f"the AlpacaEval annotator at {args.alpaca_annotator_base_url} is called through the OpenAI client, "
+                "which needs OPENAI_API_KEY: set it (any value, e.g. EMPTY, when the server checks none)")
+    return (f"the AlpacaEval annotator {args.alpaca_annotator} calls a hosted API ({completions}) and needs "
+            f"{names[0]}: set it, or pass --alpaca_annotator_base_url for an OpenAI-compatible server of your own, "
+            "or leave alpaca_eval out of --tasks")
+
+
 def annotator_config(args: BenchmarkArgs, output_dir: Optional[Path]):
     """What alpaca_eval.evaluate gets as annotators_config: the named config, or one derived from it
     that sends its requests to --alpaca_annotator_base_url (written under output_dir)."""
     if not args.alpaca_annotator_base_url:
         return args.alpaca_annotator
     import yaml
-    from alpaca_eval import constants
 
-    configs_dir = Path(constants.EVALUATORS_CONFIG_DIR)
-    named = Path(args.alpaca_annotator)
-    config_file = named if named.is_file() else (named / "configs.yaml" if named.is_dir() else configs_dir / args.alpaca_annotator / "configs.yaml")
-    if not config_file.is_file():
-        raise DataError(f"--alpaca_annotator {args.alpaca_annotator}: no alpaca_eval annotator config of that name")
+    config_file, configs_dir = _annotator_config_file(args)
     configs = yaml.safe_load(config_file.read_text())
     (name, config), = configs.items()
     if output_dir is None:

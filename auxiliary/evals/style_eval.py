@@ -43,20 +43,28 @@ DEFAULT_EVAL_STYLES = ["less_filler_praise_sycophancy", "no_emojis", "answer_dir
 class StyleEvalArgs(VLLMEngineOptions, JudgeOptions, JudgePlacementOptions):
     """Flags shared by both evaluation tools (each tool adds its own)."""
     eval_styles: list[str] = field(default_factory=lambda: list(DEFAULT_EVAL_STYLES),
-                                   metadata={"help": "styles to judge (several words, or one quoted space/comma separated list)"})
-    judge: str = field(default="rule", metadata={"help": "rule (free, deterministic; CPU default), local (HF model), claude, vllm"})
+                                   metadata={
+                                       "help": "styles to judge (several words, or one quoted space/comma separated "
+                                               "list)"})
+    judge: str = field(default="rule", metadata={
+        "help": "rule (free, deterministic; CPU default), local (HF model), claude, vllm"})
     judge_model: Optional[str] = field(default="Qwen/Qwen3-32B", metadata={
         "aliases": ["--user_model"], "help": "judge model for local/vllm judges (--user_model is the same flag)"})
-    claude_model: Optional[str] = field(default=None, metadata={"help": "Claude model id for --judge claude (default: claude-haiku-4-5-20251001)"})
-    judge_mode: str = field(default="generate", metadata={"help": "local judge: generate (verdict line) or logprob (A/B/C log-probs)"})
+    claude_model: Optional[str] = field(default=None, metadata={
+        "help": "Claude model id for --judge claude (default: claude-haiku-4-5-20251001)"})
+    judge_mode: str = field(default="generate", metadata={
+        "help": "local judge: generate (verdict line) or logprob (A/B/C log-probs)"})
     judge_batch_size: int = field(default=8, metadata={"help": "local judge batch size"})
     api_concurrency: int = field(default=8, metadata={"help": "Claude requests in flight"})
     vllm_gpu_memory_utilization: float = field(default=0.85, metadata={"help": "vLLM judge: share of GPU memory"})
     eval_n: int = field(default=100, metadata={"help": "held-out prompts to evaluate on"})
-    val_jsonl: Optional[str] = field(default=None, metadata={"help": "prompt file (default: DATA_DIR/validation.jsonl)"})
-    max_prompt_tokens: int = field(default=1024, metadata={"help": "drop prompts longer than this (chat-templated tokens)"})
+    val_jsonl: Optional[str] = field(default=None, metadata={
+        "help": "prompt file (default: DATA_DIR/validation.jsonl)"})
+    max_prompt_tokens: int = field(default=1024, metadata={
+        "help": "drop prompts longer than this (chat-templated tokens)"})
     max_new_tokens: int = field(default=512, metadata={"help": "completion length limit"})
-    temperature: float = field(default=0.7, metadata={"help": "sampling temperature of the evaluated models (0 = greedy)"})
+    temperature: float = field(default=0.7, metadata={
+        "help": "sampling temperature of the evaluated models (0 = greedy)"})
     top_p: float = field(default=1.0, metadata={"help": "nucleus sampling"})
     batch_size: int = field(default=16, metadata={"help": "prompts per generate() call"})
     seed: int = field(default=1234, metadata={"help": "prompt selection and sampling seed (the same for every model)"})
@@ -67,7 +75,8 @@ class StyleEvalArgs(VLLMEngineOptions, JudgeOptions, JudgePlacementOptions):
     attn_implementation: str = field(default="auto", metadata={"help": "auto, sdpa, eager, flash_attention_2"})
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda, cuda:1 ..."})
     generation_vllm_gpu_memory_utilization: float = field(default=0.4, metadata={
-        "help": "--use_vllm: share of GPU memory of the generation engine (the judge's is --vllm_gpu_memory_utilization)"})
+        "help": "--use_vllm: share of GPU memory of the generation engine (the judge's is "
+                "--vllm_gpu_memory_utilization)"})
 
     def check(self) -> None:
         from auxiliary.runtime.option_groups import check_ranges

@@ -7,9 +7,9 @@
 Both orders of every pair go out in one concurrent batch (ClaudeClient.complete_many, at most
 api_concurrency in flight). Failed requests raise (ClaudeAuthError / ClaudeRequestError after
 the client's retries); a reply without a parseable verdict counts as None, which the protocol
-turns into a tie, that compare_detailed(...).unparseable and judge.stats["unparseable"] count. The raw replies of the last call are in
-judge.last_outputs. Greedy (temperature 0) with up to 512 tokens, as the paper's Claude judge; a
-temperature of 1.0 (the API default) is not sent at all.
+turns into a tie, that compare_detailed(...).unparseable and judge.stats["unparseable"] count. The
+raw replies of the last call are in judge.last_outputs. Greedy (temperature 0) with up to 512
+tokens, as the paper's Claude judge; a temperature of 1.0 (the API default) is not sent at all.
 """
 from __future__ import annotations
 
@@ -38,5 +38,6 @@ class ClaudeStyleJudge(PairwiseJudge):
     def judge_once(self, prompts, first, second):
         requests = [to_claude_request(build_judge_messages(self.style, p, x, y, framing=self.framing))
                     for p, x, y in zip(prompts, first, second)]
-        self.last_outputs = self.client.complete_many(requests, max_tokens=self.max_tokens, temperature=self.temperature)
+        self.last_outputs = self.client.complete_many(requests, max_tokens=self.max_tokens,
+                                                      temperature=self.temperature)
         return [parse_verdict(text) for text in self.last_outputs]

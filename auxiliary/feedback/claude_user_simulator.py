@@ -19,7 +19,8 @@ import logging
 
 from auxiliary.feedback.claude_client import to_claude_request
 from auxiliary.feedback.personas import get_persona
-from auxiliary.feedback.user_simulator import UserSimulator, build_simulator_messages, clean_feedback, retry_empty_feedback
+from auxiliary.feedback.user_simulator import (UserSimulator, build_simulator_messages, clean_feedback,
+                                              retry_empty_feedback)
 
 logger = logging.getLogger(__name__)
 

@@ -82,7 +82,8 @@ class FeedbackFactory:
             return {}
         if role == "judge" and (p.judge_vllm_tp is not None or p.judge_vllm_gpu_start is not None):
             return {"tensor_parallel_size": p.judge_vllm_tp or 1, "gpu_start": p.judge_vllm_gpu_start}
-        user = {"tensor_parallel_size": getattr(p, "user_vllm_tp", 1), "gpu_start": getattr(p, "user_vllm_gpu_start", None)}
+        user = {"tensor_parallel_size": getattr(p, "user_vllm_tp", 1),
+                "gpu_start": getattr(p, "user_vllm_gpu_start", None)}
         if role == "user" or str(model_name_or_path) == str(getattr(p, "user_model_name_or_path", None)):
             return user
         return {}
@@ -119,7 +120,8 @@ class FeedbackFactory:
         from auxiliary.feedback.vllm_user_simulator import VLLMUserSimulator
 
         llm = kw.pop("llm", None) or self.vllm_engine(model_name_or_path, seed,
-                                                      **{**self._placement("user", model_name_or_path), **_engine_options(kw)})
+                                                      **{**self._placement("user", model_name_or_path),
+                                                         **_engine_options(kw)})
         return VLLMUserSimulator(model_name_or_path, style, seed=seed, llm=llm, **kw)
 
     def judge(self, kind: str, style: str, model_name_or_path=None, **kw):
@@ -140,7 +142,8 @@ class FeedbackFactory:
         from auxiliary.feedback.vllm_style_judge import VLLMStyleJudge
 
         llm = kw.pop("llm", None) or self.vllm_engine(model_name_or_path, kw.get("seed", 0),
-                                                      **{**self._placement("judge", model_name_or_path), **_engine_options(kw)})
+                                                      **{**self._placement("judge", model_name_or_path),
+                                                         **_engine_options(kw)})
         return VLLMStyleJudge(model_name_or_path, style, llm=llm, **kw)
 
     def judges(self, kind: str, styles, model_name_or_path=None, **kw) -> dict:
@@ -169,7 +172,8 @@ def user_options(kind: str, temperature: float | None = None) -> dict:
 
 def _engine_options(kw: dict) -> dict:
     """Pop the vllm.LLM keywords out of a component's keyword arguments."""
-    return {name: kw.pop(name) for name in ("gpu_memory_utilization", "tensor_parallel_size", "gpu_start") if name in kw}
+    return {name: kw.pop(name) for name in ("gpu_memory_utilization", "tensor_parallel_size", "gpu_start")
+            if name in kw}
 
 
 def _single_use_factory(api_concurrency: int, kw: dict) -> FeedbackFactory:

@@ -196,7 +196,8 @@ COMPLAINTS: dict[str, tuple[str, ...]] = {
     "filler_closer": ("You can skip the closing line offering more help.",
                       "No need for the 'let me know' at the end.", "Please just stop when the answer is done.",
                       "The sign-off at the end is unnecessary.", "Drop the 'hope this helps' ending."),
-    "exclamation": ("Please tone down the exclamation marks.", "Fewer exclamation marks, please. It sounds overexcited.",
+    "exclamation": ("Please tone down the exclamation marks.",
+                    "Fewer exclamation marks, please. It sounds overexcited.",
                     "Can you say it calmly, without the exclamation marks?",
                     "The exclamation marks feel insincere to me."),
     "flat": ("That sounds a bit flat. Could you be more enthusiastic?", "Show some excitement, this is fun stuff.",
@@ -326,4 +327,5 @@ class LocalHFUserSimulator(UserSimulator):
 
 __all__ = ["UserSimulator", "RuleBasedUserSimulator", "NeutralUserSimulator", "LocalHFUserSimulator",
            "build_simulator_messages", "clean_feedback", "RULE_USER_STYLES",
-           "UnknownStyleError", "UnsupportedStyleError", "EmptyFeedbackError", "retry_empty_feedback", "retry_seed", "COMPLAINTS", "APPROVALS"]
+           "UnknownStyleError", "UnsupportedStyleError", "EmptyFeedbackError", "retry_empty_feedback", "retry_seed",
+           "COMPLAINTS", "APPROVALS"]

@@ -31,6 +31,7 @@ WRAPPERS: dict[str, tuple[str, ...]] = {
     "scripts/eval_checkpoints.sh": ("auxiliary.eval_checkpoints:EvalCheckpointsArgs",),
     "scripts/eval_incontext_oracle.sh": ("auxiliary.eval_incontext_oracle:OracleArgs",),
     "scripts/run_signal_analysis.sh": ("auxiliary.sdpo_signal_analysis:SignalAnalysisArgs",),
+    "scripts/eval_benchmarks.sh": ("auxiliary.evals.benchmarks:BenchmarkArgs",),
     "scripts/prepare_data.sh": (),
     "scripts/slurm/train_offline_sdpo.sbatch": (),
     "scripts/slurm/train_offline_sft.sbatch": (),
@@ -147,7 +148,8 @@ def wrapper_table(wrapper: str) -> WrapperTable:
             if first.name in profile:
                 default = f"{_shown(profile[first.name])} ({profile_path})"
             else:
-                default = _shown(_field_default(first), dir_of_file=name.endswith("_DIR") and first.name.endswith("_jsonl"))
+                default = _shown(_field_default(first),
+                                 dir_of_file=name.endswith("_DIR") and first.name.endswith("_jsonl"))
             if shown:
                 default = shown
             targets = ", ".join(f"`--{f.name}`" for f in fields)
@@ -207,7 +209,8 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.write).write_text(text)
         return 0
     if Path(args.check).read_text() != text:
-        print(f"{args.check} is out of date: python -m auxiliary.runtime.env_vars --write {args.check}", file=sys.stderr)
+        print(f"{args.check} is out of date: python -m auxiliary.runtime.env_vars --write {args.check}",
+              file=sys.stderr)
         return 1
     return 0
 

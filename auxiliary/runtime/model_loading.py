@@ -156,7 +156,8 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", attn_implem
     try:
         tokenizer = load_tokenizer(path)
         model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=pick_dtype(dtype, device), attn_implementation=pick_attn_implementation(attn_implementation, device)
+            path, dtype=pick_dtype(dtype, device),
+            attn_implementation=pick_attn_implementation(attn_implementation, device)
         )
     except OSError as err:
         raise ModelLoadError(f"could not load model '{name_or_path}': {err}") from None

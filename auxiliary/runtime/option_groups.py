@@ -25,7 +25,8 @@ DTYPES = ("auto", "bf16", "fp16", "fp32")
 RANGES: dict[str, tuple] = {
     # model, context, optimiser, generation, LoRA
     "max_context_length": (1, True, None, None), "lr": (0, False, None, None), "weight_decay": (0, True, None, None),
-    "max_grad_norm": (0, True, None, None), "adam_epsilon": (0, False, None, None), "max_new_tokens": (1, True, None, None),
+    "max_grad_norm": (0, True, None, None), "adam_epsilon": (0, False, None, None),
+    "max_new_tokens": (1, True, None, None),
     "eval_max_new_tokens": (1, True, None, None), "temperature": (0, True, None, None), "top_p": (0, False, 1, True),
     "generation_batch_size": (1, True, None, None), "batch_size": (1, True, None, None),
     "lora_r": (1, True, None, None), "lora_alpha": (0, False, None, None), "lora_dropout": (0, True, 1, False),
@@ -127,7 +128,8 @@ class ModelOptions:
         "aliases": ["--precision", "--torch_dtype"]})
     attn_implementation: str = field(default="auto", metadata={
         "help": "auto (flash_attention_2 where installed on CUDA, else sdpa), sdpa, eager, flash_attention_2"})
-    gradient_checkpointing: bool = field(default=False, metadata={"help": "recompute activations in backward (less memory)"})
+    gradient_checkpointing: bool = field(default=False, metadata={
+        "help": "recompute activations in backward (less memory)"})
     ref_model: Optional[str] = field(default=None, metadata={
         "help": "reference model for beta > 0 (default: the initial policy, --model)"})
 
@@ -142,8 +144,9 @@ class ContextOptions:
         "help": "block appended to the last user message; must contain {followup} ({follow_up} is accepted too)",
         "aliases": ["--hindsight_block_template"]})
     hindsight_placement: str = field(default="last_user_message", metadata={
-        "help": f"where the hindsight block goes: {' or '.join(HINDSIGHT_PLACEMENTS)} (a user turn of its own, "
-                "as the paper's offline Qwen3-4B run)"})
+        "help": f"where the hindsight block goes: {', '.join(HINDSIGHT_PLACEMENTS)} (last_user_message: appended to "
+                "the last user message; separate_turn: a user turn of its own after it; assistant_turn: an assistant "
+                "turn after it, as the paper's offline Qwen3-4B run)"})
 
     def __post_init__(self):
         self.check_context()
@@ -164,7 +167,8 @@ class ContextOptions:
 class OptimizerOptions:
     lr: float = field(default=5e-6, metadata={"help": "AdamW (peak) learning rate", "aliases": ["--learning_rate"]})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay"})
-    adam_epsilon: float = field(default=1e-6, metadata={"help": "AdamW epsilon (1e-6 as the paper's updater; torch's default is 1e-8)"})
+    adam_epsilon: float = field(default=1e-6, metadata={
+        "help": "AdamW epsilon (1e-6 as the paper's updater; torch's default is 1e-8)"})
     max_grad_norm: float = field(default=1.0, metadata={"help": "gradient-norm clip (0 = off)"})
 
 
@@ -182,8 +186,11 @@ class LoraOptions:
     use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of all weights"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (not tied to r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
-    lora_target_modules: str = field(default="all-linear", metadata={"help": "comma-separated module names, or all-linear"})
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "LoRA dropout (0, the paper's: the teacher is scored in eval mode, the student in train mode, and "
+                "dropout would make them differ)"})
+    lora_target_modules: str = field(default="all-linear", metadata={
+        "help": "comma-separated module names, or all-linear"})
 
 
 JUDGE_FRAMINGS = ("user", "neutral")
@@ -194,7 +201,8 @@ class JudgeOptions:
     """How a model judge decides, in the online run and in both evaluation tools."""
     judge_framing: str = field(default="user", metadata={
         "help": "user (the paper's: the judge role-plays the persona and decides as that user) or neutral (a referee)"})
-    judge_temperature: float = field(default=0.0, metadata={"help": "judge decoding temperature (0 = greedy, the paper's)"})
+    judge_temperature: float = field(default=0.0, metadata={
+        "help": "judge decoding temperature (0 = greedy, the paper's)"})
     judge_max_new_tokens: Optional[int] = field(default=None, metadata={
         "help": "judge reply length limit (default: 512 for Claude, 1024 for local and vLLM judges, as the paper's)"})
     tie_margin: float = field(default=0.05, metadata={
@@ -208,12 +216,14 @@ class JudgeOptions:
 
 @dataclass
 class VLLMEngineOptions:
-    """The vLLM engine that generates the replies of the policy (online) or of the evaluated models (evaluation tools)."""
+    """The vLLM engine that generates the replies of the policy (online) or of the evaluated models (evaluation
+    tools)."""
     use_vllm: bool = field(default=False, metadata={
         "help": "generate the model's replies with vLLM (GPU, optional extra; LoRA weights reach it as an adapter)"})
     vllm_tp: int = field(default=1, metadata={"help": "the generation engine's tensor parallel size"})
     vllm_gpu_start: Optional[int] = field(default=None, metadata={
-        "help": "the generation engine's first GPU (default: vLLM's placement); keep it off a vLLM user's and judge's GPUs"})
+        "help": "the generation engine's first GPU (default: vLLM's placement); keep it off a vLLM user's and judge's "
+                "GPUs"})
 
 
 @dataclass
@@ -222,7 +232,8 @@ class JudgePlacementOptions:
     judge_vllm_tp: Optional[int] = field(default=None, metadata={
         "help": "vLLM judge: tensor parallel size (default: the user's engine when both run the same model, else 1)"})
     judge_vllm_gpu_start: Optional[int] = field(default=None, metadata={
-        "help": "vLLM judge: first GPU of its own engine (default: the user's engine on the same model, else vLLM's placement)"})
+        "help": "vLLM judge: first GPU of its own engine (default: the user's engine on the same model, else vLLM's "
+                "placement)"})
 
 
 @dataclass

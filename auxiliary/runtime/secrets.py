@@ -12,7 +12,8 @@ import re
 
 MASK = "***"
 SECRET_KEY_NAMES = ("api_key", "apikey", "hf_token", "access_token", "auth_token", "token", "secret",
-                    "client_secret", "password", "passwd", "credentials", "auth", "auth_file")  # auth: the web chat logins
+                    # auth: the web chat logins
+                    "client_secret", "password", "passwd", "credentials", "auth", "auth_file")
 _SECRET_KEY = re.compile(r"(^|_)(" + "|".join(SECRET_KEY_NAMES) + r")$")
 _SECRET_VALUE = re.compile(
     r"^(sk-ant-[A-Za-z0-9_-]{8,}"     # Anthropic

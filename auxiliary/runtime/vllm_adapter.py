@@ -70,7 +70,8 @@ class VLLMGenerator:
     `lora_request` picks an adapter per call. Placed with make_llm (tensor parallel size, first GPU).
     `dtype`: the policy's torch dtype or a --dtype value (engine_dtype)."""
 
-    def __init__(self, model_path: str, tokenizer, *, seed: int, dtype: str = "auto", gpu_memory_utilization: float = 0.3,
+    def __init__(self, model_path: str, tokenizer, *, seed: int, dtype: str = "auto",
+                 gpu_memory_utilization: float = 0.3,
                  tensor_parallel_size: int = 1, gpu_start: int | None = None, max_lora_rank: int | None = None,
                  enable_sleep_mode: bool = False):
         vllm = import_vllm()
@@ -111,7 +112,8 @@ class VLLMGenerator:
         results = []
         for output in outputs:  # a reply that stopped on EOS keeps it in token_ids (vLLM 0.32), as y must
             ids, finished = cut_at_stop(list(output.outputs[0].token_ids), {self.tokenizer.eos_token_id})
-            results.append(GeneratedResponse(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, finished))
+            results.append(
+                GeneratedResponse(self.tokenizer.decode(ids, skip_special_tokens=True).strip(), ids, finished))
         return results
 
     def close(self) -> None:
