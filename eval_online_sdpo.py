@@ -752,9 +752,13 @@ class OnlineRun:
         # Step 0 with every pair tied is the policy reproducing the baseline: drawn at 50%, not left out.
         plotted = [dict(r, win_rate=50.0, se=0.0) if r["step"] == 0 and r["win_rate"] is None and r["ties"] == r["n"]
                    else r for r in initial_baseline(self.history)]
+        from auxiliary.evals.collapse import text_monitors
+
+        reference = {"mean_words": mean_words(self.baseline), "n": len(self.baseline), "degenerate_replies":
+                     text_monitors(self.baseline, self._eval_messages(), self.relevance)["degenerate_replies"]}
         plot_win_rates(plotted, self.out / "winrate.png",
                        title=f"{Path(self.sdpo.model).name}: win rate vs baseline ({self.run.judge} judge), +-1 SE",
-                       boundaries=self.boundaries)
+                       boundaries=self.boundaries, reference=reference)
 
     def checkpoint(self, step: int) -> None:
         for arm in self.arms:
