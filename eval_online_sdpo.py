@@ -868,6 +868,10 @@ def main(argv: list[str] | None = None) -> int:
             run.summary()
     except run_errors as err:
         return fail(f"{type(err).__name__}: {err} (completed steps are in {run.out}; {_resume_hint(run)})", 1, run)
+    except OSError as err:  # a full disk while writing results or a checkpoint: the earlier checkpoint is intact
+        from auxiliary.runtime.io_utils import describe_os_error
+
+        return fail(f"{describe_os_error(err)}; completed steps are in {run.out} ({_resume_hint(run)})", 1, run)
     except KeyboardInterrupt as interrupt:
         return fail(f"{interrupt.args[0] if interrupt.args else 'interrupted'}; completed steps are in {run.out} "
                     f"({_resume_hint(run)})", 143 if interrupt.args else 130, run)
