@@ -71,9 +71,11 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict]:
         content = message.get("content", message.get("value"))
         if role is None or content is None:
             raise ValueError(f"message {index} needs role/content (or from/value), got keys {sorted(message)}")
-        if str(role).lower() not in ROLE_ALIASES:
+        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
             raise ValueError(f"message {index} has unknown role {role!r}")
-        normalized.append({"role": ROLE_ALIASES[str(role).lower()], "content": str(content)})
+        if not isinstance(content, str):  # str(5) or str([...]) would train on text nobody wrote
+            raise ValueError(f"message {index} content must be text, got {type(content).__name__} {content!r:.40}")
+        normalized.append({"role": ROLE_ALIASES[role.lower()], "content": content})
     return normalized
 
 

@@ -293,7 +293,7 @@ def train_holding_output_dir(cfg: OfflineTrainingArguments, train_fn=None) -> di
 
 # What a run leaves in --output_dir (besides checkpoint-N/ folders): an earlier run's results.
 RESULT_NAMES = (CONFIG_FILENAME, METRICS_FILENAME, "trainer_state.json", "train_results.json", "all_results.json",
-                "config.json", "model.safetensors", "model.safetensors.index.json", "adapter")
+                "config.json", "model.safetensors", "model.safetensors.index.json", "adapter", "training.png")
 
 
 def check_output_dir(cfg: OfflineTrainingArguments) -> None:
@@ -385,6 +385,7 @@ def train(cfg: OfflineSDPOArguments) -> dict:
     from auxiliary.runtime.io_utils import atomic_write_json
     from offline_sdpo.offline_sdpo_trainer import (InteractionDataset, MetricsJsonlCallback, OfflineSDPOTrainer,
                                                    SDPOCollator)
+    from offline_sdpo.progress import show_progress
     from auxiliary.runtime.secrets import public_config
 
     precision = resolve_precision(cfg.dtype)
@@ -421,6 +422,8 @@ def train(cfg: OfflineSDPOArguments) -> dict:
         ref_model=ref_model,
         ref_is_initial_policy=not cfg.ref_model,  # then a frozen full-weight teacher reuses it
     )
+    show_progress(trainer, cfg.output_dir, Path(cfg.output_dir) / METRICS_FILENAME,
+                  f"offline SDPO ({cfg.loss_mode}), {Path(cfg.model).name}")
     result = trainer.train(resume_from_checkpoint=resume)
     save_final_model(trainer, cfg, model_path, tokenizer)
     trainer.save_metrics("train", result.metrics)

@@ -87,6 +87,7 @@ def train(cfg: OfflineSFTArguments) -> dict:
     from auxiliary.runtime.io_utils import atomic_write_json
     from auxiliary.runtime.secrets import public_config
     from offline_sdpo.offline_sdpo_trainer import MetricsJsonlCallback
+    from offline_sdpo.progress import show_progress
 
     precision = resolve_precision(cfg.dtype)
     optim = resolve_optim(cfg.optim)
@@ -116,6 +117,8 @@ def train(cfg: OfflineSFTArguments) -> dict:
         processing_class=tokenizer,
         callbacks=[MetricsJsonlCallback(Path(cfg.output_dir) / METRICS_FILENAME)],
     )
+    show_progress(trainer, cfg.output_dir, Path(cfg.output_dir) / METRICS_FILENAME,
+                  f"offline SFT baseline, {Path(cfg.model).name}")
     result = trainer.train(resume_from_checkpoint=resume)
     save_final_model(trainer, cfg, model_path, tokenizer)
     trainer.save_metrics("train", result.metrics)

@@ -353,3 +353,31 @@ def test_max_checkpoints_zero_keeps_every_checkpoint(tiny_model_dir, data_dir, t
                                            checkpoint_every=1, max_checkpoints=keep)) == 0
     kept = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints" / "feedback").iterdir())
     assert kept == expected
+
+
+def test_missing_default_prompts_name_the_remedies_and_leave_no_folder(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a folder without data/: the default data/helpsteer_prompts is nowhere
+    argv = [a for a in base_args(tiny_model_dir, tmp_path, tmp_path / "out") if "jsonl" not in a]
+    argv = [a for a in argv if a != str(tmp_path / "train.jsonl") and a != str(tmp_path / "validation.jsonl")]
+    code = eval_online_sdpo.main(argv)
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("eval_online_sdpo.py: error:")]
+    assert code == 2 and "--train_jsonl data/helpsteer_prompts/train.jsonl" in line
+    assert "scripts/prepare_data.sh" in line and "data/samples/train.jsonl" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prompt_file_of_the_current_folder_shadowing_the_repositorys_is_named(tmp_path, monkeypatch, caplog):
+    from auxiliary.evals.evaluation_helpers import find_data_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "samples").mkdir(parents=True)
+    (tmp_path / "data" / "samples" / "train.jsonl").write_text('{"prompt": "mine"}\n')
+    with caplog.at_level("WARNING"):
+        found = find_data_file("data/samples/train.jsonl")
+    assert found.resolve() == (tmp_path / "data" / "samples" / "train.jsonl").resolve()
+    assert "not from the repository" in caplog.text and str(tmp_path) in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert find_data_file("data/samples/validation.jsonl").is_file()  # only in the repository: no warning
+    assert caplog.text == ""
