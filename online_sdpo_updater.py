@@ -109,7 +109,7 @@ class OnlineSDPOUpdater:
         temperature = self.config.temperature if temperature is None else temperature
         top_p = self.config.top_p if top_p is None else top_p
         if self.config.use_vllm:
-            return self._vllm_engine().generate(conversations, max_new_tokens, temperature, top_p, seed)
+            return self.vllm_engine().generate(conversations, max_new_tokens, temperature, top_p, seed)
         return generate_responses(self.model, self.tokenizer, conversations, max_new_tokens, temperature, top_p,
                                   self.config.generation_batch_size, self.config.max_context_length, seed,
                                   progress, desc, workers)
@@ -122,13 +122,21 @@ class OnlineSDPOUpdater:
         """The paper repository's call: one batched generation, the replies as text."""
         return [reply.text for reply in self.generate(conversations)]
 
-    def _vllm_engine(self):
+    def vllm_engine(self):
+        """The policy's vLLM engine (started on first use), holding the adapter of the current step."""
         if self._vllm is None:
             from auxiliary.runtime.vllm_adapter import VLLMPolicyGenerator  # lazy: vLLM is an optional extra
 
-            self._vllm = VLLMPolicyGenerator(self.model_path, self.tokenizer, self.config)
+            # the trained model's dtype: the engine's replies are then the policy's own (fp32 on CPU)
+            self._vllm = VLLMPolicyGenerator(self.model_path, self.tokenizer, self.config, dtype=self.model.dtype)
         self._vllm.sync_weights(self.model, self.step)
         return self._vllm
+
+    def close(self) -> None:
+        """Stop the vLLM engine (if one was started) and remove its adapter folders."""
+        if self._vllm is not None:
+            self._vllm.close()
+            self._vllm = None
 
     # ------------------------------------------------------------------ training
     def distribute(self, device_ids=None) -> None:
