@@ -22,6 +22,7 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from auxiliary.runtime.io_utils import base_work_dir  # noqa: E402
 from auxiliary.runtime.option_groups import override  # noqa: E402
 from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
 
@@ -83,8 +84,7 @@ class ChatConfig(OnlineSDPOConfig):
     def resolved_adapters_dir(self) -> Path:
         if self.adapters_dir:
             return Path(self.adapters_dir).expanduser()
-        base = os.environ.get("BASE_WORK") or os.environ.get("SCRATCH") or os.environ.get("TMPDIR") or "/tmp"
-        return Path(base) / "chat_adapters"
+        return base_work_dir() / "chat_adapters"
 
 
 # ---------------------------------------------------------------------- terminal UI

@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+def base_work_dir() -> Path:
+    """Where outputs, caches and adapters go by default, never $HOME: $BASE_WORK, else $SCRATCH, else $TMPDIR,
+    else /tmp (the wrappers use the same chain)."""
+    return Path(os.environ.get("BASE_WORK") or os.environ.get("SCRATCH") or os.environ.get("TMPDIR") or "/tmp")
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file, the line and the field."""
 

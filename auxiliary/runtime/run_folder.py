@@ -26,8 +26,8 @@ import shutil
 import time
 from pathlib import Path
 
-from auxiliary.runtime.io_utils import (DataError, append_jsonl, atomic_write_json, atomic_write_jsonl, private_dir,
-                                        read_jsonl)
+from auxiliary.runtime.io_utils import (DataError, append_jsonl, atomic_write_json, atomic_write_jsonl, base_work_dir,
+                                        private_dir, read_jsonl)
 from auxiliary.runtime.locks import FolderLock, FolderLockError
 
 logger = logging.getLogger("eval_online_sdpo")  # the run's own lines in run.log, as before the move
@@ -50,9 +50,8 @@ def default_output_dir(run_name: str | None, model: str, style: str) -> Path:
     """$OUTPUT_DIR, else ${BASE_WORK:-${SCRATCH:-${TMPDIR:-/tmp}}}/sdpo_runs/<run_name or online-model-style-time>."""
     if os.environ.get("OUTPUT_DIR"):
         return Path(os.environ["OUTPUT_DIR"])
-    base = os.environ.get("BASE_WORK") or os.environ.get("SCRATCH") or os.environ.get("TMPDIR") or "/tmp"
     name = run_name or f"online-{Path(model.rstrip('/')).name}-{style}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(base) / "sdpo_runs" / name
+    return base_work_dir() / "sdpo_runs" / name
 
 
 def read_jsonl_tolerant(path: Path) -> list[dict]:
