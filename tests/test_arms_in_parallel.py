@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import eval_online_sdpo
+from auxiliary.online.arms import Arms
 from auxiliary.runtime.generation import SeededSampler, generate_responses
 from reliability_helpers import flags_from_values, read_json, read_jsonl, read_metrics, without_timings
 
@@ -66,9 +66,8 @@ def test_arms_in_parallel_restores_the_torch_threads(two_runs):
     # the run halves the threads only while both arms work; the process keeps its own count afterwards
     assert torch.get_num_threads() >= 1
     threads = torch.get_num_threads()
-    run = eval_online_sdpo.OnlineRun.__new__(eval_online_sdpo.OnlineRun)
-    run.run, run.arms = SimpleNamespace(arms_in_parallel=True), ["feedback", "placebo"]
-    seen = run._per_arm(lambda arm: torch.get_num_threads())
+    arms = Arms(["feedback", "placebo"], in_parallel=True)
+    seen = arms.per_arm(lambda arm: torch.get_num_threads())
     assert seen == {"feedback": max(1, threads // 2), "placebo": max(1, threads // 2)}
     assert torch.get_num_threads() == threads
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import eval_online_sdpo
-from eval_online_sdpo import derive_seed
+from auxiliary.runtime.seeds import derive_seed
 from reliability_helpers import flags_from_values, without_timings
 
 TRAIN = [f"Tell me something about topic number {i}." for i in range(5)]

@@ -227,7 +227,7 @@ def test_bad_input_fails_with_one_clear_line(case, tiny_model_dir, data_dir, tmp
 
 
 def test_derived_seeds_are_stable_and_distinct():
-    from eval_online_sdpo import derive_seed
+    from auxiliary.runtime.seeds import derive_seed
 
     assert derive_seed(1234, "train", 3) == derive_seed(1234, "train", 3)
     assert len({derive_seed(1234, "train", s) for s in range(100)}) == 100
@@ -294,7 +294,7 @@ def test_run_without_output_dir_writes_under_base_work(tiny_model_dir, data_dir,
 
 def test_every_user_gets_its_per_step_seed_as_an_argument(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     from auxiliary.feedback.factory import FeedbackFactory
-    from eval_online_sdpo import derive_seed
+    from auxiliary.runtime.seeds import derive_seed
 
     calls = []  # (style of the user, seed passed to generate_feedback)
     build = FeedbackFactory.user
