@@ -40,8 +40,6 @@ class ChatConfig(OnlineSDPOConfig):
     use_lora: bool = override(OnlineSDPOConfig, "use_lora", True,
                               help="train a per-user LoRA adapter (--no_use_lora: all weights, one user)")
     lr: float = override(OnlineSDPOConfig, "lr", 1e-4, help="AdamW learning rate (LoRA-sized by default)")
-    # no dropout: the signal /why shows and the min_signal check then equal the one the update uses
-    lora_dropout: float = override(OnlineSDPOConfig, "lora_dropout", 0.0)
     max_new_tokens: int = override(OnlineSDPOConfig, "max_new_tokens", 256, help="reply length limit")
     temperature: float = override(OnlineSDPOConfig, "temperature", 0.7)
     top_p: float = override(OnlineSDPOConfig, "top_p", 0.9)
@@ -146,8 +144,11 @@ class TerminalChat:
             self._readline = None
 
     def _write(self, text: str) -> None:
-        self.out.write(text if self.colour else COLOUR_CODES.sub("", text))
-        self.out.flush()
+        try:
+            self.out.write(text if self.colour else COLOUR_CODES.sub("", text))
+            self.out.flush()
+        except OSError:  # the terminal is gone (SIGHUP): the save goes on without it
+            pass
 
     def on_event(self, report) -> None:
         """Called on the model thread when an update ends: print now if the user sits at the prompt."""
@@ -175,30 +176,42 @@ class TerminalChat:
                 self._at_prompt = False
 
     def run(self) -> None:
+        """Chat until /quit, Ctrl-D or SIGTERM/SIGHUP (ChatTerminated); every way out saves."""
+        from auxiliary.chat.session import ChatTerminated
+
         self._write("commands:\n" + _help() + "\n")
         while True:
             try:
-                line = self._read().strip()
-            except EOFError:
-                self._write("\n")
-                break
-            except KeyboardInterrupt:
-                self._write("\n(use /quit to leave)\n")
-                continue
-            if not line:
-                continue
-            if line.startswith("/"):
-                if self.command(line) == "quit":
+                if self._step() == "quit":
                     break
-                continue
-            self.chat(line)
+            except ChatTerminated as stop:
+                self._write(f"\n({stop}: saving before leaving)\n")
+                break
         self._write("saving the adapter ...\n")
         path = self.session.close()  # finishes a running update first
         with self._print_lock:
             self._flush_queued()
         self._write(f"saved to {path}\n")
 
+    def _step(self) -> str | None:
+        """Read one line and act on it; "quit" ends the chat."""
+        try:
+            line = self._read().strip()
+        except EOFError:
+            self._write("\n")
+            return "quit"
+        except KeyboardInterrupt:
+            self._write("\n(use /quit to leave)\n")
+            return None
+        if line.startswith("/"):
+            return self.command(line)
+        if line:
+            self.chat(line)
+        return None
+
     def chat(self, text: str) -> None:
+        from auxiliary.chat.session import ChatTerminated
+
         stream = self.session.send(text)
         self._write("bot> ")
         try:
@@ -209,6 +222,9 @@ class TerminalChat:
             for _ in stream:
                 pass
             self._write(" [stopped]")
+        except ChatTerminated:
+            stream.stop()  # the reply ends at the next token; its update (if any) is saved with the rest
+            raise
         self._write("\n")
 
     def command(self, line: str) -> str | None:
@@ -289,7 +305,7 @@ def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from auxiliary.chat.session import ChatError
+    from auxiliary.chat.session import ChatError, save_on_termination
     from auxiliary.runtime.cli import ConfigError, parse_dataclasses
     from auxiliary.runtime.locks import FolderLockError
     from auxiliary.runtime.model_loading import ModelLoadError
@@ -320,17 +336,18 @@ def main(argv=None) -> int:
     print(f"every message you send after a reply is feedback for it: one SDPO update each "
           f"(lr {config.lr:g}, {'LoRA r=' + str(config.lora_r) if config.use_lora else 'all weights'}, "
           f"loss {config.loss_mode}, min_signal {config.min_signal:g})", flush=True)
-    if terminal is not None:
-        terminal.run()
-    else:
-        from auxiliary.chat.web import SessionRouter, serve
+    with save_on_termination() as received:  # SIGTERM / SIGHUP: leave through the normal end, which saves
+        if terminal is not None:
+            terminal.run()
+        else:
+            from auxiliary.chat.web import SessionRouter, serve
 
-        router = SessionRouter(lambda user: build_session(config, user_id=user)[0],
-                               default_user=None if credentials else config.user_id)
-        if session is not None:
-            router.add(config.user_id, session)
-        serve(router, config, credentials)
-    return 0
+            router = SessionRouter(lambda user: build_session(config, user_id=user)[0],
+                                   default_user=None if credentials else config.user_id)
+            if session is not None:
+                router.add(config.user_id, session)
+            serve(router, config, credentials)
+    return 128 + received[0] if received else 0
 
 
 if __name__ == "__main__":

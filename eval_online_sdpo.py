@@ -99,6 +99,7 @@ class OnlineRun:
         folder before any model loads, the data before the policies (the lr schedule spans the run)."""
         self._check_styles()
         check_online_rules(self.sdpo, self.run, self.world.size)
+        self._check_prompt_files()  # before the output folder: nothing left behind
         self.sdpo = self.world.start(self.sdpo)  # join the process group: this process's device
         self.out = self._open_folder()  # main process: create, lock, refuse a changed experiment on --resume
         self.world.barrier()  # the others start once the folder is open (or the main process has failed)
@@ -111,8 +112,10 @@ class OnlineRun:
         self._resume()  # the policies' checkpoints, before DDP wraps them
         self.world.distribute(self.arms.updaters.values())
         if self.world.main:
-            self._write_config(model_path)
             self.evaluator.load_or_make_baseline(resumed=self.start_step > 1)
+            WandbRun.require(self.run.wandb)
+            self.folder.clear_earlier_results()  # --overwrite: only now, every check that can fail has passed
+            self._write_config(model_path)
             self.wandb = self.evaluator.wandb = WandbRun.start(self.run.wandb, self.out, self.run.wandb_project)
 
     def _check_styles(self) -> None:
@@ -120,6 +123,13 @@ class OnlineRun:
 
         for style in self.styles:
             get_persona(style)  # UnknownStyleError lists the known styles
+
+    def _check_prompt_files(self) -> None:
+        from auxiliary.evals.evaluation_helpers import require_prompt_file
+
+        require_prompt_file(self.run.train_jsonl, "train_jsonl")
+        if self.run.eval_n:
+            require_prompt_file(self.run.val_jsonl, "val_jsonl")
 
     def _open_folder(self) -> Path:
         run = self.run
@@ -174,11 +184,17 @@ class OnlineRun:
             self.users["placebo"] = {style: neutral for style in self.user_styles}
         if not self.world.main:
             return  # only the main process evaluates
+        relevance = None  # --relevance_model: auxiliary/feedback/relevance.RelevanceScorer
+        if run.relevance_model:
+            from auxiliary.feedback.relevance import RelevanceScorer
+
+            relevance = RelevanceScorer.load(run.relevance_model, self.sdpo.device)
         self.judges = factory.judges(run.judge, self.styles, model_for_kind(run.judge, run.judge_model),
                                      **judge_options(run.judge, run.judge_framing, run.judge_temperature,
-                                                     run.judge_max_new_tokens, run.tie_margin))
+                                                     run.judge_max_new_tokens, run.tie_margin),
+                                     **({"relevance": relevance} if run.judge == "rule" else {}))
         self.evaluator = Evaluator(self.sdpo, run, self.arms, self.judges, self.folder, self.eval_prompts,
-                                   self.phases, self.user_styles, self.styles)
+                                   self.phases, self.user_styles, self.styles, relevance)
 
     def _load_policies(self) -> None:
         # The run checkpoints (every arm, then a marker, then pruning); the updaters never do it on their own.

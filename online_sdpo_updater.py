@@ -30,8 +30,8 @@ from auxiliary.runtime.io_utils import (OLD_SUFFIX, PARTIAL_SUFFIX, atomic_write
 from auxiliary.runtime.model_loading import load_model_and_tokenizer, pick_device
 from auxiliary.runtime.secrets import public_config
 from online_sdpo_updater_config import OnlineSDPOConfig
-from sdpo_objective import (Teacher, build_scoring_batch, check_lm_head, hindsight_messages, normalize_messages,
-                            render_context_ids, sdpo_loss)
+from sdpo_objective import (Teacher, build_scoring_batch, check_lm_head, hindsight_contexts, normalize_messages,
+                            sdpo_loss, token_weights)
 
 logger = logging.getLogger(__name__)
 
@@ -146,26 +146,24 @@ class OnlineSDPOUpdater:
             return 1.0
         if self.config.loss_mode == "simple_signal":
             mine = float(batch_x.response_ids.shape[0])
-        else:  # the objective's token weights: reply positions from ignore_first_k on
-            mask = batch_x.response_mask
-            positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0)
-            mine = float((mask & (positions >= self.config.ignore_first_k)).sum())
+        else:  # the objective's token weights (ignore_first_k, copy guard)
+            mine = float(token_weights(batch_x.response_ids, batch_x.response_mask, self.options).sum())
         total = torch.tensor([mine], dtype=torch.float64)
         dist.all_reduce(total)
         return dist.get_world_size() * mine / max(float(total), 1.0)
 
     def build_batches(self, conversations: Sequence[Sequence[dict]], response_ids: Sequence[Sequence[int]],
                       followups: Sequence[str]):
-        contexts_x, contexts_xo = [], []
-        for messages, followup in zip(conversations, followups):
-            messages = normalize_messages(messages)
-            contexts_x.append(render_context_ids(self.tokenizer, messages))
-            contexts_xo.append(render_context_ids(self.tokenizer, hindsight_messages(
-                messages, followup, self.config.hindsight_template, self.config.hindsight_placement)))
-        pad = self.tokenizer.pad_token_id
-        limit = self.config.max_context_length
-        return (build_scoring_batch(contexts_x, response_ids, pad, limit, self.device),
-                build_scoring_batch(contexts_xo, response_ids, pad, limit, self.device))
+        """(x, xo, x o_neutral or None) scoring batches; the third with --contrast_followup."""
+        config = self.config
+        contexts = [hindsight_contexts(self.tokenizer, messages, followup, config.hindsight_template,
+                                       config.hindsight_placement, config.contrast_followup)
+                    for messages, followup in zip(conversations, followups)]
+        pad, limit = self.tokenizer.pad_token_id, config.max_context_length
+        batches = [build_scoring_batch([c[i] for c in contexts], response_ids, pad, limit, self.device) for i in (0, 1)]
+        neutral = build_scoring_batch([c[2] for c in contexts], response_ids, pad, limit, self.device) \
+            if config.contrast_followup else None
+        return batches[0], batches[1], neutral
 
     def train_step(self, messages: Sequence[dict], response_ids: Sequence[int] | str, followup: str) -> dict:
         """One interaction (x, y, o) -> `train_steps_per_example` gradient steps; returns metrics.
@@ -189,13 +187,13 @@ class OnlineSDPOUpdater:
         started = time.perf_counter()
         if self._vllm is not None:
             self._vllm.sleep()  # --vllm_enable_sleep_mode: the engine's memory is the update's until the next generate
-        batch_x, batch_xo = self.build_batches(conversations, response_ids, followups)
+        batch_x, batch_xo, batch_neutral = self.build_batches(conversations, response_ids, followups)
         self._loss_scale = self._union_loss_scale(batch_x)
         first: dict | None = None
         losses = []
         lr = self.optimizer.param_groups[0]["lr"]  # the rate this interaction's (first) update uses
         for _ in range(self.config.train_steps_per_example):
-            stats = self._gradient_step(batch_x, batch_xo)
+            stats = self._gradient_step(batch_x, batch_xo, batch_neutral)
             first = first or stats
             losses.append(stats["loss"])
         self.step += 1
@@ -209,10 +207,11 @@ class OnlineSDPOUpdater:
             self.save_checkpoint()
         return metrics
 
-    def _gradient_step(self, batch_x, batch_xo) -> dict:
+    def _gradient_step(self, batch_x, batch_xo, batch_neutral=None) -> dict:
         self.model.train()
         self.optimizer.zero_grad(set_to_none=True)
-        loss, stats = sdpo_loss(self.train_model, batch_x, batch_xo, self.options, self.ref_model, self.teacher)
+        loss, stats = sdpo_loss(self.train_model, batch_x, batch_xo, self.options, self.ref_model, self.teacher,
+                                batch_neutral)
         if not torch.isfinite(loss):
             return self._skip(stats, float("nan"))
         (loss * self._loss_scale).backward()
@@ -327,10 +326,13 @@ class OnlineSDPOUpdater:
         state = json.loads((path / STATE_FILE).read_text())
         model_dir = path / "model"
         if self.config.use_lora:
-            from peft import set_peft_model_state_dict
+            from peft import get_peft_model_state_dict, set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            set_peft_model_state_dict(self.model, load_file(str(model_dir / "adapter_model.safetensors")))
+            weights_file = model_dir / "adapter_model.safetensors"
+            weights = load_file(str(weights_file))
+            check_adapter_fits(weights, get_peft_model_state_dict(self.model), weights_file)
+            set_peft_model_state_dict(self.model, weights)
         else:
             from transformers import AutoModelForCausalLM
 
@@ -349,6 +351,24 @@ class OnlineSDPOUpdater:
 
 class CheckpointError(ValueError):
     """A checkpoint that cannot be trusted; the message names the bad file."""
+
+
+def check_adapter_fits(saved: dict, expected: dict, weights_file: Path) -> None:
+    """A saved LoRA adapter whose tensors differ in name or shape from this model's adapter (another
+    --lora_r, --lora_target_modules, base model) is refused before anything is loaded: peft would skip
+    what does not match and the optimizer state would then fail on the first update."""
+    missing, unexpected = sorted(set(expected) - set(saved)), sorted(set(saved) - set(expected))
+    reshaped = sorted(k for k in set(saved) & set(expected) if tuple(saved[k].shape) != tuple(expected[k].shape))
+    if not (missing or unexpected or reshaped):
+        return
+    if reshaped:
+        first = reshaped[0]
+        detail = f"{first} has shape {tuple(saved[first].shape)}, this model's {tuple(expected[first].shape)}"
+    else:
+        detail = (f"{len(missing)} of this model's adapter tensors are missing (e.g. {missing[0]})" if missing else
+                  f"it holds {len(unexpected)} tensors this model's adapter lacks (e.g. {unexpected[0]})")
+    raise CheckpointError(f"{weights_file}: the saved adapter does not fit this model's adapter ({detail}); "
+                          "use the LoRA settings it was saved with (its adapter_config.json)")
 
 
 STATE_FILE = "updater_state.json"

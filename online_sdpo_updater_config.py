@@ -129,13 +129,18 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         "help": "model whose replies the policy is compared with (default: the initial policy)"})
     eval_every: int = field(default=3, metadata={"help": "evaluate every N interactions (0: only at start and end)"})
     eval_max_new_tokens: int = field(default=512, metadata={"help": "reply length limit at evaluation"})
+    relevance_model: str = field(default="", metadata={
+        "help": "a small chat model (smollm2-135m-instruct, as make demo) that scores whether an eval reply takes up "
+                "its request (auxiliary/feedback/relevance.py); one that ignores it counts as degenerate in the "
+                "collapse monitors and loses to a sound reply for the rule judge; empty: off"})
     # run
     save_checkpoints: bool = field(default=False, metadata={
         "help": "checkpoint both arms every `checkpoint_every` steps (0: every step) and at the end"})
     resume: bool = field(default=False, metadata={"help": "continue the run in --output_dir from its last checkpoint"})
     allow_config_change: bool = field(default=False, metadata={
         "help": "--resume with settings that change the experiment (recorded in config.json's history); else refused"})
-    overwrite: bool = field(default=False, metadata={"help": "delete earlier results in --output_dir first"})
+    overwrite: bool = field(default=False, metadata={
+        "help": "replace an earlier run of ours in --output_dir (its results go once every check has passed)"})
     output_dir: Optional[str] = field(default=None, metadata={
         "help": "default: $OUTPUT_DIR, else ${BASE_WORK:-${SCRATCH:-${TMPDIR:-/tmp}}}/sdpo_runs/<run_name>"})
     run_name: Optional[str] = field(default=None, metadata={"help": "default: online-<model>-<style>-<time>"})
@@ -191,6 +196,7 @@ def online_rules(sdpo: OnlineSDPOConfig, run: OnlineRunConfig, processes: int = 
     phases = getattr(run.user_plan(seed=0), "phases", [])
     # The last phase may end with a short batch; every other phase ends where an update (and an evaluation) does.
     uneven = [p for p in phases[:-1] if p.interactions % b] if run.style_schedule.strip() else []
+    contrast = sdpo.contrast_followup.strip()
     return [
         (uneven, f"--style_schedule: every phase but the last must be a multiple of --interactions_per_update {b} "
                  f"(a phase ends between updates); {uneven[0].style}:{uneven[0].interactions} is not"
@@ -228,6 +234,11 @@ def online_rules(sdpo: OnlineSDPOConfig, run: OnlineRunConfig, processes: int = 
         (processes > 1 and sdpo.use_vllm, f"{processes} processes need generation without --use_vllm"),
         (processes > 1 and sdpo.beta > 0, f"{processes} processes need --beta 0 (its per-token mean and the loss's "
                                           "differ in what they average)"),
+        # A placebo follow-up equal to the contrast text scores y under the same context twice: its signal is
+        # identically zero and the control would show nothing of what the objective does on its own.
+        (run.placebo and contrast and any(text.strip() == contrast for text in run.placebo_texts),
+         f"--placebo_texts holds the --contrast_followup text {contrast!r}: the placebo's signal would be identically "
+         "zero; give the placebo other neutral replies (or another contrast text)"),
         (run.resume and not (run.output_dir or run.run_name or os.environ.get("OUTPUT_DIR")),
          "--resume needs the run's --output_dir (or --run_name / $OUTPUT_DIR)"),
         (parallel and sdpo.use_vllm,

@@ -39,7 +39,7 @@ def fused_head_supported(model, hidden: torch.Tensor) -> bool:
     return weight.dim() == 2 and weight.shape[1] == hidden.shape[-1]
 
 
-def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, teacher_head=None):
+def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, teacher_head=None, hidden_neutral=None):
     """Loss of all tokens with the LM head's gradient computed chunk by chunk in the forward.
 
     `head` has `.linear` (a plain nn.Linear) and `.softcap`; `plan` is sdpo_objective's loss plan.
@@ -55,6 +55,8 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
     needed again: 4 head products per response row instead of 6 (checkpointed path). With
     soft-capping (z = cap * tanh(a / cap)), G is multiplied by dz/da = 1 - tanh(a / cap)^2.
     `teacher_head` (a plain linear head too, same soft-capping) scores hidden_t; default `head`.
+    `hidden_neutral` (full_distillation with contrast): the teacher's hidden states under x o_neutral; the
+    teacher's logits are then tilted by `plan.tilt` before its buckets are read.
     Returns (loss, logp_x, logp_xo, kl or None), all but loss detached.
     """
     opts, weight, softcap = plan.opts, head.linear.weight, head.softcap
@@ -83,12 +85,20 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
         # one per chunk costs more than the product itself on CPU (tens of MB, page-faulted in every time).
         student_buffer = torch.empty((min(chunk, total), weight.shape[0]), device=hidden_s.device)
         teacher_buffer = torch.empty_like(student_buffer) if distill else None
+        neutral_buffer = torch.empty_like(student_buffer) if distill and hidden_neutral is not None else None
         for start in range(0, total, chunk):
             rows = slice(start, min(total, start + chunk))
             h = h_all[rows].to(compute_dtype)
             target = targets[rows].unsqueeze(1)
             logits, cap_slope = logits_into(student_buffer[:h.shape[0]], h, w, softcap, with_slope=True)
             top = logits.topk(k, dim=-1) if distill else None
+            if distill:  # the teacher's logits now: the contrast tilts them by the student's, consumed below
+                h_teacher = hidden_t[rows].to(compute_dtype)
+                teacher_logits, _ = logits_into(teacher_buffer[:h.shape[0]], h_teacher, w_teacher, softcap)
+                if neutral_buffer is not None:
+                    h_neutral = hidden_neutral[rows].to(compute_dtype)
+                    neutral_logits, _ = logits_into(neutral_buffer[:h.shape[0]], h_neutral, w_teacher, softcap)
+                    teacher_logits.sub_(neutral_logits).add_(logits)  # plan.tilt, in place
             ids, row_max = (top.indices, top.values[:, :1]) if distill else (None, None)  # the top-1 is the max
             tail_buckets = with_tail and distill
             if tail_buckets:  # logits become exp(z - max) outside the top-k, 0 at the top-k
@@ -100,11 +110,15 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
                 target_logp, student_buckets = logps[0], (logps[1] if distill else None)
             teacher_buckets = None
             if distill:
-                h_teacher = hidden_t[rows].to(compute_dtype)
-                teacher_logits, _ = logits_into(teacher_buffer[:h.shape[0]], h_teacher, w_teacher, softcap)
+                def recompute_teacher(index):
+                    exact = _logits(h_teacher[index], w_teacher, softcap)
+                    if neutral_buffer is None:
+                        return exact
+                    return plan.tilt(exact, _logits(h_neutral[index], w_teacher, softcap),
+                                     _logits(h[index], w, softcap))
+
                 if tail_buckets:
-                    teacher_buckets, teacher_target, _ = _tail_buckets(
-                        teacher_logits, ids, target, lambda index: _logits(h_teacher[index], w_teacher, softcap))
+                    teacher_buckets, teacher_target, _ = _tail_buckets(teacher_logits, ids, target, recompute_teacher)
                 else:
                     (teacher_target, teacher_buckets), _, _ = logprobs_in_place(
                         teacher_logits,

@@ -69,9 +69,11 @@ def normalize_messages(messages: Sequence[dict]) -> list[dict]:
         content = message.get("content", message.get("value"))
         if role is None or content is None:
             raise ValueError(f"message {index} needs role/content (or from/value), got keys {sorted(message)}")
-        if str(role).lower() not in ROLE_ALIASES:
+        if not isinstance(role, str) or role.lower() not in ROLE_ALIASES:
             raise ValueError(f"message {index} has unknown role {role!r}")
-        normalized.append({"role": ROLE_ALIASES[str(role).lower()], "content": str(content)})
+        if not isinstance(content, str):  # str(5) or str([...]) would train on text nobody wrote
+            raise ValueError(f"message {index} content must be text, got {type(content).__name__} {content!r:.40}")
+        normalized.append({"role": ROLE_ALIASES[role.lower()], "content": content})
     return normalized
 
 
@@ -82,29 +84,47 @@ def validate_template(template: str) -> str:
     return template
 
 
-HINDSIGHT_PLACEMENTS = ("last_user_message", "separate_turn")
+# where the hindsight block goes: the last user message (ours), a user turn after x, or an assistant turn after x
+# (the paper's offline Qwen3-4B run); docs/objective.md
+HINDSIGHT_PLACEMENTS = ("last_user_message", "separate_turn", "assistant_turn")
 
 
 def hindsight_messages(messages: Sequence[dict], followup: str, template: str = DEFAULT_HINDSIGHT_TEMPLATE,
                        placement: str = "last_user_message") -> list[dict]:
     """xo: a copy of x whose LAST user message carries the hindsight block (not a new turn).
 
-    placement "separate_turn" puts the block in a user turn of its own after x instead (the paper's
-    offline Qwen3-4B run did this)."""
+    placement "separate_turn" puts the block (stripped) in a user turn of its own after x instead;
+    "assistant_turn" puts it in an assistant turn after x (as the paper's offline Qwen3-4B run did), so the
+    reply y follows a second assistant header."""
     if not isinstance(followup, str) or not followup.strip():
         raise ValueError("the follow-up message is empty")
     if placement not in HINDSIGHT_PLACEMENTS:
         raise ValueError(f"unknown hindsight placement {placement!r}; choose one of {', '.join(HINDSIGHT_PLACEMENTS)}")
     xo = [dict(m) for m in messages]
-    if placement == "separate_turn":
-        if not any(m["role"] == "user" for m in xo):
-            raise ValueError("the conversation has no user message to attach the hindsight context to")
-        return xo + [{"role": "user", "content": template.format(followup=followup.strip()).strip()}]
+    if not any(m["role"] == "user" for m in xo):
+        raise ValueError("the conversation has no user message to attach the hindsight context to")
+    block = template.format(followup=followup.strip())
+    if placement != "last_user_message":
+        role = "user" if placement == "separate_turn" else "assistant"
+        return xo + [{"role": role, "content": block.strip()}]
     for message in reversed(xo):
         if message["role"] == "user":
-            message["content"] = message["content"] + template.format(followup=followup.strip())
+            message["content"] = message["content"] + block
             return xo
-    raise ValueError("the conversation has no user message to attach the hindsight context to")
+    raise AssertionError("unreachable: a user message exists")
+
+
+def hindsight_contexts(tokenizer, messages: Sequence[dict], followup: str,
+                       template: str = DEFAULT_HINDSIGHT_TEMPLATE, placement: str = "last_user_message",
+                       contrast_followup: str = "") -> tuple[list[int], list[int], list[int] | None]:
+    """Token ids of x, xo and (with a contrast follow-up, else None) x o_neutral: the contexts one
+    interaction is scored under, every caller (online, offline, chat) built the same way."""
+    messages = normalize_messages(messages)
+    neutral = None
+    if contrast_followup:
+        neutral = render_context_ids(tokenizer, hindsight_messages(messages, contrast_followup, template, placement))
+    return (render_context_ids(tokenizer, messages),
+            render_context_ids(tokenizer, hindsight_messages(messages, followup, template, placement)), neutral)
 
 
 def chat_template_kwargs(tokenizer) -> dict:
@@ -160,6 +180,41 @@ def simple_signal_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
     signal = (target_logp(teacher_logits.detach()) - logp_x).detach()
     mask = mask.float()
     return (-(signal * logp_x * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)).mean()
+
+
+def reference_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, response_ids: torch.Tensor,
+                   response_mask: torch.Tensor, opts: "ObjectiveOptions", neutral_logits: torch.Tensor | None = None,
+                   ref_logp: torch.Tensor | None = None) -> torch.Tensor:
+    """The whole loss on full logits [B, R, V] at the positions predicting y, every option of `opts` included:
+    the yardstick the chunked and fused paths of `sdpo_loss` are tested against.
+
+    student_logits: the student under x (with gradient); teacher_logits: the teacher under xo;
+    neutral_logits: the teacher under x o_neutral (--contrast_followup); ref_logp: [B, R] reference model
+    log-probs of y (beta > 0). Full-vocabulary log-softmax everywhere; the per-token loss itself is TokenLoss's.
+    """
+    if bool(opts.contrast_followup) != (neutral_logits is not None):
+        raise ValueError("--contrast_followup needs the teacher's logits under x o_neutral, and only it does")
+    plan = TokenLoss.for_batch(opts, response_ids, response_mask)
+    mask = response_mask.bool()
+    targets = response_ids[mask].unsqueeze(1)
+    student = _at_least_float32(student_logits[mask])
+    teacher = _at_least_float32(teacher_logits.detach()[mask])
+    logp_x = torch.log_softmax(student, dim=-1).gather(1, targets).squeeze(1)
+    if ref_logp is not None and opts.beta > 0:
+        plan.ref_logp = ref_logp[mask]
+    neutral = _at_least_float32(neutral_logits.detach()[mask]) if neutral_logits is not None else None
+    if opts.loss_mode == "simple_signal":
+        plan.logp_xo = torch.log_softmax(teacher, dim=-1).gather(1, targets).squeeze(1)
+        if neutral is not None:
+            plan.logp_neutral = torch.log_softmax(neutral, dim=-1).gather(1, targets).squeeze(1)
+        plan.signal = shape_signal(plan.raw_signal(slice(None), logp_x), plan.weight, plan.seq_index, plan.num_seq,
+                                   opts)
+        return plan.loss_sum(slice(None), logp_x, None)
+    if neutral is not None:
+        teacher = plan.tilt(teacher, neutral, student)
+    kl = topk_divergence(student, teacher, opts.distillation_topk, opts.distillation_tail, opts.divergence,
+                         opts.divergence_alpha)
+    return plan.loss_sum(slice(None), logp_x, kl)
 
 
 def topk_support(k: int, vocab: int, tail: bool) -> tuple[int, bool]:
@@ -334,7 +389,7 @@ def check_lm_head(model, probe_length: int = 8) -> None:
         with torch.no_grad(), torch.autocast(device.type, enabled=False):
             output = model(input_ids=ids, use_cache=False, output_hidden_states=True)
             hidden = output.hidden_states[-1]
-            ours = _HeadLogits(model)(hidden)
+            ours = HeadLogits(model)(hidden)
             theirs = output.logits.float()
     finally:
         model.train(was_training)
@@ -363,7 +418,7 @@ def _logit_softcap(model) -> float | None:
     return float(cap) if cap else None
 
 
-class _HeadLogits:
+class HeadLogits:
     """The LM head as the model applies it, in float32: linear, then soft-capping where the model has it.
 
     `scope`: a context manager factory each call runs under (a teacher that is the same model with
@@ -418,7 +473,7 @@ def resolve_chunk_size(chunk_size: int | None, device) -> int:
     return CPU_CHUNK_SIZE if torch.device(device).type == "cpu" else ACCELERATOR_CHUNK_SIZE
 
 
-def token_logprobs(head: "_HeadLogits", hidden_rows: torch.Tensor, targets: torch.Tensor,
+def token_logprobs(head: "HeadLogits", hidden_rows: torch.Tensor, targets: torch.Tensor,
                    chunk_size: int, fused_numerics: bool = False) -> torch.Tensor:
     """log p(target) for each row, chunked; checkpointed when gradients flow (log_softmax).
 
@@ -439,7 +494,7 @@ def token_logprobs(head: "_HeadLogits", hidden_rows: torch.Tensor, targets: torc
     return torch.cat(pieces) if pieces else hidden_rows.new_zeros(0, dtype=torch.float32)
 
 
-def _target_logprobs_in_place(head: "_HeadLogits", hidden_rows, targets, chunk_size: int):
+def _target_logprobs_in_place(head: "HeadLogits", hidden_rows, targets, chunk_size: int):
     total = hidden_rows.shape[0]
     out = torch.empty(total, device=hidden_rows.device)
     weight = head.linear.weight
@@ -462,7 +517,7 @@ def score_tokens(model, batch: ScoringBatch, chunk_size: int | None = None,
     as the fused head rounds (token_logprobs), where the model's head allows it."""
     hidden, targets, seq_index = _valid_rows(_response_hidden(model, batch), batch)
     fused_numerics = fused_numerics and fused_head_supported(model, hidden)
-    return token_logprobs(_HeadLogits(model), hidden, targets, resolve_chunk_size(chunk_size, hidden.device),
+    return token_logprobs(HeadLogits(model), hidden, targets, resolve_chunk_size(chunk_size, hidden.device),
                           fused_numerics), seq_index
 
 
@@ -471,7 +526,7 @@ def response_token_stats(model, batch: ScoringBatch, chunk_size: int | None = No
     """No gradients: (log p(y_t | context), the entropy of the next-token distribution there, sequence
     index) over the N real response tokens, row-major; the batch is scored as the objective scores it."""
     hidden, targets, seq_index = _valid_rows(_response_hidden(model, batch), batch)
-    head = _HeadLogits(model)
+    head = HeadLogits(model)
     logp_out, entropy_out = [], []
     for start, end in _chunks(hidden.shape[0], resolve_chunk_size(chunk_size, hidden.device)):
         logp = torch.log_softmax(head(hidden[start:end]), dim=-1)
@@ -488,9 +543,12 @@ def split_by_sequence(values: torch.Tensor, batch: ScoringBatch) -> list[torch.T
 
 @torch.no_grad()
 def compute_signal(model, contexts_x, contexts_xo, responses, pad_token_id: int, max_context_length=None,
-                   chunk_size: int | None = None, teacher: "Teacher | None" = None) -> list[dict]:
+                   chunk_size: int | None = None, teacher: "Teacher | None" = None,
+                   contexts_neutral=None) -> list[dict]:
     """Per-token signal for each response (analysis and /why): dicts of signal, logp_x, logp_xo (CPU floats).
-    xo is scored by `teacher` (a frozen or EMA Teacher) where given, else by the model itself."""
+    xo is scored by `teacher` (a frozen or EMA Teacher) where given, else by the model itself.
+    `contexts_neutral` (x o_neutral): the contrastive signal A_t = log p_T(y_t | xo) - log p_T(y_t | x o_neutral),
+    both scored by the teacher; the dicts then hold logp_neutral too."""
     was_training = model.training
     model.eval()
     try:
@@ -498,14 +556,22 @@ def compute_signal(model, contexts_x, contexts_xo, responses, pad_token_id: int,
         batch_x = build_scoring_batch(contexts_x, responses, pad_token_id, max_context_length, device)
         batch_xo = build_scoring_batch(contexts_xo, responses, pad_token_id, max_context_length, device)
         logp_x, _ = score_tokens(model, batch_x, chunk_size)
+        logp_n = None
         with contextlib.nullcontext(model) if teacher is None else teacher.scoring(model) as teacher_model:
             logp_xo, _ = score_tokens(teacher_model, batch_xo, chunk_size)
+            if contexts_neutral is not None:
+                batch_n = build_scoring_batch(contexts_neutral, responses, pad_token_id, max_context_length, device)
+                logp_n, _ = score_tokens(teacher_model, batch_n, chunk_size)
     finally:
         model.train(was_training)
     results = []
-    for lx, lxo in zip(split_by_sequence(logp_x, batch_x), split_by_sequence(logp_xo, batch_x)):
-        results.append(
-            {"signal": (lxo - lx).cpu().tolist(), "logp_x": lx.cpu().tolist(), "logp_xo": lxo.cpu().tolist()})
+    pieces_n = split_by_sequence(logp_n, batch_x) if logp_n is not None else [None] * len(responses)
+    for lx, lxo, ln in zip(split_by_sequence(logp_x, batch_x), split_by_sequence(logp_xo, batch_x), pieces_n):
+        result = {"signal": (lxo - (lx if ln is None else ln)).cpu().tolist(), "logp_x": lx.cpu().tolist(),
+                  "logp_xo": lxo.cpu().tolist()}
+        if ln is not None:
+            result["logp_neutral"] = ln.cpu().tolist()
+        results.append(result)
     return results
 
 
@@ -530,12 +596,21 @@ class ObjectiveOptions:
     teacher_ema_rate: float = field(default=0.05, metadata={
         "help": "ema teacher: teacher <- (1 - r) teacher + r student after every optimizer step"})
     signal_clip: float = field(default=0.0, metadata={"help": "clamp the signal to +-c (0 = off)"})
-    ignore_first_k: int = field(default=0, metadata={"help": "give no signal to the first k reply tokens"})
+    ignore_first_k: int = field(default=0, metadata={
+        "help": "give no signal to the first k reply tokens (a reply of k tokens or fewer keeps all, as the "
+                "paper's code)"})
     center_signal: bool = field(default=False, metadata={"help": "subtract each reply's mean signal (simple_signal)"})
     negate_signal: bool = field(default=False, metadata={
         "help": "control experiments only: train on -A (simple_signal)"})
     beta: float = field(default=0.0, metadata={
         "help": "weight of a KL to a frozen reference model (k3 estimator on y; 0 = off)"})
+    contrast_followup: str = field(default="", metadata={
+        "help": "contrastive signal: score y under this neutral follow-up too and use A_t = log p(y_t | x, o) - "
+                "log p(y_t | x, o_neutral); full_distillation tilts the teacher the same way (docs/objective.md; "
+                "empty = off, the paper's)"})
+    copy_guard_ngram: int = field(default=0, metadata={
+        "help": "copy guard: no signal and no distillation term on reply tokens that complete a repeat of an earlier "
+                "n-gram of the same reply, n this value (0 = off, the paper's)"})
     logits_chunk_size: Optional[int] = field(default=None, metadata={
         "help": f"response positions per chunk of the LM head / log-softmax (default: {CPU_CHUNK_SIZE} on CPU, "
                 f"{ACCELERATOR_CHUNK_SIZE} on GPU, chosen by bench/bench_chunk_size.py)"})
@@ -550,10 +625,15 @@ class ObjectiveOptions:
                                  ("logits_chunk_size",
                                   1 if self.logits_chunk_size is None else self.logits_chunk_size, 1),
                                  ("ignore_first_k", self.ignore_first_k, 0),
+                                 ("copy_guard_ngram", self.copy_guard_ngram, 0),
                                  ("signal_clip", self.signal_clip, 0), ("beta", self.beta, 0)):
             if not value >= low or value == float("inf"):  # also catches NaN
                 raise ValueError(f"--{name} must be >= {low}{' and finite' if isinstance(value, float) else ''}, "
                                  f"got {value}")
+        if not isinstance(self.contrast_followup, str):
+            raise ValueError(f"--contrast_followup must be a text, got {self.contrast_followup!r}")
+        if self.contrast_followup and not self.contrast_followup.strip():
+            raise ValueError("--contrast_followup is blank: give a neutral follow-up text, or leave it empty (off)")
         if self.negate_signal and self.loss_mode != "simple_signal":
             raise ValueError("negate_signal is only defined for loss_mode simple_signal")
         # ranges of divergence_alpha and teacher_ema_rate: option_groups.RANGES (checked by every config)
@@ -571,10 +651,40 @@ class ObjectiveOptions:
         return cls(**{f.name: getattr(config, f.name) for f in dataclasses.fields(cls)})
 
 
-def shape_signal(raw_signal: torch.Tensor, seq_index: torch.Tensor, positions: torch.Tensor, num_sequences: int,
-                 opts: ObjectiveOptions) -> tuple[torch.Tensor, torch.Tensor]:
-    """Apply ignore_first_k, centring and clipping. Returns (shaped signal, weight mask 0/1)."""
-    weight = (positions >= opts.ignore_first_k).float()
+def repeated_ngram_mask(ids: Sequence[int], n: int) -> list[bool]:
+    """For each position t of `ids`: whether the n-gram ending at t (ids[t-n+1 .. t]) already ended at an
+    earlier position of `ids` (overlaps count). The copy guard's rule, and bench/demo_copy_signal.py's."""
+    seen: set[tuple] = set()
+    flags = []
+    for t in range(len(ids)):
+        gram = tuple(ids[t - n + 1:t + 1]) if n >= 1 and t >= n - 1 else None
+        flags.append(gram is not None and gram in seen)
+        if gram is not None:
+            seen.add(gram)
+    return flags
+
+
+def token_weights(response_ids: torch.Tensor, response_mask: torch.Tensor, opts: "ObjectiveOptions") -> torch.Tensor:
+    """1.0 for each real reply token (row-major, [N]) that gets signal and distillation term, else 0.0.
+
+    ignore_first_k: the first k tokens of a reply get none, except in a reply of k tokens or fewer,
+    which keeps every token (the paper's code; a short reply would otherwise teach nothing at all).
+    copy_guard_ngram n > 0: a token that completes a repeat of an earlier n-gram of its reply gets none.
+    """
+    mask = response_mask.bool()
+    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0).expand_as(mask)
+    lengths = mask.sum(dim=1, keepdim=True).expand_as(mask)
+    keep = (positions >= opts.ignore_first_k) | (lengths <= opts.ignore_first_k)
+    if opts.copy_guard_ngram:
+        rows = [repeated_ngram_mask(ids[:length].tolist(), opts.copy_guard_ngram) + [False] * (mask.shape[1] - length)
+                for ids, length in zip(response_ids.cpu(), mask.sum(dim=1).tolist())]
+        keep = keep & ~torch.tensor(rows, dtype=torch.bool, device=mask.device).reshape(mask.shape)
+    return keep[mask].float()
+
+
+def shape_signal(raw_signal: torch.Tensor, weight: torch.Tensor, seq_index: torch.Tensor, num_sequences: int,
+                 opts: ObjectiveOptions) -> torch.Tensor:
+    """negate_signal, then centring (each reply's weighted mean), then clipping; zero where `weight` is 0."""
     signal = -raw_signal if opts.negate_signal else raw_signal.clone()
     if opts.center_signal:
         sums = torch.zeros(num_sequences, device=signal.device).index_add_(0, seq_index, signal * weight)
@@ -582,53 +692,78 @@ def shape_signal(raw_signal: torch.Tensor, seq_index: torch.Tensor, positions: t
         signal = signal - (sums / counts)[seq_index]
     if opts.signal_clip and opts.signal_clip > 0:
         signal = signal.clamp(-opts.signal_clip, opts.signal_clip)
-    return signal * weight, weight
+    return signal * weight
 
 
 @dataclass
-class _TokenLossPlan:
-    """What the per-token loss needs besides the student's log-probs; indexed by token (row-major).
+class TokenLoss:
+    """The per-token loss of one batch, every option included; tokens row-major ([N], real reply tokens only).
 
-    Both LM-head paths (checkpointed chunks here, fused in sdpo_fused_head) compute the loss
-    through its methods, so that what the loss is lives in this module only.
+    What the loss is lives here alone: the full-logit reference (`reference_loss`) and both LM-head
+    paths (checkpointed chunks below, fused in sdpo_fused_head) compute log-probs and buckets, then call
+    these methods. Build it with `TokenLoss.for_batch`.
     """
     opts: ObjectiveOptions
     num_seq: int
-    seq_index: torch.Tensor
-    positions: torch.Tensor
-    weight: torch.Tensor                        # 0 for the first ignore_first_k tokens of each reply
+    seq_index: torch.Tensor                     # the reply each token belongs to
+    weight: torch.Tensor                        # token_weights: 0 where ignore_first_k or the copy guard drop a token
     tokens_per_seq: torch.Tensor                # weighted token count of each token's reply (>= 1)
     logp_xo: torch.Tensor | None = None         # teacher log p(y_t | xo) (simple_signal)
+    logp_neutral: torch.Tensor | None = None    # teacher log p(y_t | x o_neutral) (simple_signal, contrast on)
     signal: torch.Tensor | None = None          # shaped signal when known up front (else shaped per chunk)
     ref_logp: torch.Tensor | None = None        # reference model log p(y_t | x) (beta > 0)
+
+    @classmethod
+    def for_batch(cls, opts: ObjectiveOptions, response_ids: torch.Tensor, response_mask: torch.Tensor) -> "TokenLoss":
+        mask = response_mask.bool()
+        num_seq = mask.shape[0]
+        seq_index = torch.arange(num_seq, device=mask.device).unsqueeze(1).expand_as(mask)[mask]
+        weight = token_weights(response_ids, mask, opts)
+        counts = torch.zeros(num_seq, device=weight.device).index_add_(0, seq_index, weight).clamp(min=1)
+        return cls(opts, num_seq, seq_index, weight, counts[seq_index])
+
+    @property
+    def contrast(self) -> bool:
+        return bool(self.opts.contrast_followup)
 
     def support(self, vocab: int) -> tuple[int, bool]:
         return topk_support(self.opts.distillation_topk, vocab, self.opts.distillation_tail)
 
     @staticmethod
-    def buckets(logp, ids, with_tail: bool, in_place: bool = False) -> torch.Tensor:
-        return topk_buckets(logp, ids, with_tail, in_place)
+    def tilt(teacher_logits: torch.Tensor, neutral_logits: torch.Tensor, student_logits: torch.Tensor) -> torch.Tensor:
+        """The contrastive teacher of full_distillation: z_T(xo) - z_T(x o_neutral) + z_S(x) (no gradient), i.e.
+        q(.) proportional to p_S(. | x) p_T(. | xo) / p_T(. | x o_neutral). Float32 logits in, the same out."""
+        return teacher_logits - neutral_logits + student_logits.detach()
+
+    def raw_signal(self, rows, logp_x: torch.Tensor) -> torch.Tensor:
+        """A_t = log p_T(y_t | xo) - log p_T(y_t | x o_neutral) with contrast, else - log p(y_t | x); no gradient."""
+        baseline = self.logp_neutral[rows] if self.contrast else logp_x.detach()
+        return (self.logp_xo[rows] - baseline).detach()
+
+    def shaped_signal(self, rows, logp_x: torch.Tensor) -> torch.Tensor:
+        if self.signal is not None:
+            return self.signal[rows]
+        # per chunk: no centring here (centring needs a whole reply; sdpo_loss shapes up front then)
+        return shape_signal(self.raw_signal(rows, logp_x), self.weight[rows], self.seq_index[rows], self.num_seq,
+                            self.opts)
 
     def kl(self, student_buckets: torch.Tensor, teacher_buckets: torch.Tensor) -> torch.Tensor:
         """The per-token divergence of full_distillation (`--divergence`; named kl for the default)."""
         return buckets_divergence(student_buckets, teacher_buckets, renormalise=not self.opts.distillation_tail,
                                   divergence=self.opts.divergence, alpha=self.opts.divergence_alpha)
 
-    def loss_sum(self, rows: slice, logp_x: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
+    def loss_sum(self, rows, logp_x: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
         """Sum of the loss terms of tokens `rows` (the whole loss when rows covers every token).
 
-        simple_signal:      -(1/B) sum_b (1/|y_b|) sum_t A_t log p(y_t | x)
-        full_distillation:  mean over tokens of the top-k divergence (reverse KL by default)
-        beta > 0:           + beta * mean over tokens of the k3 estimate of KL(policy || reference)
-        logp_x and kl carry the gradient; the signal never does.
+        simple_signal:      -(1/B) sum_b (1/|y_b|) sum_t w_t A_t log p(y_t | x)    (A shaped: shape_signal)
+        full_distillation:  sum_t w_t D_t / sum_t w_t, D_t the top-k divergence (reverse KL by default)
+        beta > 0:           + beta * sum_t w_t k3_t / sum_t w_t, k3 the estimate of KL(policy || reference)
+        w_t = token_weights, |y_b| = sum of w_t over reply b. logp_x and kl carry the gradient; the signal never does.
         """
         opts, weight = self.opts, self.weight[rows]
         weight_total = self.weight.sum().clamp(min=1)
         if opts.loss_mode == "simple_signal":
-            signal = self.signal[rows] if self.signal is not None else shape_signal(
-                self.logp_xo[rows] - logp_x.detach(), self.seq_index[rows], self.positions[rows], self.num_seq,
-                opts)[0]
-            total = (-signal * logp_x / self.tokens_per_seq[rows]).sum() / self.num_seq
+            total = (-self.shaped_signal(rows, logp_x) * logp_x / self.tokens_per_seq[rows]).sum() / self.num_seq
         else:
             total = (kl * weight).sum() / weight_total
         if self.ref_logp is not None:
@@ -644,8 +779,12 @@ def k3_kl(ref_logp: torch.Tensor, logp: torch.Tensor) -> torch.Tensor:
 
 # --------------------------------------------------------------------------- checkpointed LM head
 
-def _teacher_distill_chunk(head, hidden_chunk, ids_chunk, target_chunk, with_tail: bool):
-    logp = torch.log_softmax(head(hidden_chunk), dim=-1)
+def _teacher_distill_chunk(head, hidden_chunk, ids_chunk, target_chunk, with_tail: bool, neutral_chunk=None,
+                           student_logits=None):
+    logits = head(hidden_chunk)
+    if neutral_chunk is not None:  # contrast: the tilted teacher
+        logits = TokenLoss.tilt(logits, head(neutral_chunk), student_logits)
+    logp = torch.log_softmax(logits, dim=-1)
     target_logp = logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
     return topk_buckets(logp, ids_chunk, with_tail, in_place=True), target_logp
 
@@ -657,30 +796,35 @@ def _student_distill_chunk(head, hidden_chunk, ids_chunk, target_chunk, teacher_
     return kl, logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
 
 
-def _checkpointed_head_loss(head: _HeadLogits, plan: _TokenLossPlan, hidden_s, hidden_t, targets, chunk_size: int,
-                            teacher_head: _HeadLogits | None = None):
+def checkpointed_head_loss(head: "HeadLogits", plan: TokenLoss, hidden_s, hidden_t, targets, chunk_size: int,
+                           teacher_head: "HeadLogits | None" = None, hidden_neutral=None):
     """The loss with the LM head in chunks; with gradients on, each chunk runs under activation checkpointing.
 
     Per chunk and response row: student top-k pass (no grad), teacher, student forward, its
-    recompute and 2 backward products: 6 head products. Returns (loss, logp_x, logp_xo, kl or None).
-    `teacher_head` scores hidden_t (default: `head`, the live teacher).
+    recompute and 2 backward products: 6 head products. Returns (loss, logp_x, logp_xo, kl or None);
+    logp_xo is the (tilted, with contrast) teacher's log-prob of y_t. `teacher_head` scores hidden_t and
+    hidden_neutral (the teacher under x o_neutral, full_distillation with contrast; default `head`).
     """
     opts = plan.opts
     teacher_head = teacher_head or head
     grad_on = torch.is_grad_enabled() and hidden_s.requires_grad
     if opts.loss_mode == "simple_signal":
         logp_x = token_logprobs(head, hidden_s, targets, chunk_size)
-        plan.signal = shape_signal(plan.logp_xo - logp_x.detach(), plan.seq_index, plan.positions, plan.num_seq,
-                                   opts)[0]
+        if plan.signal is None:
+            plan.signal = shape_signal(plan.raw_signal(slice(None), logp_x), plan.weight, plan.seq_index, plan.num_seq,
+                                       opts)
         return plan.loss_sum(slice(None), logp_x, None), logp_x, plan.logp_xo, None
     k, with_tail = plan.support(head.vocab_size)
     kl_pieces, logp_x_pieces, logp_xo_pieces = [], [], []
     for start, end in _chunks(hidden_s.shape[0], chunk_size):
         rows = slice(start, end)
         with torch.no_grad():
-            ids = head(hidden_s[rows].detach()).topk(k, dim=-1).indices
-            teacher_buckets, teacher_target = _teacher_distill_chunk(teacher_head, hidden_t[rows], ids,
-                                                                     targets[rows], with_tail)
+            student_logits = head(hidden_s[rows].detach())
+            ids = student_logits.topk(k, dim=-1).indices
+            neutral = hidden_neutral[rows] if hidden_neutral is not None else None
+            teacher_buckets, teacher_target = _teacher_distill_chunk(teacher_head, hidden_t[rows], ids, targets[rows],
+                                                                     with_tail, neutral, student_logits)
+            del student_logits
         arguments = (head, hidden_s[rows], ids, targets[rows], teacher_buckets, plan)
         kl, student_target = (checkpoint(_student_distill_chunk, *arguments, use_reentrant=False) if grad_on
                               else _student_distill_chunk(*arguments))
@@ -778,14 +922,14 @@ class Teacher:
         finally:
             model.train(was_training)
 
-    def head(self, model, student_head: "_HeadLogits") -> "_HeadLogits":
+    def head(self, model, student_head: "HeadLogits") -> "HeadLogits":
         """The teacher's LM head: the copy's own, or the student's (run under the teacher's scope
         when LoRA adapts the head itself)."""
         if self.copy is not None:
-            return _HeadLogits(self.copy)
+            return HeadLogits(self.copy)
         if self.mode == "live" or type(student_head.linear) is torch.nn.Linear:
             return student_head
-        return _HeadLogits(model, scope=lambda: self.scoring(model))
+        return HeadLogits(model, scope=lambda: self.scoring(model))
 
     @torch.no_grad()
     def update(self) -> None:
@@ -822,7 +966,7 @@ class Teacher:
 _LOGGED_FALLBACKS: set[str] = set()
 
 
-def _fused_head_refusal(model, teacher: Teacher, teacher_head: "_HeadLogits", hidden: torch.Tensor) -> str | None:
+def _fused_head_refusal(model, teacher: Teacher, teacher_head: "HeadLogits", hidden: torch.Tensor) -> str | None:
     """Why the fused head cannot take this model and teacher (None: it can)."""
     if not fused_head_supported(model, hidden):
         return "the LM head is not a plain, bias-free, unsharded nn.Linear (LoRA-wrapped, biased or sharded)"
@@ -842,29 +986,36 @@ def _frozen_copy(model):
 # ----------------------------------------------------------------------------- the loss
 
 def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: ObjectiveOptions,
-              ref_model=None, teacher: Teacher | None = None) -> tuple[torch.Tensor, dict]:
-    """The SDPO loss for a batch of interactions. The teacher scores xo without gradient, in eval mode:
-    by default (teacher None or live) the same model; else the frozen or EMA teacher given.
+              ref_model=None, teacher: Teacher | None = None,
+              batch_neutral: ScoringBatch | None = None) -> tuple[torch.Tensor, dict]:
+    """The SDPO loss for a batch of interactions. The teacher scores xo (and, with --contrast_followup,
+    x o_neutral: `batch_neutral`) without gradient, in eval mode: by default (teacher None or live) the
+    same model; else the frozen or EMA teacher given.
 
-    Returns (loss, stats); stats holds floats plus `signal_per_sequence` (list of CPU tensors, raw A_t).
-    With gradients on and a plain LM head (opts.fused_lm_head), the head's gradient is formed in
-    the forward (sdpo_fused_head); otherwise the head runs in checkpointed chunks. Same loss and
-    gradients either way (tests/test_fused_head.py).
+    Returns (loss, stats); stats holds floats plus `signal_per_sequence` (list of CPU tensors, raw A_t:
+    the teacher's log-prob of y_t minus the student's, or with contrast in simple_signal minus the
+    teacher's under x o_neutral). With gradients on and a plain LM head (opts.fused_lm_head), the head's
+    gradient is formed in the forward (sdpo_fused_head); otherwise the head runs in checkpointed chunks.
+    Same loss and gradients either way, and as `reference_loss` on full logits (tests/test_fused_head.py).
     """
-    if not torch.equal(batch_x.response_ids, batch_xo.response_ids):
-        raise ValueError("x and xo batches must hold the same response ids")
+    for name, other in (("xo", batch_xo), ("x o_neutral", batch_neutral)):
+        if other is not None and not torch.equal(batch_x.response_ids, other.response_ids):
+            raise ValueError(f"x and {name} batches must hold the same response ids")
+    if bool(opts.contrast_followup) != (batch_neutral is not None):
+        raise ValueError("--contrast_followup needs the batch of x o_neutral (batch_neutral), and only it does")
     if teacher is not None and teacher.mode != opts.teacher:
         raise ValueError(f"the teacher given is {teacher.mode!r} but the options say --teacher {opts.teacher}")
     if teacher is None and opts.teacher != "live":
         raise ValueError(f"--teacher {opts.teacher} needs a Teacher object (sdpo_objective.Teacher)")
     teacher = teacher or Teacher(model)
-    num_seq = batch_x.response_ids.shape[0]
     chunk = resolve_chunk_size(opts.logits_chunk_size, batch_x.response_ids.device)
-    mask = batch_x.response_mask
-    positions = torch.arange(mask.shape[1], device=mask.device).unsqueeze(0).expand_as(mask)[mask]
+    plan = TokenLoss.for_batch(opts, batch_x.response_ids, batch_x.response_mask)
 
+    hidden_n = None
     with torch.no_grad(), teacher.scoring(model) as teacher_model:
-        hidden_t, targets, seq_index = _valid_rows(_response_hidden(teacher_model, batch_xo), batch_xo)
+        hidden_t, targets, _ = _valid_rows(_response_hidden(teacher_model, batch_xo), batch_xo)
+        if batch_neutral is not None:
+            hidden_n, _, _ = _valid_rows(_response_hidden(teacher_model, batch_neutral), batch_neutral)
     hidden_s, _, _ = _valid_rows(_response_hidden(model, batch_x), batch_x)
     total = hidden_s.shape[0]
     if _sharded_head(model):
@@ -872,11 +1023,8 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
         # the same number of head calls whatever its number of response rows, so one chunk per pass.
         chunk = max(chunk, total, 1)
 
-    weight = (positions >= opts.ignore_first_k).float()
-    tokens_per_seq = torch.zeros(num_seq, device=weight.device).index_add_(0, seq_index, weight).clamp(min=1)
-    plan = _TokenLossPlan(opts, num_seq, seq_index, positions, weight, tokens_per_seq[seq_index])
     use_ref = opts.beta > 0 and ref_model is not None
-    head = _HeadLogits(model)
+    head = HeadLogits(model)
     teacher_head = teacher.head(model, head)
     fused = False
     if opts.fused_lm_head and torch.is_grad_enabled() and hidden_s.requires_grad:
@@ -893,23 +1041,27 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
     if opts.loss_mode == "simple_signal":
         with torch.no_grad():
             plan.logp_xo = token_logprobs(teacher_head, hidden_t, targets, chunk, fused_numerics=fused)
-    if fused:
-        if opts.loss_mode == "simple_signal" and opts.center_signal:
-            with torch.no_grad():  # centring needs each reply's whole signal before any token's weight is known
+            if hidden_n is not None:  # the signal no longer depends on the student: shaped once, up front
+                plan.logp_neutral = token_logprobs(teacher_head, hidden_n, targets, chunk, fused_numerics=fused)
+                plan.signal = shape_signal(plan.raw_signal(slice(None), None), plan.weight, plan.seq_index,
+                                           plan.num_seq, opts)
+            elif fused and opts.center_signal:
+                # centring needs each reply's whole signal before any token's weight is known
                 prepass = token_logprobs(head, hidden_s.detach(), targets, chunk, fused_numerics=True)
-                plan.signal = shape_signal(plan.logp_xo - prepass, seq_index, positions, num_seq, opts)[0]
-        loss, logp_x, logp_xo, kl_values = fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk,
-                                                           teacher_head=teacher_head)
-    else:
-        loss, logp_x, logp_xo, kl_values = _checkpointed_head_loss(head, plan, hidden_s, hidden_t, targets, chunk,
-                                                                   teacher_head=teacher_head)
+                plan.signal = shape_signal(plan.raw_signal(slice(None), prepass), plan.weight, plan.seq_index,
+                                           plan.num_seq, opts)
+        hidden_n = None  # simple_signal needs only its log-probs
+    head_loss = fused_head_loss if fused else checkpointed_head_loss
+    loss, logp_x, logp_xo, kl_values = head_loss(head, plan, hidden_s, hidden_t, targets, chunk,
+                                                 teacher_head=teacher_head, hidden_neutral=hidden_n)
 
-    raw = (logp_xo - logp_x).detach()
+    raw = plan.raw_signal(slice(None), logp_x) if opts.loss_mode == "simple_signal" else (logp_xo - logp_x).detach()
+    weight = plan.weight
     stats: dict = {"fused_lm_head": bool(fused)}
     if use_ref:
         stats["ref_kl"] = float((k3_kl(plan.ref_logp, logp_x.detach()) * weight).sum() / weight.sum().clamp(min=1))
-    lengths = mask.sum(dim=1)
-    per_seq_sum = torch.zeros(num_seq, device=raw.device).index_add_(0, seq_index, raw)
+    lengths = batch_x.response_mask.sum(dim=1)
+    per_seq_sum = torch.zeros(plan.num_seq, device=raw.device).index_add_(0, plan.seq_index, raw)
     stats.update({
         "loss": float(loss.detach()),
         "signal_mean": float(raw.mean()) if total else 0.0,
@@ -919,8 +1071,11 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
         "logp_x": float(logp_x.detach().mean()) if total else 0.0,
         "logp_xo": float(logp_xo.detach().mean()) if total else 0.0,
         "tokens": int(total),
+        "weighted_tokens": int(weight.sum()),
         "signal_per_sequence": [s.cpu() for s in torch.split(raw, lengths.tolist())],
     })
+    if plan.logp_neutral is not None:
+        stats["logp_neutral"] = float(plan.logp_neutral.mean()) if total else 0.0
     if kl_values is not None:
         stats["distill_kl"] = float(kl_values.detach().mean()) if total else 0.0
     return loss, stats

@@ -102,9 +102,14 @@ def run(args: BenchmarkArgs) -> Path | None:
     specs = resolve_checkpoints(args.checkpoints) if args.checkpoints else []
     output_dir = prepare_output_dir(args)
     bench.set_nltk_data(args.nltk_data)
+    key_problem = bench.annotator_key_problem(args)
     if args.dry_run:
         print_plan(args, specs, output_dir)
+        if key_problem:
+            print(f"# warning: {key_problem} (a real run stops here)")
         return None
+    if key_problem:
+        raise DataError(key_problem)
     for spec in specs:
         if spec.kind == "lora":
             check_adapter_fits_base(spec, args)

@@ -320,13 +320,13 @@ def compare_teacher_forward(run, interactions, repeats: int = 3) -> dict:
     model.eval()
 
     def batched():
-        _, batch_xo = updater.build_batches(messages, replies, followups)
+        _, batch_xo, _ = updater.build_batches(messages, replies, followups)
         return score_tokens(model, batch_xo, chunk)[0]
 
     def one_by_one():
         pieces = []
         for m, r, f in interactions:
-            _, batch_xo = updater.build_batches([m], [r], [f])
+            _, batch_xo, _ = updater.build_batches([m], [r], [f])
             pieces.append(score_tokens(model, batch_xo, chunk)[0])
         return torch.cat(pieces)
 
@@ -361,8 +361,9 @@ def compare_update_head(run, interactions, repeats: int = 2) -> dict:
 
     def updates(name):
         losses = []
-        for batch_x, batch_xo in batches:
-            loss, _ = sdpo_loss(updater.model, batch_x, batch_xo, options[name], updater.ref_model)
+        for batch_x, batch_xo, batch_neutral in batches:
+            loss, _ = sdpo_loss(updater.model, batch_x, batch_xo, options[name], updater.ref_model,
+                                batch_neutral=batch_neutral)
             loss.backward()
             updater.model.zero_grad(set_to_none=True)
             losses.append(float(loss.detach()))

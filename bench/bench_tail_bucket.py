@@ -27,7 +27,7 @@ import torch  # noqa: E402
 
 from bench_common import QWEN3_VOCAB, environment_lines, format_table, median  # noqa: E402
 from sdpo_fused_head import fused_head_loss  # noqa: E402
-from sdpo_objective import ObjectiveOptions, _HeadLogits, _TokenLossPlan  # noqa: E402
+from sdpo_objective import ObjectiveOptions, HeadLogits, TokenLoss  # noqa: E402
 
 
 class _HeadOnly(torch.nn.Module):
@@ -47,11 +47,10 @@ class _HeadOnly(torch.nn.Module):
 def time_fused_head(model, hidden_s, hidden_t, targets, tail: bool, chunk: int) -> float:
     rows = hidden_s.shape[0]
     opts = ObjectiveOptions(loss_mode="full_distillation", distillation_tail=tail, logits_chunk_size=chunk)
-    plan = _TokenLossPlan(opts, 1, torch.zeros(rows, dtype=torch.long), torch.arange(rows), torch.ones(rows),
-                          torch.full((rows,), float(rows)))
+    plan = TokenLoss(opts, 1, torch.zeros(rows, dtype=torch.long), torch.ones(rows), torch.full((rows,), float(rows)))
     model.zero_grad(set_to_none=True)
     started = time.perf_counter()
-    loss, _, _, _ = fused_head_loss(_HeadLogits(model), plan, hidden_s, hidden_t, targets, chunk)
+    loss, _, _, _ = fused_head_loss(HeadLogits(model), plan, hidden_s, hidden_t, targets, chunk)
     loss.backward()
     return time.perf_counter() - started
 

@@ -293,28 +293,51 @@ def train_holding_output_dir(cfg: OfflineTrainingArguments, train_fn=None) -> di
 
 # What a run leaves in --output_dir (besides checkpoint-N/ folders): an earlier run's results.
 RESULT_NAMES = (CONFIG_FILENAME, METRICS_FILENAME, "trainer_state.json", "train_results.json", "all_results.json",
-                "config.json", "model.safetensors", "model.safetensors.index.json", "adapter")
+                "config.json", "model.safetensors", "model.safetensors.index.json", "adapter", "training.png")
 
 
 def check_output_dir(cfg: OfflineTrainingArguments) -> None:
     """Never overwrite an earlier run silently: a folder holding results needs --resume_from_checkpoint
-    or --overwrite (which deletes those results first, on the main process only)."""
-    import shutil
+    or --overwrite, and --overwrite only a folder a run of ours wrote (its run marker). Deletes nothing:
+    clear_earlier_results does, once the records and the models have loaded."""
+    from auxiliary.runtime.run_folder import RUN_MARKER, refusal_without_marker, write_run_marker
 
     out = Path(cfg.output_dir)
     if not out.is_dir():
         return
-    earlier = sorted(p.name for p in out.iterdir() if p.name in RESULT_NAMES or p.name.startswith("checkpoint-"))
-    if not earlier or cfg.resume_from_checkpoint:
-        return
-    if not cfg.overwrite:
+    earlier = earlier_results(out)
+    ours = (out / RUN_MARKER).is_file()
+    if earlier and not ours and (cfg.overwrite or not cfg.resume_from_checkpoint):
+        raise BadInput(refusal_without_marker(out, earlier, cfg.overwrite, "--resume_from_checkpoint"))
+    if earlier and not (cfg.resume_from_checkpoint or cfg.overwrite):
         raise BadInput(f"{out} already holds an earlier run ({', '.join(earlier[:4])}"
-                         f"{', ...' if len(earlier) > 4 else ''}); pass --resume_from_checkpoint latest to continue "
-                         "it or --overwrite to replace it")
-    if int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0:
-        for name in earlier:
-            target = out / name
-            shutil.rmtree(target) if target.is_dir() else target.unlink()
+                       f"{', ...' if len(earlier) > 4 else ''}); pass --resume_from_checkpoint latest to continue "
+                       "it or --overwrite to replace it")
+    if is_first_local_process():
+        write_run_marker(out, "offline_sdpo")
+
+
+def earlier_results(out: Path) -> list[str]:
+    return sorted(p.name for p in out.iterdir() if p.name in RESULT_NAMES or p.name.startswith("checkpoint-"))
+
+
+def is_first_local_process() -> bool:
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", "0"))) == 0
+
+
+def clear_earlier_results(cfg: OfflineTrainingArguments) -> None:
+    """--overwrite: delete an earlier run's results (first local process only), called once every check that
+    can fail (records, tokenizer, policy, reference) has passed; check_output_dir made sure the folder is ours."""
+    import shutil
+
+    out = Path(cfg.output_dir)
+    if not cfg.overwrite or cfg.resume_from_checkpoint or not out.is_dir() or not is_first_local_process():
+        return
+    earlier = earlier_results(out)
+    for name in earlier:
+        target = out / name
+        shutil.rmtree(target) if target.is_dir() and not target.is_symlink() else target.unlink()
+    if earlier:
         logger.warning("--overwrite: removed %d earlier results from %s", len(earlier), out)
 
 
@@ -362,6 +385,7 @@ def train(cfg: OfflineSDPOArguments) -> dict:
     from auxiliary.runtime.io_utils import atomic_write_json
     from offline_sdpo.offline_sdpo_trainer import (InteractionDataset, MetricsJsonlCallback, OfflineSDPOTrainer,
                                                    SDPOCollator)
+    from offline_sdpo.progress import show_progress
     from auxiliary.runtime.secrets import public_config
 
     precision = resolve_precision(cfg.dtype)
@@ -379,6 +403,8 @@ def train(cfg: OfflineSDPOArguments) -> dict:
                      "resume_from": resume, "data": summary.to_dict(),
                      "versions": {"transformers": transformers.__version__}},
     }
+    ref_model = load_reference(cfg, precision, attn)
+    clear_earlier_results(cfg)  # --overwrite: only now, every check that can fail has passed
     if is_main:
         atomic_write_json(Path(cfg.output_dir) / CONFIG_FILENAME, resolved)
 
@@ -387,14 +413,17 @@ def train(cfg: OfflineSDPOArguments) -> dict:
         args=args,
         train_dataset=InteractionDataset(records),
         data_collator=SDPOCollator(tokenizer, cfg.max_context_length, cfg.max_completion_length, cfg.hindsight_template,
-                                   hindsight_placement=cfg.hindsight_placement),
+                                   hindsight_placement=cfg.hindsight_placement,
+                                   contrast_followup=cfg.contrast_followup),
         processing_class=tokenizer,
         callbacks=[MetricsJsonlCallback(Path(cfg.output_dir) / METRICS_FILENAME)],
         objective=cfg.objective_options(),
         max_prompt_length=cfg.max_context_length,
-        ref_model=load_reference(cfg, precision, attn),
+        ref_model=ref_model,
         ref_is_initial_policy=not cfg.ref_model,  # then a frozen full-weight teacher reuses it
     )
+    show_progress(trainer, cfg.output_dir, Path(cfg.output_dir) / METRICS_FILENAME,
+                  f"offline SDPO ({cfg.loss_mode}), {Path(cfg.model).name}")
     result = trainer.train(resume_from_checkpoint=resume)
     save_final_model(trainer, cfg, model_path, tokenizer)
     trainer.save_metrics("train", result.metrics)

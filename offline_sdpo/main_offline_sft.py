@@ -21,8 +21,8 @@ from pathlib import Path
 from typing import Optional
 
 from offline_sdpo.main_offline_sdpo import (METRICS_FILENAME, OfflineTrainingArguments, build_training_arguments,
-                                            resolve_optim, resolve_precision, save_final_model, start_run,
-                                            train_holding_output_dir)
+                                            clear_earlier_results, resolve_optim, resolve_precision, save_final_model,
+                                            start_run, train_holding_output_dir)
 
 CONFIG_FILENAME = "offline_sft_config.json"  # the SDPO trainer's offline_sdpo_config.json, for this trainer
 logger = logging.getLogger("offline_sft")
@@ -87,6 +87,7 @@ def train(cfg: OfflineSFTArguments) -> dict:
     from auxiliary.runtime.io_utils import atomic_write_json
     from auxiliary.runtime.secrets import public_config
     from offline_sdpo.offline_sdpo_trainer import MetricsJsonlCallback
+    from offline_sdpo.progress import show_progress
 
     precision = resolve_precision(cfg.dtype)
     optim = resolve_optim(cfg.optim)
@@ -105,6 +106,7 @@ def train(cfg: OfflineSFTArguments) -> dict:
                      "completion_tokens": sum(sum(mask) for mask in dataset["completion_mask"]),
                      "versions": {"transformers": transformers.__version__, "trl": trl.__version__}},
     }
+    clear_earlier_results(cfg)  # --overwrite: only now, every check that can fail has passed
     if is_main:
         atomic_write_json(Path(cfg.output_dir) / CONFIG_FILENAME, resolved)
 
@@ -115,6 +117,8 @@ def train(cfg: OfflineSFTArguments) -> dict:
         processing_class=tokenizer,
         callbacks=[MetricsJsonlCallback(Path(cfg.output_dir) / METRICS_FILENAME)],
     )
+    show_progress(trainer, cfg.output_dir, Path(cfg.output_dir) / METRICS_FILENAME,
+                  f"offline SFT baseline, {Path(cfg.model).name}")
     result = trainer.train(resume_from_checkpoint=resume)
     save_final_model(trainer, cfg, model_path, tokenizer)
     trainer.save_metrics("train", result.metrics)

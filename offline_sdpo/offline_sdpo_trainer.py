@@ -33,7 +33,7 @@ from transformers import Trainer, TrainerCallback
 
 from auxiliary.runtime.io_utils import DataError, append_jsonl, atomic_write_text, iter_jsonl
 from sdpo_objective import (DEFAULT_HINDSIGHT_TEMPLATE, ObjectiveOptions, Teacher, build_scoring_batch, check_lm_head,
-                            hindsight_messages, normalize_messages, render_context_ids, sdpo_loss)
+                            hindsight_contexts, normalize_messages, sdpo_loss)
 
 REQUIRED_FIELDS = ("prompt", "completion", "user_response")
 
@@ -160,7 +160,7 @@ class SDPOCollator:
 
     def __init__(self, tokenizer, max_prompt_length: int = 2048, max_completion_length: int = 2048,
                  hindsight_template: str = DEFAULT_HINDSIGHT_TEMPLATE, append_eos: bool = True,
-                 hindsight_placement: str = "last_user_message"):
+                 hindsight_placement: str = "last_user_message", contrast_followup: str = ""):
         if tokenizer.eos_token_id is None and append_eos:
             raise ValueError("the tokenizer has no EOS token to append to completions")
         if max_prompt_length < 1 or max_completion_length < 1:
@@ -170,15 +170,15 @@ class SDPOCollator:
         self.max_completion_length = max_completion_length
         self.hindsight_template = hindsight_template
         self.hindsight_placement = hindsight_placement
+        self.contrast_followup = contrast_followup  # --contrast_followup: x o_neutral too ("neutral_ids")
         self.append_eos = append_eos
 
     def encode(self, record: dict) -> dict:
         record = normalize_record(record)
         messages = record["prompt"]
-        x_ids = render_context_ids(self.tokenizer, messages)
-        xo_ids = render_context_ids(self.tokenizer, hindsight_messages(messages, record["user_response"],
-                                                                       self.hindsight_template,
-                                                                       self.hindsight_placement))
+        x_ids, xo_ids, neutral_ids = hindsight_contexts(self.tokenizer, messages, record["user_response"],
+                                                        self.hindsight_template, self.hindsight_placement,
+                                                        self.contrast_followup)
         completion_ids = self.tokenizer(record["completion"], add_special_tokens=False)["input_ids"]
         eos = self.tokenizer.eos_token_id
         if self.append_eos and (not completion_ids or completion_ids[-1] != eos):
@@ -186,13 +186,16 @@ class SDPOCollator:
         if len(completion_ids) > self.max_completion_length:
             completion_ids = completion_ids[: self.max_completion_length]
         has_eos = bool(self.append_eos and completion_ids[-1] == eos)
-        return {
+        encoded = {
             "x_ids": x_ids[-self.max_prompt_length:],
             "xo_ids": xo_ids[-self.max_prompt_length:],
             "completion_ids": completion_ids,
             "has_eos": has_eos,
             "prompt_truncated": len(xo_ids) > self.max_prompt_length,
         }
+        if neutral_ids is not None:
+            encoded["neutral_ids"] = neutral_ids[-self.max_prompt_length:]
+        return encoded
 
     def __call__(self, records: Sequence[dict]) -> dict:
         encoded = [self.encode(r) for r in records]
@@ -319,8 +322,15 @@ class OfflineSDPOTrainer(Trainer):
         batch_x = build_scoring_batch(inputs["x_ids"], inputs["completion_ids"], pad_id, self.max_prompt_length, device)
         batch_xo = build_scoring_batch(inputs["xo_ids"], inputs["completion_ids"], pad_id, self.max_prompt_length,
                                        device)
+        batch_neutral = None
+        if self.objective.contrast_followup:
+            if "neutral_ids" not in inputs:
+                raise ValueError("--contrast_followup: the collator must give neutral_ids "
+                                 "(SDPOCollator(contrast_followup=...))")
+            batch_neutral = build_scoring_batch(inputs["neutral_ids"], inputs["completion_ids"], pad_id,
+                                                self.max_prompt_length, device)
         loss, stats = sdpo_loss(model, batch_x, batch_xo, self.objective, ref_model=self.ref_model,
-                                teacher=self.teacher)
+                                teacher=self.teacher, batch_neutral=batch_neutral)
         if model.training:
             accumulate_stats(self._sums, stats, inputs["has_eos"], inputs.get("prompt_truncated", ()))
             self.interactions_seen += len(inputs["completion_ids"])

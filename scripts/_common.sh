@@ -221,8 +221,10 @@ sdpo_export() {
 
 # Top-level keys of the YAML given as `--config FILE`: the wrapper leaves those settings to the
 # file unless the user set the env var (precedence: flags > env vars you set > YAML > defaults).
+# CONFIG=FILE (the environment or .env) counts like a --config before the arguments' own.
 _sdpo_read_config_keys() {
-    local arg config="" take_next=0 key
+    local arg config="" take_next=0 key preset=${CONFIG:-} file
+    [[ -z $preset || $preset == /* || -e $preset ]] || preset="$REPO_ROOT/${preset#./}"
     for arg in ${SDPO_ARGS[@]+"${SDPO_ARGS[@]}"}; do
         if [[ $take_next == 1 ]]; then config=$arg; take_next=0; continue; fi
         case "$arg" in
@@ -230,11 +232,13 @@ _sdpo_read_config_keys() {
             --config=*) config=${arg#--config=} ;;
         esac
     done
-    [[ -n $config && -r $config ]] || return 0
-    _SDPO_USER_CONFIG=$config
-    while IFS= read -r key; do
-        _SDPO_YAML_KEYS+="$key "
-    done < <(sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*:.*/\1/p' "$config")
+    for file in "$preset" "$config"; do
+        [[ -n $file && -r $file ]] || continue
+        _SDPO_USER_CONFIG=$file
+        while IFS= read -r key; do
+            _SDPO_YAML_KEYS+="$key "
+        done < <(sed -n 's/^\([A-Za-z_][A-Za-z0-9_]*\)[[:space:]]*:.*/\1/p' "$file")
+    done
 }
 
 # --------------------------------------------------------------------------- variables
@@ -265,6 +269,27 @@ sdpo_field() {
     _SDPO_NAMES+=("$name")
     _SDPO_MEANINGS+=("the entry point's ${flags[*]}")
     _SDPO_DECLARATIONS+=("$(printf 'field\t%s\t%s\t%s' "$name" "${flags[*]}" "$shown")")
+}
+
+# sdpo_config_var: CONFIG=FILE, a YAML config (a preset of configs/paper/) for wrappers whose entry
+# point reads --config; passed after the profile, before the flags from env vars and the arguments.
+sdpo_config_var() {
+    sdpo_var CONFIG "" "YAML config passed as --config after the wrapper's profile (e.g. a preset of configs/paper/); env vars you set and flags still win" "(none)"
+}
+
+# Processes for WORLD_SIZE when unset: the GPUs this machine shows (CUDA_VISIBLE_DEVICES when set,
+# else nvidia-smi -L), 1 without any, so a CPU laptop runs plain python.
+sdpo_gpu_count() {
+    local count=0
+    if [[ -n ${CUDA_VISIBLE_DEVICES+set} ]]; then  # set and empty: no GPU
+        local ids=()
+        IFS=, read -r -a ids <<<"$CUDA_VISIBLE_DEVICES"
+        count=${#ids[@]}
+    elif command -v nvidia-smi >/dev/null 2>&1; then
+        count=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU' || true)
+    fi
+    (( count >= 1 )) || count=1
+    printf '%s' "$count"
 }
 
 # sdpo_profile FILE: the wrapper's committed YAML profile (relative to the repo root); sdpo_python
@@ -425,8 +450,14 @@ sdpo_python() {
     _sdpo_add_profile
 }
 
+# The wrapper's profile, then the user's CONFIG preset (sdpo_config_var): later --config files win.
 _sdpo_add_profile() {
     [[ -n $SDPO_PROFILE ]] && SDPO_CMD+=(--config "$SDPO_PROFILE")
+    if [[ -n ${CONFIG:-} ]]; then
+        sdpo_input_path CONFIG
+        sdpo_check_exists CONFIG file
+        SDPO_CMD+=(--config "$CONFIG")
+    fi
     return 0
 }
 

@@ -19,9 +19,14 @@ PY=${PYTHON:-$REPO_ROOT/.venv/bin/python}
 export HF_HUB_OFFLINE=1 TOKENIZERS_PARALLELISM=false WANDB_MODE=${WANDB_MODE:-offline}
 PROFILE=configs/demo.yaml
 DRY_RUN=0
+HELP=0
 passed=()
 for arg in "$@"; do
-    if [[ $arg == --dry-run ]]; then DRY_RUN=1; else passed+=("$arg"); fi
+    case $arg in
+        --dry-run) DRY_RUN=1 ;;
+        -h | --help) HELP=1 ;;
+        *) passed+=("$arg") ;;
+    esac
 done
 set -- ${passed[@]+"${passed[@]}"}
 
@@ -33,9 +38,11 @@ profile_value() { sed -n "s/^$1:[[:space:]]*//p" "$PROFILE" | sed 's/[[:space:]]
 
 # DEMO_<NAME> set: a flag after the profile; either way the header shows the value that applies.
 overrides=()
+help_rows=()
 setting() {  # VAR KEY [FLAG...]: VAR = DEMO_VAR when set (and passed as each FLAG), else the profile's KEY
     local var=$1 key=$2 demo="DEMO_$1" flag
     shift 2
+    help_rows+=("$(printf '  %-22s %-22s --%s' "$demo" "$(profile_value "$key")" "$key" | sed 's/ *$//')")
     if [[ -n ${!demo:-} ]]; then
         printf -v "$var" '%s' "${!demo}"
         for flag in "--$key" "$@"; do overrides+=("$flag" "${!demo}"); done
@@ -53,6 +60,26 @@ setting EVAL_EVERY eval_every
 setting MAX_NEW_TOKENS max_new_tokens --eval_max_new_tokens
 setting SEED seed
 
+if [[ $HELP == 1 ]]; then
+    cat <<USAGE
+Usage: [DEMO_VAR=value ...] scripts/demo.sh [--dry-run] [--help] [flags passed to eval_online_sdpo.py ...]
+
+The demo of 'make demo': online SDPO on CPU with the embedded SmolLM2-135M-Instruct, a rule-based
+'concise' user and judge, and a placebo arm (docs/online.md). Its settings are $PROFILE; each DEMO_*
+variable, when set, overrides one of them:
+
+  Variable               Default                Flag
+$(printf '%s\n' "${help_rows[@]}")
+  DEMO_MAX_NEW_TOKENS also sets --eval_max_new_tokens.
+
+Other variables: OUTPUT_DIR (default \$BASE_WORK/sdpo_runs/demo-<time>), BASE_WORK (default
+\${SCRATCH:-\${TMPDIR:-/tmp}}), PYTHON (default .venv/bin/python), WANDB_MODE (default offline).
+Any other argument goes to eval_online_sdpo.py after the profile (its flags: .venv/bin/python
+eval_online_sdpo.py --help). --dry-run prints the command and runs nothing.
+USAGE
+    exit 0
+fi
+
 command=("$PY" eval_online_sdpo.py --config "$PROFILE" ${overrides[@]+"${overrides[@]}"} --output_dir "$OUTPUT_DIR" "$@")
 if [[ $DRY_RUN == 1 ]]; then
     printf '%q ' "${command[@]}" | sed 's/ $/\n/'
@@ -67,7 +94,8 @@ placebo     a second policy, same start, same prompts and seeds; its user always
             (arms_in_parallel: $(profile_value arms_in_parallel): the two arms side by side, half the CPU threads each)
 objective   $LOSS_MODE, signal centred per reply, first $IGNORE_FIRST_K reply tokens ignored, lr $LR, 1 step per interaction
 run         $TRAIN_N interactions, $EVAL_N held-out prompts judged at steps 0, every $EVAL_EVERY and the end
-judge       rule-based '$STYLE' judge vs the initial policy's replies (shorter wins; both orders)
+judge       rule-based '$STYLE' judge vs the initial policy's replies (shorter wins; both orders; a reply that
+            repeats itself or ignores the request never wins: $(profile_value relevance_model) scores relevance)
 output      $OUTPUT_DIR
 HEADER
 

@@ -4,6 +4,7 @@
 # (auxiliary/eval_benchmarks.py). Writes benchmarks.json and the harnesses' own files.
 #   CHECKPOINTS="/runs/a/checkpoints/step_000015" BASELINE_MODEL=Qwen/Qwen3-8B scripts/eval_benchmarks.sh
 #   ... TASKS=ifeval,alpaca_eval LIMIT=20 scripts/eval_benchmarks.sh --alpaca_annotator_base_url http://host:8000/v1
+# Only the variables you set become flags; the defaults are BenchmarkArgs' (auxiliary/evals/benchmarks.py).
 # `--help` lists every variable; `--dry-run` prints the command and runs nothing (the Python
 # side's --dry_run prints the harness calls).
 set -euo pipefail
@@ -11,23 +12,24 @@ set -euo pipefail
 source "$(dirname "${BASH_SOURCE[0]}")/_common.sh"
 sdpo_init "$@"
 
-sdpo_var CHECKPOINTS "" "Space-separated checkpoint paths" "(none: the baseline only)"
-sdpo_var BASELINE_MODEL "" "Baseline model path or hub id" "(required)"
-sdpo_var TASKS "ifeval,mmlu_pro,truthfulqa_mc1,hellaswag,commonsense_qa,alpaca_eval" "Benchmarks to run"
-sdpo_var LIMIT "" "First N items of every task (smoke runs)" "(all)"
-sdpo_var BACKEND "hf" "lm_eval model backend: hf or vllm"
-sdpo_var BASE_MODEL "" "Base model of LoRA adapter checkpoints" "(the one in adapter_config.json)"
-sdpo_var IFEVAL_JSONL "" "Local IFEval prompts (hub format)" "(google/IFEval from the hub)"
-sdpo_var ALPACA_EVAL_JSON "" "Local AlpacaEval set (instruction, output, generator, dataset)" "(tatsu-lab/alpaca_eval)"
-sdpo_var ALPACA_ANNOTATOR "weighted_alpaca_eval_gpt4_turbo" "alpaca_eval annotator config (name or configs.yaml)"
-sdpo_var NLTK_DATA "" "NLTK data folder for IFEval's checkers" "(NLTK's default search path)"
+sdpo_field CHECKPOINTS --checkpoints "(none: the baseline only)"
+sdpo_field BASELINE_MODEL --baseline_model "(required)"
+sdpo_field TASKS --tasks
+sdpo_field LIMIT --limit "(all)"
+sdpo_field BACKEND --backend
+sdpo_field BASE_MODEL --base_model
+sdpo_field IFEVAL_JSONL --ifeval_jsonl "(google/IFEval from the hub)"
+sdpo_field ALPACA_EVAL_JSON --alpaca_eval_json "(tatsu-lab/alpaca_eval from the hub)"
+sdpo_field ALPACA_ANNOTATOR --alpaca_annotator
+sdpo_field NLTK_DATA --nltk_data "(NLTK's default search path)"
+sdpo_config_var
 sdpo_var OUTPUT_DIR "$BASE_WORK/sdpo_outputs/eval_benchmarks_$(sdpo_run_tag)" \
     "benchmarks.json, lm_eval/, alpaca_eval/" "\$BASE_WORK/sdpo_outputs/eval_benchmarks_<job id or time>"
-sdpo_help_or_continue "Benchmark evaluation through lm-evaluation-harness and alpaca_eval."
+sdpo_help_or_continue "Benchmark evaluation through lm-evaluation-harness and alpaca_eval (docs/benchmarks.md)."
 
 sdpo_config_sets baseline_model || sdpo_require BASELINE_MODEL
 sdpo_check_choice BACKEND hf vllm
-[[ -z $LIMIT ]] || sdpo_check_int LIMIT 1
+sdpo_check_int LIMIT 1
 sdpo_input_paths CHECKPOINTS
 sdpo_input_path BASELINE_MODEL
 sdpo_input_path BASE_MODEL

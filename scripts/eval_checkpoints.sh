@@ -20,6 +20,7 @@ sdpo_field USER_MODEL --judge_model
 sdpo_field EVAL_N --eval_n
 sdpo_field DATA_DIR --data_dir
 sdpo_field BASE_MODEL --base_model
+sdpo_config_var
 sdpo_var OUTPUT_DIR "$BASE_WORK/sdpo_outputs/eval_checkpoints_$(sdpo_run_tag)" \
     "results.json, completions.jsonl, winrate.png" "\$BASE_WORK/sdpo_outputs/eval_checkpoints_<job id or time>"
 sdpo_help_or_continue "Checkpoint evaluation: pairwise style win rates of each checkpoint against a baseline."

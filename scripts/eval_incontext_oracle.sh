@@ -19,6 +19,7 @@ sdpo_field JUDGE --judge
 sdpo_field EVAL_STYLES --eval_styles
 sdpo_field EVAL_N --eval_n
 sdpo_field DATA_DIR --data_dir
+sdpo_config_var
 sdpo_var OUTPUT_DIR "$BASE_WORK/sdpo_outputs/incontext_oracle_$(sdpo_run_tag)" \
     "results.json, completions.jsonl, winrate.png" "\$BASE_WORK/sdpo_outputs/incontext_oracle_<job id or time>"
 sdpo_help_or_continue "In-context oracle: the style given in the system prompt, judged against no instruction."

@@ -36,6 +36,7 @@ sdpo_field DATA_DIR --train_jsonl --val_jsonl
 sdpo_field BASELINE_MODEL --baseline_model
 model_slug=$(sdpo_effective MODEL model)
 style_slug=$(sdpo_effective STYLE style)
+sdpo_config_var
 sdpo_var OUTPUT_DIR "$BASE_WORK/sdpo_outputs/online_${model_slug:+$(sdpo_slug "$model_slug")_}${style_slug:+${style_slug}_}$(sdpo_run_tag)" \
     "Checkpoints, metrics and results" "\$BASE_WORK/sdpo_outputs/online_<model>_<style>_<job id or time>"
 sdpo_var WORLD_SIZE "1" "Processes (GPUs); > 1 runs accelerate launch (DDP; INTERACTIONS_PER_UPDATE a multiple of it)"

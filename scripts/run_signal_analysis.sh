@@ -14,6 +14,7 @@ sdpo_init "$@"
 sdpo_field MODEL --model
 sdpo_field CASES_JSON --cases_json
 sdpo_field N_CASES --n_cases
+sdpo_config_var
 sdpo_var OUTPUT_DIR "$BASE_WORK/sdpo_outputs/signal_analysis_$(sdpo_run_tag)" \
     "Signals JSON and figures" "\$BASE_WORK/sdpo_outputs/signal_analysis_<job id or time>"
 sdpo_help_or_continue "Per-token SDPO signal analysis: heatmaps under a relevant and an unrelated follow-up."

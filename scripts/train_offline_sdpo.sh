@@ -2,7 +2,7 @@
 # Offline SDPO: train a policy on logged interactions (offline_sdpo/main_offline_sdpo.py).
 #   TRAIN_JSONL=data/wildfeedback/wildfeedback_interactions.jsonl scripts/train_offline_sdpo.sh
 #   WORLD_SIZE=1 TRAIN_JSONL=... scripts/train_offline_sdpo.sh --max_steps 10    # one process
-# WORLD_SIZE > 1 runs `accelerate launch`; multi-node runs set NUM_MACHINES, MACHINE_RANK and
+# WORLD_SIZE defaults to the GPUs the machine shows (1 on a CPU laptop); > 1 runs `accelerate launch`; multi-node runs set NUM_MACHINES, MACHINE_RANK and
 # MAIN_PROCESS_IP on every node (scripts/slurm/train_offline_sdpo.sbatch does that for SLURM).
 # Only the variables you set become flags (the upstream spellings --base_model and --learning_rate,
 # aliases of --model and --lr); the defaults are main_offline_sdpo.py's.
@@ -25,13 +25,15 @@ sdpo_field LR --learning_rate
 sdpo_field BS --batch_size
 sdpo_field GA --grad_accum
 sdpo_field NUM_EPOCHS --num_epochs
-sdpo_var WORLD_SIZE "4" "Processes (GPUs) in total over all machines; 1 runs plain python"
+sdpo_var WORLD_SIZE "$(sdpo_gpu_count)" "Processes (GPUs) in total over all machines; 1 runs plain python (the paper ran 4)" \
+    "(the GPUs this machine shows, as counted by sdpo_gpu_count; 1 without a GPU)"
 sdpo_var ACCELERATE_CONFIG "multigpu_accelerate_config.yaml" "Accelerate config (DDP; FSDP / DeepSpeed ones in offline_sdpo/configs/); its process count is overridden by WORLD_SIZE"
 sdpo_var NUM_MACHINES "1" "Machines (nodes) of a multi-node run"
 sdpo_var MACHINE_RANK "${SLURM_NODEID:-0}" "This machine's rank in a multi-node run" "\${SLURM_NODEID:-0}"
 sdpo_var MAIN_PROCESS_IP "" "Address of rank 0 (required when NUM_MACHINES > 1)"
 sdpo_var MAIN_PROCESS_PORT "29500" "Port on rank 0 for the process group"
 model_slug=$(sdpo_effective BASE_MODEL model)
+sdpo_config_var
 sdpo_var OUTPUT_DIR "$BASE_WORK/sdpo_outputs/${OFFLINE_PREFIX}_${model_slug:+$(sdpo_slug "$model_slug")_}$(sdpo_run_tag)" \
     "Checkpoints, metrics.jsonl and the final model" "\$BASE_WORK/sdpo_outputs/${OFFLINE_PREFIX}_<model>_<job id or time>"
 sdpo_help_or_continue "$OFFLINE_TITLE on logged (prompt, completion, user_response) interactions."

@@ -264,3 +264,12 @@ def test_breakdown_sorts_operators_by_the_tensors_they_touch():
     assert kind_of("aten::_log_softmax", [[32, vocab], []], vocab) == "vocabulary_passes"
     assert kind_of("aten::embedding", [[vocab, 64], [1, 40]], vocab) == "backbone_and_rest"  # a [V, H] weight
     assert kind_of("aten::mm", [[40, 64], [64, 192]], vocab) == "backbone_and_rest"
+
+
+def test_bench_options_tiny_prints_the_ratios_of_both_options(capsys):
+    import bench_options
+
+    ratios = bench_options.main(["--model", "tiny-random", "--context", "6", "--response", "8", "--repeats", "1"])
+    assert set(ratios) == {f"{option}_vs_plain_{mode}" for option in ("contrast", "copy_guard")
+                           for mode in ("simple_signal", "full_distillation")}
+    assert bench_common.parse_ratio_lines(capsys.readouterr().out) == pytest.approx(ratios, abs=1e-4)

@@ -163,6 +163,39 @@ def test_saved_adapter_mismatch_fails_clearly(tmp_path, tiny_tokenizer):
         make_session(tmp_path, tiny_tokenizer, user="carol", model="another-model")
 
 
+def test_another_lora_target_modules_is_refused_at_load_and_the_adapter_kept(tmp_path, tiny_tokenizer):
+    first = make_session(tmp_path, tiny_tokenizer, user="dana", lora_target_modules="q_proj,v_proj")
+    chat(first, "Hello there")
+    chat(first, "Shorter, please.")
+    first.close()
+    adapter = tmp_path / "dana" / "adapter"
+    saved = {p: p.read_bytes() for p in sorted(adapter.rglob("*")) if p.is_file()}
+    with pytest.raises(ChatError, match=r"target_modules=q_proj,v_proj, this run --lora_target_modules all-linear "
+                                        r".*pass --lora_target_modules q_proj,v_proj"):
+        make_session(tmp_path, tiny_tokenizer, user="dana")
+    assert {p: p.read_bytes() for p in sorted(adapter.rglob("*")) if p.is_file()} == saved  # never overwritten
+    again = make_session(tmp_path, tiny_tokenizer, user="dana", lora_target_modules="v_proj,q_proj")
+    assert again.updates_applied == 1  # the same modules in another order: loaded
+    again.close(save=False)
+
+
+def test_an_adapter_of_another_shape_names_its_file_not_an_optimizer_error(tmp_path, tiny_tokenizer):
+    from online_sdpo_updater import CheckpointError
+
+    first = make_session(tmp_path, tiny_tokenizer, user="erin", lora_target_modules="q_proj")
+    first.close()
+    # adapter_config.json edited to pass the flag checks: the tensors themselves are checked before loading
+    config_file = tmp_path / "erin" / "adapter" / "model" / "adapter_config.json"
+    assert json.loads(config_file.read_text())["target_modules"] == ["q_proj"]
+    other = make_session(tmp_path, tiny_tokenizer, user="frank")
+    updater = other.updater
+    state_before = {n: p.detach().clone() for n, p in updater.trainable_parameters().items()}
+    with pytest.raises(CheckpointError, match=r"adapter_model.safetensors: the saved adapter does not fit"):
+        updater.load_checkpoint(tmp_path / "erin" / "adapter")
+    assert_same(state_before, {n: p.detach().clone() for n, p in updater.trainable_parameters().items()})
+    other.close(save=False)
+
+
 def test_stop_ends_generation_early(tmp_path, tiny_tokenizer):
     session = make_session(tmp_path, tiny_tokenizer, max_new_tokens=50)
     stream = session.send("Tell me a story")

@@ -165,3 +165,45 @@ def test_base_and_checkpoint_through_both_harnesses(tmp_path, tiny_models, judge
 
     rerun = run_tool(args, {"HF_HUB_CACHE": str(cache)})  # earlier results are kept unless --overwrite
     assert rerun.returncode == 2 and "--overwrite" in rerun.stderr
+
+
+@needs_harnesses
+@pytest.mark.parametrize("base_url", [None, "http://127.0.0.1:9/v1"])
+def test_a_missing_annotator_key_stops_the_run_before_any_answer_is_generated(base_url, tmp_path, monkeypatch,
+                                                                              capsys):
+    from auxiliary import eval_benchmarks
+    from auxiliary.evals import benchmarks as bench
+
+    for name in ("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(bench, "build_lm", lambda *a, **k: pytest.fail("a model was loaded before the key check"))
+    out = tmp_path / "out"
+    argv = ["--baseline_model", str(tmp_path), "--tasks", "alpaca_eval", "--alpaca_eval_json",
+            str(FIXTURES / "alpaca_eval.json"), "--output_dir", str(out)]
+    code = eval_benchmarks.main(argv + (["--alpaca_annotator_base_url", base_url] if base_url else []))
+    err = capsys.readouterr().err
+    assert code == 2 and "OPENAI_API_KEY" in err and "Traceback" not in err, err
+    assert ("any value" in err) if base_url else ("leave alpaca_eval out of --tasks" in err)
+    assert not out.exists()
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-set")
+    assert bench.annotator_key_problem(bench.BenchmarkArgs(baseline_model="x", tasks=["alpaca_eval"])) is None
+    assert bench.annotator_key_problem(bench.BenchmarkArgs(baseline_model="x", tasks=["ifeval"])) is None
+
+
+@needs_harnesses
+def test_lm_eval_records_this_repositorys_commit_without_git_noise(tmp_path, monkeypatch, capfd):
+    import lm_eval
+    import lm_eval.evaluator
+
+    from auxiliary.evals import benchmarks as bench
+
+    monkeypatch.chdir(tmp_path)  # not a git checkout: lm_eval's own lookup prints "fatal: not a git repository"
+    seen = {}
+    monkeypatch.setattr(lm_eval.evaluator, "get_git_commit_hash", lm_eval.evaluator.get_git_commit_hash)
+    monkeypatch.setattr(lm_eval, "simple_evaluate",
+                        lambda **kw: seen.setdefault("hash", lm_eval.evaluator.get_git_commit_hash()))
+    bench.run_lm_eval(None, [], None, bench.BenchmarkArgs(baseline_model="x"))
+    captured = capfd.readouterr()
+    assert "fatal" not in captured.err + captured.out
+    expected = subprocess.run(["git", "describe", "--always"], cwd=REPO, capture_output=True, text=True).stdout.strip()
+    assert seen["hash"] == (expected or None)

@@ -15,6 +15,7 @@ import torch
 
 import eval_online_sdpo
 from auxiliary.evals.evaluation_helpers import win_rate_stats
+from auxiliary.feedback.style_checks import degeneracy
 from auxiliary.feedback.factory import make_judge
 from reliability_helpers import copy_without_chat_template, flags_from_values, read_metrics, without_timings
 
@@ -150,8 +151,13 @@ def test_summary_printed_with_table_net_effect_and_plot(placebo_run):
     assert table in printed and f"win-rate plot: {placebo_run / 'winrate.png'}" in printed
     final = {r["arm"]: r for r in read_history(placebo_run) if r["step"] == 5 and r["style"] == "concise"}
     net = net_effect(final["feedback"], final["placebo"])
+    # the headline comes first: the arms paired on the same prompts, the baseline comparisons beside them
+    assert printed.startswith("== headline at step 5 (concise): feedback vs placebo, paired on the same 6 held-out")
+    headline = printed.split("\n\n")[0]
+    assert "head to head, feedback's replies vs placebo's" in headline.splitlines()[1]
+    assert "paired rule score of 'concise', feedback - placebo: " in headline.splitlines()[2]
     if net["diff"] is not None:
-        assert f"(concise, feedback - placebo win rate): {net['diff']:+.1f} +- {net['se']:.1f}" in printed
+        assert f"net effect (feedback - placebo) {net['diff']:+.1f} +- {net['se']:.1f} points" in headline
     # the head-to-head judges the two arms' final replies against each other
     rows = [r for r in read_completions(placebo_run) if r["phase"] == "eval" and r["step"] == 5]
     texts = {arm: [r["completion"] for r in sorted(rows, key=lambda r: r["index"]) if r["arm"] == arm]
@@ -163,7 +169,13 @@ def test_summary_printed_with_table_net_effect_and_plot(placebo_run):
     paired = json.loads((placebo_run / "summary.json").read_text())["paired_style_score_feedback_minus_placebo"]
     words = lambda t: sum(1 for tok in t.split() if any(ch.isalnum() for ch in tok))  # noqa: E731
     by_hand = sum(words(p) - words(f) for f, p in zip(texts["feedback"], texts["placebo"])) / len(prompts)
+    assert not any(map(degeneracy, texts["feedback"] + texts["placebo"]))  # else the rule's floor applies (below)
     assert paired["concise"]["diff"] == pytest.approx(by_hand)
+    summary = json.loads((placebo_run / "summary.json").read_text())
+    assert list(summary)[0] == "headline"
+    assert summary["headline"]["concise"]["head_to_head"] == h2h
+    assert summary["headline"]["concise"]["paired_rule_score"] == paired["concise"]
+    assert summary["headline"]["concise"]["net_effect"] == summary["final"]["concise"]["net_effect"]
 
 
 def test_resume_continues_without_duplicates_and_matches_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path):
@@ -252,7 +264,27 @@ def test_paired_style_score_difference_by_hand():
     assert diff["n"] == 2 and diff["diff"] == pytest.approx(0.0)
     assert diff["se"] == pytest.approx(math.sqrt(2.0 / 2))  # sample variance 2, n 2
     assert diff["feedback"] == pytest.approx(-3.0) and diff["placebo"] == pytest.approx(-3.0)
+    assert diff["baseline_score"] is None
     assert paired_score_difference("poetic", ["a", "b"], ["c", "d"]) is None  # no rule checks it
+
+
+def test_a_degenerate_reply_scores_no_higher_than_the_worst_sound_reply_to_its_prompt():
+    from auxiliary.evals.online_report import paired_score_difference
+
+    stutter = "go on now go on now go on now go on now"  # 12 words, degenerate (a 4-gram three times)
+    feedback = ["", stutter, "one two three"]
+    placebo = ["one two three four five", "one two", "x"]
+    baseline = ["one two three four five six", "one two three four five six seven", "a b c d"]
+    diff = paired_score_difference("concise", feedback, placebo, baseline)
+    # prompt 0: feedback empty (raw 0) scores as the worst sound reply, the baseline's -6: -6 - (-5) = -1
+    # prompt 1: the stutter's raw -12 is already below every sound reply: -12 - (-2) = -10
+    # prompt 2: both sound: -3 - (-1) = -2
+    assert diff["diff"] == pytest.approx((-1 - 10 - 2) / 3)
+    assert diff["feedback"] == pytest.approx((-6 - 12 - 3) / 3) and diff["placebo"] == pytest.approx((-5 - 2 - 1) / 3)
+    assert diff["baseline_score"] == pytest.approx((-6 - 7 - 4) / 3)
+    # both arms broken on a prompt: a tie there, whatever their lengths
+    tie = paired_score_difference("concise", ["", "a b"], ["  ", "a b c"])
+    assert tie["diff"] == pytest.approx((0 + 1) / 2)
 
 
 def test_config_yaml_sets_flags_and_command_line_wins(tiny_model_dir, data_dir, tmp_path):
@@ -321,3 +353,31 @@ def test_max_checkpoints_zero_keeps_every_checkpoint(tiny_model_dir, data_dir, t
                                            checkpoint_every=1, max_checkpoints=keep)) == 0
     kept = sorted(int(p.name.split("_")[1]) for p in (out / "checkpoints" / "feedback").iterdir())
     assert kept == expected
+
+
+def test_missing_default_prompts_name_the_remedies_and_leave_no_folder(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # a folder without data/: the default data/helpsteer_prompts is nowhere
+    argv = [a for a in base_args(tiny_model_dir, tmp_path, tmp_path / "out") if "jsonl" not in a]
+    argv = [a for a in argv if a != str(tmp_path / "train.jsonl") and a != str(tmp_path / "validation.jsonl")]
+    code = eval_online_sdpo.main(argv)
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("eval_online_sdpo.py: error:")]
+    assert code == 2 and "--train_jsonl data/helpsteer_prompts/train.jsonl" in line
+    assert "scripts/prepare_data.sh" in line and "data/samples/train.jsonl" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_prompt_file_of_the_current_folder_shadowing_the_repositorys_is_named(tmp_path, monkeypatch, caplog):
+    from auxiliary.evals.evaluation_helpers import find_data_file
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "data" / "samples").mkdir(parents=True)
+    (tmp_path / "data" / "samples" / "train.jsonl").write_text('{"prompt": "mine"}\n')
+    with caplog.at_level("WARNING"):
+        found = find_data_file("data/samples/train.jsonl")
+    assert found.resolve() == (tmp_path / "data" / "samples" / "train.jsonl").resolve()
+    assert "not from the repository" in caplog.text and str(tmp_path) in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING"):
+        assert find_data_file("data/samples/validation.jsonl").is_file()  # only in the repository: no warning
+    assert caplog.text == ""

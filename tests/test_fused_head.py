@@ -20,29 +20,29 @@ def _batches(tokenizer):
     return build_scoring_batch(CONTEXTS_X, RESPONSES, pad), build_scoring_batch(CONTEXTS_XO, RESPONSES, pad)
 
 
-def _loss_and_grads(model, batch_x, batch_xo, opts, ref_model=None, teacher_object=None):
+def _loss_and_grads(model, batch_x, batch_xo, opts, ref_model=None, teacher_object=None, batch_neutral=None):
     model.zero_grad(set_to_none=True)
-    loss, stats = sdpo_loss(model, batch_x, batch_xo, opts, ref_model, teacher_object)
+    loss, stats = sdpo_loss(model, batch_x, batch_xo, opts, ref_model, teacher_object, batch_neutral)
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad(set_to_none=True)
     return loss.detach(), stats, grads
 
 
-def _assert_same(model, batch_x, batch_xo, ref_model=None, teacher_object=None, **options):
-    """Fused and checkpointed head paths: same loss, gradients and stats (`teacher_object`: a
-    sdpo_objective.Teacher)."""
+def _assert_same(model, batch_x, batch_xo, ref_model=None, teacher_object=None, batch_neutral=None, **options):
+    """Fused and checkpointed head paths: same loss, gradients and stats (`teacher_object`: a sdpo_objective.Teacher;
+    `batch_neutral`: x o_neutral, with contrast_followup in the options)."""
     fused = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=True, **options), ref_model,
-                            teacher_object)
+                            teacher_object, batch_neutral)
     plain = _loss_and_grads(model, batch_x, batch_xo, ObjectiveOptions(fused_lm_head=False, **options), ref_model,
-                            teacher_object)
+                            teacher_object, batch_neutral)
     assert fused[1]["fused_lm_head"] and not plain[1]["fused_lm_head"]
     torch.testing.assert_close(fused[0], plain[0], atol=1e-6, rtol=1e-5)
     assert fused[2].keys() == plain[2].keys() and fused[2]
     for name, grad in plain[2].items():
         scale = float(grad.abs().max().clamp(min=1e-8))
         torch.testing.assert_close(fused[2][name] / scale, grad / scale, atol=GRAD_TOLERANCE, rtol=0, msg=name)
-    for key in ("loss", "signal_mean", "logp_x", "logp_xo", "distill_kl", "ref_kl"):
+    for key in ("loss", "signal_mean", "logp_x", "logp_xo", "logp_neutral", "distill_kl", "ref_kl"):
         if key in plain[1]:
             assert fused[1][key] == pytest.approx(plain[1][key], abs=1e-6, rel=1e-5), key
     for a, b in zip(fused[1]["signal_per_sequence"], plain[1]["signal_per_sequence"]):
@@ -230,7 +230,7 @@ def test_head_paths_tail_bucket_against_float64(path):
     from test_objective import brute_force_topk_kl, crafted_logits, tail_pairs
 
     from sdpo_fused_head import fused_head_loss
-    from sdpo_objective import _checkpointed_head_loss, _HeadLogits, _TokenLossPlan
+    from sdpo_objective import checkpointed_head_loss, HeadLogits, TokenLoss
 
     pairs = tail_pairs()
     student64 = crafted_logits([s for s, _ in pairs], seed=2)
@@ -242,11 +242,11 @@ def test_head_paths_tail_bucket_against_float64(path):
 
     model = _IdentityHeadModel(vocab)
     opts = ObjectiveOptions(loss_mode="full_distillation", distillation_topk=k)
-    plan = _TokenLossPlan(opts, 1, torch.zeros(tokens, dtype=torch.long), torch.arange(tokens), torch.ones(tokens),
-                          torch.full((tokens,), float(tokens)))
+    plan = TokenLoss(opts, 1, torch.zeros(tokens, dtype=torch.long), torch.ones(tokens),
+                     torch.full((tokens,), float(tokens)))
     hidden_s = student64.detach().float().requires_grad_(True)
-    head_loss = fused_head_loss if path == "fused" else _checkpointed_head_loss
-    loss, _, _, kl = head_loss(_HeadLogits(model), plan, hidden_s, teacher64.float(),
+    head_loss = fused_head_loss if path == "fused" else checkpointed_head_loss
+    loss, _, _, kl = head_loss(HeadLogits(model), plan, hidden_s, teacher64.float(),
                                torch.zeros(tokens, dtype=torch.long),
                                chunk_size=5)
     loss.backward()
@@ -268,7 +268,7 @@ def test_head_paths_tail_bucket_below_float32_range(path):
     from test_objective import brute_force_topk_kl, crafted_logits
 
     from sdpo_fused_head import fused_head_loss
-    from sdpo_objective import _checkpointed_head_loss, _HeadLogits, _TokenLossPlan
+    from sdpo_objective import checkpointed_head_loss, HeadLogits, TokenLoss
 
     pairs = [(s, t) for s in (0.3, 1e-3) for t in (1e-20, 1e-30, 1e-40, 1e-44)] + [(1e-30, 0.3), (1e-44, 1e-3)]
     student64 = crafted_logits([s for s, _ in pairs], seed=4)
@@ -276,13 +276,11 @@ def test_head_paths_tail_bucket_below_float32_range(path):
     tokens, vocab, k = student64.shape[0], student64.shape[1], 4
     expected = brute_force_topk_kl(student64, teacher64, k)
     model = _IdentityHeadModel(vocab)
-    plan = _TokenLossPlan(ObjectiveOptions(loss_mode="full_distillation", distillation_topk=k), 1,
-                          torch.zeros(tokens, dtype=torch.long), torch.arange(tokens), torch.ones(tokens),
-                          torch.full((tokens,), float(tokens)))
-    head_loss = fused_head_loss if path == "fused" else _checkpointed_head_loss
+    plan = TokenLoss(ObjectiveOptions(loss_mode="full_distillation", distillation_topk=k), 1,
+                     torch.zeros(tokens, dtype=torch.long), torch.ones(tokens), torch.full((tokens,), float(tokens)))
+    head_loss = fused_head_loss if path == "fused" else checkpointed_head_loss
     hidden_s = student64.float().requires_grad_(True)
-    _, _, _, kl = head_loss(_HeadLogits(model), plan, hidden_s, teacher64.float(),
-                            torch.zeros(tokens, dtype=torch.long),
+    _, _, _, kl = head_loss(HeadLogits(model), plan, hidden_s, teacher64.float(), torch.zeros(tokens, dtype=torch.long),
                             chunk_size=5)
     assert torch.isfinite(kl).all()
     torch.testing.assert_close(kl.double(), expected, rtol=2e-5, atol=1e-6)

@@ -32,7 +32,7 @@ def test_online_updater_renders_the_separate_turn(tiny_tokenizer):
 
     config = OnlineSDPOConfig(model="tiny", device="cpu", hindsight_placement="separate_turn")
     updater = OnlineSDPOUpdater(config, build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer)
-    _, batch_xo = updater.build_batches([MESSAGES], [[5, 6, 2]], [FOLLOWUP])
+    _, batch_xo, _ = updater.build_batches([MESSAGES], [[5, 6, 2]], [FOLLOWUP])
     expected = separate_turn_ids(tiny_tokenizer)
     assert batch_xo.input_ids[0, batch_xo.context_width - len(expected):batch_xo.context_width].tolist() == expected
 

@@ -15,6 +15,7 @@ from sdpo_objective import (
     render_context_ids,
     sdpo_loss,
     shape_signal,
+    token_weights,
     topk_divergence,
     validate_template,
 )
@@ -228,14 +229,22 @@ def test_full_distillation_gradient_is_finite_and_loss_nonnegative(tiny_model, t
 def test_signal_shaping_ignore_center_clip_by_hand():
     raw = torch.tensor([1.0, -2.0, 3.0, 0.5, -0.5])
     seq = torch.tensor([0, 0, 0, 1, 1])
-    pos = torch.tensor([0, 1, 2, 0, 1])
-    signal, weight = shape_signal(raw, seq, pos, 2, ObjectiveOptions(loss_mode="simple_signal", ignore_first_k=1))
+    ids, mask = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([[True, True, True], [True, True, False]])
+
+    def shaped(**options):
+        opts = ObjectiveOptions(loss_mode="simple_signal", **options)
+        weight = token_weights(ids, mask, opts)
+        return shape_signal(raw, weight, seq, 2, opts), weight
+
+    signal, weight = shaped(ignore_first_k=1)
     assert weight.tolist() == [0, 1, 1, 0, 1] and signal.tolist() == [0, -2, 3, 0, -0.5]
-    centred, _ = shape_signal(raw, seq, pos, 2, ObjectiveOptions(loss_mode="simple_signal", center_signal=True))
+    centred, _ = shaped(center_signal=True)
     assert centred.tolist() == pytest.approx([1 - 2 / 3, -2 - 2 / 3, 3 - 2 / 3, 0.5, -0.5])
-    clipped, _ = shape_signal(raw, seq, pos, 2, ObjectiveOptions(loss_mode="simple_signal", signal_clip=1.0))
+    centred_after_ignore, _ = shaped(center_signal=True, ignore_first_k=1)  # the mean of the kept tokens only
+    assert centred_after_ignore.tolist() == pytest.approx([0, -2.5, 2.5, 0, 0])
+    clipped, _ = shaped(signal_clip=1.0)
     assert clipped.tolist() == [1, -1, 1, 0.5, -0.5]
-    negated, _ = shape_signal(raw, seq, pos, 2, ObjectiveOptions(loss_mode="simple_signal", negate_signal=True))
+    negated, _ = shaped(negate_signal=True)
     assert negated.tolist() == [-1, 2, -3, -0.5, 0.5]
 
 
@@ -280,6 +289,42 @@ def test_configs_carry_every_objective_option():
     assert names <= offline_names  # both configs inherit the objective group (negate_signal included)
     offline = OfflineSDPOArguments(output_dir="x", distillation_topk=7, fused_lm_head=False)
     assert offline.objective_options().distillation_topk == 7 and not offline.objective_options().fused_lm_head
+
+
+def test_hindsight_block_in_an_assistant_turn(tiny_tokenizer):
+    """The paper's offline Qwen3-4B placement: the block in an assistant turn after x, y after another header."""
+    from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, hindsight_messages
+
+    x = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write an e-mail."}]
+    xo = hindsight_messages(x, "  Use a formal tone. ", placement="assistant_turn")
+    block = DEFAULT_HINDSIGHT_TEMPLATE.format(followup="Use a formal tone.").strip()
+    assert xo == x + [{"role": "assistant", "content": block}]
+    text = tiny_tokenizer.decode(render_context_ids(tiny_tokenizer, xo))
+    assert text.endswith(f"<|im_start|>user\nWrite an e-mail.<|im_end|>\n<|im_start|>assistant\n{block}<|im_end|>\n"
+                         "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+    with pytest.raises(ValueError, match="no user message"):
+        hindsight_messages([{"role": "system", "content": "x"}], "ok", placement="assistant_turn")
+
+
+def test_lora_dropout_is_off_by_default_so_train_and_eval_mode_score_alike(tiny_tokenizer):
+    """The paper's LoRA dropout (0): the teacher (eval mode) and the student (train mode) see the same model."""
+    from auxiliary.runtime.tiny_model import build_tiny_model
+    from online_sdpo_updater import OnlineSDPOUpdater
+    from online_sdpo_updater_config import OnlineSDPOConfig
+
+    config = OnlineSDPOConfig(model="tiny", device="cpu", use_lora=True, lora_r=4, lora_alpha=8)
+    assert config.lora_dropout == 0.0
+    updater = OnlineSDPOUpdater(config, build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer)
+    with torch.no_grad():
+        for name, param in updater.model.named_parameters():
+            if "lora_B" in name:  # a trained adapter (B starts at 0, when dropout could not show)
+                param.normal_(0.0, 0.1, generator=torch.Generator().manual_seed(0))
+        for _ in range(2):  # a nonzero dropout would draw other masks on each train-mode pass
+            ids = torch.tensor([[3, 4, 5, 6, 7]])
+            updater.model.train()
+            train = updater.model(ids).logits
+            updater.model.eval()
+            torch.testing.assert_close(train, updater.model(ids).logits, atol=0, rtol=0)
 
 
 def test_hindsight_block_in_a_separate_turn():

@@ -1,4 +1,6 @@
 """Offline SDPO end to end on a tiny model: train, log, save, reload, resume, LoRA, and 2 CPU processes."""
+import contextlib
+import io
 import json
 import os
 import shutil
@@ -36,10 +38,13 @@ def three_steps(tiny_model_dir, tmp_path_factory):
     yaml_file = out.parent / "offline.yaml"
     yaml_file.write_text("batch_size: 2\ngrad_accum: 2\nmax_steps: 3\n")  # YAML keys are flags too
     os.environ["ANTHROPIC_API_KEY"] = SECRET  # must never reach any output file
+    printed = io.StringIO()
     try:
-        result = run_in_process(main, common_flags(tiny_model_dir, out) + ["--config", str(yaml_file)])
+        with contextlib.redirect_stdout(printed):
+            result = run_in_process(main, common_flags(tiny_model_dir, out) + ["--config", str(yaml_file)])
     finally:
         os.environ.pop("ANTHROPIC_API_KEY", None)
+    result["printed"] = printed.getvalue()
     return out, result
 
 
@@ -59,6 +64,16 @@ def test_one_process_trains_logs_and_saves_a_loadable_model(three_steps, tiny_mo
     from transformers import AutoTokenizer
 
     assert AutoTokenizer.from_pretrained(str(out)).chat_template
+
+
+def test_the_run_prints_plain_numbers_and_plots_its_training(three_steps):
+    out, result = three_steps
+    lines = [line for line in result["printed"].splitlines() if line.startswith("step ") and "  loss " in line]
+    assert [line.split()[1] for line in lines] == ["1/3", "2/3", "3/3"], result["printed"]
+    first = read_metrics(out)[0]
+    assert f"  loss {first['loss']:.4g}  " in lines[0] and "'" not in lines[0]
+    assert "{'loss'" not in result["printed"]  # transformers' dict of quoted strings is gone
+    assert (out / "training.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_resolved_config_is_saved_without_secrets(three_steps):
@@ -194,3 +209,31 @@ def test_an_earlier_run_is_never_overwritten_silently(three_steps, tiny_model_di
     result = run_in_process(main, flags + ["--overwrite"])
     assert result["global_step"] == 1 and not (earlier / "checkpoint-3").exists()
     assert [m["step"] for m in read_metrics(earlier)] == [1]
+
+
+def test_overwrite_with_bad_input_deletes_nothing(three_steps, tiny_model_dir, tmp_path):
+    from auxiliary.runtime.io_utils import DataError
+    from auxiliary.runtime.model_loading import ModelLoadError
+
+    out, _ = three_steps
+    earlier = shutil.copytree(out, tmp_path / "earlier")
+    before = sorted(p.name for p in earlier.iterdir())
+    flags = common_flags(tiny_model_dir, earlier) + ["--max_steps", "1", "--overwrite"]
+    for bad in (["--train_jsonl", str(tmp_path / "missing.jsonl")], ["--base_model", str(tmp_path / "no_model")]):
+        with pytest.raises((DataError, ModelLoadError)):
+            run_in_process(main, flags + bad)
+        assert sorted(p.name for p in earlier.iterdir()) == before  # the checks come before any deletion
+
+
+def test_overwrite_refuses_a_model_folder_no_run_of_ours_wrote(tiny_model_dir, tmp_path):
+    RUN_MARKER = ".sdpo_run.json"
+
+    user = shutil.copytree(tiny_model_dir, tmp_path / "my_model")
+    (user / "adapter").mkdir()
+    os.chmod(user, 0o755)
+    before = {p.name: p.read_bytes() for p in user.iterdir() if p.is_file()}
+    with pytest.raises(SystemExit) as refused:
+        run_in_process(main, common_flags(tiny_model_dir, user) + ["--max_steps", "1", "--overwrite"])
+    assert f"not the run marker {RUN_MARKER}" in str(refused.value) and "nothing was deleted" in str(refused.value)
+    assert {p.name: p.read_bytes() for p in user.iterdir() if p.is_file()} == before and (user / "adapter").is_dir()
+    assert os.stat(user).st_mode & 0o777 == 0o755

@@ -19,7 +19,10 @@ def test_a_folder_with_results_needs_resume_or_overwrite(tmp_path):
     resumed = RunFolder.open(tmp_path / "run", resume=True, overwrite=False)
     assert (resumed / "metrics.jsonl").exists() and (tmp_path / "run").stat().st_mode & 0o777 == 0o700
     resumed.close()
-    RunFolder.open(tmp_path / "run", resume=False, overwrite=True).close()
+    replacing = RunFolder.open(tmp_path / "run", resume=False, overwrite=True)
+    assert (replacing / "metrics.jsonl").exists()  # nothing goes before the entry point's checks have passed
+    replacing.clear_earlier_results()
+    replacing.close()
     assert not (tmp_path / "run" / "metrics.jsonl").exists() and not folder.checkpoint_root.exists()
 
 

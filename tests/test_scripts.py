@@ -137,6 +137,13 @@ CASES = {
          "OUTPUT_DIR": "{tmp}/signals"},
         [("--model", "my-org/scorer"), ("--cases_json", str(REPO / "auxiliary" / "signal_analysis_cases.json")),
          ("--n_cases", "5"), ("--output_dir", "{tmp}/signals")]),
+    "eval_benchmarks.sh": (
+        {"CHECKPOINTS": "/ckpt/a /ckpt/b", "BASELINE_MODEL": "my-org/baseline", "TASKS": "ifeval,alpaca_eval",
+         "LIMIT": "5", "BACKEND": "vllm", "BASE_MODEL": "my-org/base", "ALPACA_ANNOTATOR": "claude",
+         "OUTPUT_DIR": "{tmp}/bench"},
+        [("--checkpoints", "/ckpt/a", "/ckpt/b"), ("--baseline_model", "my-org/baseline"),
+         ("--tasks", "ifeval,alpaca_eval"), ("--limit", "5"), ("--backend", "vllm"), ("--base_model", "my-org/base"),
+         ("--alpaca_annotator", "claude"), ("--output_dir", "{tmp}/bench")]),
     "prepare_data.sh": (
         {"DATASETS": "helpsteer wildchat", "DATA_ROOT": "{tmp}/data root", "HELPSTEER_SOURCE": "/mirror/HelpSteer2",
          "WILDCHAT_SOURCE": "/mirror/WildChat"},
@@ -707,6 +714,52 @@ def test_the_profile_and_the_users_config_decide_whether_claude_needs_a_key(work
     # the profile first, the user's YAML after it (later files win), then the user's flags
     configs = [call["argv"][i + 1] for i, a in enumerate(call["argv"]) if a == "--config"]
     assert configs == [str(REPO / "configs" / "wrappers" / "eval_online_sdpo.yaml"), str(mine)]
+
+
+def test_config_variable_passes_a_preset_after_the_profile_and_env_vars_still_win(work):
+    preset = "configs/paper/offline_wildchat.yaml"
+    env = case_env("train_offline_sdpo.sh", work, CONFIG=preset)
+    env.pop("BASE_MODEL")
+    (argv,) = commands(run(SCRIPTS / "train_offline_sdpo.sh", "--dry-run", env=env, cwd=work["cwd"]).stdout)
+    assert has_pair(argv, "--config", str(REPO / preset))
+    assert argv.index("--config") < argv.index("--learning_rate")  # LR (set) comes after the preset: it wins
+    assert "--base_model" not in argv  # the preset's model is left to the preset
+    (argv,) = commands(run(SCRIPTS / "eval_online_sdpo.sh", "--dry-run", env=case_env(
+        "eval_online_sdpo.sh", work, CONFIG="configs/paper/online_tldr.yaml"), cwd=work["cwd"]).stdout)
+    configs = [argv[i + 1] for i, a in enumerate(argv) if a == "--config"]
+    assert configs == [str(REPO / "configs/wrappers/eval_online_sdpo.yaml"),
+                       str(REPO / "configs/paper/online_tldr.yaml")]
+    result = run(SCRIPTS / "eval_checkpoints.sh", env=case_env("eval_checkpoints.sh", work, CONFIG="nope.yaml",
+                                                               SDPO_PYTHON=work["python"]))
+    assert result.returncode == 2 and "CONFIG" in result.stderr and recorded(work) == []
+
+
+@pytest.mark.parametrize("visible,launcher", [(None, "python"), ("", "python"), ("0", "python"), ("2,3", "accelerate")])
+def test_world_size_defaults_to_the_gpus_the_machine_shows(visible, launcher, work):
+    env = case_env("train_offline_sdpo.sh", work, SDPO_PYTHON=work["python"], PATH="/usr/bin:/bin")
+    env.pop("WORLD_SIZE")
+    if visible is not None:
+        env["CUDA_VISIBLE_DEVICES"] = visible
+    else:
+        env.pop("CUDA_VISIBLE_DEVICES", None)  # and no nvidia-smi on PATH: a CPU machine
+    result = run(SCRIPTS / "train_offline_sdpo.sh", env=env)
+    assert result.returncode == 0, result.stderr
+    (call,) = recorded(work)
+    assert call["exe"] == launcher
+    if launcher == "accelerate":
+        assert has_pair(call["argv"], "--num_processes", "2")
+
+
+def test_demo_help_lists_the_demo_variables_with_the_profiles_values():
+    result = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--help"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 0, result.stderr
+    profile = (REPO / "configs" / "demo.yaml").read_text()
+    train_n = re.search(r"^train_n:\s*(\d+)", profile, flags=re.M).group(1)
+    assert re.search(rf"^  DEMO_TRAIN_N\s+{train_n}\s+--train_n$", result.stdout, flags=re.M), result.stdout
+    for name in ("DEMO_STYLE", "DEMO_LR", "DEMO_SEED", "DEMO_MAX_NEW_TOKENS", "OUTPUT_DIR"):
+        assert name in result.stdout
+    assert len(result.stdout.splitlines()) < 40  # not the entry point's 400 lines
 
 
 def test_demo_accepts_dry_run_and_writes_nothing(tmp_path):

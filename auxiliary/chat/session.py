@@ -16,8 +16,10 @@ one optimizer. The web UI keeps one session per logged-in user (auxiliary/chat/w
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +32,7 @@ import torch
 from auxiliary.runtime.generation import GeneratedResponse, cut_at_stop, left_pad, stop_token_ids
 from auxiliary.runtime.io_utils import append_jsonl, private_dir, recover_folder
 from auxiliary.runtime.locks import FolderLock
-from sdpo_objective import compute_signal, hindsight_messages, render_context_ids
+from sdpo_objective import compute_signal, hindsight_contexts, render_context_ids
 
 ADAPTER_FOLDER = "adapter"            # <adapters_dir>/<user_id>/adapter: an updater checkpoint
 INTERACTIONS_FILE = "interactions.jsonl"
@@ -49,6 +51,35 @@ COMMANDS = {
 
 class ChatError(RuntimeError):
     pass
+
+
+class ChatTerminated(Exception):
+    """SIGTERM or SIGHUP (a closed terminal, `kill PID`): raised in the main thread so that the UI leaves
+    through its normal end, which saves every open session."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def save_on_termination():
+    """While inside, SIGTERM and SIGHUP raise ChatTerminated (once: a second signal must not interrupt the
+    save the first one started). Main thread only."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if not received:
+            received.append(signum)
+            raise ChatTerminated(signum)
+
+    watched = (signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, handler) for signum in watched}
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
 
 
 def validate_user_id(user_id: str) -> str:
@@ -153,10 +184,15 @@ class ReplyStream:
 
 @dataclass
 class _Snapshot:
+    """The whole training state /undo and /reset restore: weights, optimizer, lr scheduler, step counters
+    and (--teacher ema) the teacher's weights."""
     params: dict[str, torch.Tensor]
     optimizer: dict
     step: int
     label: str
+    scheduler: dict
+    skipped_nonfinite: int
+    teacher: dict | None
 
 
 @dataclass
@@ -252,6 +288,15 @@ class ChatSession:
                 flag = "--lora_r" if key == "r" else "--lora_alpha"
                 raise ChatError(f"{adapter_config}: the saved adapter has {key}={saved[key]}, this run {flag} {ours}; "
                                 f"pass {flag} {saved[key]} to continue it")
+        # peft stores the resolved module names (all-linear becomes the list it stands for): compare those
+        targets = getattr(self.updater.model, "peft_config", {}).get("default")
+        saved_targets = saved.get("target_modules")
+        ours = set(targets.target_modules) if targets is not None and targets.target_modules else None
+        if saved_targets and ours is not None and set(saved_targets) != ours:
+            saved_flag = ",".join(sorted(saved_targets))
+            raise ChatError(f"{adapter_config}: the saved adapter has target_modules={saved_flag}, this run "
+                            f"--lora_target_modules {config.lora_target_modules} ({','.join(sorted(ours))}); "
+                            f"pass --lora_target_modules {saved_flag} to continue it")
 
     def save(self) -> Path:
         return self._run(self._save)
@@ -378,12 +423,13 @@ class ChatSession:
 
     def _signal(self, pending: _Pending, followup: str) -> list[float]:
         config = self.updater.config
-        context_x = render_context_ids(self.tokenizer, pending.context)
-        context_xo = render_context_ids(self.tokenizer, hindsight_messages(
-            pending.context, followup, config.hindsight_template, config.hindsight_placement))
+        context_x, context_xo, context_neutral = hindsight_contexts(
+            self.tokenizer, pending.context, followup, config.hindsight_template, config.hindsight_placement,
+            config.contrast_followup)
         result = compute_signal(self.updater.model, [context_x], [context_xo], [pending.reply.ids],
-                                self.tokenizer.pad_token_id, self.updater.config.max_context_length,
-                                self.updater.config.logits_chunk_size, teacher=self.updater.teacher)
+                                self.tokenizer.pad_token_id, config.max_context_length, config.logits_chunk_size,
+                                teacher=self.updater.teacher,
+                                contexts_neutral=None if context_neutral is None else [context_neutral])
         return result[0]["signal"]
 
     def _remember_why(self, pending: _Pending, followup: str, signal: list[float], updated: bool) -> None:
@@ -408,16 +454,24 @@ class ChatSession:
         return self.updater.trainable_parameters()
 
     def _snapshot(self, label: str) -> _Snapshot:
+        updater = self.updater
         params = {name: p.detach().clone() for name, p in self._trainable().items()}
-        return _Snapshot(params, copy.deepcopy(self.updater.optimizer.state_dict()), self.updater.step, label)
+        teacher = updater.teacher.state_dict() if updater.teacher.mode == "ema" else None  # a copy already
+        return _Snapshot(params, copy.deepcopy(updater.optimizer.state_dict()), updater.step, label,
+                         copy.deepcopy(updater.scheduler.state_dict()), updater.skipped_nonfinite, teacher)
 
     def _restore(self, snapshot: _Snapshot) -> None:
+        updater = self.updater
         with torch.no_grad():
             for name, param in self._trainable().items():
                 param.copy_(snapshot.params[name])
         # deepcopy: load_state_dict keeps the given tensors, and Adam updates them in place later.
-        self.updater.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
-        self.updater.step = snapshot.step
+        updater.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
+        updater.scheduler.load_state_dict(copy.deepcopy(snapshot.scheduler))  # the lr follows the step back
+        if snapshot.teacher is not None:
+            updater.teacher.load_state_dict(snapshot.teacher, source="the /undo copy")
+        updater.step = snapshot.step
+        updater.skipped_nonfinite = snapshot.skipped_nonfinite
 
     def _push_undo(self, snapshot: _Snapshot) -> None:
         self._undo.append(snapshot)

@@ -271,7 +271,8 @@ def offline_theme():
 
 
 def serve(router: SessionRouter, config, credentials: list[tuple[str, str]] | None = None) -> None:
-    """Run the web UI until Ctrl-C or (single user) the /quit button; then save every open session."""
+    """Run the web UI until Ctrl-C, SIGTERM / SIGHUP or (single user) the /quit button; then save every open
+    session."""
     quit_event = threading.Event()
     app = build_app(router, config, quit_event)
     app.queue(default_concurrency_limit=1)  # turns are served one at a time, in order
@@ -279,11 +280,14 @@ def serve(router: SessionRouter, config, credentials: list[tuple[str, str]] | No
                theme=offline_theme(), footer_links=[], auth=credentials or None)
     logins = f", {len(credentials)} logins" if credentials else ""
     print(f"web UI on http://{config.host}:{config.port} (Ctrl-C or the /quit button to stop{logins})", flush=True)
+    from auxiliary.chat.session import ChatTerminated
+
     try:
         while not quit_event.wait(0.5):
             pass
-    except KeyboardInterrupt:
-        pass
+    except (KeyboardInterrupt, ChatTerminated) as stop:  # Ctrl-C, `kill PID`, a closed terminal: save all
+        if isinstance(stop, ChatTerminated):
+            print(f"{stop}: saving every open session before leaving", flush=True)
     print("saving the adapter ...", flush=True)
     for user, path in router.close_all().items():
         print(f"saved to {path}", flush=True)

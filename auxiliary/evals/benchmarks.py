@@ -166,10 +166,25 @@ def chat_template_args(args: BenchmarkArgs) -> dict:
     return {"enable_thinking": args.enable_thinking}
 
 
+def quiet_git_hash() -> Optional[str]:
+    """This repository's commit for lm_eval's `git_hash` field. lm_eval's own runs `git describe` in the
+    current folder with stderr left open, so outside a git checkout it prints "fatal: not a git repository"."""
+    import subprocess
+
+    try:
+        done = subprocess.run(["git", "describe", "--always"], cwd=Path(__file__).resolve().parents[2],
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return done.stdout.strip() if done.returncode == 0 else None
+
+
 def run_lm_eval(lm, task_names: list[str], include_path: Optional[Path], args: BenchmarkArgs) -> dict:
     import lm_eval
+    import lm_eval.evaluator
     from lm_eval.tasks import TaskManager
 
+    lm_eval.evaluator.get_git_commit_hash = quiet_git_hash
     task_manager = TaskManager(include_path=str(include_path) if include_path else None)
     return lm_eval.simple_evaluate(
         model=lm, tasks=task_names, limit=args.limit, apply_chat_template=True, fewshot_as_multiturn=True,
@@ -298,12 +313,8 @@ def generate_alpaca_outputs(lm, reference, label: str, args: BenchmarkArgs) -> l
             for index, (instruction, answer) in enumerate(zip(reference["instruction"], answers))]
 
 
-def annotator_config(args: BenchmarkArgs, output_dir: Optional[Path]):
-    """What alpaca_eval.evaluate gets as annotators_config: the named config, or one derived from it
-    that sends its requests to --alpaca_annotator_base_url (written under output_dir)."""
-    if not args.alpaca_annotator_base_url:
-        return args.alpaca_annotator
-    import yaml
+def _annotator_config_file(args: BenchmarkArgs) -> tuple[Path, Path]:
+    """(the --alpaca_annotator configs.yaml, alpaca_eval's folder of named configs)."""
     from alpaca_eval import constants
 
     configs_dir = Path(constants.EVALUATORS_CONFIG_DIR)
@@ -312,6 +323,44 @@ def annotator_config(args: BenchmarkArgs, output_dir: Optional[Path]):
                                                  else configs_dir / args.alpaca_annotator / "configs.yaml")
     if not config_file.is_file():
         raise DataError(f"--alpaca_annotator {args.alpaca_annotator}: no alpaca_eval annotator config of that name")
+    return config_file, configs_dir
+
+
+# alpaca_eval's completion functions that call a hosted API -> the variables its client reads the key from
+ANNOTATOR_KEYS = {"openai_completions": ("OPENAI_API_KEY", "OPENAI_API_KEYS", "OPENAI_CLIENT_CONFIG_PATH"),
+                  "anthropic_completions": ("ANTHROPIC_API_KEY",), "cohere_completions": ("COHERE_API_KEY",),
+                  "huggingface_api_completions": ("HUGGINGFACEHUB_API_TOKEN",)}
+
+
+def annotator_key_problem(args: BenchmarkArgs) -> Optional[str]:
+    """Why the AlpacaEval annotator could not be called (its API key missing), or None: checked before any
+    answer is generated, so a missing key costs seconds, not a whole generation pass."""
+    if "alpaca_eval" not in args.tasks:
+        return None
+    import yaml
+
+    config_file, _ = _annotator_config_file(args)
+    (config,) = yaml.safe_load(config_file.read_text()).values()
+    completions = config.get("fn_completions", "")
+    names = ANNOTATOR_KEYS.get(completions)
+    if not names or any(os.environ.get(name) for name in names):
+        return None
+    if args.alpaca_annotator_base_url:
+        return (f"the AlpacaEval annotator at {args.alpaca_annotator_base_url} is called through the OpenAI client, "
+                "which needs OPENAI_API_KEY: set it (any value, e.g. EMPTY, when the server checks none)")
+    return (f"the AlpacaEval annotator {args.alpaca_annotator} calls a hosted API ({completions}) and needs "
+            f"{names[0]}: set it, or pass --alpaca_annotator_base_url for an OpenAI-compatible server of your own, "
+            "or leave alpaca_eval out of --tasks")
+
+
+def annotator_config(args: BenchmarkArgs, output_dir: Optional[Path]):
+    """What alpaca_eval.evaluate gets as annotators_config: the named config, or one derived from it
+    that sends its requests to --alpaca_annotator_base_url (written under output_dir)."""
+    if not args.alpaca_annotator_base_url:
+        return args.alpaca_annotator
+    import yaml
+
+    config_file, configs_dir = _annotator_config_file(args)
     configs = yaml.safe_load(config_file.read_text())
     (name, config), = configs.items()
     if output_dir is None:

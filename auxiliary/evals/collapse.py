@@ -1,6 +1,8 @@
 """Collapse monitors: signs that a policy is learning to stutter rather than to please its user.
 
-    text_monitors(texts)                       -> {"degenerate_share", "distinct_2", "mean_words"}
+    text_monitors(texts, prompts=None, relevance=None)
+                                               -> {"degenerate_replies", "degenerate_share", "ignoring_replies",
+                                                   "distinct_2", "mean_words"}
     policy_monitors(model, tokenizer, conversations, reply_texts)
                                                -> {"entropy", "logprob"} in nats per token
     collapse_warnings(record, reference)       -> list of one-line warnings
@@ -9,7 +11,8 @@
     reply_monitors(model, tokenizer, messages, text) -> one training reply's (metrics.jsonl rows)
 
 - degenerate_share: the share of replies with a repeated phrase, an answer to the follow-up or
-  no text (auxiliary/feedback/style_checks.degeneracy).
+  no text (auxiliary/feedback/style_checks.degeneracy) or, given a relevance scorer
+  (auxiliary/feedback/relevance.py), that ignore their request (counted alone in ignoring_replies).
 - distinct_2: distinct word bigrams / all word bigrams over the replies (1.0 = no bigram repeats).
 - entropy: mean entropy of the policy's next-token distribution along its own replies; a policy
   that collapses onto a loop becomes certain of every token.
@@ -41,11 +44,17 @@ def distinct_n(texts: Sequence[str], n: int = 2) -> float:
     return len(grams) / total if total else 1.0
 
 
-def text_monitors(texts: Sequence[str]) -> dict:
+def text_monitors(texts: Sequence[str], prompts: Sequence | None = None, relevance=None) -> dict:
+    """Degenerate replies (with a relevance scorer and the replies' prompts, those that ignore their
+    request too: `ignoring_replies`), distinct-2 and mean words."""
+    from auxiliary.feedback.relevance import degenerate_reasons
+
     n = len(texts)
-    return {"degenerate_replies": sum(1 for t in texts if degeneracy(t)),
-            "degenerate_share": sum(1 for t in texts if degeneracy(t)) / n if n else 0.0,
-            "distinct_2": distinct_n(texts, 2),
+    reasons = degenerate_reasons(prompts, texts, relevance)
+    degenerate = sum(1 for found in reasons if found)
+    ignoring = sum("ignores_request" in found for found in reasons) if relevance is not None and prompts else None
+    return {"degenerate_replies": degenerate, "degenerate_share": degenerate / n if n else 0.0,
+            "ignoring_replies": ignoring, "distinct_2": distinct_n(texts, 2),
             "mean_words": sum(map(count_words, texts)) / n if n else 0.0}
 
 
@@ -100,12 +109,17 @@ def collapse_warnings(record: dict, reference: dict, baseline_share: float | Non
     return warnings
 
 
-def eval_monitors(model, tokenizer, conversations, texts: Sequence[str], baseline_texts: Sequence[str]) -> dict:
-    """The monitors of one arm at one evaluation: its replies' text monitors, the policy's entropy on
-    them and the log-probability of the baseline's replies under the policy (nats per token)."""
+def eval_monitors(model, tokenizer, conversations, texts: Sequence[str], baseline_texts: Sequence[str],
+                  relevance=None) -> dict:
+    """The monitors of one arm at one evaluation: its replies' text monitors (`relevance`: a RelevanceScorer
+    that also counts replies ignoring their request), the policy's entropy on them and the
+    log-probability of the baseline's replies under the policy (nats per token)."""
     own = policy_monitors(model, tokenizer, conversations, texts)
-    on_baseline = policy_monitors(model, tokenizer, conversations, baseline_texts)
-    return {**text_monitors(texts), "entropy": own["entropy"], "logprob": on_baseline["logprob"]}
+    # step 0 answers with the baseline's replies: the same forward passes, done once
+    on_baseline = own if list(texts) == list(baseline_texts) else policy_monitors(model, tokenizer, conversations,
+                                                                                  baseline_texts)
+    return {**text_monitors(texts, conversations, relevance), "entropy": own["entropy"],
+            "logprob": on_baseline["logprob"]}
 
 
 def relative_to_start(record: dict, start: dict | None) -> dict:

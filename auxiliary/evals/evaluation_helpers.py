@@ -55,12 +55,27 @@ REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
 def find_data_file(path: str) -> Path:
-    """As given, else relative to the repository (so the defaults work from any directory)."""
+    """As given, else relative to the repository (so the defaults work from any directory). A relative
+    path that exists both here and in the repository is taken from here, with a warning naming both."""
     candidate = Path(path).expanduser()
-    if candidate.exists() or candidate.is_absolute():
-        return candidate
     in_repo = REPO_ROOT / path
+    if candidate.exists() or candidate.is_absolute():
+        if not candidate.is_absolute() and in_repo.exists() and in_repo.resolve() != candidate.resolve():
+            logger.warning("%s: taken from the current folder (%s), not from the repository (%s)", path,
+                           candidate.resolve(), in_repo)
+        return candidate
     return in_repo if in_repo.exists() else candidate
+
+
+def require_prompt_file(path: str, flag: str) -> Path:
+    """find_data_file, or DataError naming the flag and where to get prompts (before any output is written)."""
+    found = find_data_file(path)
+    if not found.is_file():
+        raise DataError(f"--{flag} {path}: file not found, neither in the current folder nor in the repository. "
+                        "scripts/prepare_data.sh writes data/helpsteer_prompts/ and data/tldr_prompts_unique/ "
+                        "(from the hub); the bundled prompts need no download: --train_jsonl data/samples/train.jsonl "
+                        "--val_jsonl data/samples/validation.jsonl")
+    return found
 
 Prompt = Union[str, list]
 DECISIONS = ("A", "B", "C")
@@ -251,6 +266,8 @@ def load_run_prompts(train_jsonl, train_n: int, val_jsonl, eval_n: int, seed: in
     held_out, dropped_eval = (([], 0) if eval_n == 0 else
                               load_prompts(find_data_file(val_jsonl), n=eval_n, seed=seed + 1, tokenizer=tokenizer,
                                            max_prompt_tokens=max_prompt_tokens))
+    logger.info("prompts: %d for training from %s, %d held out from %s", len(train),
+                find_data_file(train_jsonl).resolve(), len(held_out), find_data_file(val_jsonl).resolve())
     for path, asked, kept, dropped in ((train_jsonl, train_n, train, dropped_train),
                                        (val_jsonl, eval_n, held_out, dropped_eval)):
         if asked and not kept:

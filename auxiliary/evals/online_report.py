@@ -47,23 +47,42 @@ def _style_check(style: str):
     return build_style_checks().get(style)
 
 
-def mean_style_score(style: str, texts: list[str]) -> float | None:
-    """Mean rule score of the replies (higher fits the style better); None for a style no rule checks."""
+def rule_scores(style: str, replies: list[list[str]], broken: list[list[bool]]) -> list[list[float]] | None:
+    """Each source's rule score per prompt (`replies[k][i]`: source k's reply to prompt i), a broken reply
+    (`broken[k][i]`) scored no higher than the lowest-scoring sound reply to its prompt (the lowest of
+    all when none is sound): a degenerate reply never gains on style, here as in the rule judge."""
     check = _style_check(style)
-    return None if check is None or not texts else round(sum(map(check.score, texts)) / len(texts), 4)
-
-
-def paired_score_difference(style: str, texts_a: list[str], texts_b: list[str]) -> dict | None:
-    """Mean and SE of score(a_i) - score(b_i) over the same prompts: a paired, sensitive comparison."""
-    check = _style_check(style)
-    if check is None or len(texts_a) != len(texts_b) or len(texts_a) < 2:
+    if check is None:
         return None
-    diffs = [check.score(a) - check.score(b) for a, b in zip(texts_a, texts_b)]
+    raw = [[check.score(text) for text in source] for source in replies]
+    scores = [list(source) for source in raw]
+    for i in range(len(raw[0]) if raw else 0):
+        sound = [raw[k][i] for k in range(len(raw)) if not broken[k][i]]
+        floor = min(sound) if sound else min(raw[k][i] for k in range(len(raw)))
+        for k in range(len(raw)):
+            if broken[k][i]:
+                scores[k][i] = min(raw[k][i], floor)
+    return scores
+
+
+def paired_score_difference(style: str, texts_a: list[str], texts_b: list[str], baseline: list[str] | None = None,
+                            prompts: list | None = None, relevance=None) -> dict | None:
+    """Mean and SE of score(a_i) - score(b_i) over the same prompts: a paired, sensitive comparison. A
+    degenerate reply (relevance.degenerate_reasons: the relevance rule too when `relevance` and `prompts`
+    are given) scores no higher than the worst sound reply to its prompt among a, b and `baseline`."""
+    from auxiliary.feedback.relevance import degenerate_reasons
+
+    if _style_check(style) is None or len(texts_a) != len(texts_b) or len(texts_a) < 2:
+        return None
+    sources = [list(texts_a), list(texts_b)] + ([list(baseline)] if baseline and len(baseline) == len(texts_a) else [])
+    broken = [[bool(found) for found in degenerate_reasons(prompts, source, relevance)] for source in sources]
+    scores = rule_scores(style, sources, broken)
+    diffs = [a - b for a, b in zip(scores[0], scores[1])]
     n = len(diffs)
     mean = sum(diffs) / n
     var = sum((d - mean) ** 2 for d in diffs) / (n - 1)
-    return {"n": n, "diff": mean, "se": math.sqrt(var / n), "feedback": sum(map(check.score, texts_a)) / n,
-            "placebo": sum(map(check.score, texts_b)) / n}
+    return {"n": n, "diff": mean, "se": math.sqrt(var / n), "feedback": sum(scores[0]) / n,
+            "placebo": sum(scores[1]) / n, "baseline_score": sum(scores[2]) / n if len(scores) > 2 else None}
 
 
 def summary_table(history: list[dict], arms: list[str], styles: list[str]) -> str:
@@ -132,13 +151,15 @@ def snapshot_records(history: list[dict]) -> list[dict]:
             for _, r in sorted(ends.items())]
 
 
-def collapse_summary(history: list[dict], styles: list[str], last_step: int | None, baseline: list[str]) -> dict:
+def collapse_summary(history: list[dict], styles: list[str], last_step: int | None, baseline: list[str],
+                     eval_prompts: list | None = None, relevance=None) -> dict:
     """From the final evaluation's records: per style, degenerate replies {"n", "baseline", "feedback",
-    "placebo"} (counts of n), and per style and arm the collapse monitors and their warnings."""
+    "placebo"} (counts of n; the baseline's with the relevance rule when `relevance` is given, as the
+    arms' monitors were), and per style and arm the collapse monitors and their warnings."""
     from auxiliary.evals.collapse import text_monitors
 
     degenerate, monitors = {}, {}
-    base = text_monitors(baseline)["degenerate_replies"] if baseline else None
+    base = text_monitors(baseline, eval_prompts, relevance)["degenerate_replies"] if baseline else None
     for style in styles:
         final = {r["arm"]: r["monitors"] for r in initial_baseline(history)
                  if r["step"] == last_step and r["style"] == style and "monitors" in r}
@@ -160,8 +181,11 @@ def collapse_text(summary: dict, last_step) -> list[str]:
             continue
         shown.append((counts, monitors))
         arms = ", ".join(f"{arm} {counts[arm]}/{counts['n']}" for arm in ("feedback", "placebo") if arm in counts)
-        lines.append(f"degenerate replies at step {last_step} ({style}; a repeated phrase, an answer to the follow-up "
-                     f"or nothing): baseline {counts['baseline']}/{counts['n']}, {arms}")
+        ignoring = {arm: m["ignoring_replies"] for arm, m in monitors.items() if m.get("ignoring_replies") is not None}
+        what = ", nothing or a reply that ignores the request" if ignoring else " or nothing"
+        of_them = f" (ignoring the request: {', '.join(f'{a} {k}' for a, k in ignoring.items())})" if ignoring else ""
+        lines.append(f"degenerate replies at step {last_step} ({style}; a repeated phrase, an answer to the follow-up"
+                     f"{what}): baseline {counts['baseline']}/{counts['n']}, {arms}{of_them}")
         for arm, m in monitors.items():
             parts = [f"distinct-2 {m['distinct_2']:.2f}"]
             if m.get("entropy_ratio") is not None:
@@ -175,11 +199,14 @@ def collapse_text(summary: dict, last_step) -> list[str]:
 
 def build_summary(history: list[dict], styles: list[str], last_step: int | None, baseline: list[str],
                   texts: dict[str, list[str]], head_to_head: dict, out: Path, style_texts: dict | None = None,
-                  phase_ends: list[dict] | None = None) -> dict:
-    """summary.json: the final win rates per style and arm (with the net effect), the head-to-head
-    and the paired rule-score difference of the arms; `style_texts` (style -> arm -> replies, default:
-    `texts` for every style) when the replies differ per style (per-user adapters); with `phase_ends`
-    the forgetting table and, when the history has them, the win rates against each phase's snapshot."""
+                  phase_ends: list[dict] | None = None, eval_prompts: list | None = None, relevance=None) -> dict:
+    """summary.json: first the headline (per style, the paired comparison of the arms and beside it their
+    win rates against the baseline, the net effect and the degenerate replies: headline), then the final
+    win rates per style and arm (with the net effect), the head-to-head and the paired rule-score
+    difference of the arms; `style_texts` (style -> arm -> replies, default: `texts` for every style)
+    when the replies differ per style (per-user adapters); with `phase_ends` the forgetting table and,
+    when the history has them, the win rates against each phase's snapshot. `eval_prompts` and
+    `relevance` (a RelevanceScorer): the relevance rule joins the degenerate-reply rule."""
     final = {}
     history_initial = initial_baseline(history)
     for style in styles:
@@ -192,13 +219,15 @@ def build_summary(history: list[dict], styles: list[str], last_step: int | None,
     for style in styles:
         by_arm = (style_texts or {}).get(style, texts)
         if by_arm.get("feedback") and by_arm.get("placebo"):
-            diff = paired_score_difference(style, by_arm["feedback"], by_arm["placebo"])
+            diff = paired_score_difference(style, by_arm["feedback"], by_arm["placebo"], baseline, eval_prompts,
+                                           relevance)
             if diff is not None:
-                paired[style] = {**diff, "baseline_score": mean_style_score(style, baseline)}
-    summary = {"final_step": last_step, "baseline_mean_words": mean_words(baseline) if baseline else None,
+                paired[style] = diff
+    collapse = collapse_summary(history, styles, last_step, baseline, eval_prompts, relevance)
+    summary = {"headline": headline(styles, last_step, final, head_to_head, paired, collapse["degenerate_replies"]),
+               "final_step": last_step, "baseline_mean_words": mean_words(baseline) if baseline else None,
                "final": final, "head_to_head_feedback_vs_placebo": head_to_head,
-               "paired_style_score_feedback_minus_placebo": paired,
-               **collapse_summary(history, styles, last_step, baseline),
+               "paired_style_score_feedback_minus_placebo": paired, **collapse,
                "output_dir": str(out), "winrate_png": str(out / "winrate.png")}
     if phase_ends:
         summary["forgetting"] = forgetting_table(history, styles, phase_ends)
@@ -207,28 +236,64 @@ def build_summary(history: list[dict], styles: list[str], last_step: int | None,
     return summary
 
 
+def headline(styles: list[str], last_step: int | None, final: dict, head_to_head: dict, paired: dict,
+             degenerate: dict) -> dict:
+    """Per style with both arms: the paired comparison of feedback and placebo on the same prompts (head to
+    head, paired rule score, each with its SE), and beside it each arm's win rate against the baseline,
+    the net effect and the degenerate replies of the final evaluation."""
+    out = {}
+    for style in styles:
+        if style not in head_to_head and style not in paired:
+            continue
+        entry = final.get(style, {})
+        out[style] = {"step": last_step, "head_to_head": head_to_head.get(style),
+                      "paired_rule_score": paired.get(style),
+                      "win_rate_vs_baseline": {arm: {k: entry[arm][k] for k in ("win_rate", "se", "mean_words")}
+                                               for arm in ("feedback", "placebo") if arm in entry},
+                      "net_effect": entry.get("net_effect"), "degenerate_replies": degenerate.get(style)}
+    return out
+
+
+def headline_text(summary: dict) -> list[str]:
+    """The lines printed first: the arms compared on the same prompts, then the baseline comparisons."""
+    lines = []
+    for style, h in summary.get("headline", {}).items():
+        count = (h["degenerate_replies"] or {}).get("n") or (h["head_to_head"] or {}).get("n")
+        lines.append(f"== headline at step {h['step']} ({style}): feedback vs placebo, paired on the same "
+                     f"{count} held-out prompts ==")
+        if h["head_to_head"]:
+            lines.append(f"head to head, feedback's replies vs placebo's (% won, ties excluded): "
+                         f"{fmt_rate(h['head_to_head'])}")
+        pair = h["paired_rule_score"]
+        if pair:
+            base = "" if pair.get("baseline_score") is None else f", baseline {pair['baseline_score']:.2f}"
+            lines.append(f"paired rule score of '{style}', feedback - placebo: {pair['diff']:+.2f} +- {pair['se']:.2f} "
+                         f"per reply (feedback {pair['feedback']:.2f}, placebo {pair['placebo']:.2f}{base}; higher "
+                         "fits the style; a degenerate reply scores no higher than the worst sound one)")
+        rates = ", ".join(f"{arm} {fmt_cell(r)}" for arm, r in h["win_rate_vs_baseline"].items())
+        net = h["net_effect"]
+        net_text = "" if net is None else "; net effect (feedback - placebo) " + (
+            "n/a (no decisive pair in an arm)" if net["diff"] is None else
+            f"{net['diff']:+.1f} +- {net['se']:.1f} points")
+        lines.append(f"beside it, win rate vs the baseline: {rates}{net_text}")
+        counts = h["degenerate_replies"]
+        if counts:
+            arms = ", ".join(f"{arm} {counts[arm]}/{counts['n']}" for arm in ("feedback", "placebo") if arm in counts)
+            lines.append(f"degenerate replies: baseline {counts['baseline']}/{counts['n']}, {arms}")
+        lines.append("")
+    return lines
+
+
 def summary_text(summary: dict, history: list[dict], arms: list[str], styles: list[str], baseline: list[str],
                  texts: dict[str, list[str]], eval_prompts: list, out: Path) -> str:
     """The printed summary: table, net effects, head-to-head, paired scores, lengths, one example."""
     last_step, baseline_words = summary["final_step"], summary["baseline_mean_words"]
-    lines = [summary_table(history, arms, styles), ""]
+    lines = headline_text(summary) + [summary_table(history, arms, styles), ""]
     if summary.get("forgetting"):
         lines += [forgetting_text(summary["forgetting"], arms, styles), ""]
     for record in summary.get("vs_phase_snapshot", []):
         lines.append(f"phase {record['phase']} ({record['style']}, {record['arm']}) at step {record['step']} vs the "
                      f"policy at step {record['snapshot_step']}: {fmt_rate(record)}")
-    for style, entry in summary["final"].items():
-        if "net_effect" in entry:
-            net = entry["net_effect"]
-            text = "n/a (no decisive pair in an arm)" if net["diff"] is None else \
-                f"{net['diff']:+.1f} +- {net['se']:.1f} points"
-            lines.append(f"net effect at step {last_step} ({style}, feedback - placebo win rate): {text}")
-    for style, stats in summary["head_to_head_feedback_vs_placebo"].items():
-        lines.append(f"head to head at step {last_step} ({style}, feedback vs placebo replies): {fmt_rate(stats)}")
-    for style, diff in summary["paired_style_score_feedback_minus_placebo"].items():
-        lines.append(f"rule score of '{style}' per reply at step {last_step}: feedback - placebo {diff['diff']:+.2f} "
-                     f"+- {diff['se']:.2f} (paired over {diff['n']} prompts; feedback {diff['feedback']:.2f}, "
-                     f"placebo {diff['placebo']:.2f}, baseline {diff['baseline_score']:.2f}; higher fits the style)")
     if baseline_words is not None and last_step is not None:
         lines += collapse_text(summary, last_step)
         lines.append(f"mean words per eval reply: baseline {baseline_words:.1f}; at step {last_step}: " + ", ".join(

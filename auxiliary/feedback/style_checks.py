@@ -164,8 +164,10 @@ def looks_unfinished(text: str) -> bool:
     return bool(lines) and not _FINISHED_END.search(lines[-1])
 
 
-def degeneracy(text: str) -> list[str]:
-    """What makes a reply broken whatever the style: "repeated_phrase", "answers_followup", "empty"."""
+def degeneracy(text: str, ignores_request: bool = False) -> list[str]:
+    """What makes a reply broken whatever the style: "empty", "repeated_phrase", "answers_followup" and,
+    as the relevance rule found it (auxiliary/feedback/relevance.py: the text alone cannot tell),
+    "ignores_request". The one place that decides what counts as degenerate."""
     found = []
     if not text.strip():
         found.append("empty")
@@ -173,6 +175,8 @@ def degeneracy(text: str) -> list[str]:
         found.append("repeated_phrase")
     if answers_the_followup(text):
         found.append("answers_followup")
+    if ignores_request and text.strip():
+        found.append("ignores_request")
     return found
 
 

@@ -43,7 +43,7 @@ from typing import Sequence
 
 from auxiliary.evals.evaluation_helpers import Prompt, prompt_as_text
 from auxiliary.feedback.personas import get_persona
-from auxiliary.feedback.style_checks import RULE_CHECKABLE_STYLES, build_style_checks, degeneracy, looks_unfinished
+from auxiliary.feedback.style_checks import RULE_CHECKABLE_STYLES, build_style_checks, looks_unfinished
 from auxiliary.feedback.user_simulator import UnsupportedStyleError, load_local_model
 from auxiliary.runtime.option_groups import JUDGE_FRAMINGS
 
@@ -221,8 +221,12 @@ class PairwiseJudge:
 
 
 class RuleBasedJudge(PairwiseJudge):
-    def __init__(self, style: str):
+    """`relevance` (auxiliary/feedback/relevance.RelevanceScorer, optional): a reply that ignores its request
+    is broken too."""
+
+    def __init__(self, style: str, relevance=None):
         super().__init__()
+        self.relevance = relevance
         get_persona(style)
         checks = build_style_checks()
         if style not in checks:
@@ -233,13 +237,17 @@ class RuleBasedJudge(PairwiseJudge):
         self.check = checks[style]
 
     def judge_once(self, prompts, first, second):
-        return [self._verdict(x, y) for x, y in zip(first, second)]
+        from auxiliary.feedback.relevance import degenerate_reasons
 
-    def _verdict(self, x: str, y: str) -> str:
-        """A broken reply (a repeated phrase, an answer to the follow-up, empty) never wins on style: it
-        loses to a sound reply and ties with another broken one; then a reply cut mid-sentence loses to
-        a finished one; only then the style scores decide."""
-        broken_x, broken_y = bool(degeneracy(x)), bool(degeneracy(y))
+        broken = [bool(r) for r in degenerate_reasons(list(prompts) * 2, list(first) + list(second), self.relevance)]
+        n = len(first)
+        return [self._verdict(x, y, broken[i], broken[n + i]) for i, (x, y) in enumerate(zip(first, second))]
+
+    def _verdict(self, x: str, y: str, broken_x: bool, broken_y: bool) -> str:
+        """A broken reply (style_checks.degeneracy: a repeated phrase, an answer to the follow-up, empty, or
+        with a relevance scorer one that ignores the request) never wins on style: it loses to a sound reply
+        and ties with another broken one; then a reply cut mid-sentence loses to a finished one; only then
+        the style scores decide."""
         if broken_x or broken_y:
             return "C" if broken_x and broken_y else "B" if broken_x else "A"
         cut_x, cut_y = looks_unfinished(x), looks_unfinished(y)

@@ -57,9 +57,10 @@ class Phases:
 
 class Evaluator:
     def __init__(self, sdpo, run, arms, judges: dict, folder, eval_prompts: list, phases: Phases,
-                 user_styles: list[str], styles: list[str]):
+                 user_styles: list[str], styles: list[str], relevance=None):
         self.sdpo, self.run, self.arms, self.judges, self.folder = sdpo, run, arms, judges, folder
         self.eval_prompts, self.phases, self.user_styles, self.styles = eval_prompts, phases, user_styles, styles
+        self.relevance = relevance  # --relevance_model: auxiliary/feedback/relevance.RelevanceScorer
         self.history: list[dict] = []
         self.eval_texts: dict[tuple, list[str]] = {}  # (step, arm, adapter) -> eval replies
         self.baseline: list[str] = []
@@ -141,7 +142,8 @@ class Evaluator:
                 gen_time = round(time.perf_counter() - started, 4)
                 updater = self.arms.policy(arm, adapter or self.user_styles[0])
                 found[adapter] = (texts, gen_time, eval_monitors(updater.model, updater.tokenizer,
-                                                                 self.messages(), texts, self.baseline))
+                                                                 self.messages(), texts, self.baseline,
+                                                                 self.relevance))
             return found
 
         evaluated = self.arms.per_arm(replies_and_monitors)
@@ -181,7 +183,8 @@ class Evaluator:
             (r["monitors"] for r in self.history if r["step"] == 0 and r["arm"] == arm
              and r.get("adapter") == adapter and "monitors" in r), None)
         monitors.update(relative_to_start(monitors, start))
-        warnings = collapse_warnings(monitors, start or {}, text_monitors(self.baseline)["degenerate_share"])
+        warnings = collapse_warnings(monitors, start or {}, text_monitors(self.baseline, self.messages(),
+                                                                          self.relevance)["degenerate_share"])
         for warning in warnings:
             logger.warning("eval @%d %s: collapse monitor: %s", step, f"{arm}/{adapter}" if adapter else arm, warning)
         return {**monitors, "warnings": warnings}
@@ -251,7 +254,8 @@ class Evaluator:
                 decisions = self.judges[style].compare(self.eval_prompts, by_arm["feedback"], by_arm["placebo"])
                 head_to_head[style] = win_rate_stats(decisions, seed=derive_seed(self.sdpo.seed, "h2h", style))
         summary = build_summary(self.history, self.styles, last_step, self.baseline, texts, head_to_head, self.out,
-                                style_texts=style_texts, phase_ends=self.phases.ends(last_step))
+                                style_texts=style_texts, phase_ends=self.phases.ends(last_step),
+                                eval_prompts=self.eval_prompts, relevance=self.relevance)
         atomic_write_json(self.out / "summary.json", summary)
         print(summary_text(summary, self.history, names, self.styles, self.baseline, texts, self.eval_prompts,
                            self.out), flush=True)

@@ -31,6 +31,7 @@ WRAPPERS: dict[str, tuple[str, ...]] = {
     "scripts/eval_checkpoints.sh": ("auxiliary.eval_checkpoints:EvalCheckpointsArgs",),
     "scripts/eval_incontext_oracle.sh": ("auxiliary.eval_incontext_oracle:OracleArgs",),
     "scripts/run_signal_analysis.sh": ("auxiliary.sdpo_signal_analysis:SignalAnalysisArgs",),
+    "scripts/eval_benchmarks.sh": ("auxiliary.evals.benchmarks:BenchmarkArgs",),
     "scripts/prepare_data.sh": (),
     "scripts/slurm/train_offline_sdpo.sbatch": (),
     "scripts/slurm/train_offline_sft.sbatch": (),

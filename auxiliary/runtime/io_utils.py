@@ -57,9 +57,40 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{line_number}: malformed JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{line_number}: JSON nested too deeply (more than {MAX_JSON_DEPTH} "
+                                "levels)") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            problem = text_problem(record)
+            if problem:
+                raise DataError(f"{path}:{line_number}: {problem}")
             yield line_number, record
+
+
+MAX_JSON_DEPTH = 64  # a conversation is 3 levels deep; far deeper is a broken or hostile file
+
+
+def text_problem(record: dict) -> str | None:
+    """What makes a parsed record unusable as text, naming its top-level field: nesting deeper than
+    MAX_JSON_DEPTH, or a string with a lone surrogate (JSON's "\\ud800" escape; no tokenizer takes it)."""
+    for field_name, value in record.items():
+        stack = [(field_name, 1), (value, 1)]
+        while stack:
+            item, depth = stack.pop()
+            if depth > MAX_JSON_DEPTH:
+                return f"field {field_name!r} is nested more than {MAX_JSON_DEPTH} levels deep"
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    return (f"field {field_name!r} holds a lone surrogate ({item[err.start]!r}): not valid Unicode "
+                            "text (a \\ud800-style escape without its pair)")
+            elif isinstance(item, dict):
+                stack.extend((part, depth + 1) for pair in item.items() for part in pair)
+            elif isinstance(item, list):
+                stack.extend((part, depth + 1) for part in item)
+    return None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -185,8 +216,9 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 
 
-def private_dir(path: str | os.PathLike) -> Path:
-    """Create `path` (and missing parents) readable by its owner only, or tighten an existing one.
+def private_dir(path: str | os.PathLike, tighten_existing: bool = True) -> Path:
+    """Create `path` (and missing parents) readable by its owner only, or tighten an existing one
+    (tighten_existing=False: a folder that was there before keeps its mode, e.g. a user's own folder).
 
     The default chat and run folders live under a world-writable base (/tmp): a folder that
     someone else created there could hold files planted for us, so one not owned by this user
@@ -208,7 +240,7 @@ def private_dir(path: str | os.PathLike) -> Path:
     if owner != os.getuid():
         raise PermissionError(f"{path} belongs to user id {owner}, not to you ({os.getuid()}): "
                               "refusing to read or write it; choose another folder")
-    for folder in [path, *missing]:
+    for folder in dict.fromkeys(([path] if tighten_existing else []) + missing):
         os.chmod(folder, PRIVATE_DIR_MODE)  # mkdir's mode is reduced by the umask; set it exactly
     return path
 

@@ -60,7 +60,7 @@ class FolderLock:
     def acquire(self) -> "FolderLock":
         if self.held:
             raise FolderLockError(f"{self.folder} is already locked by this FolderLock")
-        private_dir(self.folder)
+        private_dir(self.folder, tighten_existing=False)  # the lock never changes the mode of a user's folder
         payload = json.dumps({**self.holder, "since": time.strftime("%Y-%m-%dT%H:%M:%S")}).encode()
         while True:
             try:

@@ -144,8 +144,9 @@ class ContextOptions:
         "help": "block appended to the last user message; must contain {followup} ({follow_up} is accepted too)",
         "aliases": ["--hindsight_block_template"]})
     hindsight_placement: str = field(default="last_user_message", metadata={
-        "help": f"where the hindsight block goes: {' or '.join(HINDSIGHT_PLACEMENTS)} (a user turn of its own, "
-                "as the paper's offline Qwen3-4B run)"})
+        "help": f"where the hindsight block goes: {', '.join(HINDSIGHT_PLACEMENTS)} (last_user_message: appended to "
+                "the last user message; separate_turn: a user turn of its own after it; assistant_turn: an assistant "
+                "turn after it, as the paper's offline Qwen3-4B run)"})
 
     def __post_init__(self):
         self.check_context()
@@ -185,7 +186,9 @@ class LoraOptions:
     use_lora: bool = field(default=False, metadata={"help": "train a LoRA adapter instead of all weights"})
     lora_r: int = field(default=16, metadata={"help": "LoRA rank"})
     lora_alpha: int = field(default=32, metadata={"help": "LoRA alpha (not tied to r)"})
-    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout"})
+    lora_dropout: float = field(default=0.0, metadata={
+        "help": "LoRA dropout (0, the paper's: the teacher is scored in eval mode, the student in train mode, and "
+                "dropout would make them differ)"})
     lora_target_modules: str = field(default="all-linear", metadata={
         "help": "comma-separated module names, or all-linear"})
 

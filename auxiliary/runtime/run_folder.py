@@ -1,6 +1,7 @@
 """The folder of one online run: the single owner of what is written there and of the resume rules.
 
     folder = RunFolder.open(path, resume=False, overwrite=False)   # create, probe, lock, apply the rules
+    folder.clear_earlier_results()                                  # --overwrite, once every check has passed
     folder.attach_log()                                             # run.log (0600), for this run only
     folder.check_resume_config(config, allow_change=False)          # resume: refuse changed settings
     step, paths = folder.resume_checkpoints(arms)                   # resume: newest intact checkpoints
@@ -10,11 +11,15 @@
     folder.write_checkpoint_marker(step, arms)
     folder.close()                                                  # the lock goes
 
-Rules of open(): the folder is created owner-only (0700) and must be writable (a probe file is
+Rules of open(): a new folder is created owner-only (0700) and must be writable (a probe file is
 written and removed); it is locked (.lock: PID and host) so that a second run or a --resume while
-the first is alive is refused, and a stale lock of a dead process is taken over; --overwrite
-deletes earlier results first; without it a folder that holds results (metrics.jsonl or
-eval_history.json) is refused unless the run resumes. Checkpoints of several arms sit in
+the first is alive is refused, and a stale lock of a dead process is taken over. A folder a run of
+ours wrote carries the run marker (RUN_MARKER); one without it that holds files a run would write
+(config.json, checkpoints/, ...) is refused, --overwrite included, and keeps its mode. A folder
+that holds results (metrics.jsonl or eval_history.json) needs --resume or --overwrite; --overwrite
+deletes nothing at open: the entry point calls clear_earlier_results() once every check that can
+fail has passed, and only what a run of ours writes is removed. A result file that is a symbolic
+link is refused (a run never writes through a link). Checkpoints of several arms sit in
 checkpoints/<arm>/step_N; checkpoints/latest.json names a step only once every arm has it.
 """
 from __future__ import annotations
@@ -26,14 +31,18 @@ import shutil
 import time
 from pathlib import Path
 
-from auxiliary.runtime.io_utils import (DataError, append_jsonl, atomic_write_json, atomic_write_jsonl, base_work_dir,
-                                        private_dir, read_jsonl)
+from auxiliary.runtime.io_utils import (PRIVATE_FILE_MODE, DataError, append_jsonl, atomic_write_json,
+                                        atomic_write_jsonl, base_work_dir, private_dir, read_jsonl)
 from auxiliary.runtime.locks import FolderLock, FolderLockError
 
 logger = logging.getLogger("eval_online_sdpo")  # the run's own lines in run.log, as before the move
 
 RESULT_FILES = ("config.json", "metrics.jsonl", "eval_history.json", "completions.jsonl", "winrate.png",
-                "summary.json", "baseline_completions.json", "run.log")
+                "summary.json", "baseline_completions.json", "run.log", "wandb_id.txt")
+RESULT_FOLDERS = ("checkpoints", "wandb")
+# Written into every folder a run of ours (online or offline) writes: --overwrite deletes only in a folder
+# that carries it, so a user's own folder given by mistake (a model folder, say) never loses a file.
+RUN_MARKER = ".sdpo_run.json"
 # Flags that may differ between a run and its resume without changing the experiment; any other
 # difference is refused unless --allow_config_change (then recorded in config.json's history).
 RESUME_NEUTRAL_FLAGS = {"resume", "overwrite", "allow_config_change", "wandb", "wandb_project", "debug_first_example",
@@ -73,25 +82,66 @@ def read_jsonl_tolerant(path: Path) -> list[dict]:
     return rows
 
 
+def run_files_in(folder: Path, names) -> list[str]:
+    """Which of `names` are in `folder` (links included)."""
+    return [name for name in names if os.path.lexists(folder / name)]
+
+
+def refusal_without_marker(folder: Path, found: list[str], overwrite: bool, resume_flag: str) -> str:
+    """The one line for a folder holding files a run writes but no run marker: it was never a run of ours."""
+    listed = ", ".join(found[:5]) + (", ..." if len(found) > 5 else "")
+    action = ("--overwrite deletes only in a folder a run of ours wrote, and nothing was deleted"
+              if overwrite else f"a run would overwrite them (and {resume_flag} needs a run of ours)")
+    return (f"{folder} holds {listed} but not the run marker {RUN_MARKER}, so no run of this project made it; "
+            f"{action}; choose another --output_dir")
+
+
+def refuse_links(folder: Path, names) -> None:
+    """A run writes its files in place: a symbolic link among them (pointing anywhere) is refused, not followed."""
+    links = [name for name in names if (folder / name).is_symlink()]
+    if links:
+        raise RunFolderError(f"{folder / links[0]} is a symbolic link; a run never writes through a link: "
+                             "replace it with a file or choose another --output_dir")
+
+
+def write_run_marker(folder: Path, tool: str) -> None:
+    """Mark `folder` as written by a run of ours (kept once written: the first tool is named)."""
+    marker = folder / RUN_MARKER
+    if not marker.is_file():
+        atomic_write_json(marker, {"project": "sdpo-from-user-interactions", "tool": tool,
+                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+
+
 class RunFolder:
     def __init__(self, path: Path):
         self.path = Path(path)
         self.checkpoint_root = self.path / "checkpoints"
         self.lock: FolderLock | None = None
         self.config_changes: dict = {}  # what a --resume --allow_config_change changed: {key: [old, new]}
+        self.pending_overwrite = False  # --overwrite: cleared by clear_earlier_results once the checks have passed
+        self.log_start: int | None = None  # the size of run.log before this run's first line
+        self.written: set[str] = set()  # files this run wrote before clear_earlier_results (kept by it)
 
     @classmethod
     def open(cls, path: Path, resume: bool, overwrite: bool) -> "RunFolder":
-        """Create (owner-only), probe and lock the folder, then apply the overwrite / resume rules."""
+        """Create (owner-only), probe and lock the folder, then apply the overwrite / resume rules.
+        Nothing is deleted here (see clear_earlier_results)."""
+        if resume and overwrite:
+            raise RunFolderError("--resume and --overwrite exclude each other: continue the run or replace it")
         folder = cls(Path(path).expanduser().resolve())
         out = folder.path
+        ours = (out / RUN_MARKER).is_file()
+        found = run_files_in(out, RESULT_FILES + RESULT_FOLDERS)
+        if found and not ours and (overwrite or not resume):
+            raise RunFolderError(refusal_without_marker(out, found, overwrite, "--resume"))
         try:
-            private_dir(out)
+            private_dir(out, tighten_existing=ours)  # a folder of ours is 0700 already; a user's keeps its mode
             probe = out / f".write_test.{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
         except (OSError, ValueError) as err:
             raise RunFolderError(f"output dir {out} is not writable: {getattr(err, 'strerror', None) or err}") from None
+        refuse_links(out, RESULT_FILES + RESULT_FOLDERS)
         has_results = (out / "metrics.jsonl").exists() or (out / "eval_history.json").exists()
         if has_results and not (resume or overwrite):
             raise RunFolderError(
@@ -100,12 +150,40 @@ class RunFolder:
             folder.lock = FolderLock(out).acquire()
         except FolderLockError as err:
             raise RunFolderError(str(err)) from None
-        if overwrite:
-            for name in RESULT_FILES:
-                (out / name).unlink(missing_ok=True)
-            shutil.rmtree(folder.checkpoint_root, ignore_errors=True)
-            shutil.rmtree(out / "wandb", ignore_errors=True)
+        write_run_marker(out, "eval_online_sdpo.py")
+        folder.pending_overwrite = overwrite
         return folder
+
+    def clear_earlier_results(self) -> None:
+        """--overwrite: delete what an earlier run of ours wrote here (never anything else). Called by the
+        entry point once every check that can fail has passed; this run's own run.log lines are kept."""
+        if not self.pending_overwrite:
+            return
+        self.pending_overwrite = False
+        removed = [name for name in run_files_in(self.path, RESULT_FILES + RESULT_FOLDERS) if name not in self.written]
+        for name in removed:
+            target = self.path / name
+            if name == "run.log":
+                self._keep_only_this_runs_log(target)
+            elif target.is_dir() and not target.is_symlink():
+                shutil.rmtree(target)
+            else:
+                target.unlink()
+        if removed:
+            logger.info("--overwrite: removed the earlier run's %s", ", ".join(removed))
+
+    def _keep_only_this_runs_log(self, log_file: Path) -> None:
+        """run.log keeps the lines this run wrote since attach_log (the earlier run's go)."""
+        start = getattr(self, "log_start", None)
+        if start is None:
+            log_file.unlink()
+            return
+        with open(log_file, "r+b") as handle:
+            handle.seek(start)
+            own = handle.read()
+            handle.seek(0)
+            handle.write(own)
+            handle.truncate(len(own))
 
     def close(self) -> None:
         if self.lock is not None:
@@ -128,8 +206,11 @@ class RunFolder:
             root.removeHandler(earlier)  # an earlier run in this process (main() called twice) logs no more
             earlier.close()
         log_file = self.path / "run.log"
-        log_file.touch(mode=0o600)
-        os.chmod(log_file, 0o600)  # the log names paths and settings: owner-only, like the folder
+        # O_NOFOLLOW: a link planted as run.log is refused, never chmod-ed or appended to
+        fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
+        os.fchmod(fd, PRIVATE_FILE_MODE)  # the log names paths and settings: owner-only, like the folder
+        self.log_start = os.fstat(fd).st_size
+        os.close(fd)
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.is_sdpo_run_log = True
@@ -195,7 +276,7 @@ class RunFolder:
     def cached_baseline(self, signature: dict) -> list[str] | None:
         """The cached baseline replies made with exactly these settings; None when there is no cache."""
         cache = self.path / "baseline_completions.json"
-        if not cache.exists():
+        if not cache.exists() or self.pending_overwrite:  # an earlier run's cache goes with --overwrite
             return None
         saved = json.loads(cache.read_text())
         if saved.get("signature") != signature:
@@ -206,6 +287,7 @@ class RunFolder:
 
     def save_baseline(self, signature: dict, completions: list[str]) -> None:
         atomic_write_json(self.path / "baseline_completions.json", {"signature": signature, "completions": completions})
+        self.written.add("baseline_completions.json")
 
     # ------------------------------------------------------------ checkpoints of several arms
     def checkpoint_path(self, arm: str, step: int) -> Path:

@@ -22,14 +22,22 @@ class WandbRun:
     def __init__(self, run=None):
         self.run = run
 
+    @staticmethod
+    def require(enabled: bool) -> None:
+        """--wandb without the package: one line, before the run changes anything on disk."""
+        if enabled:
+            try:
+                import wandb  # noqa: F401
+            except ImportError:
+                raise WandbSetupError("--wandb needs the wandb package (pip install wandb)") from None
+
     @classmethod
     def start(cls, enabled: bool, out: Path, project: str) -> "WandbRun":
         if not enabled:
             return cls()
-        try:
-            import wandb
-        except ImportError:
-            raise WandbSetupError("--wandb needs the wandb package (pip install wandb)") from None
+        cls.require(enabled)
+        import wandb
+
         id_file = out / "wandb_id.txt"
         run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]  # kept for --resume
         atomic_write_text(id_file, run_id + "\n")
