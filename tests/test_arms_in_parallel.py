@@ -73,9 +73,9 @@ def test_arms_in_parallel_restores_the_torch_threads(two_runs):
 
 
 def test_arms_in_parallel_refuses_a_model_with_dropout(tiny_model_dir, data_dir, tmp_path, capsys):
-    # LoRA's dropout (0.05 by default) draws from the process's one random stream
+    # LoRA's dropout draws from the process's one random stream (0 by default, as the paper's)
     code = eval_online_sdpo.main(run_flags(tiny_model_dir, data_dir, tmp_path / "out", arms_in_parallel=True,
-                                           use_lora=True, train_n=2))
+                                           use_lora=True, lora_dropout=0.05, train_n=2))
     assert code == 2
     assert "--arms_in_parallel needs a model without dropout" in capsys.readouterr().err
     assert eval_online_sdpo.main(run_flags(tiny_model_dir, data_dir, tmp_path / "out2", arms_in_parallel=True,
