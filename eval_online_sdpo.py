@@ -348,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from auxiliary.runtime.cli import parse_dataclasses
+    from auxiliary.runtime.cli import parse_dataclasses, stop_vllm_engines
 
     setup_errors, run_errors = _expected_errors()
     run = None
@@ -357,6 +357,7 @@ def main(argv: list[str] | None = None) -> int:
         run = OnlineRun(sdpo, run_config)
         run.setup()
     except setup_errors as err:
+        stop_vllm_engines()
         return fail(str(err), 2, run)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None  # SLURM preemption
@@ -366,12 +367,17 @@ def main(argv: list[str] | None = None) -> int:
             run.summary()
     except run_errors as err:
         return fail(f"{type(err).__name__}: {err} (completed steps are in {run.out}; {_resume_hint(run)})", 1, run)
+    except OSError as err:  # a full disk while writing results or a checkpoint: the earlier checkpoint is intact
+        from auxiliary.runtime.io_utils import describe_os_error
+
+        return fail(f"{describe_os_error(err)}; completed steps are in {run.out} ({_resume_hint(run)})", 1, run)
     except KeyboardInterrupt as interrupt:
         return fail(f"{interrupt.args[0] if interrupt.args else 'interrupted'}; completed steps are in {run.out} "
                     f"({_resume_hint(run)})", 143 if interrupt.args else 130, run)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+        stop_vllm_engines()  # the policy's and the user's/judge's: their processes would outlive the run
         if run.folder is not None:
             run.folder.close()
         run.world.close()

@@ -45,6 +45,8 @@ class Arms:
                 self.updaters[arm] = self.adapter_updaters[arm][self.user_styles[0]]
             return
         self.updaters["feedback"] = first
+        if config.use_vllm:
+            first.vllm_engine()  # started now: an engine that cannot start is bad input, found before any work
         if "placebo" in self.names:
             twin = copy.deepcopy(first.model)  # the same initial weights, without a second load
             # In two threads each arm has its own tokenizer (a fast tokenizer is not safe to share between threads).

@@ -217,9 +217,13 @@ class Evaluator:
         # Step 0 with every pair tied is the policy reproducing the baseline: drawn at 50%, not left out.
         plotted = [dict(r, win_rate=50.0, se=0.0) if r["step"] == 0 and r["win_rate"] is None and r["ties"] == r["n"]
                    else r for r in initial_baseline(self.history)]
+        from auxiliary.evals.collapse import text_monitors
+
+        reference = {"mean_words": mean_words(self.baseline), "n": len(self.baseline), "degenerate_replies":
+                     text_monitors(self.baseline, self.messages(), self.relevance)["degenerate_replies"]}
         plot_win_rates(plotted, self.out / "winrate.png",
                        title=f"{Path(self.sdpo.model).name}: win rate vs baseline ({self.run.judge} judge), +-1 SE",
-                       boundaries=self.phases.boundaries)
+                       boundaries=self.phases.boundaries, reference=reference)
 
     def texts_at(self, step: int, arm: str, adapter: str | None = None) -> list[str]:
         """The arm's eval replies at `step` (from memory, or from completions.jsonl after a resume)."""
