@@ -306,7 +306,7 @@ def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
 
 def main(argv=None) -> int:
     from auxiliary.chat.session import ChatError, save_on_termination
-    from auxiliary.runtime.cli import ConfigError, parse_dataclasses
+    from auxiliary.runtime.cli import ConfigError, exit_with_error, parse_dataclasses
     from auxiliary.runtime.locks import FolderLockError
     from auxiliary.runtime.model_loading import ModelLoadError
 
@@ -329,8 +329,7 @@ def main(argv=None) -> int:
             session.on_event = terminal.on_event
     except (ConfigError, ChatError, ModelLoadError, FolderLockError, ValueError, FileNotFoundError,
             PermissionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with_error(err)
     if loaded:
         print(loaded, flush=True)
     print(f"every message you send after a reply is feedback for it: one SDPO update each "

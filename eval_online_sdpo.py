@@ -97,7 +97,6 @@ class OnlineRun:
     def setup(self) -> None:
         """The steps of a run's start in their necessary order: what can fail on the flags alone first, the
         folder before any model loads, the data before the policies (the lr schedule spans the run)."""
-        self._check_styles()
         check_online_rules(self.sdpo, self.run, self.world.size)
         self._check_prompt_files()  # before the output folder: nothing left behind
         self.sdpo = self.world.start(self.sdpo)  # join the process group: this process's device
@@ -117,12 +116,6 @@ class OnlineRun:
             self.folder.clear_earlier_results()  # --overwrite: only now, every check that can fail has passed
             self._write_config(model_path)
             self.wandb = self.evaluator.wandb = WandbRun.start(self.run.wandb, self.out, self.run.wandb_project)
-
-    def _check_styles(self) -> None:
-        from auxiliary.feedback.personas import get_persona
-
-        for style in self.styles:
-            get_persona(style)  # UnknownStyleError lists the known styles
 
     def _check_prompt_files(self) -> None:
         from auxiliary.evals.evaluation_helpers import require_prompt_file
@@ -336,12 +329,13 @@ def _expected_errors() -> tuple[tuple, tuple]:
 
 
 def fail(message: str, code: int = 2, run: "OnlineRun | None" = None) -> int:
-    print(f"eval_online_sdpo.py: error: {message}", file=sys.stderr, flush=True)
+    from auxiliary.runtime.cli import exit_with_error
+
     folder = getattr(run, "folder", None)
     if folder is not None:
         folder.log_error(message)  # the final error goes to run.log too
         folder.close()
-    return code
+    return exit_with_error(message, code, prog="eval_online_sdpo.py")
 
 
 def main(argv: list[str] | None = None) -> int:

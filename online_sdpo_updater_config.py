@@ -160,6 +160,10 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         self.check_judge_options()
         check_ranges(self)
         self.user_plan(seed=0)  # a malformed schedule or user list is one line, before anything is loaded
+        from auxiliary.feedback.personas import get_persona
+
+        for style in self.styles():  # --style and --eval_styles too
+            get_persona(style)  # UnknownStyleError lists the known styles
         if self.phase_baseline not in ("initial", "snapshot"):
             raise ValueError(f"--phase_baseline must be initial or snapshot, got {self.phase_baseline!r}")
         if not self.placebo_texts or not all(t.strip() for t in self.placebo_texts):

@@ -112,8 +112,10 @@ class Arms:
             self.updaters[arm].save_checkpoint(folder.checkpoint_path(arm, step))
         # The marker names a step only once every arm has it: a crash in between resumes from the older one.
         folder.write_checkpoint_marker(step, self.names)
+        from auxiliary.runtime.checkpoints import prune_checkpoints
+
         for arm in self.names:  # pruned only now, so the marker's step always survives
-            self.updaters[arm].prune_checkpoints(folder.checkpoint_root / arm, keep)
+            prune_checkpoints(folder.checkpoint_root / arm, keep)
 
     def load_checkpoints(self, paths: dict) -> None:
         for arm, path in paths.items():
