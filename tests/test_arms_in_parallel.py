@@ -2,7 +2,6 @@
 seeded sampling draws from a generator of its own (generation.SeededSampler), not the process's stream."""
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
 
@@ -20,11 +19,8 @@ CONVERSATIONS = [[{"role": "user", "content": p}] for p in EVAL]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("parallel_data")
-    for name, prompts in (("train.jsonl", TRAIN), ("validation.jsonl", EVAL)):
-        (folder / name).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return folder
+def data_dir(prompt_dir):
+    return prompt_dir("parallel_data", TRAIN, EVAL)
 
 
 def run_flags(model_dir, data_dir, out, **overrides) -> list[str]:

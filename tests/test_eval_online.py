@@ -17,7 +17,8 @@ import eval_online_sdpo
 from auxiliary.evals.evaluation_helpers import win_rate_stats
 from auxiliary.feedback.style_checks import degeneracy
 from auxiliary.feedback.factory import make_judge
-from reliability_helpers import copy_without_chat_template, flags_from_values, read_metrics, without_timings
+from reliability_helpers import (copy_without_chat_template, flags_from_values, read_json, read_jsonl, read_metrics,
+                                 without_timings)
 
 TRAIN = [f"Tell me something about topic number {i}." for i in range(5)]
 EVAL = [f"Explain idea {i} in simple terms." for i in range(6)]
@@ -44,11 +45,11 @@ def base_args(model_dir, data_dir, out, **overrides):
 
 
 def read_history(out):
-    return json.loads((Path(out) / "eval_history.json").read_text())
+    return read_json(Path(out) / "eval_history.json")
 
 
 def read_completions(out):
-    return [json.loads(line) for line in (Path(out) / "completions.jsonl").read_text().splitlines()]
+    return read_jsonl(Path(out) / "completions.jsonl")
 
 
 @pytest.fixture(scope="module")

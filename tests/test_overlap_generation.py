@@ -4,7 +4,6 @@ answered by the initial weights, step 3 by the weights after update 1, and so on
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 from pathlib import Path
 
@@ -27,11 +26,8 @@ SEED = 3
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("overlap_data")
-    for name, prompts in (("train.jsonl", TRAIN), ("validation.jsonl", EVAL)):
-        (folder / name).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return folder
+def data_dir(prompt_dir):
+    return prompt_dir("overlap_data", TRAIN, EVAL)
 
 
 def run_flags(model_dir, data_dir, out, **overrides) -> list[str]:
