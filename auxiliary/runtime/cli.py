@@ -268,4 +268,13 @@ def run_cli(args_class: type, run: Callable, argv: Sequence[str] | None, prog: s
     except OSError as err:
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return 2
+    finally:
+        stop_vllm_engines()
     return 0
+
+
+def stop_vllm_engines() -> None:
+    """Stop the vLLM engines a command started (none unless it imported the adapter, so no import here)."""
+    adapter = sys.modules.get("auxiliary.runtime.vllm_adapter")
+    if adapter is not None:
+        adapter.shutdown_engines()

@@ -99,7 +99,7 @@ def describe_os_error(err: OSError) -> str:
     hints = {errno.ENOSPC: " (the disk is full: free space or choose another output folder)",
              errno.EROFS: " (read-only file system: choose another output folder)",
              errno.EACCES: " (no permission: choose another output folder)",
-             errno.EDQUOT: " (disk quota exceeded)"}
+             errno.EDQUOT: " (disk quota exceeded)", errno.EFBIG: " (a file size limit: see ulimit -f)"}
     return f"cannot write {path}: {err.strerror or err}{hints.get(err.errno, '')}"
 
 
