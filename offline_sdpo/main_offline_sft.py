@@ -139,3 +139,6 @@ if __name__ == "__main__":
         main()
     except (DataError, ConfigError, ModelLoadError, BadInput) as err:  # bad input: one line, no traceback
         sys.exit(exit_with_error(err.message if isinstance(err, BadInput) else err))
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through transformers
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)
