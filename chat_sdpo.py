@@ -62,6 +62,9 @@ class ChatConfig(OnlineSDPOConfig):
     undo_depth: int = field(default=10, metadata={
         "help": "how many updates /undo can take back (each keeps a copy of the adapter + optimizer state)"})
     system_prompt: str = field(default="", metadata={"help": "system message of every conversation (empty: none)"})
+    max_message_chars: int = field(default=20_000, metadata={
+        "help": "longest message accepted, in characters (a longer one is refused before it reaches the model: "
+                "on the web server one huge message would stall every user)"})
     log_interactions: bool = field(default=True, metadata={
         "help": "append (prompt, completion, user_response) to <adapters_dir>/<user_id>/interactions.jsonl"})
     color: str = field(default="auto", metadata={
@@ -75,6 +78,8 @@ class ChatConfig(OnlineSDPOConfig):
             raise ValueError(f"--color {self.color!r}: choose auto, always or never")
         if self.min_signal < 0:
             raise ValueError("--min_signal must be >= 0")
+        if self.max_message_chars < 1:
+            raise ValueError(f"--max_message_chars must be >= 1, got {self.max_message_chars}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port {self.port} is not a port number")
 
@@ -144,8 +149,11 @@ class TerminalChat:
             self._readline = None
 
     def _write(self, text: str) -> None:
-        self.out.write(text if self.colour else COLOUR_CODES.sub("", text))
-        self.out.flush()
+        try:
+            self.out.write(text if self.colour else COLOUR_CODES.sub("", text))
+            self.out.flush()
+        except OSError:  # the terminal is gone (SIGHUP): the save goes on without it
+            pass
 
     def on_event(self, report) -> None:
         """Called on the model thread when an update ends: print now if the user sits at the prompt."""
@@ -173,31 +181,47 @@ class TerminalChat:
                 self._at_prompt = False
 
     def run(self) -> None:
+        """Chat until /quit, Ctrl-D or SIGTERM/SIGHUP (ChatTerminated); every way out saves."""
+        from auxiliary.chat.session import ChatTerminated
+
         self._write("commands:\n" + _help() + "\n")
         while True:
             try:
-                line = self._read().strip()
-            except EOFError:
-                self._write("\n")
-                break
-            except KeyboardInterrupt:
-                self._write("\n(use /quit to leave)\n")
-                continue
-            if not line:
-                continue
-            if line.startswith("/"):
-                if self.command(line) == "quit":
+                if self._step() == "quit":
                     break
-                continue
-            self.chat(line)
+            except ChatTerminated as stop:
+                self._write(f"\n({stop}: saving before leaving)\n")
+                break
         self._write("saving the adapter ...\n")
         path = self.session.close()  # finishes a running update first
         with self._print_lock:
             self._flush_queued()
         self._write(f"saved to {path}\n")
 
+    def _step(self) -> str | None:
+        """Read one line and act on it; "quit" ends the chat."""
+        try:
+            line = self._read().strip()
+        except EOFError:
+            self._write("\n")
+            return "quit"
+        except KeyboardInterrupt:
+            self._write("\n(use /quit to leave)\n")
+            return None
+        if line.startswith("/"):
+            return self.command(line)
+        if line:
+            self.chat(line)
+        return None
+
     def chat(self, text: str) -> None:
-        stream = self.session.send(text)
+        from auxiliary.chat.session import ChatError, ChatTerminated
+
+        try:
+            stream = self.session.send(text)
+        except ChatError as err:  # a message over --max_message_chars
+            self._write(f"[not sent: {err}]\n")
+            return
         self._write("bot> ")
         try:
             for piece in stream:
@@ -207,6 +231,9 @@ class TerminalChat:
             for _ in stream:
                 pass
             self._write(" [stopped]")
+        except ChatTerminated:
+            stream.stop()  # the reply ends at the next token; its update (if any) is saved with the rest
+            raise
         self._write("\n")
 
     def command(self, line: str) -> str | None:
@@ -251,7 +278,8 @@ def build_session(config: ChatConfig, on_event=None, user_id: str | None = None)
     updater = OnlineSDPOUpdater(config)
     session = ChatSession(updater, adapters_dir / user_id, min_signal=config.min_signal,
                           undo_depth=config.undo_depth, system_prompt=config.system_prompt,
-                          log_interactions=config.log_interactions, on_event=on_event)
+                          log_interactions=config.log_interactions, on_event=on_event,
+                          max_message_chars=config.max_message_chars)
     return session, session.load()
 
 
@@ -272,9 +300,14 @@ def use_colour(setting: str) -> bool:
 
 
 def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
-    """`--auth a --auth b` -> `--auth a b` (the parser keeps only the last of a repeated list flag)."""
+    """`--auth a --auth b` (or `--auth=a --auth=b`) -> `--auth a b` (the parser keeps only the last of a repeated
+    list flag)."""
     values, rest, index = [], [], 0
     while index < len(argv):
+        if argv[index].startswith(flag + "="):  # --auth=alice:pw (one value)
+            values.append(argv[index].split("=", 1)[1])
+            index += 1
+            continue
         if argv[index] == flag:
             index += 1
             while index < len(argv) and not argv[index].startswith("--"):
@@ -287,7 +320,7 @@ def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from auxiliary.chat.session import ChatError
+    from auxiliary.chat.session import ChatError, save_on_termination
     from auxiliary.runtime.cli import ConfigError, parse_dataclasses
     from auxiliary.runtime.locks import FolderLockError
     from auxiliary.runtime.model_loading import ModelLoadError
@@ -313,22 +346,28 @@ def main(argv=None) -> int:
             PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: one line, not a traceback through transformers
+        if session is not None:
+            session.close(save=False)  # nothing was learned yet; the folder lock goes
+        print("interrupted while loading", file=sys.stderr)
+        return 130
     if loaded:
         print(loaded, flush=True)
     print(f"every message you send after a reply is feedback for it: one SDPO update each "
           f"(lr {config.lr:g}, {'LoRA r=' + str(config.lora_r) if config.use_lora else 'all weights'}, "
           f"loss {config.loss_mode}, min_signal {config.min_signal:g})", flush=True)
-    if terminal is not None:
-        terminal.run()
-    else:
-        from auxiliary.chat.web import SessionRouter, serve
+    with save_on_termination() as received:  # SIGTERM / SIGHUP: leave through the normal end, which saves
+        if terminal is not None:
+            terminal.run()
+        else:
+            from auxiliary.chat.web import SessionRouter, serve
 
-        router = SessionRouter(lambda user: build_session(config, user_id=user)[0],
-                               default_user=None if credentials else config.user_id)
-        if session is not None:
-            router.add(config.user_id, session)
-        serve(router, config, credentials)
-    return 0
+            router = SessionRouter(lambda user: build_session(config, user_id=user)[0],
+                                   default_user=None if credentials else config.user_id)
+            if session is not None:
+                router.add(config.user_id, session)
+            serve(router, config, credentials)
+    return 128 + received[0] if received else 0
 
 
 if __name__ == "__main__":

@@ -352,6 +352,8 @@ class OnlineRun:
                 self.updaters[arm] = self.adapter_updaters[arm][self.user_styles[0]]
             return
         self.updaters["feedback"] = first
+        if self.sdpo.use_vllm:
+            first.vllm_engine()  # started now: an engine that cannot start is bad input, found before any work
         if self.run.placebo:
             twin = copy.deepcopy(first.model)  # the same initial weights, without a second load
             # In two threads each arm has its own tokenizer (a fast tokenizer is not safe to share between threads).
@@ -752,9 +754,13 @@ class OnlineRun:
         # Step 0 with every pair tied is the policy reproducing the baseline: drawn at 50%, not left out.
         plotted = [dict(r, win_rate=50.0, se=0.0) if r["step"] == 0 and r["win_rate"] is None and r["ties"] == r["n"]
                    else r for r in initial_baseline(self.history)]
+        from auxiliary.evals.collapse import text_monitors
+
+        reference = {"mean_words": mean_words(self.baseline), "n": len(self.baseline), "degenerate_replies":
+                     text_monitors(self.baseline, self._eval_messages(), self.relevance)["degenerate_replies"]}
         plot_win_rates(plotted, self.out / "winrate.png",
                        title=f"{Path(self.sdpo.model).name}: win rate vs baseline ({self.run.judge} judge), +-1 SE",
-                       boundaries=self.boundaries)
+                       boundaries=self.boundaries, reference=reference)
 
     def checkpoint(self, step: int) -> None:
         for arm in self.arms:
@@ -843,7 +849,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S")
-    from auxiliary.runtime.cli import parse_dataclasses
+    from auxiliary.runtime.cli import parse_dataclasses, stop_vllm_engines
 
     setup_errors, run_errors = _expected_errors()
     run = None
@@ -852,7 +858,11 @@ def main(argv: list[str] | None = None) -> int:
         run = OnlineRun(sdpo, run_config)
         run.setup()
     except setup_errors as err:
+        stop_vllm_engines()
         return fail(str(err), 2, run)
+    except KeyboardInterrupt:  # Ctrl-C while models load: one line, not a traceback through transformers
+        stop_vllm_engines()
+        return fail("interrupted during setup", 130, run)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None  # SLURM preemption
     try:
@@ -861,12 +871,17 @@ def main(argv: list[str] | None = None) -> int:
             run.summary()
     except run_errors as err:
         return fail(f"{type(err).__name__}: {err} (completed steps are in {run.out}; {_resume_hint(run)})", 1, run)
+    except OSError as err:  # a full disk while writing results or a checkpoint: the earlier checkpoint is intact
+        from auxiliary.runtime.io_utils import describe_os_error
+
+        return fail(f"{describe_os_error(err)}; completed steps are in {run.out} ({_resume_hint(run)})", 1, run)
     except KeyboardInterrupt as interrupt:
         return fail(f"{interrupt.args[0] if interrupt.args else 'interrupted'}; completed steps are in {run.out} "
                     f"({_resume_hint(run)})", 143 if interrupt.args else 130, run)
     finally:
         if in_main_thread:
             signal.signal(signal.SIGTERM, previous)
+        stop_vllm_engines()  # the policy's and the user's/judge's: their processes would outlive the run
         if run.folder is not None:
             run.folder.close()
         if run.world > 1:

@@ -10,10 +10,12 @@ refreshed at every step (no frozen copy); --teacher frozen|ema keep one (sdpo_ob
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
 import math
+import os
 import random
 import re
 import shutil
@@ -107,7 +109,7 @@ class OnlineSDPOUpdater:
         temperature = self.config.temperature if temperature is None else temperature
         top_p = self.config.top_p if top_p is None else top_p
         if self.config.use_vllm:
-            return self._vllm_engine().generate(conversations, max_new_tokens, temperature, top_p, seed)
+            return self.vllm_engine().generate(conversations, max_new_tokens, temperature, top_p, seed)
         return generate_responses(self.model, self.tokenizer, conversations, max_new_tokens, temperature, top_p,
                                   self.config.generation_batch_size, self.config.max_context_length, seed,
                                   progress, desc, workers)
@@ -120,13 +122,21 @@ class OnlineSDPOUpdater:
         """The paper repository's call: one batched generation, the replies as text."""
         return [reply.text for reply in self.generate(conversations)]
 
-    def _vllm_engine(self):
+    def vllm_engine(self):
+        """The policy's vLLM engine (started on first use), holding the adapter of the current step."""
         if self._vllm is None:
             from auxiliary.runtime.vllm_adapter import VLLMPolicyGenerator  # lazy: vLLM is an optional extra
 
-            self._vllm = VLLMPolicyGenerator(self.model_path, self.tokenizer, self.config)
+            # the trained model's dtype: the engine's replies are then the policy's own (fp32 on CPU)
+            self._vllm = VLLMPolicyGenerator(self.model_path, self.tokenizer, self.config, dtype=self.model.dtype)
         self._vllm.sync_weights(self.model, self.step)
         return self._vllm
+
+    def close(self) -> None:
+        """Stop the vLLM engine (if one was started) and remove its adapter folders."""
+        if self._vllm is not None:
+            self._vllm.close()
+            self._vllm = None
 
     # ------------------------------------------------------------------ training
     def distribute(self, device_ids=None) -> None:
@@ -287,18 +297,22 @@ class OnlineSDPOUpdater:
         private_dir(path.parent)
         recover_folder(path)  # a crash of an earlier save: put its old folder back before replacing it
         partial = partial_path(path)
-        private_dir(partial)
-        self.model.save_pretrained(partial / "model")
-        self.tokenizer.save_pretrained(partial / "model")
-        torch.save(self.optimizer.state_dict(), partial / OPTIMIZER_FILE)
-        self._save_teacher(partial)
-        save_rng_state(partial)
-        state = {"step": self.step, "skipped_nonfinite": self.skipped_nonfinite, "use_lora": self.config.use_lora,
-                 "scheduler": self.scheduler.state_dict(), "extra": extra_state or {}}
-        atomic_write_json(partial / STATE_FILE, state)
-        atomic_write_json(partial / "config.json", public_config(self.config.to_dict()))
-        write_manifest(partial)
-        fsync_tree(partial)  # contents on disk before the name says the checkpoint is complete
+        try:
+            private_dir(partial)
+            self.model.save_pretrained(partial / "model")
+            self.tokenizer.save_pretrained(partial / "model")
+            torch.save(self.optimizer.state_dict(), partial / OPTIMIZER_FILE)
+            self._save_teacher(partial)
+            save_rng_state(partial)
+            state = {"step": self.step, "skipped_nonfinite": self.skipped_nonfinite, "use_lora": self.config.use_lora,
+                     "scheduler": self.scheduler.state_dict(), "extra": extra_state or {}}
+            atomic_write_json(partial / STATE_FILE, state)
+            atomic_write_json(partial / "config.json", public_config(self.config.to_dict()))
+            write_manifest(partial)
+            fsync_tree(partial)  # contents on disk before the name says the checkpoint is complete
+        except Exception as err:  # the unfinished copy goes (it holds space); the previous checkpoint is untouched
+            shutil.rmtree(partial, ignore_errors=True)
+            raise as_write_error(err, path) from None
         replace_folder(partial, path)
         self._prune(path.parent)
         return path
@@ -347,6 +361,28 @@ class OnlineSDPOUpdater:
         self.step = int(state["step"])
         self.skipped_nonfinite = int(state.get("skipped_nonfinite", 0))
         return state.get("extra", {})
+
+
+def as_write_error(err: Exception, path: Path) -> Exception:
+    """torch.save and safetensors report a failed write (a full disk, `ulimit -f`) as a RuntimeError /
+    SafetensorError without an errno: turned into the OSError naming `path` that the entry points print
+    as `cannot write PATH: ...`; any other error is returned unchanged."""
+    if isinstance(err, OSError):
+        return err if err.filename else OSError(err.errno, err.strerror or str(err), str(path))
+    text = str(err)
+    if not any(sign in text for sign in ("I/O error", "os error", "inline_container", "file write failed")):
+        return err
+    found = re.search(r"os error (\d+)", text)
+    if found:
+        number = int(found.group(1))
+        return OSError(number, os.strerror(number), str(path))
+    import resource
+
+    if shutil.disk_usage(path.parent).free < 1 << 20:
+        return OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    if resource.getrlimit(resource.RLIMIT_FSIZE)[0] != resource.RLIM_INFINITY:
+        return OSError(errno.EFBIG, os.strerror(errno.EFBIG), str(path))
+    return OSError(errno.EIO, f"the write failed ({text.strip()[:80]}; a full disk or a file size limit?)", str(path))
 
 
 class CheckpointError(ValueError):

@@ -213,6 +213,8 @@ def run(args: EvalCheckpointsArgs) -> Path:
         generated[spec.label] = style_eval.generate(model, tokenizer, conversations, args, spec.label)
         style_eval.release(model)
         completions += style_eval.completion_records(spec.label, prompts, generated[spec.label])
+    if vllm_models:
+        vllm_models.close()
 
     meta = {"tool": "eval_checkpoints", "baseline_model": args.baseline_model, "baseline_path": baseline_path,
             "checkpoints": [vars(spec) for spec in specs], "eval_styles": args.eval_styles, "judge": args.judge,

@@ -62,7 +62,8 @@ def run(args: OracleArgs) -> Path:
 
         model_path = resolve_model_path(args.model)
         tokenizer = load_tokenizer(model_path)
-        model = style_eval.VLLMModels(args).target(model_path, tokenizer)
+        vllm_models = style_eval.VLLMModels(args)
+        model = vllm_models.target(model_path, tokenizer)
     else:
         model, tokenizer, model_path = load_model_and_tokenizer(args.model, args.dtype, args.attn_implementation,
                                                                 args.device)
@@ -77,6 +78,8 @@ def run(args: OracleArgs) -> Path:
                                             args, f"oracle {style}")
         completions += style_eval.completion_records(ORACLE_LABEL, prompts, oracle[style], style=style)
     style_eval.release(model)
+    if args.use_vllm:
+        vllm_models.close()
 
     meta = {"tool": "eval_incontext_oracle", "model": args.model, "model_path": model_path,
             "eval_styles": args.eval_styles, "judge": args.judge, "judge_model": style_eval.judge_model_name(args),

@@ -10,12 +10,20 @@ torch thread under `nice`; the profile's `arms_in_parallel` runs its two arms si
 each, so on a 2-core machine run one at a time (`--parallel 1`); its wall time and the load average
 around it are written to ROOT/<name>-s<seed>/search_run.json.
 
-The table (ROOT/table.md and ROOT/table.json) has, per run: the win rate against the baseline of the
-feedback and placebo arms at the final step (+- SE), the net effect (feedback - placebo) +- SE and
-whether it is beyond 2 SE, the head to head of the arms, the paired rule-score difference of the arms
-(for concise: minus words per reply), degenerate eval replies of the baseline,
-feedback and placebo (auxiliary/evals/collapse.text_monitors, computed here from completions.jsonl),
-mean words per reply of each, and wall time. The results are discussed in docs/demo_search.md.
+A setting's flags go to eval_online_sdpo.py as they are, after the profile (so they override it) and
+before the search's --seed and --output_dir: any flag of OnlineSDPOConfig or OnlineRunConfig, a value
+with spaces or a list included; search_run.json and table.json record them.
+
+The table (ROOT/table.md and ROOT/table.json) has, per run, the demo's headline first: the head to head
+of the arms (+- SE) and whether it is beyond 2 SE from 50%, the paired rule-score difference of the arms
+(for concise: minus words per reply, a degenerate reply scored no higher than the worst sound one) and
+whether it is beyond 2 SE from 0; then the win rate against the baseline of the feedback and placebo
+arms at the final step (+- SE), the net effect (feedback - placebo) +- SE and whether it is beyond 2 SE;
+the degenerate eval replies of the baseline, feedback and placebo as the run counted them (summary.json:
+with the relevance rule when the run had --relevance_model, as make demo has; runs without the count are
+recounted here from completions.jsonl by the text rules) and whether the feedback arm's are within the
+baseline's + 2; mean words per reply of each, and wall time. The results are discussed in
+docs/demo_search.md.
 """
 from __future__ import annotations
 
@@ -111,7 +119,14 @@ def table_row(out: Path) -> dict:
     step = summary["final_step"]
     texts = final_eval_texts(out, step)
     texts["baseline"] = json.loads((out / "baseline_completions.json").read_text())["completions"]
-    degenerate = {arm: text_monitors(texts[arm])["degenerate_replies"] for arm in ("baseline", "feedback", "placebo")}
+    counted = summary.get("degenerate_replies", {}).get(style)
+    if counted:  # the run's own count: with the relevance rule when it had a --relevance_model
+        degenerate = {arm: counted[arm] for arm in ("baseline", "feedback", "placebo")}
+    else:
+        degenerate = {arm: text_monitors(texts[arm])["degenerate_replies"]
+                      for arm in ("baseline", "feedback", "placebo")}
+    monitors = summary.get("collapse_monitors", {}).get(style, {})
+    ignoring = {arm: monitors[arm].get("ignoring_replies") for arm in ("feedback", "placebo") if arm in monitors}
     net = final["net_effect"]
     head = summary["head_to_head_feedback_vs_placebo"].get(style, {})
     paired = summary.get("paired_style_score_feedback_minus_placebo", {}).get(style, {})
@@ -123,16 +138,25 @@ def table_row(out: Path) -> dict:
         "net_effect": {"diff": net["diff"], "se": net["se"],
                        "beyond_2se": net["se"] is not None and net["diff"] > 2 * net["se"]},
         "head_to_head": {"rate": head.get("win_rate"), "se": head.get("se"), "wins": head.get("wins"),
-                         "losses": head.get("losses"), "ties": head.get("ties")},
+                         "losses": head.get("losses"), "ties": head.get("ties"),
+                         "beyond_2se": beyond_2se(head.get("win_rate"), head.get("se"), 50.0)},
         # The style's rule score per reply, feedback - placebo over the same prompts (concise: minus words).
-        "paired_score": {"diff": paired.get("diff"), "se": paired.get("se")},
+        "paired_score": {"diff": paired.get("diff"), "se": paired.get("se"),
+                         "beyond_2se": beyond_2se(paired.get("diff"), paired.get("se"), 0.0)},
         "degenerate": degenerate,
+        "degenerate_rule": "relevance" if any(v is not None for v in ignoring.values()) else "text",
+        "ignoring_request": ignoring,
         "degenerate_within_goal": degenerate["feedback"] <= degenerate["baseline"] + DEGENERATE_ALLOWANCE,
         "mean_words": {"baseline": summary["baseline_mean_words"], "feedback": final["feedback"]["mean_words"],
                        "placebo": final["placebo"]["mean_words"]},
         "wall_s": record.get("wall_s"),
         "loadavg_1min": [record.get("loadavg_1min_start"), record.get("loadavg_1min_end")],
     }
+
+
+def beyond_2se(value: float | None, se: float | None, null: float) -> bool:
+    """value - null > 2 SE (one-sided: the feedback arm ahead); False when undefined."""
+    return value is not None and se is not None and value - null > 2 * se
 
 
 def collect_rows(root: Path) -> list[dict]:
@@ -154,20 +178,23 @@ def _minutes(seconds: float | None) -> str:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    headers = ["setting", "seed", "feedback vs baseline", "placebo vs baseline", "net effect", "> 2 SE",
-               "head to head", "paired score f - p", "degenerate b / f / p", "words b / f / p", "wall (m:s)"]
+    headers = ["setting", "seed", "head to head", "> 2 SE", "paired score f - p", "> 2 SE", "feedback vs baseline",
+               "placebo vs baseline", "net effect", "> 2 SE", "degenerate b / f / p", "f <= b + 2", "words b / f / p",
+               "wall (m:s)"]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+    yes = lambda flag: "yes" if flag else "no"  # noqa: E731
     for r in rows:
         words = " / ".join(f"{r['mean_words'][arm]:.1f}" for arm in ("baseline", "feedback", "placebo"))
         degenerate = " / ".join(str(r["degenerate"][arm]) for arm in ("baseline", "feedback", "placebo"))
-        cells = [r["setting"], str(r["seed"]),
+        rule = " (relevance)" if r.get("degenerate_rule") == "relevance" else ""
+        cells = [r["setting"], str(r["seed"]), _rate(r["head_to_head"]["rate"], r["head_to_head"]["se"]),
+                 yes(r["head_to_head"].get("beyond_2se")),
+                 _rate(r["paired_score"]["diff"], r["paired_score"]["se"], signed=True),
+                 yes(r["paired_score"].get("beyond_2se")),
                  _rate(r["win_rate"]["feedback"]["rate"], r["win_rate"]["feedback"]["se"]),
                  _rate(r["win_rate"]["placebo"]["rate"], r["win_rate"]["placebo"]["se"]),
-                 _rate(r["net_effect"]["diff"], r["net_effect"]["se"], signed=True),
-                 "yes" if r["net_effect"]["beyond_2se"] else "no",
-                 _rate(r["head_to_head"]["rate"], r["head_to_head"]["se"]),
-                 _rate(r["paired_score"]["diff"], r["paired_score"]["se"], signed=True),
-                 f"{degenerate} of {r['n']}", words, _minutes(r["wall_s"])]
+                 _rate(r["net_effect"]["diff"], r["net_effect"]["se"], signed=True), yes(r["net_effect"]["beyond_2se"]),
+                 f"{degenerate} of {r['n']}{rule}", yes(r["degenerate_within_goal"]), words, _minutes(r["wall_s"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 

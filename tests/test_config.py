@@ -160,3 +160,39 @@ def test_public_config_masks_secrets_but_keeps_token_counts():
         assert masked[key] == "***", key
     assert masked["nested"] == {"api_key": "***", "max_new_tokens": 8} and masked["empty_api_key"] == ""
     assert values["api_key"] == "abc"  # the input is left alone
+
+
+@pytest.mark.parametrize("text, key, expected", [
+    ("lr: [1, 2]", "lr", "expected a number, got [1, 2]"),
+    ("train_n: 1.5", "train_n", "expected a whole number, got 1.5"),
+    ("max_new_tokens: 2.7", "max_new_tokens", "expected a whole number, got 2.7"),
+    ("eval_every: true", "eval_every", "expected a whole number, got True"),
+    ("hindsight_template: 7", "hindsight_template", "expected text, got 7 (quote it: '7')"),
+    ("output_dir: 5", "output_dir", "expected text, got 5 (quote it: '5')"),
+    ("train_jsonl: [a, b]", "train_jsonl", "expected text, got ['a', 'b']"),
+    ("placebo: 1", "placebo", "expected true or false, got 1"),
+    ("placebo_texts: [ok, 3]", "placebo_texts", "in the list: expected text, got 3 (quote it: '3')"),
+    ("placebo_texts: 3", "placebo_texts", "expected a list, got 3"),
+    ("learning_rate: abc", "lr", "expected a number, got 'abc'"),  # an alias spelling is checked as its field
+])
+def test_yaml_values_of_the_wrong_type_are_one_line_naming_file_line_and_key(tmp_path, text, key, expected):
+    from auxiliary.runtime.cli import ConfigError, parse_dataclasses
+
+    profile = tmp_path / "run.yaml"
+    profile.write_text(f"style: concise\n{text}\n")
+    with pytest.raises(ConfigError) as refused:
+        parse_dataclasses((OnlineSDPOConfig, OnlineRunConfig), ["--config", str(profile)])
+    assert str(refused.value) == f"{profile}:2: {key}: {expected}"
+
+
+def test_yaml_values_of_the_right_type_pass_and_a_duplicated_key_is_refused(tmp_path):
+    from auxiliary.runtime.cli import ConfigError, parse_dataclasses
+
+    profile = tmp_path / "run.yaml"
+    profile.write_text("lr: 5e-6\ntrain_n: 4\noutput_dir: null\nplacebo: true\nplacebo_texts: [ok]\nlora_alpha: 16\n")
+    sdpo, run = parse_dataclasses((OnlineSDPOConfig, OnlineRunConfig), ["--config", str(profile)])
+    # 5e-6 without a dot is text to YAML: converted as the flag would be
+    assert (sdpo.lr, run.train_n, run.output_dir, run.placebo, run.placebo_texts) == (5e-6, 4, None, True, ["ok"])
+    profile.write_text("lr: 0.001\ntrain_n: 4\nlr: 0.01\n")
+    with pytest.raises(ConfigError, match=rf"^{profile}:3: key 'lr' is given twice \(also on line 1\); keep one$"):
+        parse_dataclasses((OnlineSDPOConfig, OnlineRunConfig), ["--config", str(profile)])

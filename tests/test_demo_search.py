@@ -56,7 +56,24 @@ def test_table_row_reads_the_run_and_counts_degenerate_final_replies(tmp_path):
     assert row["degenerate_within_goal"] is False  # 3 > 0 + 2
     assert row["mean_words"] == {"baseline": 5.0, "feedback": 3.0, "placebo": 4.0}
     assert row["head_to_head"]["rate"] == 62.5 and row["wall_s"] == 600.0
-    assert row["paired_score"] == {"diff": 1.5, "se": 0.5}
+    assert row["head_to_head"]["beyond_2se"] is False  # 62.5 - 50 < 2 x 8.0
+    assert row["paired_score"] == {"diff": 1.5, "se": 0.5, "beyond_2se": True}
+    assert row["degenerate_rule"] == "text"
+
+
+def test_table_row_takes_the_runs_own_relevance_aware_degenerate_counts(tmp_path):
+    out = fabricate_run(tmp_path, "contrast", 1, feedback_rate=80.0, placebo_rate=50.0, net_se=12.0)
+    summary = json.loads((out / "summary.json").read_text())
+    # the run counted replies that ignore their request, which the text rules here cannot see
+    summary["degenerate_replies"] = {"concise": {"n": 4, "baseline": 1, "feedback": 3, "placebo": 2}}
+    summary["collapse_monitors"] = {"concise": {"feedback": {"ignoring_replies": 3},
+                                                "placebo": {"ignoring_replies": 1}}}
+    (out / "summary.json").write_text(json.dumps(summary))
+    row = demo_search.table_row(out)
+    assert row["degenerate"] == {"baseline": 1, "feedback": 3, "placebo": 2}
+    assert row["ignoring_request"] == {"feedback": 3, "placebo": 1} and row["degenerate_rule"] == "relevance"
+    assert row["degenerate_within_goal"] is True
+    assert "| 1 / 3 / 2 of 4 (relevance) | yes |" in demo_search.markdown_table([row])
 
 
 def test_net_effect_within_2_se_and_a_negative_effect_are_not_beyond(tmp_path):
@@ -84,10 +101,12 @@ def test_table_orders_runs_by_settings_then_seed_and_writes_markdown_and_json(tm
     assert json.loads((tmp_path / "table.json").read_text()) == rows
     lines = (tmp_path / "table.md").read_text().splitlines()
     assert len(lines) == 2 + 3
+    # the headline first (head to head, paired score), then the win rates vs the baseline and the net effect
+    assert lines[0].startswith("| setting | seed | head to head | > 2 SE | paired score f - p | > 2 SE | feedback vs")
     assert lines[2] == (
-        "| default | 1234 | 56.7 ± 9.0 | 56.7 ± 9.5 | +0.0 ± 12.8 | no | 62.5 ± 8.0 | +1.5 ± 0.5 | 0 / 0 / 0 of 4 "
-                        "| 5.0 / 3.0 / 4.0 | 10:00 |")
-    assert lines[3].endswith("| +10.0 ± 8.0 | no | 62.5 ± 8.0 | +1.5 ± 0.5 | 0 / 0 / 0 of 4 | 5.0 / 3.0 / 4.0 | n/a |")
+        "| default | 1234 | 62.5 ± 8.0 | no | +1.5 ± 0.5 | yes | 56.7 ± 9.0 | 56.7 ± 9.5 | +0.0 ± 12.8 | no "
+        "| 0 / 0 / 0 of 4 | yes | 5.0 / 3.0 / 4.0 | 10:00 |")
+    assert lines[3].endswith("| +10.0 ± 8.0 | no | 0 / 0 / 0 of 4 | yes | 5.0 / 3.0 / 4.0 | n/a |")
     assert "| +20.0 ± 8.0 | yes |" in lines[4]
 
 
@@ -101,6 +120,17 @@ def test_run_command_puts_the_overrides_after_the_profile():
     command = demo_search.run_command("py", ["--lr", "1e-5"], 3, Path("/r/x-s3"))
     assert command == ["py", "eval_online_sdpo.py", "--config", "configs/demo.yaml", "--lr", "1e-5", "--seed", "3",
                        "--output_dir", "/r/x-s3", "--overwrite"]
+
+
+def test_any_flag_of_a_setting_reaches_the_run_as_written():
+    """Values with spaces and list-valued flags pass through unchanged (no shell) and override the profile."""
+    flags = ["--placebo_texts", "Fine, thanks.", "Noted.", "--hindsight_template", "The user then said: {followup}",
+             "--relevance_model", "", "--eval_n", "60"]
+    command = demo_search.run_command("py", flags, 3, Path("/r/x-s3"))
+    assert command[4:-5] == flags
+    config = _demo_config(flags)
+    assert config["placebo_texts"] == ["Fine, thanks.", "Noted."] and config["eval_n"] == 60
+    assert config["relevance_model"] == "" and config["hindsight_template"] == "The user then said: {followup}"
 
 
 @pytest.mark.parametrize("argv, message", [

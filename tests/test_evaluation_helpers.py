@@ -124,6 +124,43 @@ def test_plot_win_rates_writes_a_png(tmp_path):
     assert Path(plain).exists()
 
 
+def test_win_rate_figure_shows_arms_in_colours_undefined_points_words_and_degenerate_replies():
+    from matplotlib.colors import to_rgba
+
+    from auxiliary.evals.evaluation_helpers import ARM_COLOURS, UNDEFINED_LABEL, win_rate_figure
+
+    records = []
+    # three eval steps 0, 1, 2: a default locator would put ticks at 0.25, 0.5, ...
+    for step, (feedback_rate, placebo_rate) in zip((0, 1, 2), ((50.0, 50.0), (None, 60.0), (70.0, 55.0))):
+        for arm, rate, words, broken in (("feedback", feedback_rate, 70 - 10 * step, step),
+                                         ("placebo", placebo_rate, 72 - 5 * step, 0)):
+            for style in ("concise", "no_emojis"):  # the same replies judged on two styles
+                records.append({"step": step, "style": style, "arm": arm, "win_rate": rate,
+                                "se": None if rate is None else 5.0, "mean_words": words,
+                                "monitors": {"degenerate_replies": broken}})
+    fig = win_rate_figure(records, reference={"mean_words": 75.4, "degenerate_replies": 2, "n": 30})
+    top, bottom, bars = fig.axes
+    lines = {line.get_label(): line for line in top.get_lines()}
+    assert to_rgba(lines["feedback (concise)"].get_color()) == to_rgba(ARM_COLOURS["feedback"])
+    assert to_rgba(lines["placebo (no_emojis)"].get_color()) == to_rgba(ARM_COLOURS["placebo"])
+    assert lines["feedback (concise)"].get_linestyle() != lines["feedback (no_emojis)"].get_linestyle()
+    # the undefined point (feedback at step 1) is drawn as an x on the 50% line
+    undefined = lines[UNDEFINED_LABEL]
+    assert list(undefined.get_xdata()) == [1.0] and list(undefined.get_ydata()) == [50.0]
+    assert undefined.get_marker() == "x"
+    # bottom panel: words per reply per arm and step (one record per arm and step), the baseline's line
+    words = {line.get_label(): list(line.get_ydata()) for line in bottom.get_lines()}
+    assert words["feedback: words per reply"] == [70, 60, 50] and words["placebo: words per reply"] == [72, 67, 62]
+    assert list(words["baseline: 75.4 words; 2/30 degenerate"]) == [75.4, 75.4]
+    # degenerate replies as bars: feedback 0, 1, 2 and placebo 0, 0, 0
+    heights = {}
+    for container in bars.containers:
+        heights[container.get_label()] = [patch.get_height() for patch in container]
+    assert heights == {"feedback: degenerate replies": [0, 1, 2], "placebo: degenerate replies": [0, 0, 0]}
+    ticks = [tick for tick in bottom.get_xticks() if -0.5 < tick < 2.5]
+    assert ticks and all(float(tick).is_integer() for tick in ticks)
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path

@@ -15,6 +15,7 @@ from auxiliary.runtime.tiny_model import build_tiny_model
 from online_sdpo_updater import (CheckpointError, OnlineSDPOUpdater, latest_intact_checkpoint, list_checkpoints,
                                  read_latest_marker, verify_checkpoint)
 from online_sdpo_updater_config import OnlineSDPOConfig
+from reliability_helpers import data_dir  # noqa: F401 (fixture)
 
 MESSAGES = [{"role": "user", "content": "Write a short email to my manager."}]
 
@@ -238,3 +239,38 @@ def test_chat_load_never_takes_an_interrupted_save_for_a_new_user(tmp_path, tiny
     assert not partial_path(adapter).exists() and not old_path(adapter).exists()
     assert os.stat(adapter).st_mode & 0o777 == 0o700
     again.close(save=False)
+
+
+@pytest.mark.parametrize("limit", [100_000, 600_000])  # safetensors fails first / torch.save of the optimizer
+def test_a_full_disk_while_checkpointing_is_one_cannot_write_line_and_keeps_the_last_checkpoint(
+        tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch, limit):
+    import resource
+
+    import eval_online_sdpo
+    from online_sdpo_updater import OnlineSDPOUpdater, verify_checkpoint
+    from reliability_helpers import ERROR_PREFIX, last_line, online_args
+
+    original, calls = OnlineSDPOUpdater.save_checkpoint, []
+
+    def save_with_a_file_size_limit(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) < 2:
+            return original(self, *args, **kwargs)
+        soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))  # as `ulimit -f` would, for this save only
+        try:
+            return original(self, *args, **kwargs)
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+
+    monkeypatch.setattr(OnlineSDPOUpdater, "save_checkpoint", save_with_a_file_size_limit)
+    out = tmp_path / "run"
+    code = eval_online_sdpo.main(online_args(tiny_model_dir, data_dir, out, train_n=2, eval_every=0,
+                                             save_checkpoints=True, checkpoint_every=1))
+    error = last_line(capsys.readouterr().err)
+    step_2 = out / "checkpoints" / "feedback" / "step_000002"
+    assert code == 1 and error.startswith(f"{ERROR_PREFIX} cannot write {step_2}: File too large"), error
+    assert "completed steps are in" in error and "--resume" in error
+    verify_checkpoint(out / "checkpoints" / "feedback" / "step_000001")  # the previous checkpoint survives
+    assert json.loads((out / "checkpoints" / "latest.json").read_text())["step"] == 1
+    assert sorted(p.name for p in (out / "checkpoints" / "feedback").iterdir()) == ["step_000001"]  # no .partial

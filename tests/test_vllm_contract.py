@@ -1,8 +1,10 @@
-"""Our three vLLM adapters against a recording stand-in for the `vllm` package (vLLM does not install here).
+"""Our vLLM adapters against a recording stand-in for the `vllm` package, for what the CPU build cannot show.
 
-This checks OUR side of the contract: what we pass to vllm.LLM / SamplingParams / LoRARequest, how
-adapters are synced, how outputs become token ids, retries and verdicts. It does not prove that a
-real vLLM accepts these calls: run a real `--use_vllm` smoke on a GPU machine for that.
+The stand-in follows vLLM 0.32 as tests/test_vllm_real.py runs it (`make test-vllm`, the CPU build): a
+reply that stopped on EOS keeps it in token_ids, LoRARequest(lora_name, lora_int_id, lora_path), the
+engine's processes stop with llm.llm_engine.engine_core.shutdown(). What stays here only: GPU placement
+(CUDA_VISIBLE_DEVICES while an engine starts), sleep mode (refused by vLLM on CPU), the exact calls we
+make (SamplingParams, prompts, retries, verdicts), at unit-test speed.
 """
 import json
 import os
@@ -28,8 +30,8 @@ class FakeSamplingParams:
 
 
 class FakeLoRARequest:
-    def __init__(self, name, lora_id, path):
-        self.name, self.lora_id, self.path = name, lora_id, path
+    def __init__(self, lora_name, lora_int_id, lora_path="", base_model_name=None, load_inplace=False):
+        self.lora_name, self.lora_int_id, self.lora_path = lora_name, lora_int_id, lora_path
 
 
 class FakeLLM:
@@ -41,7 +43,12 @@ class FakeLLM:
         self.generate_calls, self.chat_calls = [], []
         self.text_scripts = []
         self.tokenizer = types.SimpleNamespace(chat_template="{% if enable_thinking %}{% endif %}")
+        self.shutdowns = 0
+        self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(shutdown=self._shutdown))
         Recorder.llms.append(self)
+
+    def _shutdown(self, timeout=None):
+        self.shutdowns += 1
 
     def get_tokenizer(self):
         return self.tokenizer
@@ -74,7 +81,11 @@ def fake_vllm(monkeypatch):
     lora = types.ModuleType("vllm.lora")
     request = types.ModuleType("vllm.lora.request")
     request.LoRARequest = FakeLoRARequest
-    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request)):
+    platforms = types.ModuleType("vllm.platforms")  # a submodule: imported, not an attribute of vllm until then
+    # a GPU build: sleep mode exists (the CPU build says no: tests/test_vllm_real.py)
+    platforms.current_platform = types.SimpleNamespace(is_sleep_mode_available=lambda: True)
+    for name, module in (("vllm", vllm), ("vllm.lora", lora), ("vllm.lora.request", request),
+                         ("vllm.platforms", platforms)):
         monkeypatch.setitem(sys.modules, name, module)
     Recorder.llms, Recorder.token_scripts = [], []
     return Recorder
@@ -89,15 +100,16 @@ def test_policy_generation_syncs_lora_adapters_and_keeps_eos(fake_vllm, tiny_mod
 
     for step in (0, 0, 1):
         updater.step = step
-        fake_vllm.token_scripts += [([11, 12], "stop"), ([13, 14, 15], "length")]
+        fake_vllm.token_scripts += [([11, 12, eos], "stop"), ([13, 14, 15], "length")]
         responses = updater.generate(conversations, seed=3)
-        # a reply that stopped keeps its EOS (vLLM drops the stop token); a cut one does not get one
+        # a reply that stopped keeps its EOS (vLLM keeps it in token_ids); a cut one has none
         assert [r.ids for r in responses] == [[11, 12, eos], [13, 14, 15]]
         assert [r.finished for r in responses] == [True, False]
 
     llm = fake_vllm.llms[0]
     assert len(fake_vllm.llms) == 1  # one engine for the whole run
     assert llm.kwargs["model"] == "my/policy" and llm.kwargs["enable_lora"] and llm.kwargs["max_lora_rank"] == 4
+    assert llm.kwargs["dtype"] == "float32"  # the trained model's dtype, not vLLM's bf16 "auto"
     call = llm.generate_calls[0]
     assert call["params"].kwargs == {"max_tokens": 7, "temperature": 0.5, "top_p": 0.9, "seed": 3,
                                      "stop_token_ids": [eos]}
@@ -105,9 +117,11 @@ def test_policy_generation_syncs_lora_adapters_and_keeps_eos(fake_vllm, tiny_mod
                                                                                           "content": "bye"}])
     requests = [c["lora_request"] for c in llm.generate_calls]
     assert requests[0] is requests[1]  # same step: no new adapter
-    assert requests[2].lora_id != requests[0].lora_id and requests[2].path != requests[0].path
-    for request in (requests[0], requests[2]):
-        assert (Path(request.path) / "adapter_config.json").exists()
+    assert requests[2].lora_int_id != requests[0].lora_int_id and requests[2].lora_path != requests[0].lora_path
+    assert (Path(requests[2].lora_path) / "adapter_config.json").exists()
+    assert not Path(requests[0].lora_path).exists()  # an adapter the engine will not ask for again is gone
+    updater.close()
+    assert llm.shutdowns == 1 and not Path(requests[2].lora_path).parent.exists()  # engine stopped, folder gone
 
 
 def test_policy_generation_refuses_full_weight_sync(fake_vllm, tiny_model, tiny_tokenizer):
@@ -243,8 +257,10 @@ def test_eval_checkpoints_generates_on_vllm_with_adapters_on_the_base_engine(fak
     assert base_engine.kwargs["max_lora_rank"] == 8 and base_engine.visible_gpus == "1"
     assert full_engine.kwargs["model"] == str(full)
     requests = [c["lora_request"] for c in base_engine.generate_calls]
-    assert requests[0] is None and requests[1].path == str(adapter)
+    assert requests[0] is None and requests[1].lora_path == str(adapter)
     assert full_engine.generate_calls[0]["lora_request"] is None
+    # each engine stopped before the next one (and the judge) started
+    assert base_engine.shutdowns == 1 and full_engine.shutdowns == 1
     rows = json.loads((out / "results.json").read_text())["results"]
     assert [r["checkpoint"] for r in rows] == ["adapter", "full"] and all(r["n"] == n for r in rows)
 
@@ -263,6 +279,7 @@ def test_incontext_oracle_generates_on_one_vllm_engine(fake_vllm, tiny_model_dir
     system_prompts = [c["prompts"][0]["prompt_token_ids"] for c in engine.generate_calls]
     assert system_prompts[1] != system_prompts[0]  # the persona is in the oracle's prompts
     assert not fake_vllm.token_scripts  # every reply came from the engine
+    assert engine.shutdowns == 1
 
 
 def test_sleep_mode_frees_the_policy_engine_during_each_update(fake_vllm, tiny_model, tiny_tokenizer):
@@ -287,3 +304,14 @@ def test_sleep_mode_frees_the_policy_engine_during_each_update(fake_vllm, tiny_m
     plain.train_step(messages, reply.ids, "Shorter.")
     assert "enable_sleep_mode" not in fake_vllm.llms[1].kwargs
     assert [next(iter(c)) for c in fake_vllm.llms[1].generate_calls] == ["prompts"]
+
+
+def test_sleep_mode_where_vllm_has_none_is_refused_before_an_engine_starts(fake_vllm, monkeypatch, tiny_model,
+                                                                           tiny_tokenizer):
+    monkeypatch.setattr(sys.modules["vllm.platforms"].current_platform, "is_sleep_mode_available", lambda: False)
+    config = OnlineSDPOConfig(model="my/policy", device="cpu", use_vllm=True, use_lora=True, lora_r=4,
+                              lora_target_modules="q_proj,v_proj", vllm_enable_sleep_mode=True)
+    updater = OnlineSDPOUpdater(config, tiny_model, tiny_tokenizer)
+    with pytest.raises(ValueError, match="--vllm_enable_sleep_mode: this vLLM has no sleep mode here"):
+        updater.vllm_engine()
+    assert not fake_vllm.llms

@@ -16,8 +16,10 @@ one optimizer. The web UI keeps one session per logged-in user (auxiliary/chat/w
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
+import signal
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -51,8 +53,42 @@ class ChatError(RuntimeError):
     pass
 
 
+class SessionClosed(ChatError):
+    """A job asked of a session that is closing or closed (a command racing a /quit): the caller asks the
+    user's next session instead."""
+
+
+class ChatTerminated(Exception):
+    """SIGTERM or SIGHUP (a closed terminal, `kill PID`): raised in the main thread so that the UI leaves
+    through its normal end, which saves every open session."""
+
+    def __init__(self, signum: int):
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def save_on_termination():
+    """While inside, SIGTERM and SIGHUP raise ChatTerminated (once: a second signal must not interrupt the
+    save the first one started). Main thread only."""
+    received: list[int] = []
+
+    def handler(signum, frame):
+        if not received:
+            received.append(signum)
+            raise ChatTerminated(signum)
+
+    watched = (signal.SIGTERM, signal.SIGHUP)
+    previous = {signum: signal.signal(signum, handler) for signum in watched}
+    try:
+        yield received
+    finally:
+        for signum, old in previous.items():
+            signal.signal(signum, old)
+
+
 def validate_user_id(user_id: str) -> str:
-    if not USER_ID_PATTERN.match(user_id or ""):
+    if not USER_ID_PATTERN.fullmatch(user_id or ""):  # fullmatch: `$` would let a trailing newline through
         raise ChatError(f"--user_id {user_id!r}: use 1-64 letters, digits, '_', '.', '-' (it names a folder)")
     return user_id
 
@@ -153,10 +189,15 @@ class ReplyStream:
 
 @dataclass
 class _Snapshot:
+    """The whole training state /undo and /reset restore: weights, optimizer, lr scheduler, step counters
+    and (--teacher ema) the teacher's weights."""
     params: dict[str, torch.Tensor]
     optimizer: dict
     step: int
     label: str
+    scheduler: dict
+    skipped_nonfinite: int
+    teacher: dict | None
 
 
 @dataclass
@@ -169,7 +210,7 @@ class _Pending:
 class ChatSession:
     def __init__(self, updater, user_dir: str | Path, min_signal: float = 0.0, undo_depth: int = 10,
                  system_prompt: str = "", log_interactions: bool = True,
-                 on_event: Callable[[UpdateReport], None] | None = None):
+                 on_event: Callable[[UpdateReport], None] | None = None, max_message_chars: int = 0):
         if undo_depth < 1:
             raise ChatError("undo_depth must be >= 1")
         if min_signal < 0:
@@ -181,6 +222,7 @@ class ChatSession:
         self.undo_depth = undo_depth
         self.system_prompt = system_prompt
         self.log_interactions = log_interactions
+        self.max_message_chars = max_message_chars  # 0: no limit
         self.on_event = on_event
         self.messages: list[dict] = self._fresh_messages()
         self.updates_applied = 0
@@ -192,7 +234,7 @@ class ChatSession:
         self._fresh = self._snapshot("fresh adapter")  # /reset target, taken before any saved state is loaded
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-model")
         self._jobs_in_flight = 0
-        self._jobs_lock = threading.Lock()
+        self._jobs_lock = threading.RLock()  # close() submits its save while holding it
         self._closed = False
         self._lock = FolderLock(self.user_dir)
 
@@ -272,16 +314,18 @@ class ChatSession:
         return self.updater.save_checkpoint(self.adapter_path, extra_state=extra)
 
     def close(self, save: bool = True) -> Path | None:
-        """Finish queued work, save (by default) and stop the worker. Safe to call twice."""
-        if self._closed:
-            return None
-        try:
-            path = self.save() if save else None
-        finally:
+        """Finish queued work, save (by default) and stop the worker. Safe to call twice, from any thread:
+        from the moment it starts, new jobs are refused with SessionClosed, so nothing runs after the save."""
+        with self._jobs_lock:
+            if self._closed:
+                return None
             self._closed = True
+            saved = self._submit(self._save, closing=True) if save else None  # after every job queued before
+        try:
+            return saved.result() if saved is not None else None
+        finally:
             self._worker.shutdown(wait=True)
             self._lock.release()
-        return path
 
     # ------------------------------------------------------------------ chatting
     def send(self, text: str) -> ReplyStream:
@@ -291,8 +335,11 @@ class ChatSession:
         text = text.strip()
         if not text:
             raise ChatError("empty message")
+        if self.max_message_chars and len(text) > self.max_message_chars:
+            raise ChatError(f"the message has {len(text)} characters, more than --max_message_chars "
+                            f"{self.max_message_chars}; shorten it")
         if self._closed:
-            raise ChatError("the session is closed")
+            raise SessionClosed(f"the session of user '{self.user_dir.name}' is closed")
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop_event = threading.Event()
         reply_future: Future = Future()
@@ -418,16 +465,24 @@ class ChatSession:
         return self.updater.trainable_parameters()
 
     def _snapshot(self, label: str) -> _Snapshot:
+        updater = self.updater
         params = {name: p.detach().clone() for name, p in self._trainable().items()}
-        return _Snapshot(params, copy.deepcopy(self.updater.optimizer.state_dict()), self.updater.step, label)
+        teacher = updater.teacher.state_dict() if updater.teacher.mode == "ema" else None  # a copy already
+        return _Snapshot(params, copy.deepcopy(updater.optimizer.state_dict()), updater.step, label,
+                         copy.deepcopy(updater.scheduler.state_dict()), updater.skipped_nonfinite, teacher)
 
     def _restore(self, snapshot: _Snapshot) -> None:
+        updater = self.updater
         with torch.no_grad():
             for name, param in self._trainable().items():
                 param.copy_(snapshot.params[name])
         # deepcopy: load_state_dict keeps the given tensors, and Adam updates them in place later.
-        self.updater.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
-        self.updater.step = snapshot.step
+        updater.optimizer.load_state_dict(copy.deepcopy(snapshot.optimizer))
+        updater.scheduler.load_state_dict(copy.deepcopy(snapshot.scheduler))  # the lr follows the step back
+        if snapshot.teacher is not None:
+            updater.teacher.load_state_dict(snapshot.teacher, source="the /undo copy")
+        updater.step = snapshot.step
+        updater.skipped_nonfinite = snapshot.skipped_nonfinite
 
     def _push_undo(self, snapshot: _Snapshot) -> None:
         self._undo.append(snapshot)
@@ -473,14 +528,14 @@ class ChatSession:
 
     def _run(self, job):
         """Run a job on the model thread (after everything queued before it) and wait for its result."""
-        if self._closed:
-            return job()
         return self._submit(job).result()
 
-    def _submit(self, job, *args) -> Future:
-        with self._jobs_lock:
+    def _submit(self, job, *args, closing: bool = False) -> Future:
+        with self._jobs_lock:  # the check and the submit together: close() cannot slip in between
+            if self._closed and not closing:
+                raise SessionClosed(f"the session of user '{self.user_dir.name}' is closed")
             self._jobs_in_flight += 1
-        future = self._worker.submit(job, *args)
+            future = self._worker.submit(job, *args)
         future.add_done_callback(self._job_done)
         return future
 

@@ -30,10 +30,11 @@ Metrics (decisions come from PairwiseJudge.compare: "A" = the evaluated policy w
     net_effect(feedback_stats, placebo_stats) -> {"diff", "se"}
         diff = win_rate(feedback) - win_rate(placebo), se = sqrt(se_f^2 + se_p^2) (analytic SEs,
         independent samples); both None when either win rate is None.
-    plot_win_rates(history_records, path, boundaries=()) -> path
-        win rate vs interaction step, one line per style (and one line style per `arm` when the
-        records carry it), a +-SE band, the 50% reference line and a dashed vertical line at each
-        phase boundary of a style schedule; written atomically.
+    plot_win_rates(history_records, path, boundaries=(), reference=None) -> path   (win_rate_figure)
+        win rate vs interaction step, one colour per arm and one line style per style, a +-SE band,
+        undefined win rates drawn as an x on the 50% line, a dashed vertical line at each phase
+        boundary of a style schedule; below it words per reply and degenerate replies per arm and
+        eval step (the baseline's as `reference`); integer steps; written atomically.
 """
 from __future__ import annotations
 
@@ -215,50 +216,126 @@ def net_effect(feedback_stats: dict, placebo_stats: dict) -> dict:
 
 # --------------------------------------------------------------------------- plot
 
-_ARM_LINESTYLES = {"feedback": "-", "placebo": "--"}
+ARM_COLOURS = {"feedback": "tab:blue", "placebo": "tab:orange"}
+_OTHER_COLOURS = ["tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
+_STYLE_LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
+UNDEFINED_LABEL = "win rate undefined (no decisive pair)"
 
 
-def plot_win_rates(history_records: Sequence[dict], path: str | os.PathLike, title: str | None = None,
-                   boundaries: Sequence[int] = ()) -> str:
-    """history_records: dicts with `step`, `style`, `win_rate` (None allowed: a gap), `se`, optional `arm`;
-    `boundaries`: steps after which the user's style changed (a style schedule), drawn as vertical lines.
-    Matplotlib's Agg renderer is used, so no display is needed."""
-    # A bare Figure renders with Agg and leaves pyplot's global state (and backend) alone.
-    import matplotlib
+def win_rate_figure(history_records: Sequence[dict], title: str | None = None, boundaries: Sequence[int] = (),
+                    reference: dict | None = None):
+    """The win-rate figure (a matplotlib Figure; Agg, no display). Top panel: win rate vs the baseline per
+    eval step, one colour per arm (ARM_COLOURS; one per style for records without an arm), one line style
+    per style, a +-1 SE band; a point whose win rate is undefined (no decisive pair) is drawn as an x on
+    the 50% line, not left out. Bottom panel, when the records carry `mean_words`: words per reply
+    (lines, left axis) and degenerate replies (`monitors.degenerate_replies`, bars, right axis) per arm
+    and eval step (one record per arm and step: the first style's); `reference` ({"mean_words",
+    "degenerate_replies", "n"}) is the baseline's, drawn as a grey line. `boundaries`: steps after which
+    the user's style changed, drawn as vertical lines. Steps are integers on the x axis."""
     from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
 
-    path = Path(path)
     series: dict[tuple[str, str | None], list[dict]] = {}
     for record in history_records:
         series.setdefault((record["style"], record.get("arm")), []).append(record)
-    styles = sorted({style for style, _ in series})
-    colours = {style: matplotlib.colormaps["tab10"](i % 10) for i, style in enumerate(styles)}
-    other_arms = sorted({arm for _, arm in series if arm and arm not in _ARM_LINESTYLES})
-    linestyles = {**_ARM_LINESTYLES, **{arm: ls for arm, ls in zip(other_arms, [":", "-.", (0, (5, 1))] * 10)}}
+    styles = list(dict.fromkeys(style for style, _ in sorted(series)))
+    arms = list(dict.fromkeys(arm for _, arm in sorted(series, key=lambda k: (k[1] not in ARM_COLOURS, str(k[1])))))
+    others = iter(_OTHER_COLOURS * 4)
+    colours = {arm: ARM_COLOURS.get(arm) or next(others) for arm in arms if arm is not None}
+    style_colours = {style: f"C{i % 10}" for i, style in enumerate(styles)}
+    linestyles = {style: _STYLE_LINESTYLES[i % len(_STYLE_LINESTYLES)] for i, style in enumerate(styles)}
+    lower = any("mean_words" in r for r in history_records)
 
-    fig = Figure(figsize=(7, 4.2))
-    ax = fig.subplots()
+    fig = Figure(figsize=(7.5, 6.6 if lower else 4.2))
+    axes = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 2]}) if lower else [fig.subplots()]
+    ax = axes[0]
     ax.axhline(50.0, color="grey", linewidth=1, linestyle=":", label="50% (no change)")
     for index, step in enumerate(boundaries):
-        ax.axvline(step, color="black", linewidth=1, linestyle="--", alpha=0.6,
-                   label="phase boundary" if index == 0 else None)
+        for axis in axes:
+            axis.axvline(step, color="black", linewidth=1, linestyle="--", alpha=0.6,
+                         label="phase boundary" if index == 0 and axis is ax else None)
+    undefined_labelled = False
     for (style, arm), records in sorted(series.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         records = sorted(records, key=lambda r: r["step"])
+        colour = colours[arm] if arm is not None else style_colours[style]
         steps = np.array([r["step"] for r in records], dtype=float)
         rates = np.array([np.nan if r.get("win_rate") is None else r["win_rate"] for r in records], dtype=float)
         errors = np.array([np.nan if r.get("se") is None else r["se"] for r in records], dtype=float)
-        label = style if arm is None else f"{style} ({arm})"
-        ax.plot(steps, rates, marker="o", markersize=3, color=colours[style],
-                linestyle=linestyles.get(arm, "-"), label=label)
-        ax.fill_between(steps, rates - errors, rates + errors, color=colours[style], alpha=0.15, linewidth=0)
-    ax.set_xlabel("interaction step")
+        label = (style if arm is None else arm) if len(styles) == 1 or arm is None else f"{arm} ({style})"
+        ax.plot(steps, rates, marker="o", markersize=4, color=colour, linestyle=linestyles[style], label=label)
+        ax.fill_between(steps, rates - errors, rates + errors, color=colour, alpha=0.15, linewidth=0)
+        undefined = np.isnan(rates)
+        if undefined.any():
+            ax.plot(steps[undefined], np.full(int(undefined.sum()), 50.0), linestyle="none", marker="x", markersize=9,
+                    markeredgewidth=2, color=colour, label=None if undefined_labelled else UNDEFINED_LABEL)
+            undefined_labelled = True
     ax.set_ylabel("win rate vs baseline (%)")
     ax.set_ylim(0, 100)
-    ax.set_title(title or "Style win rate (ties excluded), band = +-1 SE")
+    ax.set_title(title or "Style win rate (ties excluded), band = +-1 SE", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
+    if lower:
+        _words_and_degenerate_panel(axes[1], history_records, styles, colours, style_colours, reference)
+    axes[-1].set_xlabel("interaction step")
+    axes[-1].xaxis.set_major_locator(MaxNLocator(integer=True))
     fig.tight_layout()
-    image = io.BytesIO()  # rendered in memory, then temporary file + fsync + rename
+    return fig
+
+
+def _words_and_degenerate_panel(ax, records: Sequence[dict], styles: list[str], colours: dict, style_colours: dict,
+                                reference: dict | None) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    first_style = {}
+    for record in records:  # one record per arm and step: the replies are the arm's, whatever the style
+        key = (record.get("arm"), record["step"])
+        if "mean_words" in record and (key not in first_style or styles.index(record["style"]) <
+                                       styles.index(first_style[key]["style"])):
+            first_style[key] = record
+    arms = list(dict.fromkeys(arm for arm, _ in sorted(first_style, key=lambda k: (str(k[0]), k[1]))))
+    steps_all = sorted({step for _, step in first_style})
+    gaps = np.diff(steps_all) if len(steps_all) > 1 else np.array([1.0])
+    width = max(0.6 * float(gaps.min()) / max(1, len(arms)), 0.05) if len(gaps) else 0.3
+    bars = ax.twinx()
+    most_words, most_degenerate = (reference or {}).get("mean_words") or 0.0, 0
+    for index, arm in enumerate(arms):
+        chosen = sorted((r for (a, _), r in first_style.items() if a == arm), key=lambda r: r["step"])
+        colour = colours[arm] if arm is not None else style_colours[chosen[0]["style"]]
+        steps = np.array([r["step"] for r in chosen], dtype=float)
+        ax.plot(steps, [r["mean_words"] for r in chosen], marker="o", markersize=4, color=colour,
+                label=f"{arm or chosen[0]['style']}: words per reply")
+        most_words = max([most_words] + [r["mean_words"] for r in chosen])
+        counts = [(r.get("monitors") or {}).get("degenerate_replies") for r in chosen]
+        most_degenerate = max([most_degenerate] + [c for c in counts if c is not None])
+        known = [(s, c) for s, c in zip(steps, counts) if c is not None]
+        if known:
+            offset = (index - (len(arms) - 1) / 2) * width
+            bars.bar([s + offset for s, _ in known], [c for _, c in known], width=width, color=colour, alpha=0.35,
+                     hatch="//", edgecolor=colour, label=f"{arm or chosen[0]['style']}: degenerate replies")
+    if reference and reference.get("mean_words") is not None:
+        degenerate = reference.get("degenerate_replies")
+        extra = "" if degenerate is None else f"; {degenerate}/{reference.get('n')} degenerate"
+        ax.axhline(reference["mean_words"], color="grey", linewidth=1.2, linestyle=":",
+                   label=f"baseline: {reference['mean_words']:.1f} words{extra}")
+    ax.set_ylabel("words per reply (lines)")
+    ax.set_ylim(0, 1.25 * most_words or 1.0)  # headroom for the legend
+    bars.set_ylabel("degenerate replies (bars)")
+    bars.set_ylim(0, max(2, most_degenerate + 1, (reference or {}).get("degenerate_replies") or 0))
+    bars.yaxis.set_major_locator(MaxNLocator(integer=True))
+    gap = float(gaps.min()) if len(gaps) else 1.0
+    ax.set_xlim(steps_all[0] - 0.45 * gap, steps_all[-1] + 0.45 * gap)
+    ax.grid(alpha=0.3)
+    handles, labels = ax.get_legend_handles_labels()
+    more_handles, more_labels = bars.get_legend_handles_labels()
+    ax.legend(handles + more_handles, labels + more_labels, fontsize=7, loc="best")
+
+
+def plot_win_rates(history_records: Sequence[dict], path: str | os.PathLike, title: str | None = None,
+                   boundaries: Sequence[int] = (), reference: dict | None = None) -> str:
+    """win_rate_figure written to `path` (temporary file, fsync, rename)."""
+    path = Path(path)
+    fig = win_rate_figure(history_records, title, boundaries, reference)
+    image = io.BytesIO()
     fig.savefig(image, format=path.suffix.lstrip(".") or "png", dpi=120)
     atomic_write_bytes(path, image.getvalue())
     return str(path)

@@ -189,8 +189,7 @@ class VLLMModels:
         from auxiliary.runtime.vllm_adapter import VLLMGenerator, lora_request
 
         if self._engine_model != str(model_path):
-            self._engine = None
-            gc.collect()
+            self.close()  # one engine at a time: the next one needs the memory
             self._engine = VLLMGenerator(str(model_path), tokenizer, seed=self.args.seed, dtype=self.args.dtype,
                                          gpu_memory_utilization=self.args.generation_vllm_gpu_memory_utilization,
                                          tensor_parallel_size=self.args.vllm_tp, gpu_start=self.args.vllm_gpu_start,
@@ -200,6 +199,12 @@ class VLLMModels:
             return VLLMTarget(self._engine)
         self._adapters += 1
         return VLLMTarget(self._engine, lora_request(f"checkpoint_{self._adapters}", self._adapters, lora_dir))
+
+    def close(self) -> None:
+        """Stop the engine (before a vLLM judge starts: both would not fit on one GPU)."""
+        if self._engine is not None:
+            self._engine.close()
+        self._engine, self._engine_model = None, None
 
 
 def generate(model, tokenizer, conversations: list[list[dict]], args: StyleEvalArgs, desc: str) -> Completions:

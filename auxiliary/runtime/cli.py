@@ -84,19 +84,123 @@ def _canonical_yaml(values: dict, aliases: dict[str, str], path: str) -> dict:
     return out
 
 
-def load_yaml_config(path: str) -> dict:
+def _strict_yaml_loader():
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last silently) and
+    remembers the line of each top-level key (for the type errors)."""
+    import yaml
+
+    class StrictLoader(yaml.SafeLoader):
+        key_lines: dict = {}
+
+        def get_single_node(self):
+            self.root = super().get_single_node()
+            return self.root
+
+        def construct_mapping(self, node, deep=False):
+            seen: dict = {}
+            for key_node, _ in node.value:
+                key = self.construct_object(key_node, deep=True)
+                line = key_node.start_mark.line + 1
+                if isinstance(key, str) and key in seen:
+                    raise ConfigError(f"{line}: key {key!r} is given twice (also on line {seen[key]}); keep one")
+                seen[key] = line
+            if node is getattr(self, "root", None):
+                self.key_lines = seen
+            return super().construct_mapping(node, deep)
+
+    return StrictLoader
+
+
+def load_yaml_config(path: str, key_lines: dict | None = None) -> dict:
+    """The top-level mapping of a YAML file; `key_lines` (if given) receives each key's line number."""
     import yaml
 
     file = Path(path)
     if not file.exists():
         raise ConfigError(f"config file {path} not found")
+    loader = _strict_yaml_loader()(file.read_text())
     try:
-        data = yaml.safe_load(file.read_text()) or {}
+        data = loader.get_single_data() or {}
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: invalid YAML: {err}") from None
+    except ConfigError as err:
+        raise ConfigError(f"{path}:{err}") from None
+    finally:
+        loader.dispose()
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping of field: value at the top level")
+    if key_lines is not None:
+        key_lines.update(loader.key_lines)
     return data
+
+
+def _type_name(kind) -> str:
+    return {bool: "true or false", int: "a whole number", float: "a number", str: "text"}.get(kind, str(kind))
+
+
+def check_value_type(key: str, value, kind) -> str | None:
+    """Why `value` does not fit the field type `kind` (None when it fits). YAML values bypass the
+    command-line parser's conversion, so each is checked here: a bool is not a number, 1.5 is not a
+    whole number, a number is not text, and a list must hold its element type."""
+    import types
+    import typing
+
+    origin, args = typing.get_origin(kind), typing.get_args(kind)
+    if origin in (typing.Union, types.UnionType):  # Optional[X], X | None
+        if value is None and type(None) in args:
+            return None
+        kinds = [a for a in args if a is not type(None)]
+        return check_value_type(key, value, kinds[0]) if len(kinds) == 1 else None
+    if origin in (list, tuple):
+        element = args[0] if args else None
+        if not isinstance(value, list):  # one value, as the flag takes it (`eval_styles: a b` splits later)
+            problem = check_value_type(key, value, element) if element is not None else None
+            return f"expected a list, got {value!r}" if problem else None
+        for item in value:
+            problem = check_value_type(key, item, element) if element is not None else None
+            if problem:
+                return f"in the list: {problem}"
+        return None
+    if kind in (bool, int, float) and isinstance(value, str):
+        # text is converted as the flag's text would be (YAML reads 5e-6, without a dot, as text)
+        return None if _converts(value, kind) else f"expected {_type_name(kind)}, got {value!r}"
+    if kind is bool:
+        return None if isinstance(value, bool) else f"expected {_type_name(bool)}, got {value!r}"
+    if kind is int:
+        return None if isinstance(value, int) and not isinstance(value, bool) else \
+            f"expected {_type_name(int)}, got {value!r}"
+    if kind is float:
+        return None if isinstance(value, (int, float)) and not isinstance(value, bool) else \
+            f"expected {_type_name(float)}, got {value!r}"
+    if kind is str:
+        hint = f" (quote it: '{value}')" if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
+        return None if isinstance(value, str) else f"expected {_type_name(str)}, got {value!r}{hint}"
+    return None  # a type this check does not know: the field's own validation decides
+
+
+def _converts(text: str, kind) -> bool:
+    if kind is bool:
+        return text.strip().lower() in ("yes", "true", "t", "y", "1", "no", "false", "f", "n", "0")
+    try:
+        kind(text)
+    except ValueError:
+        return False
+    return True
+
+
+def check_yaml_types(values: dict, classes: Sequence[type], path: str, key_lines: dict) -> None:
+    """Every YAML value against its field's declared type: one line naming the file, line and key."""
+    import typing
+
+    types = {}
+    for cls in classes:
+        types.update(typing.get_type_hints(cls))
+    for key, value in values.items():
+        if key in types:
+            problem = check_value_type(key, value, types[key])
+            if problem:
+                line = key_lines.get(key)
+                raise ConfigError(f"{path}{f':{line}' if line else ''}: {key}: {problem}")
 
 
 def parse_dataclasses(classes: Sequence[type], argv: Sequence[str] | None = None, prog: str | None = None):
@@ -121,10 +225,12 @@ def parse_dataclasses(classes: Sequence[type], argv: Sequence[str] | None = None
     known = {f.name for cls in classes for f in dataclasses.fields(cls)}
     values: dict = {}
     for config_path in config_paths:
-        loaded = _canonical_yaml(load_yaml_config(config_path), aliases, config_path)
+        key_lines: dict = {}
+        loaded = _canonical_yaml(load_yaml_config(config_path, key_lines), aliases, config_path)
         unknown = sorted(set(loaded) - known)
         if unknown:
             raise ConfigError(f"{config_path}: unknown keys {unknown}")
+        check_yaml_types(loaded, classes, config_path, {aliases.get(k, k): n for k, n in key_lines.items()})
         values.update(loaded)
     if values:
         parser.set_defaults(**values)
@@ -162,4 +268,13 @@ def run_cli(args_class: type, run: Callable, argv: Sequence[str] | None, prog: s
     except OSError as err:
         print(f"error: {describe_os_error(err)}", file=sys.stderr)
         return 2
+    finally:
+        stop_vllm_engines()
     return 0
+
+
+def stop_vllm_engines() -> None:
+    """Stop the vLLM engines a command started (none unless it imported the adapter, so no import here)."""
+    adapter = sys.modules.get("auxiliary.runtime.vllm_adapter")
+    if adapter is not None:
+        adapter.shutdown_engines()

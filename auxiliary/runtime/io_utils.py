@@ -51,9 +51,40 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{line_number}: malformed JSON ({err.msg} at column {err.colno})") from None
+            except RecursionError:
+                raise DataError(f"{path}:{line_number}: JSON nested too deeply (more than {MAX_JSON_DEPTH} "
+                                "levels)") from None
             if not isinstance(record, dict):
                 raise DataError(f"{path}:{line_number}: expected a JSON object, got {type(record).__name__}")
+            problem = text_problem(record)
+            if problem:
+                raise DataError(f"{path}:{line_number}: {problem}")
             yield line_number, record
+
+
+MAX_JSON_DEPTH = 64  # a conversation is 3 levels deep; far deeper is a broken or hostile file
+
+
+def text_problem(record: dict) -> str | None:
+    """What makes a parsed record unusable as text, naming its top-level field: nesting deeper than
+    MAX_JSON_DEPTH, or a string with a lone surrogate (JSON's "\\ud800" escape; no tokenizer takes it)."""
+    for field_name, value in record.items():
+        stack = [(field_name, 1), (value, 1)]
+        while stack:
+            item, depth = stack.pop()
+            if depth > MAX_JSON_DEPTH:
+                return f"field {field_name!r} is nested more than {MAX_JSON_DEPTH} levels deep"
+            if isinstance(item, str):
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError as err:
+                    return (f"field {field_name!r} holds a lone surrogate ({item[err.start]!r}): not valid Unicode "
+                            "text (a \\ud800-style escape without its pair)")
+            elif isinstance(item, dict):
+                stack.extend((part, depth + 1) for pair in item.items() for part in pair)
+            elif isinstance(item, list):
+                stack.extend((part, depth + 1) for part in item)
+    return None
 
 
 def read_jsonl(path: str | os.PathLike) -> list[dict]:
@@ -68,7 +99,7 @@ def describe_os_error(err: OSError) -> str:
     hints = {errno.ENOSPC: " (the disk is full: free space or choose another output folder)",
              errno.EROFS: " (read-only file system: choose another output folder)",
              errno.EACCES: " (no permission: choose another output folder)",
-             errno.EDQUOT: " (disk quota exceeded)"}
+             errno.EDQUOT: " (disk quota exceeded)", errno.EFBIG: " (a file size limit: see ulimit -f)"}
     return f"cannot write {path}: {err.strerror or err}{hints.get(err.errno, '')}"
 
 

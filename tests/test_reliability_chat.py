@@ -1,0 +1,128 @@
+"""The chat keeps a user's learning: SIGTERM / SIGHUP save, /undo and /reset restore the whole training
+state, web commands racing a /quit, and the web server's limits (logins, message size)."""
+import builtins
+import json
+import os
+import signal
+
+import pytest
+import torch
+
+import chat_sdpo
+from test_chat_session import chat, make_session
+
+
+def training_state(session):
+    updater = session.updater
+    return {"step": updater.step, "last_epoch": updater.scheduler.last_epoch,
+            "lr": [group["lr"] for group in updater.optimizer.param_groups],
+            "scheduler": json.dumps(updater.scheduler.state_dict(), sort_keys=True, default=str)}
+
+
+def test_undo_and_reset_restore_the_lr_schedule_with_the_weights(tmp_path, tiny_tokenizer):
+    session = make_session(tmp_path, tiny_tokenizer, lr_scheduler="linear", scheduler_steps=10, teacher="ema")
+    states = [training_state(session)]
+    teachers = [session.updater.teacher.state_dict()]
+    chat(session, "Hello there")
+    for text in ("Shorter please.", "More formal please.", "No lists please."):
+        chat(session, text)
+        states.append(training_state(session))
+        teachers.append(session.updater.teacher.state_dict())
+    assert [s["last_epoch"] for s in states] == [0, 1, 2, 3] and states[1]["lr"] != states[3]["lr"]
+    session.undo()
+    session.undo()
+    assert training_state(session) == states[1]  # step 1, scheduler at 1, the lr of step 1
+    assert all(torch.equal(a, b) for a, b in zip(teachers[1].values(), session.updater.teacher.state_dict().values()))
+    session.reset()
+    assert training_state(session) == states[0]
+    session.undo()  # takes the reset back
+    assert training_state(session) == states[1]
+    path = session.save()
+    assert json.loads((path / "updater_state.json").read_text())["scheduler"]["last_epoch"] == 1
+    session.close(save=False)
+
+
+def scripted_input(lines, then_signal):
+    """builtins.input replacement: the lines in turn, then the signal sent to this process (as `kill PID`)."""
+    queue = list(lines)
+
+    def fake_input(prompt=""):
+        if queue:
+            return queue.pop(0)
+        os.kill(os.getpid(), then_signal)
+        raise AssertionError("the signal should have ended the chat")  # pragma: no cover
+    return fake_input
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGHUP])
+def test_sigterm_or_sighup_saves_the_adapter_and_the_log(tmp_path, tiny_model_dir, monkeypatch, capsys, signum):
+    monkeypatch.setattr(builtins, "input", scripted_input(["Hello there", "Shorter please."], signum))
+    argv = ["--model", str(tiny_model_dir), "--adapters_dir", str(tmp_path), "--user_id", "ann", "--max_new_tokens",
+            "6", "--temperature", "0", "--lora_r", "4", "--lora_alpha", "8", "--lr", "1e-2", "--color", "never"]
+    before = signal.getsignal(signum)
+    assert chat_sdpo.main(argv) == 128 + signum
+    assert signal.getsignal(signum) == before  # the handler is the chat's only while it runs
+    out = capsys.readouterr().out
+    assert f"{signal.Signals(signum).name}: saving before leaving" in out and "saved to" in out
+    state = json.loads((tmp_path / "ann" / "adapter" / "updater_state.json").read_text())
+    assert state["step"] == 1 and state["extra"]["updates_applied"] == 1  # the update since the start is kept
+    assert len((tmp_path / "ann" / "interactions.jsonl").read_text().splitlines()) == 1
+    assert not (tmp_path / "ann" / ".lock").exists()
+
+
+def test_a_quit_racing_a_save_or_undo_of_the_same_user_never_meets_its_own_lock(tmp_path, tiny_tokenizer):
+    """The web router: /quit closes (and saves) a user's session while their /save or /undo comes in. The
+    command waits for the close to end, then goes to the user's next session, which loads the saved adapter."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from auxiliary.chat.web import SessionRouter
+    from online_sdpo_updater import OnlineSDPOUpdater
+
+    saving = threading.Event()
+    real_save = OnlineSDPOUpdater.save_checkpoint
+
+    def slow_save(self, *args, **kwargs):  # holds the folder lock a while, as a big adapter's save does
+        saving.set()
+        time.sleep(0.3)
+        return real_save(self, *args, **kwargs)
+
+    opened = []
+
+    def open_session(user):
+        opened.append(make_session(tmp_path, tiny_tokenizer, user=user))
+        opened[-1].updater.save_checkpoint = slow_save.__get__(opened[-1].updater)
+        return opened[-1]
+
+    router = SessionRouter(open_session)
+    me = SimpleNamespace(username="gil")
+    first = router.session_for(me)
+    chat(first, "Hello there")
+    chat(first, "Shorter please.")
+    for command in ("save", "undo"):
+        saving.clear()
+        quitting = threading.Thread(target=router.close_user, args=("gil",))
+        quitting.start()
+        assert saving.wait(30)  # the /quit is saving: its session holds the folder lock now
+        answer = getattr(router.session_for(me), command)()
+        quitting.join()
+        assert opened[-2]._closed and not opened[-1]._closed and router.session_for(me) is opened[-1]
+        if command == "save":
+            assert str(answer).endswith("gil/adapter")
+            assert opened[-1].updates_applied == 1  # the new session loaded what the /quit saved
+        else:
+            assert answer.startswith("nothing to undo")  # the undo history ended with the closed session
+    # a session closed between routing and the command: the command goes to the next session
+    calls = []
+
+    def save_after_a_quit(session):
+        calls.append(session)
+        if len(calls) == 1:
+            router.close_user("gil")  # the /quit lands between routing and the command
+        return session.save()
+
+    assert str(router.call(me, save_after_a_quit)).endswith("gil/adapter")
+    assert len(calls) == 2 and calls[0]._closed and not calls[1]._closed
+    router.close_all()
+    assert not (tmp_path / "gil" / ".lock").exists()
