@@ -22,7 +22,7 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from auxiliary.runtime.io_utils import base_work_dir  # noqa: E402
+from auxiliary.runtime.io_utils import base_work_dir, describe_os_error  # noqa: E402
 from auxiliary.runtime.option_groups import override  # noqa: E402
 from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
 
@@ -193,7 +193,11 @@ class TerminalChat:
                 self._write(f"\n({stop}: saving before leaving)\n")
                 break
         self._write("saving the adapter ...\n")
-        path = self.session.close()  # finishes a running update first
+        try:
+            path = self.session.close()  # finishes a running update first
+        except OSError as err:  # a full disk: the adapter saved before (if any) is intact
+            self._write(f"error: {describe_os_error(err)}\n")
+            return
         with self._print_lock:
             self._flush_queued()
         self._write(f"saved to {path}\n")
@@ -246,7 +250,10 @@ class TerminalChat:
         elif name == "/undo":
             self._write(session.undo() + "\n")
         elif name == "/save":
-            self._write(f"saved to {session.save()}\n")
+            try:
+                self._write(f"saved to {session.save()}\n")
+            except OSError as err:  # a full disk: the chat goes on, the adapter saved before is intact
+                self._write(f"error: {describe_os_error(err)}\n")
         elif name == "/reset":
             self._write(session.reset() + "\n")
         elif name == "/new":

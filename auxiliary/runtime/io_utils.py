@@ -31,6 +31,8 @@ def check_looks_like_text(path: Path) -> None:
     """A compressed or binary file given as JSONL fails with what it looks like, not a decode traceback."""
     with path.open("rb") as handle:
         head = handle.read(8)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte order mark (Windows editors, PowerShell's >)
+        raise DataError(f"{path}: UTF-16 text, not UTF-8; convert it with iconv -f utf-16 -t utf-8")
     for magic, kind in _COMPRESSED_MAGIC.items():
         if head.startswith(magic):
             hint = "decompress it first (e.g. gunzip)" if kind != "parquet" else "convert it to JSONL"

@@ -200,12 +200,11 @@ class RunFolder:
 
     def _keep_only_this_runs_log(self, log_file: Path) -> None:
         """run.log keeps the lines this run wrote since attach_log (the earlier run's go)."""
-        start = getattr(self, "log_start", None)
-        if start is None:
+        if self.log_start is None:
             log_file.unlink()
             return
         with open(log_file, "r+b") as handle:
-            handle.seek(start)
+            handle.seek(self.log_start)
             own = handle.read()
             handle.seek(0)
             handle.write(own)
