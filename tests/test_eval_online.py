@@ -384,3 +384,16 @@ def test_a_prompt_file_of_the_current_folder_shadowing_the_repositorys_is_named(
     with caplog.at_level("WARNING"):
         assert find_data_file("data/samples/validation.jsonl").is_file()  # only in the repository: no warning
     assert caplog.text == ""
+
+
+def test_debug_first_example_prints_step_one_of_the_feedback_arm_once(tiny_model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "debug"
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=2, eval_n=0, placebo=True,
+                                           debug_first_example=True)) == 0
+    err = capsys.readouterr().err
+    assert err.count("=== first interaction ===") == 1
+    first = read_metrics(out)[0]
+    reply = next(r for r in read_completions(out) if r["step"] == 1 and r["arm"] == "feedback")
+    block = err.split("=== first interaction ===")[1]
+    assert f"--- reply y ---\n{reply['completion']}\n--- follow-up o ---\n{first['feedback']['followup']}\n" in block
+    assert first["feedback"]["followup"] != first["placebo"]["followup"]  # the placebo's step is not the one shown

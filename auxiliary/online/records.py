@@ -11,7 +11,8 @@ def step_rows(answers, learned: dict, users: dict, phase_of, now: float, show=No
               ) -> tuple[list[dict], list[list[dict]]]:
     """(one metrics record per step, the completions rows of each step) of a batch: `answers` a BatchAnswers,
     `learned` {arm: (the update's metrics, its seconds)}; the update's metrics are shared by the batch's rows
-    (`update` names it). `show(arm, index, signal)`: called for every row, with its per-token signal."""
+    (`update` names it). `show(conversation, reply, followup, signal)`: called with step 1 of the feedback arm
+    (--debug_first_example)."""
     steps, styles = answers.steps, answers.styles
     records = [{"step": step, "time": now, "style": style, "phase": phase_of(step)}
                for step, style in zip(steps, styles)]
@@ -38,6 +39,6 @@ def step_rows(answers, learned: dict, users: dict, phase_of, now: float, show=No
             records[i][arm] = metrics
             completions[i].append({"step": step, "phase": "train", "arm": arm, "style": style, "prompt": prompt,
                                    "completion": reply.text, "followup": followup})
-            if show is not None:
-                show(arm, i, signals[i])
+            if show is not None and step == 1 and arm == "feedback":
+                show(answers.conversations[i], reply, followup, signals[i])
     return records, completions
