@@ -31,8 +31,10 @@ import shutil
 import time
 from pathlib import Path
 
+from auxiliary.runtime.checkpoints import (MARKER_FILE, CheckpointError, checkpoint_name, read_latest_marker,
+                                           resume_point, write_marker)
 from auxiliary.runtime.io_utils import (PRIVATE_FILE_MODE, DataError, append_jsonl, atomic_write_json,
-                                        atomic_write_jsonl, private_dir, read_jsonl)
+                                        atomic_write_jsonl, base_work_dir, iter_jsonl, private_dir)
 from auxiliary.runtime.locks import FolderLock, FolderLockError
 
 logger = logging.getLogger("eval_online_sdpo")  # the run's own lines in run.log, as before the move
@@ -59,9 +61,8 @@ def default_output_dir(run_name: str | None, model: str, style: str) -> Path:
     """$OUTPUT_DIR, else ${BASE_WORK:-${SCRATCH:-${TMPDIR:-/tmp}}}/sdpo_runs/<run_name or online-model-style-time>."""
     if os.environ.get("OUTPUT_DIR"):
         return Path(os.environ["OUTPUT_DIR"])
-    base = os.environ.get("BASE_WORK") or os.environ.get("SCRATCH") or os.environ.get("TMPDIR") or "/tmp"
     name = run_name or f"online-{Path(model.rstrip('/')).name}-{style}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(base) / "sdpo_runs" / name
+    return base_work_dir() / "sdpo_runs" / name
 
 
 def read_jsonl_tolerant(path: Path) -> list[dict]:
@@ -80,6 +81,30 @@ def read_jsonl_tolerant(path: Path) -> list[dict]:
                 logger.warning("%s: dropping a cut last line", path)
                 continue
             raise DataError(f"{path}:{number}: malformed JSON") from None
+    return rows
+
+
+def read_run_json(path: Path, expected: type, what: str):
+    """A JSON file of the run folder, or one line naming it when it is not what a run wrote there."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RunFolderError(f"{path}: not the run's {what} (not JSON: {err}); restore it, or start "
+                             "again with another --output_dir") from None
+    if not isinstance(value, expected):
+        raise RunFolderError(f"{path}: not the run's {what} (a JSON {type(value).__name__}, expected "
+                             f"{'an object' if expected is dict else 'a list'}); restore it, or start again with "
+                             "another --output_dir")
+    return value
+
+
+def steps_of(rows, path: Path, numbers=None) -> list[dict]:
+    """Rows that each carry a whole-number "step" (what resume truncates by); else one line naming the row."""
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+            where = f"{path}:{numbers[index]}" if numbers else f"{path} (entry {index + 1})"
+            raise RunFolderError(f"{where}: a record without a whole-number \"step\" (not written by a run; "
+                                 "restore the file or start again with another --output_dir)")
     return rows
 
 
@@ -175,12 +200,11 @@ class RunFolder:
 
     def _keep_only_this_runs_log(self, log_file: Path) -> None:
         """run.log keeps the lines this run wrote since attach_log (the earlier run's go)."""
-        start = getattr(self, "log_start", None)
-        if start is None:
+        if self.log_start is None:
             log_file.unlink()
             return
         with open(log_file, "r+b") as handle:
-            handle.seek(start)
+            handle.seek(self.log_start)
             own = handle.read()
             handle.seek(0)
             handle.write(own)
@@ -235,13 +259,18 @@ class RunFolder:
         """Drop the metrics, evaluations and completions of steps after `step` (they are replayed);
         returns the (metrics, eval history) that remain."""
         metrics, history = [], []
-        if (self.path / "metrics.jsonl").exists():
-            metrics = [r for r in read_jsonl(self.path / "metrics.jsonl") if r["step"] <= step]
-        if (self.path / "eval_history.json").exists():
-            history = [r for r in json.loads((self.path / "eval_history.json").read_text()) if r["step"] <= step]
+        metrics_file, history_file = self.path / "metrics.jsonl", self.path / "eval_history.json"
+        if metrics_file.exists():
+            numbered = list(iter_jsonl(metrics_file))
+            rows = steps_of([r for _, r in numbered], metrics_file, [n for n, _ in numbered])
+            metrics = [r for r in rows if r["step"] <= step]
+        if history_file.exists():
+            rows = steps_of(read_run_json(history_file, list, "evaluation history"), history_file)
+            history = [r for r in rows if r["step"] <= step]
+        completions = steps_of(self.read_completions(), self.path / "completions.jsonl")
         self.write_metrics(metrics)
         self.write_history(history)
-        kept = [r for r in self.read_completions() if r["step"] <= step]
+        kept = [r for r in completions if r["step"] <= step]
         atomic_write_jsonl(self.path / "completions.jsonl", kept)
         return metrics, history
 
@@ -251,7 +280,11 @@ class RunFolder:
         previous = self.path / "config.json"
         if not previous.exists():
             return
-        old = json.loads(previous.read_text())
+        old = read_run_json(previous, dict, "config.json")
+        for part in ("sdpo", "run"):
+            if not isinstance(old.get(part, {}), dict):
+                raise RunFolderError(f"{previous}: not the run's config.json (\"{part}\" is not an object); restore "
+                                     "it, or start again with another --output_dir")
         changes = {k: [old.get(part, {}).get(k), v] for part in ("sdpo", "run") for k, v in config[part].items()
                    if k not in RESUME_NEUTRAL_FLAGS and old.get(part, {}).get(k) != v}
         if changes and not allow_change:
@@ -266,7 +299,9 @@ class RunFolder:
         """config.json ({"sdpo": ..., "run": ..., "resolved": ..., "history": [...]}); the history keeps
         every change a resume made, with the step it was made after, so nothing is lost."""
         previous = self.path / "config.json"
-        history = json.loads(previous.read_text()).get("history", []) if previous.exists() else []
+        history = read_run_json(previous, dict, "config.json").get("history", []) if previous.exists() else []
+        if not isinstance(history, list):
+            raise RunFolderError(f"{previous}: not the run's config.json (\"history\" is not a list)")
         if resume_step is not None and self.config_changes:
             history.append({"resumed_after_step": resume_step, "changed": self.config_changes,
                             "time": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -279,7 +314,10 @@ class RunFolder:
         cache = self.path / "baseline_completions.json"
         if not cache.exists() or self.pending_overwrite:  # an earlier run's cache goes with --overwrite
             return None
-        saved = json.loads(cache.read_text())
+        saved = read_run_json(cache, dict, "baseline cache")
+        if not isinstance(saved.get("completions"), list):
+            raise RunFolderError(f"{cache}: not the run's baseline cache (no \"completions\" list); delete it to "
+                                 "generate the baseline again")
         if saved.get("signature") != signature:
             raise RunFolderError(f"{cache} was made with other settings ({saved.get('signature')}); "
                                  "use a new --output_dir or --overwrite")
@@ -290,56 +328,21 @@ class RunFolder:
         atomic_write_json(self.path / "baseline_completions.json", {"signature": signature, "completions": completions})
         self.written.add("baseline_completions.json")
 
-    # ------------------------------------------------------------ checkpoints of several arms
+    # ------------------------------------------------------------ checkpoints of several arms (checkpoints.py's format)
     def checkpoint_path(self, arm: str, step: int) -> Path:
-        return self.checkpoint_root / arm / f"step_{step:06d}"
+        return self.checkpoint_root / arm / checkpoint_name(step)
 
     def write_checkpoint_marker(self, step: int, arms: list[str]) -> None:
-        atomic_write_json(self.checkpoint_root / "latest.json", {"step": step, "arms": arms})
+        write_marker(self.checkpoint_root, step, arms)
 
     def checkpoint_marker_step(self) -> int | None:
         """The step the marker names (every arm has it); None without a marker."""
-        from online_sdpo_updater import read_latest_marker
-
-        return read_latest_marker(self.checkpoint_root / "latest.json")
+        return read_latest_marker(self.checkpoint_root / MARKER_FILE)
 
     def resume_checkpoints(self, arms: list[str]) -> tuple[int, dict[str, Path]]:
-        """(step, {arm: its checkpoint}) to resume from; (-1, {}) when there is no checkpoint.
-
-        The marker's step is used when every arm's checkpoint there is intact (sizes and checksums of
-        its manifest); else, with a warning, the newest step at which every arm's checkpoint is intact;
-        a one-line error naming the bad file when there is none."""
-        from online_sdpo_updater import CheckpointError, list_checkpoints, read_latest_marker, verify_checkpoint
-
+        """(step, {arm: its checkpoint}) to resume from; (-1, {}) when there is no checkpoint
+        (checkpoints.resume_point: the marker's step, else the newest step intact for every arm)."""
         try:
-            step = read_latest_marker(self.checkpoint_root / "latest.json")
+            return resume_point(self.checkpoint_root, arms)
         except CheckpointError as err:
-            logger.warning("--resume: %s; looking for the newest intact checkpoint", err)
-            step = -2  # corrupted: fall back below
-        if step is None:
-            logger.warning("--resume: no checkpoint in %s, starting again from step 0 (baseline cache kept)",
-                           self.checkpoint_root)
-            return -1, {}
-        steps = sorted(
-            set.intersection(*[{int(p.name.split("_")[1]) for p in list_checkpoints(self.checkpoint_root / a)}
-                                          for a in arms]), reverse=True)
-        candidates = ([step] if step >= 0 else []) + [s for s in steps if step < 0 or s < step]
-        first_error = None
-        for candidate in candidates:
-            paths = {arm: self.checkpoint_path(arm, candidate) for arm in arms}
-            try:
-                for arm, path in paths.items():
-                    if not path.exists():
-                        raise CheckpointError(f"{path} is missing (the run had arms {arms}?)")
-                    verify_checkpoint(path)
-            except CheckpointError as err:
-                first_error = first_error or err
-                logger.warning("--resume: skipping step %d: %s", candidate, err)
-                continue
-            if first_error is not None or step < 0:
-                logger.warning("--resume: falling back to step %d, the newest intact checkpoint of every arm",
-                               candidate)
-            return candidate, paths
-        raise RunFolderError(f"--resume: no intact checkpoint in {self.checkpoint_root}: {first_error}")
-
-
+            raise RunFolderError(str(err)) from None
