@@ -397,3 +397,31 @@ def test_debug_first_example_prints_step_one_of_the_feedback_arm_once(tiny_model
     block = err.split("=== first interaction ===")[1]
     assert f"--- reply y ---\n{reply['completion']}\n--- follow-up o ---\n{first['feedback']['followup']}\n" in block
     assert first["feedback"]["followup"] != first["placebo"]["followup"]  # the placebo's step is not the one shown
+
+
+def test_a_baseline_model_answers_the_eval_prompts_like_the_same_initial_policy(tiny_model_dir, data_dir, tmp_path):
+    # --baseline_model: its replies are generated apart (not copied from the policy at step 0); the same weights
+    # with the same eval seed give the same replies, so step 0 is all ties
+    out = tmp_path / "baseline_model"
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=1, eval_n=3,
+                                           baseline_model=tiny_model_dir)) == 0
+    baseline = read_json(out / "baseline_completions.json")
+    assert baseline["signature"]["baseline_model"] == str(tiny_model_dir)
+    rows = [r for r in read_completions(out) if r["phase"] == "eval" and r["step"] == 0]
+    step0 = [r["completion"] for r in sorted(rows, key=lambda r: r["index"])]
+    assert baseline["completions"] == step0 and len(step0) == 3
+    assert all(r["ties"] == r["n"] for r in read_history(out) if r["step"] == 0)
+
+
+def test_a_resume_without_the_cached_baseline_fails_in_one_line(tiny_model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "no_baseline"
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=2, eval_n=2,
+                                           save_checkpoints=True)) == 0
+    (out / "baseline_completions.json").unlink()
+    capsys.readouterr()
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=2, eval_n=2, save_checkpoints=True,
+                                           resume=True)) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("eval_online_sdpo.py: error:")]
+    assert "baseline_completions.json is missing; the baseline (the initial policy) cannot be rebuilt" in line
+    assert "Traceback" not in err
