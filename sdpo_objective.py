@@ -8,17 +8,19 @@ and the signal analysis.
     o   = the user's next message (the follow-up)
     xo  = x with a hindsight block holding o appended to the LAST user message
     A_t = log p(y_t | xo, y<t) - log p(y_t | x, y<t)        (no gradient)
+          (--contrast_followup: - log p(y_t | x o_neutral, y<t) instead of the second term)
 
-Read it as "what, then how fast": after the contexts, `topk_divergence` and
-`simple_signal_loss` state the two losses on full logits (the yardstick of the tests and
-the benchmark). Then the fast path: only response positions go through the LM head, in
-chunks of `logits_chunk_size` positions, so float32 logits never exist for more than one
-chunk at a time. With gradients on, the head's gradient is formed in the forward, chunk by
-chunk (sdpo_fused_head: 4 head products per response row); LoRA-wrapped, biased or sharded
-heads, or `fused_lm_head=False`, run the chunks under activation checkpointing instead
-(6 products: top-k pass, teacher, forward, recompute, 2 backward). Same loss and gradients.
-Call `check_lm_head(model)` once when setting a model up: it refuses logit post-processing
-the chunked head would not reproduce.
+Read it as "what, then how fast". What: `TokenLoss` is the per-token loss with every option
+(token weights from ignore_first_k and the copy guard, signal shaping, contrast, divergence,
+reference KL), and `reference_loss` computes it on full logits (the yardstick of the tests).
+How fast: `sdpo_loss` sends only response positions through the LM head, in chunks of
+`logits_chunk_size` positions, so float32 logits never exist for more than one chunk at a
+time. With gradients on, the head's gradient is formed in the forward, chunk by chunk
+(sdpo_fused_head: 4 head products per response row); LoRA-wrapped, biased or sharded heads,
+or `fused_lm_head=False`, run the chunks under activation checkpointing instead
+(`checkpointed_head_loss`, 6 products: top-k pass, teacher, forward, recompute, 2 backward).
+Both call TokenLoss; same loss and gradients. Call `check_lm_head(model)` once when setting a
+model up: it refuses logit post-processing the chunked head would not reproduce.
 """
 from __future__ import annotations
 

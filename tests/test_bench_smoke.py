@@ -273,3 +273,15 @@ def test_bench_options_tiny_prints_the_ratios_of_both_options(capsys):
     assert set(ratios) == {f"{option}_vs_plain_{mode}" for option in ("contrast", "copy_guard")
                            for mode in ("simple_signal", "full_distillation")}
     assert bench_common.parse_ratio_lines(capsys.readouterr().out) == pytest.approx(ratios, abs=1e-4)
+
+
+def test_hindsight_wording_tiny_reports_correlations_and_cosines(capsys):
+    import hindsight_wording
+
+    assert hindsight_wording.pearson([1.0, 2.0, 3.0], [2.0, 4.0, 7.0]) == pytest.approx(0.9933992677987828)
+    assert hindsight_wording.pearson([1.0, 1.0], [1.0, 2.0]) != hindsight_wording.pearson([1.0, 1.0], [1.0, 2.0])  # nan
+    results = hindsight_wording.main(["--model", "tiny-random", "--n_cases", "2", "--max_new_tokens", "6"])
+    assert set(results) == set(hindsight_wording.PARAPHRASES)
+    for row in results.values():
+        assert all(-1.0 <= row[key] <= 1.0 for key in ("token_r", "centred_token_r", "case_r", "update_cosine"))
+    assert "between the paraphrases" in capsys.readouterr().out

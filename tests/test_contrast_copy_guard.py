@@ -293,3 +293,14 @@ def test_the_placebo_must_not_say_the_contrast_text():
         OnlineRunConfig(placebo=True).check_against(sdpo)
     OnlineRunConfig(placebo=True, placebo_texts=["Thanks!", "Got it."]).check_against(sdpo)
     OnlineRunConfig(placebo=False).check_against(sdpo)  # no placebo arm: nothing to check
+
+
+@pytest.mark.parametrize("loss_mode", ["simple_signal", "full_distillation"])
+def test_soft_capped_model_with_contrast_and_copy_guard(loss_mode):
+    """Gemma-2's capped logits: the tilt acts on the capped logits on both paths, as in the reference."""
+    from types import SimpleNamespace
+
+    from test_softcap import gemma2
+
+    _assert_equals_reference(gemma2(), gemma2(), tokenizer=SimpleNamespace(pad_token_id=0), loss_mode=loss_mode,
+                             contrast_followup=CONTRAST, copy_guard_ngram=2, distillation_topk=6, logits_chunk_size=4)

@@ -47,6 +47,36 @@ def test_pmi_equals_a_full_logit_computation_and_ignores_batching(tiny_model, ti
         scorer.pmi(prompts[:2], replies)
 
 
+def test_two_threads_asking_for_the_same_replies_share_the_work(tiny_model, tiny_tokenizer):
+    import threading
+    import time
+
+    prompts = [f"Tell me about topic {i}." for i in range(12)]
+    replies = [f"Topic {i} is about {'many ' * (i % 4)}things." for i in range(12)]
+    expected = RelevanceScorer(tiny_model, tiny_tokenizer, batch_size=12).pmi(prompts, replies)
+    scorer = RelevanceScorer(tiny_model, tiny_tokenizer, batch_size=2)
+    scored, score = [], scorer._score
+
+    def slow_score(rows, neutral):  # slow enough that the two threads interleave
+        scored.extend(key for _, _, key in rows)
+        time.sleep(0.05)
+        return score(rows, neutral)
+
+    scorer._score = slow_score
+    results = [None, None]
+
+    def work(index):
+        results[index] = scorer.pmi(prompts, replies)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results[0] == pytest.approx(expected, abs=1e-4) and results[1] == results[0]
+    assert len(scored) == len(set(scored)) == 12  # every reply scored once, by one thread or the other
+
+
 class WordOverlap:
     """A stand-in scorer: a reply ignores its request when they share no word of four letters or more."""
 

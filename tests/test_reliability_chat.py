@@ -68,3 +68,81 @@ def test_sigterm_or_sighup_saves_the_adapter_and_the_log(tmp_path, tiny_model_di
     assert state["step"] == 1 and state["extra"]["updates_applied"] == 1  # the update since the start is kept
     assert len((tmp_path / "ann" / "interactions.jsonl").read_text().splitlines()) == 1
     assert not (tmp_path / "ann" / ".lock").exists()
+
+
+def test_a_quit_racing_a_save_or_undo_of_the_same_user_never_meets_its_own_lock(tmp_path, tiny_tokenizer):
+    """The web router: /quit closes (and saves) a user's session while their /save or /undo comes in. The
+    command waits for the close to end, then goes to the user's next session, which loads the saved adapter."""
+    import threading
+    import time
+    from types import SimpleNamespace
+
+    from auxiliary.chat.web import SessionRouter
+    from online_sdpo_updater import OnlineSDPOUpdater
+
+    saving = threading.Event()
+    real_save = OnlineSDPOUpdater.save_checkpoint
+
+    def slow_save(self, *args, **kwargs):  # holds the folder lock a while, as a big adapter's save does
+        saving.set()
+        time.sleep(0.3)
+        return real_save(self, *args, **kwargs)
+
+    opened = []
+
+    def open_session(user):
+        opened.append(make_session(tmp_path, tiny_tokenizer, user=user))
+        opened[-1].updater.save_checkpoint = slow_save.__get__(opened[-1].updater)
+        return opened[-1]
+
+    router = SessionRouter(open_session)
+    me = SimpleNamespace(username="gil")
+    first = router.session_for(me)
+    chat(first, "Hello there")
+    chat(first, "Shorter please.")
+    for command in ("save", "undo"):
+        saving.clear()
+        quitting = threading.Thread(target=router.close_user, args=("gil",))
+        quitting.start()
+        assert saving.wait(30)  # the /quit is saving: its session holds the folder lock now
+        answer = getattr(router.session_for(me), command)()
+        quitting.join()
+        assert opened[-2]._closed and not opened[-1]._closed and router.session_for(me) is opened[-1]
+        if command == "save":
+            assert str(answer).endswith("gil/adapter")
+            assert opened[-1].updates_applied == 1  # the new session loaded what the /quit saved
+        else:
+            assert answer.startswith("nothing to undo")  # the undo history ended with the closed session
+    # a session closed between routing and the command: the command goes to the next session
+    calls = []
+
+    def save_after_a_quit(session):
+        calls.append(session)
+        if len(calls) == 1:
+            router.close_user("gil")  # the /quit lands between routing and the command
+        return session.save()
+
+    assert str(router.call(me, save_after_a_quit)).endswith("gil/adapter")
+    assert len(calls) == 2 and calls[0]._closed and not calls[1]._closed
+    router.close_all()
+    assert not (tmp_path / "gil" / ".lock").exists()
+
+
+def test_a_full_disk_on_save_is_one_line_and_the_chat_goes_on(tmp_path, tiny_tokenizer):
+    import errno
+    from types import SimpleNamespace
+
+    from chat_sdpo import TerminalChat
+
+    session = make_session(tmp_path, tiny_tokenizer, user="hal")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "hal" / "adapter"))
+
+    session.updater.save_checkpoint = full
+    printed = []
+    terminal = TerminalChat(session, colour=False, out=SimpleNamespace(write=printed.append, flush=lambda: None))
+    terminal.command("/save")
+    assert "".join(printed) == f"error: cannot write {tmp_path / 'hal' / 'adapter'}: No space left on device " \
+                               "(the disk is full: free space or choose another output folder)\n"
+    session.close(save=False)

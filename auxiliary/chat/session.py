@@ -53,6 +53,11 @@ class ChatError(RuntimeError):
     pass
 
 
+class SessionClosed(ChatError):
+    """A job asked of a session that is closing or closed (a command racing a /quit): the caller asks the
+    user's next session instead."""
+
+
 class ChatTerminated(Exception):
     """SIGTERM or SIGHUP (a closed terminal, `kill PID`): raised in the main thread so that the UI leaves
     through its normal end, which saves every open session."""
@@ -83,7 +88,7 @@ def save_on_termination():
 
 
 def validate_user_id(user_id: str) -> str:
-    if not USER_ID_PATTERN.match(user_id or ""):
+    if not USER_ID_PATTERN.fullmatch(user_id or ""):  # fullmatch: `$` would let a trailing newline through
         raise ChatError(f"--user_id {user_id!r}: use 1-64 letters, digits, '_', '.', '-' (it names a folder)")
     return user_id
 
@@ -205,7 +210,7 @@ class _Pending:
 class ChatSession:
     def __init__(self, updater, user_dir: str | Path, min_signal: float = 0.0, undo_depth: int = 10,
                  system_prompt: str = "", log_interactions: bool = True,
-                 on_event: Callable[[UpdateReport], None] | None = None):
+                 on_event: Callable[[UpdateReport], None] | None = None, max_message_chars: int = 0):
         if undo_depth < 1:
             raise ChatError("undo_depth must be >= 1")
         if min_signal < 0:
@@ -217,6 +222,7 @@ class ChatSession:
         self.undo_depth = undo_depth
         self.system_prompt = system_prompt
         self.log_interactions = log_interactions
+        self.max_message_chars = max_message_chars  # 0: no limit
         self.on_event = on_event
         self.messages: list[dict] = self._fresh_messages()
         self.updates_applied = 0
@@ -228,7 +234,7 @@ class ChatSession:
         self._fresh = self._snapshot("fresh adapter")  # /reset target, taken before any saved state is loaded
         self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="chat-model")
         self._jobs_in_flight = 0
-        self._jobs_lock = threading.Lock()
+        self._jobs_lock = threading.RLock()  # close() submits its save while holding it
         self._closed = False
         self._lock = FolderLock(self.user_dir)
 
@@ -308,16 +314,18 @@ class ChatSession:
         return self.updater.save_checkpoint(self.adapter_path, extra_state=extra)
 
     def close(self, save: bool = True) -> Path | None:
-        """Finish queued work, save (by default) and stop the worker. Safe to call twice."""
-        if self._closed:
-            return None
-        try:
-            path = self.save() if save else None
-        finally:
+        """Finish queued work, save (by default) and stop the worker. Safe to call twice, from any thread:
+        from the moment it starts, new jobs are refused with SessionClosed, so nothing runs after the save."""
+        with self._jobs_lock:
+            if self._closed:
+                return None
             self._closed = True
+            saved = self._submit(self._save, closing=True) if save else None  # after every job queued before
+        try:
+            return saved.result() if saved is not None else None
+        finally:
             self._worker.shutdown(wait=True)
             self._lock.release()
-        return path
 
     # ------------------------------------------------------------------ chatting
     def send(self, text: str) -> ReplyStream:
@@ -327,8 +335,11 @@ class ChatSession:
         text = text.strip()
         if not text:
             raise ChatError("empty message")
+        if self.max_message_chars and len(text) > self.max_message_chars:
+            raise ChatError(f"the message has {len(text)} characters, more than --max_message_chars "
+                            f"{self.max_message_chars}; shorten it")
         if self._closed:
-            raise ChatError("the session is closed")
+            raise SessionClosed(f"the session of user '{self.user_dir.name}' is closed")
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)
         stop_event = threading.Event()
         reply_future: Future = Future()
@@ -517,14 +528,14 @@ class ChatSession:
 
     def _run(self, job):
         """Run a job on the model thread (after everything queued before it) and wait for its result."""
-        if self._closed:
-            return job()
         return self._submit(job).result()
 
-    def _submit(self, job, *args) -> Future:
-        with self._jobs_lock:
+    def _submit(self, job, *args, closing: bool = False) -> Future:
+        with self._jobs_lock:  # the check and the submit together: close() cannot slip in between
+            if self._closed and not closing:
+                raise SessionClosed(f"the session of user '{self.user_dir.name}' is closed")
             self._jobs_in_flight += 1
-        future = self._worker.submit(job, *args)
+            future = self._worker.submit(job, *args)
         future.add_done_callback(self._job_done)
         return future
 

@@ -95,7 +95,10 @@ def web_credentials(config) -> list[tuple[str, str]]:
     """The logins of --auth and --auth_file; refuses a non-loopback address without any."""
     credentials = parse_credentials(list(config.auth or []), "--auth")
     if config.auth_file:
-        credentials += parse_credentials(read_auth_file(config.auth_file), f"--auth_file {config.auth_file}")
+        entries = read_auth_file(config.auth_file)
+        if not entries:  # else the server would start without logins, open to anyone who reaches it
+            raise WebSetupError(f"--auth_file {config.auth_file} holds no USER:PASS line")
+        credentials += parse_credentials(entries, f"--auth_file {config.auth_file}")
     users = [user for user, _ in credentials]
     if len(set(users)) != len(users):
         raise WebSetupError("a user is given both in --auth and in --auth_file")
@@ -117,6 +120,13 @@ class SessionRouter:
         self.default_user = default_user
         self._sessions: dict[str, object] = {}
         self._lock = threading.Lock()
+        # one per user, held while their session opens or closes: a request racing a /quit waits for the
+        # save to end and the folder lock to go, then opens the next session (else: FolderLockError)
+        self._user_locks: dict[str, threading.Lock] = {}
+
+    def _user_lock(self, user: str) -> threading.Lock:
+        with self._lock:
+            return self._user_locks.setdefault(user, threading.Lock())
 
     def user_of(self, request) -> str:
         from auxiliary.chat.session import ChatError
@@ -132,12 +142,24 @@ class SessionRouter:
 
     def session_for(self, request):
         user = self.user_of(request)
-        with self._lock:  # two first requests of one user must not open two sessions
-            session = self._sessions.get(user)
+        with self._user_lock(user):  # two first requests of one user must not open two sessions
+            with self._lock:
+                session = self._sessions.get(user)
             if session is None or session._closed:
-                session = self._open(user)
-                self._sessions[user] = session
+                session = self._open(user)  # other users' requests go on meanwhile
+                with self._lock:
+                    self._sessions[user] = session
             return session
+
+    def call(self, request, action):
+        """action(session) on the request's session; when a /quit of the same user closed that session
+        meanwhile (SessionClosed), once more on the user's next session."""
+        from auxiliary.chat.session import SessionClosed
+
+        try:
+            return action(self.session_for(request))
+        except SessionClosed:
+            return action(self.session_for(request))
 
     def open_session_of(self, request):
         """The request's session if it is open, else None (polling must not reopen a closed one)."""
@@ -150,9 +172,10 @@ class SessionRouter:
             self._sessions[user] = session
 
     def close_user(self, user: str) -> Path | None:
-        with self._lock:
-            session = self._sessions.pop(user, None)
-        return session.close() if session is not None else None
+        with self._user_lock(user):
+            with self._lock:
+                session = self._sessions.pop(user, None)
+            return session.close() if session is not None else None
 
     def close_all(self) -> dict[str, Path | None]:
         with self._lock:
@@ -162,6 +185,8 @@ class SessionRouter:
 
 def build_app(router: SessionRouter, config, quit_event: threading.Event | None = None):
     import gradio as gr
+
+    from auxiliary.chat.session import ChatError
 
     multi_user = router.default_user is None
     # the last command's answer per user, shown above the status: the 1 s status poll would
@@ -182,9 +207,13 @@ def build_app(router: SessionRouter, config, quit_event: threading.Event | None 
             yield (visible_history(session), "") + command(text.split()[0].lower(), request)
             return
         notes.pop(router.user_of(request), None)  # a new turn: the last command's answer is old news
+        try:
+            session, stream = router.call(request, lambda current: (current, current.send(text)))
+        except ChatError as err:  # a message over --max_message_chars: refused before it costs anything
+            yield history, gr.skip(), f"**not sent:** {err}  \n{status_markdown(session)}", gr.skip(), gr.skip()
+            return
         history = list(history or []) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         yield history, "", status_markdown(session), gr.skip(), gr.skip()
-        stream = session.send(text)
         # the box was cleared above; skip it from now on so the user can type the next message meanwhile
         for piece in stream:
             history[-1]["content"] += piece
@@ -194,7 +223,9 @@ def build_app(router: SessionRouter, config, quit_event: threading.Event | None 
 
     def command(name, request: gr.Request):
         """(status, why highlights, why caption) after a command of the request's own user."""
-        session = router.session_for(request)
+        return router.call(request, lambda session: command_on(session, name, request))
+
+    def command_on(session, name, request):
         if name == "/why":
             view = session.why()
             return status_markdown(session), why_highlights(view), why_caption(view)

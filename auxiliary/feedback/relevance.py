@@ -48,6 +48,7 @@ class RelevanceScorer:
         self.neutral_prompt, self.min_pmi = neutral_prompt, min_pmi
         self.max_reply_tokens, self.batch_size = max_reply_tokens, batch_size
         self._cache: dict[tuple[str, str], float] = {}
+        self._pending: dict[tuple[str, str], threading.Event] = {}  # claimed by a thread, not yet scored
         self._lock = threading.Lock()
 
     @classmethod
@@ -60,27 +61,45 @@ class RelevanceScorer:
 
     def pmi(self, prompts: Sequence, replies: Sequence[str]) -> list[float]:
         """Sum over the reply's first max_reply_tokens tokens of log p(y_t | prompt) - log p(y_t | neutral);
-        0.0 for an empty reply."""
+        0.0 for an empty reply. Threads asking for the same replies (both arms at step 0) share the work:
+        each claims a batch at a time that no one has scored or claimed, then waits for the others'."""
         from sdpo_objective import render_context_ids
 
         if len(prompts) != len(replies):
             raise ValueError(f"relevance: {len(prompts)} prompts for {len(replies)} replies")
         keys = [(json.dumps(_messages(p), sort_keys=True), r) for p, r in zip(prompts, replies)]
         with self._lock:
-            missing = [k for k in dict.fromkeys(keys) if k not in self._cache]
             tok = self.tokenizer
             neutral = render_context_ids(tok, [{"role": "user", "content": self.neutral_prompt}])
-            rows = [(render_context_ids(tok, json.loads(key[0])),
-                     tok(key[1], add_special_tokens=False)["input_ids"][:self.max_reply_tokens], key)
-                    for key in missing]
-        found = {key: 0.0 for _, reply, key in rows if not reply}
-        rows = sorted((row for row in rows if row[1]), key=lambda row: len(row[0]) + len(row[1]))  # less padding
-        for start in range(0, len(rows), self.batch_size):
-            chunk = rows[start:start + self.batch_size]
-            found.update(zip((key for _, _, key in chunk), self._score(chunk, neutral)))
+            rows = {key: (render_context_ids(tok, json.loads(key[0])),
+                          tok(key[1], add_special_tokens=False)["input_ids"][:self.max_reply_tokens])
+                    for key in dict.fromkeys(keys) if key not in self._cache}
+        order = sorted(rows, key=lambda key: len(rows[key][0]) + len(rows[key][1]))  # similar lengths: less padding
+        while True:
+            with self._lock:
+                claim = [key for key in order if key not in self._cache and key not in self._pending][:self.batch_size]
+                if not claim:
+                    waiting = [self._pending[key] for key in order if key in self._pending]
+                    break
+                done = threading.Event()
+                self._pending.update((key, done) for key in claim)
+            found = {}
+            try:
+                scored = [key for key in claim if rows[key][1]]
+                values = self._score([(*rows[key], key) for key in scored], neutral) if scored else []
+                found = {**{key: 0.0 for key in claim}, **dict(zip(scored, values))}
+            finally:  # a failed batch is released unscored: its error propagates here, and to the waiting below
+                with self._lock:
+                    self._cache.update(found)
+                    for key in claim:
+                        del self._pending[key]
+                done.set()
+        for event in waiting:
+            event.wait()
         with self._lock:
-            self._cache.update(found)
-            return [self._cache[k] for k in keys]
+            if any(key not in self._cache for key in keys):
+                raise RuntimeError("relevance: another thread failed to score replies this call needs")
+            return [self._cache[key] for key in keys]
 
     def ignores_request(self, prompts: Sequence, replies: Sequence[str]) -> list[bool]:
         threshold = MIN_PMI_NATS if self.min_pmi is None else self.min_pmi  # None: the module's, read now
