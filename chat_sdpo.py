@@ -22,6 +22,7 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from auxiliary.runtime.io_utils import base_work_dir, describe_os_error  # noqa: E402
 from auxiliary.runtime.option_groups import override  # noqa: E402
 from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
 
@@ -86,8 +87,7 @@ class ChatConfig(OnlineSDPOConfig):
     def resolved_adapters_dir(self) -> Path:
         if self.adapters_dir:
             return Path(self.adapters_dir).expanduser()
-        base = os.environ.get("BASE_WORK") or os.environ.get("SCRATCH") or os.environ.get("TMPDIR") or "/tmp"
-        return Path(base) / "chat_adapters"
+        return base_work_dir() / "chat_adapters"
 
 
 # ---------------------------------------------------------------------- terminal UI
@@ -193,7 +193,11 @@ class TerminalChat:
                 self._write(f"\n({stop}: saving before leaving)\n")
                 break
         self._write("saving the adapter ...\n")
-        path = self.session.close()  # finishes a running update first
+        try:
+            path = self.session.close()  # finishes a running update first
+        except OSError as err:  # a full disk: the adapter saved before (if any) is intact
+            self._write(f"error: {describe_os_error(err)}\n")
+            return
         with self._print_lock:
             self._flush_queued()
         self._write(f"saved to {path}\n")
@@ -246,7 +250,10 @@ class TerminalChat:
         elif name == "/undo":
             self._write(session.undo() + "\n")
         elif name == "/save":
-            self._write(f"saved to {session.save()}\n")
+            try:
+                self._write(f"saved to {session.save()}\n")
+            except OSError as err:  # a full disk: the chat goes on, the adapter saved before is intact
+                self._write(f"error: {describe_os_error(err)}\n")
         elif name == "/reset":
             self._write(session.reset() + "\n")
         elif name == "/new":
@@ -321,7 +328,7 @@ def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
 
 def main(argv=None) -> int:
     from auxiliary.chat.session import ChatError, save_on_termination
-    from auxiliary.runtime.cli import ConfigError, parse_dataclasses
+    from auxiliary.runtime.cli import ConfigError, exit_with_error, parse_dataclasses
     from auxiliary.runtime.locks import FolderLockError
     from auxiliary.runtime.model_loading import ModelLoadError
 
@@ -344,8 +351,7 @@ def main(argv=None) -> int:
             session.on_event = terminal.on_event
     except (ConfigError, ChatError, ModelLoadError, FolderLockError, ValueError, FileNotFoundError,
             PermissionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with_error(err)
     except KeyboardInterrupt:  # Ctrl-C while the model loads: one line, not a traceback through transformers
         if session is not None:
             session.close(save=False)  # nothing was learned yet; the folder lock goes
