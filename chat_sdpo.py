@@ -22,6 +22,7 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+from auxiliary.runtime.io_utils import describe_os_error  # noqa: E402
 from auxiliary.runtime.option_groups import override  # noqa: E402
 from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
 
@@ -62,6 +63,9 @@ class ChatConfig(OnlineSDPOConfig):
     undo_depth: int = field(default=10, metadata={
         "help": "how many updates /undo can take back (each keeps a copy of the adapter + optimizer state)"})
     system_prompt: str = field(default="", metadata={"help": "system message of every conversation (empty: none)"})
+    max_message_chars: int = field(default=20_000, metadata={
+        "help": "longest message accepted, in characters (a longer one is refused before it reaches the model: "
+                "on the web server one huge message would stall every user)"})
     log_interactions: bool = field(default=True, metadata={
         "help": "append (prompt, completion, user_response) to <adapters_dir>/<user_id>/interactions.jsonl"})
     color: str = field(default="auto", metadata={
@@ -75,6 +79,8 @@ class ChatConfig(OnlineSDPOConfig):
             raise ValueError(f"--color {self.color!r}: choose auto, always or never")
         if self.min_signal < 0:
             raise ValueError("--min_signal must be >= 0")
+        if self.max_message_chars < 1:
+            raise ValueError(f"--max_message_chars must be >= 1, got {self.max_message_chars}")
         if not 0 < self.port < 65536:
             raise ValueError(f"--port {self.port} is not a port number")
 
@@ -188,7 +194,11 @@ class TerminalChat:
                 self._write(f"\n({stop}: saving before leaving)\n")
                 break
         self._write("saving the adapter ...\n")
-        path = self.session.close()  # finishes a running update first
+        try:
+            path = self.session.close()  # finishes a running update first
+        except OSError as err:  # a full disk: the adapter saved before (if any) is intact
+            self._write(f"error: {describe_os_error(err)}\n")
+            return
         with self._print_lock:
             self._flush_queued()
         self._write(f"saved to {path}\n")
@@ -210,9 +220,13 @@ class TerminalChat:
         return None
 
     def chat(self, text: str) -> None:
-        from auxiliary.chat.session import ChatTerminated
+        from auxiliary.chat.session import ChatError, ChatTerminated
 
-        stream = self.session.send(text)
+        try:
+            stream = self.session.send(text)
+        except ChatError as err:  # a message over --max_message_chars
+            self._write(f"[not sent: {err}]\n")
+            return
         self._write("bot> ")
         try:
             for piece in stream:
@@ -237,7 +251,10 @@ class TerminalChat:
         elif name == "/undo":
             self._write(session.undo() + "\n")
         elif name == "/save":
-            self._write(f"saved to {session.save()}\n")
+            try:
+                self._write(f"saved to {session.save()}\n")
+            except OSError as err:  # a full disk: the chat goes on, the adapter saved before is intact
+                self._write(f"error: {describe_os_error(err)}\n")
         elif name == "/reset":
             self._write(session.reset() + "\n")
         elif name == "/new":
@@ -269,7 +286,8 @@ def build_session(config: ChatConfig, on_event=None, user_id: str | None = None)
     updater = OnlineSDPOUpdater(config)
     session = ChatSession(updater, adapters_dir / user_id, min_signal=config.min_signal,
                           undo_depth=config.undo_depth, system_prompt=config.system_prompt,
-                          log_interactions=config.log_interactions, on_event=on_event)
+                          log_interactions=config.log_interactions, on_event=on_event,
+                          max_message_chars=config.max_message_chars)
     return session, session.load()
 
 
@@ -290,9 +308,14 @@ def use_colour(setting: str) -> bool:
 
 
 def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
-    """`--auth a --auth b` -> `--auth a b` (the parser keeps only the last of a repeated list flag)."""
+    """`--auth a --auth b` (or `--auth=a --auth=b`) -> `--auth a b` (the parser keeps only the last of a repeated
+    list flag)."""
     values, rest, index = [], [], 0
     while index < len(argv):
+        if argv[index].startswith(flag + "="):  # --auth=alice:pw (one value)
+            values.append(argv[index].split("=", 1)[1])
+            index += 1
+            continue
         if argv[index] == flag:
             index += 1
             while index < len(argv) and not argv[index].startswith("--"):
@@ -331,6 +354,11 @@ def main(argv=None) -> int:
             PermissionError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C while the model loads: one line, not a traceback through transformers
+        if session is not None:
+            session.close(save=False)  # nothing was learned yet; the folder lock goes
+        print("interrupted while loading", file=sys.stderr)
+        return 130
     if loaded:
         print(loaded, flush=True)
     print(f"every message you send after a reply is feedback for it: one SDPO update each "

@@ -860,6 +860,9 @@ def main(argv: list[str] | None = None) -> int:
     except setup_errors as err:
         stop_vllm_engines()
         return fail(str(err), 2, run)
+    except KeyboardInterrupt:  # Ctrl-C while models load: one line, not a traceback through transformers
+        stop_vllm_engines()
+        return fail("interrupted during setup", 130, run)
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None  # SLURM preemption
     try:

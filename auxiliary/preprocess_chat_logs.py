@@ -6,7 +6,8 @@ Input: JSONL (or a JSON array, parquet, or a folder of them), one conversation p
 record, its messages under `messages` (also accepted: `conversation`, `conversations`),
 each message `{"role": "user"|"assistant"|"system", "content": "..."}` or ShareGPT style
 `{"from": "human"|"gpt", "value": "..."}`. An optional `id` (or `conversation_id`) names
-the conversation; otherwise its file:line does. Output: one record per assistant reply
+the conversation; otherwise its line number does (`line5`; `name.jsonl:line5` in a folder of
+files), and each record's id is that name and the reply's turn (`line5:1`). Output: one record per assistant reply
 that the user answered, with the same fields and filters as the WildChat/WildFeedback
 preprocessors; the offline trainer reads it with `--train_jsonl`.
 """

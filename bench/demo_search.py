@@ -136,7 +136,7 @@ def table_row(out: Path) -> dict:
         "flags": record.get("flags"), "style": style, "final_step": step, "n": len(texts["baseline"]),
         "win_rate": {arm: {"rate": final[arm]["win_rate"], "se": final[arm]["se"]} for arm in ("feedback", "placebo")},
         "net_effect": {"diff": net["diff"], "se": net["se"],
-                       "beyond_2se": net["diff"] is not None and net["diff"] > 2 * net["se"]},
+                       "beyond_2se": net["se"] is not None and net["diff"] > 2 * net["se"]},
         "head_to_head": {"rate": head.get("win_rate"), "se": head.get("se"), "wins": head.get("wins"),
                          "losses": head.get("losses"), "ties": head.get("ties"),
                          "beyond_2se": beyond_2se(head.get("win_rate"), head.get("se"), 50.0)},
@@ -169,7 +169,8 @@ def collect_rows(root: Path) -> list[dict]:
 def _rate(value: float | None, se: float | None, signed: bool = False) -> str:
     if value is None:
         return "n/a"
-    return f"{value:+.1f} ± {se:.1f}" if signed else f"{value:.1f} ± {se:.1f}"
+    shown = f"{value:+.1f}" if signed else f"{value:.1f}"
+    return f"{shown} (SE undefined)" if se is None else f"{shown} ± {se:.1f}"
 
 
 def _minutes(seconds: float | None) -> str:

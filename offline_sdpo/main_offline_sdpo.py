@@ -446,3 +446,6 @@ if __name__ == "__main__":
     except (DataError, ConfigError, ModelLoadError, BadInput) as err:  # bad input: one line, no traceback, exit 2
         print(err if isinstance(err, BadInput) else f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through transformers
+        print("interrupted", file=sys.stderr)
+        sys.exit(130)

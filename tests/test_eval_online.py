@@ -157,7 +157,9 @@ def test_summary_printed_with_table_net_effect_and_plot(placebo_run):
     assert "head to head, feedback's replies vs placebo's" in headline.splitlines()[1]
     assert "paired rule score of 'concise', feedback - placebo: " in headline.splitlines()[2]
     if net["diff"] is not None:
-        assert f"net effect (feedback - placebo) {net['diff']:+.1f} +- {net['se']:.1f} points" in headline
+        from auxiliary.evals.online_report import fmt_diff
+
+        assert f"net effect (feedback - placebo) {fmt_diff(net)} points" in headline
     # the head-to-head judges the two arms' final replies against each other
     rows = [r for r in read_completions(placebo_run) if r["phase"] == "eval" and r["step"] == 5]
     texts = {arm: [r["completion"] for r in sorted(rows, key=lambda r: r["index"]) if r["arm"] == arm]

@@ -85,12 +85,28 @@ def test_net_effect_adds_variances():
     effect = net_effect({"win_rate": 70.0, "se": 3.0}, {"win_rate": 55.0, "se": 4.0})
     assert effect["diff"] == pytest.approx(15.0) and effect["se"] == pytest.approx(5.0)
     assert net_effect({"win_rate": None, "se": None}, {"win_rate": 55.0, "se": 4.0}) == {"diff": None, "se": None}
-    # computed from real stats: 75 (se 15.309) minus 50 (se 0.5/sqrt(4)*100 = 25)
+    # computed from real stats: 75 (se 15.309) minus 50 (se 0.5/sqrt(6)*100 = 20.412)
     feedback = win_rate_stats(["A"] * 6 + ["B"] * 2)
-    placebo = win_rate_stats(["A", "A", "B", "B"])
+    placebo = win_rate_stats(["A"] * 3 + ["B"] * 3)
     effect = net_effect(feedback, placebo)
     assert effect["diff"] == pytest.approx(25.0)
-    assert effect["se"] == pytest.approx(math.sqrt(15.3093 ** 2 + 25.0 ** 2), abs=1e-3)
+    assert effect["se"] == pytest.approx(math.sqrt(15.3093 ** 2 + 20.4124 ** 2), abs=1e-3)
+
+
+def test_the_se_is_undefined_below_the_minimum_of_decisive_pairs():
+    from auxiliary.evals.evaluation_helpers import MIN_DECISIVE_FOR_SE
+    from auxiliary.evals.online_report import fmt_cell, fmt_diff, fmt_rate
+
+    one_win = win_rate_stats(["A", "C", "C"])  # one prompt judged: a win and two ties
+    assert one_win["win_rate"] == 100.0 and one_win["se"] is None and one_win["se_bootstrap"] is None
+    assert fmt_rate(one_win) == f"100.0, SE undefined (1/3 decisive; {MIN_DECISIVE_FOR_SE} needed)"
+    assert fmt_cell(one_win) == "100.0 (SE undefined)" and "+-" not in fmt_cell(one_win)
+    enough = win_rate_stats(["A"] * (MIN_DECISIVE_FOR_SE - 1) + ["B"])
+    p = (MIN_DECISIVE_FOR_SE - 1) / MIN_DECISIVE_FOR_SE
+    assert enough["se"] == pytest.approx(100 * math.sqrt(p * (1 - p) / MIN_DECISIVE_FOR_SE))
+    net = net_effect(enough, one_win)
+    assert net["diff"] == pytest.approx(100 * p - 100) and net["se"] is None
+    assert fmt_diff(net) == f"{100 * p - 100:+.1f} (SE undefined)"
 
 
 def test_plot_win_rates_writes_a_png(tmp_path):

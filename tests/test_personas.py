@@ -14,7 +14,7 @@ NAMED_PROFILES = [
     "exclamation", "no_sycophantic", "writing_tics", "writing_tics_v2", "formatting", "sycophantic_and_praise",
 ]
 OUR_EXTRAS = ["concise", "detailed", "no_exclamation", "more_exclamation", "no_flattery", "no_punctuation_at_all",
-              "anticipate_next_step"]
+              "anticipate_next_step", "short_sentences"]
 
 
 def test_all_named_styles_and_the_eight_combinations_exist():

@@ -126,3 +126,23 @@ def test_a_quit_racing_a_save_or_undo_of_the_same_user_never_meets_its_own_lock(
     assert len(calls) == 2 and calls[0]._closed and not calls[1]._closed
     router.close_all()
     assert not (tmp_path / "gil" / ".lock").exists()
+
+
+def test_a_full_disk_on_save_is_one_line_and_the_chat_goes_on(tmp_path, tiny_tokenizer):
+    import errno
+    from types import SimpleNamespace
+
+    from chat_sdpo import TerminalChat
+
+    session = make_session(tmp_path, tiny_tokenizer, user="hal")
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "hal" / "adapter"))
+
+    session.updater.save_checkpoint = full
+    printed = []
+    terminal = TerminalChat(session, colour=False, out=SimpleNamespace(write=printed.append, flush=lambda: None))
+    terminal.command("/save")
+    assert "".join(printed) == f"error: cannot write {tmp_path / 'hal' / 'adapter'}: No space left on device " \
+                               "(the disk is full: free space or choose another output folder)\n"
+    session.close(save=False)

@@ -43,6 +43,8 @@ CASES = {
     "high_initiative": (PLAIN + ".", ["no_question"], PLAIN + ". Do you want it spicy?"),
     "concise": (" ".join(["word"] * 61), ["too_long"], " ".join(["word"] * 60)),
     "detailed": (PLAIN, ["too_short"], " ".join(["word"] * 150)),
+    "short_sentences": (" ".join(["word"] * 21) + ". Short one.", ["long_sentences"],
+                        " ".join(["word"] * 20) + ".\n" + " ".join(["word"] * 20)),
 }
 
 

@@ -88,7 +88,7 @@ def save_on_termination():
 
 
 def validate_user_id(user_id: str) -> str:
-    if not USER_ID_PATTERN.match(user_id or ""):
+    if not USER_ID_PATTERN.fullmatch(user_id or ""):  # fullmatch: `$` would let a trailing newline through
         raise ChatError(f"--user_id {user_id!r}: use 1-64 letters, digits, '_', '.', '-' (it names a folder)")
     return user_id
 
@@ -210,7 +210,7 @@ class _Pending:
 class ChatSession:
     def __init__(self, updater, user_dir: str | Path, min_signal: float = 0.0, undo_depth: int = 10,
                  system_prompt: str = "", log_interactions: bool = True,
-                 on_event: Callable[[UpdateReport], None] | None = None):
+                 on_event: Callable[[UpdateReport], None] | None = None, max_message_chars: int = 0):
         if undo_depth < 1:
             raise ChatError("undo_depth must be >= 1")
         if min_signal < 0:
@@ -222,6 +222,7 @@ class ChatSession:
         self.undo_depth = undo_depth
         self.system_prompt = system_prompt
         self.log_interactions = log_interactions
+        self.max_message_chars = max_message_chars  # 0: no limit
         self.on_event = on_event
         self.messages: list[dict] = self._fresh_messages()
         self.updates_applied = 0
@@ -334,6 +335,9 @@ class ChatSession:
         text = text.strip()
         if not text:
             raise ChatError("empty message")
+        if self.max_message_chars and len(text) > self.max_message_chars:
+            raise ChatError(f"the message has {len(text)} characters, more than --max_message_chars "
+                            f"{self.max_message_chars}; shorten it")
         if self._closed:
             raise SessionClosed(f"the session of user '{self.user_dir.name}' is closed")
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=True, skip_special_tokens=True)

@@ -95,7 +95,10 @@ def web_credentials(config) -> list[tuple[str, str]]:
     """The logins of --auth and --auth_file; refuses a non-loopback address without any."""
     credentials = parse_credentials(list(config.auth or []), "--auth")
     if config.auth_file:
-        credentials += parse_credentials(read_auth_file(config.auth_file), f"--auth_file {config.auth_file}")
+        entries = read_auth_file(config.auth_file)
+        if not entries:  # else the server would start without logins, open to anyone who reaches it
+            raise WebSetupError(f"--auth_file {config.auth_file} holds no USER:PASS line")
+        credentials += parse_credentials(entries, f"--auth_file {config.auth_file}")
     users = [user for user, _ in credentials]
     if len(set(users)) != len(users):
         raise WebSetupError("a user is given both in --auth and in --auth_file")
@@ -183,6 +186,8 @@ class SessionRouter:
 def build_app(router: SessionRouter, config, quit_event: threading.Event | None = None):
     import gradio as gr
 
+    from auxiliary.chat.session import ChatError
+
     multi_user = router.default_user is None
     # the last command's answer per user, shown above the status: the 1 s status poll would
     # otherwise replace it before it can be read
@@ -202,9 +207,13 @@ def build_app(router: SessionRouter, config, quit_event: threading.Event | None 
             yield (visible_history(session), "") + command(text.split()[0].lower(), request)
             return
         notes.pop(router.user_of(request), None)  # a new turn: the last command's answer is old news
+        try:
+            session, stream = router.call(request, lambda current: (current, current.send(text)))
+        except ChatError as err:  # a message over --max_message_chars: refused before it costs anything
+            yield history, gr.skip(), f"**not sent:** {err}  \n{status_markdown(session)}", gr.skip(), gr.skip()
+            return
         history = list(history or []) + [{"role": "user", "content": text}, {"role": "assistant", "content": ""}]
         yield history, "", status_markdown(session), gr.skip(), gr.skip()
-        session, stream = router.call(request, lambda current: (current, current.send(text)))
         # the box was cleared above; skip it from now on so the user can type the next message meanwhile
         for piece in stream:
             history[-1]["content"] += piece

@@ -161,6 +161,11 @@ def load_prompts(path: str | os.PathLike, n: int | None = None, seed: int = 0, t
 
 # --------------------------------------------------------------------------- metrics
 
+# Below this many decisive pairs a win rate has no standard error worth printing: one win and no loss would
+# show "100.0 +- 0.0". `se` and `se_bootstrap` are then None and the reports say "SE undefined".
+MIN_DECISIVE_FOR_SE = 5
+
+
 def win_rate_stats(decisions: Sequence[str], n_bootstrap: int = 10000, seed: int = 0) -> dict:
     bad = [d for d in decisions if d not in DECISIONS]
     if bad:
@@ -175,8 +180,9 @@ def win_rate_stats(decisions: Sequence[str], n_bootstrap: int = 10000, seed: int
         return stats
     p = wins / decisive
     stats["win_rate"] = 100.0 * p
-    stats["se"] = 100.0 * math.sqrt(p * (1.0 - p) / decisive)
-    stats["se_bootstrap"] = bootstrap_se(wins, losses, 0, n_bootstrap, seed)  # the paper's: decisive pairs only
+    if decisive >= MIN_DECISIVE_FOR_SE:
+        stats["se"] = 100.0 * math.sqrt(p * (1.0 - p) / decisive)
+        stats["se_bootstrap"] = bootstrap_se(wins, losses, 0, n_bootstrap, seed)  # the paper's: decisive pairs only
     stats["se_bootstrap_all"] = bootstrap_se(wins, losses, ties, n_bootstrap, seed)
     return stats
 
@@ -202,7 +208,9 @@ def net_effect(feedback_stats: dict, placebo_stats: dict) -> dict:
     wf, wp = feedback_stats.get("win_rate"), placebo_stats.get("win_rate")
     if wf is None or wp is None:
         return {"diff": None, "se": None}
-    se_f, se_p = feedback_stats.get("se") or 0.0, placebo_stats.get("se") or 0.0
+    se_f, se_p = feedback_stats.get("se"), placebo_stats.get("se")
+    if se_f is None or se_p is None:  # an arm under MIN_DECISIVE_FOR_SE decisive pairs
+        return {"diff": wf - wp, "se": None}
     return {"diff": wf - wp, "se": math.sqrt(se_f ** 2 + se_p ** 2)}
 
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
-from auxiliary.evals.evaluation_helpers import net_effect, prompt_as_text
+from auxiliary.evals.evaluation_helpers import MIN_DECISIVE_FOR_SE, net_effect, prompt_as_text
 
 FINAL_FIELDS = ("win_rate", "se", "wins", "losses", "ties", "mean_words")
 CELL_FIELDS = ("win_rate", "se", "wins", "losses", "ties", "n")
@@ -35,10 +35,19 @@ def mean_words(texts: list[str]) -> float:
 
 
 def fmt_rate(record: dict) -> str:
+    decisive = f"{record['wins'] + record['losses']}/{record['n']} decisive"
     if record.get("win_rate") is None:
-        return f"-  ({record['wins'] + record['losses']}/{record['n']} decisive)"
-    return (f"{record['win_rate']:.1f} +- {record['se']:.1f} "
-            f"({record['wins'] + record['losses']}/{record['n']} decisive)")
+        return f"-  ({decisive})"
+    if record.get("se") is None:
+        return f"{record['win_rate']:.1f}, SE undefined ({decisive}; {MIN_DECISIVE_FOR_SE} needed)"
+    return f"{record['win_rate']:.1f} +- {record['se']:.1f} ({decisive})"
+
+
+def fmt_diff(net: dict) -> str:
+    """A net effect in points: +- its SE, or "SE undefined" when an arm has too few decisive pairs."""
+    if net["se"] is None:
+        return f"{net['diff']:+.1f} (SE undefined)"
+    return f"{net['diff']:+.1f} +- {net['se']:.1f}"
 
 
 def _style_check(style: str):
@@ -98,7 +107,7 @@ def summary_table(history: list[dict], arms: list[str], styles: list[str]) -> st
             row = [str(step), style] + [fmt_rate(by_arm[a]) if a in by_arm else "" for a in arms]
             if "placebo" in arms and {"feedback", "placebo"} <= set(by_arm):
                 net = net_effect(by_arm["feedback"], by_arm["placebo"])
-                row.append("-" if net["diff"] is None else f"{net['diff']:+.1f} +- {net['se']:.1f}")
+                row.append("-" if net["diff"] is None else fmt_diff(net))
             rows.append(row)
     title = "win rate of the policy vs the baseline (%, ties excluded, +- analytic SE, decisive pairs / n)"
     return render_table(title, header, rows)
@@ -136,7 +145,11 @@ def forgetting_text(forgetting: list[dict], arms: list[str], styles: list[str]) 
 def fmt_cell(record: dict | None) -> str:
     if record is None:
         return ""
-    return "-" if record["win_rate"] is None else f"{record['win_rate']:.1f} +- {record['se']:.1f}"
+    if record["win_rate"] is None:
+        return "-"
+    if record.get("se") is None:
+        return f"{record['win_rate']:.1f} (SE undefined)"
+    return f"{record['win_rate']:.1f} +- {record['se']:.1f}"
 
 
 def snapshot_records(history: list[dict]) -> list[dict]:
@@ -274,7 +287,7 @@ def headline_text(summary: dict) -> list[str]:
         net = h["net_effect"]
         net_text = "" if net is None else "; net effect (feedback - placebo) " + (
             "n/a (no decisive pair in an arm)" if net["diff"] is None else
-            f"{net['diff']:+.1f} +- {net['se']:.1f} points")
+            f"{fmt_diff(net)} points")
         lines.append(f"beside it, win rate vs the baseline: {rates}{net_text}")
         counts = h["degenerate_replies"]
         if counts:

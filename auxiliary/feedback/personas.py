@@ -12,7 +12,8 @@ Interface
 Styles: the paper repository's 31 names with their meanings there (PAPER_STYLES: the 8
 combinations `{concise,detailed}_{casual,professional}_{beginner,expert}` and 23 single
 preferences), plus our own extras under names of their own (EXTRA_STYLES: concise, detailed,
-no_exclamation, more_exclamation, no_flattery, no_punctuation_at_all, anticipate_next_step).
+no_exclamation, more_exclamation, no_flattery, no_punctuation_at_all, anticipate_next_step,
+short_sentences).
 Which of them a program can check is decided in `auxiliary/feedback/style_checks.py`.
 """
 from __future__ import annotations
@@ -143,6 +144,10 @@ EXTRA_STYLES: dict[str, str] = {
     "anticipate_next_step": (
         "You like an assistant that thinks ahead: it anticipates the next problem, suggests a concrete next "
         "step and points out what you did not think to ask, instead of answering only the literal question."),
+    # The worked example of docs/personas.md (how to add a style): a persona, a rule check, complaints.
+    "short_sentences": (
+        "You read on a small phone screen and lose track in long sentences. You want every sentence short, "
+        "twenty words at most; long, winding sentences with many clauses tire you."),
 }
 
 PERSONAS: dict[str, str] = {**PAPER_STYLES, **EXTRA_STYLES}

@@ -121,6 +121,15 @@ def count_nested_list_items(text: str) -> int:
     return len(_NESTED_ITEM.findall(strip_code(text)))
 
 
+SHORT_SENTENCE_MAX_WORDS = 20
+
+
+def count_long_sentences(text: str, max_words: int = SHORT_SENTENCE_MAX_WORDS) -> int:
+    """Sentences (split after . ! ? and at line breaks) of more than `max_words` words; code is ignored."""
+    pieces = _SENTENCE_END.split(strip_code(text).replace("\n", ". "))
+    return sum(1 for sentence in pieces if count_words(sentence) > max_words)
+
+
 def count_hedges(text: str) -> int:
     return len(_HEDGE.findall(strip_code(text)))
 
@@ -303,6 +312,9 @@ def build_style_checks(concise_max_words: int = DEFAULT_CONCISE_MAX_WORDS,
                    lambda t: ["hedging"] if count_hedges(t) else [], lambda t: -count_hedges(t)),
         StyleCheck("high_initiative", "asks the user at least one follow-up question (up to two count)",
                    lambda t: ["no_question"] if not count_questions(t) else [], lambda t: min(count_questions(t), 2)),
+        StyleCheck("short_sentences", f"no sentence over {SHORT_SENTENCE_MAX_WORDS} words (fewer long ones is "
+                   "better for the judge)", lambda t: ["long_sentences"] if count_long_sentences(t) else [],
+                   lambda t: -count_long_sentences(t)),
         StyleCheck("concise", f"at most {concise_max_words} words for the user (shorter is better for the judge)",
                    lambda t: ["too_long"] if count_words(t) > concise_max_words else [], lambda t: -count_words(t)),
         StyleCheck("detailed", f"at least {detailed_min_words} words for the user (longer is better for the judge)",

@@ -36,12 +36,15 @@ RANGES: dict[str, tuple] = {
     "train_steps_per_example": (1, True, None, None), "warmup_steps": (0, True, None, None),
     "scheduler_steps": (1, True, None, None), "checkpoint_every": (0, True, None, None),
     "max_checkpoints": (0, True, None, None), "vllm_gpu_memory_utilization": (0, False, 1, True),
-    "train_n": (0, True, None, None), "eval_n": (0, True, None, None), "eval_every": (0, True, None, None),
+    # train_n 0 would be a run that trains nothing and reports success
+    "train_n": (1, True, None, None), "eval_n": (0, True, None, None), "eval_every": (0, True, None, None),
     "interactions_per_update": (1, True, None, None),
     "max_prompt_tokens": (1, True, None, None), "api_concurrency": (1, True, None, None),
     "api_max_retries": (0, True, None, None), "api_timeout_s": (0, False, None, None),
     "judge_temperature": (0, True, None, None), "judge_max_new_tokens": (1, True, None, None),
     "tie_margin": (0, True, None, None), "user_temperature": (0, True, None, None),
+    # numpy, torch and transformers take seeds in [0, 2**32 - 1]; outside, their own errors name no flag
+    "seed": (0, True, 2**32 - 1, True),
     # evaluation tools
     "judge_batch_size": (1, True, None, None), "n_bootstrap": (0, True, None, None), "n_cases": (0, True, None, None),
     "min_tokens": (0, True, None, None), "max_tries": (1, True, None, None),

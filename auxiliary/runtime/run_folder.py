@@ -32,7 +32,7 @@ import time
 from pathlib import Path
 
 from auxiliary.runtime.io_utils import (PRIVATE_FILE_MODE, DataError, append_jsonl, atomic_write_json,
-                                        atomic_write_jsonl, private_dir, read_jsonl)
+                                        atomic_write_jsonl, iter_jsonl, private_dir)
 from auxiliary.runtime.locks import FolderLock, FolderLockError
 
 logger = logging.getLogger("eval_online_sdpo")  # the run's own lines in run.log, as before the move
@@ -80,6 +80,30 @@ def read_jsonl_tolerant(path: Path) -> list[dict]:
                 logger.warning("%s: dropping a cut last line", path)
                 continue
             raise DataError(f"{path}:{number}: malformed JSON") from None
+    return rows
+
+
+def read_run_json(path: Path, expected: type, what: str):
+    """A JSON file of the run folder, or one line naming it when it is not what a run wrote there."""
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (ValueError, UnicodeDecodeError) as err:
+        raise RunFolderError(f"{path}: not the run's {what} (not JSON: {err}); restore it, or start "
+                             "again with another --output_dir") from None
+    if not isinstance(value, expected):
+        raise RunFolderError(f"{path}: not the run's {what} (a JSON {type(value).__name__}, expected "
+                             f"{'an object' if expected is dict else 'a list'}); restore it, or start again with "
+                             "another --output_dir")
+    return value
+
+
+def steps_of(rows, path: Path, numbers=None) -> list[dict]:
+    """Rows that each carry a whole-number "step" (what resume truncates by); else one line naming the row."""
+    for index, row in enumerate(rows):
+        if not isinstance(row, dict) or not isinstance(row.get("step"), int) or isinstance(row.get("step"), bool):
+            where = f"{path}:{numbers[index]}" if numbers else f"{path} (entry {index + 1})"
+            raise RunFolderError(f"{where}: a record without a whole-number \"step\" (not written by a run; "
+                                 "restore the file or start again with another --output_dir)")
     return rows
 
 
@@ -175,12 +199,11 @@ class RunFolder:
 
     def _keep_only_this_runs_log(self, log_file: Path) -> None:
         """run.log keeps the lines this run wrote since attach_log (the earlier run's go)."""
-        start = getattr(self, "log_start", None)
-        if start is None:
+        if self.log_start is None:
             log_file.unlink()
             return
         with open(log_file, "r+b") as handle:
-            handle.seek(start)
+            handle.seek(self.log_start)
             own = handle.read()
             handle.seek(0)
             handle.write(own)
@@ -235,13 +258,18 @@ class RunFolder:
         """Drop the metrics, evaluations and completions of steps after `step` (they are replayed);
         returns the (metrics, eval history) that remain."""
         metrics, history = [], []
-        if (self.path / "metrics.jsonl").exists():
-            metrics = [r for r in read_jsonl(self.path / "metrics.jsonl") if r["step"] <= step]
-        if (self.path / "eval_history.json").exists():
-            history = [r for r in json.loads((self.path / "eval_history.json").read_text()) if r["step"] <= step]
+        metrics_file, history_file = self.path / "metrics.jsonl", self.path / "eval_history.json"
+        if metrics_file.exists():
+            numbered = list(iter_jsonl(metrics_file))
+            rows = steps_of([r for _, r in numbered], metrics_file, [n for n, _ in numbered])
+            metrics = [r for r in rows if r["step"] <= step]
+        if history_file.exists():
+            rows = steps_of(read_run_json(history_file, list, "evaluation history"), history_file)
+            history = [r for r in rows if r["step"] <= step]
+        completions = steps_of(self.read_completions(), self.path / "completions.jsonl")
         self.write_metrics(metrics)
         self.write_history(history)
-        kept = [r for r in self.read_completions() if r["step"] <= step]
+        kept = [r for r in completions if r["step"] <= step]
         atomic_write_jsonl(self.path / "completions.jsonl", kept)
         return metrics, history
 
@@ -251,7 +279,11 @@ class RunFolder:
         previous = self.path / "config.json"
         if not previous.exists():
             return
-        old = json.loads(previous.read_text())
+        old = read_run_json(previous, dict, "config.json")
+        for part in ("sdpo", "run"):
+            if not isinstance(old.get(part, {}), dict):
+                raise RunFolderError(f"{previous}: not the run's config.json (\"{part}\" is not an object); restore "
+                                     "it, or start again with another --output_dir")
         changes = {k: [old.get(part, {}).get(k), v] for part in ("sdpo", "run") for k, v in config[part].items()
                    if k not in RESUME_NEUTRAL_FLAGS and old.get(part, {}).get(k) != v}
         if changes and not allow_change:
@@ -266,7 +298,9 @@ class RunFolder:
         """config.json ({"sdpo": ..., "run": ..., "resolved": ..., "history": [...]}); the history keeps
         every change a resume made, with the step it was made after, so nothing is lost."""
         previous = self.path / "config.json"
-        history = json.loads(previous.read_text()).get("history", []) if previous.exists() else []
+        history = read_run_json(previous, dict, "config.json").get("history", []) if previous.exists() else []
+        if not isinstance(history, list):
+            raise RunFolderError(f"{previous}: not the run's config.json (\"history\" is not a list)")
         if resume_step is not None and self.config_changes:
             history.append({"resumed_after_step": resume_step, "changed": self.config_changes,
                             "time": time.strftime("%Y-%m-%d %H:%M:%S")})
@@ -279,7 +313,10 @@ class RunFolder:
         cache = self.path / "baseline_completions.json"
         if not cache.exists() or self.pending_overwrite:  # an earlier run's cache goes with --overwrite
             return None
-        saved = json.loads(cache.read_text())
+        saved = read_run_json(cache, dict, "baseline cache")
+        if not isinstance(saved.get("completions"), list):
+            raise RunFolderError(f"{cache}: not the run's baseline cache (no \"completions\" list); delete it to "
+                                 "generate the baseline again")
         if saved.get("signature") != signature:
             raise RunFolderError(f"{cache} was made with other settings ({saved.get('signature')}); "
                                  "use a new --output_dir or --overwrite")
