@@ -149,9 +149,9 @@ def anthropic_message(text: str) -> dict:
 
 
 def without_timings(records: list[dict]) -> list[dict]:
-    """metrics.jsonl rows or eval_history.json records without their wall-clock fields (eval_online_sdpo.TIMING_KEYS,
-    also inside each arm's dict): what a resumed run must reproduce exactly."""
-    from eval_online_sdpo import TIMING_KEYS
+    """metrics.jsonl rows or eval_history.json records without their wall-clock fields
+    (auxiliary.online.records.TIMING_KEYS, also inside each arm's dict): what a resumed run must reproduce exactly."""
+    from auxiliary.online.records import TIMING_KEYS
 
     def strip(value):
         if isinstance(value, dict):

@@ -12,8 +12,9 @@ import torch
 from auxiliary.runtime.io_utils import (append_jsonl, old_path, partial_path, private_dir, recover_folder,
                                         replace_folder)
 from auxiliary.runtime.tiny_model import build_tiny_model
-from online_sdpo_updater import (CheckpointError, OnlineSDPOUpdater, latest_intact_checkpoint, list_checkpoints,
-                                 read_latest_marker, verify_checkpoint)
+from auxiliary.runtime.checkpoints import (CheckpointError, latest_intact_checkpoint, list_checkpoints,
+                                           read_latest_marker, verify_checkpoint)
+from online_sdpo_updater import OnlineSDPOUpdater
 from online_sdpo_updater_config import OnlineSDPOConfig
 from reliability_helpers import data_dir  # noqa: F401 (fixture)
 
