@@ -22,7 +22,7 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from auxiliary.runtime.io_utils import describe_os_error  # noqa: E402
+from auxiliary.runtime.io_utils import base_work_dir, describe_os_error  # noqa: E402
 from auxiliary.runtime.option_groups import override  # noqa: E402
 from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
 
@@ -87,8 +87,7 @@ class ChatConfig(OnlineSDPOConfig):
     def resolved_adapters_dir(self) -> Path:
         if self.adapters_dir:
             return Path(self.adapters_dir).expanduser()
-        base = os.environ.get("BASE_WORK") or os.environ.get("SCRATCH") or os.environ.get("TMPDIR") or "/tmp"
-        return Path(base) / "chat_adapters"
+        return base_work_dir() / "chat_adapters"
 
 
 # ---------------------------------------------------------------------- terminal UI
@@ -329,7 +328,7 @@ def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
 
 def main(argv=None) -> int:
     from auxiliary.chat.session import ChatError, save_on_termination
-    from auxiliary.runtime.cli import ConfigError, parse_dataclasses
+    from auxiliary.runtime.cli import ConfigError, exit_with_error, parse_dataclasses
     from auxiliary.runtime.locks import FolderLockError
     from auxiliary.runtime.model_loading import ModelLoadError
 
@@ -352,8 +351,7 @@ def main(argv=None) -> int:
             session.on_event = terminal.on_event
     except (ConfigError, ChatError, ModelLoadError, FolderLockError, ValueError, FileNotFoundError,
             PermissionError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with_error(err)
     except KeyboardInterrupt:  # Ctrl-C while the model loads: one line, not a traceback through transformers
         if session is not None:
             session.close(save=False)  # nothing was learned yet; the folder lock goes

@@ -11,7 +11,6 @@ refreshed at every step (no frozen copy); --teacher frozen|ema keep one (sdpo_ob
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import logging
 import math
@@ -26,9 +25,14 @@ from typing import Sequence
 import numpy as np
 import torch
 
+from auxiliary.runtime.checkpoints import (OPTIMIZER_FILE, STATE_FILE, TEACHER_FILE, CheckpointError, checkpoint_name,
+                                           load_rng_state, prune_checkpoints, safe_torch_load, save_rng_state,
+                                           verify_checkpoint, write_manifest)
+# The Python API's names for finding checkpoints (docs/python_api.md), kept importable from here:
+from auxiliary.runtime.checkpoints import latest_checkpoint, list_checkpoints  # noqa: F401
 from auxiliary.runtime.generation import GeneratedResponse, generate_responses
-from auxiliary.runtime.io_utils import (OLD_SUFFIX, PARTIAL_SUFFIX, atomic_write_json, fsync_tree, partial_path,
-                                        private_dir, recover_folder, replace_folder)
+from auxiliary.runtime.io_utils import (atomic_write_json, fsync_tree, partial_path, private_dir, recover_folder,
+                                        replace_folder)
 from auxiliary.runtime.model_loading import load_model_and_tokenizer, pick_device
 from auxiliary.runtime.secrets import public_config
 from online_sdpo_updater_config import OnlineSDPOConfig
@@ -36,9 +40,6 @@ from sdpo_objective import (Teacher, build_scoring_batch, check_lm_head, hindsig
                             sdpo_loss, token_weights)
 
 logger = logging.getLogger(__name__)
-
-CHECKPOINT_PREFIX = "step_"
-
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -290,7 +291,7 @@ class OnlineSDPOUpdater:
         if path is None:
             if not self.config.checkpoint_dir:
                 raise ValueError("no checkpoint path given and config.checkpoint_dir is not set")
-            path = Path(self.config.checkpoint_dir) / f"{CHECKPOINT_PREFIX}{self.step:06d}"
+            path = Path(self.config.checkpoint_dir) / checkpoint_name(self.step)
         elif self.config.checkpoint_dir and _is_tag(path):
             path = Path(self.config.checkpoint_dir) / str(path)
         path = Path(path)
@@ -318,15 +319,7 @@ class OnlineSDPOUpdater:
         return path
 
     def _prune(self, folder: Path) -> None:
-        self.prune_checkpoints(folder, self.config.max_checkpoints)
-
-    @staticmethod
-    def prune_checkpoints(folder: str | Path, keep: int) -> None:
-        """Delete all but the `keep` newest complete checkpoints in `folder` (keep <= 0: delete none)."""
-        if keep <= 0:
-            return
-        for old in list_checkpoints(folder)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+        prune_checkpoints(folder, self.config.max_checkpoints)
 
     def load_checkpoint(self, path: str | Path) -> dict:
         """Restore weights, optimizer, RNG and step so the run continues exactly where it stopped.
@@ -385,10 +378,6 @@ def as_write_error(err: Exception, path: Path) -> Exception:
     return OSError(errno.EIO, f"the write failed ({text.strip()[:80]}; a full disk or a file size limit?)", str(path))
 
 
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be trusted; the message names the bad file."""
-
-
 def check_adapter_fits(saved: dict, expected: dict, weights_file: Path) -> None:
     """A saved LoRA adapter whose tensors differ in name or shape from this model's adapter (another
     --lora_r, --lora_target_modules, base model) is refused before anything is loaded: peft would skip
@@ -405,15 +394,6 @@ def check_adapter_fits(saved: dict, expected: dict, weights_file: Path) -> None:
                   f"it holds {len(unexpected)} tensors this model's adapter lacks (e.g. {unexpected[0]})")
     raise CheckpointError(f"{weights_file}: the saved adapter does not fit this model's adapter ({detail}); "
                           "use the LoRA settings it was saved with (its adapter_config.json)")
-
-
-STATE_FILE = "updater_state.json"
-OPTIMIZER_FILE = "optimizer.pt"
-TEACHER_FILE = "teacher_ema.safetensors"  # the EMA teacher's weights (--teacher ema only)
-RNG_TENSORS_FILE = "rng.pt"      # torch (and CUDA) generator states: tensors only
-RNG_JSON_FILE = "rng.json"       # python's and numpy's generator states as JSON lists
-MANIFEST_FILE = "manifest.json"
-CHECKPOINT_NAME = re.compile(rf"^{CHECKPOINT_PREFIX}(\d+)$")
 
 
 def _is_tag(path) -> bool:
@@ -434,151 +414,3 @@ def make_lr_scheduler(optimizer, config: OnlineSDPOConfig):
         raise ValueError(f"--lr_scheduler {config.lr_scheduler} needs --scheduler_steps (the updates to decay over)")
     return get_scheduler(config.lr_scheduler, optimizer, num_warmup_steps=config.warmup_steps,
                          num_training_steps=config.scheduler_steps)
-
-
-def safe_torch_load(path: Path, map_location=None):
-    """torch.load restricted to tensors and plain containers: a planted pickle cannot run code."""
-    try:
-        return torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # UnpicklingError for a disallowed object, others for garbage
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"{path}: refusing to load ({first_line})") from None
-
-
-def save_rng_state(folder: Path) -> None:
-    tensors = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        tensors["cuda"] = torch.cuda.get_rng_state_all()
-    torch.save(tensors, folder / RNG_TENSORS_FILE)
-    version, internal, gauss_next = random.getstate()
-    name, keys, position, has_gauss, cached_gaussian = np.random.get_state()
-    atomic_write_json(folder / RNG_JSON_FILE, {
-        "python": {"version": version, "state": list(internal), "gauss_next": gauss_next},
-        "numpy": {"name": name, "keys": keys.tolist(), "position": int(position), "has_gauss": int(has_gauss),
-                  "cached_gaussian": float(cached_gaussian)}})
-
-
-def load_rng_state(folder: Path) -> None:
-    tensors = safe_torch_load(folder / RNG_TENSORS_FILE)
-    try:
-        values = json.loads((folder / RNG_JSON_FILE).read_text())
-        python, numpy_state = values["python"], values["numpy"]
-        python_state = (python["version"], tuple(python["state"]), python["gauss_next"])
-        numpy_tuple = (numpy_state["name"], np.asarray(numpy_state["keys"], dtype=np.uint32),
-                       numpy_state["position"], numpy_state["has_gauss"], numpy_state["cached_gaussian"])
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{folder / RNG_JSON_FILE}: unreadable RNG state ({err})") from None
-    random.setstate(python_state)
-    np.random.set_state(numpy_tuple)
-    torch.set_rng_state(tensors["torch"])
-    if "cuda" in tensors and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(tensors["cuda"])
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_manifest(folder: Path) -> None:
-    """manifest.json: size and sha256 of every other file under the checkpoint folder."""
-    files = {}
-    for file in sorted(p for p in folder.rglob("*") if p.is_file()):
-        relative = file.relative_to(folder).as_posix()
-        if relative != MANIFEST_FILE and not file.name.endswith(".tmp"):
-            files[relative] = {"size": file.stat().st_size, "sha256": _sha256(file)}
-    atomic_write_json(folder / MANIFEST_FILE, {"files": files})
-
-
-def verify_checkpoint(path: str | Path) -> None:
-    """Raise CheckpointError naming the first bad file: a missing or unreadable manifest, a file
-    listed there that is missing, of another size (truncated) or another checksum."""
-    path = Path(path)
-    manifest_path = path / MANIFEST_FILE
-    try:
-        files = json.loads(manifest_path.read_text())["files"]
-        if not isinstance(files, dict) or not all(isinstance(v, dict) and {"size", "sha256"} <= v.keys()
-                                                  for v in files.values()):
-            raise ValueError("malformed entries")
-    except FileNotFoundError:
-        raise CheckpointError(f"{manifest_path}: missing (an incomplete checkpoint, or one written "
-                              "before checksums were recorded)") from None
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{manifest_path}: corrupted ({err})") from None
-    required = (STATE_FILE, OPTIMIZER_FILE, RNG_TENSORS_FILE, RNG_JSON_FILE)
-    for name in required:
-        if name not in files:
-            raise CheckpointError(f"{manifest_path}: does not list {name}")
-    for name, expected in files.items():
-        file = path / name
-        if not file.is_file():
-            raise CheckpointError(f"{file}: missing")
-        size = file.stat().st_size
-        if size != expected["size"]:
-            raise CheckpointError(f"{file}: {size} bytes, the manifest says {expected['size']} (truncated?)")
-        if _sha256(file) != expected["sha256"]:
-            raise CheckpointError(f"{file}: checksum differs from the manifest (corrupted)")
-
-
-def read_latest_marker(marker: str | Path) -> int | None:
-    """The step a run's latest.json names (None when there is no marker); CheckpointError if corrupted."""
-    marker = Path(marker)
-    if not marker.exists():
-        return None
-    try:
-        step = json.loads(marker.read_text())["step"]
-        if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-            raise ValueError(f"step {step!r} is not a step number")
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        raise CheckpointError(f"{marker}: corrupted checkpoint marker ({err})") from None
-    return step
-
-
-def list_checkpoints(folder: str | Path) -> list[Path]:
-    """Complete checkpoints in a folder (by name: step_N with its state file), oldest first.
-    Folders mid-replacement (.partial, .old) are never listed."""
-    folder = Path(folder)
-    if not folder.exists():
-        return []
-    found = [p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)
-             and (p / STATE_FILE).exists()]
-    return sorted(found, key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)))
-
-
-def latest_checkpoint(folder: str | Path) -> Path | None:
-    found = list_checkpoints(folder)
-    return found[-1] if found else None
-
-
-def latest_intact_checkpoint(folder: str | Path) -> Path | None:
-    """The newest checkpoint that passes `verify_checkpoint`, warning about each newer bad one;
-    None when the folder holds no checkpoint; CheckpointError (naming the bad file of the newest)
-    when it holds some and none is intact. Repairs interrupted replacements first."""
-    folder = Path(folder)
-    if not folder.exists():
-        return None
-    for leftover in folder.iterdir():
-        for suffix in (PARTIAL_SUFFIX, OLD_SUFFIX):
-            if leftover.name.endswith(suffix) and CHECKPOINT_NAME.match(leftover.name[:-len(suffix)]):
-                done = recover_folder(folder / leftover.name[:-len(suffix)])
-                if done:
-                    logger.warning("%s: %s", folder, done)
-    candidates = sorted((p for p in folder.iterdir() if p.is_dir() and CHECKPOINT_NAME.match(p.name)),
-                        key=lambda p: int(CHECKPOINT_NAME.match(p.name).group(1)), reverse=True)
-    first_error = None
-    for candidate in candidates:
-        try:
-            verify_checkpoint(candidate)
-        except CheckpointError as err:
-            first_error = first_error or err
-            logger.warning("skipping damaged checkpoint: %s", err)
-            continue
-        if first_error is not None:
-            logger.warning("falling back to %s, the newest intact checkpoint", candidate)
-        return candidate
-    if first_error is not None:
-        raise CheckpointError(f"no intact checkpoint in {folder}: {first_error}")
-    return None

@@ -8,6 +8,7 @@ auxiliary/runtime/option_groups.py); this class adds the online trainer's own.
 """
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field
 from typing import Optional
 
@@ -52,10 +53,6 @@ class OnlineSDPOConfig(VLLMEngineOptions, LoraOptions, GenerationOptions, Optimi
     def __post_init__(self):
         super().__post_init__()  # the objective group validates its options
         check_ranges(self)  # every numeric flag in its range, before anything is loaded or written
-        if self.train_steps_per_example < 1:
-            raise ValueError("train_steps_per_example must be >= 1")
-        if self.lr <= 0:
-            raise ValueError("lr must be > 0")
         if self.lr_scheduler not in LR_SCHEDULERS:
             raise ValueError(f"--lr_scheduler must be one of {', '.join(LR_SCHEDULERS)}, got {self.lr_scheduler!r}")
         if self.scheduler_steps and self.lr_scheduler != "constant" and self.warmup_steps >= self.scheduler_steps:
@@ -162,42 +159,15 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
                 raise ValueError(f"--{name} must be rule, local, claude or vllm, got {value!r}")
         self.check_judge_options()
         check_ranges(self)
-        plan = self.user_plan(seed=0)  # a malformed schedule or user list is one line, before anything is loaded
-        # The last phase may end with a short batch; every other phase ends where an update (and an evaluation) does.
-        uneven = [p for p in getattr(plan, "phases", [])[:-1] if p.interactions % self.interactions_per_update]
-        if self.style_schedule.strip() and uneven:
-            raise ValueError(f"--style_schedule: every phase but the last must be a multiple of "
-                             f"--interactions_per_update {self.interactions_per_update} (a phase ends between "
-                             "updates); "
-                             f"{uneven[0].style}:{uneven[0].interactions} is not")
-        if self.style_schedule.strip() and self.users.strip():
-            raise ValueError(
-                "--style_schedule and --users are exclusive: one user whose style changes, or several users")
-        if self.per_user_adapters and self.interactions_per_update > 1:
-            # A batch draws several users, each with its own adapter: one update on it has no single set of weights.
-            raise ValueError("--per_user_adapters needs --interactions_per_update 1 (one user's adapter per update)")
-        if self.eval_every % self.interactions_per_update:
-            raise ValueError(f"--eval_every {self.eval_every} must be a multiple of --interactions_per_update "
-                             f"{self.interactions_per_update} (evaluations fall between updates)")
-        if self.per_user_adapters and not self.users.strip():
-            raise ValueError("--per_user_adapters needs --users (one adapter per simulated user)")
+        self.user_plan(seed=0)  # a malformed schedule or user list is one line, before anything is loaded
+        from auxiliary.feedback.personas import get_persona
+
+        for style in self.styles():  # --style and --eval_styles too
+            get_persona(style)  # UnknownStyleError lists the known styles
         if self.phase_baseline not in ("initial", "snapshot"):
             raise ValueError(f"--phase_baseline must be initial or snapshot, got {self.phase_baseline!r}")
-        if self.phase_baseline == "snapshot" and not self.style_schedule.strip():
-            raise ValueError(
-                "--phase_baseline snapshot needs --style_schedule (a snapshot is taken at each phase start)")
         if not self.placebo_texts or not all(t.strip() for t in self.placebo_texts):
             raise ValueError("--placebo_texts needs at least one non-empty text")
-
-    def check_against(self, sdpo: OnlineSDPOConfig) -> None:
-        """The rules that need both configs. With --contrast_followup, the placebo's follow-ups must differ from
-        the contrast text: a placebo follow-up equal to it scores y under the same context twice, so its signal
-        is identically zero and the control would show nothing of what the objective does on its own."""
-        contrast = sdpo.contrast_followup.strip()
-        if self.placebo and contrast and any(text.strip() == contrast for text in self.placebo_texts):
-            raise ValueError(f"--placebo_texts holds the --contrast_followup text {contrast!r}: the placebo's signal "
-                             "would be identically zero; give the placebo other neutral replies "
-                             "(or another contrast text)")
 
     def user_plan(self, seed: int):
         """Who the user is at each step: a StyleSchedule (--style, --style_schedule) or a MultiUserDraw (--users)."""
@@ -219,3 +189,72 @@ class OnlineRunConfig(JudgeOptions, FeedbackPlacementOptions):
         extra = [s for s in self.eval_styles.replace(",", " ").split() if s]
         first = self.user_styles()
         return first + [s for s in dict.fromkeys(extra) if s not in first]
+
+
+def online_rules(sdpo: OnlineSDPOConfig, run: OnlineRunConfig, processes: int = 1) -> list[tuple[object, str]]:
+    """Every rule between the flags of an online run (and its number of processes), one line each, in the
+    order checked: (broken, the message). Ranges are option_groups.RANGES'; what needs the data or the
+    model (an even share of the prompts, a model without dropout) is checked where they load."""
+    b, per_user, overlap, parallel = run.interactions_per_update, run.per_user_adapters, run.overlap_generation, \
+        run.arms_in_parallel and run.placebo
+    phases = getattr(run.user_plan(seed=0), "phases", [])
+    # The last phase may end with a short batch; every other phase ends where an update (and an evaluation) does.
+    uneven = [p for p in phases[:-1] if p.interactions % b] if run.style_schedule.strip() else []
+    contrast = sdpo.contrast_followup.strip()
+    return [
+        (uneven, f"--style_schedule: every phase but the last must be a multiple of --interactions_per_update {b} "
+                 f"(a phase ends between updates); {uneven[0].style}:{uneven[0].interactions} is not"
+         if uneven else ""),
+        (run.style_schedule.strip() and run.users.strip(),
+         "--style_schedule and --users are exclusive: one user whose style changes, or several users"),
+        # A batch draws several users, each with its own adapter: one update on it has no single set of weights.
+        (per_user and b > 1, "--per_user_adapters needs --interactions_per_update 1 (one user's adapter per update)"),
+        (run.eval_every % b, f"--eval_every {run.eval_every} must be a multiple of --interactions_per_update {b} "
+                             "(evaluations fall between updates)"),
+        (per_user and not run.users.strip(), "--per_user_adapters needs --users (one adapter per simulated user)"),
+        (run.phase_baseline == "snapshot" and not run.style_schedule.strip(),
+         "--phase_baseline snapshot needs --style_schedule (a snapshot is taken at each phase start)"),
+        (sdpo.checkpoint_every % b, f"--checkpoint_every {sdpo.checkpoint_every} must be a multiple of "
+                                    f"--interactions_per_update {b} (checkpoints are taken between updates)"),
+        (per_user and not sdpo.use_lora,
+         "--per_user_adapters needs --use_lora (each user's adapter is a LoRA adapter)"),
+        (per_user and sdpo.use_vllm, "--per_user_adapters needs generation without --use_vllm"),
+        (per_user and (run.save_checkpoints or run.resume),
+         "--per_user_adapters needs a run without --save_checkpoints / --resume"),
+        (per_user and run.eval_styles.strip(),
+         "--per_user_adapters needs no --eval_styles (each adapter is judged on its user's style)"),
+        (overlap and processes > 1, "--overlap_generation needs a single process (each process's update waits for "
+                                    "the others' all-reduce)"),
+        (overlap and sdpo.use_vllm,
+         "--overlap_generation needs generation without --use_vllm (the engine holds the latest weights)"),
+        (overlap and per_user,
+         "--overlap_generation needs no --per_user_adapters (the users' adapters share one base model)"),
+        (overlap and run.resume, "--overlap_generation needs a run without --resume (a checkpoint holds the latest "
+                                 "weights, not the older ones that answered the batch after it, so a resume would "
+                                 "not replay the run)"),
+        (processes > 1 and b % processes, f"{processes} processes need --interactions_per_update a multiple of the "
+                                          f"{processes} processes (each takes an equal share of every batch)"),
+        (processes > 1 and per_user, f"{processes} processes need no --per_user_adapters"),
+        (processes > 1 and sdpo.use_vllm, f"{processes} processes need generation without --use_vllm"),
+        (processes > 1 and sdpo.beta > 0, f"{processes} processes need --beta 0 (its per-token mean and the loss's "
+                                          "differ in what they average)"),
+        # A placebo follow-up equal to the contrast text scores y under the same context twice: its signal is
+        # identically zero and the control would show nothing of what the objective does on its own.
+        (run.placebo and contrast and any(text.strip() == contrast for text in run.placebo_texts),
+         f"--placebo_texts holds the --contrast_followup text {contrast!r}: the placebo's signal would be identically "
+         "zero; give the placebo other neutral replies (or another contrast text)"),
+        (run.resume and not (run.output_dir or run.run_name or os.environ.get("OUTPUT_DIR")),
+         "--resume needs the run's --output_dir (or --run_name / $OUTPUT_DIR)"),
+        (parallel and sdpo.use_vllm,
+         "--arms_in_parallel needs generation without --use_vllm (each engine batches on its own)"),
+        # two DDP models all-reducing from two threads would interleave their collectives
+        (parallel and processes > 1,
+         "--arms_in_parallel needs a single process (under torchrun each process runs its arms in turn)"),
+    ]
+
+
+def check_online_rules(sdpo: OnlineSDPOConfig, run: OnlineRunConfig, processes: int = 1) -> None:
+    """ValueError with the first broken rule of online_rules."""
+    for broken, message in online_rules(sdpo, run, processes):
+        if broken:
+            raise ValueError(message)

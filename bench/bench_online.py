@@ -158,8 +158,8 @@ def load_average() -> str:
 
 def build_run(args, out_dir: Path, batch_size: int = 1, train_n: int | None = None, eval_n: int | None = None,
               overlap: bool = False):
-    from eval_online_sdpo import OnlineRun, OnlineRunConfig
-    from online_sdpo_updater_config import OnlineSDPOConfig
+    from eval_online_sdpo import OnlineRun
+    from online_sdpo_updater_config import OnlineRunConfig, OnlineSDPOConfig
 
     eval_n = args.eval_n if eval_n is None else eval_n
     sdpo = OnlineSDPOConfig(model=args.model, device=args.device, seed=args.seed, max_new_tokens=args.max_new_tokens,
@@ -222,7 +222,7 @@ def run_loop(args, out_dir: Path, clock: PhaseClock):
             _, setup_wall, _ = measure(run.setup)
         if len(run.train_prompts) < args.n_interactions + 1:
             raise SystemExit(f"only {len(run.train_prompts)} training prompts; lower --n_interactions")
-        updater = run.updaters["feedback"]
+        updater = run.arms.updaters["feedback"]
         user = run.users["feedback"][args.style]
         user.generate_feedback = clock.wrap(user.generate_feedback, "feedback")
         train_batch = updater.train_batch
@@ -232,7 +232,7 @@ def run_loop(args, out_dir: Path, clock: PhaseClock):
             return train_batch(conversations, response_ids, followups)
 
         updater.train_batch = clock.wrap(recorded_train_batch, "update")
-        interact, evaluate = run.interact_batch, run.evaluate
+        interact, evaluate = run.interact_batch, run.evaluator.evaluate
 
         def timed_interact(*batch):
             with clock.current("policy_generation"):
@@ -242,7 +242,7 @@ def run_loop(args, out_dir: Path, clock: PhaseClock):
             with clock.current("eval_generation"):
                 return clock.wrap(evaluate, "evaluation")(step)
 
-        run.interact_batch, run.evaluate = timed_interact, timed_evaluate
+        run.interact_batch, run.evaluator.evaluate = timed_interact, timed_evaluate
         _, loop_wall, _ = measure(run.loop)
     finally:
         OnlineSDPOUpdater.generate = original_generate
@@ -275,8 +275,8 @@ def compare_eval_generation(run, args) -> dict:
     """Greedy replies to the eval prompts, all in one left-padded batch vs one prompt at a time."""
     from auxiliary.runtime.generation import generate_responses
 
-    updater = run.updaters["feedback"]
-    conversations = run._eval_messages()
+    updater = run.arms.updaters["feedback"]
+    conversations = run.evaluator.messages()
 
     def generate(batch_size):
         return generate_responses(updater.model, updater.tokenizer, conversations, max_new_tokens=args.max_new_tokens,
@@ -313,7 +313,7 @@ def compare_teacher_forward(run, interactions, repeats: int = 3) -> dict:
     """No-grad teacher scoring of every xo context in one forward vs one forward per interaction."""
     from sdpo_objective import score_tokens
 
-    updater = run.updaters["feedback"]
+    updater = run.arms.updaters["feedback"]
     messages, replies, followups = zip(*interactions)
     chunk = updater.config.logits_chunk_size
     model = updater.model
@@ -353,7 +353,7 @@ def compare_update_head(run, interactions, repeats: int = 2) -> dict:
 
     from sdpo_objective import sdpo_loss
 
-    updater = run.updaters["feedback"]
+    updater = run.arms.updaters["feedback"]
     batches = [updater.build_batches([m], [r], [f]) for m, r, f in interactions]
     options = {"fused": dataclasses.replace(updater.options, fused_lm_head=True),
                "checkpointed": dataclasses.replace(updater.options, fused_lm_head=False)}
@@ -392,7 +392,7 @@ def save_from_snapshot(updater, path: Path) -> Path:
 
 def compare_checkpoint(run, work_dir: Path) -> dict:
     """save_checkpoint on the live model vs on a copy; order ours, copy, copy, ours (page cache and disk even out)."""
-    updater = run.updaters["feedback"]
+    updater = run.arms.updaters["feedback"]
     saves = {"ours": updater.save_checkpoint, "snapshot": lambda p: save_from_snapshot(updater, p)}
     runs = {name: [] for name in saves}
     for name in ("ours", "snapshot", "snapshot", "ours"):
@@ -413,12 +413,12 @@ def compare_checkpoint(run, work_dir: Path) -> dict:
 def compare_baseline_cache(run, clock: PhaseClock) -> dict:
     """The loop's cached baseline (read and signature-checked) vs generating the baseline replies again."""
     generate_wall = clock.walls("baseline_generation")[-1]
-    _, cached_wall, _ = measure(run._load_or_make_baseline)
+    _, cached_wall, _ = measure(lambda: run.evaluator.load_or_make_baseline(resumed=False))
     return {"wall_generate_s": generate_wall, "wall_cached_s": cached_wall}
 
 
 def retokenisation_mismatches(run, interactions) -> dict:
-    tokenizer = run.updaters["feedback"].tokenizer
+    tokenizer = run.arms.updaters["feedback"].tokenizer
     stops = set(tokenizer.all_special_ids)
     differ = 0
     for _, ids, _ in interactions:

@@ -86,13 +86,14 @@ def load_run(run: Path, model_arg: str | None, ignore_first_k: int | None):
     return model_arg or config["resolved"]["model_path"], replies, first["feedback"]["followup"], k
 
 
-def generate_replies(model, tokenizer, prompt_files: list[Path], samples: int, seed: int):
+def generate_replies(model, tokenizer, prompt_files: list[Path], samples: int, seed: int, n_prompts: int = 0):
     """[(prompt, reply ids)]: the initial policy's replies, sampled as the demo samples them (temperature 0.7,
     top-p 0.9, 96 tokens)."""
     from auxiliary.runtime.generation import generate_responses
 
     prompts = [json.loads(line)["prompt"] for path in prompt_files for line in path.read_text().splitlines()
                if line.strip()]
+    prompts = prompts[:n_prompts] if n_prompts else prompts
     conversations = [[{"role": "user", "content": p}] for p in prompts for _ in range(samples)]
     replies = generate_responses(model, tokenizer, conversations, 96, 0.7, 0.9, 16, None, seed)
     return [(c[0]["content"], list(r.ids)) for c, r in zip(conversations, replies)]
@@ -103,7 +104,8 @@ def main(argv=None) -> int:
     parser.add_argument("run", type=Path, nargs="?", help="an eval_online_sdpo.py output folder")
     parser.add_argument("--generate", action="store_true", help="sample the initial policy's replies here instead")
     parser.add_argument("--prompts", type=Path, nargs="+", default=[REPO_ROOT / "data/samples/validation.jsonl"])
-    parser.add_argument("--samples", type=int, default=2, help="--generate: replies per prompt")
+    parser.add_argument("--n_prompts", type=int, default=0, help="--generate: the first N prompts (0 = all)")
+    parser.add_argument("--samples", type=int, default=1, help="--generate: replies per prompt")
     parser.add_argument("--seed", type=int, default=1234)
     parser.add_argument("--model", default=None,
                         help="default: the run's resolved model path, or smollm2-135m-instruct")
@@ -131,10 +133,12 @@ def main(argv=None) -> int:
         source = f"{len(replies)} step-0 eval replies of {args.run}"
     else:
         torch.manual_seed(args.seed)
-        replies = generate_replies(model, tokenizer, args.prompts, args.samples, args.seed)
+        replies = generate_replies(model, tokenizer, args.prompts, args.samples, args.seed, args.n_prompts)
+        print(f"generated {len(replies)} replies", flush=True)
         followup, ignore_first_k = USER_FOLLOWUP, 4
         source = (f"{len(replies)} replies of the initial policy ({args.samples} per prompt of "
-                  f"{', '.join(p.name for p in args.prompts)}; seed {args.seed})")
+                  f"{', '.join(p.name for p in args.prompts)}"
+                  f"{f', the first {args.n_prompts}' if args.n_prompts else ''}; seed {args.seed})")
     followup = args.followup or followup
     ignore_first_k = ignore_first_k if args.ignore_first_k is None else args.ignore_first_k
     followups = {"user": followup, "placebo": args.placebo}
@@ -145,12 +149,16 @@ def main(argv=None) -> int:
     pad = tokenizer.pad_token_id or 0
     for name, text in followups.items():
         raw = {"plain": [], "contrast": []}
-        for prompt, ids in replies:
-            x, xo, neutral = hindsight_contexts(tokenizer, [{"role": "user", "content": prompt}], text,
-                                                contrast_followup=args.contrast_followup)
-            result = compute_signal(model, [x], [xo], [ids], pad, contexts_neutral=[neutral])[0]
-            raw["plain"].append([a - b for a, b in zip(result["logp_xo"], result["logp_x"])])
-            raw["contrast"].append(result["signal"])
+        for start in range(0, len(replies), 8):  # 8 replies per batched forward
+            chunk = replies[start:start + 8]
+            contexts = [hindsight_contexts(tokenizer, [{"role": "user", "content": prompt}], text,
+                                           contrast_followup=args.contrast_followup) for prompt, _ in chunk]
+            results = compute_signal(model, [c[0] for c in contexts], [c[1] for c in contexts],
+                                     [ids for _, ids in chunk], pad, contexts_neutral=[c[2] for c in contexts])
+            for result in results:
+                raw["plain"].append([a - b for a, b in zip(result["logp_xo"], result["logp_x"])])
+                raw["contrast"].append(result["signal"])
+        print(f"scored under the {name} follow-up", flush=True)
         for signal_name, signals in raw.items():
             for guard in (0, args.copy_guard_ngram):
                 values = {group: [] for group in GROUPS}

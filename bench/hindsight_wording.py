@@ -48,9 +48,7 @@ def centred(values: list[float]) -> list[float]:
 
 
 def gradient(model, tokenizer, conversations, replies, followups, template: str):
-    """The flattened gradient of the simple_signal loss of these interactions under `template`."""
-    import torch
-
+    """The gradient of the simple_signal loss of these interactions under `template` (one tensor per parameter)."""
     from sdpo_objective import ObjectiveOptions, build_scoring_batch, hindsight_contexts, sdpo_loss
 
     contexts = [hindsight_contexts(tokenizer, c, o, template) for c, o in zip(conversations, followups)]
@@ -60,13 +58,17 @@ def gradient(model, tokenizer, conversations, replies, followups, template: str)
     model.zero_grad(set_to_none=True)
     loss, _ = sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
     loss.backward()
-    flat = torch.cat([p.grad.flatten() for p in model.parameters() if p.grad is not None])
+    grads = [p.grad for p in model.parameters() if p.grad is not None]  # kept as they are: no flattened copy
     model.zero_grad(set_to_none=True)
-    return flat
+    return grads
 
 
 def cosine(a, b) -> float:
-    return float((a @ b) / (a.norm() * b.norm()))
+    """Cosine of two gradients given as lists of tensors (all parameters), in float64 sums."""
+    dot = sum(float((x.double() * y.double()).sum()) for x, y in zip(a, b))
+    norm_a = math.sqrt(sum(float(x.double().square().sum()) for x in a))
+    norm_b = math.sqrt(sum(float(y.double().square().sum()) for y in b))
+    return dot / (norm_a * norm_b)
 
 
 def main(argv=None) -> dict:
@@ -98,8 +100,17 @@ def main(argv=None) -> dict:
         contexts = [hindsight_contexts(tokenizer, c, o, template) for c, o in zip(conversations, followups)]
         results = compute_signal(model, [c[0] for c in contexts], [c[1] for c in contexts], replies, pad)
         signals[name] = [r["signal"] for r in results]
-    gradients = {name: gradient(model, tokenizer, conversations, replies, followups, template)
-                 for name, template in templates.items()}
+    # one gradient of 135M floats at a time besides ours (a 2-core machine shared by six jobs has little memory)
+    ours = gradient(model, tokenizer, conversations, replies, followups, templates["ours"])
+    update_cosines, between = {}, None
+    for name in PARAPHRASES:
+        other = gradient(model, tokenizer, conversations, replies, followups, templates[name])
+        update_cosines[name] = cosine(ours, other)
+        if between is None:
+            between = other
+        else:
+            between = cosine(between, other)
+        del other
     tokens = sum(len(r) for r in replies)
     print(f"{args.model}: {len(cases)} cases of {args.cases.name}, one reply each ({tokens} tokens; seed {args.seed})")
     print(f"{'against ours':<14} {'token r':>8} {'centred r':>10} {'case r':>8} {'update cos':>11}"
@@ -112,7 +123,7 @@ def main(argv=None) -> dict:
         row = {"token_r": pearson(pooled_ours, pooled),
                "centred_token_r": pearson(centred_ours, [v for s in signals[name] for v in centred(s)]),
                "case_r": sum(pearson(a, b) for a, b in zip(signals["ours"], signals[name])) / len(cases),
-               "update_cosine": cosine(gradients["ours"], gradients[name])}
+               "update_cosine": update_cosines[name]}
         if args.per_case:
             per_case = []
             for index in range(len(cases)):
@@ -125,9 +136,8 @@ def main(argv=None) -> dict:
               f"{row['update_cosine']:>11.3f}" + (f" {row['case_update_cosine']:>9.3f}" if args.per_case else ""))
     mean_abs = {name: sum(abs(v) for s in signals[name] for v in s) / tokens for name in templates}
     print("mean |A_t|: " + ", ".join(f"{name} {value:.4f}" for name, value in mean_abs.items()))
-    between = pearson([v for s in signals["paraphrase_a"] for v in s], [v for s in signals["paraphrase_b"] for v in s])
-    print(f"between the paraphrases: token r {between:.3f}, update cosine "
-          f"{cosine(gradients['paraphrase_a'], gradients['paraphrase_b']):.3f}")
+    token_r = pearson([v for s in signals["paraphrase_a"] for v in s], [v for s in signals["paraphrase_b"] for v in s])
+    print(f"between the paraphrases: token r {token_r:.3f}, update cosine {between:.3f}")
     return results
 
 

@@ -252,6 +252,7 @@ class BadInput(SystemExit):
 
     def __init__(self, message):
         super().__init__(2)
+        self.message = message
         self.line = f"error: {message}"
 
     def __str__(self) -> str:
@@ -437,15 +438,14 @@ def train(cfg: OfflineSDPOArguments) -> dict:
 
 
 if __name__ == "__main__":
-    from auxiliary.runtime.cli import ConfigError
+    from auxiliary.runtime.cli import ConfigError, exit_with_error
     from auxiliary.runtime.io_utils import DataError
     from auxiliary.runtime.model_loading import ModelLoadError
 
     try:
         main()
     except (DataError, ConfigError, ModelLoadError, BadInput) as err:  # bad input: one line, no traceback, exit 2
-        print(err if isinstance(err, BadInput) else f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_with_error(err.message if isinstance(err, BadInput) else err))
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through transformers
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -129,7 +129,7 @@ def train(cfg: OfflineSFTArguments) -> dict:
 
 
 if __name__ == "__main__":
-    from auxiliary.runtime.cli import ConfigError
+    from auxiliary.runtime.cli import ConfigError, exit_with_error
     from auxiliary.runtime.io_utils import DataError
     from auxiliary.runtime.model_loading import ModelLoadError
 
@@ -138,8 +138,7 @@ if __name__ == "__main__":
     try:
         main()
     except (DataError, ConfigError, ModelLoadError, BadInput) as err:  # bad input: one line, no traceback
-        print(err if isinstance(err, BadInput) else f"error: {err}", file=sys.stderr)
-        sys.exit(2)
+        sys.exit(exit_with_error(err.message if isinstance(err, BadInput) else err))
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through transformers
         print("interrupted", file=sys.stderr)
         sys.exit(130)

@@ -31,6 +31,7 @@ from typing import Any, Sequence
 import torch
 from transformers import Trainer, TrainerCallback
 
+from auxiliary.runtime.checkpoints import TEACHER_FILE  # in each checkpoint-N folder of an --teacher ema run too
 from auxiliary.runtime.io_utils import DataError, append_jsonl, atomic_write_text, iter_jsonl
 from sdpo_objective import (DEFAULT_HINDSIGHT_TEMPLATE, ObjectiveOptions, Teacher, build_scoring_batch, check_lm_head,
                             hindsight_contexts, normalize_messages, sdpo_loss)
@@ -381,9 +382,6 @@ class OfflineSDPOTrainer(Trainer):
             if not file.is_file():
                 raise DataError(f"{file}: missing (the checkpoint was not written by an --teacher ema run)")
             self.teacher.load_state_dict(load_file(str(file), device=str(self.accelerator.device)), source=str(file))
-
-
-TEACHER_FILE = "teacher_ema.safetensors"  # in each checkpoint-N folder of an --teacher ema run
 
 
 class _TeacherEmaCallback(TrainerCallback):

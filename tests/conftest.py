@@ -28,3 +28,18 @@ def tiny_model_dir(tmp_path_factory):
     from auxiliary.runtime.tiny_model import save_tiny_model
 
     return save_tiny_model(tmp_path_factory.mktemp("tiny_model"))
+
+
+@pytest.fixture(scope="session")
+def prompt_dir(tmp_path_factory):
+    """prompt_dir(name, train, eval) -> a folder with train.jsonl and validation.jsonl of those prompts
+    (one `{"prompt": ...}` line each), the online tests' data."""
+    import json
+
+    def make(name: str, train: list[str], evaluation: list[str]):
+        folder = tmp_path_factory.mktemp(name)
+        for file, prompts in (("train.jsonl", train), ("validation.jsonl", evaluation)):
+            (folder / file).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
+        return folder
+
+    return make

@@ -2,15 +2,14 @@
 seeded sampling draws from a generator of its own (generation.SeededSampler), not the process's stream."""
 from __future__ import annotations
 
-import json
 import threading
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
 
 import eval_online_sdpo
+from auxiliary.online.arms import Arms
 from auxiliary.runtime.generation import SeededSampler, generate_responses
 from reliability_helpers import flags_from_values, read_json, read_jsonl, read_metrics, without_timings
 
@@ -20,11 +19,8 @@ CONVERSATIONS = [[{"role": "user", "content": p}] for p in EVAL]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("parallel_data")
-    for name, prompts in (("train.jsonl", TRAIN), ("validation.jsonl", EVAL)):
-        (folder / name).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return folder
+def data_dir(prompt_dir):
+    return prompt_dir("parallel_data", TRAIN, EVAL)
 
 
 def run_flags(model_dir, data_dir, out, **overrides) -> list[str]:
@@ -66,17 +62,16 @@ def test_arms_in_parallel_restores_the_torch_threads(two_runs):
     # the run halves the threads only while both arms work; the process keeps its own count afterwards
     assert torch.get_num_threads() >= 1
     threads = torch.get_num_threads()
-    run = eval_online_sdpo.OnlineRun.__new__(eval_online_sdpo.OnlineRun)
-    run.run, run.arms = SimpleNamespace(arms_in_parallel=True), ["feedback", "placebo"]
-    seen = run._per_arm(lambda arm: torch.get_num_threads())
+    arms = Arms(["feedback", "placebo"], in_parallel=True)
+    seen = arms.per_arm(lambda arm: torch.get_num_threads())
     assert seen == {"feedback": max(1, threads // 2), "placebo": max(1, threads // 2)}
     assert torch.get_num_threads() == threads
 
 
 def test_arms_in_parallel_refuses_a_model_with_dropout(tiny_model_dir, data_dir, tmp_path, capsys):
-    # LoRA's dropout (0.05 by default) draws from the process's one random stream
+    # LoRA's dropout draws from the process's one random stream (0 by default, as the paper's)
     code = eval_online_sdpo.main(run_flags(tiny_model_dir, data_dir, tmp_path / "out", arms_in_parallel=True,
-                                           use_lora=True, train_n=2))
+                                           use_lora=True, lora_dropout=0.05, train_n=2))
     assert code == 2
     assert "--arms_in_parallel needs a model without dropout" in capsys.readouterr().err
     assert eval_online_sdpo.main(run_flags(tiny_model_dir, data_dir, tmp_path / "out2", arms_in_parallel=True,

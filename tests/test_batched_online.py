@@ -3,26 +3,21 @@
 metrics.jsonl keeps one row per interaction; the rows of a batch share the update's metrics and its `update`
 index; the lr schedule counts updates; a resume at an update boundary replays the uninterrupted run.
 """
-import json
-from pathlib import Path
 
 import pytest
 import torch
 
 import eval_online_sdpo
-from eval_online_sdpo import derive_seed
-from reliability_helpers import flags_from_values, without_timings
+from auxiliary.runtime.seeds import derive_seed
+from reliability_helpers import flags_from_values, read_json, read_jsonl, without_timings
 
 TRAIN = [f"Tell me something about topic number {i}." for i in range(5)]
 EVAL = [f"Explain idea {i} in simple terms." for i in range(3)]
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("batched_data")
-    (folder / "train.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in TRAIN))
-    (folder / "validation.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in EVAL))
-    return folder
+def data_dir(prompt_dir):
+    return prompt_dir("batched_data", TRAIN, EVAL)
 
 
 def args(model_dir, data_dir, out, **overrides):
@@ -34,10 +29,6 @@ def args(model_dir, data_dir, out, **overrides):
     return flags_from_values(values)
 
 
-def read_lines(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
 @pytest.fixture(scope="module")
 def batched_run(tiny_model_dir, data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("batched") / "run"
@@ -47,7 +38,7 @@ def batched_run(tiny_model_dir, data_dir, tmp_path_factory):
 
 
 def test_rows_per_interaction_share_their_update(batched_run):
-    rows = read_lines(batched_run / "metrics.jsonl")
+    rows = read_jsonl(batched_run / "metrics.jsonl")
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
     arm = [r["feedback"] for r in rows]
     assert [m["update"] for m in arm] == [1, 1, 2, 2]
@@ -57,7 +48,7 @@ def test_rows_per_interaction_share_their_update(batched_run):
     # linear decay to 0 over 2 updates: the second update runs at half the rate
     assert [m["lr"] for m in arm] == pytest.approx([1e-3, 1e-3, 5e-4, 5e-4])
     # evaluations at 0, 2 and the end, each after an update
-    assert sorted({r["step"] for r in json.loads((batched_run / "eval_history.json").read_text())}) == [0, 2, 4]
+    assert sorted({r["step"] for r in read_json(batched_run / "eval_history.json")}) == [0, 2, 4]
 
 
 def test_first_update_equals_one_train_batch_on_the_two_interactions(batched_run, tiny_model_dir):
@@ -69,13 +60,13 @@ def test_first_update_equals_one_train_batch_on_the_two_interactions(batched_run
 
     updater = OnlineSDPOUpdater(OnlineSDPOConfig(model=str(tiny_model_dir), lr=1e-3, loss_mode="simple_signal",
                                                  max_new_tokens=8, seed=7, device="cpu"))
-    train_rows = [r for r in read_lines(batched_run / "completions.jsonl") if r["phase"] == "train"]
+    train_rows = [r for r in read_jsonl(batched_run / "completions.jsonl") if r["phase"] == "train"]
     assert [r["step"] for r in train_rows] == [1, 2, 3, 4]
     conversations = [prompt_as_messages(r["prompt"]) for r in train_rows[:2]]
     replies = updater.generate(conversations, seed=derive_seed(7, "train", 1))
     assert [r["completion"] for r in train_rows[:2]] == [reply.text for reply in replies]
     metrics = updater.train_batch(conversations, [r.ids for r in replies], [r["followup"] for r in train_rows[:2]])
-    assert metrics["loss"] == pytest.approx(read_lines(batched_run / "metrics.jsonl")[0]["feedback"]["loss"], rel=1e-6)
+    assert metrics["loss"] == pytest.approx(read_jsonl(batched_run / "metrics.jsonl")[0]["feedback"]["loss"], rel=1e-6)
 
 
 def test_resume_at_an_update_boundary_equals_the_uninterrupted_run(tiny_model_dir, data_dir, tmp_path):
@@ -85,10 +76,10 @@ def test_resume_at_an_update_boundary_equals_the_uninterrupted_run(tiny_model_di
                                       placebo=True)) == 0
     assert eval_online_sdpo.main(args(tiny_model_dir, data_dir, part, save_checkpoints=True, placebo=True,
                                       resume=True)) == 0
-    assert without_timings(read_lines(part / "metrics.jsonl")) == without_timings(read_lines(full / "metrics.jsonl"))
-    assert read_lines(part / "completions.jsonl") == read_lines(full / "completions.jsonl")
-    assert (without_timings(json.loads((part / "eval_history.json").read_text()))
-            == without_timings(json.loads((full / "eval_history.json").read_text())))
+    assert without_timings(read_jsonl(part / "metrics.jsonl")) == without_timings(read_jsonl(full / "metrics.jsonl"))
+    assert read_jsonl(part / "completions.jsonl") == read_jsonl(full / "completions.jsonl")
+    assert (without_timings(read_json(part / "eval_history.json"))
+            == without_timings(read_json(full / "eval_history.json")))
     from safetensors.torch import load_file
 
     for arm in ("feedback", "placebo"):

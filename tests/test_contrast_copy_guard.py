@@ -286,14 +286,13 @@ def test_offline_collator_gives_the_neutral_context(tiny_tokenizer):
 
 
 def test_the_placebo_must_not_say_the_contrast_text():
-    from online_sdpo_updater_config import OnlineRunConfig, OnlineSDPOConfig
+    from online_sdpo_updater_config import OnlineRunConfig, OnlineSDPOConfig, check_online_rules
 
     sdpo = OnlineSDPOConfig(model="tiny", contrast_followup=" OK, thanks. ")
     with pytest.raises(ValueError, match="--placebo_texts holds the --contrast_followup text 'OK, thanks.'"):
-        OnlineRunConfig(placebo=True).check_against(sdpo)
-    OnlineRunConfig(placebo=True, placebo_texts=["Thanks!", "Got it."]).check_against(sdpo)
-    OnlineRunConfig(placebo=False).check_against(sdpo)  # no placebo arm: nothing to check
-
+        check_online_rules(sdpo, OnlineRunConfig(placebo=True))
+    check_online_rules(sdpo, OnlineRunConfig(placebo=True, placebo_texts=["Thanks!", "Got it."]))
+    check_online_rules(sdpo, OnlineRunConfig(placebo=False))  # no placebo arm: nothing to check
 
 @pytest.mark.parametrize("loss_mode", ["simple_signal", "full_distillation"])
 def test_soft_capped_model_with_contrast_and_copy_guard(loss_mode):

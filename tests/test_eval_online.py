@@ -17,7 +17,8 @@ import eval_online_sdpo
 from auxiliary.evals.evaluation_helpers import win_rate_stats
 from auxiliary.feedback.style_checks import degeneracy
 from auxiliary.feedback.factory import make_judge
-from reliability_helpers import copy_without_chat_template, flags_from_values, read_metrics, without_timings
+from reliability_helpers import (copy_without_chat_template, flags_from_values, read_json, read_jsonl, read_metrics,
+                                 without_timings)
 
 TRAIN = [f"Tell me something about topic number {i}." for i in range(5)]
 EVAL = [f"Explain idea {i} in simple terms." for i in range(6)]
@@ -44,11 +45,11 @@ def base_args(model_dir, data_dir, out, **overrides):
 
 
 def read_history(out):
-    return json.loads((Path(out) / "eval_history.json").read_text())
+    return read_json(Path(out) / "eval_history.json")
 
 
 def read_completions(out):
-    return [json.loads(line) for line in (Path(out) / "completions.jsonl").read_text().splitlines()]
+    return read_jsonl(Path(out) / "completions.jsonl")
 
 
 @pytest.fixture(scope="module")
@@ -241,7 +242,7 @@ def test_bad_input_fails_with_one_clear_line(case, tiny_model_dir, data_dir, tmp
 
 
 def test_derived_seeds_are_stable_and_distinct():
-    from eval_online_sdpo import derive_seed
+    from auxiliary.runtime.seeds import derive_seed
 
     assert derive_seed(1234, "train", 3) == derive_seed(1234, "train", 3)
     assert len({derive_seed(1234, "train", s) for s in range(100)}) == 100
@@ -328,7 +329,7 @@ def test_run_without_output_dir_writes_under_base_work(tiny_model_dir, data_dir,
 
 def test_every_user_gets_its_per_step_seed_as_an_argument(tiny_model_dir, data_dir, tmp_path, monkeypatch):
     from auxiliary.feedback.factory import FeedbackFactory
-    from eval_online_sdpo import derive_seed
+    from auxiliary.runtime.seeds import derive_seed
 
     calls = []  # (style of the user, seed passed to generate_feedback)
     build = FeedbackFactory.user
@@ -383,3 +384,44 @@ def test_a_prompt_file_of_the_current_folder_shadowing_the_repositorys_is_named(
     with caplog.at_level("WARNING"):
         assert find_data_file("data/samples/validation.jsonl").is_file()  # only in the repository: no warning
     assert caplog.text == ""
+
+
+def test_debug_first_example_prints_step_one_of_the_feedback_arm_once(tiny_model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "debug"
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=2, eval_n=0, placebo=True,
+                                           debug_first_example=True)) == 0
+    err = capsys.readouterr().err
+    assert err.count("=== first interaction ===") == 1
+    first = read_metrics(out)[0]
+    reply = next(r for r in read_completions(out) if r["step"] == 1 and r["arm"] == "feedback")
+    block = err.split("=== first interaction ===")[1]
+    assert f"--- reply y ---\n{reply['completion']}\n--- follow-up o ---\n{first['feedback']['followup']}\n" in block
+    assert first["feedback"]["followup"] != first["placebo"]["followup"]  # the placebo's step is not the one shown
+
+
+def test_a_baseline_model_answers_the_eval_prompts_like_the_same_initial_policy(tiny_model_dir, data_dir, tmp_path):
+    # --baseline_model: its replies are generated apart (not copied from the policy at step 0); the same weights
+    # with the same eval seed give the same replies, so step 0 is all ties
+    out = tmp_path / "baseline_model"
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=1, eval_n=3,
+                                           baseline_model=tiny_model_dir)) == 0
+    baseline = read_json(out / "baseline_completions.json")
+    assert baseline["signature"]["baseline_model"] == str(tiny_model_dir)
+    rows = [r for r in read_completions(out) if r["phase"] == "eval" and r["step"] == 0]
+    step0 = [r["completion"] for r in sorted(rows, key=lambda r: r["index"])]
+    assert baseline["completions"] == step0 and len(step0) == 3
+    assert all(r["ties"] == r["n"] for r in read_history(out) if r["step"] == 0)
+
+
+def test_a_resume_without_the_cached_baseline_fails_in_one_line(tiny_model_dir, data_dir, tmp_path, capsys):
+    out = tmp_path / "no_baseline"
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=2, eval_n=2,
+                                           save_checkpoints=True)) == 0
+    (out / "baseline_completions.json").unlink()
+    capsys.readouterr()
+    assert eval_online_sdpo.main(base_args(tiny_model_dir, data_dir, out, train_n=2, eval_n=2, save_checkpoints=True,
+                                           resume=True)) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if line.startswith("eval_online_sdpo.py: error:")]
+    assert "baseline_completions.json is missing; the baseline (the initial policy) cannot be rebuilt" in line
+    assert "Traceback" not in err

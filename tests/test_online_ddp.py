@@ -82,13 +82,9 @@ def torchrun_online(data, out, train_n, *extra):
                      "--output_dir", out, *extra])
 
 
-def read_jsonl(path):
-    return [json.loads(line) for line in Path(path).read_text().splitlines()]
-
-
 @pytest.mark.slow  # three torchrun runs
 def test_eval_online_sdpo_under_torchrun_writes_once_and_resumes_exactly(tiny_model_dir, tmp_path):
-    from reliability_helpers import without_timings
+    from reliability_helpers import read_jsonl, without_timings
 
     data = tmp_path / "data"
     data.mkdir()

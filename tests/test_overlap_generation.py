@@ -4,7 +4,6 @@ answered by the initial weights, step 3 by the weights after update 1, and so on
 from __future__ import annotations
 
 import dataclasses
-import json
 import threading
 from pathlib import Path
 
@@ -13,8 +12,10 @@ import torch
 
 import eval_online_sdpo
 from auxiliary.evals.evaluation_helpers import prompt_as_messages
+from auxiliary.online.arms import FrozenPolicy
 from auxiliary.runtime.cli import parse_dataclasses
 from auxiliary.runtime.generation import run_side_by_side
+from auxiliary.runtime.seeds import derive_seed
 from online_sdpo_updater import OnlineSDPOUpdater
 from online_sdpo_updater_config import OnlineRunConfig, OnlineSDPOConfig
 from reliability_helpers import flags_from_values, read_jsonl, read_metrics, without_timings
@@ -25,11 +26,8 @@ SEED = 3
 
 
 @pytest.fixture(scope="module")
-def data_dir(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("overlap_data")
-    for name, prompts in (("train.jsonl", TRAIN), ("validation.jsonl", EVAL)):
-        (folder / name).write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-    return folder
+def data_dir(prompt_dir):
+    return prompt_dir("overlap_data", TRAIN, EVAL)
 
 
 def run_flags(model_dir, data_dir, out, **overrides) -> list[str]:
@@ -65,7 +63,7 @@ def test_each_batch_is_answered_by_the_weights_of_one_update_before(runs, tiny_m
 
     def reply(step):
         return updater.generate([prompt_as_messages(rows[step]["prompt"])],
-                                seed=eval_online_sdpo.derive_seed(SEED, "train", step))[0]
+                                seed=derive_seed(SEED, "train", step))[0]
 
     first, second = reply(1), reply(2)  # both by the initial weights
     assert [first.text, second.text] == [rows[1]["completion"], rows[2]["completion"]]
@@ -143,7 +141,7 @@ def test_schedule_batches_and_lora_with_checkpoints(tiny_model_dir, data_dir, tm
 def test_frozen_copy_takes_the_lora_weights_at_refresh(tiny_model_dir):
     updater = OnlineSDPOUpdater(OnlineSDPOConfig(model=str(tiny_model_dir), use_lora=True, lora_dropout=0.0,
                                                  lr=1e-2, max_new_tokens=6, loss_mode="simple_signal", seed=1))
-    frozen = eval_online_sdpo.FrozenPolicy(updater)
+    frozen = FrozenPolicy(updater)
     assert frozen.pairs and all("lora" in name for name, p in updater.model.named_parameters() if p.requires_grad)
     conversation = [{"role": "user", "content": "Say something."}]
     reply = updater.generate([conversation], seed=5)[0]
@@ -162,7 +160,7 @@ def test_failure_while_answering_ahead_keeps_the_batch_before(tiny_model_dir, da
     from auxiliary.feedback.user_simulator import EmptyFeedbackError, RuleBasedUserSimulator
 
     real = RuleBasedUserSimulator.generate_feedback
-    failing_seed = eval_online_sdpo.derive_seed(SEED, "user", "feedback", 3)
+    failing_seed = derive_seed(SEED, "user", "feedback", 3)
 
     def feedback(self, prompts, completions, seed=None):
         if seed == failing_seed:  # the user of step 3, asked while update 2 runs

@@ -63,3 +63,10 @@ def test_message_content_that_is_not_text_is_a_file_line_error(tmp_path, content
         f'{{"prompt": [{{"role": "user", "content": {content}}}], "completion": "c", "user_response": "o"}}'])
     with pytest.raises(DataError, match=rf"{interactions}:1: .*message 0 content must be text"):
         load_interactions(interactions)
+
+
+def test_a_utf16_file_is_named_as_utf16(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text('{"prompt": "hi"}\n', encoding="utf-16")  # with its byte order mark, as Windows tools write it
+    with pytest.raises(DataError, match=rf"^{path}: UTF-16 text, not UTF-8; convert it with iconv"):
+        read_jsonl(path)

@@ -195,17 +195,16 @@ def test_an_adapter_learns_only_from_its_own_user(tiny_model_dir):
     """Training user A's adapter leaves user B's adapter and the base weights bit for bit unchanged."""
     import torch
 
-    from eval_online_sdpo import OnlineRun
-    from online_sdpo_updater_config import OnlineRunConfig, OnlineSDPOConfig
+    from auxiliary.online.arms import Arms
+    from online_sdpo_updater_config import OnlineSDPOConfig
 
     sdpo = OnlineSDPOConfig(model=str(tiny_model_dir), use_lora=True, lr=5e-2, max_new_tokens=6,
                             loss_mode="simple_signal", device="cpu")
-    run = OnlineRun(sdpo, OnlineRunConfig(users="concise,detailed", per_user_adapters=True))
-    run.num_steps = 4  # what _load_data would have found (the lr schedule spans it)
-    run._load_policies()
-    model = run.adapter_updaters["feedback"]["concise"].model
+    arms = Arms(["feedback"], user_styles=["concise", "detailed"], per_user=True)
+    arms.load(sdpo)
+    model = arms.adapter_updaters["feedback"]["concise"].model
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    updater = run.policy("feedback", "concise")
+    updater = arms.policy("feedback", "concise")
     messages = [{"role": "user", "content": "Say something."}]
     reply = updater.generate([messages], seed=1)[0]
     updater.train_step(messages, reply.ids, "Shorter, please.")

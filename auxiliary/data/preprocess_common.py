@@ -530,14 +530,14 @@ def progress(iterable, total: int | None, desc: str):
 
 def run_cli(main_fn, argv=None) -> int:
     """Entry-point wrapper: bad input or an unwritable output ends with one clear line and exit code 2."""
+    from auxiliary.runtime.cli import exit_with_error
+
     try:
         main_fn(argv)
     except DataError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with_error(err)
     except OSError as err:  # read-only or full output folder, a file where a folder should be
-        print(f"error: {describe_os_error(err)}", file=sys.stderr)
-        return 2
+        return exit_with_error(describe_os_error(err))
     return 0
 
 

@@ -12,10 +12,7 @@ import time
 from pathlib import Path
 from typing import Iterable
 
-
-def base_work_dir() -> Path:
-    """Never $HOME: BASE_WORK, else SCRATCH, else TMPDIR, else /tmp (the wrappers use the same chain)."""
-    return Path(os.environ.get("BASE_WORK") or os.environ.get("SCRATCH") or os.environ.get("TMPDIR") or "/tmp")
+from auxiliary.runtime.io_utils import base_work_dir
 
 
 def default_output_dir(kind: str) -> Path:

@@ -10,11 +10,10 @@ unknown style or N <= 0 is one ValueError naming the item.
 """
 from __future__ import annotations
 
-import hashlib
-import random
 from dataclasses import dataclass
 
 from auxiliary.feedback.personas import get_persona
+from auxiliary.runtime.seeds import seeded_rng
 
 
 @dataclass(frozen=True)
@@ -91,5 +90,4 @@ class MultiUserDraw:
         self.styles, self.seed = list(dict.fromkeys(styles)), seed
 
     def style_at(self, step: int) -> str:
-        digest = hashlib.sha256(f"{self.seed}\x1fuser-draw\x1f{step}".encode()).digest()
-        return random.Random(int.from_bytes(digest[:8], "big")).choice(self.styles)
+        return seeded_rng(self.seed, "user-draw", step).choice(self.styles)

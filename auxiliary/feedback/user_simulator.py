@@ -46,9 +46,7 @@ how the reply fits your preferences, never answering the request yourself.
 """
 from __future__ import annotations
 
-import hashlib
 import logging
-import random
 import re
 from typing import Sequence
 
@@ -56,6 +54,7 @@ from auxiliary.evals.evaluation_helpers import Prompt, prompt_as_text
 from auxiliary.feedback.personas import UnknownStyleError, get_persona
 from auxiliary.feedback.style_checks import (DEFAULT_CONCISE_MAX_WORDS, DEFAULT_DETAILED_MIN_WORDS,
                                     RULE_CHECKABLE_STYLES, build_style_checks)
+from auxiliary.runtime.seeds import seeded_rng
 
 logger = logging.getLogger(__name__)
 
@@ -159,12 +158,6 @@ class UserSimulator:
         return None
 
 
-def _item_rng(*parts: object) -> random.Random:
-    """An RNG that depends only on its inputs (stable across processes, unlike hash())."""
-    digest = hashlib.sha256("\x1f".join(str(p) for p in parts).encode("utf-8")).digest()
-    return random.Random(int.from_bytes(digest[:8], "big"))
-
-
 # --------------------------------------------------------------------------- rule-based
 
 COMPLAINTS: dict[str, tuple[str, ...]] = {
@@ -253,7 +246,7 @@ class RuleBasedUserSimulator(UserSimulator):
         return self.check.problems(completion)
 
     def _message(self, prompt: Prompt, completion: str, seed: int) -> str:
-        rng = _item_rng(seed, self.style, prompt_as_text(prompt), completion)
+        rng = seeded_rng(seed, self.style, prompt_as_text(prompt), completion)
         problems = self.problems(completion)
         if not problems:
             return rng.choice(APPROVALS)
@@ -275,7 +268,7 @@ class NeutralUserSimulator(UserSimulator):
         self.seed = seed
 
     def _feedback(self, prompts, completions, seed):
-        return [_item_rng(seed, "neutral", prompt_as_text(p), c).choice(self.texts)
+        return [seeded_rng(seed, "neutral", prompt_as_text(p), c).choice(self.texts)
                 for p, c in zip(prompts, completions)]
 
 

@@ -253,6 +253,13 @@ def resolved_config_yaml(instances: Sequence) -> str:
     return yaml.safe_dump(public_config(merged), sort_keys=False, default_flow_style=False)
 
 
+def exit_with_error(message, code: int = 2, prog: str | None = None) -> int:
+    """The one way an entry point ends with an error: one `[prog: ]error: message` line on stderr; returns
+    `code` (2: bad input, found before anything was written; 1: a started run failed) for sys.exit."""
+    print(f"{prog}: error: {message}" if prog else f"error: {message}", file=sys.stderr, flush=True)
+    return code
+
+
 def run_cli(args_class: type, run: Callable, argv: Sequence[str] | None, prog: str) -> int:
     """Parse one dataclass of flags and call run(args); bad input prints one `error:` line and exits 2."""
     from auxiliary.runtime.io_utils import DataError, describe_os_error
@@ -263,11 +270,9 @@ def run_cli(args_class: type, run: Callable, argv: Sequence[str] | None, prog: s
         (args,) = parse_dataclasses((args_class,), argv, prog=prog)
         run(args)
     except (ConfigError, DataError, ModelLoadError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return exit_with_error(err)
     except OSError as err:
-        print(f"error: {describe_os_error(err)}", file=sys.stderr)
-        return 2
+        return exit_with_error(describe_os_error(err))
     finally:
         stop_vllm_engines()
     return 0

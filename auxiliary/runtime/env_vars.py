@@ -203,8 +203,9 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         text = markdown()
     except EnvVarError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        from auxiliary.runtime.cli import exit_with_error
+
+        return exit_with_error(err)
     if args.write:
         Path(args.write).write_text(text)
         return 0

@@ -13,6 +13,12 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 
+def base_work_dir() -> Path:
+    """Where outputs, caches and adapters go by default, never $HOME: $BASE_WORK, else $SCRATCH, else $TMPDIR,
+    else /tmp (the wrappers use the same chain)."""
+    return Path(os.environ.get("BASE_WORK") or os.environ.get("SCRATCH") or os.environ.get("TMPDIR") or "/tmp")
+
+
 class DataError(ValueError):
     """Bad input data; the message names the file, the line and the field."""
 
@@ -25,6 +31,8 @@ def check_looks_like_text(path: Path) -> None:
     """A compressed or binary file given as JSONL fails with what it looks like, not a decode traceback."""
     with path.open("rb") as handle:
         head = handle.read(8)
+    if head[:2] in (b"\xff\xfe", b"\xfe\xff"):  # a UTF-16 byte order mark (Windows editors, PowerShell's >)
+        raise DataError(f"{path}: UTF-16 text, not UTF-8; convert it with iconv -f utf-16 -t utf-8")
     for magic, kind in _COMPRESSED_MAGIC.items():
         if head.startswith(magic):
             hint = "decompress it first (e.g. gunzip)" if kind != "parquet" else "convert it to JSONL"

@@ -12,6 +12,8 @@ import logging
 import os
 from pathlib import Path
 
+from auxiliary.runtime.io_utils import base_work_dir
+
 logger = logging.getLogger(__name__)
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
@@ -28,8 +30,7 @@ def default_cache_dir() -> Path:
     """CACHE_DIR, else $BASE_WORK/cache, else ${SCRATCH:-${TMPDIR:-/tmp}}/sdpo_cache (never $HOME)."""
     if os.environ.get("CACHE_DIR"):
         return Path(os.environ["CACHE_DIR"])
-    base = os.environ.get("BASE_WORK") or os.environ.get("SCRATCH") or os.environ.get("TMPDIR") or "/tmp"
-    return Path(base) / "sdpo_cache"
+    return base_work_dir() / "sdpo_cache"
 
 
 def _materialise_smollm2(target: Path) -> Path:

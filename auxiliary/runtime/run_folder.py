@@ -31,8 +31,10 @@ import shutil
 import time
 from pathlib import Path
 
+from auxiliary.runtime.checkpoints import (MARKER_FILE, CheckpointError, checkpoint_name, read_latest_marker,
+                                           resume_point, write_marker)
 from auxiliary.runtime.io_utils import (PRIVATE_FILE_MODE, DataError, append_jsonl, atomic_write_json,
-                                        atomic_write_jsonl, iter_jsonl, private_dir)
+                                        atomic_write_jsonl, base_work_dir, iter_jsonl, private_dir)
 from auxiliary.runtime.locks import FolderLock, FolderLockError
 
 logger = logging.getLogger("eval_online_sdpo")  # the run's own lines in run.log, as before the move
@@ -59,9 +61,8 @@ def default_output_dir(run_name: str | None, model: str, style: str) -> Path:
     """$OUTPUT_DIR, else ${BASE_WORK:-${SCRATCH:-${TMPDIR:-/tmp}}}/sdpo_runs/<run_name or online-model-style-time>."""
     if os.environ.get("OUTPUT_DIR"):
         return Path(os.environ["OUTPUT_DIR"])
-    base = os.environ.get("BASE_WORK") or os.environ.get("SCRATCH") or os.environ.get("TMPDIR") or "/tmp"
     name = run_name or f"online-{Path(model.rstrip('/')).name}-{style}-{time.strftime('%Y%m%d-%H%M%S')}"
-    return Path(base) / "sdpo_runs" / name
+    return base_work_dir() / "sdpo_runs" / name
 
 
 def read_jsonl_tolerant(path: Path) -> list[dict]:
@@ -327,56 +328,21 @@ class RunFolder:
         atomic_write_json(self.path / "baseline_completions.json", {"signature": signature, "completions": completions})
         self.written.add("baseline_completions.json")
 
-    # ------------------------------------------------------------ checkpoints of several arms
+    # ------------------------------------------------------------ checkpoints of several arms (checkpoints.py's format)
     def checkpoint_path(self, arm: str, step: int) -> Path:
-        return self.checkpoint_root / arm / f"step_{step:06d}"
+        return self.checkpoint_root / arm / checkpoint_name(step)
 
     def write_checkpoint_marker(self, step: int, arms: list[str]) -> None:
-        atomic_write_json(self.checkpoint_root / "latest.json", {"step": step, "arms": arms})
+        write_marker(self.checkpoint_root, step, arms)
 
     def checkpoint_marker_step(self) -> int | None:
         """The step the marker names (every arm has it); None without a marker."""
-        from online_sdpo_updater import read_latest_marker
-
-        return read_latest_marker(self.checkpoint_root / "latest.json")
+        return read_latest_marker(self.checkpoint_root / MARKER_FILE)
 
     def resume_checkpoints(self, arms: list[str]) -> tuple[int, dict[str, Path]]:
-        """(step, {arm: its checkpoint}) to resume from; (-1, {}) when there is no checkpoint.
-
-        The marker's step is used when every arm's checkpoint there is intact (sizes and checksums of
-        its manifest); else, with a warning, the newest step at which every arm's checkpoint is intact;
-        a one-line error naming the bad file when there is none."""
-        from online_sdpo_updater import CheckpointError, list_checkpoints, read_latest_marker, verify_checkpoint
-
+        """(step, {arm: its checkpoint}) to resume from; (-1, {}) when there is no checkpoint
+        (checkpoints.resume_point: the marker's step, else the newest step intact for every arm)."""
         try:
-            step = read_latest_marker(self.checkpoint_root / "latest.json")
+            return resume_point(self.checkpoint_root, arms)
         except CheckpointError as err:
-            logger.warning("--resume: %s; looking for the newest intact checkpoint", err)
-            step = -2  # corrupted: fall back below
-        if step is None:
-            logger.warning("--resume: no checkpoint in %s, starting again from step 0 (baseline cache kept)",
-                           self.checkpoint_root)
-            return -1, {}
-        steps = sorted(
-            set.intersection(*[{int(p.name.split("_")[1]) for p in list_checkpoints(self.checkpoint_root / a)}
-                                          for a in arms]), reverse=True)
-        candidates = ([step] if step >= 0 else []) + [s for s in steps if step < 0 or s < step]
-        first_error = None
-        for candidate in candidates:
-            paths = {arm: self.checkpoint_path(arm, candidate) for arm in arms}
-            try:
-                for arm, path in paths.items():
-                    if not path.exists():
-                        raise CheckpointError(f"{path} is missing (the run had arms {arms}?)")
-                    verify_checkpoint(path)
-            except CheckpointError as err:
-                first_error = first_error or err
-                logger.warning("--resume: skipping step %d: %s", candidate, err)
-                continue
-            if first_error is not None or step < 0:
-                logger.warning("--resume: falling back to step %d, the newest intact checkpoint of every arm",
-                               candidate)
-            return candidate, paths
-        raise RunFolderError(f"--resume: no intact checkpoint in {self.checkpoint_root}: {first_error}")
-
-
+            raise RunFolderError(str(err)) from None
