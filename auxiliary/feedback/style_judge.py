@@ -45,7 +45,7 @@ from auxiliary.evals.evaluation_helpers import Prompt, prompt_as_text
 from auxiliary.feedback.personas import get_persona
 from auxiliary.feedback.style_checks import RULE_CHECKABLE_STYLES, build_style_checks, looks_unfinished
 from auxiliary.feedback.user_simulator import UnsupportedStyleError, load_local_model
-from auxiliary.runtime.option_groups import JUDGE_FRAMINGS
+from auxiliary.runtime.option_groups import JUDGE_FRAMINGS, RANGES, check_in_range
 
 VERDICTS = ("A", "B", "C")
 JUDGEMENT_PREFIX = "Judgement:"
@@ -266,8 +266,7 @@ class LocalHFJudge(PairwiseJudge):
                  framing: str = "user", tie_margin: float = 0.05, temperature: float = 0.0):
         super().__init__(framing)
         self.temperature = temperature
-        if tie_margin < 0:
-            raise ValueError(f"--tie_margin must be >= 0, got {tie_margin}")
+        check_in_range("tie_margin", tie_margin, RANGES)
         self.tie_margin = tie_margin
         if mode not in ("generate", "logprob"):
             raise ValueError(f"LocalHFJudge mode must be 'generate' or 'logprob', got {mode!r}")
