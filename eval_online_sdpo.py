@@ -356,6 +356,9 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:  # Ctrl-C while models load: one line, not a traceback through transformers
         stop_vllm_engines()
         return fail("interrupted during setup", 130, run)
+    except BaseException:
+        stop_vllm_engines()  # a bug during setup: no engine outlives it
+        raise
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None  # SLURM preemption
     try:

@@ -579,6 +579,41 @@ def compute_signal(model, contexts_x, contexts_xo, responses, pad_token_id: int,
 
 # --------------------------------------------------------------------------- losses
 
+# The allowed range of each numeric objective option: (low, low inclusive, high, high inclusive), None = no bound.
+# These rows belong to the project's one table of ranges (auxiliary/runtime/option_groups.RANGES takes them
+# in); they live here because the objective checks its own options and imports nothing from auxiliary/.
+OBJECTIVE_RANGES: dict[str, tuple] = {
+    "distillation_topk": (1, True, None, None), "logits_chunk_size": (1, True, None, None),
+    "ignore_first_k": (0, True, None, None), "copy_guard_ngram": (0, True, None, None),
+    "signal_clip": (0, True, None, None), "beta": (0, True, None, None),
+    "divergence_alpha": (0, True, 1, True), "teacher_ema_rate": (0, False, 1, True),
+}
+
+
+def describe_range(low, low_inclusive, high, high_inclusive) -> str:
+    if high is None:
+        return f"{'>=' if low_inclusive else '>'} {low}"
+    if low is None:
+        return f"{'<=' if high_inclusive else '<'} {high}"
+    return f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+
+
+def check_in_range(name: str, value, ranges: dict[str, tuple]) -> None:
+    """A float must be finite (no --lr inf) and a number named in `ranges` must lie in its range; the
+    one-line message names the flag, the allowed range and the value. None, bools and text pass."""
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"--{name} must be a finite number, got {value}")
+    if name not in ranges:
+        return
+    low, low_inclusive, high, high_inclusive = ranges[name]
+    too_low = low is not None and (value < low if low_inclusive else value <= low)
+    too_high = high is not None and (value > high if high_inclusive else value >= high)
+    if too_low or too_high:
+        raise ValueError(f"--{name} must be {describe_range(*ranges[name])}, got {value}")
+
+
 @dataclass
 class ObjectiveOptions:
     """The loss options; also the objective group of every config (online, offline, chat), whose
@@ -623,22 +658,14 @@ class ObjectiveOptions:
     def __post_init__(self):
         if self.loss_mode not in LOSS_MODES:
             raise ValueError(f"unknown loss_mode '{self.loss_mode}'; choose one of {', '.join(LOSS_MODES)}")
-        for name, value, low in (("distillation_topk", self.distillation_topk, 1),
-                                 ("logits_chunk_size",
-                                  1 if self.logits_chunk_size is None else self.logits_chunk_size, 1),
-                                 ("ignore_first_k", self.ignore_first_k, 0),
-                                 ("copy_guard_ngram", self.copy_guard_ngram, 0),
-                                 ("signal_clip", self.signal_clip, 0), ("beta", self.beta, 0)):
-            if not value >= low or value == float("inf"):  # also catches NaN
-                raise ValueError(f"--{name} must be >= {low}{' and finite' if isinstance(value, float) else ''}, "
-                                 f"got {value}")
+        for name in OBJECTIVE_RANGES:
+            check_in_range(name, getattr(self, name), OBJECTIVE_RANGES)
         if not isinstance(self.contrast_followup, str):
             raise ValueError(f"--contrast_followup must be a text, got {self.contrast_followup!r}")
         if self.contrast_followup and not self.contrast_followup.strip():
             raise ValueError("--contrast_followup is blank: give a neutral follow-up text, or leave it empty (off)")
         if self.negate_signal and self.loss_mode != "simple_signal":
             raise ValueError("negate_signal is only defined for loss_mode simple_signal")
-        # ranges of divergence_alpha and teacher_ema_rate: option_groups.RANGES (checked by every config)
         for name, value, choices in (("divergence", self.divergence, DIVERGENCES),
                                      ("teacher", self.teacher, TEACHER_MODES)):
             if value not in choices:
@@ -859,8 +886,8 @@ class Teacher:
     def __init__(self, model, mode: str = "live", ema_rate: float = 0.05, frozen_copy=None):
         if mode not in TEACHER_MODES:
             raise ValueError(f"unknown teacher {mode!r}; choose one of {', '.join(TEACHER_MODES)}")
-        if mode == "ema" and not 0 < ema_rate <= 1:
-            raise ValueError(f"--teacher_ema_rate must be in (0, 1], got {ema_rate}")
+        if mode == "ema":
+            check_in_range("teacher_ema_rate", ema_rate, OBJECTIVE_RANGES)
         self.mode, self.ema_rate = mode, float(ema_rate)
         self.student = _unwrap(model)
         self.lora = hasattr(self.student, "peft_config") and hasattr(self.student, "disable_adapter")

@@ -93,7 +93,8 @@ user        rule-based '$STYLE' user (complains when a reply is over 60 words, e
 placebo     a second policy, same start, same prompts and seeds; its user always says "OK, thanks."
             (arms_in_parallel: $(profile_value arms_in_parallel): the two arms side by side, half the CPU threads each)
 objective   $LOSS_MODE, signal centred per reply, first $IGNORE_FIRST_K reply tokens ignored, lr $LR, 1 step per interaction
-run         $TRAIN_N interactions, $EVAL_N held-out prompts judged at steps 0, every $EVAL_EVERY and the end
+run         $TRAIN_N interactions, $EVAL_N held-out prompts judged at step 0 (the baseline's own replies)$(
+            [[ $EVAL_EVERY == 0 ]] || printf ', every %s' "$EVAL_EVERY") and at the end
 judge       rule-based '$STYLE' judge vs the initial policy's replies (shorter wins; both orders; a reply that
             repeats itself or ignores the request never wins: $(profile_value relevance_model) scores relevance)
 output      $OUTPUT_DIR

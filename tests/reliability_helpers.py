@@ -35,6 +35,17 @@ def online_args(model_dir, data_dir, out, **overrides) -> list[str]:
     return flags_from_values(values)
 
 
+def tiny_updater(tokenizer, **settings):
+    """An OnlineSDPOUpdater on a fresh tiny model (seed 0); `settings` are OnlineSDPOConfig fields over
+    model "tiny" and seed 0 (the unit tests' updater factories build on it)."""
+    from auxiliary.runtime.tiny_model import build_tiny_model
+    from online_sdpo_updater import OnlineSDPOUpdater
+    from online_sdpo_updater_config import OnlineSDPOConfig
+
+    config = OnlineSDPOConfig(**{"model": "tiny", "seed": 0, **settings})
+    return OnlineSDPOUpdater(config, build_tiny_model(tokenizer, seed=0), tokenizer)
+
+
 def copy_without_chat_template(model_dir, dest: Path) -> Path:
     """A copy of a model folder whose tokenizer has no chat template (bad-input cases)."""
     import shutil

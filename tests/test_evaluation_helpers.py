@@ -127,7 +127,7 @@ def test_plot_win_rates_writes_a_png(tmp_path):
 def test_win_rate_figure_shows_arms_in_colours_undefined_points_words_and_degenerate_replies():
     from matplotlib.colors import to_rgba
 
-    from auxiliary.evals.evaluation_helpers import ARM_COLOURS, UNDEFINED_LABEL, win_rate_figure
+    from auxiliary.evals.evaluation_helpers import ARM_COLOURS, SE_UNDEFINED_LABEL, UNDEFINED_LABEL, win_rate_figure
 
     records = []
     # three eval steps 0, 1, 2: a default locator would put ticks at 0.25, 0.5, ...
@@ -135,8 +135,10 @@ def test_win_rate_figure_shows_arms_in_colours_undefined_points_words_and_degene
         for arm, rate, words, broken in (("feedback", feedback_rate, 70 - 10 * step, step),
                                          ("placebo", placebo_rate, 72 - 5 * step, 0)):
             for style in ("concise", "no_emojis"):  # the same replies judged on two styles
-                records.append({"step": step, "style": style, "arm": arm, "win_rate": rate,
-                                "se": None if rate is None else 5.0, "mean_words": words,
+                # placebo at step 2: a rate from too few decisive pairs, its SE undefined
+                se = None if rate is None or (arm, step) == ("placebo", 2) else 5.0
+                records.append({"step": step, "style": style, "arm": arm, "win_rate": rate, "se": se,
+                                "mean_words": words,
                                 "monitors": {"degenerate_replies": broken}})
     fig = win_rate_figure(records, reference={"mean_words": 75.4, "degenerate_replies": 2, "n": 30})
     top, bottom, bars = fig.axes
@@ -148,6 +150,10 @@ def test_win_rate_figure_shows_arms_in_colours_undefined_points_words_and_degene
     undefined = lines[UNDEFINED_LABEL]
     assert list(undefined.get_xdata()) == [1.0] and list(undefined.get_ydata()) == [50.0]
     assert undefined.get_marker() == "x"
+    ringed = lines[SE_UNDEFINED_LABEL]
+    assert list(ringed.get_xdata()) == [2.0] and list(ringed.get_ydata()) == [55.0]
+    # equal win rates of the two arms stay visible: other markers, a wider feedback line
+    assert lines["feedback (concise)"].get_marker() != lines["placebo (concise)"].get_marker()
     # bottom panel: words per reply per arm and step (one record per arm and step), the baseline's line
     words = {line.get_label(): list(line.get_ydata()) for line in bottom.get_lines()}
     assert words["feedback: words per reply"] == [70, 60, 50] and words["placebo: words per reply"] == [72, 67, 62]

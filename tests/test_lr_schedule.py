@@ -7,18 +7,15 @@ import math
 
 import pytest
 
-from auxiliary.runtime.tiny_model import build_tiny_model
-from online_sdpo_updater import OnlineSDPOUpdater
 from online_sdpo_updater_config import OnlineSDPOConfig
+from reliability_helpers import tiny_updater
 
 MESSAGES = [{"role": "user", "content": "Write a short email to my manager."}]
 LR = 1e-3
 
 
 def make_updater(tokenizer, **overrides):
-    values = dict(model="tiny", lr=LR, max_new_tokens=6, loss_mode="simple_signal", seed=0)
-    values.update(overrides)
-    return OnlineSDPOUpdater(OnlineSDPOConfig(**values), build_tiny_model(tokenizer, seed=0), tokenizer)
+    return tiny_updater(tokenizer, **{"lr": LR, "max_new_tokens": 6, "loss_mode": "simple_signal", **overrides})
 
 
 def expected_rate(kind: str, update: int, warmup: int, total: int) -> float:

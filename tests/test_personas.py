@@ -3,7 +3,8 @@ from itertools import product
 
 import pytest
 
-from auxiliary.feedback.personas import PAPER_STYLES, PERSONAS, UnknownStyleError, get_persona, list_styles
+from auxiliary.feedback.personas import (PAPER_STYLES, PERSONAS, PersonaStyle, UnknownStyleError, get_persona,
+                                        list_styles)
 
 # The single-preference names of the paper repository (lasgroup/user_interactions): with the 8
 # combinations, its 31 styles.
@@ -69,3 +70,20 @@ def test_paper_styles_carry_the_paper_repositorys_meaning(style, words):
 def test_no_punctuation_keeps_periods_and_more_exclamation_is_ours():
     assert "periods" not in get_persona("no_punctuation")
     assert "exclamation marks" in get_persona("more_exclamation") and "upbeat" in get_persona("more_exclamation")
+
+
+def test_every_user_and_judge_checks_its_style_in_one_place():
+    """The base classes' `style` (personas.PersonaStyle) is the components' one check: an unknown style
+    fails however a component is built or re-pointed, before it loads anything."""
+    from auxiliary.feedback.style_judge import LocalHFJudge, PairwiseJudge, RuleBasedJudge
+    from auxiliary.feedback.user_simulator import LocalHFUserSimulator, NeutralUserSimulator, UserSimulator
+
+    judge = RuleBasedJudge("no_emojis")
+    with pytest.raises(UnknownStyleError, match="known styles: .*no_emojis"):
+        judge.style = "no_emoji"
+    assert judge.style == "no_emojis" and NeutralUserSimulator().style is None
+    for component in (LocalHFJudge, LocalHFUserSimulator):  # a model path that does not exist: never loaded
+        with pytest.raises(UnknownStyleError):
+            component("/does/not/exist", "bogus")
+    assert isinstance(UserSimulator.__dict__["style"], PersonaStyle)
+    assert isinstance(PairwiseJudge.__dict__["style"], PersonaStyle)

@@ -9,22 +9,19 @@ import stat
 import pytest
 import torch
 
+from auxiliary.runtime.checkpoints import (CheckpointError, latest_intact_checkpoint, list_checkpoints,
+                                           read_latest_marker, verify_checkpoint)
 from auxiliary.runtime.io_utils import (append_jsonl, old_path, partial_path, private_dir, recover_folder,
                                         replace_folder)
 from auxiliary.runtime.tiny_model import build_tiny_model
-from auxiliary.runtime.checkpoints import (CheckpointError, latest_intact_checkpoint, list_checkpoints,
-                                           read_latest_marker, verify_checkpoint)
 from online_sdpo_updater import OnlineSDPOUpdater
-from online_sdpo_updater_config import OnlineSDPOConfig
-from reliability_helpers import data_dir  # noqa: F401 (fixture)
+from reliability_helpers import data_dir, tiny_updater  # noqa: F401 (data_dir: a fixture)
 
 MESSAGES = [{"role": "user", "content": "Write a short email to my manager."}]
 
 
 def make_updater(tokenizer, **overrides):
-    values = dict(model="tiny", lr=1e-3, max_new_tokens=6, loss_mode="simple_signal", seed=0)
-    values.update(overrides)
-    return OnlineSDPOUpdater(OnlineSDPOConfig(**values), build_tiny_model(tokenizer, seed=0), tokenizer)
+    return tiny_updater(tokenizer, **{"lr": 1e-3, "max_new_tokens": 6, "loss_mode": "simple_signal", **overrides})
 
 
 @pytest.fixture()

@@ -20,7 +20,7 @@ REPO = Path(__file__).resolve().parent.parent
     ({"top_p": 0.0}, "--top_p must be in (0, 1], got 0.0"),
     ({"top_p": 1.5}, "--top_p must be in (0, 1], got 1.5"),
     ({"lora_dropout": 1.0}, "--lora_dropout must be in [0, 1), got 1.0"),
-    ({"beta": float("nan")}, "--beta must be >= 0 and finite, got nan"),
+    ({"beta": float("nan")}, "--beta must be a finite number, got nan"),
     ({"ignore_first_k": -1}, "--ignore_first_k must be >= 0, got -1"),
     ({"logits_chunk_size": 0}, "--logits_chunk_size must be >= 1, got 0"),
     ({"max_checkpoints": -2}, "--max_checkpoints must be >= 0, got -2"),
@@ -63,3 +63,31 @@ def test_an_unknown_judge_framing_fails_before_anything_loads():
         StyleEvalArgs(judge_framing="referee").check()
     with pytest.raises(ValueError, match="--tie_margin must be >= 0, got -0.1"):
         OnlineRunConfig(tie_margin=-0.1)
+
+
+def test_the_objective_checks_its_options_against_the_one_table():
+    """ObjectiveOptions and Teacher, built directly, refuse what every config refuses, in the same words; their
+    rows are RANGES' rows (sdpo_objective.OBJECTIVE_RANGES, taken in whole)."""
+    import dataclasses
+
+    import torch
+
+    from auxiliary.runtime.option_groups import RANGES
+    from sdpo_objective import OBJECTIVE_RANGES, ObjectiveOptions, Teacher
+
+    assert all(RANGES[name] == row for name, row in OBJECTIVE_RANGES.items())
+    numeric = {f.name for f in dataclasses.fields(ObjectiveOptions) if f.type in ("int", "float", "Optional[int]")}
+    assert numeric == set(OBJECTIVE_RANGES)
+    for overrides, message in (({"divergence_alpha": 1.5}, "--divergence_alpha must be in [0, 1], got 1.5"),
+                               ({"teacher_ema_rate": 0.0}, "--teacher_ema_rate must be in (0, 1], got 0.0"),
+                               ({"signal_clip": -0.5}, "--signal_clip must be >= 0, got -0.5"),
+                               ({"beta": float("inf")}, "--beta must be a finite number, got inf")):
+        with pytest.raises(ValueError) as caught:
+            ObjectiveOptions(**overrides)
+        assert str(caught.value) == message
+        with pytest.raises(ValueError) as caught:
+            OnlineSDPOConfig(**overrides)
+        assert str(caught.value) == message
+    with pytest.raises(ValueError) as caught:
+        Teacher(torch.nn.Linear(2, 2), "ema", ema_rate=1.5)
+    assert str(caught.value) == "--teacher_ema_rate must be in (0, 1], got 1.5"

@@ -7,6 +7,7 @@ import torch
 from auxiliary.runtime.tiny_model import build_tiny_model
 from online_sdpo_updater import TEACHER_FILE, OnlineSDPOUpdater
 from online_sdpo_updater_config import OnlineSDPOConfig
+from reliability_helpers import tiny_updater
 from sdpo_objective import ObjectiveOptions, Teacher, build_scoring_batch, sdpo_loss, topk_divergence
 
 RESPONSES = [[5, 6, 7, 8, 9, 2], [10, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 2]]
@@ -117,12 +118,10 @@ def test_a_teacher_must_match_the_options(tiny_model, tiny_tokenizer):
 # ----------------------------------------------------------------------------- online updater
 
 def make_updater(tokenizer, tmp_path=None, **overrides):
-    values = dict(model="tiny", lr=1e-2, max_new_tokens=8, loss_mode="full_distillation", distillation_topk=5,
-                  seed=0, device="cpu")
+    values = dict(lr=1e-2, max_new_tokens=8, loss_mode="full_distillation", distillation_topk=5, device="cpu")
     if tmp_path is not None:
         values["checkpoint_dir"] = str(tmp_path / "checkpoints")
-    values.update(overrides)
-    return OnlineSDPOUpdater(OnlineSDPOConfig(**values), build_tiny_model(tokenizer, seed=0), tokenizer)
+    return tiny_updater(tokenizer, **{**values, **overrides})
 
 
 def test_online_frozen_teacher_keeps_the_initial_weights(tiny_tokenizer):

@@ -4,20 +4,19 @@ import json
 import pytest
 import torch
 
-from auxiliary.runtime.tiny_model import build_tiny_model
 from online_sdpo_updater import OnlineSDPOUpdater, latest_checkpoint, list_checkpoints
 from online_sdpo_updater_config import OnlineSDPOConfig
+from reliability_helpers import tiny_updater
 
 MESSAGES = [{"role": "user", "content": "Write a short email to my manager."}]
 OTHER = [{"role": "user", "content": "Give me three tips for better sleep."}]
 
 
 def make_updater(tokenizer, tmp_path=None, seed=0, **overrides):
-    values = dict(model="tiny", lr=1e-3, max_new_tokens=10, loss_mode="simple_signal", seed=seed)
+    values = dict(lr=1e-3, max_new_tokens=10, loss_mode="simple_signal", seed=seed)
     if tmp_path is not None:
         values["checkpoint_dir"] = str(tmp_path / "checkpoints")
-    values.update(overrides)
-    return OnlineSDPOUpdater(OnlineSDPOConfig(**values), build_tiny_model(tokenizer, seed=0), tokenizer)
+    return tiny_updater(tokenizer, **{**values, **overrides})
 
 
 def snapshot(module):

@@ -315,3 +315,24 @@ def test_sleep_mode_where_vllm_has_none_is_refused_before_an_engine_starts(fake_
     with pytest.raises(ValueError, match="--vllm_enable_sleep_mode: this vLLM has no sleep mode here"):
         updater.vllm_engine()
     assert not fake_vllm.llms
+
+
+@pytest.mark.parametrize("error, code", [(ValueError("bad input"), 2), (RuntimeError("a bug"), None)])
+def test_an_online_run_that_fails_in_setup_stops_the_engines_it_started(error, code, fake_vllm, monkeypatch,
+                                                                        tiny_model_dir, tmp_path):
+    import eval_online_sdpo
+
+    def failing_load(self):
+        raise error
+
+    monkeypatch.setattr(eval_online_sdpo.OnlineRun, "_load_policies", failing_load)  # after the user's engine
+    argv = ["--model", str(tiny_model_dir), "--user_simulator", "vllm", "--user_model_name_or_path",
+            str(tiny_model_dir), "--train_jsonl", "data/samples/train.jsonl", "--val_jsonl",
+            "data/samples/validation.jsonl", "--train_n", "1", "--eval_n", "1", "--output_dir", str(tmp_path / "run")]
+    if code is None:
+        with pytest.raises(RuntimeError, match="a bug"):
+            eval_online_sdpo.main(argv)
+    else:
+        assert eval_online_sdpo.main(argv) == code
+    (engine,) = fake_vllm.llms
+    assert engine.shutdowns == 1

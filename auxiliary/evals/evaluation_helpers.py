@@ -220,6 +220,9 @@ ARM_COLOURS = {"feedback": "tab:blue", "placebo": "tab:orange"}
 _OTHER_COLOURS = ["tab:green", "tab:purple", "tab:brown", "tab:pink", "tab:olive", "tab:cyan"]
 _STYLE_LINESTYLES = ["-", "--", ":", "-.", (0, (5, 1)), (0, (3, 1, 1, 1))]
 UNDEFINED_LABEL = "win rate undefined (no decisive pair)"
+SE_UNDEFINED_LABEL = f"SE undefined (under {MIN_DECISIVE_FOR_SE} decisive pairs)"
+# distinct markers and widths, so that two arms with equal win rates both stay visible
+_ARM_MARKERS = {"feedback": ("o", 6, 2.2), "placebo": ("s", 4, 1.2)}
 
 
 def win_rate_figure(history_records: Sequence[dict], title: str | None = None, boundaries: Sequence[int] = (),
@@ -227,7 +230,8 @@ def win_rate_figure(history_records: Sequence[dict], title: str | None = None, b
     """The win-rate figure (a matplotlib Figure; Agg, no display). Top panel: win rate vs the baseline per
     eval step, one colour per arm (ARM_COLOURS; one per style for records without an arm), one line style
     per style, a +-1 SE band; a point whose win rate is undefined (no decisive pair) is drawn as an x on
-    the 50% line, not left out. Bottom panel, when the records carry `mean_words`: words per reply
+    the 50% line, not left out, and one whose SE is undefined (under MIN_DECISIVE_FOR_SE decisive pairs) has
+    a hollow ring round it and no band. Bottom panel, when the records carry `mean_words`: words per reply
     (lines, left axis) and degenerate replies (`monitors.degenerate_replies`, bars, right axis) per arm
     and eval step (one record per arm and step: the first style's); `reference` ({"mean_words",
     "degenerate_replies", "n"}) is the baseline's, drawn as a grey line. `boundaries`: steps after which
@@ -254,7 +258,7 @@ def win_rate_figure(history_records: Sequence[dict], title: str | None = None, b
         for axis in axes:
             axis.axvline(step, color="black", linewidth=1, linestyle="--", alpha=0.6,
                          label="phase boundary" if index == 0 and axis is ax else None)
-    undefined_labelled = False
+    labelled: set[str] = set()
     for (style, arm), records in sorted(series.items(), key=lambda kv: (kv[0][0], str(kv[0][1]))):
         records = sorted(records, key=lambda r: r["step"])
         colour = colours[arm] if arm is not None else style_colours[style]
@@ -262,15 +266,23 @@ def win_rate_figure(history_records: Sequence[dict], title: str | None = None, b
         rates = np.array([np.nan if r.get("win_rate") is None else r["win_rate"] for r in records], dtype=float)
         errors = np.array([np.nan if r.get("se") is None else r["se"] for r in records], dtype=float)
         label = (style if arm is None else arm) if len(styles) == 1 or arm is None else f"{arm} ({style})"
-        ax.plot(steps, rates, marker="o", markersize=4, color=colour, linestyle=linestyles[style], label=label)
+        marker, size, width = _ARM_MARKERS.get(arm, ("o", 4, 1.5))
+        ax.plot(steps, rates, marker=marker, markersize=size, linewidth=width, color=colour,
+                linestyle=linestyles[style], label=label)
         ax.fill_between(steps, rates - errors, rates + errors, color=colour, alpha=0.15, linewidth=0)
         undefined = np.isnan(rates)
         if undefined.any():
             ax.plot(steps[undefined], np.full(int(undefined.sum()), 50.0), linestyle="none", marker="x", markersize=9,
-                    markeredgewidth=2, color=colour, label=None if undefined_labelled else UNDEFINED_LABEL)
-            undefined_labelled = True
+                    markeredgewidth=2, color=colour, label=None if UNDEFINED_LABEL in labelled else UNDEFINED_LABEL)
+            labelled.add(UNDEFINED_LABEL)
+        no_se = ~undefined & np.isnan(errors)
+        if no_se.any():  # a rate from a few decisive pairs: a hollow ring round its point, no band
+            ax.plot(steps[no_se], rates[no_se], linestyle="none", marker="o", markersize=12, markerfacecolor="none",
+                    markeredgewidth=1.5, color=colour,
+                    label=None if SE_UNDEFINED_LABEL in labelled else SE_UNDEFINED_LABEL)
+            labelled.add(SE_UNDEFINED_LABEL)
     ax.set_ylabel("win rate vs baseline (%)")
-    ax.set_ylim(0, 100)
+    ax.set_ylim(-4, 104)  # a point at 0% or 100% (a ring round it) stays inside
     ax.set_title(title or "Style win rate (ties excluded), band = +-1 SE", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="best")
@@ -302,8 +314,9 @@ def _words_and_degenerate_panel(ax, records: Sequence[dict], styles: list[str], 
         chosen = sorted((r for (a, _), r in first_style.items() if a == arm), key=lambda r: r["step"])
         colour = colours[arm] if arm is not None else style_colours[chosen[0]["style"]]
         steps = np.array([r["step"] for r in chosen], dtype=float)
-        ax.plot(steps, [r["mean_words"] for r in chosen], marker="o", markersize=4, color=colour,
-                label=f"{arm or chosen[0]['style']}: words per reply")
+        marker, size, line_width = _ARM_MARKERS.get(arm, ("o", 4, 1.5))
+        ax.plot(steps, [r["mean_words"] for r in chosen], marker=marker, markersize=size, linewidth=line_width,
+                color=colour, label=f"{arm or chosen[0]['style']}: words per reply")
         most_words = max([most_words] + [r["mean_words"] for r in chosen])
         counts = [(r.get("monitors") or {}).get("degenerate_replies") for r in chosen]
         most_degenerate = max([most_degenerate] + [c for c in counts if c is not None])

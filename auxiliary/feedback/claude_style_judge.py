@@ -14,7 +14,6 @@ tokens, as the paper's Claude judge; a temperature of 1.0 (the API default) is n
 from __future__ import annotations
 
 from auxiliary.feedback.claude_client import to_claude_request
-from auxiliary.feedback.personas import get_persona
 from auxiliary.feedback.style_judge import PairwiseJudge, build_judge_messages, parse_verdict
 
 
@@ -25,7 +24,6 @@ class ClaudeStyleJudge(PairwiseJudge):
         from auxiliary.feedback.claude_client import DEFAULT_MODEL, ClaudeClient
 
         super().__init__(framing)
-        get_persona(style)
         self.style = style
         self.max_tokens, self.temperature = max_tokens, temperature
         self.client = client or ClaudeClient(model=model or DEFAULT_MODEL, max_concurrency=api_concurrency,

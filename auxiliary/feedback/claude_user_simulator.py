@@ -18,7 +18,6 @@ from __future__ import annotations
 import logging
 
 from auxiliary.feedback.claude_client import to_claude_request
-from auxiliary.feedback.personas import get_persona
 from auxiliary.feedback.user_simulator import (UserSimulator, build_simulator_messages, clean_feedback,
                                               retry_empty_feedback)
 
@@ -31,7 +30,6 @@ class ClaudeUserSimulator(UserSimulator):
                  **client_kwargs):
         from auxiliary.feedback.claude_client import DEFAULT_MODEL, ClaudeClient
 
-        get_persona(style)
         self.style = style
         self.max_tokens, self.temperature, self.empty_retries = max_tokens, temperature, empty_retries
         self.client = client or ClaudeClient(model=model or DEFAULT_MODEL, max_concurrency=api_concurrency,

@@ -30,6 +30,15 @@ def model_for_kind(kind: str, name: str | None):
     return name
 
 
+def check_styles(styles) -> None:
+    """Every style names a persona (else personas.UnknownStyleError, listing the known styles), checked
+    before a model, engine or client is made for a component. The components' base classes check their
+    own style too (personas.PersonaStyle) for callers that build one directly; this check exists because
+    the factory loads the model before the component is built."""
+    for style in styles:
+        get_persona(style)
+
+
 def _check_kind(kind: str, kinds: tuple[str, ...], what: str) -> None:
     if kind not in kinds:
         raise ValueError(f"unknown {what} kind {kind!r}; choose one of {', '.join(kinds)}")
@@ -106,7 +115,7 @@ class FeedbackFactory:
         _check_kind(kind, USER_SIMULATOR_KINDS, "user simulator")
         if kind == "neutral":
             return NeutralUserSimulator(seed=seed, **kw)
-        get_persona(style)  # fail on an unknown style before loading anything
+        check_styles([style])
         if kind == "rule":
             return RuleBasedUserSimulator(style, seed=seed, **kw)
         if kind == "local":
@@ -128,7 +137,7 @@ class FeedbackFactory:
         from auxiliary.feedback.style_judge import LocalHFJudge, RuleBasedJudge
 
         _check_kind(kind, JUDGE_KINDS, "judge")
-        get_persona(style)  # fail on an unknown style before loading anything
+        check_styles([style])
         if kind == "rule":
             return RuleBasedJudge(style, **kw)
         if kind == "local":
@@ -148,8 +157,7 @@ class FeedbackFactory:
 
     def judges(self, kind: str, styles, model_name_or_path=None, **kw) -> dict:
         """One judge per style, all on one loaded model / engine / client."""
-        for style in styles:
-            get_persona(style)  # every style checked before the first model loads
+        check_styles(styles)  # every style, before the first judge's model loads
         return {style: self.judge(kind, style, model_name_or_path, **kw) for style in styles}
 
 

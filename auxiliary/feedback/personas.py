@@ -172,3 +172,19 @@ def get_persona(style: str) -> str:
         return PERSONAS[style]
     except (KeyError, TypeError):
         raise UnknownStyleError(style) from None
+
+
+class PersonaStyle:
+    """The `style` attribute of every user simulator and judge (their base classes declare it): assigning
+    an unknown style raises UnknownStyleError, so a component built directly fails at construction, and a
+    subclass assigns it before it loads anything. Unassigned (the neutral user) it reads None."""
+
+    def __set_name__(self, owner, name):
+        self.slot = f"_{name}"
+
+    def __get__(self, component, owner=None):
+        return self if component is None else getattr(component, self.slot, None)
+
+    def __set__(self, component, style):
+        get_persona(style)
+        setattr(component, self.slot, style)

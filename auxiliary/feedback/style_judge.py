@@ -42,10 +42,10 @@ from dataclasses import dataclass
 from typing import Sequence
 
 from auxiliary.evals.evaluation_helpers import Prompt, prompt_as_text
-from auxiliary.feedback.personas import get_persona
+from auxiliary.feedback.personas import PersonaStyle, get_persona
 from auxiliary.feedback.style_checks import RULE_CHECKABLE_STYLES, build_style_checks, looks_unfinished
 from auxiliary.feedback.user_simulator import UnsupportedStyleError, load_local_model
-from auxiliary.runtime.option_groups import JUDGE_FRAMINGS
+from auxiliary.runtime.option_groups import JUDGE_FRAMINGS, RANGES, check_in_range
 
 VERDICTS = ("A", "B", "C")
 JUDGEMENT_PREFIX = "Judgement:"
@@ -176,7 +176,7 @@ class Comparison:
 
 
 class PairwiseJudge:
-    style: str | None = None
+    style = PersonaStyle()  # checked on assignment: an unknown style fails as the judge is built
 
     def __init__(self, framing: str = "user"):
         if framing not in JUDGE_FRAMINGS:
@@ -227,13 +227,12 @@ class RuleBasedJudge(PairwiseJudge):
     def __init__(self, style: str, relevance=None):
         super().__init__()
         self.relevance = relevance
-        get_persona(style)
+        self.style = style  # unknown style -> UnknownStyleError listing the known ones
         checks = build_style_checks()
         if style not in checks:
             raise UnsupportedStyleError(
                 f"the rule-based judge cannot check style {style!r}; rule-checkable styles: "
                 f"{', '.join(RULE_JUDGE_STYLES)} (use a model-based judge: local, claude or vllm)")
-        self.style = style
         self.check = checks[style]
 
     def judge_once(self, prompts, first, second):
@@ -266,12 +265,10 @@ class LocalHFJudge(PairwiseJudge):
                  framing: str = "user", tie_margin: float = 0.05, temperature: float = 0.0):
         super().__init__(framing)
         self.temperature = temperature
-        if tie_margin < 0:
-            raise ValueError(f"--tie_margin must be >= 0, got {tie_margin}")
+        check_in_range("tie_margin", tie_margin, RANGES)
         self.tie_margin = tie_margin
         if mode not in ("generate", "logprob"):
             raise ValueError(f"LocalHFJudge mode must be 'generate' or 'logprob', got {mode!r}")
-        get_persona(style)
         self.style, self.mode = style, mode
         self.max_new_tokens, self.batch_size, self.progress = max_new_tokens, batch_size, progress
         self.model, self.tokenizer = load_local_model(model_name_or_path, dtype, device)

@@ -51,7 +51,7 @@ import re
 from typing import Sequence
 
 from auxiliary.evals.evaluation_helpers import Prompt, prompt_as_text
-from auxiliary.feedback.personas import UnknownStyleError, get_persona
+from auxiliary.feedback.personas import PersonaStyle, UnknownStyleError, get_persona
 from auxiliary.feedback.style_checks import (DEFAULT_CONCISE_MAX_WORDS, DEFAULT_DETAILED_MIN_WORDS,
                                     RULE_CHECKABLE_STYLES, build_style_checks)
 from auxiliary.runtime.seeds import seeded_rng
@@ -133,7 +133,7 @@ def retry_seed(seed: int | None, attempt: int) -> int | None:
 class UserSimulator:
     """Base class; subclasses implement _feedback for validated inputs."""
 
-    style: str | None = None
+    style = PersonaStyle()  # checked on assignment: an unknown style fails as the component is built
     seed: int | None = None  # the default seed of a call that passes none
 
     def generate_feedback(self, prompts: Sequence[Prompt], completions: Sequence[str],
@@ -232,13 +232,12 @@ _MAX_COMPLAINTS = 2
 class RuleBasedUserSimulator(UserSimulator):
     def __init__(self, style: str, seed: int = 0, concise_max_words: int = DEFAULT_CONCISE_MAX_WORDS,
                  detailed_min_words: int = DEFAULT_DETAILED_MIN_WORDS):
-        get_persona(style)  # unknown style -> UnknownStyleError listing the known ones
+        self.style = style  # unknown style -> UnknownStyleError listing the known ones
         checks = build_style_checks(concise_max_words=concise_max_words, detailed_min_words=detailed_min_words)
         if style not in checks:
             raise UnsupportedStyleError(
                 f"the rule-based user cannot check style {style!r}; rule-checkable styles: "
                 f"{', '.join(RULE_USER_STYLES)} (use a model-based user: local, claude or vllm)")
-        self.style = style
         self.seed = seed
         self.check = checks[style]
 
@@ -292,7 +291,6 @@ class LocalHFUserSimulator(UserSimulator):
     def __init__(self, model_name_or_path, style: str, max_new_tokens: int = 96, temperature: float = 0.7,
                  top_p: float = 0.95, batch_size: int = 8, seed: int | None = None, dtype: str = "auto",
                  device: str = "auto", empty_retries: int = 2, progress: bool = False):
-        get_persona(style)
         self.style = style
         self.model, self.tokenizer = load_local_model(model_name_or_path, dtype, device)
         self.max_new_tokens, self.temperature, self.top_p = max_new_tokens, temperature, top_p

@@ -10,7 +10,6 @@ parse_verdict; the raw replies of the last call are in judge.last_outputs.
 """
 from __future__ import annotations
 
-from auxiliary.feedback.personas import get_persona
 from auxiliary.feedback.style_judge import PairwiseJudge, build_judge_messages, parse_verdict
 from auxiliary.runtime.vllm_adapter import import_vllm, make_llm, vllm_chat
 
@@ -20,9 +19,8 @@ class VLLMStyleJudge(PairwiseJudge):
                  gpu_memory_utilization: float = 0.4, tensor_parallel_size: int = 1, framing: str = "user",
                  temperature: float = 0.0, **llm_kwargs):
         super().__init__(framing)
-        get_persona(style)
+        self.style = style  # an unknown style fails before vLLM is imported
         vllm = import_vllm()
-        self.style = style
         self.llm = llm or make_llm(vllm, model_name_or_path, gpu_memory_utilization, tensor_parallel_size, seed,
                                    **llm_kwargs)
         self.sampling = vllm.SamplingParams(max_tokens=max_new_tokens, temperature=temperature)  # greedy by default

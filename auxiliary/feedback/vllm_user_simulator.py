@@ -15,7 +15,6 @@ retry adds user_simulator.retry_seed's offset); without one the engine's own str
 """
 from __future__ import annotations
 
-from auxiliary.feedback.personas import get_persona
 from auxiliary.feedback.user_simulator import (UserSimulator, build_simulator_messages, clean_feedback,
                                                retry_empty_feedback, retry_seed)
 from auxiliary.runtime.vllm_adapter import import_vllm, make_llm, vllm_chat  # the one lazy vLLM import
@@ -25,9 +24,8 @@ class VLLMUserSimulator(UserSimulator):
     def __init__(self, model_name_or_path, style: str, max_new_tokens: int = 96, temperature: float = 0.0,
                  top_p: float = 0.95, seed: int = 0, llm=None, gpu_memory_utilization: float = 0.4,
                  tensor_parallel_size: int = 1, empty_retries: int = 2, **llm_kwargs):
-        get_persona(style)
+        self.style = style  # an unknown style fails before vLLM is imported
         vllm = import_vllm()
-        self.style = style
         self.temperature, self.empty_retries = temperature, empty_retries
         self.llm = llm or make_llm(vllm, model_name_or_path, gpu_memory_utilization, tensor_parallel_size, seed,
                                    **llm_kwargs)

@@ -11,11 +11,11 @@ A field may name other spellings in metadata["aliases"] (for example the upstrea
 from __future__ import annotations
 
 import dataclasses
-import math
 from dataclasses import dataclass, field
 from typing import Any, Optional
 
-from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, HINDSIGHT_PLACEMENTS, validate_template
+from sdpo_objective import (DEFAULT_HINDSIGHT_TEMPLATE, HINDSIGHT_PLACEMENTS, OBJECTIVE_RANGES, check_in_range,
+                            validate_template)
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
 
@@ -30,8 +30,8 @@ RANGES: dict[str, tuple] = {
     "eval_max_new_tokens": (1, True, None, None), "temperature": (0, True, None, None), "top_p": (0, False, 1, True),
     "generation_batch_size": (1, True, None, None), "batch_size": (1, True, None, None),
     "lora_r": (1, True, None, None), "lora_alpha": (0, False, None, None), "lora_dropout": (0, True, 1, False),
-    # objective (sdpo_objective.ObjectiveOptions)
-    "divergence_alpha": (0, True, 1, True), "teacher_ema_rate": (0, False, 1, True),
+    # objective: its rows live in sdpo_objective.OBJECTIVE_RANGES, which ObjectiveOptions and Teacher check too
+    **OBJECTIVE_RANGES,
     # online trainer and run
     "train_steps_per_example": (1, True, None, None), "warmup_steps": (0, True, None, None),
     "scheduler_steps": (1, True, None, None), "checkpoint_every": (0, True, None, None),
@@ -55,30 +55,11 @@ RANGES: dict[str, tuple] = {
 }
 
 
-def _describe_range(low, low_inclusive, high, high_inclusive) -> str:
-    if high is None:
-        return f"{'>=' if low_inclusive else '>'} {low}"
-    if low is None:
-        return f"{'<=' if high_inclusive else '<'} {high}"
-    return f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
-
-
 def check_ranges(config, ranges: dict[str, tuple] = RANGES) -> None:
-    """Every numeric field named in `ranges` must lie in its range, and every float must be finite
-    (no --lr inf); the message names the flag, the allowed range and the value."""
+    """Every numeric field of `config` finite and in its range in `ranges` (sdpo_objective.check_in_range:
+    the message names the flag, the allowed range and the value)."""
     for f in dataclasses.fields(config):
-        value = getattr(config, f.name)
-        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
-            continue
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ValueError(f"--{f.name} must be a finite number, got {value}")
-        if f.name not in ranges:
-            continue
-        low, low_inclusive, high, high_inclusive = ranges[f.name]
-        too_low = low is not None and (value < low if low_inclusive else value <= low)
-        too_high = high is not None and (value > high if high_inclusive else value >= high)
-        if too_low or too_high:
-            raise ValueError(f"--{f.name} must be {_describe_range(*ranges[f.name])}, got {value}")
+        check_in_range(f.name, getattr(config, f.name), ranges)
 
 
 def canonical_template(template: str) -> str:

@@ -1,0 +1,100 @@
+"""docs/first_hour.md runs as written: every command of the page, from the repository root, with the
+interpreter `make install` creates (.venv/bin/python).
+
+Each command is a ```bash (or ```python) block followed by a comment
+`<!-- first-hour: id=NAME; [slow;] [after=ID;] expect=TEXT -->`: the command must exit 0 and print
+TEXT (stdout or stderr); `after` runs that command first (once per session); `slow` marks the commands
+over ~30 s on 2 cores. The only change to a command is where it writes: /tmp/sdpo-first-hour becomes a
+temporary folder, so runs never meet. FIRST_HOUR_TIMINGS=FILE appends each command's wall time (JSON lines),
+which is how the page's times were measured.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+PAGE = REPO / "docs" / "first_hour.md"
+PYTHON = REPO / ".venv" / "bin" / "python"
+OUT = "/tmp/sdpo-first-hour"
+_BLOCK = re.compile(r"```(bash|python)\n(.*?)```\n<!-- first-hour: (.*?) -->", re.S)
+
+
+def page_commands() -> dict[str, dict]:
+    commands = {}
+    for language, body, spec in _BLOCK.findall(PAGE.read_text()):
+        fields = dict(part.strip().split("=", 1) if "=" in part else (part.strip(), True)
+                      for part in spec.split(";") if part.strip())
+        commands[fields["id"]] = {"language": language, "body": body, "slow": bool(fields.get("slow")),
+                                  "after": fields.get("after"), "expect": fields["expect"]}
+    return commands
+
+
+COMMANDS = page_commands()
+
+
+def test_every_command_block_of_the_page_is_tested():
+    blocks = re.findall(r"```(?:bash|python)\n", PAGE.read_text())
+    assert len(blocks) == len(COMMANDS) >= 10
+    assert "TIME_" not in PAGE.read_text() and "TIMING_LOAD" not in PAGE.read_text(), "a time is missing"
+
+
+def test_the_readme_links_the_page_at_the_top_and_shares_its_python_snippet():
+    readme = (REPO / "README.md").read_text()
+    assert "docs/first_hour.md" in "\n".join(readme.splitlines()[:12])
+    assert COMMANDS["python"]["body"] in readme
+
+
+@pytest.fixture(scope="session")
+def first_hour_folder(tmp_path_factory):
+    return {"root": tmp_path_factory.mktemp("first_hour"), "done": {}}
+
+
+def run_command(name: str, state: dict) -> subprocess.CompletedProcess:
+    if name in state["done"]:
+        return state["done"][name]
+    command = COMMANDS[name]
+    if command["after"]:
+        assert run_command(command["after"], state).returncode == 0
+    root = state["root"]
+    body = command["body"].replace(OUT, str(root))
+    env = {k: v for k, v in os.environ.items() if not re.search(r"(_KEY|_TOKEN|_SECRET|PASSWORD)$", k)}
+    env.update(HF_HUB_OFFLINE="1", SDPO_ENV_FILE="", BASE_WORK=str(root), OMP_NUM_THREADS="1",
+               TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true")
+    env.pop("PYTHONPATH", None)  # the page's commands must find the modules on their own
+    if command["language"] == "python":
+        script = root / f"{name}.py"
+        script.write_text(body)
+        argv = [str(PYTHON), str(script)]
+    else:
+        argv = ["bash", "-c", "set -eo pipefail\n" + body]
+    started = time.time()
+    result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
+    elapsed = time.time() - started
+    if os.environ.get("FIRST_HOUR_TIMINGS"):
+        with open(os.environ["FIRST_HOUR_TIMINGS"], "a") as f:
+            f.write(json.dumps({"id": name, "seconds": round(elapsed, 1), "load": os.getloadavg()[0]}) + "\n")
+    state["done"][name] = result
+    return result
+
+
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if c["slow"] else n
+                                  for n, c in COMMANDS.items()])
+def test_the_command_runs_as_written(name, first_hour_folder):
+    if not PYTHON.exists():
+        pytest.skip(".venv/bin/python missing: the page starts after `make install`")
+    result = run_command(name, first_hour_folder)
+    printed = result.stdout + result.stderr
+    assert result.returncode == 0, printed[-3000:]
+    assert COMMANDS[name]["expect"] in printed, printed[-3000:]
+    assert "Traceback" not in printed, printed[-3000:]
+    if name == "wandb":
+        root = first_hour_folder["root"]
+        runs = list((root / "wandb" / "wandb").glob("offline-run-*"))
+        assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())

@@ -1,0 +1,78 @@
+"""docs/reading_a_run.md: the shipped example run holds every file and summary field the page names, and
+W&B receives what the page says (a stand-in for the wandb module records each call of an online run)."""
+import json
+import re
+import sys
+import types
+from pathlib import Path
+
+import eval_online_sdpo
+
+REPO = Path(__file__).resolve().parent.parent
+PAGE = (REPO / "docs" / "reading_a_run.md").read_text()
+EXAMPLE = REPO / "docs" / "example_run"
+
+
+def online_section() -> str:
+    return PAGE.split("## An online run")[1].split("## An offline run")[0]
+
+
+def test_the_example_run_holds_every_file_the_page_names():
+    table = online_section().split("Every field of every file")[0]
+    files = re.findall(r"^\| `([\w.]+)` \|", table, flags=re.M)
+    assert "summary.json" in files and len(files) >= 7
+    assert [f for f in files if not (EXAMPLE / f).is_file()] == []
+    assert sum(p.stat().st_size for p in EXAMPLE.iterdir()) < 500_000  # small in bytes
+
+
+def test_the_summary_fields_the_page_names_are_in_the_example():
+    summary = json.loads((EXAMPLE / "summary.json").read_text())
+    (style, headline), = summary["headline"].items()
+    for key in ("head_to_head", "paired_rule_score", "win_rate_vs_baseline", "net_effect", "degenerate_replies"):
+        assert f"`{key}`" in online_section() and key in headline, key
+    assert {"diff", "se"} <= set(headline["net_effect"])
+    for key in ("final", "head_to_head_feedback_vs_placebo", "paired_style_score_feedback_minus_placebo",
+                "collapse_monitors", "baseline_mean_words", "final_step", "winrate_png", "output_dir"):
+        assert f"`{key}" in online_section() and key in summary, key
+    assert set(summary["final"][style]) >= {"feedback", "placebo", "net_effect"}
+    record = json.loads((EXAMPLE / "metrics.jsonl").read_text().splitlines()[0])
+    for key in ("followup", "style_problems", "loss", "grad_norm", "reply_distinct_2", "reply_entropy"):
+        assert key in record["feedback"], key
+
+
+class FakeRun:
+    def __init__(self, config):
+        self.config, self.logged, self.summary = config, [], {}
+
+    def log(self, values):
+        self.logged.append(values)
+
+    def finish(self):
+        self.finished = True
+
+
+def test_wandb_receives_what_the_page_says(tiny_model_dir, tmp_path, monkeypatch):
+    runs = []
+
+    def init(**kwargs):
+        runs.append(FakeRun(kwargs["config"]))
+        return runs[-1]
+
+    monkeypatch.setitem(sys.modules, "wandb", types.SimpleNamespace(init=init, Image=lambda path: ("image", path)))
+    out = tmp_path / "run"
+    argv = ["--model", str(tiny_model_dir), "--train_jsonl", str(REPO / "data/samples/train.jsonl"),
+            "--val_jsonl", str(REPO / "data/samples/validation.jsonl"), "--style", "concise", "--placebo",
+            "--train_n", "2", "--eval_n", "2", "--eval_every", "0", "--max_new_tokens", "8",
+            "--eval_max_new_tokens", "8", "--output_dir", str(out), "--wandb"]
+    assert eval_online_sdpo.main(argv) == 0
+    (run,) = runs
+    assert run.config == json.loads((out / "config.json").read_text())
+    keys = set().union(*run.logged)
+    metrics = json.loads((out / "metrics.jsonl").read_text().splitlines()[0])
+    numbers = {k for k, v in metrics["feedback"].items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    assert {f"feedback/{k}" for k in numbers} | {f"placebo/{k}" for k in numbers} <= keys
+    # win_rate and se are logged when defined: the tiny model ties every pair
+    assert {"interaction", "winrate_plot", "eval/concise/feedback/wins", "eval/concise/placebo/coverage"} <= keys
+    assert {"final", "head_to_head"} <= set(run.summary) and run.finished
+    for name in ("feedback/loss", "eval/<style>/<arm>/<stat>", "winrate_plot", "`interaction`"):
+        assert name in PAGE, name
