@@ -43,6 +43,7 @@ RUN_RECORD = "search_run.json"
 # Issue #18: feedback's degenerate replies may exceed the baseline's by at most this many of n.
 DEGENERATE_ALLOWANCE = 2
 
+CONTRAST_GUARD = ["--contrast_followup", "Thanks.", "--copy_guard_ngram", "3"]
 LORA = ["--use_lora", "true"]  # rank 16, alpha 32 (the defaults), on every linear layer
 # name -> flags over configs/demo.yaml. Append, never rewrite: the table refers to these names.
 SETTINGS: dict[str, list[str]] = {
@@ -63,6 +64,11 @@ SETTINGS: dict[str, list[str]] = {
     "lora-1e-4-d0": LORA + ["--lr", "1e-4"],
     "lora-3e-5-d0": LORA + ["--lr", "3e-5"],
     "lora-3e-4-d0": LORA + ["--lr", "3e-4"],
+    # issue #27: the signal against a neutral follow-up ("Thanks."; the placebo says "OK, thanks.") and no signal on
+    # tokens that complete a repeated trigram; evaluated on 60 prompts at steps 0 and 20 with the relevance rule
+    "contrast-guard3": CONTRAST_GUARD,
+    "contrast-guard3-nocenter": CONTRAST_GUARD + ["--center_signal", "false"],
+    "contrast-guard3-frozen-1e-5": CONTRAST_GUARD + ["--teacher", "frozen", "--lr", "1e-5"],
 }
 
 
