@@ -301,13 +301,13 @@ def check_output_dir(cfg: OfflineTrainingArguments) -> None:
     """Never overwrite an earlier run silently: a folder holding results needs --resume_from_checkpoint
     or --overwrite, and --overwrite only a folder a run of ours wrote (its run marker). Deletes nothing:
     clear_earlier_results does, once the records and the models have loaded."""
-    from auxiliary.runtime.run_folder import RUN_MARKER, refusal_without_marker, write_run_marker
+    from auxiliary.runtime.run_folder import is_run_of_ours, refusal_without_marker, write_run_marker
 
     out = Path(cfg.output_dir)
     if not out.is_dir():
         return
     earlier = earlier_results(out)
-    ours = (out / RUN_MARKER).is_file()
+    ours = is_run_of_ours(out)
     if earlier and not ours and (cfg.overwrite or not cfg.resume_from_checkpoint):
         raise BadInput(refusal_without_marker(out, earlier, cfg.overwrite, "--resume_from_checkpoint"))
     if earlier and not (cfg.resume_from_checkpoint or cfg.overwrite):

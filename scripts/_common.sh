@@ -37,6 +37,7 @@ _SDPO_MEANINGS=()
 _SDPO_YAML_KEYS=" "   # top-level keys of a --config YAML among the arguments
 _SDPO_USER_CONFIG=""  # the last --config YAML among the arguments
 _SDPO_DECLARATIONS=() # tab-separated lines for --list-vars
+_SDPO_DEFAULTED=" "   # sdpo_var names that took the wrapper's default (the user set nothing)
 
 # --------------------------------------------------------------------------- messages
 
@@ -248,7 +249,10 @@ _sdpo_read_config_keys() {
 # (environment or .env), else takes DEFAULT. --help lists it (prose defaults in parentheses).
 sdpo_var() {
     local name=$1 default=$2 meaning=$3 shown=${4-$2} scope=${5-}
-    [[ -n ${!name:-} ]] || printf -v "$name" '%s' "$default"
+    if [[ -z ${!name:-} ]]; then
+        printf -v "$name" '%s' "$default"
+        _SDPO_DEFAULTED+="$name "
+    fi
     _SDPO_NAMES+=("$name")
     _SDPO_MEANINGS+=("$meaning")
     _SDPO_DECLARATIONS+=("$(printf 'var\t%s\t%s\t%s\t%s' "$name" "${shown:-(empty)}" "$meaning" "${scope:-own}")")
@@ -493,6 +497,13 @@ sdpo_flag() {
     local flag=$1 name=$2
     [[ -n ${!name:-} ]] || return 0
     SDPO_CMD+=("$flag" "${!name}")
+}
+
+# sdpo_output_dir_flag: `--output_dir "$OUTPUT_DIR"`, except when OUTPUT_DIR is only the wrapper's
+# made-up default and a --config YAML (CONFIG or the arguments') names an output_dir: the file decides.
+sdpo_output_dir_flag() {
+    [[ $_SDPO_DEFAULTED == *" OUTPUT_DIR "* ]] && sdpo_config_sets output_dir && return 0
+    sdpo_flag --output_dir OUTPUT_DIR
 }
 
 # sdpo_words_flag --flag NAME: append `--flag word1 word2 ...` (NAME split on spaces and commas),

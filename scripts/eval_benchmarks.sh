@@ -51,5 +51,5 @@ sdpo_flag --ifeval_jsonl IFEVAL_JSONL
 sdpo_flag --alpaca_eval_json ALPACA_EVAL_JSON
 sdpo_flag --alpaca_annotator ALPACA_ANNOTATOR
 sdpo_flag --nltk_data NLTK_DATA
-sdpo_flag --output_dir OUTPUT_DIR
+sdpo_output_dir_flag
 sdpo_exec "${SDPO_CMD[@]}" ${SDPO_ARGS[@]+"${SDPO_ARGS[@]}"}

@@ -46,5 +46,5 @@ sdpo_flag --judge_model USER_MODEL
 sdpo_flag --eval_n EVAL_N
 sdpo_flag --data_dir DATA_DIR
 sdpo_flag --base_model BASE_MODEL
-sdpo_flag --output_dir OUTPUT_DIR
+sdpo_output_dir_flag
 sdpo_exec "${SDPO_CMD[@]}" ${SDPO_ARGS[@]+"${SDPO_ARGS[@]}"}

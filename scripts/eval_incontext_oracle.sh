@@ -39,5 +39,5 @@ sdpo_flag --judge_model JUDGE_MODEL
 sdpo_words_flag --eval_styles EVAL_STYLES
 sdpo_flag --eval_n EVAL_N
 sdpo_flag --data_dir DATA_DIR
-sdpo_flag --output_dir OUTPUT_DIR
+sdpo_output_dir_flag
 sdpo_exec "${SDPO_CMD[@]}" ${SDPO_ARGS[@]+"${SDPO_ARGS[@]}"}

@@ -87,5 +87,5 @@ sdpo_flag --seed SEED
 sdpo_flag --train_jsonl TRAIN_JSONL
 sdpo_flag --val_jsonl VAL_JSONL
 sdpo_flag --baseline_model BASELINE_MODEL
-sdpo_flag --output_dir OUTPUT_DIR
+sdpo_output_dir_flag
 sdpo_exec "${SDPO_CMD[@]}" ${SDPO_ARGS[@]+"${SDPO_ARGS[@]}"}

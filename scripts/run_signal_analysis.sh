@@ -28,5 +28,5 @@ sdpo_python "$REPO_ROOT/auxiliary/sdpo_signal_analysis.py"
 sdpo_flag --model MODEL
 sdpo_flag --cases_json CASES_JSON
 sdpo_flag --n_cases N_CASES
-sdpo_flag --output_dir OUTPUT_DIR
+sdpo_output_dir_flag
 sdpo_exec "${SDPO_CMD[@]}" ${SDPO_ARGS[@]+"${SDPO_ARGS[@]}"}

@@ -66,5 +66,5 @@ sdpo_flag --learning_rate LR
 sdpo_flag --batch_size BS
 sdpo_flag --grad_accum GA
 sdpo_flag --num_epochs NUM_EPOCHS
-sdpo_flag --output_dir OUTPUT_DIR
+sdpo_output_dir_flag
 sdpo_exec "${SDPO_CMD[@]}" ${SDPO_ARGS[@]+"${SDPO_ARGS[@]}"}

@@ -170,13 +170,23 @@ def test_another_lora_target_modules_is_refused_at_load_and_the_adapter_kept(tmp
     first.close()
     adapter = tmp_path / "dana" / "adapter"
     saved = {p: p.read_bytes() for p in sorted(adapter.rglob("*")) if p.is_file()}
-    with pytest.raises(ChatError, match=r"target_modules=q_proj,v_proj, this run --lora_target_modules all-linear "
-                                        r".*pass --lora_target_modules q_proj,v_proj"):
+    with pytest.raises(ChatError, match=r"has --lora_target_modules q_proj,v_proj, this run all-linear; "
+                                        r"pass --lora_target_modules q_proj,v_proj to continue it$"):
         make_session(tmp_path, tiny_tokenizer, user="dana")
     assert {p: p.read_bytes() for p in sorted(adapter.rglob("*")) if p.is_file()} == saved  # never overwritten
     again = make_session(tmp_path, tiny_tokenizer, user="dana", lora_target_modules="v_proj,q_proj")
     assert again.updates_applied == 1  # the same modules in another order: loaded
     again.close(save=False)
+
+
+def test_an_all_linear_adapter_is_named_all_linear_in_one_short_refusal(tmp_path, tiny_tokenizer):
+    make_session(tmp_path, tiny_tokenizer, user="gina").close()  # the default, all-linear: peft saves every name
+    adapter_config = tmp_path / "gina" / "adapter" / "model" / "adapter_config.json"
+    assert len(json.loads(adapter_config.read_text())["target_modules"]) > 2
+    with pytest.raises(ChatError) as refused:
+        make_session(tmp_path, tiny_tokenizer, user="gina", lora_target_modules="q_proj")
+    assert str(refused.value) == (f"{adapter_config}: the saved adapter has --lora_target_modules all-linear, "
+                                  "this run q_proj; pass --lora_target_modules all-linear to continue it")
 
 
 def test_an_adapter_of_another_shape_names_its_file_not_an_optimizer_error(tmp_path, tiny_tokenizer):

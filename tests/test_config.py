@@ -196,3 +196,23 @@ def test_yaml_values_of_the_right_type_pass_and_a_duplicated_key_is_refused(tmp_
     profile.write_text("lr: 0.001\ntrain_n: 4\nlr: 0.01\n")
     with pytest.raises(ConfigError, match=rf"^{profile}:3: key 'lr' is given twice \(also on line 1\); keep one$"):
         parse_dataclasses((OnlineSDPOConfig, OnlineRunConfig), ["--config", str(profile)])
+
+
+@pytest.mark.parametrize("kind", ["folder", "not UTF-8", "invalid YAML"])
+def test_an_unreadable_config_is_one_line_naming_the_file(tmp_path, kind):
+    from auxiliary.runtime.cli import ConfigError, parse_dataclasses
+
+    profile = tmp_path / "run.yaml"
+    if kind == "folder":
+        profile.mkdir()
+        expected = f"config file {profile} is a folder; --config takes a YAML file"
+    elif kind == "not UTF-8":
+        profile.write_bytes(b"style: concise\nlr: \xff\n")
+        expected = f"{profile}:2: not UTF-8 text (byte 0xff); save the config as UTF-8"
+    else:
+        profile.write_text("style: concise\nlr: [1, 2\ntrain_n: 3\n")
+        expected = (f"{profile}:3:8: invalid YAML: while parsing a flow sequence "
+                    "expected ',' or ']', but got ':'")
+    with pytest.raises(ConfigError) as refused:
+        parse_dataclasses((OnlineSDPOConfig, OnlineRunConfig), ["--config", str(profile)])
+    assert str(refused.value) == expected and "\n" not in str(refused.value)

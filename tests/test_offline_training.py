@@ -237,3 +237,22 @@ def test_overwrite_refuses_a_model_folder_no_run_of_ours_wrote(tiny_model_dir, t
     assert f"not the run marker {RUN_MARKER}" in str(refused.value) and "nothing was deleted" in str(refused.value)
     assert {p.name: p.read_bytes() for p in user.iterdir() if p.is_file()} == before and (user / "adapter").is_dir()
     assert os.stat(user).st_mode & 0o777 == 0o755
+
+
+@pytest.mark.parametrize("forgery", ["empty", "link"])
+def test_overwrite_refuses_a_folder_whose_run_marker_is_forged(tmp_path, forgery):
+    from offline_sdpo.main_offline_sdpo import BadInput, OfflineTrainingArguments, check_output_dir
+
+    real = tmp_path / "real_run"
+    real.mkdir()
+    check_output_dir(OfflineTrainingArguments(output_dir=str(real)))  # writes a genuine marker
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / "config.json").write_text("mine")
+    if forgery == "empty":
+        (user / ".sdpo_run.json").write_text("")
+    else:
+        (user / ".sdpo_run.json").symlink_to(real / ".sdpo_run.json")
+    with pytest.raises(BadInput, match="not the run marker .sdpo_run.json"):
+        check_output_dir(OfflineTrainingArguments(output_dir=str(user), overwrite=True))
+    assert (user / "config.json").read_text() == "mine"

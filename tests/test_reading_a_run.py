@@ -1,5 +1,6 @@
 """docs/reading_a_run.md: the shipped example run holds every file and summary field the page names, and
 W&B receives what the page says (a stand-in for the wandb module records each call of an online run)."""
+import importlib.util
 import json
 import re
 import sys
@@ -23,6 +24,27 @@ def test_the_example_run_holds_every_file_the_page_names():
     assert "summary.json" in files and len(files) >= 7
     assert [f for f in files if not (EXAMPLE / f).is_file()] == []
     assert sum(p.stat().st_size for p in EXAMPLE.iterdir()) < 500_000  # small in bytes
+
+
+def test_the_shipped_example_names_no_machines_folders():
+    texts = {p.name: p.read_text() for p in EXAMPLE.iterdir() if p.suffix in {".json", ".jsonl", ".log"}}
+    assert {"summary.json", "config.json", "run.log", ".sdpo_run.json"} <= set(texts)
+    assert [name for name, text in texts.items() if "/tmp/" in text or "/work/" in text] == []
+    summary = json.loads(texts["summary.json"])
+    assert summary["output_dir"] == "<run>" and summary["winrate_png"] == "<run>/winrate.png"
+
+
+def test_the_recorder_writes_run_repo_and_cache_as_placeholders(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("record_example_run", REPO / "docs" / "record_example_run.py")
+    recorder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recorder)
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    run_dir = tmp_path / "example_run"
+    text = (f"output dir: {run_dir}\nfrom {REPO}/data/samples/train.jsonl\n"
+            f'"model_path": "{tmp_path}/cache/smollm2-135m-instruct", "png": "{run_dir}/winrate.png"')
+    assert recorder.placeholder_paths(text, run_dir) == (
+        'output dir: <run>\nfrom <repo>/data/samples/train.jsonl\n'
+        '"model_path": "<cache>/smollm2-135m-instruct", "png": "<run>/winrate.png"')
 
 
 def test_the_summary_fields_the_page_names_are_in_the_example():

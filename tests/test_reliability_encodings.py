@@ -42,6 +42,17 @@ def test_a_prompt_nested_200000_levels_deep_is_a_file_line_error(tmp_path):
         read_jsonl(path)
 
 
+def test_a_number_of_5000_digits_is_a_file_line_error_online_and_offline(tmp_path):
+    from auxiliary.evals.evaluation_helpers import load_prompts
+    from offline_sdpo.offline_sdpo_trainer import load_interactions
+
+    path = write_lines(tmp_path / "huge.jsonl", ['{"prompt": "p", "completion": "c", "user_response": "u"}',
+                                                   '{"prompt": "hi", "id": ' + "9" * 5000 + "}"])
+    for read in (read_jsonl, load_prompts, load_interactions):
+        with pytest.raises(DataError, match=rf"^{path}:2: unreadable JSON \(Exceeds the limit \(4300 digits\)"):
+            read(path)
+
+
 def test_a_lone_surrogate_is_a_file_line_error_naming_the_field(tmp_path):
     path = write_lines(tmp_path / "surrogate.jsonl", ['{"prompt": "ok"}', '{"prompt": [{"role": "user", '
                                                       '"content": "bad \\ud800 text"}]}'])

@@ -65,6 +65,45 @@ def test_overwrite_refuses_a_folder_no_run_of_ours_made_and_leaves_it_alone(tmp_
     assert os.stat(user).st_mode & 0o777 == 0o755  # never chmod-ed: not our folder
 
 
+def forged_markers(tmp_path):
+    """Files named like the run marker that are no marker of ours: each must be refused like no marker."""
+    real = tmp_path / "a_real_run"
+    RunFolder.open(real, resume=False, overwrite=False).close()
+    return {"empty": lambda marker: marker.write_text(""),
+            "not JSON": lambda marker: marker.write_text("{not json"),
+            "another project's": lambda marker: marker.write_text('{"project": "someone-else"}'),
+            "a link to a real run's": lambda marker: marker.symlink_to(real / RUN_MARKER)}
+
+
+@pytest.mark.parametrize("forgery", ["empty", "not JSON", "another project's", "a link to a real run's"])
+def test_a_forged_run_marker_does_not_make_a_user_folder_ours(tmp_path, forgery):
+    user = tmp_path / "mine"
+    user.mkdir()
+    for name in ("config.json", "summary.json"):
+        (user / name).write_text(name)
+    os.chmod(user, 0o755)
+    forged_markers(tmp_path)[forgery](user / RUN_MARKER)
+    before = snapshot(user)
+    with pytest.raises(RunFolderError, match=rf"holds config.json, summary.json but not the run marker {RUN_MARKER}"):
+        RunFolder.open(user, resume=False, overwrite=True)
+    assert snapshot(user) == before and os.stat(user).st_mode & 0o777 == 0o755
+
+
+def test_a_forged_marker_in_an_empty_folder_is_replaced_by_ours_not_followed(tmp_path):
+    real = tmp_path / "a_real_run"
+    RunFolder.open(real, resume=False, overwrite=False).close()
+    real_marker = (real / RUN_MARKER).read_bytes()
+    user = tmp_path / "mine"
+    user.mkdir()
+    (user / RUN_MARKER).symlink_to(real / RUN_MARKER)
+    RunFolder.open(user, resume=False, overwrite=False).close()
+    assert not (user / RUN_MARKER).is_symlink() and (real / RUN_MARKER).read_bytes() == real_marker
+    (empty := tmp_path / "empty").mkdir()
+    (empty / RUN_MARKER).write_text("")
+    RunFolder.open(empty, resume=False, overwrite=False).close()
+    assert '"project"' in (empty / RUN_MARKER).read_text()
+
+
 def test_a_user_folder_without_run_files_keeps_its_mode(tmp_path):
     user = tmp_path / "mine"
     user.mkdir()

@@ -334,6 +334,31 @@ def test_config_yaml_keys_are_left_to_the_file_unless_the_env_var_is_set(work):
                                                                                            str(yaml_file))
 
 
+OUTPUT_DIR_WRAPPERS = ["eval_online_sdpo.sh", "train_offline_sdpo.sh", "train_offline_sft.sh", "eval_checkpoints.sh",
+                       "eval_incontext_oracle.sh", "run_signal_analysis.sh", "eval_benchmarks.sh"]
+
+
+@pytest.mark.parametrize("how", ["CONFIG", "--config"])
+@pytest.mark.parametrize("name", OUTPUT_DIR_WRAPPERS)
+def test_a_config_output_dir_beats_the_wrappers_default_but_not_output_dir_you_set(name, how, work):
+    yaml_file = work["tmp"] / "mine.yaml"
+    yaml_file.write_text("output_dir: /somewhere/mine\n")
+    env = case_env(name, work)
+    env.pop("OUTPUT_DIR")
+    args = ["--dry-run"]
+    if how == "CONFIG":
+        env["CONFIG"] = str(yaml_file)
+    else:
+        args += ["--config", str(yaml_file)]
+    result = run(SCRIPTS / name, *args, env=env, cwd=work["cwd"])
+    assert result.returncode == 0, result.stderr
+    (argv,) = commands(result.stdout)
+    assert has_pair(argv, "--config", str(yaml_file)) and "--output_dir" not in argv, result.stdout
+    env["OUTPUT_DIR"] = str(work["tmp"] / "chosen")  # set by the user: wins over the file
+    (argv,) = commands(run(SCRIPTS / name, *args, env=env, cwd=work["cwd"]).stdout)
+    assert has_pair(argv, "--output_dir", str(work["tmp"] / "chosen"))
+
+
 # --------------------------------------------------------------------------- required variables and bad values
 
 @pytest.mark.parametrize("name,missing",
@@ -562,7 +587,8 @@ def test_env_example_lists_every_variable():
 
 def test_scripts_are_executable_and_strict():
     for path in [*SCRIPTS.glob("*.sh"), *SLURM.glob("*.sbatch")]:
-        if path.name == "_common.sh":
+        if path.name == "_common.sh":  # a sourced library: run on its own it would only fail
+            assert not os.access(path, os.X_OK), path
             continue
         assert os.access(path, os.X_OK), path
         assert "set -euo pipefail" in path.read_text(), path

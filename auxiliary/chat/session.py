@@ -299,10 +299,24 @@ class ChatSession:
         saved_targets = saved.get("target_modules")
         ours = set(targets.target_modules) if targets is not None and targets.target_modules else None
         if saved_targets and ours is not None and set(saved_targets) != ours:
-            saved_flag = ",".join(sorted(saved_targets))
-            raise ChatError(f"{adapter_config}: the saved adapter has target_modules={saved_flag}, this run "
-                            f"--lora_target_modules {config.lora_target_modules} ({','.join(sorted(ours))}); "
-                            f"pass --lora_target_modules {saved_flag} to continue it")
+            saved_flag = self._saved_target_flag(adapter_config.parent.parent / "config.json", saved_targets)
+            raise ChatError(f"{adapter_config}: the saved adapter has --lora_target_modules {saved_flag}, this run "
+                            f"{config.lora_target_modules}; pass --lora_target_modules {saved_flag} to continue it")
+
+    @staticmethod
+    def _saved_target_flag(checkpoint_config: Path, saved_targets: list) -> str:
+        """The saved --lora_target_modules as the user gave it (config.json beside the adapter: "all-linear"
+        rather than the hundred names peft resolved it to); without it, the resolved names, short or counted."""
+        import json
+
+        try:
+            given = json.loads(checkpoint_config.read_text(encoding="utf-8")).get("lora_target_modules")
+        except (OSError, ValueError, AttributeError):
+            given = None
+        if isinstance(given, str) and given.strip():
+            return given
+        names = sorted(saved_targets)
+        return ",".join(names) if len(names) <= 8 else f"{','.join(names[:3])},... ({len(names)} modules)"
 
     def save(self) -> Path:
         return self._run(self._save)

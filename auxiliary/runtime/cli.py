@@ -111,6 +111,14 @@ def _strict_yaml_loader():
     return StrictLoader
 
 
+def yaml_error_line(path: str, err) -> str:
+    """PyYAML's several-line report as one line: file, line and column of the problem, and what it is."""
+    mark = getattr(err, "problem_mark", None)
+    where = f"{path}:{mark.line + 1}:{mark.column + 1}" if mark is not None else str(path)
+    what = " ".join(part for part in (getattr(err, "context", None), getattr(err, "problem", None)) if part)
+    return f"{where}: invalid YAML: {what or str(err).splitlines()[0]}"
+
+
 def load_yaml_config(path: str, key_lines: dict | None = None) -> dict:
     """The top-level mapping of a YAML file; `key_lines` (if given) receives each key's line number."""
     import yaml
@@ -118,11 +126,21 @@ def load_yaml_config(path: str, key_lines: dict | None = None) -> dict:
     file = Path(path)
     if not file.exists():
         raise ConfigError(f"config file {path} not found")
-    loader = _strict_yaml_loader()(file.read_text())
+    if file.is_dir():
+        raise ConfigError(f"config file {path} is a folder; --config takes a YAML file")
+    try:
+        text = file.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = err.object[: err.start].count(b"\n") + 1
+        raise ConfigError(f"{path}:{line}: not UTF-8 text (byte 0x{err.object[err.start]:02x}); "
+                          "save the config as UTF-8") from None
+    except OSError as err:
+        raise ConfigError(f"config file {path} cannot be read: {err.strerror or err}") from None
+    loader = _strict_yaml_loader()(text)
     try:
         data = loader.get_single_data() or {}
     except yaml.YAMLError as err:
-        raise ConfigError(f"{path}: invalid YAML: {err}") from None
+        raise ConfigError(yaml_error_line(path, err)) from None
     except ConfigError as err:
         raise ConfigError(f"{path}:{err}") from None
     finally:

@@ -59,6 +59,8 @@ def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict]]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise DataError(f"{path}:{line_number}: malformed JSON ({err.msg} at column {err.colno})") from None
+            except ValueError as err:  # a number json.loads refuses to convert (over 4300 digits)
+                raise DataError(f"{path}:{line_number}: unreadable JSON ({str(err).split(':')[0]})") from None
             except RecursionError:
                 raise DataError(f"{path}:{line_number}: JSON nested too deeply (more than {MAX_JSON_DEPTH} "
                                 "levels)") from None

@@ -14,7 +14,8 @@
 Rules of open(): a new folder is created owner-only (0700) and must be writable (a probe file is
 written and removed); it is locked (.lock: PID and host) so that a second run or a --resume while
 the first is alive is refused, and a stale lock of a dead process is taken over. A folder a run of
-ours wrote carries the run marker (RUN_MARKER); one without it that holds files a run would write
+ours wrote carries the run marker (RUN_MARKER: a regular file, not a link, whose JSON names this
+project; an empty or foreign file does not count); one without it that holds files a run would write
 (config.json, checkpoints/, ...) is refused, --overwrite included, and keeps its mode. A folder
 that holds results (metrics.jsonl or eval_history.json) needs --resume or --overwrite; --overwrite
 deletes nothing at open: the entry point calls clear_earlier_results() once every check that can
@@ -45,6 +46,7 @@ RESULT_FOLDERS = ("checkpoints", "wandb")
 # Written into every folder a run of ours (online or offline) writes: --overwrite deletes only in a folder
 # that carries it, so a user's own folder given by mistake (a model folder, say) never loses a file.
 RUN_MARKER = ".sdpo_run.json"
+PROJECT_IDENTITY = "sdpo-from-user-interactions"  # the marker's "project": an empty or foreign file is no marker
 # Flags that may differ between a run and its resume without changing the experiment; any other
 # difference is refused unless --allow_config_change (then recorded in config.json's history).
 RESUME_NEUTRAL_FLAGS = {"resume", "overwrite", "allow_config_change", "wandb", "wandb_project", "debug_first_example",
@@ -130,12 +132,24 @@ def refuse_links(folder: Path, names) -> None:
                              "replace it with a file or choose another --output_dir")
 
 
+def is_run_of_ours(folder: Path) -> bool:
+    """Whether `folder` carries our run marker: a regular file (a link is not followed, since it may point
+    at another run's marker) whose JSON names this project. An empty or foreign file does not count."""
+    marker = Path(folder) / RUN_MARKER
+    if marker.is_symlink() or not marker.is_file():
+        return False
+    try:
+        content = json.loads(marker.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON
+        return False
+    return isinstance(content, dict) and content.get("project") == PROJECT_IDENTITY
+
+
 def write_run_marker(folder: Path, tool: str) -> None:
     """Mark `folder` as written by a run of ours (kept once written: the first tool is named)."""
-    marker = folder / RUN_MARKER
-    if not marker.is_file():
-        atomic_write_json(marker, {"project": "sdpo-from-user-interactions", "tool": tool,
-                                   "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
+    if not is_run_of_ours(folder):  # atomic: a link or a stray file named like the marker is replaced, not followed
+        atomic_write_json(Path(folder) / RUN_MARKER, {"project": PROJECT_IDENTITY, "tool": tool,
+                                                      "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
 class RunFolder:
@@ -156,7 +170,7 @@ class RunFolder:
             raise RunFolderError("--resume and --overwrite exclude each other: continue the run or replace it")
         folder = cls(Path(path).expanduser().resolve())
         out = folder.path
-        ours = (out / RUN_MARKER).is_file()
+        ours = is_run_of_ours(out)
         found = run_files_in(out, RESULT_FILES + RESULT_FOLDERS)
         if found and not ours and (overwrite or not resume):
             raise RunFolderError(refusal_without_marker(out, found, overwrite, "--resume"))
