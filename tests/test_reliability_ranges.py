@@ -69,6 +69,8 @@ def test_the_objective_checks_its_options_against_the_one_table():
     """ObjectiveOptions and Teacher, built directly, refuse what every config refuses, in the same words; their
     rows are RANGES' rows (sdpo_objective.OBJECTIVE_RANGES, taken in whole)."""
     import dataclasses
+    import typing
+    from typing import Optional
 
     import torch
 
@@ -76,7 +78,9 @@ def test_the_objective_checks_its_options_against_the_one_table():
     from sdpo_objective import OBJECTIVE_RANGES, ObjectiveOptions, Teacher
 
     assert all(RANGES[name] == row for name, row in OBJECTIVE_RANGES.items())
-    numeric = {f.name for f in dataclasses.fields(ObjectiveOptions) if f.type in ("int", "float", "Optional[int]")}
+    # resolved hints, not f.type: that is a string until the flag parser resolves it in place (suite order)
+    hints = typing.get_type_hints(ObjectiveOptions)
+    numeric = {f.name for f in dataclasses.fields(ObjectiveOptions) if hints[f.name] in (int, float, Optional[int])}
     assert numeric == set(OBJECTIVE_RANGES)
     for overrides, message in (({"divergence_alpha": 1.5}, "--divergence_alpha must be in [0, 1], got 1.5"),
                                ({"teacher_ema_rate": 0.0}, "--teacher_ema_rate must be in (0, 1], got 0.0"),
