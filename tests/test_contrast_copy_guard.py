@@ -9,6 +9,7 @@ import torch
 from auxiliary.runtime.tiny_model import build_tiny_model
 from sdpo_objective import (ObjectiveOptions, Teacher, build_scoring_batch, hindsight_contexts, hindsight_messages,
                             reference_loss, render_context_ids, repeated_ngram_mask, sdpo_loss, token_weights)
+from test_teacher_modes import _perturb
 
 # replies with repeats (copy guard), one without, one shorter than ignore_first_k
 RESPONSES = [[5, 6, 7, 5, 6, 7, 5, 6, 2], [10, 11, 10, 11, 12], [40, 41, 42, 43, 44, 45, 46, 47, 2], [9, 2]]
@@ -103,14 +104,6 @@ def test_with_reference_kl(tiny_model, tiny_tokenizer, loss_mode):
                                         loss_mode=loss_mode, beta=0.3, contrast_followup=CONTRAST, copy_guard_ngram=2,
                                         distillation_topk=5)
     assert stats["ref_kl"] > 0
-
-
-def _perturb(module, seed, scale=0.05):
-    generator = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for param in module.parameters():
-            if param.requires_grad:
-                param.add_(scale * torch.randn(param.shape, generator=generator))
 
 
 @pytest.mark.parametrize("loss_mode, divergence", [("simple_signal", "reverse_kl"), ("full_distillation", "reverse_kl"),
