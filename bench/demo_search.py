@@ -69,6 +69,9 @@ SETTINGS: dict[str, list[str]] = {
     "contrast-guard3": CONTRAST_GUARD,
     "contrast-guard3-nocenter": CONTRAST_GUARD + ["--center_signal", "false"],
     "contrast-guard3-frozen-1e-5": CONTRAST_GUARD + ["--teacher", "frozen", "--lr", "1e-5"],
+    # the guard at n = 2 also masks the token that starts a repeat (the lead-in the trigram guard leaves)
+    "contrast-guard2": ["--contrast_followup", "Thanks.", "--copy_guard_ngram", "2"],
+    "contrast-guard3-frozen-5e-6": CONTRAST_GUARD + ["--teacher", "frozen"],
 }
 
 
