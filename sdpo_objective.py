@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import math
 from dataclasses import dataclass, field
@@ -992,7 +993,11 @@ class Teacher:
                     self._float32[name].copy_(tensors[name])
 
 
-_LOGGED_FALLBACKS: set[str] = set()
+@functools.cache
+def log_fused_head_fallback(reason: str) -> None:
+    """Say why the fused head is off, once per reason and process: the loss runs every step.
+    log_fused_head_fallback.cache_clear() forgets what was said."""
+    logger.info("fused LM head off, checkpointed chunks instead: %s", reason)
 
 
 def _fused_head_refusal(model, teacher: Teacher, teacher_head: "HeadLogits", hidden: torch.Tensor) -> str | None:
@@ -1059,9 +1064,8 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
     if opts.fused_lm_head and torch.is_grad_enabled() and hidden_s.requires_grad:
         refusal = _fused_head_refusal(model, teacher, teacher_head, hidden_s)
         fused = refusal is None
-        if refusal and refusal not in _LOGGED_FALLBACKS:  # once per reason: the loss runs every step
-            _LOGGED_FALLBACKS.add(refusal)
-            logger.info("fused LM head off, checkpointed chunks instead: %s", refusal)
+        if refusal:
+            log_fused_head_fallback(refusal)
 
     # The log-probs the student's are compared with come the way the student's own will (token_logprobs).
     if use_ref:

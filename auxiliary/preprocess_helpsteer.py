@@ -15,12 +15,11 @@ scripts are not available to confirm it). `--dataset` takes the hub name or a lo
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from auxiliary.data.preprocess_common import (  # stdlib-only module: --help stays light
     Summary, canonical_split, load_splits, normalize_prompt_key, parse_args_with_presets, progress, run_cli,
-    write_jsonl,
+    write_prompt_splits,
 )
 from auxiliary.runtime.io_utils import DataError
 
@@ -107,10 +106,7 @@ def main(argv=None) -> Summary:
         parser.error(f"--max_response_chars must be >= 0 (0 = no limit), got {args.max_response_chars}")
     summary = Summary("preprocess_helpsteer")
     prompts = select_prompts(load_splits(args.dataset), args, summary)
-    for split, records in prompts.items():  # everything is selected before anything is written
-        if not records:
-            summary.notes.append(f"{split}.jsonl is empty: the input had no usable {split} prompts")
-        write_jsonl(os.path.join(args.out_dir, f"{split}.jsonl"), records, summary)
+    write_prompt_splits(args.out_dir, prompts, summary)  # everything is selected before anything is written
     summary.print()
     return summary
 

@@ -16,11 +16,10 @@ the user message; news articles (the CNN/DM rows of the validation data) are kep
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 from auxiliary.data.preprocess_common import (  # stdlib-only module: --help stays light
-    Summary, canonical_split, load_splits, normalize_prompt_key, progress, run_cli, write_jsonl,
+    Summary, canonical_split, load_splits, normalize_prompt_key, progress, run_cli, write_prompt_splits,
 )
 from auxiliary.runtime.io_utils import DataError
 
@@ -103,10 +102,7 @@ def main(argv=None) -> Summary:
     args = build_parser().parse_args(argv)
     summary = Summary("preprocess_tldr_dataset")
     prompts = select_prompts(load_splits(args.dataset, args.config), args, summary)
-    for split, records in prompts.items():
-        if not records:
-            summary.notes.append(f"{split}.jsonl is empty: the input had no usable {split} prompts")
-        write_jsonl(os.path.join(args.out_dir, f"{split}.jsonl"), records, summary)
+    write_prompt_splits(args.out_dir, prompts, summary)
     summary.print()
     return summary
 

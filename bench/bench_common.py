@@ -17,6 +17,7 @@ import dataclasses
 import os
 import statistics
 import sys
+import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -341,6 +342,21 @@ def parse_ratio_lines(stdout: str) -> dict[str, float]:
         _, name, value = lines.pop().split()
         ratios[name] = float(value)
     return ratios
+
+
+def time_interactions(run) -> list[float]:
+    """Wrap run.interact_batch (an OnlineRun's) so that each call's wall seconds are appended to the list returned."""
+    walls, interact = [], run.interact_batch
+
+    def timed(*batch):
+        started = time.perf_counter()
+        try:
+            return interact(*batch)
+        finally:
+            walls.append(time.perf_counter() - started)
+
+    run.interact_batch = timed
+    return walls
 
 
 def median(values) -> float:

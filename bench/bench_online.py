@@ -63,7 +63,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import torch
-from bench_common import RssPeak, environment_lines, format_table
+from bench_common import RssPeak, environment_lines, format_table, time_interactions
 
 from auxiliary.runtime.io_utils import atomic_write_json
 
@@ -188,17 +188,7 @@ def sweep_batch_sizes(args, work_dir: Path) -> dict:
             run.setup()
             if run.num_steps < batch_size * needed:
                 raise SystemExit(f"only {run.num_steps} training prompts for B = {batch_size}; lower --sweep_batches")
-            walls = []
-            interact = run.interact_batch
-
-            def timed(*batch, interact=interact, walls=walls):
-                started = time.perf_counter()
-                try:
-                    return interact(*batch)
-                finally:
-                    walls.append(time.perf_counter() - started)
-
-            run.interact_batch = timed
+            walls = time_interactions(run)
             run.loop()
             measured = walls[1:-1]
             results[name] = {"batch_size": batch_size, "overlap": overlap, "update_walls_s": walls,

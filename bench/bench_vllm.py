@@ -29,6 +29,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -61,21 +62,14 @@ def build_run(args, out_dir: Path, batch_size: int, use_vllm: bool):
 
 def loop_rate(args, work: Path, batch_size: int, use_vllm: bool) -> dict:
     """Interactions per minute of the real loop, the first and last batch untimed; the engine stopped after."""
+    from bench_common import time_interactions
+
     from auxiliary.runtime.vllm_adapter import shutdown_engines
 
     run = build_run(args, work / f"{'vllm' if use_vllm else 'hf'}_B{batch_size}", batch_size, use_vllm)
     try:
         run.setup()
-        walls, interact = [], run.interact_batch
-
-        def timed(*batch):
-            started = time.perf_counter()
-            try:
-                return interact(*batch)
-            finally:
-                walls.append(time.perf_counter() - started)
-
-        run.interact_batch = timed
+        walls = time_interactions(run)
         run.loop()
     finally:
         shutdown_engines()

@@ -30,7 +30,7 @@ class FakeSession:
         self.messages, self.commands = [], []
         self.updates_applied = self.updates_skipped = 0
         self.last_report = None
-        self._closed = False
+        self.closed = False
 
     def send(self, text):
         self.messages += [{"role": "user", "content": text}, {"role": "assistant", "content": f"reply to {self.user}"}]
@@ -48,7 +48,7 @@ class FakeSession:
         return f"/adapters/{self.user}/adapter"
 
     def close(self):
-        self._closed = True
+        self.closed = True
         self.commands.append("close")
         return f"/adapters/{self.user}/adapter"
 
@@ -73,10 +73,10 @@ def test_each_login_gets_its_own_session_and_keeps_it():
     assert router.session_for(request("alice")) is alice and len(opened["alice"]) == 1
     with pytest.raises(ChatError, match="not logged in"):
         router.session_for(request(None))
-    assert router.close_user("alice") == "/adapters/alice/adapter" and alice._closed and not bob._closed
+    assert router.close_user("alice") == "/adapters/alice/adapter" and alice.closed and not bob.closed
     assert router.open_session_of(request("alice")) is None  # polling does not reopen it
     assert router.session_for(request("alice")) is not alice  # a new message does
-    assert set(router.close_all()) == {"alice", "bob"} and bob._closed
+    assert set(router.close_all()) == {"alice", "bob"} and bob.closed
 
 
 def test_without_logins_every_request_is_the_single_local_user():

@@ -125,7 +125,7 @@ def test_heads_the_fused_path_does_not_take(tiny_model, tiny_tokenizer, caplog):
 
     import sdpo_objective
 
-    sdpo_objective._LOGGED_FALLBACKS.clear()  # the reason is logged once per process
+    sdpo_objective.log_fused_head_fallback.cache_clear()  # the reason is logged once per process
     with caplog.at_level(logging.INFO, logger="sdpo_objective"):
         _, stats = sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))
         sdpo_loss(tiny_model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal"))

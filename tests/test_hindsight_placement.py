@@ -67,14 +67,14 @@ def test_main_offline_passes_the_placement_to_its_collator(tiny_model_dir, tmp_p
 
 
 def test_chat_signal_uses_the_placement(tmp_path, tiny_tokenizer):
-    from auxiliary.chat.session import _Pending
+    from auxiliary.chat.session import PendingReply
     from auxiliary.runtime.generation import GeneratedResponse
     from sdpo_objective import compute_signal
     from test_chat_session import make_session
 
     session = make_session(tmp_path, tiny_tokenizer, hindsight_placement="separate_turn")
     reply = GeneratedResponse(text="Dear", ids=[5, 6, 2], finished=True)
-    signal = session._signal(_Pending(MESSAGES, reply), FOLLOWUP)
+    signal = session.hindsight_signal(PendingReply(MESSAGES, reply), FOLLOWUP)
     context_x = render_context_ids(tiny_tokenizer, MESSAGES)
     expected = compute_signal(session.updater.model, [context_x], [separate_turn_ids(tiny_tokenizer)], [[5, 6, 2]],
                               tiny_tokenizer.pad_token_id)[0]["signal"]

@@ -55,14 +55,14 @@ def test_two_threads_asking_for_the_same_replies_share_the_work(tiny_model, tiny
     replies = [f"Topic {i} is about {'many ' * (i % 4)}things." for i in range(12)]
     expected = RelevanceScorer(tiny_model, tiny_tokenizer, batch_size=12).pmi(prompts, replies)
     scorer = RelevanceScorer(tiny_model, tiny_tokenizer, batch_size=2)
-    scored, score = [], scorer._score
+    scored, score = [], scorer.score_batch
 
     def slow_score(rows, neutral):  # slow enough that the two threads interleave
         scored.extend(key for _, _, key in rows)
         time.sleep(0.05)
         return score(rows, neutral)
 
-    scorer._score = slow_score
+    scorer.score_batch = slow_score
     results = [None, None]
 
     def work(index):

@@ -107,7 +107,7 @@ def test_a_quit_racing_a_save_or_undo_of_the_same_user_never_meets_its_own_lock(
         assert saving.wait(30)  # the /quit is saving: its session holds the folder lock now
         answer = getattr(router.session_for(me), command)()
         quitting.join()
-        assert opened[-2]._closed and not opened[-1]._closed and router.session_for(me) is opened[-1]
+        assert opened[-2].closed and not opened[-1].closed and router.session_for(me) is opened[-1]
         if command == "save":
             assert str(answer).endswith("gil/adapter")
             assert opened[-1].updates_applied == 1  # the new session loaded what the /quit saved
@@ -123,7 +123,7 @@ def test_a_quit_racing_a_save_or_undo_of_the_same_user_never_meets_its_own_lock(
         return session.save()
 
     assert str(router.call(me, save_after_a_quit)).endswith("gil/adapter")
-    assert len(calls) == 2 and calls[0]._closed and not calls[1]._closed
+    assert len(calls) == 2 and calls[0].closed and not calls[1].closed
     router.close_all()
     assert not (tmp_path / "gil" / ".lock").exists()
 

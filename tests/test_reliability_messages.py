@@ -130,10 +130,12 @@ def test_a_user_name_with_a_trailing_newline_is_refused():
 
 
 def test_ctrl_c_during_setup_is_one_line_and_exit_130(tiny_model_dir, data_dir, tmp_path, capsys, monkeypatch):
-    def interrupted(self):
+    from auxiliary.runtime import model_loading
+
+    def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(eval_online_sdpo.OnlineRun, "_load_tokenizer", interrupted)
+    monkeypatch.setattr(model_loading, "load_tokenizer", interrupted)  # the first model file setup reads
     assert eval_online_sdpo.main(online_args(tiny_model_dir, data_dir, tmp_path / "run")) == 130
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == f"{ERROR_PREFIX} interrupted during setup" and "Traceback" not in err

@@ -547,7 +547,7 @@ def test_every_wrapper_variable_maps_to_a_real_field(monkeypatch):
         table = env_vars.wrapper_table(wrapper)  # raises EnvVarError for a flag that is no field
         assert table.rows, wrapper
     # a mapping to a flag that is no field is caught
-    monkeypatch.setattr(env_vars, "_declarations", lambda wrapper: [["field", "LR", "--no_such_field", ""]])
+    monkeypatch.setattr(env_vars, "wrapper_declarations", lambda wrapper: [["field", "LR", "--no_such_field", ""]])
     with pytest.raises(env_vars.EnvVarError, match="no_such_field"):
         env_vars.wrapper_table("scripts/eval_online_sdpo.sh")
 

@@ -322,10 +322,12 @@ def test_an_online_run_that_fails_in_setup_stops_the_engines_it_started(error, c
                                                                         tiny_model_dir, tmp_path):
     import eval_online_sdpo
 
-    def failing_load(self):
+    from auxiliary.online.arms import Arms
+
+    def failing_load(self, config):
         raise error
 
-    monkeypatch.setattr(eval_online_sdpo.OnlineRun, "_load_policies", failing_load)  # after the user's engine
+    monkeypatch.setattr(Arms, "load", failing_load)  # the policies load after the user's engine has started
     argv = ["--model", str(tiny_model_dir), "--user_simulator", "vllm", "--user_model_name_or_path",
             str(tiny_model_dir), "--train_jsonl", "data/samples/train.jsonl", "--val_jsonl",
             "data/samples/validation.jsonl", "--train_n", "1", "--eval_n", "1", "--output_dir", str(tmp_path / "run")]

@@ -201,7 +201,7 @@ class _Snapshot:
 
 
 @dataclass
-class _Pending:
+class PendingReply:
     """A reply waiting for its follow-up: x (messages before it) and y (its sampled ids)."""
     context: list[dict]
     reply: GeneratedResponse
@@ -228,7 +228,7 @@ class ChatSession:
         self.updates_applied = 0
         self.updates_skipped = 0
         self.last_report: UpdateReport | None = None
-        self._pending: _Pending | None = None
+        self._pending: PendingReply | None = None
         self._why: WhyView | None = None
         self._undo: list[_Snapshot] = []
         self._fresh = self._snapshot("fresh adapter")  # /reset target, taken before any saved state is loaded
@@ -341,6 +341,11 @@ class ChatSession:
             self._worker.shutdown(wait=True)
             self._lock.release()
 
+    @property
+    def closed(self) -> bool:
+        """True from the moment close() starts: new jobs are refused from then on."""
+        return self._closed
+
     # ------------------------------------------------------------------ chatting
     def send(self, text: str) -> ReplyStream:
         """Queue a turn: stream the reply to `text`, then update on the previous reply with `text` as o."""
@@ -374,7 +379,7 @@ class ChatSession:
             streamer.end()  # unblock the reader; it re-raises through reply_future
             reply_future.set_exception(err)
             raise
-        self._pending = _Pending(context=list(self.messages), reply=reply)
+        self._pending = PendingReply(context=list(self.messages), reply=reply)
         self.messages.append({"role": "assistant", "content": reply.text})
         reply_future.set_result(reply)
         if pending is None:
@@ -415,12 +420,12 @@ class ChatSession:
                                  finished=finished)
 
     # ------------------------------------------------------------------ the update
-    def _update(self, pending: _Pending, followup: str) -> UpdateReport:
+    def _update(self, pending: PendingReply, followup: str) -> UpdateReport:
         started = time.perf_counter()
         try:
             signal = None
             if self.min_signal > 0:
-                signal = self._signal(pending, followup)
+                signal = self.hindsight_signal(pending, followup)
                 abs_mean = float(torch.tensor(signal).abs().mean())
                 if abs_mean < self.min_signal:
                     self.updates_skipped += 1
@@ -446,7 +451,8 @@ class ChatSession:
             return UpdateReport("error", self.updates_applied, self.updates_skipped,
                                 error=f"{type(err).__name__}: {err}")
 
-    def _signal(self, pending: _Pending, followup: str) -> list[float]:
+    def hindsight_signal(self, pending: PendingReply, followup: str) -> list[float]:
+        """The per-token signal of the pending reply's ids given the follow-up (what --min_signal gates on)."""
         config = self.updater.config
         context_x, context_xo, context_neutral = hindsight_contexts(
             self.tokenizer, pending.context, followup, config.hindsight_template, config.hindsight_placement,
@@ -457,13 +463,13 @@ class ChatSession:
                                 contexts_neutral=None if context_neutral is None else [context_neutral])
         return result[0]["signal"]
 
-    def _remember_why(self, pending: _Pending, followup: str, signal: list[float], updated: bool) -> None:
+    def _remember_why(self, pending: PendingReply, followup: str, signal: list[float], updated: bool) -> None:
         values = torch.tensor(signal, dtype=torch.float32)
         pieces = token_pieces(self.tokenizer, pending.reply.ids)
         self._why = WhyView(list(zip(pieces, values.tolist())), followup, float(values.mean()),
                             float(values.abs().mean()), updated)
 
-    def _log(self, pending: _Pending, followup: str, updated: bool, signal: list[float]) -> None:
+    def _log(self, pending: PendingReply, followup: str, updated: bool, signal: list[float]) -> None:
         """Append the interaction in the offline trainer's format: chats become offline training data."""
         if not self.log_interactions:
             return

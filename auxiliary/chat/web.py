@@ -145,7 +145,7 @@ class SessionRouter:
         with self._user_lock(user):  # two first requests of one user must not open two sessions
             with self._lock:
                 session = self._sessions.get(user)
-            if session is None or session._closed:
+            if session is None or session.closed:
                 session = self._open(user)  # other users' requests go on meanwhile
                 with self._lock:
                     self._sessions[user] = session
@@ -165,7 +165,7 @@ class SessionRouter:
         """The request's session if it is open, else None (polling must not reopen a closed one)."""
         with self._lock:
             session = self._sessions.get(self.user_of(request))
-        return session if session is not None and not session._closed else None
+        return session if session is not None and not session.closed else None
 
     def add(self, user: str, session) -> None:
         with self._lock:

@@ -521,6 +521,14 @@ def write_jsonl(path: str | os.PathLike, records: list[dict], summary: Summary) 
     summary.outputs.append((str(path), n))
 
 
+def write_prompt_splits(out_dir: str | os.PathLike, prompts: dict[str, list[dict]], summary: Summary) -> None:
+    """<split>.jsonl for every split of selected prompts (an empty split is written too, with a note)."""
+    for split, records in prompts.items():
+        if not records:
+            summary.notes.append(f"{split}.jsonl is empty: the input had no usable {split} prompts")
+        write_jsonl(os.path.join(out_dir, f"{split}.jsonl"), records, summary)
+
+
 def progress(iterable, total: int | None, desc: str):
     """A tqdm bar on a terminal, silent in logs and tests."""
     from tqdm import tqdm

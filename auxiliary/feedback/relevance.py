@@ -86,7 +86,7 @@ class RelevanceScorer:
             found = {}
             try:
                 scored = [key for key in claim if rows[key][1]]
-                values = self._score([(*rows[key], key) for key in scored], neutral) if scored else []
+                values = self.score_batch([(*rows[key], key) for key in scored], neutral) if scored else []
                 found = {**{key: 0.0 for key in claim}, **dict(zip(scored, values))}
             finally:  # a failed batch is released unscored: its error propagates here, and to the waiting below
                 with self._lock:
@@ -105,7 +105,8 @@ class RelevanceScorer:
         threshold = MIN_PMI_NATS if self.min_pmi is None else self.min_pmi  # None: the module's, read now
         return [value < threshold for value in self.pmi(prompts, replies)]
 
-    def _score(self, rows: list, neutral: list[int]) -> list[float]:
+    def score_batch(self, rows: list, neutral: list[int]) -> list[float]:
+        """PMI of each (context ids, reply ids, key) row against the neutral context's ids: one forward."""
         import torch
 
         from sdpo_objective import build_scoring_batch, score_tokens, split_by_sequence

@@ -98,7 +98,7 @@ def _shown(value, dir_of_file: bool = False) -> str:
     return f"`{value}`"
 
 
-def _declarations(wrapper: str) -> list[list[str]]:
+def wrapper_declarations(wrapper: str) -> list[list[str]]:
     """The wrapper's `--list-vars` lines, split on tabs (a clean environment: no .env, no SLURM)."""
     keep = ("PATH", "HOME", "LANG", "LC_ALL", "TMPDIR")
     env = {k: v for k, v in os.environ.items() if k in keep}
@@ -123,7 +123,7 @@ def wrapper_table(wrapper: str) -> WrapperTable:
         raise EnvVarError(f"{wrapper}: not a known wrapper (add it to WRAPPERS in {__name__})")
     classes = tuple(_load_class(spec) for spec in WRAPPERS[wrapper])
     by_flag = _fields_by_flag(classes)
-    lines = _declarations(wrapper)
+    lines = wrapper_declarations(wrapper)
     profile_path = next((line[1] for line in lines if line[0] == "profile"), None)
     profile = _profile_values(profile_path)
     description, rows, common = "", [], []
