@@ -77,12 +77,6 @@ class ChatConfig(OnlineSDPOConfig):
             raise ValueError(f"--ui {self.ui!r}: choose terminal or web")
         if self.color not in ("auto", "always", "never"):
             raise ValueError(f"--color {self.color!r}: choose auto, always or never")
-        if self.min_signal < 0:
-            raise ValueError("--min_signal must be >= 0")
-        if self.max_message_chars < 1:
-            raise ValueError(f"--max_message_chars must be >= 1, got {self.max_message_chars}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"--port {self.port} is not a port number")
 
     def resolved_adapters_dir(self) -> Path:
         if self.adapters_dir:
