@@ -54,7 +54,8 @@ class OfflineTrainingArguments(LoraOptions, OptimizerOptions, ModelOptions):
     grad_accum: int = field(default=8, metadata={
         "help": "gradient-accumulation steps", "aliases": ["--gradient_accumulation_steps"]})
     num_epochs: float = field(default=2.0, metadata={"help": "passes over the data", "aliases": ["--num_train_epochs"]})
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --num_epochs when > 0 (-1: --num_epochs decides)"})
+    max_steps: int = field(default=-1, metadata={
+        "help": "optimizer steps; overrides --num_epochs when > 0 (-1: --num_epochs decides)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
     optim: str = field(default="auto", metadata={
