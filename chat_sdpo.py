@@ -22,7 +22,7 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from auxiliary.runtime.io_utils import base_work_dir, describe_os_error  # noqa: E402
+from auxiliary.runtime.io_utils import base_work_dir  # noqa: E402
 from auxiliary.runtime.option_groups import override  # noqa: E402
 from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
 
@@ -176,7 +176,7 @@ class TerminalChat:
 
     def run(self) -> None:
         """Chat until /quit, Ctrl-D or SIGTERM/SIGHUP (ChatTerminated); every way out saves."""
-        from auxiliary.chat.session import ChatTerminated
+        from auxiliary.chat.session import ChatTerminated, save_line
 
         self._write("commands:\n" + _help() + "\n")
         while True:
@@ -187,14 +187,10 @@ class TerminalChat:
                 self._write(f"\n({stop}: saving before leaving)\n")
                 break
         self._write("saving the adapter ...\n")
-        try:
-            path = self.session.close()  # finishes a running update first
-        except OSError as err:  # a full disk: the adapter saved before (if any) is intact
-            self._write(f"error: {describe_os_error(err)}\n")
-            return
+        saved = save_line(self.session.close)  # finishes a running update first
         with self._print_lock:
             self._flush_queued()
-        self._write(f"saved to {path}\n")
+        self._write(saved + "\n")
 
     def _step(self) -> str | None:
         """Read one line and act on it; "quit" ends the chat."""
@@ -235,6 +231,8 @@ class TerminalChat:
         self._write("\n")
 
     def command(self, line: str) -> str | None:
+        from auxiliary.chat.session import save_line
+
         name = line.split()[0].lower()
         session = self.session
         if name == "/quit":
@@ -244,10 +242,7 @@ class TerminalChat:
         elif name == "/undo":
             self._write(session.undo() + "\n")
         elif name == "/save":
-            try:
-                self._write(f"saved to {session.save()}\n")
-            except OSError as err:  # a full disk: the chat goes on, the adapter saved before is intact
-                self._write(f"error: {describe_os_error(err)}\n")
+            self._write(save_line(session.save) + "\n")
         elif name == "/reset":
             self._write(session.reset() + "\n")
         elif name == "/new":

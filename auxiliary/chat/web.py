@@ -186,7 +186,7 @@ class SessionRouter:
 def build_app(router: SessionRouter, config, quit_event: threading.Event | None = None):
     import gradio as gr
 
-    from auxiliary.chat.session import ChatError
+    from auxiliary.chat.session import ChatError, save_line
 
     multi_user = router.default_user is None
     # the last command's answer per user, shown above the status: the 1 s status poll would
@@ -232,15 +232,15 @@ def build_app(router: SessionRouter, config, quit_event: threading.Event | None 
         if name == "/undo":
             message = session.undo()
         elif name == "/save":
-            message = f"saved to {session.save()}"
+            message = save_line(session.save)  # a full disk: our one line, not Gradio's generic error
         elif name == "/reset":
             message = session.reset()
         elif name == "/new":
             message = session.new_conversation()
         elif name == "/quit" and multi_user:
             # one user may not stop the server for the others: /quit ends (and saves) their own session
-            path = router.close_user(router.user_of(request))
-            notes[router.user_of(request)] = f"saved to {path}; your session ended (a new message starts it again)"
+            saved = save_line(lambda: router.close_user(router.user_of(request)))
+            notes[router.user_of(request)] = f"{saved}; your session ended (a new message starts it again)"
             return notes[router.user_of(request)], gr.skip(), gr.skip()
         elif name == "/quit":
             message = "saving and stopping the server ..."
