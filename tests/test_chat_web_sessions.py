@@ -197,3 +197,16 @@ def test_a_full_disk_on_web_save_or_quit_shows_our_one_line_not_gradios_error(tm
         assert len(history) == 2
     finally:
         app.close()
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["--ui", "web", "--port", str(port), "--model", str(tmp_path / "not_loaded_yet"),
+                     "--adapters_dir", str(tmp_path / "adapters")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --port {port} on 127.0.0.1 cannot be used (Address already in use): choose another --port"]
+    assert not (tmp_path / "adapters").exists()
