@@ -76,6 +76,8 @@ SETTINGS: dict[str, list[str]] = {
     # 20), so the end of a reply never carried a signal; 192 tokens let some of them end (the eval stays at 96)
     "contrast-guard2-train192": ["--contrast_followup", "Thanks.", "--copy_guard_ngram", "2",
                                  "--max_new_tokens", "192"],
+    "contrast-guard2-frozen-train192": ["--contrast_followup", "Thanks.", "--copy_guard_ngram", "2",
+                                        "--max_new_tokens", "192", "--teacher", "frozen"],
 }
 
 
