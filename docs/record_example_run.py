@@ -1,17 +1,19 @@
-"""Record docs/example_run/: the small finished online run that docs/reading_a_run.md explains.
+"""Record docs/example_run/: the finished online run that docs/reading_a_run.md explains.
 
-    python docs/record_example_run.py          # 26 min on the shared 2-core machine (load average 15-20)
+    python docs/record_example_run.py --from RUN_DIR   # copy a finished run, e.g. the folder `make demo` wrote
+    python docs/record_example_run.py                  # or record a small one: 26 min on the shared 2-core machine
 
-The run: SmolLM2-135M-Instruct (the demo's model), a rule-based user who wants concise replies and its
-rule-based judge, a placebo arm, 6 interactions, 6 held-out prompts judged at steps 0, 3 and 6, replies cut
-at 48 tokens. It runs in a temporary folder; what a run writes is then copied into docs/example_run/
-(replacing the earlier copy), without checkpoints and without the lock, so the folder stays small (about
-100 KB). The absolute paths inside (run.log, config.json, summary.json) are written as placeholders:
-<run>/ for the temporary run folder, <repo>/ for this checkout and <cache>/ for the model cache, so the
-shipped files name no machine's folders.
+The shipped example is `make demo`'s own run (configs/demo.yaml, seed 1234), copied with `--from`. Without
+`--from` it records a small run instead: SmolLM2-135M-Instruct, the concise rule user and judge, a placebo arm,
+6 interactions, 6 held-out prompts judged at steps 0, 3 and 6, replies cut at 48 tokens (too few to learn).
+What the run wrote is copied into docs/example_run/ (replacing the earlier copy), without checkpoints, the lock
+and bench/demo_search.py's record, so the folder stays small (about 350 KB for a demo run). The absolute paths
+inside (run.log, config.json, summary.json) are written as placeholders: <run>/ for the run folder, <repo>/
+for this checkout and <cache>/ for the model cache, so the shipped files name no machine's folders.
 """
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
@@ -24,7 +26,7 @@ ARGS = ["--model", "smollm2-135m-instruct", "--device", "cpu",
         "--style", "concise", "--user_simulator", "rule", "--judge", "rule", "--placebo",
         "--train_n", "6", "--eval_n", "6", "--eval_every", "3", "--max_new_tokens", "48",
         "--eval_max_new_tokens", "48", "--seed", "1234"]
-SKIPPED = {"checkpoints", ".lock", "wandb"}  # .sdpo_run.json, the run marker, is kept
+SKIPPED = {"checkpoints", ".lock", "wandb", "search_run.json"}  # .sdpo_run.json, the run marker, is kept
 TEXT_SUFFIXES = {".json", ".jsonl", ".log"}
 
 
@@ -38,7 +40,30 @@ def placeholder_paths(text: str, run_dir: Path) -> str:
     return text
 
 
-def main() -> int:
+def copy_run(run_dir: Path) -> None:
+    """Replace docs/example_run/ with the files of the finished run in `run_dir`, paths as placeholders."""
+    if not (run_dir / "summary.json").is_file():
+        raise SystemExit(f"error: {run_dir}: no summary.json, not a finished online run")
+    if TARGET.exists():
+        shutil.rmtree(TARGET)
+    TARGET.mkdir(parents=True)
+    for path in sorted(run_dir.iterdir()):
+        if path.name in SKIPPED or not path.is_file():
+            continue
+        if path.suffix in TEXT_SUFFIXES:
+            (TARGET / path.name).write_text(placeholder_paths(path.read_text(), run_dir))
+        else:
+            shutil.copy2(path, TARGET / path.name)
+    print(f"wrote {TARGET}: {', '.join(sorted(p.name for p in TARGET.iterdir()))}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from", dest="run_dir", type=Path, help="a finished run folder to copy instead of recording")
+    args = parser.parse_args(argv)
+    if args.run_dir is not None:
+        copy_run(args.run_dir.resolve())
+        return 0
     import eval_online_sdpo
 
     with tempfile.TemporaryDirectory() as tmp:
@@ -46,17 +71,7 @@ def main() -> int:
         code = eval_online_sdpo.main(ARGS + ["--output_dir", str(out)])
         if code != 0:
             return code
-        if TARGET.exists():
-            shutil.rmtree(TARGET)
-        TARGET.mkdir(parents=True)
-        for path in sorted(out.iterdir()):
-            if path.name in SKIPPED or not path.is_file():
-                continue
-            if path.suffix in TEXT_SUFFIXES:
-                (TARGET / path.name).write_text(placeholder_paths(path.read_text(), out))
-            else:
-                shutil.copy2(path, TARGET / path.name)
-    print(f"wrote {TARGET}: {', '.join(sorted(p.name for p in TARGET.iterdir()))}")
+        copy_run(out)
     return 0
 
 

@@ -7,6 +7,8 @@ import sys
 import types
 from pathlib import Path
 
+import pytest
+
 import eval_online_sdpo
 
 REPO = Path(__file__).resolve().parent.parent
@@ -45,6 +47,24 @@ def test_the_recorder_writes_run_repo_and_cache_as_placeholders(tmp_path, monkey
     assert recorder.placeholder_paths(text, run_dir) == (
         'output dir: <run>\nfrom <repo>/data/samples/train.jsonl\n'
         '"model_path": "<cache>/smollm2-135m-instruct", "png": "<run>/winrate.png"')
+
+
+def test_the_recorder_copies_a_finished_run_without_checkpoints_or_the_search_record(tmp_path, monkeypatch):
+    spec = importlib.util.spec_from_file_location("record_example_run", REPO / "docs" / "record_example_run.py")
+    recorder = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(recorder)
+    monkeypatch.setattr(recorder, "TARGET", tmp_path / "example_run")
+    run_dir = tmp_path / "demo"
+    (run_dir / "checkpoints").mkdir(parents=True)
+    (run_dir / "summary.json").write_text(json.dumps({"output_dir": str(run_dir)}))
+    (run_dir / "winrate.png").write_bytes(b"\x89PNG")
+    (run_dir / "search_run.json").write_text("{}")
+    (run_dir / ".lock").write_text("")
+    assert recorder.main(["--from", str(run_dir)]) == 0
+    assert sorted(p.name for p in (tmp_path / "example_run").iterdir()) == ["summary.json", "winrate.png"]
+    assert json.loads((tmp_path / "example_run" / "summary.json").read_text()) == {"output_dir": "<run>"}
+    with pytest.raises(SystemExit, match="no summary.json"):
+        recorder.main(["--from", str(tmp_path / "example_run" / "nothing")])
 
 
 def test_the_summary_fields_the_page_names_are_in_the_example():
