@@ -3,14 +3,15 @@
     .venv/bin/python bench/demo_search.py --settings default lora-1e-4 --seeds 1234 --parallel 2
     .venv/bin/python bench/demo_search.py --table-only          # rebuild the table from the run folders
 
-Each setting is a list of flag overrides over configs/demo.yaml (SETTINGS below, the record of what
-was tried). One run per (setting, seed) goes to ROOT/<name>-s<seed>/; a run whose summary.json
+Each setting is a list of flag overrides over the search base (SETTINGS below, the record of what was
+tried): configs/demo.yaml with SEARCH_BASE after it, the profile as it was before issue #27 (the profile
+is now the setting PROFILE_SETTING). One run per (setting, seed) goes to ROOT/<name>-s<seed>/; a run whose summary.json
 exists is skipped, so the search can be stopped and restarted. Each run is a child process with one
 torch thread under `nice`; the profile's `arms_in_parallel` runs its two arms side by side, one core
 each, so on a 2-core machine run one at a time (`--parallel 1`); its wall time and the load average
 around it are written to ROOT/<name>-s<seed>/search_run.json.
 
-A setting's flags go to eval_online_sdpo.py as they are, after the profile (so they override it) and
+A setting's flags go to eval_online_sdpo.py as they are, after the profile and SEARCH_BASE (so they override them) and
 before the search's --seed and --output_dir: any flag of OnlineSDPOConfig or OnlineRunConfig, a value
 with spaces or a list included; search_run.json and table.json record them.
 
@@ -43,9 +44,15 @@ RUN_RECORD = "search_run.json"
 # Issue #18: feedback's degenerate replies may exceed the baseline's by at most this many of n.
 DEGENERATE_ALLOWANCE = 2
 
+# Every setting is a list of flags over the search's base: configs/demo.yaml as it was before issue #27 chose
+# the profile's teacher, contrast and copy guard (these flags turn today's profile back into it), so that each
+# name stays the experiment its rows measured.
+SEARCH_BASE = ["--teacher", "live", "--contrast_followup", "", "--copy_guard_ngram", "0"]
+# the setting that configs/demo.yaml is today (tests/test_demo_search.py holds them equal)
+PROFILE_SETTING = "contrast-guard3-frozen-5e-6"
 CONTRAST_GUARD = ["--contrast_followup", "Thanks.", "--copy_guard_ngram", "3"]
 LORA = ["--use_lora", "true"]  # rank 16, alpha 32 (the defaults), on every linear layer
-# name -> flags over configs/demo.yaml. Append, never rewrite: the table refers to these names.
+# name -> flags over the search base. Append, never rewrite: the table refers to these names.
 SETTINGS: dict[str, list[str]] = {
     "default": [],
     # LoRA dropout was 0.05 by default when these ran; it is 0 now (the paper's), so they name it
@@ -87,7 +94,7 @@ def run_dir(root: Path, name: str, seed: int) -> Path:
 
 def run_command(python: str, flags: list[str], seed: int, out: Path) -> list[str]:
     # --overwrite: a folder without summary.json is a run that was cut off; start it again clean.
-    return [python, "eval_online_sdpo.py", "--config", PROFILE, *flags, "--seed", str(seed),
+    return [python, "eval_online_sdpo.py", "--config", PROFILE, *SEARCH_BASE, *flags, "--seed", str(seed),
             "--output_dir", str(out), "--overwrite"]
 
 

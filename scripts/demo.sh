@@ -5,8 +5,8 @@
 # rate per eval step and arm, the net effect (feedback - placebo) and the path of winrate.png.
 #
 # The settings are the profile configs/demo.yaml (chosen by measurement: README, "Quick start:
-# make demo"). DEMO_STYLE, DEMO_LR, DEMO_IGNORE_FIRST_K, DEMO_LOSS_MODE, DEMO_TRAIN_N, DEMO_EVAL_N,
-# DEMO_EVAL_EVERY, DEMO_MAX_NEW_TOKENS (also the evaluation's) and DEMO_SEED override it when set,
+# make demo"). DEMO_STYLE, DEMO_LR, DEMO_IGNORE_FIRST_K, DEMO_LOSS_MODE, DEMO_TEACHER, DEMO_TRAIN_N,
+# DEMO_EVAL_N, DEMO_EVAL_EVERY, DEMO_MAX_NEW_TOKENS (also the evaluation's) and DEMO_SEED override it when set,
 # and extra arguments go to eval_online_sdpo.py:
 #   DEMO_TRAIN_N=40 scripts/demo.sh --eval_every 10
 # `--dry-run` prints the resolved command, like the other wrappers, and runs or writes nothing.
@@ -54,6 +54,7 @@ setting STYLE style
 setting LR lr
 setting IGNORE_FIRST_K ignore_first_k
 setting LOSS_MODE loss_mode
+setting TEACHER teacher
 setting TRAIN_N train_n
 setting EVAL_N eval_n
 setting EVAL_EVERY eval_every
@@ -93,6 +94,8 @@ user        rule-based '$STYLE' user (complains when a reply is over 60 words, e
 placebo     a second policy, same start, same prompts and seeds; its user always says "OK, thanks."
             (arms_in_parallel: $(profile_value arms_in_parallel): the two arms side by side, half the CPU threads each)
 objective   $LOSS_MODE, signal centred per reply, first $IGNORE_FIRST_K reply tokens ignored, lr $LR, 1 step per interaction
+            teacher $TEACHER; signal against the neutral follow-up "$(profile_value contrast_followup)"; none on a token
+            that completes a repeated $(profile_value copy_guard_ngram)-gram of its reply
 run         $TRAIN_N interactions, $EVAL_N held-out prompts judged at step 0 (the baseline's own replies)$(
             [[ $EVAL_EVERY == 0 ]] || printf ', every %s' "$EVAL_EVERY") and at the end
 judge       rule-based '$STYLE' judge vs the initial policy's replies (shorter wins; both orders; a reply that

@@ -118,8 +118,8 @@ def test_a_finished_run_is_skipped_without_starting_anything(tmp_path):
 
 def test_run_command_puts_the_overrides_after_the_profile():
     command = demo_search.run_command("py", ["--lr", "1e-5"], 3, Path("/r/x-s3"))
-    assert command == ["py", "eval_online_sdpo.py", "--config", "configs/demo.yaml", "--lr", "1e-5", "--seed", "3",
-                       "--output_dir", "/r/x-s3", "--overwrite"]
+    assert command == ["py", "eval_online_sdpo.py", "--config", "configs/demo.yaml", *demo_search.SEARCH_BASE,
+                       "--lr", "1e-5", "--seed", "3", "--output_dir", "/r/x-s3", "--overwrite"]
 
 
 def test_any_flag_of_a_setting_reaches_the_run_as_written():
@@ -127,7 +127,7 @@ def test_any_flag_of_a_setting_reaches_the_run_as_written():
     flags = ["--placebo_texts", "Fine, thanks.", "Noted.", "--hindsight_template", "The user then said: {followup}",
              "--relevance_model", "", "--eval_n", "60"]
     command = demo_search.run_command("py", flags, 3, Path("/r/x-s3"))
-    assert command[4:-5] == flags
+    assert command[4 + len(demo_search.SEARCH_BASE):-5] == flags
     config = _demo_config(flags)
     assert config["placebo_texts"] == ["Fine, thanks.", "Noted."] and config["eval_n"] == 60
     assert config["relevance_model"] == "" and config["hindsight_template"] == "The user then said: {followup}"
@@ -160,10 +160,18 @@ def _demo_config(flags: list[str]) -> dict:
 def test_every_setting_changes_exactly_the_fields_its_flags_name(name):
     """A typo or a value equal to the profile's would make a setting a silent copy of the default."""
     flags = demo_search.SETTINGS[name]
-    default = _demo_config([])
-    changed = {key for key, value in _demo_config(flags).items() if value != default[key]}
+    default = _demo_config(demo_search.SEARCH_BASE)
+    changed = {key for key, value in _demo_config(demo_search.SEARCH_BASE + flags).items() if value != default[key]}
     named = {flag.removeprefix("--") for flag in flags if flag.startswith("--")}
     assert changed == named
+
+
+def test_the_search_base_is_the_profile_before_issue_27_and_the_profile_is_its_chosen_setting():
+    base = _demo_config(demo_search.SEARCH_BASE)
+    assert (base["teacher"], base["contrast_followup"], base["copy_guard_ngram"]) == ("live", "", 0)
+    profile = _demo_config([])
+    assert profile == _demo_config(demo_search.SEARCH_BASE + demo_search.SETTINGS[demo_search.PROFILE_SETTING])
+    assert profile != base
 
 
 def test_copy_tokens_are_the_repeats_of_an_earlier_trigram():
