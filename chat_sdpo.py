@@ -22,7 +22,7 @@ from typing import Optional
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-from auxiliary.runtime.io_utils import base_work_dir, describe_os_error  # noqa: E402
+from auxiliary.runtime.io_utils import base_work_dir  # noqa: E402
 from auxiliary.runtime.option_groups import override  # noqa: E402
 from online_sdpo_updater_config import OnlineSDPOConfig  # noqa: E402
 
@@ -77,12 +77,6 @@ class ChatConfig(OnlineSDPOConfig):
             raise ValueError(f"--ui {self.ui!r}: choose terminal or web")
         if self.color not in ("auto", "always", "never"):
             raise ValueError(f"--color {self.color!r}: choose auto, always or never")
-        if self.min_signal < 0:
-            raise ValueError("--min_signal must be >= 0")
-        if self.max_message_chars < 1:
-            raise ValueError(f"--max_message_chars must be >= 1, got {self.max_message_chars}")
-        if not 0 < self.port < 65536:
-            raise ValueError(f"--port {self.port} is not a port number")
 
     def resolved_adapters_dir(self) -> Path:
         if self.adapters_dir:
@@ -182,7 +176,7 @@ class TerminalChat:
 
     def run(self) -> None:
         """Chat until /quit, Ctrl-D or SIGTERM/SIGHUP (ChatTerminated); every way out saves."""
-        from auxiliary.chat.session import ChatTerminated
+        from auxiliary.chat.session import ChatTerminated, save_line
 
         self._write("commands:\n" + _help() + "\n")
         while True:
@@ -193,14 +187,10 @@ class TerminalChat:
                 self._write(f"\n({stop}: saving before leaving)\n")
                 break
         self._write("saving the adapter ...\n")
-        try:
-            path = self.session.close()  # finishes a running update first
-        except OSError as err:  # a full disk: the adapter saved before (if any) is intact
-            self._write(f"error: {describe_os_error(err)}\n")
-            return
+        saved = save_line(self.session.close)  # finishes a running update first
         with self._print_lock:
             self._flush_queued()
-        self._write(f"saved to {path}\n")
+        self._write(saved + "\n")
 
     def _step(self) -> str | None:
         """Read one line and act on it; "quit" ends the chat."""
@@ -241,6 +231,8 @@ class TerminalChat:
         self._write("\n")
 
     def command(self, line: str) -> str | None:
+        from auxiliary.chat.session import save_line
+
         name = line.split()[0].lower()
         session = self.session
         if name == "/quit":
@@ -250,10 +242,7 @@ class TerminalChat:
         elif name == "/undo":
             self._write(session.undo() + "\n")
         elif name == "/save":
-            try:
-                self._write(f"saved to {session.save()}\n")
-            except OSError as err:  # a full disk: the chat goes on, the adapter saved before is intact
-                self._write(f"error: {describe_os_error(err)}\n")
+            self._write(save_line(session.save) + "\n")
         elif name == "/reset":
             self._write(session.reset() + "\n")
         elif name == "/new":
@@ -287,7 +276,11 @@ def build_session(config: ChatConfig, on_event=None, user_id: str | None = None)
                           undo_depth=config.undo_depth, system_prompt=config.system_prompt,
                           log_interactions=config.log_interactions, on_event=on_event,
                           max_message_chars=config.max_message_chars)
-    return session, session.load()
+    try:
+        return session, session.load()
+    except BaseException:  # a bad adapter, Ctrl-C or SIGTERM while it loads: the folder lock goes
+        session.close(save=False)
+        raise
 
 
 def quiet_libraries() -> None:
@@ -327,21 +320,31 @@ def merge_repeated_flag(argv: list[str], flag: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    from auxiliary.chat.session import ChatError, save_on_termination
-    from auxiliary.runtime.cli import ConfigError, exit_with_error, parse_dataclasses
-    from auxiliary.runtime.locks import FolderLockError
-    from auxiliary.runtime.model_loading import ModelLoadError
+    from auxiliary.chat.session import save_on_termination
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     quiet_libraries()
     argv = merge_repeated_flag(list(sys.argv[1:] if argv is None else argv), "--auth")
+    # SIGTERM / SIGHUP from here on: while loading, one line and exit 128+n (nothing learned yet); once chatting,
+    # leave through the normal end, which saves every open session
+    with save_on_termination() as received:
+        return _load_and_chat(argv, received)
+
+
+def _load_and_chat(argv: list[str], received: list[int]) -> int:
+    from auxiliary.chat.session import ChatError, ChatTerminated
+    from auxiliary.runtime.cli import ConfigError, exit_with_error, parse_dataclasses
+    from auxiliary.runtime.locks import FolderLockError
+    from auxiliary.runtime.model_loading import ModelLoadError
+
     credentials, session, loaded = [], None, ""
     try:
         (config,) = parse_dataclasses((ChatConfig,), argv, prog="chat_sdpo.py")
         if config.ui == "web":
-            from auxiliary.chat.web import web_credentials
+            from auxiliary.chat.web import require_free_port, web_credentials
 
             credentials = web_credentials(config)  # before loading: a refused --host fails at once
+            require_free_port(config)  # and a port in use
         who = f"{len(credentials)} users" if credentials else f"user '{config.user_id}'"
         print(f"loading {config.model} ({who}, adapters in {config.resolved_adapters_dir()}) ...", flush=True)
         if not credentials:  # with logins each user's session opens at their first request
@@ -352,9 +355,12 @@ def main(argv=None) -> int:
     except (ConfigError, ChatError, ModelLoadError, FolderLockError, ValueError, FileNotFoundError,
             PermissionError) as err:
         return exit_with_error(err)
-    except KeyboardInterrupt:  # Ctrl-C while the model loads: one line, not a traceback through transformers
+    except (KeyboardInterrupt, ChatTerminated) as stop:  # while the model loads: one line, not a traceback
         if session is not None:
             session.close(save=False)  # nothing was learned yet; the folder lock goes
+        if isinstance(stop, ChatTerminated):
+            print(f"{stop} while loading: nothing learned yet, nothing to save", file=sys.stderr)
+            return 128 + stop.signum
         print("interrupted while loading", file=sys.stderr)
         return 130
     if loaded:
@@ -362,17 +368,19 @@ def main(argv=None) -> int:
     print(f"every message you send after a reply is feedback for it: one SDPO update each "
           f"(lr {config.lr:g}, {'LoRA r=' + str(config.lora_r) if config.use_lora else 'all weights'}, "
           f"loss {config.loss_mode}, min_signal {config.min_signal:g})", flush=True)
-    with save_on_termination() as received:  # SIGTERM / SIGHUP: leave through the normal end, which saves
-        if terminal is not None:
-            terminal.run()
-        else:
-            from auxiliary.chat.web import SessionRouter, serve
+    if terminal is not None:
+        terminal.run()
+    else:
+        from auxiliary.chat.web import SessionRouter, serve
 
-            router = SessionRouter(lambda user: build_session(config, user_id=user)[0],
-                                   default_user=None if credentials else config.user_id)
-            if session is not None:
-                router.add(config.user_id, session)
+        router = SessionRouter(lambda user: build_session(config, user_id=user)[0],
+                               default_user=None if credentials else config.user_id)
+        if session is not None:
+            router.add(config.user_id, session)
+        try:
             serve(router, config, credentials)
+        except OSError as err:  # the port taken since the check: every open session was saved on the way out
+            return exit_with_error(f"web UI on {config.host}:{config.port}: {err}")
     return 128 + received[0] if received else 0
 
 

@@ -98,6 +98,7 @@ class OnlineRun:
         """The steps of a run's start in their necessary order: what can fail on the flags alone first, the
         folder before any model loads, the data before the policies (the lr schedule spans the run)."""
         check_online_rules(self.sdpo, self.run, self.world.size)
+        WandbRun.require(self.run.wandb)  # before the baseline is saved: a refused --overwrite changes no file
         self._check_prompt_files()  # before the output folder: nothing left behind
         self.sdpo = self.world.start(self.sdpo)  # join the process group: this process's device
         self.out = self._open_folder()  # main process: create, lock, refuse a changed experiment on --resume
@@ -112,7 +113,6 @@ class OnlineRun:
         self.world.distribute(self.arms.updaters.values())
         if self.world.main:
             self.evaluator.load_or_make_baseline(resumed=self.start_step > 1)
-            WandbRun.require(self.run.wandb)
             self.folder.clear_earlier_results()  # --overwrite: only now, every check that can fail has passed
             self._write_config(model_path)
             self.wandb = self.evaluator.wandb = WandbRun.start(self.run.wandb, self.out, self.run.wandb_project)

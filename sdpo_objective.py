@@ -580,7 +580,8 @@ def compute_signal(model, contexts_x, contexts_xo, responses, pad_token_id: int,
 
 # --------------------------------------------------------------------------- losses
 
-# The allowed range of each numeric objective option: (low, low inclusive, high, high inclusive), None = no bound.
+# The allowed range of each numeric objective option: (low, low inclusive, high, high inclusive), None = no bound;
+# a row may add a fifth item, (value, meaning): the one value outside the range that is allowed too ("-1: off").
 # These rows belong to the project's one table of ranges (auxiliary/runtime/option_groups.RANGES takes them
 # in); they live here because the objective checks its own options and imports nothing from auxiliary/.
 OBJECTIVE_RANGES: dict[str, tuple] = {
@@ -591,12 +592,14 @@ OBJECTIVE_RANGES: dict[str, tuple] = {
 }
 
 
-def describe_range(low, low_inclusive, high, high_inclusive) -> str:
+def describe_range(low, low_inclusive, high, high_inclusive, unset=None) -> str:
     if high is None:
-        return f"{'>=' if low_inclusive else '>'} {low}"
-    if low is None:
-        return f"{'<=' if high_inclusive else '<'} {high}"
-    return f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+        text = f"{'>=' if low_inclusive else '>'} {low}"
+    elif low is None:
+        text = f"{'<=' if high_inclusive else '<'} {high}"
+    else:
+        text = f"in {'[' if low_inclusive else '('}{low}, {high}{']' if high_inclusive else ')'}"
+    return text + (f", or {unset[0]} ({unset[1]})" if unset else "")
 
 
 def check_in_range(name: str, value, ranges: dict[str, tuple]) -> None:
@@ -608,7 +611,9 @@ def check_in_range(name: str, value, ranges: dict[str, tuple]) -> None:
         raise ValueError(f"--{name} must be a finite number, got {value}")
     if name not in ranges:
         return
-    low, low_inclusive, high, high_inclusive = ranges[name]
+    low, low_inclusive, high, high_inclusive, *unset = ranges[name]
+    if unset and value == unset[0][0]:
+        return
     too_low = low is not None and (value < low if low_inclusive else value <= low)
     too_high = high is not None and (value > high if high_inclusive else value >= high)
     if too_low or too_high:

@@ -72,6 +72,10 @@ SETTINGS: dict[str, list[str]] = {
     # the guard at n = 2 also masks the token that starts a repeat (the lead-in the trigram guard leaves)
     "contrast-guard2": ["--contrast_followup", "Thanks.", "--copy_guard_ngram", "2"],
     "contrast-guard3-frozen-5e-6": CONTRAST_GUARD + ["--teacher", "frozen"],
+    # no 96-token training reply of the rows above ended by itself (metrics.jsonl: reply_finished false in all
+    # 20), so the end of a reply never carried a signal; 192 tokens let some of them end (the eval stays at 96)
+    "contrast-guard2-train192": ["--contrast_followup", "Thanks.", "--copy_guard_ngram", "2",
+                                 "--max_new_tokens", "192"],
 }
 
 

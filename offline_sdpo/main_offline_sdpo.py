@@ -54,7 +54,8 @@ class OfflineTrainingArguments(LoraOptions, OptimizerOptions, ModelOptions):
     grad_accum: int = field(default=8, metadata={
         "help": "gradient-accumulation steps", "aliases": ["--gradient_accumulation_steps"]})
     num_epochs: float = field(default=2.0, metadata={"help": "passes over the data", "aliases": ["--num_train_epochs"]})
-    max_steps: int = field(default=-1, metadata={"help": "optimizer steps; overrides --num_epochs when > 0"})
+    max_steps: int = field(default=-1, metadata={
+        "help": "optimizer steps; overrides --num_epochs when > 0 (-1: --num_epochs decides)"})
     warmup_ratio: float = field(default=0.05, metadata={"help": "share of the steps spent warming up"})
     lr_scheduler_type: str = field(default="cosine", metadata={"help": "transformers scheduler name"})
     optim: str = field(default="auto", metadata={
@@ -63,7 +64,7 @@ class OfflineTrainingArguments(LoraOptions, OptimizerOptions, ModelOptions):
     seed: int = field(default=1234, metadata={"help": "random seed (data order, init of LoRA)"})
     logging_steps: int = field(default=1, metadata={"help": "log every N optimizer steps"})
     save_steps: int = field(default=200, metadata={"help": "checkpoint every N optimizer steps"})
-    save_total_limit: int = field(default=2, metadata={"help": "newest checkpoints kept"})
+    save_total_limit: int = field(default=2, metadata={"help": "newest checkpoints kept (0: all)"})
     resume_from_checkpoint: Optional[str] = field(default=None, metadata={
         "help": "a checkpoint folder, or 'latest' (newest in --output_dir; fresh start if none)"})
     overwrite: bool = field(default=False, metadata={
@@ -76,16 +77,9 @@ class OfflineTrainingArguments(LoraOptions, OptimizerOptions, ModelOptions):
     def __post_init__(self):
         if self.output_dir is None:
             self.output_dir = os.environ.get("OUTPUT_DIR") or None
-        check_ranges(self)
+        check_ranges(self)  # every numeric flag in its range (option_groups.RANGES)
         if self.dtype not in DTYPES:
             raise ValueError(f"unknown --dtype '{self.dtype}'; choose {', '.join(DTYPES)}")
-        for name in ("batch_size", "grad_accum", "logging_steps", "save_steps", "lora_r"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1")
-        if not 0 <= self.warmup_ratio < 1:
-            raise ValueError("--warmup_ratio must be in [0, 1)")
-        if self.lr <= 0:
-            raise ValueError("--lr must be > 0")
 
 
 @dataclass

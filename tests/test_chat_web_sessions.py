@@ -158,3 +158,55 @@ def test_gradio_app_routes_two_logins_to_their_own_sessions():
         assert opened["bob"][0].messages == []  # bob never sees alice's conversation
     finally:
         app.close()
+
+
+def test_a_full_disk_on_web_save_or_quit_shows_our_one_line_not_gradios_error(tmp_path):
+    """The real app and Gradio's client: /save (and a login's /quit, which saves) on a full disk answer with the
+    terminal chat's `cannot write PATH` line, and the chat goes on."""
+    import errno
+
+    pytest.importorskip("gradio")
+    client_module = pytest.importorskip("gradio_client")
+    from auxiliary.chat.web import build_app
+
+    adapter = tmp_path / "alice" / "adapter"
+
+    class FullDisk(FakeSession):
+        def save(self):
+            raise OSError(errno.ENOSPC, "No space left on device", str(adapter))
+
+        def close(self):
+            self.closed = True
+            self.save()
+
+    router = SessionRouter(FullDisk)
+    app = build_app(router, ChatConfig(model="tiny-test", ui="web"))
+    app.queue(default_concurrency_limit=1)
+    port = free_port()
+    app.launch(server_name="127.0.0.1", server_port=port, prevent_thread_lock=True, quiet=True,
+               auth=[("alice", "pa")])
+    line = f"error: cannot write {adapter}: No space left on device (the disk is full: free space or choose another " \
+           "output folder)"
+    try:
+        alice = client_module.Client(f"http://127.0.0.1:{port}/", auth=("alice", "pa"), verbose=False)
+        status = alice.predict("/save", [], api_name="/send")[2]
+        assert status.splitlines()[0].strip() == line
+        assert alice.predict("/quit", [], api_name="/send")[2] == \
+            f"{line}; your session ended (a new message starts it again)"
+        history = alice.predict("still here?", [], api_name="/send")[0]  # the chat goes on: a new session
+        assert len(history) == 2
+    finally:
+        app.close()
+
+
+def test_a_port_in_use_is_refused_before_the_model_loads(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        code = main(["--ui", "web", "--port", str(port), "--model", str(tmp_path / "not_loaded_yet"),
+                     "--adapters_dir", str(tmp_path / "adapters")])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: --port {port} on 127.0.0.1 cannot be used (Address already in use): choose another --port"]
+    assert not (tmp_path / "adapters").exists()

@@ -222,3 +222,18 @@ def test_lm_eval_records_this_repositorys_commit_without_git_noise(tmp_path, mon
     assert "fatal" not in captured.err + captured.out
     expected = subprocess.run(["git", "describe", "--always"], cwd=REPO, capture_output=True, text=True).stdout.strip()
     assert seen["hash"] == (expected or None)
+
+
+@needs_harnesses
+def test_alpaca_eval_is_imported_without_the_pkg_resources_deprecation_warning(tmp_path):
+    # A child process: pkg_resources warns once per process, on its first import by anyone.
+    code = ("from auxiliary.evals import benchmarks as bench\n"
+            "bench.annotator_key_problem(bench.BenchmarkArgs(baseline_model='x', tasks=['alpaca_eval']))\n"
+            "import sys, warnings; assert 'alpaca_eval.utils' in sys.modules\n"
+            "warnings.warn('a warning of ours')\n")
+    env = dict(os.environ, PYTHONPATH=str(REPO), OPENAI_API_KEY="unused")
+    result = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "pkg_resources" not in result.stderr + result.stdout
+    assert "UserWarning: a warning of ours" in result.stderr  # only that notice is hidden

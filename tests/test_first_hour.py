@@ -39,6 +39,9 @@ def page_commands() -> dict[str, dict]:
 
 
 COMMANDS = page_commands()
+# Lines of libraries that tell a new user nothing about their run (issue #29): none may print.
+LIBRARY_NOISE = ("Setting accelerator to CPU", "pkg_resources is deprecated", "fatal: not a git repository")
+QUOTED_METRICS = re.compile(r"'(loss|grad_norm|learning_rate)': '")  # transformers' log dict of strings
 
 
 def test_every_command_block_of_the_page_is_tested():
@@ -113,6 +116,8 @@ def test_the_command_runs_as_written(name, first_hour_runs):
     assert result.returncode == 0, printed[-3000:]
     assert COMMANDS[name]["expect"] in printed, printed[-3000:]
     assert "Traceback" not in printed, printed[-3000:]
+    assert [noise for noise in LIBRARY_NOISE if noise in printed] == [], printed[-3000:]
+    assert not QUOTED_METRICS.search(printed), printed[-3000:]
     if name == "wandb":
         runs = list((root / "wandb" / "wandb").glob("offline-run-*"))
         assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())

@@ -1,5 +1,6 @@
 """Offline SDPO end to end on a tiny model: train, log, save, reload, resume, LoRA, and 2 CPU processes."""
 import contextlib
+import hashlib
 import io
 import json
 import os
@@ -217,12 +218,16 @@ def test_overwrite_with_bad_input_deletes_nothing(three_steps, tiny_model_dir, t
 
     out, _ = three_steps
     earlier = shutil.copytree(out, tmp_path / "earlier")
-    before = sorted(p.name for p in earlier.iterdir())
+    def checksums():
+        return {str(p.relative_to(earlier)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(earlier.rglob("*")) if p.is_file()}
+
+    before = checksums()
     flags = common_flags(tiny_model_dir, earlier) + ["--max_steps", "1", "--overwrite"]
     for bad in (["--train_jsonl", str(tmp_path / "missing.jsonl")], ["--base_model", str(tmp_path / "no_model")]):
         with pytest.raises((DataError, ModelLoadError)):
             run_in_process(main, flags + bad)
-        assert sorted(p.name for p in earlier.iterdir()) == before  # the checks come before any deletion
+        assert checksums() == before  # the checks come before any deletion, and nothing is written either
 
 
 def test_overwrite_refuses_a_model_folder_no_run_of_ours_wrote(tiny_model_dir, tmp_path):

@@ -146,3 +146,57 @@ def test_a_full_disk_on_save_is_one_line_and_the_chat_goes_on(tmp_path, tiny_tok
     assert "".join(printed) == f"error: cannot write {tmp_path / 'hal' / 'adapter'}: No space left on device " \
                                "(the disk is full: free space or choose another output folder)\n"
     session.close(save=False)
+
+
+def free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_sigterm_while_the_web_server_starts_saves_the_session_and_exits_143(tmp_path, tiny_model_dir, monkeypatch,
+                                                                            capsys):
+    gradio = pytest.importorskip("gradio")
+    real_launch = gradio.Blocks.launch
+
+    def launch_after_a_sigterm(self, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)  # `kill PID` while the server starts
+        return real_launch(self, *args, **kwargs)
+
+    monkeypatch.setattr(gradio.Blocks, "launch", launch_after_a_sigterm)
+    argv = ["--ui", "web", "--port", str(free_port()), "--model", str(tiny_model_dir), "--adapters_dir",
+            str(tmp_path), "--user_id", "ann", "--lora_r", "4", "--lora_alpha", "8"]
+    before = signal.getsignal(signal.SIGTERM)
+    assert chat_sdpo.main(argv) == 128 + signal.SIGTERM
+    assert signal.getsignal(signal.SIGTERM) == before
+    out = capsys.readouterr().out
+    assert "SIGTERM: saving every open session before leaving" in out
+    assert f"saved to {tmp_path / 'ann' / 'adapter'}" in out
+    assert (tmp_path / "ann" / "adapter" / "updater_state.json").is_file() and not (tmp_path / "ann" / ".lock").exists()
+
+
+def test_sigterm_while_the_model_loads_is_one_line_and_exit_143(tmp_path, tiny_model_dir, monkeypatch, capsys):
+    real_build = chat_sdpo.build_session
+
+    def build_after_a_sigterm(*args, **kwargs):
+        os.kill(os.getpid(), signal.SIGTERM)
+        return real_build(*args, **kwargs)
+
+    class DefaultActionWouldKill(Exception):
+        pass
+
+    def guard(signum, frame):  # stands in for the default action, which would end pytest itself
+        raise DefaultActionWouldKill
+
+    monkeypatch.setattr(chat_sdpo, "build_session", build_after_a_sigterm)
+    previous = signal.signal(signal.SIGTERM, guard)
+    try:
+        code = chat_sdpo.main(["--model", str(tiny_model_dir), "--adapters_dir", str(tmp_path), "--user_id", "ann"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    assert code == 128 + signal.SIGTERM
+    err = capsys.readouterr().err
+    assert err.strip().splitlines() == ["SIGTERM while loading: nothing learned yet, nothing to save"]
+    assert not (tmp_path / "ann" / "adapter").exists()

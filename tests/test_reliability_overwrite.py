@@ -1,5 +1,6 @@
 """--overwrite never costs data: every check runs before anything is deleted, only a folder a run of ours
 wrote (its run marker) is cleared, only what a run writes is removed, and a user's folder keeps its mode."""
+import hashlib
 import logging
 import os
 
@@ -14,8 +15,9 @@ RUN_FILES = ("metrics.jsonl", "eval_history.json", "config.json", "summary.json"
 
 
 def snapshot(folder):
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name not in ("run.log", ".lock")}
+    """sha256 of every file of the folder, run.log included (.lock: only while a run holds the folder)."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != ".lock"}
 
 
 @pytest.mark.parametrize("bad", [{"model": "/nonexistent/model"}, {"train_jsonl": "/nonexistent.jsonl"},
@@ -29,7 +31,7 @@ def test_overwrite_with_bad_input_keeps_the_earlier_run_whole(tiny_model_dir, da
     capsys.readouterr()
     assert eval_online_sdpo.main(online_args(tiny_model_dir, data_dir, out, overwrite=True, **{**args, **bad})) == 2
     assert last_line(capsys.readouterr().err).startswith(ERROR_PREFIX)
-    assert snapshot(out) == before  # not one file lost or changed
+    assert snapshot(out) == before  # not one file lost or changed: run.log has no line of the refused attempt
 
 
 def test_overwrite_replaces_a_run_of_ours_and_keeps_only_this_runs_log(tiny_model_dir, data_dir, tmp_path, caplog):
@@ -46,6 +48,23 @@ def test_overwrite_replaces_a_run_of_ours_and_keeps_only_this_runs_log(tiny_mode
     log = (out / "run.log").read_text()
     assert "output dir:" in log and "--overwrite: removed" in log
     assert len(first_log) > 0 and log.count("output dir:") == 1
+    assert log.index("output dir:") < log.index("--overwrite: removed")  # the lines before the removal kept
+
+
+def test_a_refused_overwrite_after_a_started_one_leaves_run_log_alone_and_logs_the_next_run(
+        tiny_model_dir, data_dir, tmp_path, caplog):
+    caplog.set_level(logging.INFO)
+    out = tmp_path / "run"
+    args = dict(train_n=1, eval_every=0)
+    assert eval_online_sdpo.main(online_args(tiny_model_dir, data_dir, out, **args)) == 0
+    before = snapshot(out)
+    assert eval_online_sdpo.main(online_args(tiny_model_dir, data_dir, out, overwrite=True, model="/nonexistent",
+                                             **args)) == 2
+    assert snapshot(out) == before
+    assert eval_online_sdpo.main(online_args(tiny_model_dir, data_dir, out, resume=True, train_n=2,
+                                             eval_every=0)) == 0
+    log = (out / "run.log").read_text()
+    assert log.count("output dir:") == 2 and "/nonexistent" not in log  # the first run's and the resumed run's
 
 
 def test_overwrite_refuses_a_folder_no_run_of_ours_made_and_leaves_it_alone(tmp_path):
@@ -120,3 +139,21 @@ def test_resume_and_overwrite_exclude_each_other(tmp_path):
     with pytest.raises(RunFolderError, match="exclude each other"):
         RunFolder.open(tmp_path / "run", resume=True, overwrite=True)
     assert not (tmp_path / "run").exists()
+
+
+def test_overwrite_refused_for_a_missing_wandb_keeps_the_earlier_baseline(tiny_model_dir, data_dir, tmp_path,
+                                                                          monkeypatch):
+    from auxiliary.runtime.wandb_run import WandbSetupError
+
+    def no_wandb(enabled):
+        if enabled:
+            raise WandbSetupError("--wandb needs the wandb package (pip install wandb)")
+
+    out = tmp_path / "run"
+    assert eval_online_sdpo.main(online_args(tiny_model_dir, data_dir, out, train_n=1, eval_every=0)) == 0
+    before = snapshot(out)
+    monkeypatch.setattr(eval_online_sdpo.WandbRun, "require", staticmethod(no_wandb))
+    # other evaluation settings: a baseline made before the check would replace baseline_completions.json
+    assert eval_online_sdpo.main(online_args(tiny_model_dir, data_dir, out, train_n=1, eval_every=0, overwrite=True,
+                                             eval_max_new_tokens=5, wandb=True)) == 2
+    assert snapshot(out) == before

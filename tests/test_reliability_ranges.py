@@ -95,3 +95,75 @@ def test_the_objective_checks_its_options_against_the_one_table():
     with pytest.raises(ValueError) as caught:
         Teacher(torch.nn.Linear(2, 2), "ema", ema_rate=1.5)
     assert str(caught.value) == "--teacher_ema_rate must be in (0, 1], got 1.5"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"max_steps": -5}, "--max_steps must be >= 1, or -1 (no limit: --num_epochs decides), got -5"),
+    ({"max_steps": 0}, "--max_steps must be >= 1, or -1 (no limit: --num_epochs decides), got 0"),
+    ({"num_epochs": 0.0}, "--num_epochs must be > 0, got 0.0"),
+    ({"grad_accum": 0}, "--grad_accum must be >= 1, got 0"),
+    ({"batch_size": 0}, "--batch_size must be >= 1, got 0"),
+    ({"max_completion_length": 0}, "--max_completion_length must be >= 1, got 0"),
+    ({"warmup_ratio": 1.0}, "--warmup_ratio must be in [0, 1), got 1.0"),
+    ({"save_steps": -1}, "--save_steps must be >= 1, got -1"),
+    ({"save_total_limit": -1}, "--save_total_limit must be >= 0, got -1"),
+    ({"dataloader_num_workers": -2}, "--dataloader_num_workers must be >= 0, got -2"),
+])
+def test_offline_counts_below_their_range_are_refused(overrides, message):
+    from offline_sdpo.main_offline_sft import OfflineSFTArguments
+
+    for arguments in (OfflineSDPOArguments, OfflineSFTArguments):
+        with pytest.raises(ValueError) as caught:
+            arguments(**overrides)
+        assert str(caught.value) == message
+    assert OfflineSDPOArguments(max_steps=-1).max_steps == -1  # transformers' "no limit" stays allowed
+
+
+def test_offline_max_steps_below_minus_one_stops_before_anything_is_written(tmp_path, capsys):
+    from offline_sdpo.main_offline_sdpo import BadInput, main
+
+    out = tmp_path / "out"
+    with pytest.raises(BadInput) as caught:
+        main(["--train_jsonl", str(REPO / "data" / "samples" / "interactions.jsonl"), "--output_dir", str(out),
+              "--max_steps", "-5"])
+    assert caught.value.line == "error: --max_steps must be >= 1, or -1 (no limit: --num_epochs decides), got -5"
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"undo_depth": 0}, "--undo_depth must be >= 1, got 0"),
+    ({"port": 0}, "--port must be in [1, 65535], got 0"),
+    ({"port": 70000}, "--port must be in [1, 65535], got 70000"),
+    ({"min_signal": -0.1}, "--min_signal must be >= 0, got -0.1"),
+    ({"max_message_chars": 0}, "--max_message_chars must be >= 1, got 0"),
+])
+def test_chat_counts_are_checked_before_the_model_loads(overrides, message):
+    from chat_sdpo import ChatConfig
+
+    with pytest.raises(ValueError) as caught:
+        ChatConfig(**overrides)
+    assert str(caught.value) == message
+
+
+def test_every_numeric_flag_of_every_entry_point_has_a_range():
+    """A count without a row passed any value (offline --max_steps -5 trained an epoch; chat --undo_depth 0 failed
+    only after the model had loaded)."""
+    import dataclasses
+    import typing
+    from typing import Optional
+
+    from auxiliary.eval_checkpoints import EvalCheckpointsArgs
+    from auxiliary.eval_incontext_oracle import OracleArgs
+    from auxiliary.filter_followups import FilterFollowupsArgs
+    from auxiliary.runtime.option_groups import RANGES
+    from auxiliary.sdpo_signal_analysis import SignalAnalysisArgs
+    from chat_sdpo import ChatConfig
+    from offline_sdpo.main_offline_sft import OfflineSFTArguments
+    from online_sdpo_updater_config import OnlineRunConfig
+
+    numbers = (int, float, Optional[int], Optional[float])
+    for config in (OnlineSDPOConfig, OnlineRunConfig, OfflineSDPOArguments, OfflineSFTArguments, ChatConfig,
+                   EvalCheckpointsArgs, OracleArgs, FilterFollowupsArgs, SignalAnalysisArgs):
+        hints = typing.get_type_hints(config)
+        without = [f.name for f in dataclasses.fields(config) if hints[f.name] in numbers and f.name not in RANGES]
+        assert without == [], f"{config.__name__}: no range for {without}"

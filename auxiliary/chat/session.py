@@ -30,7 +30,7 @@ from typing import Callable, Iterator
 import torch
 
 from auxiliary.runtime.generation import GeneratedResponse, cut_at_stop, left_pad, stop_token_ids
-from auxiliary.runtime.io_utils import append_jsonl, private_dir, recover_folder
+from auxiliary.runtime.io_utils import append_jsonl, describe_os_error, private_dir, recover_folder
 from auxiliary.runtime.locks import FolderLock
 from sdpo_objective import compute_signal, hindsight_contexts, render_context_ids
 
@@ -85,6 +85,15 @@ def save_on_termination():
     finally:
         for signum, old in previous.items():
             signal.signal(signum, old)
+
+
+def save_line(save: Callable[[], Path | None]) -> str:
+    """What the terminal and the web UI show for a save: "saved to PATH", or on a full disk (any OSError) the
+    one line "error: cannot write PATH: ..." (the adapter saved before, if any, is intact; the chat goes on)."""
+    try:
+        return f"saved to {save()}"
+    except OSError as err:
+        return f"error: {describe_os_error(err)}"
 
 
 def validate_user_id(user_id: str) -> str:

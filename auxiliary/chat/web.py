@@ -10,6 +10,7 @@ address: binding another address without --auth is refused."""
 import ipaddress
 import logging
 import os
+import socket
 import stat
 import threading
 from pathlib import Path
@@ -89,6 +90,17 @@ def read_auth_file(path: str) -> list[str]:
     if file.stat().st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         logger.warning("--auth_file %s can be read by other users: chmod 600 it", path)
     return [line.strip() for line in file.read_text().splitlines() if line.strip() and not line.startswith("#")]
+
+
+def require_free_port(config) -> None:
+    """Refuse a --port that is taken before the model loads (a big model takes minutes to load)."""
+    with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as the server's own: TIME_WAIT is no refusal
+        try:
+            probe.bind((config.host, config.port))
+        except OSError as err:
+            raise WebSetupError(f"--port {config.port} on {config.host} cannot be used ({err.strerror or err}): "
+                                "choose another --port") from None
 
 
 def web_credentials(config) -> list[tuple[str, str]]:
@@ -177,16 +189,20 @@ class SessionRouter:
                 session = self._sessions.pop(user, None)
             return session.close() if session is not None else None
 
-    def close_all(self) -> dict[str, Path | None]:
+    def close_all(self) -> dict[str, str]:
+        """Close (and save) every open session: {user: "saved to PATH" or the full disk's one line}; one user's
+        failed save does not stop the others'."""
+        from auxiliary.chat.session import save_line
+
         with self._lock:
             sessions, self._sessions = self._sessions, {}
-        return {user: session.close() for user, session in sessions.items()}
+        return {user: save_line(session.close) for user, session in sessions.items()}
 
 
 def build_app(router: SessionRouter, config, quit_event: threading.Event | None = None):
     import gradio as gr
 
-    from auxiliary.chat.session import ChatError
+    from auxiliary.chat.session import ChatError, save_line
 
     multi_user = router.default_user is None
     # the last command's answer per user, shown above the status: the 1 s status poll would
@@ -232,15 +248,15 @@ def build_app(router: SessionRouter, config, quit_event: threading.Event | None 
         if name == "/undo":
             message = session.undo()
         elif name == "/save":
-            message = f"saved to {session.save()}"
+            message = save_line(session.save)  # a full disk: our one line, not Gradio's generic error
         elif name == "/reset":
             message = session.reset()
         elif name == "/new":
             message = session.new_conversation()
         elif name == "/quit" and multi_user:
             # one user may not stop the server for the others: /quit ends (and saves) their own session
-            path = router.close_user(router.user_of(request))
-            notes[router.user_of(request)] = f"saved to {path}; your session ended (a new message starts it again)"
+            saved = save_line(lambda: router.close_user(router.user_of(request)))
+            notes[router.user_of(request)] = f"{saved}; your session ended (a new message starts it again)"
             return notes[router.user_of(request)], gr.skip(), gr.skip()
         elif name == "/quit":
             message = "saving and stopping the server ..."
@@ -304,25 +320,27 @@ def offline_theme():
 def serve(router: SessionRouter, config, credentials: list[tuple[str, str]] | None = None) -> None:
     """Run the web UI until Ctrl-C, SIGTERM / SIGHUP or (single user) the /quit button; then save every open
     session."""
+    from auxiliary.chat.session import ChatTerminated
+
     quit_event = threading.Event()
     app = build_app(router, config, quit_event)
     app.queue(default_concurrency_limit=1)  # turns are served one at a time, in order
-    app.launch(server_name=config.host, server_port=config.port, prevent_thread_lock=True, quiet=True,
-               theme=offline_theme(), footer_links=[], auth=credentials or None)
-    logins = f", {len(credentials)} logins" if credentials else ""
-    print(f"web UI on http://{config.host}:{config.port} (Ctrl-C or the /quit button to stop{logins})", flush=True)
-    from auxiliary.chat.session import ChatTerminated
-
-    try:
+    try:  # the start is inside: a signal while the server starts leaves through the same end (saves, exit 128+n)
+        app.launch(server_name=config.host, server_port=config.port, prevent_thread_lock=True, quiet=True,
+                   theme=offline_theme(), footer_links=[], auth=credentials or None)
+        logins = f", {len(credentials)} logins" if credentials else ""
+        print(f"web UI on http://{config.host}:{config.port} (Ctrl-C or the /quit button to stop{logins})",
+              flush=True)
         while not quit_event.wait(0.5):
             pass
     except (KeyboardInterrupt, ChatTerminated) as stop:  # Ctrl-C, `kill PID`, a closed terminal: save all
         if isinstance(stop, ChatTerminated):
             print(f"{stop}: saving every open session before leaving", flush=True)
-    print("saving the adapter ...", flush=True)
-    for user, path in router.close_all().items():
-        print(f"saved to {path}", flush=True)
-    app.close()
+    finally:  # any way out (a port in use included) saves every open session
+        print("saving the adapter ...", flush=True)
+        for saved in router.close_all().values():
+            print(saved, flush=True)
+        app.close()
 
 
 def _is_loopback(host: str) -> bool:

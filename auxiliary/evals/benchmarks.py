@@ -286,8 +286,9 @@ def load_alpaca_reference(args: BenchmarkArgs):
             records = [json.loads(line) for line in text.splitlines() if line.strip()]
         frame = pd.DataFrame(records)
     else:
-        from alpaca_eval import constants, utils
+        from auxiliary.runtime.library_notices import import_alpaca_eval
 
+        constants, utils = import_alpaca_eval("constants"), import_alpaca_eval("utils")
         frame = utils.load_or_convert_to_dataframe(constants.ALPACAEVAL_REFERENCE_OUTPUTS)
     missing = {"instruction", "output"} - set(frame.columns)
     if missing:
@@ -315,8 +316,9 @@ def generate_alpaca_outputs(lm, reference, label: str, args: BenchmarkArgs) -> l
 
 def _annotator_config_file(args: BenchmarkArgs) -> tuple[Path, Path]:
     """(the --alpaca_annotator configs.yaml, alpaca_eval's folder of named configs)."""
-    from alpaca_eval import constants
+    from auxiliary.runtime.library_notices import import_alpaca_eval
 
+    constants = import_alpaca_eval("constants")
     configs_dir = Path(constants.EVALUATORS_CONFIG_DIR)
     named = Path(args.alpaca_annotator)
     config_file = named if named.is_file() else (named / "configs.yaml" if named.is_dir()
@@ -384,8 +386,9 @@ def annotator_config(args: BenchmarkArgs, output_dir: Optional[Path]):
 
 
 def run_alpaca_eval(model_outputs: list[dict], reference, label: str, annotators, folder: Path) -> dict:
-    import alpaca_eval
+    from auxiliary.runtime.library_notices import import_alpaca_eval
 
+    alpaca_eval = import_alpaca_eval()
     folder.mkdir(parents=True, exist_ok=True)
     (folder / "model_outputs.json").write_text(json.dumps(model_outputs, indent=2, ensure_ascii=False))
     leaderboard, _ = alpaca_eval.evaluate(

@@ -13,8 +13,11 @@ import os
 from pathlib import Path
 
 from auxiliary.runtime.io_utils import base_work_dir
+from auxiliary.runtime.library_notices import hide_deepspeed_cpu_notice
 
 logger = logging.getLogger(__name__)
+# Every tool loads its models through here, and transformers imports DeepSpeed (when installed) on save.
+hide_deepspeed_cpu_notice()
 
 SMOLLM2_NAME = "smollm2-135m-instruct"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"

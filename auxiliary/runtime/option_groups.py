@@ -45,9 +45,18 @@ RANGES: dict[str, tuple] = {
     "tie_margin": (0, True, None, None), "user_temperature": (0, True, None, None),
     # numpy, torch and transformers take seeds in [0, 2**32 - 1]; outside, their own errors name no flag
     "seed": (0, True, 2**32 - 1, True),
+    # offline trainers; max_steps -1 is transformers' "no step limit" (any other value <= 0 trained an epoch)
+    "max_steps": (1, True, None, None, (-1, "no limit: --num_epochs decides")), "num_epochs": (0, False, None, None),
+    "grad_accum": (1, True, None, None), "max_completion_length": (1, True, None, None),
+    "warmup_ratio": (0, True, 1, False), "logging_steps": (1, True, None, None), "save_steps": (1, True, None, None),
+    "save_total_limit": (0, True, None, None), "dataloader_num_workers": (0, True, None, None),
+    # chat
+    "port": (1, True, 65535, True), "min_signal": (0, True, None, None), "undo_depth": (1, True, None, None),
+    "max_message_chars": (1, True, None, None),
     # evaluation tools
     "judge_batch_size": (1, True, None, None), "n_bootstrap": (0, True, None, None), "n_cases": (0, True, None, None),
     "min_tokens": (0, True, None, None), "max_tries": (1, True, None, None),
+    "generation_vllm_gpu_memory_utilization": (0, False, 1, True),
     # vLLM placement: tensor parallel sizes and first GPU indices
     "vllm_tp": (1, True, None, None), "vllm_gpu_start": (0, True, None, None),
     "user_vllm_tp": (1, True, None, None), "user_vllm_gpu_start": (0, True, None, None),

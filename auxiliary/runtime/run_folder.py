@@ -19,16 +19,20 @@ project; an empty or foreign file does not count); one without it that holds fil
 (config.json, checkpoints/, ...) is refused, --overwrite included, and keeps its mode. A folder
 that holds results (metrics.jsonl or eval_history.json) needs --resume or --overwrite; --overwrite
 deletes nothing at open: the entry point calls clear_earlier_results() once every check that can
-fail has passed, and only what a run of ours writes is removed. A result file that is a symbolic
-link is refused (a run never writes through a link). Checkpoints of several arms sit in
-checkpoints/<arm>/step_N; checkpoints/latest.json names a step only once every arm has it.
+fail has passed, and only what a run of ours writes is removed; until then the run's log lines wait in
+memory, so a refused --overwrite leaves every file of the earlier run (run.log included) byte for byte.
+A result file that is a symbolic link is refused (a run never writes through a link). Checkpoints of
+several arms sit in checkpoints/<arm>/step_N; checkpoints/latest.json names a step only once every arm
+has it.
 """
 from __future__ import annotations
 
 import json
 import logging
+import logging.handlers
 import os
 import shutil
+import sys
 import time
 from pathlib import Path
 
@@ -159,7 +163,6 @@ class RunFolder:
         self.lock: FolderLock | None = None
         self.config_changes: dict = {}  # what a --resume --allow_config_change changed: {key: [old, new]}
         self.pending_overwrite = False  # --overwrite: cleared by clear_earlier_results once the checks have passed
-        self.log_start: int | None = None  # the size of run.log before this run's first line
         self.written: set[str] = set()  # files this run wrote before clear_earlier_results (kept by it)
 
     @classmethod
@@ -203,31 +206,23 @@ class RunFolder:
         removed = [name for name in run_files_in(self.path, RESULT_FILES + RESULT_FOLDERS) if name not in self.written]
         for name in removed:
             target = self.path / name
-            if name == "run.log":
-                self._keep_only_this_runs_log(target)
-            elif target.is_dir() and not target.is_symlink():
+            if target.is_dir() and not target.is_symlink():
                 shutil.rmtree(target)
             else:
                 target.unlink()
+        pending = self._run_log_handler()
+        if isinstance(pending, logging.handlers.MemoryHandler):  # this run's lines so far, into a new run.log
+            self._start_run_log(pending.buffer)
         if removed:
             logger.info("--overwrite: removed the earlier run's %s", ", ".join(removed))
-
-    def _keep_only_this_runs_log(self, log_file: Path) -> None:
-        """run.log keeps the lines this run wrote since attach_log (the earlier run's go)."""
-        if self.log_start is None:
-            log_file.unlink()
-            return
-        with open(log_file, "r+b") as handle:
-            handle.seek(self.log_start)
-            own = handle.read()
-            handle.seek(0)
-            handle.write(own)
-            handle.truncate(len(own))
 
     def close(self) -> None:
         if self.lock is not None:
             self.lock.release()
             self.lock = None
+        pending = self._run_log_handler()
+        if isinstance(pending, logging.handlers.MemoryHandler):  # a refused --overwrite: its lines go nowhere
+            logging.getLogger().removeHandler(pending)
 
     def log_error(self, message: str) -> None:
         """The run's final error, into run.log only (the console has it already)."""
@@ -239,22 +234,41 @@ class RunFolder:
         return self.path / name
 
     def attach_log(self) -> None:
-        """Log to run.log in this folder; a handler of an earlier run in this process is removed."""
+        """Log to run.log in this folder; a handler of an earlier run in this process is removed. Under a pending
+        --overwrite the lines wait in memory until clear_earlier_results: a refused attempt leaves the earlier
+        run's run.log as it was."""
         root = logging.getLogger()
         for earlier in [h for h in root.handlers if getattr(h, "is_sdpo_run_log", False)]:
             root.removeHandler(earlier)  # an earlier run in this process (main() called twice) logs no more
             earlier.close()
+        if self.pending_overwrite:
+            waiting = logging.handlers.MemoryHandler(capacity=sys.maxsize, flushLevel=logging.CRITICAL + 1)
+            waiting.is_sdpo_run_log = True
+            root.addHandler(waiting)
+        else:
+            self._start_run_log([])
+        logger.info("output dir: %s", self.path)
+
+    def _run_log_handler(self) -> logging.Handler | None:
+        return next((h for h in logging.getLogger().handlers if getattr(h, "is_sdpo_run_log", False)), None)
+
+    def _start_run_log(self, earlier_records: list[logging.LogRecord]) -> None:
+        """Append to run.log (0600, never through a link), first the records that waited for it."""
+        root = logging.getLogger()
+        waiting = self._run_log_handler()
+        if waiting is not None:
+            root.removeHandler(waiting)
         log_file = self.path / "run.log"
         # O_NOFOLLOW: a link planted as run.log is refused, never chmod-ed or appended to
         fd = os.open(log_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW, PRIVATE_FILE_MODE)
         os.fchmod(fd, PRIVATE_FILE_MODE)  # the log names paths and settings: owner-only, like the folder
-        self.log_start = os.fstat(fd).st_size
         os.close(fd)
         handler = logging.FileHandler(log_file, encoding="utf-8")
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
         handler.is_sdpo_run_log = True
+        for record in earlier_records:
+            handler.handle(record)
         root.addHandler(handler)
-        logger.info("output dir: %s", self.path)
 
     # ------------------------------------------------------------ records
     def write_metrics(self, metrics: list[dict]) -> None:

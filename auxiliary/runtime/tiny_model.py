@@ -88,6 +88,9 @@ def build_tiny_model(tokenizer, hidden_size: int = 64, num_layers: int = 2, seed
 
 def save_tiny_model(out_dir: str | os.PathLike, seed: int = 0, **model_kwargs) -> str:
     """Write a tiny model + tokenizer folder loadable with from_pretrained; returns its path."""
+    from auxiliary.runtime.library_notices import hide_deepspeed_cpu_notice
+
+    hide_deepspeed_cpu_notice()  # save_pretrained imports DeepSpeed when it is installed
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer = build_tiny_tokenizer()
