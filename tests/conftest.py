@@ -43,3 +43,23 @@ def prompt_dir(tmp_path_factory):
         return folder
 
     return make
+
+
+def pytest_collection_modifyitems(items):
+    """docs/first_hour.md's commands (tests/test_first_hour.py) run in the background from the first test on
+    (first_hour_runs), on the core this process leaves idle; their tests come last, when the results are in."""
+    items.sort(key=lambda item: item.path.name == "test_first_hour.py")
+
+
+@pytest.fixture(scope="session", autouse=True)
+def first_hour_runs(request, tmp_path_factory):
+    """test_first_hour.started(...) for the page's commands this session selected (None when it selected none)."""
+    selected = [item.callspec.params["name"] for item in request.session.items
+                if item.path.name == "test_first_hour.py" and item.originalname == "test_the_command_runs_as_written"]
+    if not selected:
+        yield None
+        return
+    import test_first_hour
+
+    with test_first_hour.started(selected, tmp_path_factory.mktemp("first_hour")) as runs:
+        yield runs

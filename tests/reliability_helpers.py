@@ -1,4 +1,5 @@
-"""Shared pieces of the tests/test_reliability_*.py files: data, flags, the CLI as a subprocess, readers.
+"""Shared pieces of the tests/test_reliability_*.py files: data, flags, the CLI as a subprocess (or in process
+as a child would see it), readers.
 
 Import as `from reliability_helpers import ...` (tests/ is on sys.path under pytest).
 """
@@ -112,6 +113,31 @@ def start_cli(argv: list[str], env: dict, script: Path = ONLINE_SCRIPT, cwd: Pat
     with open(log_path, "wb") as log:
         return subprocess.Popen([sys.executable, str(script), *map(str, argv)], cwd=cwd, env=env,
                                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def run_like_a_child(entry, argv: list[str], monkeypatch, capfd, **extra_env) -> subprocess.CompletedProcess:
+    """entry(argv) in this process, seen as run_cli sees the script: clean_env's environment, the INFO log
+    records on stderr in order with everything else (the handler logging.basicConfig gives a terminal), and
+    entry's return value as the exit code (the scripts end with sys.exit(main()))."""
+    import logging
+
+    for name in os.environ.keys() - clean_env(**extra_env).keys():
+        monkeypatch.delenv(name)
+    for name, value in clean_env(**extra_env).items():
+        monkeypatch.setenv(name, value)
+    root = logging.getLogger()
+    handler, level = logging.StreamHandler(), root.level  # sys.stderr now: capfd's
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S"))
+    root.addHandler(handler)
+    root.setLevel(logging.INFO)
+    capfd.readouterr()
+    try:
+        code = entry(list(map(str, argv)))
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+    captured = capfd.readouterr()
+    return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
 
 
 def run_cli(argv: list[str], env: dict, timeout: float = 180, **kw) -> subprocess.CompletedProcess:

@@ -82,6 +82,19 @@ def run_tool(args: list[str], env_extra: dict) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=600)
 
 
+def run_tool_in_process(args: list[str], monkeypatch, capsys, **env) -> subprocess.CompletedProcess:
+    """eval_benchmarks.main(args) in this process, with run_tool's annotator key and `env`; its exit code and
+    output as a CompletedProcess (the refusals and the dry run need no child process)."""
+    from auxiliary import eval_benchmarks
+
+    for name, value in {"OPENAI_API_KEY": "stub-key", **env}.items():
+        monkeypatch.setenv(name, value)
+    capsys.readouterr()
+    code = eval_benchmarks.main(args)
+    captured = capsys.readouterr()
+    return subprocess.CompletedProcess(args, code, captured.out, captured.err)
+
+
 @pytest.fixture(scope="module")
 def tiny_models(tmp_path_factory):
     from auxiliary.runtime.tiny_model import save_tiny_model
@@ -91,15 +104,15 @@ def tiny_models(tmp_path_factory):
 
 
 @needs_harnesses
-def test_dry_run_prints_calls_and_writes_nothing(tmp_path, tiny_models):
+def test_dry_run_prints_calls_and_writes_nothing(tmp_path, tiny_models, monkeypatch, capsys):
     pytest.importorskip("transformers")
     base, checkpoint = tiny_models
     out = tmp_path / "out"
-    result = run_tool(
+    result = run_tool_in_process(
         ["--baseline_model", base, "--checkpoints", str(Path(checkpoint).parent), "--tasks", "ifeval,alpaca_eval",
                        "--ifeval_jsonl", str(FIXTURES / "ifeval.jsonl"), "--alpaca_eval_json",
                        str(FIXTURES / "alpaca_eval.json"),
-                       "--limit", "2", "--output_dir", str(out), "--dry-run"], {})
+                       "--limit", "2", "--output_dir", str(out), "--dry-run"], monkeypatch, capsys)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "lm_eval.simple_evaluate(" in result.stdout and "ifeval_local" in result.stdout
     assert result.stdout.count("alpaca_eval.evaluate(") == 2  # baseline and step_000003
@@ -107,15 +120,16 @@ def test_dry_run_prints_calls_and_writes_nothing(tmp_path, tiny_models):
     assert not out.exists()
 
 
-def test_unknown_task_is_refused(tmp_path):
-    result = run_tool(
-        ["--baseline_model", "x", "--tasks", "ifeval,gsm8k", "--output_dir", str(tmp_path), "--dry_run"], {})
+def test_unknown_task_is_refused(tmp_path, monkeypatch, capsys):
+    result = run_tool_in_process(
+        ["--baseline_model", "x", "--tasks", "ifeval,gsm8k", "--output_dir", str(tmp_path), "--dry_run"], monkeypatch,
+        capsys)
     assert result.returncode == 2 and "unknown --tasks gsm8k" in result.stderr
 
 
 @needs_harnesses
 @pytest.mark.slow
-def test_base_and_checkpoint_through_both_harnesses(tmp_path, tiny_models, judge_url, monkeypatch):
+def test_base_and_checkpoint_through_both_harnesses(tmp_path, tiny_models, judge_url, monkeypatch, capsys):
     base, checkpoint = tiny_models
     out = tmp_path / "out"
     cache = offline_lc_cache(tmp_path / "hf_cache", n_instructions=2)
@@ -163,7 +177,8 @@ def test_base_and_checkpoint_through_both_harnesses(tmp_path, tiny_models, judge
         line = next(l for l in result.stdout.splitlines() if l.startswith(label))
         assert f"{ifeval['value']:.4f}" in line and f"{alpaca['value']:.4f} ± {alpaca['stderr']:.4f}" in line
 
-    rerun = run_tool(args, {"HF_HUB_CACHE": str(cache)})  # earlier results are kept unless --overwrite
+    # earlier results are kept unless --overwrite
+    rerun = run_tool_in_process(args, monkeypatch, capsys, HF_HUB_CACHE=str(cache))
     assert rerun.returncode == 2 and "--overwrite" in rerun.stderr
 
 

@@ -5,11 +5,13 @@ Each command is a ```bash (or ```python) block followed by a comment
 `<!-- first-hour: id=NAME; [slow;] [after=ID;] expect=TEXT -->`: the command must exit 0 and print
 TEXT (stdout or stderr); `after` runs that command first (once per session); `slow` marks the commands
 over ~30 s on 2 cores. The only change to a command is where it writes: /tmp/sdpo-first-hour becomes a
-temporary folder, so runs never meet. FIRST_HOUR_TIMINGS=FILE appends each command's wall time (JSON lines),
-which is how the page's times were measured.
+temporary folder, so runs never meet. The commands run in the background from the session's first test on, two
+at a time (conftest.first_hour_runs); their tests come last. FIRST_HOUR_TIMINGS=FILE appends each command's wall
+time and the load average (JSON lines), which is how the page's times were measured (this file alone).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -54,18 +56,35 @@ def test_the_readme_links_the_page_at_the_top_and_shares_its_python_snippet():
     assert COMMANDS["python"]["body"] in readme
 
 
-@pytest.fixture(scope="session")
-def first_hour_folder(tmp_path_factory):
-    return {"root": tmp_path_factory.mktemp("first_hour"), "done": {}}
+@contextlib.contextmanager
+def started(names: list[str], root: Path):
+    """(root, name -> the future of each command of `names` and of the commands they come after), run two at a time:
+    each is a child process on one torch thread. None without .venv/bin/python. In page order: a command is queued
+    after the one it comes after, so no worker waits on one still queued. conftest.first_hour_runs starts them
+    at the session's first test, so that they run beside the rest of the suite."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    if not PYTHON.exists():
+        yield None
+        return
+    wanted = set()
+    for name in names:
+        while name and name not in wanted:
+            wanted.add(name)
+            name = COMMANDS[name]["after"]
+    futures, pool = {}, ThreadPoolExecutor(max_workers=2)
+    try:
+        for name in (n for n in COMMANDS if n in wanted):
+            futures[name] = pool.submit(run_command, name, root, futures.get(COMMANDS[name]["after"]))
+        yield root, futures
+    finally:  # a session cut short drops the commands not yet started
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
-def run_command(name: str, state: dict) -> subprocess.CompletedProcess:
-    if name in state["done"]:
-        return state["done"][name]
+def run_command(name: str, root: Path, after=None) -> subprocess.CompletedProcess:
+    if after is not None:
+        assert after.result().returncode == 0, f"{COMMANDS[name]['after']}, which {name} comes after, failed"
     command = COMMANDS[name]
-    if command["after"]:
-        assert run_command(command["after"], state).returncode == 0
-    root = state["root"]
     body = command["body"].replace(OUT, str(root))
     env = {k: v for k, v in os.environ.items() if not re.search(r"(_KEY|_TOKEN|_SECRET|PASSWORD)$", k)}
     env.update(HF_HUB_OFFLINE="1", SDPO_ENV_FILE="", BASE_WORK=str(root), OMP_NUM_THREADS="1",
@@ -77,22 +96,22 @@ def run_command(name: str, state: dict) -> subprocess.CompletedProcess:
         argv = [str(PYTHON), str(script)]
     else:
         argv = ["bash", "-c", "set -eo pipefail\n" + body]
-    started = time.time()
+    begun = time.time()
     result = subprocess.run(argv, cwd=REPO, env=env, capture_output=True, text=True, timeout=1800)
-    elapsed = time.time() - started
+    elapsed = time.time() - begun
     if os.environ.get("FIRST_HOUR_TIMINGS"):
         with open(os.environ["FIRST_HOUR_TIMINGS"], "a") as f:
             f.write(json.dumps({"id": name, "seconds": round(elapsed, 1), "load": os.getloadavg()[0]}) + "\n")
-    state["done"][name] = result
     return result
 
 
 @pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if c["slow"] else n
                                   for n, c in COMMANDS.items()])
-def test_the_command_runs_as_written(name, first_hour_folder):
-    if not PYTHON.exists():
+def test_the_command_runs_as_written(name, first_hour_runs):
+    if first_hour_runs is None:
         pytest.skip(".venv/bin/python missing: the page starts after `make install`")
-    result = run_command(name, first_hour_folder)
+    root, futures = first_hour_runs
+    result = futures[name].result()
     printed = result.stdout + result.stderr
     assert result.returncode == 0, printed[-3000:]
     assert COMMANDS[name]["expect"] in printed, printed[-3000:]
@@ -100,6 +119,5 @@ def test_the_command_runs_as_written(name, first_hour_folder):
     assert [noise for noise in LIBRARY_NOISE if noise in printed] == [], printed[-3000:]
     assert not QUOTED_METRICS.search(printed), printed[-3000:]
     if name == "wandb":
-        root = first_hour_folder["root"]
         runs = list((root / "wandb" / "wandb").glob("offline-run-*"))
         assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())

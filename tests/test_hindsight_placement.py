@@ -1,15 +1,10 @@
 """--hindsight_placement last_user_message|separate_turn reaches every path that builds xo: online updater,
 offline collator (as main_offline_sdpo builds it) and the chat; the new flags are in both entry points' --help."""
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from auxiliary.runtime.tiny_model import build_tiny_model
 from sdpo_objective import hindsight_messages, render_context_ids
 
-REPO = Path(__file__).resolve().parent.parent
 MESSAGES = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Write a short email."}]
 FOLLOWUP = "Use a formal tone."
 
@@ -104,13 +99,16 @@ def test_bad_placement_fails_clearly():
             config(hindsight_placement="end")
 
 
-@pytest.mark.parametrize("script", ["eval_online_sdpo.py", "offline_sdpo/main_offline_sdpo.py"])
-def test_new_objective_flags_are_in_help(script):
-    result = subprocess.run([sys.executable, str(REPO / script), "--help"], capture_output=True, text=True,
-                            timeout=300, cwd=REPO)
-    assert result.returncode == 0, result.stderr[-2000:]
+@pytest.mark.parametrize("module", ["eval_online_sdpo", "offline_sdpo.main_offline_sdpo"])
+def test_new_objective_flags_are_in_help(module, capsys):
+    import importlib
+
+    with pytest.raises(SystemExit) as exited:
+        importlib.import_module(module).main(["--help"])
+    assert exited.value.code == 0
+    out = capsys.readouterr().out
     for flag in ("--divergence", "--divergence_alpha", "--teacher", "--teacher_ema_rate", "--hindsight_placement"):
-        assert f"{flag} " in result.stdout, flag
+        assert f"{flag} " in out, flag
 
 
 def test_the_offline_trainers_read_the_paper_placeholder_too():

@@ -1,8 +1,5 @@
 """Every preset of the paper's experiments (configs/paper/) loads through its entry point with --print_config,
 and holds the settings the paper's runs used."""
-import subprocess
-import sys
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -22,19 +19,26 @@ PRESETS = {
 }
 
 
-def print_config(preset: str, tmp_path: Path) -> dict:
-    result = subprocess.run(
-        [sys.executable, str(REPO / PRESETS[preset]), "--config", str(REPO / "configs" / "paper" / preset),
-                             "--print_config"], capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert result.returncode == 0, result.stderr[-2000:]
-    return yaml.safe_load(result.stdout)
+def print_config(preset: str) -> dict:
+    """The entry point's main(["--config", preset, "--print_config"]) in this process: the YAML it prints."""
+    import contextlib
+    import importlib
+    import io
+
+    module = importlib.import_module(PRESETS[preset].removesuffix(".py").replace("/", "."))
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit) as exited:
+        module.main(["--config", str(REPO / "configs" / "paper" / preset), "--print_config"])
+    assert exited.value.code == 0, printed.getvalue()[-2000:]
+    return yaml.safe_load(printed.getvalue())
 
 
 @pytest.fixture(scope="module")
 def resolved(tmp_path_factory):
     folder = tmp_path_factory.mktemp("presets")
-    with ThreadPoolExecutor(3) as pool:
-        configs = dict(zip(PRESETS, pool.map(lambda p: print_config(p, folder), PRESETS)))
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(folder)
+        configs = {preset: print_config(preset) for preset in PRESETS}
     assert list(folder.iterdir()) == []  # --print_config touches nothing
     return configs
 

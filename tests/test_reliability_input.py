@@ -1,10 +1,11 @@
-"""Bad input through the command line: eval_online_sdpo.py and the offline trainer run as child processes.
+"""Bad input through the command line: what a user at a terminal sees from eval_online_sdpo.py and the offline trainer.
 
 Each failure must end with one clear line on stderr naming the file, line or field (no traceback) and a
 non-zero exit; a prompt that is merely too long is dropped and counted, and train_n / eval_n larger than
-the data are clamped with a warning. The in-process twins in test_eval_online.py and
-test_offline_training.py check the same messages; these check what a user at a terminal sees.
-The children run concurrently (3 at a time): most of each one's time is Python start-up.
+the data are clamped with a warning. The online failures run in process as a child would see them
+(reliability_helpers.run_like_a_child: the script is sys.exit(main())); the offline cases, whose exit codes
+come from the trainer's __main__ block, and the good run are child processes, 3 at a time (most of each
+one's time is Python start-up). test_eval_online.py and test_offline_training.py check the messages too.
 """
 from __future__ import annotations
 
@@ -15,9 +16,7 @@ from pathlib import Path
 import pytest
 
 from reliability_helpers import (ERROR_PREFIX, REPO, clean_env, copy_without_chat_template, last_line, online_args,
-                                 read_json, read_jsonl, run_cli, write_prompts)
-
-pytestmark = pytest.mark.slow  # 12 child processes, mostly Python start-up: ~30 s idle, ~2 min on a busy machine
+                                 read_json, read_jsonl, run_cli, run_like_a_child, write_prompts)
 
 OFFLINE_SCRIPT = REPO / "offline_sdpo" / "main_offline_sdpo.py"
 OFFLINE_FIXTURE = REPO / "tests" / "fixtures" / "offline" / "interactions.jsonl"
@@ -76,17 +75,23 @@ def write_inputs(data: Path, model_dir: Path) -> None:
 
 
 @pytest.fixture(scope="module")
-def results(tmp_path_factory):
-    """Every case (and one good run with clamping and a dropped prompt) as a child process, 3 at a time."""
-    from auxiliary.runtime.tiny_model import save_tiny_model
-
+def inputs(tmp_path_factory, tiny_model_dir):
+    """The cases' folder: every bad input file, and a copy of the tiny model without a chat template."""
     data = tmp_path_factory.mktemp("bad_input")
-    model_dir = save_tiny_model(data / "tiny")
-    write_inputs(data, model_dir)
-    cases = {**online_cases(model_dir, data), **offline_cases(model_dir, data)}
+    write_inputs(data, Path(tiny_model_dir))
+    return data
+
+
+@pytest.fixture(scope="module")
+def results(inputs, tiny_model_dir):
+    """The offline cases and one good online run with clamping and a dropped prompt, each a child process
+    (3 at a time): the offline trainer turns errors into exit codes in its __main__ block, and the good run's
+    warnings are log lines a terminal shows."""
+    data = inputs
+    cases = offline_cases(tiny_model_dir, data)
     good_out = data / "out" / "clamped"
-    cases["clamped_and_dropped"] = (online_args(model_dir, data, good_out, train_n=50, eval_n=50, eval_every=0), {},
-                                    None)
+    cases["clamped_and_dropped"] = (online_args(tiny_model_dir, data, good_out, train_n=50, eval_n=50, eval_every=0),
+                                    {}, None)
 
     def run(item):
         name, (argv, extra_env, _) = item
@@ -103,8 +108,11 @@ ONLINE_FAILURES = ["malformed_jsonl", "missing_field", "empty_prompt", "all_prom
 
 
 @pytest.mark.parametrize("case", ONLINE_FAILURES)
-def test_online_bad_input_ends_with_one_clear_line(results, case):
-    result, expected = results[0][case]
+def test_online_bad_input_ends_with_one_clear_line(inputs, tiny_model_dir, case, monkeypatch, capfd):
+    import eval_online_sdpo
+
+    argv, extra_env, expected = online_cases(tiny_model_dir, inputs)[case]
+    result = run_like_a_child(eval_online_sdpo.main, argv, monkeypatch, capfd, **extra_env)
     assert result.returncode == 2, result.stderr[-2000:]
     line = last_line(result.stderr)
     assert line.startswith(ERROR_PREFIX) and expected in line, result.stderr[-2000:]

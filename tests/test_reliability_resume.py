@@ -3,7 +3,8 @@
 The crash is a real SIGKILL of the CLI in the middle of step k: the run's simulated user is Claude
 behind a scripted loopback server that answers at once, except for step k's request, which it holds.
 The process is killed while it waits for that answer (its reply to step k generated, the update not
-yet made), then restarted with --resume. No test hook lives in the product code.
+yet made), then restarted with --resume (in process, as a child would see it). No test hook lives in the product
+code.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ import eval_online_sdpo
 from katan_server import StubResponse, stub_factory  # noqa: F401 (fixture)
 from reliability_helpers import data_dir, one_torch_thread  # noqa: F401 (fixtures)
 from reliability_helpers import (anthropic_message, clean_env, leftover_temp_files, online_args, read_json, read_jsonl,
-                                 start_cli, without_timings)
+                                 run_like_a_child, start_cli, without_timings)
 
 FOLLOWUP = "Too long for me, please keep it shorter."
 
@@ -46,8 +47,9 @@ def optimizer_tensors(folder: Path) -> list[torch.Tensor]:
     return [value for key in sorted(state) for _, value in sorted(state[key].items())]
 
 
-@pytest.mark.slow  # three CLI processes: about 40 s on 2 idle cores
-def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path, stub_factory):
+@pytest.mark.slow  # two CLI processes and a resumed run: about 30 s on 2 idle cores
+def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path, stub_factory,
+                                                                   monkeypatch, capfd):
     kill_step, steps = 4, 6
     full_out, crash_out = tmp_path / "full", tmp_path / "crashed"
     # checkpoints after steps 2, 4, 6; evaluations at 0, 3, 6: step 3's records come after the last
@@ -55,7 +57,7 @@ def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tiny_model_di
     flags = dict(user_simulator="claude", train_n=steps, eval_every=3, placebo=True, save_checkpoints=True,
                  checkpoint_every=2, max_checkpoints=5)
     full_stub, crash_stub = stub_factory(claude_answers(20)), stub_factory(claude_answers(20, hold_at=kill_step))
-    logs = {name: tmp_path / f"{name}.log" for name in ("full", "crash", "resumed")}
+    logs = {name: tmp_path / f"{name}.log" for name in ("full", "crash")}
     full = start_cli(online_args(tiny_model_dir, data_dir, full_out, **flags),
                      clean_env(ANTHROPIC_API_KEY="sk-test-resume", ANTHROPIC_BASE_URL=full_stub.base_url),
                      log_path=logs["full"])
@@ -81,12 +83,12 @@ def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tiny_model_di
     assert [m["step"] for m in read_jsonl(crash_out / "metrics.jsonl")] == list(range(1, kill_step))
     assert read_json(crash_out / "checkpoints" / "latest.json")["step"] == 2
 
-    resume_stub = stub_factory(claude_answers(20))
-    resumed = start_cli(online_args(tiny_model_dir, data_dir, crash_out, resume=True, **flags),
-                        clean_env(ANTHROPIC_API_KEY="sk-test-resume", ANTHROPIC_BASE_URL=resume_stub.base_url),
-                        log_path=logs["resumed"])
-    resumed.wait(timeout=240)
-    assert resumed.returncode == 0, logs["resumed"].read_text()[-3000:]
+    resume_stub = stub_factory(claude_answers(20))  # the restart: in process, as a child would see it
+    resumed = run_like_a_child(eval_online_sdpo.main, online_args(tiny_model_dir, data_dir, crash_out, resume=True,
+                                                                  **flags),
+                               monkeypatch, capfd, ANTHROPIC_API_KEY="sk-test-resume",
+                               ANTHROPIC_BASE_URL=resume_stub.base_url)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert resume_stub.received == steps - 2  # replayed from the checkpoint after step 2
 
     metrics_full, metrics_resumed = read_jsonl(full_out / "metrics.jsonl"), read_jsonl(crash_out / "metrics.jsonl")

@@ -9,6 +9,7 @@ tiny model prove the wrappers drive the actual entry points.
 """
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -516,6 +517,7 @@ def test_templates_carry_sbatch_directives():
 
 # --------------------------------------------------------------------------- docs and lint
 
+@functools.cache  # one wrapper --help (bash, then Python for the tables) per session: two tests read each
 def help_tables(script: Path) -> tuple[list[str], list[str]]:
     out = run(script, "--help", env=clean_env(Path("/nonexistent"))).stdout
     own, _, common = out.partition("Read by every wrapper:")

@@ -338,7 +338,7 @@ def serve(router: SessionRouter, config, credentials: list[tuple[str, str]] | No
             print(f"{stop}: saving every open session before leaving", flush=True)
     finally:  # any way out (a port in use included) saves every open session
         print("saving the adapter ...", flush=True)
-        for user, saved in router.close_all().items():
+        for saved in router.close_all().values():
             print(saved, flush=True)
         app.close()
 
