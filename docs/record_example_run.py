@@ -1,6 +1,6 @@
 """Record docs/example_run/: the finished online run that docs/reading_a_run.md explains.
 
-    python docs/record_example_run.py --from RUN_DIR   # copy a finished run, e.g. the folder `make demo` wrote
+    python docs/record_example_run.py --from RUN_DIR [--repo CHECKOUT]  # copy a finished run (`make demo`'s)
     python docs/record_example_run.py                  # or record a small one: 26 min on the shared 2-core machine
 
 The shipped example is `make demo`'s own run (configs/demo.yaml, seed 1234), copied with `--from`. Without
@@ -30,17 +30,17 @@ SKIPPED = {"checkpoints", ".lock", "wandb", "search_run.json"}  # .sdpo_run.json
 TEXT_SUFFIXES = {".json", ".jsonl", ".log"}
 
 
-def placeholder_paths(text: str, run_dir: Path) -> str:
+def placeholder_paths(text: str, run_dir: Path, repo: Path = ROOT) -> str:
     """`text` with the run folder, the repository and the model cache written as <run>, <repo>, <cache>."""
     from auxiliary.runtime.model_loading import default_cache_dir
 
-    folders = {str(run_dir): "<run>", str(ROOT): "<repo>", str(default_cache_dir()): "<cache>"}
+    folders = {str(run_dir): "<run>", str(repo): "<repo>", str(default_cache_dir()): "<cache>"}
     for folder in sorted(folders, key=len, reverse=True):  # the longest first: one may hold another
         text = text.replace(folder, folders[folder])
     return text
 
 
-def copy_run(run_dir: Path) -> None:
+def copy_run(run_dir: Path, repo: Path = ROOT) -> None:
     """Replace docs/example_run/ with the files of the finished run in `run_dir`, paths as placeholders."""
     if not (run_dir / "summary.json").is_file():
         raise SystemExit(f"error: {run_dir}: no summary.json, not a finished online run")
@@ -51,7 +51,7 @@ def copy_run(run_dir: Path) -> None:
         if path.name in SKIPPED or not path.is_file():
             continue
         if path.suffix in TEXT_SUFFIXES:
-            (TARGET / path.name).write_text(placeholder_paths(path.read_text(), run_dir))
+            (TARGET / path.name).write_text(placeholder_paths(path.read_text(), run_dir, repo))
         else:
             shutil.copy2(path, TARGET / path.name)
     print(f"wrote {TARGET}: {', '.join(sorted(p.name for p in TARGET.iterdir()))}")
@@ -60,9 +60,11 @@ def copy_run(run_dir: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--from", dest="run_dir", type=Path, help="a finished run folder to copy instead of recording")
+    parser.add_argument("--repo", type=Path, default=ROOT,
+                        help="the checkout the copied run ran in, written as <repo> (default: this one)")
     args = parser.parse_args(argv)
     if args.run_dir is not None:
-        copy_run(args.run_dir.resolve())
+        copy_run(args.run_dir.resolve(), args.repo.resolve())
         return 0
     import eval_online_sdpo
 
