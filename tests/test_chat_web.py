@@ -8,6 +8,7 @@ Needs the Debian packages `chromium` and `chromium-driver` (/usr/bin/chromium an
 import json
 import os
 import shutil
+import signal
 import socket
 import sys
 from pathlib import Path
@@ -38,13 +39,21 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def as_from_a_terminal() -> None:
+    """Ctrl-C reaches the server as it does from a user's terminal: an ignored or blocked SIGINT survives exec,
+    and the test process may have either (a background job of a script ignores it; a library may block it)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def start_server(tmp_path, tiny_model_dir, *extra):
     port = free_port()
     env = dict(os.environ, HF_HUB_OFFLINE="1", GRADIO_ANALYTICS_ENABLED="False", TOKENIZERS_PARALLELISM="false")
     args = [str(ROOT / "chat_sdpo.py"), "--ui", "web", "--port", str(port), "--model", tiny_model_dir,
             "--adapters_dir", str(tmp_path / "adapters"), "--user_id", "webuser", "--max_new_tokens", "6",
             "--temperature", "0", "--lora_r", "4", "--lora_alpha", "8", *extra]
-    child = pexpect.spawn(sys.executable, args, cwd=str(ROOT), env=env, encoding="utf-8", timeout=WAIT)
+    child = pexpect.spawn(sys.executable, args, cwd=str(ROOT), env=env, encoding="utf-8", timeout=WAIT,
+                          preexec_fn=as_from_a_terminal)
     child.expect_exact(f"web UI on http://127.0.0.1:{port}")
     return child, f"http://127.0.0.1:{port}/"
 
