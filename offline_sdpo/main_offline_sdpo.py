@@ -240,6 +240,15 @@ def save_final_model(trainer, cfg: OfflineTrainingArguments, base_path: str, tok
 
 # --------------------------------------------------------------------------- main
 
+def leave_process_group() -> None:
+    """Tear the process group down before the interpreter exits: left to exit, gloo's threads can abort a rank
+    ("terminate called without an active exception") after the model was saved, and the launcher reports failure."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 class BadInput(SystemExit):
     """Bad input found by the trainer itself: `error: <message>` on stderr and exit status 2 (the
     __main__ block prints it; called from Python, str() is the line)."""
@@ -438,6 +447,7 @@ if __name__ == "__main__":
 
     try:
         main()
+        leave_process_group()
     except (DataError, ConfigError, ModelLoadError, BadInput) as err:  # bad input: one line, no traceback, exit 2
         sys.exit(exit_with_error(err.message if isinstance(err, BadInput) else err))
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through transformers

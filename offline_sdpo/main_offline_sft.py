@@ -133,10 +133,11 @@ if __name__ == "__main__":
     from auxiliary.runtime.io_utils import DataError
     from auxiliary.runtime.model_loading import ModelLoadError
 
-    from offline_sdpo.main_offline_sdpo import BadInput
+    from offline_sdpo.main_offline_sdpo import BadInput, leave_process_group
 
     try:
         main()
+        leave_process_group()
     except (DataError, ConfigError, ModelLoadError, BadInput) as err:  # bad input: one line, no traceback
         sys.exit(exit_with_error(err.message if isinstance(err, BadInput) else err))
     except KeyboardInterrupt:  # Ctrl-C: one line, not a traceback through transformers
