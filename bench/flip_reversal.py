@@ -56,9 +56,12 @@ def reversal_table(words: dict[tuple[str, int], dict[int, int]]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("run_dir", type=Path)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run_dir", type=Path, help="the output folder of a finished eval_online_sdpo.py run")
     args = parser.parse_args(argv)
+    if not args.run_dir.is_dir():
+        print(f"error: {args.run_dir}: no such folder", file=sys.stderr)
+        return 2
     if not (args.run_dir / "completions.jsonl").is_file():
         print(f"error: {args.run_dir}: no completions.jsonl, not a finished online run", file=sys.stderr)
         return 2

@@ -58,7 +58,9 @@ def copy_run(run_dir: Path, repo: Path = ROOT) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="Either way docs/example_run/ is replaced: the shipped run is gone "
+                                            "(git checkout docs/example_run brings it back).")
     parser.add_argument("--from", dest="run_dir", type=Path, help="a finished run folder to copy instead of recording")
     parser.add_argument("--repo", type=Path, default=ROOT,
                         help="the checkout the copied run ran in, written as <repo> (default: this one)")

@@ -4,8 +4,8 @@
 # rule-based judge, plus a placebo arm whose user only ever says "OK, thanks.". Prints the win
 # rate per eval step and arm, the net effect (feedback - placebo) and the path of winrate.png.
 #
-# The settings are the profile configs/demo.yaml (chosen by measurement: README, "Quick start:
-# make demo"). DEMO_STYLE, DEMO_LR, DEMO_IGNORE_FIRST_K, DEMO_LOSS_MODE, DEMO_TEACHER, DEMO_TRAIN_N,
+# The settings are the profile configs/demo.yaml (chosen by measurement: docs/online.md,
+# "The demo"). DEMO_STYLE, DEMO_LR, DEMO_IGNORE_FIRST_K, DEMO_LOSS_MODE, DEMO_TEACHER, DEMO_TRAIN_N,
 # DEMO_EVAL_N, DEMO_EVAL_EVERY, DEMO_MAX_NEW_TOKENS (also the evaluation's) and DEMO_SEED override it when set,
 # and extra arguments go to eval_online_sdpo.py:
 #   DEMO_TRAIN_N=40 scripts/demo.sh --eval_every 10

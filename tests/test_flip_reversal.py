@@ -36,6 +36,8 @@ def test_the_changes_are_paired_over_prompts_and_the_placebo_is_subtracted(tmp_p
 
 
 def test_a_folder_without_a_run_or_a_placebo_is_one_line(tmp_path, capsys):
+    assert flip_reversal.main([str(tmp_path / "nowhere")]) == 2
+    assert "nowhere: no such folder" in capsys.readouterr().err
     assert flip_reversal.main([str(tmp_path)]) == 2
     assert "no completions.jsonl" in capsys.readouterr().err
     write_run(tmp_path, {("feedback", 0): [1, 2], ("feedback", 5): [1, 2]})
