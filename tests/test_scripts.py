@@ -785,7 +785,9 @@ def test_demo_help_lists_the_demo_variables_with_the_profiles_values():
     profile = (REPO / "configs" / "demo.yaml").read_text()
     train_n = re.search(r"^train_n:\s*(\d+)", profile, flags=re.M).group(1)
     assert re.search(rf"^  DEMO_TRAIN_N\s+{train_n}\s+--train_n$", result.stdout, flags=re.M), result.stdout
-    for name in ("DEMO_STYLE", "DEMO_LR", "DEMO_SEED", "DEMO_MAX_NEW_TOKENS", "OUTPUT_DIR"):
+    teacher = re.search(r"^teacher:\s*(\w+)", profile, flags=re.M).group(1)
+    assert re.search(rf"^  DEMO_TEACHER\s+{teacher}\s+--teacher$", result.stdout, flags=re.M), result.stdout
+    for name in ("DEMO_STYLE", "DEMO_LR", "DEMO_TEACHER", "DEMO_SEED", "DEMO_MAX_NEW_TOKENS", "OUTPUT_DIR"):
         assert name in result.stdout
     assert len(result.stdout.splitlines()) < 40  # not the entry point's 400 lines
 
