@@ -56,7 +56,8 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
     soft-capping (z = cap * tanh(a / cap)), G is multiplied by dz/da = 1 - tanh(a / cap)^2.
     `teacher_head` (a plain linear head too, same soft-capping) scores hidden_t; default `head`.
     `hidden_neutral` (full_distillation with contrast): the teacher's hidden states under x o_neutral; the
-    teacher's logits are then tilted by `plan.tilt` before its buckets are read.
+    teacher's logits are then tilted by `plan.tilt` before its buckets are read. With the end signal
+    (simple_signal, `plan.end_token_id`) the end token's column is read beside the target's.
     Returns (loss, logp_x, logp_xo, kl or None), all but loss detached.
     """
     opts, weight, softcap = plan.opts, head.linear.weight, head.softcap
@@ -90,6 +91,8 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
             rows = slice(start, min(total, start + chunk))
             h = h_all[rows].to(compute_dtype)
             target = targets[rows].unsqueeze(1)
+            # simple_signal with the end signal reads one more column: the end token's, at every position
+            end_column = None if plan.end_token_id is None else torch.full_like(target, plan.end_token_id)
             logits, cap_slope = logits_into(student_buffer[:h.shape[0]], h, w, softcap, with_slope=True)
             top = logits.topk(k, dim=-1) if distill else None
             if distill:  # the teacher's logits now: the contrast tilts them by the student's, consumed below
@@ -106,6 +109,8 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
                     logits, ids, target, lambda index: _logits(h[index], w, softcap), row_max=row_max)
             else:  # logits become exp(z - max); the few log-probs read come from the row's log-sum-exp
                 values = [logits.gather(1, target).double()] + ([top.values.double()] if distill else [])
+                if end_column is not None:
+                    values.append(logits.gather(1, end_column).double())
                 logps, row_max, student_log_total = logprobs_in_place(logits, values, row_max)
                 target_logp, student_buckets = logps[0], (logps[1] if distill else None)
             teacher_buckets = None
@@ -125,11 +130,14 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
                         [teacher_logits.gather(1, target).double(), teacher_logits.gather(1, ids).double()])
                 logp_xo[rows] = teacher_target.squeeze(1)
                 picked = torch.cat([student_buckets, target_logp], dim=1).requires_grad_(True)
+            elif end_column is not None:  # the end token's column, then the target's
+                picked = torch.cat([logps[-1], target_logp], dim=1).requires_grad_(True)
             else:
                 picked = target_logp.requires_grad_(True)
             with torch.enable_grad():
                 kl = plan.kl(picked[:, :-1], teacher_buckets) if distill else None
-                chunk_loss = plan.loss_sum(rows, picked[:, -1], kl)
+                logp_end = picked[:, 0] if end_column is not None else None
+                chunk_loss = plan.loss_sum(rows, picked[:, -1], kl, logp_end)
                 (grad_picked,) = torch.autograd.grad(chunk_loss, picked)
             picked = picked.detach()
             loss_value += chunk_loss.detach()
@@ -154,6 +162,8 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
             if distill:
                 columns = torch.cat([ids, target], dim=1)
                 grad_columns = torch.cat([grad_picked[:, :k], grad_picked[:, -1:]], dim=1)
+            elif end_column is not None:
+                columns, grad_columns = torch.cat([end_column, target], dim=1), grad_picked
             else:
                 columns, grad_columns = target, grad_picked
             grad_logits.scatter_add_(1, columns, grad_columns)

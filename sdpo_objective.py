@@ -187,13 +187,14 @@ def simple_signal_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 def reference_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, response_ids: torch.Tensor,
                    response_mask: torch.Tensor, opts: "ObjectiveOptions", neutral_logits: torch.Tensor | None = None,
-                   ref_logp: torch.Tensor | None = None) -> torch.Tensor:
+                   ref_logp: torch.Tensor | None = None, end_token_id: int | None = None) -> torch.Tensor:
     """The whole loss on full logits [B, R, V] at the positions predicting y, every option of `opts` included:
     the yardstick the chunked and fused paths of `sdpo_loss` are tested against.
 
     student_logits: the student under x (with gradient); teacher_logits: the teacher under xo;
     neutral_logits: the teacher under x o_neutral (--contrast_followup); ref_logp: [B, R] reference model
-    log-probs of y (beta > 0). Full-vocabulary log-softmax everywhere; the per-token loss itself is TokenLoss's.
+    log-probs of y (beta > 0); end_token_id: the end-of-turn token (end_signal_weight > 0). Full-vocabulary
+    log-softmax everywhere; the per-token loss itself is TokenLoss's.
     """
     if bool(opts.contrast_followup) != (neutral_logits is not None):
         raise ValueError("--contrast_followup needs the teacher's logits under x o_neutral, and only it does")
@@ -212,7 +213,14 @@ def reference_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, r
             plan.logp_neutral = torch.log_softmax(neutral, dim=-1).gather(1, targets).squeeze(1)
         plan.signal = shape_signal(plan.raw_signal(slice(None), logp_x), plan.weight, plan.seq_index, plan.num_seq,
                                    opts)
-        return plan.loss_sum(slice(None), logp_x, None)
+        logp_end = None
+        if opts.end_signal_weight > 0:
+            if end_token_id is None:
+                raise ValueError("--end_signal_weight needs the end-of-turn token id")
+            logp_end = torch.log_softmax(student, dim=-1)[:, end_token_id]
+            plan.use_end_token(end_token_id, targets.squeeze(1), torch.log_softmax(teacher, dim=-1)[:, end_token_id],
+                               None if neutral is None else torch.log_softmax(neutral, dim=-1)[:, end_token_id])
+        return plan.loss_sum(slice(None), logp_x, None, logp_end)
     if neutral is not None:
         teacher = plan.tilt(teacher, neutral, student)
     kl = topk_divergence(student, teacher, opts.distillation_topk, opts.distillation_tail, opts.divergence,
@@ -587,7 +595,7 @@ def compute_signal(model, contexts_x, contexts_xo, responses, pad_token_id: int,
 OBJECTIVE_RANGES: dict[str, tuple] = {
     "distillation_topk": (1, True, None, None), "logits_chunk_size": (1, True, None, None),
     "ignore_first_k": (0, True, None, None), "copy_guard_ngram": (0, True, None, None),
-    "signal_clip": (0, True, None, None), "beta": (0, True, None, None),
+    "signal_clip": (0, True, None, None), "beta": (0, True, None, None), "end_signal_weight": (0, True, None, None),
     "divergence_alpha": (0, True, 1, True), "teacher_ema_rate": (0, False, 1, True),
 }
 
@@ -654,6 +662,10 @@ class ObjectiveOptions:
     copy_guard_ngram: int = field(default=0, metadata={
         "help": "copy guard: no signal and no distillation term on reply tokens that complete a repeat of an earlier "
                 "n-gram of the same reply, n this value (0 = off, the paper's)"})
+    end_signal_weight: float = field(default=0.0, metadata={
+        "help": "simple_signal: also teach where the reply should end: + w A_end,t log p(<end> | x, y<t) at every "
+                "weighted position, A_end,t the hindsight signal of the end-of-turn token there (against the neutral "
+                "follow-up with contrast); w this value (0 = off, the paper's; docs/objective.md)"})
     logits_chunk_size: Optional[int] = field(default=None, metadata={
         "help": f"response positions per chunk of the LM head / log-softmax (default: {CPU_CHUNK_SIZE} on CPU, "
                 f"{ACCELERATOR_CHUNK_SIZE} on GPU, chosen by bench/bench_chunk_size.py)"})
@@ -670,6 +682,9 @@ class ObjectiveOptions:
             raise ValueError(f"--contrast_followup must be a text, got {self.contrast_followup!r}")
         if self.contrast_followup and not self.contrast_followup.strip():
             raise ValueError("--contrast_followup is blank: give a neutral follow-up text, or leave it empty (off)")
+        if self.end_signal_weight and self.loss_mode != "simple_signal":
+            raise ValueError("--end_signal_weight needs --loss_mode simple_signal (full_distillation reads the end "
+                             "token's probability wherever it is in the top-k)")
         if self.negate_signal and self.loss_mode != "simple_signal":
             raise ValueError("negate_signal is only defined for loss_mode simple_signal")
         for name, value, choices in (("divergence", self.divergence, DIVERGENCES),
@@ -747,6 +762,10 @@ class TokenLoss:
     logp_neutral: torch.Tensor | None = None    # teacher log p(y_t | x o_neutral) (simple_signal, contrast on)
     signal: torch.Tensor | None = None          # shaped signal when known up front (else shaped per chunk)
     ref_logp: torch.Tensor | None = None        # reference model log p(y_t | x) (beta > 0)
+    end_token_id: int | None = None             # end_signal_weight > 0: the model's end-of-turn token (use_end_token)
+    end_weight: torch.Tensor | None = None      # weight, 0 where y_t is the end token itself
+    end_logp_xo: torch.Tensor | None = None     # teacher log p(<end> | xo, y<t)
+    end_logp_neutral: torch.Tensor | None = None  # teacher log p(<end> | x o_neutral, y<t) (contrast on)
 
     @classmethod
     def for_batch(cls, opts: ObjectiveOptions, response_ids: torch.Tensor, response_mask: torch.Tensor) -> "TokenLoss":
@@ -782,23 +801,42 @@ class TokenLoss:
         return shape_signal(self.raw_signal(rows, logp_x), self.weight[rows], self.seq_index[rows], self.num_seq,
                             self.opts)
 
+    def use_end_token(self, end_token_id: int, targets: torch.Tensor, end_logp_xo: torch.Tensor,
+                      end_logp_neutral: torch.Tensor | None) -> None:
+        """Turn the end signal on: the teacher's log-probs of the end token at every position (and under x o_neutral
+        with contrast). Where y_t is the end token the sampled token carries that signal already: no end term."""
+        self.end_token_id, self.end_logp_xo, self.end_logp_neutral = end_token_id, end_logp_xo, end_logp_neutral
+        self.end_weight = self.weight * (targets != end_token_id).float()
+
+    def end_signal(self, rows, end_logp_x: torch.Tensor) -> torch.Tensor:
+        """A_end,t = log p_T(<end> | xo, y<t) - (log p_T(<end> | x o_neutral, y<t) with contrast, else the student's
+        own log p(<end> | x, y<t)); no gradient, unshaped (the end token is one action among V: no centring)."""
+        baseline = self.end_logp_neutral[rows] if self.contrast else end_logp_x.detach()
+        return (self.end_logp_xo[rows] - baseline).detach()
+
     def kl(self, student_buckets: torch.Tensor, teacher_buckets: torch.Tensor) -> torch.Tensor:
         """The per-token divergence of full_distillation (`--divergence`; named kl for the default)."""
         return buckets_divergence(student_buckets, teacher_buckets, renormalise=not self.opts.distillation_tail,
                                   divergence=self.opts.divergence, alpha=self.opts.divergence_alpha)
 
-    def loss_sum(self, rows, logp_x: torch.Tensor, kl: torch.Tensor | None) -> torch.Tensor:
+    def loss_sum(self, rows, logp_x: torch.Tensor, kl: torch.Tensor | None,
+                 logp_end: torch.Tensor | None = None) -> torch.Tensor:
         """Sum of the loss terms of tokens `rows` (the whole loss when rows covers every token).
 
         simple_signal:      -(1/B) sum_b (1/|y_b|) sum_t w_t A_t log p(y_t | x)    (A shaped: shape_signal)
         full_distillation:  sum_t w_t D_t / sum_t w_t, D_t the top-k divergence (reverse KL by default)
         beta > 0:           + beta * sum_t w_t k3_t / sum_t w_t, k3 the estimate of KL(policy || reference)
+        end signal:         - (1/B) sum_b (1/|y_b|) sum_t e w'_t A_end,t log p(<end> | x, y<t), e = end_signal_weight,
+                            w'_t = w_t but 0 where y_t is the end token (`end_signal`)
         w_t = token_weights, |y_b| = sum of w_t over reply b. logp_x and kl carry the gradient; the signal never does.
         """
         opts, weight = self.opts, self.weight[rows]
         weight_total = self.weight.sum().clamp(min=1)
         if opts.loss_mode == "simple_signal":
             total = (-self.shaped_signal(rows, logp_x) * logp_x / self.tokens_per_seq[rows]).sum() / self.num_seq
+            if self.end_token_id is not None:
+                end_coefficient = self.opts.end_signal_weight * self.end_signal(rows, logp_end) * self.end_weight[rows]
+                total = total - (end_coefficient * logp_end / self.tokens_per_seq[rows]).sum() / self.num_seq
         else:
             total = (kl * weight).sum() / weight_total
         if self.ref_logp is not None:
@@ -848,7 +886,10 @@ def checkpointed_head_loss(head: "HeadLogits", plan: TokenLoss, hidden_s, hidden
         if plan.signal is None:
             plan.signal = shape_signal(plan.raw_signal(slice(None), logp_x), plan.weight, plan.seq_index, plan.num_seq,
                                        opts)
-        return plan.loss_sum(slice(None), logp_x, None), logp_x, plan.logp_xo, None
+        logp_end = None
+        if plan.end_token_id is not None:
+            logp_end = token_logprobs(head, hidden_s, torch.full_like(targets, plan.end_token_id), chunk_size)
+        return plan.loss_sum(slice(None), logp_x, None, logp_end), logp_x, plan.logp_xo, None
     k, with_tail = plan.support(head.vocab_size)
     kl_pieces, logp_x_pieces, logp_xo_pieces = [], [], []
     for start, end in _chunks(hidden_s.shape[0], chunk_size):
@@ -1005,6 +1046,16 @@ def log_fused_head_fallback(reason: str) -> None:
     logger.info("fused LM head off, checkpointed chunks instead: %s", reason)
 
 
+def end_token_id(model) -> int:
+    """The end-of-turn token the model generates (its generation config's eos, the first of several)."""
+    eos = getattr(getattr(_unwrap(model), "generation_config", None), "eos_token_id", None)
+    if isinstance(eos, (list, tuple)):
+        eos = eos[0] if eos else None
+    if eos is None:
+        raise ValueError("--end_signal_weight: the model's generation config names no eos_token_id")
+    return int(eos)
+
+
 def _fused_head_refusal(model, teacher: Teacher, teacher_head: "HeadLogits", hidden: torch.Tensor) -> str | None:
     """Why the fused head cannot take this model and teacher (None: it can)."""
     if not fused_head_supported(model, hidden):
@@ -1078,6 +1129,13 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
             plan.ref_logp, _ = score_tokens(ref_model, batch_x, chunk, fused_numerics=fused)
     if opts.loss_mode == "simple_signal":
         with torch.no_grad():
+            if opts.end_signal_weight > 0:
+                end_id = end_token_id(model)
+                ends = torch.full_like(targets, end_id)
+                end_xo = token_logprobs(teacher_head, hidden_t, ends, chunk, fused_numerics=fused)
+                end_neutral = None if hidden_n is None else token_logprobs(teacher_head, hidden_n, ends, chunk,
+                                                                           fused_numerics=fused)
+                plan.use_end_token(end_id, targets, end_xo, end_neutral)
             plan.logp_xo = token_logprobs(teacher_head, hidden_t, targets, chunk, fused_numerics=fused)
             if hidden_n is not None:  # the signal no longer depends on the student: shaped once, up front
                 plan.logp_neutral = token_logprobs(teacher_head, hidden_n, targets, chunk, fused_numerics=fused)

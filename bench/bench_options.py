@@ -1,4 +1,4 @@
-"""What the contrastive signal and the copy guard cost: one update (sdpo_loss forward + backward) with each option
+"""What the contrastive signal, the copy guard and the end signal cost: one update (sdpo_loss forward + backward) with each option
 against the same update without it, per loss mode, on the embedded SmolLM2-135M-Instruct.
 
     OMP_NUM_THREADS=2 python bench/bench_options.py [--model smollm2-135m-instruct] [--batch 1]
@@ -9,7 +9,8 @@ replies of `--response` tokens), the model in train mode, the fused LM head as s
 every setting back to back in an alternating order; a ratio is the median over repeats of the paired
 ratios, so that load from other processes on the machine cancels.
 
-Output: a table, then `ratio contrast_vs_plain_<mode> <x>` and `ratio copy_guard_vs_plain_<mode> <x>`.
+Output: a table, then `ratio <option>_vs_plain_<mode> <x>` for contrast and copy_guard in both loss modes and
+end_signal in simple_signal (the only mode that has it).
 """
 from __future__ import annotations
 
@@ -27,7 +28,9 @@ import torch  # noqa: E402
 from bench_common import environment_lines, format_table, median  # noqa: E402
 from sdpo_objective import ObjectiveOptions, build_scoring_batch, sdpo_loss  # noqa: E402
 
-SETTINGS = {"plain": {}, "contrast": {"contrast_followup": "OK."}, "copy_guard": {"copy_guard_ngram": 3}}
+SETTINGS = {"plain": {}, "contrast": {"contrast_followup": "OK."}, "copy_guard": {"copy_guard_ngram": 3},
+            "end_signal": {"end_signal_weight": 1.0}}
+SIMPLE_SIGNAL_ONLY = {"end_signal"}
 
 
 def batches(vocab: int, batch: int, context: int, response: int, pad: int, seed: int = 0):
@@ -67,7 +70,8 @@ def main(argv=None) -> dict[str, float]:
     scoring = batches(model.config.vocab_size, args.batch, args.context, args.response, tokenizer.pad_token_id or 0)
     rows, ratios = [], {}
     for mode in ("simple_signal", "full_distillation"):
-        options = {name: ObjectiveOptions(loss_mode=mode, **extra) for name, extra in SETTINGS.items()}
+        options = {name: ObjectiveOptions(loss_mode=mode, **extra) for name, extra in SETTINGS.items()
+                   if mode == "simple_signal" or name not in SIMPLE_SIGNAL_ONLY}
         time_update(model, scoring, options["contrast"])  # warm-up: allocator, kernels
         times = {name: [] for name in options}
         for repeat in range(args.repeats):

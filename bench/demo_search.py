@@ -47,9 +47,9 @@ DEGENERATE_ALLOWANCE = 2
 # Every setting is a list of flags over the search's base: configs/demo.yaml as it was before issue #27 chose
 # the profile's teacher, contrast and copy guard (these flags turn today's profile back into it), so that each
 # name stays the experiment its rows measured.
-SEARCH_BASE = ["--teacher", "live", "--contrast_followup", "", "--copy_guard_ngram", "0"]
+SEARCH_BASE = ["--teacher", "live", "--contrast_followup", "", "--copy_guard_ngram", "0", "--end_signal_weight", "0"]
 # the setting that configs/demo.yaml is today (tests/test_demo_search.py holds them equal)
-PROFILE_SETTING = "contrast-guard3-frozen-5e-6"
+PROFILE_SETTING = "contrast-guard3-frozen-end1"
 CONTRAST_GUARD = ["--contrast_followup", "Thanks.", "--copy_guard_ngram", "3"]
 LORA = ["--use_lora", "true"]  # rank 16, alpha 32 (the defaults), on every linear layer
 # name -> flags over the search base. Append, never rewrite: the table refers to these names.
@@ -85,6 +85,9 @@ SETTINGS: dict[str, list[str]] = {
                                  "--max_new_tokens", "192"],
     "contrast-guard2-frozen-train192": ["--contrast_followup", "Thanks.", "--copy_guard_ngram", "2",
                                         "--max_new_tokens", "192", "--teacher", "frozen"],
+    # the end of a reply gets a signal without the reply having to end: at each position, the hindsight signal of
+    # the end-of-turn token (it rises at sentence ends under "too long" and not under "Thanks.")
+    "contrast-guard3-frozen-end1": CONTRAST_GUARD + ["--teacher", "frozen", "--end_signal_weight", "1"],
 }
 
 

@@ -95,7 +95,8 @@ placebo     a second policy, same start, same prompts and seeds; its user always
             (arms_in_parallel: $(profile_value arms_in_parallel): the two arms side by side, half the CPU threads each)
 objective   $LOSS_MODE, signal centred per reply, first $IGNORE_FIRST_K reply tokens ignored, lr $LR, 1 step per interaction
             teacher $TEACHER; signal against the neutral follow-up "$(profile_value contrast_followup)"; none on a token
-            that completes a repeated $(profile_value copy_guard_ngram)-gram of its reply
+            that completes a repeated $(profile_value copy_guard_ngram)-gram of its reply; the end-of-turn token's
+            own signal at every position, weight $(profile_value end_signal_weight) (a cut-off reply never samples it)
 run         $TRAIN_N interactions, $EVAL_N held-out prompts judged at step 0 (the baseline's own replies)$(
             [[ $EVAL_EVERY == 0 ]] || printf ', every %s' "$EVAL_EVERY") and at the end
 judge       rule-based '$STYLE' judge vs the initial policy's replies (shorter wins; both orders; a reply that

@@ -266,12 +266,12 @@ def test_breakdown_sorts_operators_by_the_tensors_they_touch():
     assert kind_of("aten::mm", [[40, 64], [64, 192]], vocab) == "backbone_and_rest"
 
 
-def test_bench_options_tiny_prints_the_ratios_of_both_options(capsys):
+def test_bench_options_tiny_prints_the_ratios_of_every_option(capsys):
     import bench_options
 
     ratios = bench_options.main(["--model", "tiny-random", "--context", "6", "--response", "8", "--repeats", "1"])
     assert set(ratios) == {f"{option}_vs_plain_{mode}" for option in ("contrast", "copy_guard")
-                           for mode in ("simple_signal", "full_distillation")}
+                           for mode in ("simple_signal", "full_distillation")} | {"end_signal_vs_plain_simple_signal"}
     assert bench_common.parse_ratio_lines(capsys.readouterr().out) == pytest.approx(ratios, abs=1e-4)
 
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from auxiliary.runtime.tiny_model import build_tiny_model
-from sdpo_objective import (ObjectiveOptions, Teacher, build_scoring_batch, hindsight_contexts, hindsight_messages,
-                            reference_loss, render_context_ids, repeated_ngram_mask, sdpo_loss, token_weights)
+from sdpo_objective import (ObjectiveOptions, Teacher, build_scoring_batch, end_token_id, hindsight_contexts,
+                            hindsight_messages, reference_loss, render_context_ids, repeated_ngram_mask, sdpo_loss, token_weights)
 from test_teacher_modes import _perturb
 
 # replies with repeats (copy guard), one without, one shorter than ignore_first_k
@@ -49,7 +49,8 @@ def _full_logit_reference(student, teacher_model, opts, ref_model=None):
         if ref_model is not None:
             ref_logp = torch.log_softmax(_response_logits(ref_model, CONTEXTS_X), -1)
             ref_logp = ref_logp.gather(-1, ids.unsqueeze(-1))[..., 0]
-    return reference_loss(_response_logits(student, CONTEXTS_X), teacher, ids, mask, opts, neutral, ref_logp)
+    end = end_token_id(student) if opts.end_signal_weight else None
+    return reference_loss(_response_logits(student, CONTEXTS_X), teacher, ids, mask, opts, neutral, ref_logp, end)
 
 
 def _assert_equals_reference(model, teacher_model, teacher_object=None, ref_model=None, tokenizer=None, **options):

@@ -168,7 +168,8 @@ def test_every_setting_changes_exactly_the_fields_its_flags_name(name):
 
 def test_the_search_base_is_the_profile_before_issue_27_and_the_profile_is_its_chosen_setting():
     base = _demo_config(demo_search.SEARCH_BASE)
-    assert (base["teacher"], base["contrast_followup"], base["copy_guard_ngram"]) == ("live", "", 0)
+    assert (base["teacher"], base["contrast_followup"], base["copy_guard_ngram"], base["end_signal_weight"]) == (
+        "live", "", 0, 0)
     profile = _demo_config([])
     assert profile == _demo_config(demo_search.SEARCH_BASE + demo_search.SETTINGS[demo_search.PROFILE_SETTING])
     assert profile != base

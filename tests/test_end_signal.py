@@ -1,0 +1,114 @@
+"""--end_signal_weight: the hindsight signal of the end-of-turn token at every reply position (simple_signal).
+Both head paths equal the full-logit reference; the term equals a computation by hand from plain forwards;
+it vanishes where the follow-up says nothing about ending; bad input fails clearly; it reaches the updaters."""
+import pytest
+import torch
+
+from auxiliary.runtime.tiny_model import build_tiny_model
+from sdpo_objective import ObjectiveOptions, Teacher, end_token_id, sdpo_loss, token_weights
+from test_contrast_copy_guard import (CONTEXTS_NEUTRAL, CONTEXTS_X, CONTEXTS_XO, CONTRAST, RESPONSES,
+                                      _assert_equals_reference, _batches, _response_logits)
+from test_teacher_modes import _perturb
+
+OPTIONS = [
+    dict(end_signal_weight=0.7),
+    dict(end_signal_weight=0.7, center_signal=True, ignore_first_k=2, logits_chunk_size=3),
+    dict(end_signal_weight=1.3, contrast_followup=CONTRAST, center_signal=True, ignore_first_k=2, copy_guard_ngram=2,
+         logits_chunk_size=3),
+    dict(end_signal_weight=2.0, contrast_followup=CONTRAST, signal_clip=0.2, negate_signal=True),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(f"{k}={v}" for k, v in o.items()))
+def test_both_head_paths_equal_the_full_logit_reference(tiny_model, tiny_tokenizer, options):
+    model = tiny_model.eval()
+    _, stats = _assert_equals_reference(model, model, tokenizer=tiny_tokenizer, loss_mode="simple_signal", **options)
+    assert stats["fused_lm_head"]
+
+
+def test_with_a_frozen_teacher_and_reference_kl(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer, seed=0).eval()
+    teacher = Teacher(model, "frozen")
+    initial = build_tiny_model(tiny_tokenizer, seed=0).eval()
+    _perturb(model, seed=1)
+    other = build_tiny_model(tiny_tokenizer, seed=1).eval()
+    _assert_equals_reference(model, initial, teacher_object=teacher, ref_model=other, tokenizer=tiny_tokenizer,
+                             loss_mode="simple_signal", teacher="frozen", beta=0.2, end_signal_weight=1.0,
+                             contrast_followup=CONTRAST, copy_guard_ngram=2)
+
+
+@pytest.mark.parametrize("contrast", [False, True])
+def test_the_end_term_by_hand(tiny_model, tiny_tokenizer, contrast):
+    """loss(with) - loss(without) = -(1/B) sum_b (1/|y_b|) sum_t e w'_t A_end,t log p(<end> | x, y<t), from plain
+    unbatched forwards: A_end,t the teacher's log-prob of <end> under xo minus under x o_neutral (contrast) or minus
+    the student's under x; w'_t the token weight, 0 where y_t is <end> itself."""
+    model = tiny_model.eval()
+    end = end_token_id(model)
+    assert any(end in reply for reply in RESPONSES)  # the rule that skips the sampled end token is exercised
+    options = dict(loss_mode="simple_signal", center_signal=True, ignore_first_k=1, copy_guard_ngram=2,
+                   contrast_followup=CONTRAST if contrast else "")
+    batch_x, batch_xo, batch_neutral = _batches(tiny_tokenizer, neutral=contrast)
+    with torch.no_grad():
+        without, _ = sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(**options), batch_neutral=batch_neutral)
+        with_end, _ = sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(end_signal_weight=0.5, **options),
+                                batch_neutral=batch_neutral)
+        student = torch.log_softmax(_response_logits(model, CONTEXTS_X), -1)[..., end]
+        teacher = torch.log_softmax(_response_logits(model, CONTEXTS_XO), -1)[..., end]
+        baseline = torch.log_softmax(_response_logits(model, CONTEXTS_NEUTRAL), -1)[..., end] if contrast else student
+    width = max(len(r) for r in RESPONSES)
+    ids = torch.tensor([r + [0] * (width - len(r)) for r in RESPONSES])
+    mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in RESPONSES])
+    flat_weights = token_weights(ids, mask, ObjectiveOptions(**options)).tolist()
+    expected, start = 0.0, 0
+    for row, reply in enumerate(RESPONSES):
+        weights = flat_weights[start:start + len(reply)]
+        start += len(reply)
+        term = sum(w * (float(teacher[row, t]) - float(baseline[row, t])) * float(student[row, t])
+                   for t, w in enumerate(weights) if reply[t] != end)
+        expected -= 0.5 * term / max(sum(weights), 1.0)
+    expected /= len(RESPONSES)
+    assert abs(expected) > 1e-4
+    assert float(with_end - without) == pytest.approx(expected, abs=1e-5)
+
+
+def test_no_end_signal_where_the_followup_says_nothing_of_ending(tiny_model, tiny_tokenizer):
+    """Contrast with o_neutral = o: A_end is 0, so the term adds nothing to the loss or its gradient."""
+    model = tiny_model.eval()
+    batch_x, batch_xo, _ = _batches(tiny_tokenizer)
+    for fused in (True, False):
+        options = dict(loss_mode="simple_signal", contrast_followup="o", fused_lm_head=fused)
+        loss, _ = sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(end_signal_weight=3.0, **options),
+                            batch_neutral=batch_xo)
+        loss.backward()
+        assert float(loss) == 0.0
+        assert max(float(p.grad.abs().max()) for p in model.parameters() if p.grad is not None) == 0.0
+        model.zero_grad(set_to_none=True)
+
+
+def test_bad_end_signal_input_fails_clearly(tiny_tokenizer):
+    with pytest.raises(ValueError, match="--end_signal_weight must be >= 0, got -1"):
+        ObjectiveOptions(loss_mode="simple_signal", end_signal_weight=-1)
+    with pytest.raises(ValueError, match="--end_signal_weight needs --loss_mode simple_signal"):
+        ObjectiveOptions(loss_mode="full_distillation", end_signal_weight=1.0)
+    model = build_tiny_model(tiny_tokenizer, seed=0)
+    model.generation_config.eos_token_id = None
+    batch_x, batch_xo, _ = _batches(tiny_tokenizer, neutral=False)
+    with pytest.raises(ValueError, match="names no eos_token_id"):
+        sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal", end_signal_weight=1.0))
+
+
+def test_end_token_is_the_first_of_several(tiny_tokenizer):
+    model = build_tiny_model(tiny_tokenizer, seed=0)
+    model.generation_config.eos_token_id = [7, 2]
+    assert end_token_id(model) == 7
+
+
+def test_online_and_offline_configs_take_the_flag():
+    from offline_sdpo.main_offline_sdpo import OfflineSDPOArguments
+    from online_sdpo_updater_config import OnlineSDPOConfig
+
+    online = OnlineSDPOConfig(model="tiny", device="cpu", loss_mode="simple_signal", end_signal_weight=0.5)
+    assert ObjectiveOptions.from_config(online).end_signal_weight == 0.5
+    with pytest.raises(ValueError, match="--end_signal_weight needs --loss_mode simple_signal"):
+        OfflineSDPOArguments(loss_mode="full_distillation", end_signal_weight=0.5)
+    assert OfflineSDPOArguments(end_signal_weight=0.5).objective_options().end_signal_weight == 0.5
