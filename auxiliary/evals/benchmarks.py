@@ -104,6 +104,7 @@ class BenchmarkArgs:
 
     def check(self) -> None:
         from auxiliary.evals.eval_common import split_list
+        from auxiliary.runtime.option_groups import check_ranges
 
         self.checkpoints = split_list(self.checkpoints)
         self.tasks = split_list(self.tasks)
@@ -116,8 +117,7 @@ class BenchmarkArgs:
             raise ValueError("--baseline_model is required")
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"--backend {self.backend!r}: choose hf or vllm")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("--limit must be >= 1")
+        check_ranges(self)  # --limit and every other number, in option_groups.RANGES
         for name in ("ifeval_jsonl", "alpaca_eval_json", "nltk_data"):
             value = getattr(self, name)
             if value and not Path(value).exists():
