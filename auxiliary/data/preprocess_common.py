@@ -101,7 +101,9 @@ def _load_hub(name: str, config: str | None) -> dict[str, Rows]:
     except Exception as err:  # network, auth, offline mode: all end the same way for the user
         raise DataError(
             f"could not load '{name}'{f' (config {config})' if config else ''} from the Hugging Face hub: "
-            f"{type(err).__name__}: {err}. Without network, pass a local file or folder instead."
+            f"{type(err).__name__}: {err}. Without network, pass a local file or folder instead "
+            "(--dataset; scripts/prepare_data.sh takes one per data set: HELPSTEER_SOURCE, TLDR_SOURCE, "
+            "WILDFEEDBACK_SOURCE, WILDCHAT_SOURCE)."
         ) from None
     return {split: Rows(f"{name}[{split}]", dataset) for split, dataset in loaded.items()}
 
