@@ -275,3 +275,15 @@ def test_a_hub_model_that_cannot_be_fetched_stops_with_one_line_naming_what_it_n
     line = str(caught.value)
     assert "\n" not in line and line.startswith("could not load model 'sdpo-tests/not-in-any-cache': ")
     assert "it needs the Hugging Face hub or a copy in the cache" in line and "smollm2-135m-instruct" in line
+
+
+def test_a_missing_train_jsonl_says_where_interactions_come_from(tmp_path):
+    """A paper preset's data/wildfeedback/... before prepare_data.sh said only 'file not found'."""
+    from auxiliary.runtime.io_utils import DataError
+
+    missing = tmp_path / "wildfeedback_interactions.jsonl"
+    with pytest.raises(DataError) as caught:
+        run_in_process(main, ["--train_jsonl", str(missing), "--output_dir", str(tmp_path / "out"),
+                              "--base_model", "tiny-random"])
+    assert str(caught.value).startswith(f"--train_jsonl {missing}: file not found. scripts/prepare_data.sh writes")
+    assert "data/samples/interactions.jsonl" in str(caught.value)
