@@ -140,10 +140,7 @@ class OnlineRun:
         from auxiliary.runtime.model_loading import load_tokenizer, resolve_model_path
 
         model_path = resolve_model_path(self.sdpo.model)  # ModelLoadError on a missing path
-        try:
-            return load_tokenizer(model_path), model_path  # ModelLoadError without a chat template
-        except OSError as err:
-            raise SetupError(f"could not load the tokenizer of --model {self.sdpo.model}: {err}") from None
+        return load_tokenizer(model_path), model_path  # ModelLoadError: no chat template, or not loadable
 
     def _load_data(self, tokenizer) -> None:
         from auxiliary.evals.evaluation_helpers import load_run_prompts

@@ -186,6 +186,7 @@ def run(args: EvalCheckpointsArgs) -> Path:
     if not args.baseline_model:
         raise ValueError("--baseline_model is required")
     style_eval.validate_styles(args.eval_styles, args.judge)
+    style_eval.check_judge_model(args)
     specs = resolve_checkpoints(args.checkpoints)
     for spec in specs:
         if spec.kind == "lora":

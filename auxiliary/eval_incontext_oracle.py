@@ -55,6 +55,7 @@ def run(args: OracleArgs) -> Path:
     if "{persona}" not in args.oracle_system_template:
         raise ValueError("--oracle_system_template must contain the placeholder {persona}")
     style_eval.validate_styles(args.eval_styles, args.judge)
+    style_eval.check_judge_model(args)
     output_dir = style_eval.prepare_output_dir(args, "incontext_oracle")
 
     if args.use_vllm:  # one engine; the persona only changes the prompts

@@ -18,7 +18,7 @@ import sys
 
 from auxiliary.data.preprocess_common import (  # stdlib-only module: --help stays light
     InteractionBuilder, InteractionFilters, Summary, add_interaction_filter_args, all_rows,
-    convert_conversations, load_splits, run_cli, write_jsonl,
+    convert_conversations, load_splits, parse_args_with_presets, run_cli, write_jsonl,
 )
 
 
@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv=None) -> Summary:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_presets(build_parser(), argv)  # ranges checked there
     summary = Summary("preprocess_chat_logs")
     rows = all_rows(load_splits(args.input))
     builder = InteractionBuilder(InteractionFilters.from_args(args), summary)

@@ -18,8 +18,8 @@ import argparse
 import sys
 
 from auxiliary.data.preprocess_common import (  # stdlib-only module: --help stays light
-    Summary, canonical_split, load_splits, normalize_prompt_key, parse_args_with_presets, progress, run_cli,
-    write_prompt_splits,
+    Summary, canonical_split, load_splits, normalize_prompt_key, over_limit, parse_args_with_presets, progress,
+    run_cli, write_prompt_splits,
 )
 from auxiliary.runtime.io_utils import DataError
 
@@ -35,7 +35,8 @@ def build_parser() -> argparse.ArgumentParser:
                         help="hub name or local file/folder (default: %(default)s)")
     parser.add_argument("--out_dir", default="data/helpsteer_prompts", help="output folder (default: %(default)s)")
     parser.add_argument("--min_prompt_chars", type=int, default=10, help="drop shorter prompts (default: %(default)s)")
-    parser.add_argument("--max_prompt_chars", type=int, default=4000, help="drop longer prompts (default: %(default)s)")
+    parser.add_argument("--max_prompt_chars", type=int, default=4000,
+                        help="drop longer prompts (0 = no limit; default: %(default)s)")
     parser.add_argument("--max_response_chars", type=int, default=0,
                         help="drop prompts with a rated response longer than this, in characters (0 = no limit; "
                              "default: %(default)s)")
@@ -85,7 +86,7 @@ def select_prompts(splits, args, summary: Summary) -> dict[str, list[dict]]:
                 summary.drop("multi_turn", "row")
             elif len(prompt.strip()) < args.min_prompt_chars:
                 summary.drop("prompt_too_short", "row")
-            elif len(prompt) > args.max_prompt_chars:
+            elif over_limit(len(prompt), args.max_prompt_chars):
                 summary.drop("prompt_too_long", "row")
             elif key in long_responses:  # every row of the prompt, whichever response is the long one
                 summary.drop("response_too_long", "row")
@@ -100,10 +101,7 @@ def select_prompts(splits, args, summary: Summary) -> dict[str, list[dict]]:
 
 
 def main(argv=None) -> Summary:
-    parser = build_parser()
-    args = parse_args_with_presets(parser, argv, PAPER_FILTERS)
-    if args.max_response_chars < 0:
-        parser.error(f"--max_response_chars must be >= 0 (0 = no limit), got {args.max_response_chars}")
+    args = parse_args_with_presets(build_parser(), argv, PAPER_FILTERS)  # ranges checked there
     summary = Summary("preprocess_helpsteer")
     prompts = select_prompts(load_splits(args.dataset), args, summary)
     write_prompt_splits(args.out_dir, prompts, summary)  # everything is selected before anything is written

@@ -19,7 +19,8 @@ import argparse
 import sys
 
 from auxiliary.data.preprocess_common import (  # stdlib-only module: --help stays light
-    Summary, canonical_split, load_splits, normalize_prompt_key, progress, run_cli, write_prompt_splits,
+    Summary, canonical_split, load_splits, normalize_prompt_key, over_limit, parse_args_with_presets, progress,
+    run_cli, write_prompt_splits,
 )
 from auxiliary.runtime.io_utils import DataError
 
@@ -53,7 +54,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", default="comparisons", help="hub config (default: %(default)s)")
     parser.add_argument("--out_dir", default="data/tldr_prompts_unique", help="output folder (default: %(default)s)")
     parser.add_argument("--min_post_chars", type=int, default=50, help="drop shorter posts (default: %(default)s)")
-    parser.add_argument("--max_post_chars", type=int, default=3000, help="drop longer posts (default: %(default)s)")
+    parser.add_argument("--max_post_chars", type=int, default=3000,
+                        help="drop longer posts (0 = no limit; default: %(default)s)")
     parser.add_argument("--paper_format", action="store_true",
                         help="the paper's prompts: a TL;DR system prompt + the text as a message list; articles kept")
     return parser
@@ -77,7 +79,7 @@ def select_prompts(splits, args, summary: Summary) -> dict[str, list[dict]]:
                 summary.drop("no_post", "row")
             elif len(post) < args.min_post_chars:
                 summary.drop("post_too_short", "row")
-            elif len(post) > args.max_post_chars:
+            elif over_limit(len(post), args.max_post_chars):
                 summary.drop("post_too_long", "row")
             else:
                 candidates[target].append(format_paper_prompt(info) if args.paper_format else format_prompt(info))
@@ -99,7 +101,7 @@ def select_prompts(splits, args, summary: Summary) -> dict[str, list[dict]]:
 
 
 def main(argv=None) -> Summary:
-    args = build_parser().parse_args(argv)
+    args = parse_args_with_presets(build_parser(), argv)  # ranges checked there
     summary = Summary("preprocess_tldr_dataset")
     prompts = select_prompts(load_splits(args.dataset, args.config), args, summary)
     write_prompt_splits(args.out_dir, prompts, summary)

@@ -120,6 +120,10 @@ class LoadSummary:
 def load_interactions(path: str | Path) -> tuple[list[dict], LoadSummary]:
     """Read and validate an interactions JSONL. Malformed lines / records fail with file:line and field."""
     summary = LoadSummary(str(path))
+    if not Path(path).exists():  # where the data comes from, as the online run's and the wrappers' messages say
+        raise DataError(f"--train_jsonl {path}: file not found. scripts/prepare_data.sh writes data/wildfeedback/ and "
+                        "data/wildchat/ (from the hub); data/samples/interactions.jsonl holds 24 bundled interactions "
+                        "that need no download")
     records = []
     for line_number, raw in iter_jsonl(path):
         summary.read += 1

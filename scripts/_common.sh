@@ -383,6 +383,7 @@ sdpo_check_exists() {  # NAME [file|dir] [PATH INSIDE NAME]
     local name=$1 kind=${2:-file} path=${!1}${3:+/$3} hint=""
     if [[ $kind == dir && -d $path ]] || [[ $kind == file && -f $path ]]; then return 0; fi
     [[ $name == DATA_DIR ]] && hint=" (scripts/prepare_data.sh writes the data sets; DATA_DIR=data/samples has a few bundled prompts)"
+    [[ $name == TRAIN_JSONL ]] && hint=" (scripts/prepare_data.sh writes WildFeedback's and WildChat's interactions; TRAIN_JSONL=data/samples/interactions.jsonl has 24 bundled ones)"
     if [[ $SDPO_DRY_RUN == 1 ]]; then
         sdpo_note "warning: $name: $path not found$hint; a real run stops here"
     else

@@ -237,3 +237,20 @@ def test_alpaca_eval_is_imported_without_the_pkg_resources_deprecation_warning(t
     assert result.returncode == 0, result.stderr[-2000:]
     assert "pkg_resources" not in result.stderr + result.stdout
     assert "UserWarning: a warning of ours" in result.stderr  # only that notice is hidden
+
+
+@needs_harnesses
+@pytest.mark.parametrize("task", ["ifeval", "alpaca_eval"])
+def test_a_benchmark_set_the_hub_cannot_give_is_one_line_not_a_write_error(task, tmp_path, tiny_models, monkeypatch,
+                                                                          capsys):
+    """Without network, IFEval from the hub ended in 'error: cannot write ?: Couldn't reach ...': the OSError of
+    datasets read as a file that could not be written. Now it says what works offline."""
+    base, _ = tiny_models
+    out = tmp_path / "out"
+    result = run_tool_in_process(["--baseline_model", base, "--tasks", task, "--limit", "1", "--output_dir", str(out)],
+                                 monkeypatch, capsys, HF_DATASETS_OFFLINE="1")
+    last = result.stderr.strip().splitlines()[-1]
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert last.startswith("error: a benchmark's data could not be loaded from the Hugging Face hub") and \
+        "--ifeval_jsonl and --alpaca_eval_json take local copies" in last, last
+    assert "cannot write" not in result.stderr

@@ -162,6 +162,21 @@ def test_an_adapter_of_another_base_model_fails_before_the_baseline_is_generated
     assert "trained on another base model" in err[0]
 
 
+def test_a_judge_model_that_cannot_be_loaded_stops_before_anything_is_generated(tiny_model_dir, checkpoints,
+                                                                                  tmp_path, capsys, monkeypatch):
+    """The wrappers' default judge (Qwen3-32B, a hub id) without network: every reply was generated first (minutes
+    on a CPU) and then the judge failed to load; now one line before any generation, nothing written."""
+    generated = []
+    monkeypatch.setattr(style_eval, "generate", lambda *a, **k: generated.append(a) or pytest.fail("generated"))
+    code = main(["--baseline_model", tiny_model_dir, "--checkpoints", checkpoints["copy"], "--eval_styles", "no_emojis",
+                 "--judge", "local", "--judge_model", "sdpo-tests/not-in-any-cache", "--data_dir", "data/samples",
+                 "--eval_n", "2", "--max_new_tokens", "4", "--output_dir", str(tmp_path / "out")])
+    assert code == 2 and not generated
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "could not load model 'sdpo-tests/not-in-any-cache'" in err[0] and "hub id" in err[0]
+    assert not (tmp_path / "out").exists()
+
+
 def test_earlier_results_are_never_overwritten_silently(tiny_model_dir, checkpoints, evaluation, capsys, tmp_path):
     out = shutil.copytree(evaluation[0], tmp_path / "earlier_run")  # the shared fixture's folder stays as it is
     before = (out / "results.json").read_bytes()

@@ -167,6 +167,29 @@ def test_win_rate_figure_shows_arms_in_colours_undefined_points_words_and_degene
     assert ticks and all(float(tick).is_integer() for tick in ticks)
 
 
+@pytest.mark.parametrize("steps, arms", [((0, 20), ("feedback", "placebo")), ((0, 5, 20), ("feedback", "placebo")),
+                                          ((0, 20), ("feedback",))])
+def test_degenerate_reply_bars_are_narrow_and_centred_on_their_eval_step(steps, arms):
+    """A run with eval steps 0 and 20 drew bars 6 steps wide: the widths come from the smallest gap between eval
+    steps, the arms' bars of one step side by side, together centred on the step."""
+    from auxiliary.evals.evaluation_helpers import win_rate_figure
+
+    records = [{"step": step, "style": "concise", "arm": arm, "win_rate": 50.0, "se": 5.0, "mean_words": 40,
+                "monitors": {"degenerate_replies": 1 + index}} for step in steps for index, arm in enumerate(arms)]
+    _, _, bars = win_rate_figure(records).axes
+    smallest_gap = min(b - a for a, b in zip(steps, steps[1:]))
+    patches = {container.get_label().split(":")[0]: list(container) for container in bars.containers}
+    assert sorted(patches) == sorted(arms) and all(len(drawn) == len(steps) for drawn in patches.values())
+    widths = {round(patch.get_width(), 9) for drawn in patches.values() for patch in drawn}
+    assert len(widths) == 1  # one width for every bar
+    (width,) = widths
+    assert 0.05 * smallest_gap <= width * len(arms) <= 0.25 * smallest_gap  # narrow, still visible
+    for i, step in enumerate(steps):
+        at_step = sorted((drawn[i].get_x(), drawn[i].get_x() + drawn[i].get_width()) for drawn in patches.values())
+        assert at_step[0][0] + at_step[-1][1] == pytest.approx(2 * step)  # the group centred on its step
+        assert all(left[1] == pytest.approx(right[0]) for left, right in zip(at_step, at_step[1:]))  # side by side
+
+
 def _write_jsonl(path, rows):
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
     return path

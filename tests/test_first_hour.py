@@ -153,6 +153,11 @@ def test_the_command_runs_as_written(name, first_hour_runs):
     assert "Traceback" not in printed, printed[-3000:]
     assert [noise for noise in LIBRARY_NOISE if noise in printed] == [], printed[-3000:]
     assert not QUOTED_METRICS.search(printed), printed[-3000:]
+    if name == "tiny":  # the README's fastest path (the same run) names every file it writes
+        readme = (REPO / "README.md").read_text()
+        fastest_path = readme[readme.index("## Fastest path"):readme.index("## The two commands")]
+        written = sorted(p.name for p in (root / "tiny").iterdir() if not p.name.startswith("."))
+        assert [f for f in written if f"`{f}`" not in fastest_path] == []
     if name == "wandb":
         runs = list((root / "wandb" / "wandb").glob("offline-run-*"))
         assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())

@@ -70,3 +70,15 @@ def test_bad_template_and_missing_data(tiny_model_dir, tmp_path, capsys):
     assert main(["--model", tiny_model_dir, "--eval_styles", "no_emojis", "--data_dir", str(tmp_path),
                  "--device", "cpu"]) == 2
     assert "validation.jsonl: prompt file not found" in capsys.readouterr().err
+
+
+def test_a_judge_model_that_cannot_be_loaded_stops_before_anything_is_generated(tiny_model_dir, tmp_path, capsys,
+                                                                                  monkeypatch):
+    """As eval_checkpoints: the judge's model is checked before the replies are generated (minutes on a CPU)."""
+    monkeypatch.setattr(style_eval, "generate", lambda *a, **k: pytest.fail("generated"))
+    code = main(["--model", tiny_model_dir, "--eval_styles", "no_emojis", "--judge", "local",
+                 "--judge_model", "sdpo-tests/not-in-any-cache", "--eval_n", "2", "--max_new_tokens", "4",
+                 "--data_dir", "data/samples", "--output_dir", str(tmp_path / "out")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "could not load model 'sdpo-tests/not-in-any-cache'" in err[0]
+    assert not (tmp_path / "out").exists()

@@ -261,3 +261,29 @@ def test_overwrite_refuses_a_folder_whose_run_marker_is_forged(tmp_path, forgery
     with pytest.raises(BadInput, match="not the run marker .sdpo_run.json"):
         check_output_dir(OfflineTrainingArguments(output_dir=str(user), overwrite=True))
     assert (user / "config.json").read_text() == "mine"
+
+
+def test_a_hub_model_that_cannot_be_fetched_stops_with_one_line_naming_what_it_needs(tmp_path):
+    """Without network the wrapper's default model (a hub id not in the cache) was a 100-line traceback through
+    huggingface_hub; now one line: the model, the first line of transformers' reason, and what a hub id needs."""
+    from auxiliary.runtime.model_loading import ModelLoadError
+
+    out = tmp_path / "out"
+    with pytest.raises(ModelLoadError) as caught:
+        run_in_process(main, ["--train_jsonl", str(FIXTURE), "--output_dir", str(out),
+                              "--base_model", "sdpo-tests/not-in-any-cache"])
+    line = str(caught.value)
+    assert "\n" not in line and line.startswith("could not load model 'sdpo-tests/not-in-any-cache': ")
+    assert "it needs the Hugging Face hub or a copy in the cache" in line and "smollm2-135m-instruct" in line
+
+
+def test_a_missing_train_jsonl_says_where_interactions_come_from(tmp_path):
+    """A paper preset's data/wildfeedback/... before prepare_data.sh said only 'file not found'."""
+    from auxiliary.runtime.io_utils import DataError
+
+    missing = tmp_path / "wildfeedback_interactions.jsonl"
+    with pytest.raises(DataError) as caught:
+        run_in_process(main, ["--train_jsonl", str(missing), "--output_dir", str(tmp_path / "out"),
+                              "--base_model", "tiny-random"])
+    assert str(caught.value).startswith(f"--train_jsonl {missing}: file not found. scripts/prepare_data.sh writes")
+    assert "data/samples/interactions.jsonl" in str(caught.value)

@@ -185,6 +185,7 @@ def test_hub_name_without_network_fails_with_a_hint(tmp_path):
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 2
     assert "could not load 'allenai/WildChat'" in result.stderr and "pass a local file" in result.stderr
+    assert "WILDCHAT_SOURCE" in result.stderr  # the wrapper's way to pass one (scripts/prepare_data.sh)
     assert not (tmp_path / "out").exists()
 
 

@@ -100,10 +100,23 @@ def test_helpsteer_response_filter_needs_the_response_field_and_a_valid_limit(tm
         preprocess_helpsteer.main(
             ["--dataset", str(src), "--out_dir", str(tmp_path / "out"), "--max_response_chars", "5"])
     assert not (tmp_path / "out").exists()
-    with pytest.raises(SystemExit) as bad:
+    with pytest.raises(DataError, match=r"^--max_response_chars must be >= 1, or 0 \(no limit\), got -1$"):
         preprocess_helpsteer.main(
             ["--dataset", str(src), "--out_dir", str(tmp_path / "neg"), "--max_response_chars", "-1"])
-    assert bad.value.code == 2
+    assert not (tmp_path / "neg").exists()
+
+
+def test_a_length_limit_of_0_is_no_limit_in_every_preprocessor(tmp_path):
+    """0 is "no limit" in the one table's rows of the length limits; HelpSteer2's --max_prompt_chars 0 and TL;DR's
+    --max_post_chars 0 dropped every prompt."""
+    helpsteer = preprocess_helpsteer.main(["--dataset", str(FIXTURES / "helpsteer2"), "--out_dir",
+                                           str(tmp_path / "helpsteer"), "--max_prompt_chars", "0"])
+    assert "prompt_too_long" not in helpsteer.dropped and len(prompts(tmp_path / "helpsteer" / "train.jsonl")) >= 3
+    tldr = preprocess_tldr_dataset.main(["--dataset", str(FIXTURES / "tldr"), "--out_dir", str(tmp_path / "tldr"),
+                                         "--max_post_chars", "0"])
+    assert "post_too_long" not in tldr.dropped
+    # the post 400 characters drop (test_tldr_outputs_prompt_format_and_every_filter) is kept
+    assert len(prompts(tmp_path / "tldr" / "train.jsonl")) + len(prompts(tmp_path / "tldr" / "validation.jsonl")) == 5
 
 
 # ----------------------------------------------------------------- TL;DR

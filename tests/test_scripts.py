@@ -407,6 +407,8 @@ def test_missing_input_file_stops_a_real_run(work):
     env = case_env("train_offline_sdpo.sh", work, SDPO_PYTHON=work["python"], TRAIN_JSONL=work["tmp"] / "none.jsonl")
     result = run(SCRIPTS / "train_offline_sdpo.sh", env=env)
     assert result.returncode != 0 and "none.jsonl not found" in result.stderr and recorded(work) == []
+    # where the data comes from, as DATA_DIR's message says (it named the missing file only)
+    assert "scripts/prepare_data.sh writes" in result.stderr and "data/samples/interactions.jsonl" in result.stderr
 
 
 # --------------------------------------------------------------------------- launcher

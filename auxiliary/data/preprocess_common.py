@@ -101,7 +101,9 @@ def _load_hub(name: str, config: str | None) -> dict[str, Rows]:
     except Exception as err:  # network, auth, offline mode: all end the same way for the user
         raise DataError(
             f"could not load '{name}'{f' (config {config})' if config else ''} from the Hugging Face hub: "
-            f"{type(err).__name__}: {err}. Without network, pass a local file or folder instead."
+            f"{type(err).__name__}: {err}. Without network, pass a local file or folder instead "
+            "(--dataset; scripts/prepare_data.sh takes one per data set: HELPSTEER_SOURCE, TLDR_SOURCE, "
+            "WILDFEEDBACK_SOURCE, WILDCHAT_SOURCE)."
         ) from None
     return {split: Rows(f"{name}[{split}]", dataset) for split, dataset in loaded.items()}
 
@@ -333,15 +335,25 @@ PAPER_FILTERS = {"max_history_messages": 5, "max_conversation_chars": 100_000, "
                  "max_prompt_chars": 0, "max_completion_chars": 0, "max_user_response_chars": 0}
 
 
-def parse_args_with_presets(parser: argparse.ArgumentParser, argv, paper_defaults: dict):
-    """Parse argv; with --paper_filters the paper's values replace the defaults (flags still win)."""
-    preset, _ = parser.parse_known_args(argv)
-    if getattr(preset, "paper_filters", False):
-        parser.set_defaults(**paper_defaults)
+def parse_args_with_presets(parser: argparse.ArgumentParser, argv, paper_defaults: dict | None = None):
+    """Parse argv (every preprocessor parses here); with --paper_filters the paper's values replace the
+    defaults (flags still win). Then every numeric flag must lie in its range of the project's one table,
+    auxiliary/runtime/option_groups.RANGES: DataError (one line naming the flag, exit 2) before anything is
+    read or written."""
+    if paper_defaults:
+        preset, _ = parser.parse_known_args(argv)
+        if getattr(preset, "paper_filters", False):
+            parser.set_defaults(**paper_defaults)
     args = parser.parse_args(argv)
-    for name in InteractionFilters.__dataclass_fields__:
-        if getattr(args, name, 0) < 0:
-            parser.error(f"--{name} must be >= 0 (0 = no limit), got {getattr(args, name)}")
+    # imported after parsing: the table's module imports torch, and --help stays light
+    from auxiliary.runtime.option_groups import RANGES
+    from sdpo_objective import check_in_range
+
+    for name, value in vars(args).items():
+        try:
+            check_in_range(name, value, RANGES)
+        except ValueError as err:
+            raise DataError(str(err)) from None
     return args
 
 
@@ -374,7 +386,8 @@ def truncate_history(history: list[dict], max_messages: int) -> list[dict]:
     return kept
 
 
-def _over(length: int, limit: int) -> bool:
+def over_limit(length: int, limit: int) -> bool:
+    """A length over a limit of the filters, 0 meaning no limit."""
     return bool(limit) and length > limit
 
 
@@ -397,10 +410,10 @@ class InteractionBuilder:
             self.summary.drop("unsupported_role", "conversation")
             return []
         messages = merge_consecutive_roles([m for m in messages if m["role"] != "system"])
-        if _over(sum(len(m["content"]) for m in messages), f.max_conversation_chars):
+        if over_limit(sum(len(m["content"]) for m in messages), f.max_conversation_chars):
             self.summary.drop("conversation_too_long", "conversation")
             return []
-        if any(_over(len(m["content"]), f.max_turn_chars) for m in messages):
+        if any(over_limit(len(m["content"]), f.max_turn_chars) for m in messages):
             self.summary.drop("turn_too_long", "conversation")
             return []
         # after merging, roles alternate: every assistant message but a final one has a follow-up
@@ -428,13 +441,13 @@ class InteractionBuilder:
             drop("empty_user_response", "interaction")
             return None
         prompt_chars = sum(len(m["content"]) for m in history)
-        if _over(prompt_chars, f.max_prompt_chars):
+        if over_limit(prompt_chars, f.max_prompt_chars):
             drop("prompt_too_long", "interaction")
             return None
-        if _over(len(completion), f.max_completion_chars):
+        if over_limit(len(completion), f.max_completion_chars):
             drop("completion_too_long", "interaction")
             return None
-        if _over(len(user_response), f.max_user_response_chars):
+        if over_limit(len(user_response), f.max_user_response_chars):
             drop("user_response_too_long", "interaction")
             return None
         key = hashlib.sha1(json.dumps([history, completion, user_response], ensure_ascii=False).encode()).hexdigest()

@@ -104,6 +104,7 @@ class BenchmarkArgs:
 
     def check(self) -> None:
         from auxiliary.evals.eval_common import split_list
+        from auxiliary.runtime.option_groups import check_ranges
 
         self.checkpoints = split_list(self.checkpoints)
         self.tasks = split_list(self.tasks)
@@ -116,8 +117,7 @@ class BenchmarkArgs:
             raise ValueError("--baseline_model is required")
         if self.backend not in ("hf", "vllm"):
             raise ValueError(f"--backend {self.backend!r}: choose hf or vllm")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError("--limit must be >= 1")
+        check_ranges(self)  # --limit and every other number, in option_groups.RANGES
         for name in ("ifeval_jsonl", "alpaca_eval_json", "nltk_data"):
             value = getattr(self, name)
             if value and not Path(value).exists():
@@ -186,10 +186,21 @@ def run_lm_eval(lm, task_names: list[str], include_path: Optional[Path], args: B
 
     lm_eval.evaluator.get_git_commit_hash = quiet_git_hash
     task_manager = TaskManager(include_path=str(include_path) if include_path else None)
-    return lm_eval.simple_evaluate(
-        model=lm, tasks=task_names, limit=args.limit, apply_chat_template=True, fewshot_as_multiturn=True,
-        gen_kwargs=gen_kwargs(args), task_manager=task_manager, log_samples=True, random_seed=args.seed,
-        numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+    try:  # the tasks' data load first, before any answer is generated
+        return lm_eval.simple_evaluate(
+            model=lm, tasks=task_names, limit=args.limit, apply_chat_template=True, fewshot_as_multiturn=True,
+            gen_kwargs=gen_kwargs(args), task_manager=task_manager, log_samples=True, random_seed=args.seed,
+            numpy_random_seed=args.seed, torch_random_seed=args.seed, fewshot_random_seed=args.seed)
+    except ConnectionError as err:
+        raise hub_data_failure(err) from None
+
+
+def hub_data_failure(err: ConnectionError) -> DataError:
+    """datasets' error for a benchmark set it could not fetch, as one line saying what works without network (the
+    command-line wrapper would otherwise report an OSError as a file it cannot write)."""
+    return DataError(f"a benchmark's data could not be loaded from the Hugging Face hub ({err}); without network, "
+                     "--ifeval_jsonl and --alpaca_eval_json take local copies, and the other tasks need their data "
+                     "in the datasets cache (docs/benchmarks.md)")
 
 
 def lm_eval_scores(output: dict, task_names: dict[str, str]) -> dict[str, dict]:
@@ -289,7 +300,10 @@ def load_alpaca_reference(args: BenchmarkArgs):
         from auxiliary.runtime.library_notices import import_alpaca_eval
 
         constants, utils = import_alpaca_eval("constants"), import_alpaca_eval("utils")
-        frame = utils.load_or_convert_to_dataframe(constants.ALPACAEVAL_REFERENCE_OUTPUTS)
+        try:
+            frame = utils.load_or_convert_to_dataframe(constants.ALPACAEVAL_REFERENCE_OUTPUTS)
+        except ConnectionError as err:
+            raise hub_data_failure(err) from None
     missing = {"instruction", "output"} - set(frame.columns)
     if missing:
         raise DataError(

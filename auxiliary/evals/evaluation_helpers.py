@@ -223,6 +223,9 @@ UNDEFINED_LABEL = "win rate undefined (no decisive pair)"
 SE_UNDEFINED_LABEL = f"SE undefined (under {MIN_DECISIVE_FOR_SE} decisive pairs)"
 # distinct markers and widths, so that two arms with equal win rates both stay visible
 _ARM_MARKERS = {"feedback": ("o", 6, 2.2), "placebo": ("s", 4, 1.2)}
+# the degenerate-reply bars of one eval step span this share of the smallest gap between eval steps: narrow,
+# whether a run has two eval steps or twenty
+BAR_GROUP_SHARE = 0.2
 
 
 def win_rate_figure(history_records: Sequence[dict], title: str | None = None, boundaries: Sequence[int] = (),
@@ -306,8 +309,8 @@ def _words_and_degenerate_panel(ax, records: Sequence[dict], styles: list[str], 
             first_style[key] = record
     arms = list(dict.fromkeys(arm for arm, _ in sorted(first_style, key=lambda k: (str(k[0]), k[1]))))
     steps_all = sorted({step for _, step in first_style})
-    gaps = np.diff(steps_all) if len(steps_all) > 1 else np.array([1.0])
-    width = max(0.6 * float(gaps.min()) / max(1, len(arms)), 0.05) if len(gaps) else 0.3
+    gap = float(np.diff(steps_all).min()) if len(steps_all) > 1 else 1.0  # the smallest gap between eval steps
+    width = BAR_GROUP_SHARE * gap / max(1, len(arms))  # one bar per arm, side by side, the group centred on its step
     bars = ax.twinx()
     most_words, most_degenerate = (reference or {}).get("mean_words") or 0.0, 0
     for index, arm in enumerate(arms):
@@ -335,7 +338,6 @@ def _words_and_degenerate_panel(ax, records: Sequence[dict], styles: list[str], 
     bars.set_ylabel("degenerate replies (bars)")
     bars.set_ylim(0, max(2, most_degenerate + 1, (reference or {}).get("degenerate_replies") or 0))
     bars.yaxis.set_major_locator(MaxNLocator(integer=True))
-    gap = float(gaps.min()) if len(gaps) else 1.0
     ax.set_xlim(steps_all[0] - 0.45 * gap, steps_all[-1] + 0.45 * gap)
     ax.grid(alpha=0.3)
     handles, labels = ax.get_legend_handles_labels()

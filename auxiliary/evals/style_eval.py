@@ -126,6 +126,15 @@ def build_judges(args: StyleEvalArgs) -> dict:
     return factory.judges(args.judge, args.eval_styles, model, **options)
 
 
+def check_judge_model(args: StyleEvalArgs) -> None:
+    """A local or vLLM judge's model loadable (ModelLoadError otherwise), checked before anything is generated: the
+    judge loads after the replies, minutes of generation on a CPU that a missing judge model would waste."""
+    if args.judge in ("local", "vllm"):
+        from auxiliary.runtime.model_loading import check_loadable
+
+        check_loadable(args.judge_model)
+
+
 def judge_model_name(args: StyleEvalArgs) -> str | None:
     return {"rule": None, "claude": args.claude_model or "claude-haiku-4-5-20251001"}.get(args.judge, args.judge_model)
 

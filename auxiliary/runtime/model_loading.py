@@ -139,10 +139,36 @@ def pick_attn_implementation(attn: str, device: str) -> str:
     return "sdpa"
 
 
+def load_failure(name_or_path: str, err: OSError) -> ModelLoadError:
+    """transformers' OSError for a model it cannot load, as one line: its first line and, for a hub id, what that
+    needs (without network a hub id is a traceback through huggingface_hub otherwise)."""
+    first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+    hint = "" if Path(name_or_path).expanduser().exists() else (
+        f" ('{name_or_path}' is a hub id: it needs the Hugging Face hub or a copy in the cache, HF_HOME; without "
+        f"network, give a local model folder, {SMOLLM2_NAME} or {TINY_NAME})")
+    return ModelLoadError(f"could not load model '{name_or_path}': {first}{hint}")
+
+
+def check_loadable(name_or_path: str) -> str:
+    """Fail now, in one line (ModelLoadError), when a model cannot be loaded, e.g. a hub id neither reachable nor
+    cached: for a model needed only after minutes of other work. Reads its config.json only; returns the path."""
+    from transformers import AutoConfig
+
+    path = resolve_model_path(name_or_path)
+    try:
+        AutoConfig.from_pretrained(path)
+    except OSError as err:
+        raise load_failure(name_or_path, err) from None
+    return path
+
+
 def load_tokenizer(path: str, require_chat_template: bool = True):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(path)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except OSError as err:
+        raise load_failure(path, err) from None
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     if require_chat_template and not tokenizer.chat_template:
@@ -164,7 +190,7 @@ def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", attn_implem
             attn_implementation=pick_attn_implementation(attn_implementation, device)
         )
     except OSError as err:
-        raise ModelLoadError(f"could not load model '{name_or_path}': {err}") from None
+        raise load_failure(name_or_path, err) from None
     model.to(device)
     model.eval()
     return model, tokenizer, path

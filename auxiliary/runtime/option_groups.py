@@ -61,6 +61,16 @@ RANGES: dict[str, tuple] = {
     "vllm_tp": (1, True, None, None), "vllm_gpu_start": (0, True, None, None),
     "user_vllm_tp": (1, True, None, None), "user_vllm_gpu_start": (0, True, None, None),
     "judge_vllm_tp": (1, True, None, None), "judge_vllm_gpu_start": (0, True, None, None),
+    # eval_benchmarks.py: --limit unset runs every item
+    "limit": (1, True, None, None),
+    # data preparation (auxiliary/preprocess_*.py): lengths in characters, 0 = no limit; a history of 0 messages
+    # and a cap of 0 would drop everything
+    **{name: (1, True, None, None, (0, "no limit")) for name in (
+        "max_conversation_chars", "max_turn_chars", "max_prompt_chars", "max_completion_chars",
+        "max_user_response_chars", "max_response_chars", "max_post_chars")},
+    "min_prompt_chars": (0, True, None, None), "min_post_chars": (0, True, None, None),
+    "max_history_messages": (1, True, None, None), "max_conversations": (1, True, None, None),
+    "max_interactions": (1, True, None, None),
 }
 
 
