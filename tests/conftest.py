@@ -4,6 +4,9 @@ import os
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("WANDB_MODE", "offline")
+# One torch thread per process (set before torch is imported; children inherit it): the suite runs many tiny models
+# and child processes, on two pytest-xdist workers under `make test`, on 2 cores.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pytest  # noqa: E402
 
@@ -47,13 +50,16 @@ def prompt_dir(tmp_path_factory):
 
 def pytest_collection_modifyitems(items):
     """docs/first_hour.md's commands (tests/test_first_hour.py) run in the background from the first test on
-    (first_hour_runs), on the core this process leaves idle; their tests come last, when the results are in."""
+    (first_hour_runs), beside the rest of the suite; their tests come last, when the results are in."""
     items.sort(key=lambda item: item.path.name == "test_first_hour.py")
 
 
 @pytest.fixture(scope="session", autouse=True)
 def first_hour_runs(request, tmp_path_factory):
-    """test_first_hour.started(...) for the page's commands this session selected (None when it selected none)."""
+    """The folder where the page's commands this session selected run and leave their results
+    (test_first_hour.started and .finished); None when it selected none or .venv/bin/python is missing.
+    They run once per session: under pytest-xdist the first worker here starts them in the folder all workers share
+    (the run's temporary folder, above each worker's own), the others read their results there."""
     selected = [item.callspec.params["name"] for item in request.session.items
                 if item.path.name == "test_first_hour.py" and item.originalname == "test_the_command_runs_as_written"]
     if not selected:
@@ -61,5 +67,17 @@ def first_hour_runs(request, tmp_path_factory):
         return
     import test_first_hour
 
-    with test_first_hour.started(selected, tmp_path_factory.mktemp("first_hour")) as runs:
-        yield runs
+    if not test_first_hour.PYTHON.exists():
+        yield None
+        return
+    worker = os.environ.get("PYTEST_XDIST_WORKER")
+    root = (tmp_path_factory.getbasetemp().parent if worker else tmp_path_factory.getbasetemp()) / "first_hour"
+    try:
+        root.mkdir()  # atomic: one worker creates it and runs the commands
+    except FileExistsError:
+        yield root
+        return
+    # One process alone drops the commands not yet started when it stops early; a worker waits for all of them,
+    # since the page's tests may be another worker's.
+    with test_first_hour.started(selected, root, drop_queued_at_exit=not worker):
+        yield root

@@ -6,12 +6,14 @@ Each command is a ```bash (or ```python) block followed by a comment
 TEXT (stdout or stderr); `after` runs that command first (once per session); `slow` marks the commands
 over ~30 s on 2 cores. The only change to a command is where it writes: /tmp/sdpo-first-hour becomes a
 temporary folder, so runs never meet. The commands run in the background from the session's first test on, two
-at a time (conftest.first_hour_runs); their tests come last. FIRST_HOUR_TIMINGS=FILE appends each command's wall
-time and the load average (JSON lines), which is how the page's times were measured (this file alone).
+at a time, once per session even under pytest-xdist (conftest.first_hour_runs); their tests come last.
+FIRST_HOUR_TIMINGS=FILE appends each command's wall time and the load average (JSON lines), which is how the
+page's times were measured (this file alone).
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import os
 import re
@@ -57,28 +59,61 @@ def test_the_readme_links_the_page_at_the_top_and_shares_its_python_snippet():
 
 
 @contextlib.contextmanager
-def started(names: list[str], root: Path):
-    """(root, name -> the future of each command of `names` and of the commands they come after), run two at a time:
-    each is a child process on one torch thread. None without .venv/bin/python. In page order: a command is queued
-    after the one it comes after, so no worker waits on one still queued. conftest.first_hour_runs starts them
-    at the session's first test, so that they run beside the rest of the suite."""
+def started(names: list[str], root: Path, drop_queued_at_exit: bool = True):
+    """Run the commands of `names` and those they come after, two at a time, each a child process on one torch
+    thread; each leaves its result in `root` (finished reads it). In page order: a command is queued after the one
+    it comes after, so no worker waits on one still queued. conftest.first_hour_runs starts them at the session's
+    first test, so that they run beside the rest of the suite."""
     from concurrent.futures import ThreadPoolExecutor
 
-    if not PYTHON.exists():
-        yield None
-        return
     wanted = set()
     for name in names:
         while name and name not in wanted:
             wanted.add(name)
             name = COMMANDS[name]["after"]
+    (root / "runner.pid").write_text(str(os.getpid()))
     futures, pool = {}, ThreadPoolExecutor(max_workers=2)
     try:
         for name in (n for n in COMMANDS if n in wanted):
             futures[name] = pool.submit(run_command, name, root, futures.get(COMMANDS[name]["after"]))
-        yield root, futures
-    finally:  # a session cut short drops the commands not yet started
-        pool.shutdown(wait=True, cancel_futures=True)
+            futures[name].add_done_callback(functools.partial(_record, root / f"{name}.result.json"))
+        yield
+    finally:
+        pool.shutdown(wait=True, cancel_futures=drop_queued_at_exit)
+
+
+def _record(path: Path, future) -> None:
+    if future.cancelled():
+        outcome = {"error": "not run: the session stopped first"}
+    elif future.exception() is not None:
+        outcome = {"error": f"{type(future.exception()).__name__}: {future.exception()}"}
+    else:
+        result = future.result()
+        outcome = {"returncode": result.returncode, "stdout": result.stdout, "stderr": result.stderr}
+    path.with_suffix(".tmp").write_text(json.dumps(outcome))
+    os.replace(path.with_suffix(".tmp"), path)  # whole or absent for a reader in another process
+
+
+def finished(root: Path, name: str) -> subprocess.CompletedProcess:
+    """The result `started` left for `name`, waited for (in whichever process started the commands)."""
+    path = root / f"{name}.result.json"
+    while not path.exists():
+        runner = root / "runner.pid"
+        if runner.exists() and not _alive(int(runner.read_text())) and not path.exists():
+            pytest.fail(f"the process running docs/first_hour.md's commands ended before {name} finished")
+        time.sleep(1)
+    outcome = json.loads(path.read_text())
+    if "error" in outcome:
+        pytest.fail(f"{name}: {outcome['error']}")
+    return subprocess.CompletedProcess(name, outcome["returncode"], outcome["stdout"], outcome["stderr"])
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 def run_command(name: str, root: Path, after=None) -> subprocess.CompletedProcess:
@@ -110,8 +145,8 @@ def run_command(name: str, root: Path, after=None) -> subprocess.CompletedProces
 def test_the_command_runs_as_written(name, first_hour_runs):
     if first_hour_runs is None:
         pytest.skip(".venv/bin/python missing: the page starts after `make install`")
-    root, futures = first_hour_runs
-    result = futures[name].result()
+    root = first_hour_runs
+    result = finished(root, name)
     printed = result.stdout + result.stderr
     assert result.returncode == 0, printed[-3000:]
     assert COMMANDS[name]["expect"] in printed, printed[-3000:]
