@@ -1,5 +1,5 @@
-"""What the contrastive signal, the copy guard and the end signal cost: one update (sdpo_loss forward + backward) with each option
-against the same update without it, per loss mode, on the embedded SmolLM2-135M-Instruct.
+"""What the contrastive signal, the copy guard and the end signal cost: one update (sdpo_loss forward + backward)
+with each option against the same update without it, per loss mode, on the embedded SmolLM2-135M-Instruct.
 
     OMP_NUM_THREADS=2 python bench/bench_options.py [--model smollm2-135m-instruct] [--batch 1]
         [--context 80] [--response 96] [--repeats 5]

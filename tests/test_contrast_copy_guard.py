@@ -8,7 +8,8 @@ import torch
 
 from auxiliary.runtime.tiny_model import build_tiny_model
 from sdpo_objective import (ObjectiveOptions, Teacher, build_scoring_batch, end_token_id, hindsight_contexts,
-                            hindsight_messages, reference_loss, render_context_ids, repeated_ngram_mask, sdpo_loss, token_weights)
+                            hindsight_messages, reference_loss, render_context_ids, repeated_ngram_mask, sdpo_loss,
+                            token_weights)
 from test_teacher_modes import _perturb
 
 # replies with repeats (copy guard), one without, one shorter than ignore_first_k
