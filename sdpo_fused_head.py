@@ -57,7 +57,7 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
     `teacher_head` (a plain linear head too, same soft-capping) scores hidden_t; default `head`.
     `hidden_neutral` (full_distillation with contrast): the teacher's hidden states under x o_neutral; the
     teacher's logits are then tilted by `plan.tilt` before its buckets are read. With the end signal
-    (simple_signal, `plan.end_token_id`) the end token's column is read beside the target's.
+    (simple_signal, `plan.end_token_ids`) the stop tokens' columns are read beside the target's.
     Returns (loss, logp_x, logp_xo, kl or None), all but loss detached.
     """
     opts, weight, softcap = plan.opts, head.linear.weight, head.softcap
@@ -66,6 +66,7 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
     distill = opts.loss_mode == "full_distillation"
     k, with_tail = plan.support(weight.shape[0])
     total = hidden_s.shape[0]
+    stop_ids = None if plan.end_token_ids is None else torch.tensor(plan.end_token_ids, device=hidden_s.device)
     with torch.no_grad(), torch.autocast(device_type, enabled=False):
         w = weight.detach().to(compute_dtype)
         teacher_weight = head.linear.weight if teacher_head is None else teacher_head.linear.weight
@@ -92,7 +93,7 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
             h = h_all[rows].to(compute_dtype)
             target = targets[rows].unsqueeze(1)
             # simple_signal with the end signal reads one more column: the end token's, at every position
-            end_column = None if plan.end_token_id is None else torch.full_like(target, plan.end_token_id)
+            end_column = None if plan.end_token_ids is None else stop_ids.expand(target.shape[0], -1)
             logits, cap_slope = logits_into(student_buffer[:h.shape[0]], h, w, softcap, with_slope=True)
             top = logits.topk(k, dim=-1) if distill else None
             if distill:  # the teacher's logits now: the contrast tilts them by the student's, consumed below
@@ -130,13 +131,13 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
                         [teacher_logits.gather(1, target).double(), teacher_logits.gather(1, ids).double()])
                 logp_xo[rows] = teacher_target.squeeze(1)
                 picked = torch.cat([student_buckets, target_logp], dim=1).requires_grad_(True)
-            elif end_column is not None:  # the end token's column, then the target's
+            elif end_column is not None:  # the stop tokens' columns, then the target's
                 picked = torch.cat([logps[-1], target_logp], dim=1).requires_grad_(True)
             else:
                 picked = target_logp.requires_grad_(True)
             with torch.enable_grad():
                 kl = plan.kl(picked[:, :-1], teacher_buckets) if distill else None
-                logp_end = picked[:, 0] if end_column is not None else None
+                logp_end = picked[:, :-1].logsumexp(dim=1) if end_column is not None else None
                 chunk_loss = plan.loss_sum(rows, picked[:, -1], kl, logp_end)
                 (grad_picked,) = torch.autograd.grad(chunk_loss, picked)
             picked = picked.detach()

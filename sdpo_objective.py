@@ -187,13 +187,13 @@ def simple_signal_loss(student_logits: torch.Tensor, teacher_logits: torch.Tenso
 
 def reference_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, response_ids: torch.Tensor,
                    response_mask: torch.Tensor, opts: "ObjectiveOptions", neutral_logits: torch.Tensor | None = None,
-                   ref_logp: torch.Tensor | None = None, end_token_id: int | None = None) -> torch.Tensor:
+                   ref_logp: torch.Tensor | None = None, end_token_ids: Sequence[int] | None = None) -> torch.Tensor:
     """The whole loss on full logits [B, R, V] at the positions predicting y, every option of `opts` included:
     the yardstick the chunked and fused paths of `sdpo_loss` are tested against.
 
     student_logits: the student under x (with gradient); teacher_logits: the teacher under xo;
     neutral_logits: the teacher under x o_neutral (--contrast_followup); ref_logp: [B, R] reference model
-    log-probs of y (beta > 0); end_token_id: the end-of-turn token (end_signal_weight > 0). Full-vocabulary
+    log-probs of y (beta > 0); end_token_ids: the model's stop tokens (end_signal_weight > 0). Full-vocabulary
     log-softmax everywhere; the per-token loss itself is TokenLoss's.
     """
     if bool(opts.contrast_followup) != (neutral_logits is not None):
@@ -215,11 +215,16 @@ def reference_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, r
                                    opts)
         logp_end = None
         if opts.end_signal_weight > 0:
-            if end_token_id is None:
-                raise ValueError("--end_signal_weight needs the end-of-turn token id")
-            logp_end = torch.log_softmax(student, dim=-1)[:, end_token_id]
-            plan.use_end_token(end_token_id, targets.squeeze(1), torch.log_softmax(teacher, dim=-1)[:, end_token_id],
-                               None if neutral is None else torch.log_softmax(neutral, dim=-1)[:, end_token_id])
+            if not end_token_ids:
+                raise ValueError("--end_signal_weight needs the model's stop token ids")
+            ends = list(end_token_ids)
+
+            def stop_logp(logits):  # log of the probability of stopping: summed over the stop tokens
+                return torch.log_softmax(logits, dim=-1)[:, ends].logsumexp(dim=-1)
+
+            logp_end = stop_logp(student)
+            plan.use_end_tokens(ends, targets.squeeze(1), stop_logp(teacher),
+                                None if neutral is None else stop_logp(neutral), logp_end.detach())
         return plan.loss_sum(slice(None), logp_x, None, logp_end)
     if neutral is not None:
         teacher = plan.tilt(teacher, neutral, student)
@@ -467,6 +472,8 @@ def _chunks(total: int, size: int):
 # runs max, subtract, exp, sum as separate kernels with temporaries): ~15% faster on CPU at V=151,936.
 def _target_logprob_chunk(head, hidden_chunk, target_chunk):
     logp = torch.log_softmax(head(hidden_chunk), dim=-1)
+    if target_chunk.dim() == 2:  # several targets per row: the log of their summed probability
+        return logp.gather(1, target_chunk).logsumexp(dim=1)
     return logp.gather(1, target_chunk.unsqueeze(1)).squeeze(1)
 
 
@@ -486,7 +493,8 @@ def resolve_chunk_size(chunk_size: int | None, device) -> int:
 
 def token_logprobs(head: "HeadLogits", hidden_rows: torch.Tensor, targets: torch.Tensor,
                    chunk_size: int, fused_numerics: bool = False) -> torch.Tensor:
-    """log p(target) for each row, chunked; checkpointed when gradients flow (log_softmax).
+    """log p(target) for each row, chunked; checkpointed when gradients flow (log_softmax). Targets [N, m]: the
+    log of the summed probability of each row's m targets.
 
     `fused_numerics` (no gradients; a plain head, as the fused head needs): the fused head's way instead,
     each chunk's logits written into one reused buffer and normalised in place, log p = z - max - log sum
@@ -517,8 +525,9 @@ def _target_logprobs_in_place(head: "HeadLogits", hidden_rows, targets, chunk_si
             logits, _ = logits_into(buffer[:end - start], hidden_rows[start:end], weight, head.softcap)
         else:
             logits = head(hidden_rows[start:end])
-        (target_logp,), _, _ = logprobs_in_place(logits, [logits.gather(1, targets[start:end].unsqueeze(1)).double()])
-        out[start:end] = target_logp.squeeze(1)
+        columns = targets[start:end] if targets.dim() == 2 else targets[start:end].unsqueeze(1)
+        (target_logp,), _, _ = logprobs_in_place(logits, [logits.gather(1, columns).double()])
+        out[start:end] = target_logp.logsumexp(dim=1) if targets.dim() == 2 else target_logp.squeeze(1)
     return out
 
 
@@ -762,10 +771,9 @@ class TokenLoss:
     logp_neutral: torch.Tensor | None = None    # teacher log p(y_t | x o_neutral) (simple_signal, contrast on)
     signal: torch.Tensor | None = None          # shaped signal when known up front (else shaped per chunk)
     ref_logp: torch.Tensor | None = None        # reference model log p(y_t | x) (beta > 0)
-    end_token_id: int | None = None             # end_signal_weight > 0: the model's end-of-turn token (use_end_token)
-    end_weight: torch.Tensor | None = None      # weight, 0 where y_t is the end token itself
-    end_logp_xo: torch.Tensor | None = None     # teacher log p(<end> | xo, y<t)
-    end_logp_neutral: torch.Tensor | None = None  # teacher log p(<end> | x o_neutral, y<t) (contrast on)
+    end_token_ids: list[int] | None = None      # end_signal_weight > 0: the model's stop tokens (use_end_tokens)
+    end_weight: torch.Tensor | None = None      # weight, 0 where y_t is a stop token itself
+    end_signal_values: torch.Tensor | None = None  # A_end,t, no gradient (negated with negate_signal)
 
     @classmethod
     def for_batch(cls, opts: ObjectiveOptions, response_ids: torch.Tensor, response_mask: torch.Tensor) -> "TokenLoss":
@@ -801,18 +809,21 @@ class TokenLoss:
         return shape_signal(self.raw_signal(rows, logp_x), self.weight[rows], self.seq_index[rows], self.num_seq,
                             self.opts)
 
-    def use_end_token(self, end_token_id: int, targets: torch.Tensor, end_logp_xo: torch.Tensor,
-                      end_logp_neutral: torch.Tensor | None) -> None:
-        """Turn the end signal on: the teacher's log-probs of the end token at every position (and under x o_neutral
-        with contrast). Where y_t is the end token the sampled token carries that signal already: no end term."""
-        self.end_token_id, self.end_logp_xo, self.end_logp_neutral = end_token_id, end_logp_xo, end_logp_neutral
-        self.end_weight = self.weight * (targets != end_token_id).float()
-
-    def end_signal(self, rows, end_logp_x: torch.Tensor) -> torch.Tensor:
-        """A_end,t = log p_T(<end> | xo, y<t) - (log p_T(<end> | x o_neutral, y<t) with contrast, else the student's
-        own log p(<end> | x, y<t)); no gradient, unshaped (the end token is one action among V: no centring)."""
-        baseline = self.end_logp_neutral[rows] if self.contrast else end_logp_x.detach()
-        return (self.end_logp_xo[rows] - baseline).detach()
+    def use_end_tokens(self, end_token_ids: Sequence[int], targets: torch.Tensor, end_logp_xo: torch.Tensor,
+                       end_logp_neutral: torch.Tensor | None, end_logp_x: torch.Tensor | None) -> None:
+        """Turn the end signal on. <end> is "any stop token": log p(<end>) = log sum_s p(s) over end_token_ids.
+        A_end,t = log p_T(<end> | xo, y<t) - (log p_T(<end> | x o_neutral, y<t) with contrast, else the student's own
+        log p(<end> | x, y<t), computed the way the teacher's was, so that their rounding cancels). No centring or
+        clipping: <end> is one action among the vocabulary, not a token of the reply; negate_signal negates it too.
+        Where y_t is a stop token the sampled token carries that signal already: no end term there."""
+        baseline = end_logp_neutral if self.contrast else end_logp_x
+        if baseline is None:
+            raise ValueError("the end signal needs the student's log p(<end> | x) without contrast")
+        signal = (end_logp_xo - baseline).detach()
+        self.end_token_ids = list(end_token_ids)
+        self.end_signal_values = -signal if self.opts.negate_signal else signal
+        stops = torch.tensor(self.end_token_ids, device=targets.device)
+        self.end_weight = self.weight * (~torch.isin(targets, stops)).float()
 
     def kl(self, student_buckets: torch.Tensor, teacher_buckets: torch.Tensor) -> torch.Tensor:
         """The per-token divergence of full_distillation (`--divergence`; named kl for the default)."""
@@ -827,15 +838,15 @@ class TokenLoss:
         full_distillation:  sum_t w_t D_t / sum_t w_t, D_t the top-k divergence (reverse KL by default)
         beta > 0:           + beta * sum_t w_t k3_t / sum_t w_t, k3 the estimate of KL(policy || reference)
         end signal:         - (1/B) sum_b (1/|y_b|) sum_t e w'_t A_end,t log p(<end> | x, y<t), e = end_signal_weight,
-                            w'_t = w_t but 0 where y_t is the end token (`end_signal`)
+                            w'_t = w_t but 0 where y_t is a stop token (`use_end_tokens`)
         w_t = token_weights, |y_b| = sum of w_t over reply b. logp_x and kl carry the gradient; the signal never does.
         """
         opts, weight = self.opts, self.weight[rows]
         weight_total = self.weight.sum().clamp(min=1)
         if opts.loss_mode == "simple_signal":
             total = (-self.shaped_signal(rows, logp_x) * logp_x / self.tokens_per_seq[rows]).sum() / self.num_seq
-            if self.end_token_id is not None:
-                end_coefficient = self.opts.end_signal_weight * self.end_signal(rows, logp_end) * self.end_weight[rows]
+            if self.end_token_ids is not None:
+                end_coefficient = self.opts.end_signal_weight * self.end_signal_values[rows] * self.end_weight[rows]
                 total = total - (end_coefficient * logp_end / self.tokens_per_seq[rows]).sum() / self.num_seq
         else:
             total = (kl * weight).sum() / weight_total
@@ -887,8 +898,8 @@ def checkpointed_head_loss(head: "HeadLogits", plan: TokenLoss, hidden_s, hidden
             plan.signal = shape_signal(plan.raw_signal(slice(None), logp_x), plan.weight, plan.seq_index, plan.num_seq,
                                        opts)
         logp_end = None
-        if plan.end_token_id is not None:
-            logp_end = token_logprobs(head, hidden_s, torch.full_like(targets, plan.end_token_id), chunk_size)
+        if plan.end_token_ids is not None:
+            logp_end = token_logprobs(head, hidden_s, stop_columns(plan.end_token_ids, targets), chunk_size)
         return plan.loss_sum(slice(None), logp_x, None, logp_end), logp_x, plan.logp_xo, None
     k, with_tail = plan.support(head.vocab_size)
     kl_pieces, logp_x_pieces, logp_xo_pieces = [], [], []
@@ -1046,14 +1057,19 @@ def log_fused_head_fallback(reason: str) -> None:
     logger.info("fused LM head off, checkpointed chunks instead: %s", reason)
 
 
-def end_token_id(model) -> int:
-    """The end-of-turn token the model generates (its generation config's eos, the first of several)."""
+def end_token_ids(model) -> list[int]:
+    """The model's stop tokens: its generation config's eos_token_id (one id or several, e.g. Llama 3's end of text,
+    end of message and end of turn), the set the end signal sums the probability of stopping over."""
     eos = getattr(getattr(_unwrap(model), "generation_config", None), "eos_token_id", None)
-    if isinstance(eos, (list, tuple)):
-        eos = eos[0] if eos else None
-    if eos is None:
+    ids = [eos] if isinstance(eos, int) else list(eos or [])
+    if not ids:
         raise ValueError("--end_signal_weight: the model's generation config names no eos_token_id")
-    return int(eos)
+    return list(dict.fromkeys(int(i) for i in ids))
+
+
+def stop_columns(end_token_ids: Sequence[int], targets: torch.Tensor) -> torch.Tensor:
+    """[N, m]: the stop token ids at every one of the N rows, for token_logprobs (which then sums their probability)."""
+    return torch.tensor(list(end_token_ids), device=targets.device).expand(targets.shape[0], -1)
 
 
 def _fused_head_refusal(model, teacher: Teacher, teacher_head: "HeadLogits", hidden: torch.Tensor) -> str | None:
@@ -1130,12 +1146,15 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
     if opts.loss_mode == "simple_signal":
         with torch.no_grad():
             if opts.end_signal_weight > 0:
-                end_id = end_token_id(model)
-                ends = torch.full_like(targets, end_id)
+                stops = end_token_ids(model)
+                ends = stop_columns(stops, targets)
                 end_xo = token_logprobs(teacher_head, hidden_t, ends, chunk, fused_numerics=fused)
                 end_neutral = None if hidden_n is None else token_logprobs(teacher_head, hidden_n, ends, chunk,
                                                                            fused_numerics=fused)
-                plan.use_end_token(end_id, targets, end_xo, end_neutral)
+                # without contrast the baseline is the student's own, scored as the teacher's was (a no-grad prepass)
+                end_x = None if hidden_n is not None else token_logprobs(head, hidden_s.detach(), ends, chunk,
+                                                                         fused_numerics=fused)
+                plan.use_end_tokens(stops, targets, end_xo, end_neutral, end_x)
             plan.logp_xo = token_logprobs(teacher_head, hidden_t, targets, chunk, fused_numerics=fused)
             if hidden_n is not None:  # the signal no longer depends on the student: shaped once, up front
                 plan.logp_neutral = token_logprobs(teacher_head, hidden_n, targets, chunk, fused_numerics=fused)
@@ -1172,6 +1191,9 @@ def sdpo_loss(model, batch_x: ScoringBatch, batch_xo: ScoringBatch, opts: Object
     })
     if plan.logp_neutral is not None:
         stats["logp_neutral"] = float(plan.logp_neutral.mean()) if total else 0.0
+    if plan.end_token_ids is not None:  # the end signal's mean over the positions it trains (A_end, as trained)
+        stats["end_signal_mean"] = float((plan.end_signal_values * plan.end_weight).sum()
+                                         / plan.end_weight.sum().clamp(min=1))
     if kl_values is not None:
         stats["distill_kl"] = float(kl_values.detach().mean()) if total else 0.0
     return loss, stats

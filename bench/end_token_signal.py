@@ -49,12 +49,12 @@ def main(argv=None) -> dict:
     args = parser.parse_args(argv)
     sys.path.insert(0, str(REPO_ROOT))
     from auxiliary.runtime.model_loading import load_model_and_tokenizer
-    from sdpo_objective import end_token_id, hindsight_contexts
+    from sdpo_objective import end_token_ids, hindsight_contexts
 
     model_path, texts, followup, ignore_first_k = load_run(args.run, args.model, None)
     model, tokenizer, _ = load_model_and_tokenizer(model_path, "fp32", "sdpa", "cpu")
     model.eval()
-    end = end_token_id(model)
+    end = end_token_ids(model)[0]  # SmolLM2: its one stop token, <|im_end|>
     texts = texts[:args.n]
     messages = [[{"role": "user", "content": prompt}] for prompt, _ in texts]
     replies = [tokenizer(text, add_special_tokens=False)["input_ids"] for _, text in texts]

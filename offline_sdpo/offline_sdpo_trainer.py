@@ -212,7 +212,7 @@ class SDPOCollator:
 # Sums kept per rank between two logging steps, then all-reduced (SUM) across ranks, so every
 # logged value is a proper average over all micro-batches of all ranks in the logging window.
 _SLOTS = ("tokens", "sum_a", "sum_a2", "sum_abs_a", "sum_logp_x", "sum_logp_xo", "sequences", "sum_seq_mean",
-          "eos_count", "sum_eos", "truncated", "sum_ref_kl", "sum_distill_kl")
+          "eos_count", "sum_eos", "truncated", "sum_ref_kl", "sum_distill_kl", "sum_end_signal")
 
 
 def accumulate_stats(sums: dict[str, float], stats: dict, has_eos: Sequence[bool],
@@ -235,6 +235,7 @@ def accumulate_stats(sums: dict[str, float], stats: dict, has_eos: Sequence[bool
     sums["truncated"] += sum(bool(t) for t in prompt_truncated)
     sums["sum_ref_kl"] += stats.get("ref_kl", 0.0) * tokens
     sums["sum_distill_kl"] += stats.get("distill_kl", 0.0) * tokens
+    sums["sum_end_signal"] += stats.get("end_signal_mean", 0.0) * tokens  # --end_signal_weight
 
 
 def new_sums() -> dict[str, float]:
@@ -242,7 +243,7 @@ def new_sums() -> dict[str, float]:
 
 
 def metrics_from_sums(sums: dict[str, float], with_ref_kl: bool = False,
-                      with_distill_kl: bool = False) -> dict[str, float]:
+                      with_distill_kl: bool = False, with_end_signal: bool = False) -> dict[str, float]:
     """Pooled over every token (or reply) of the window; std is the pooled sample std of A_t."""
     tokens, seqs = sums["tokens"], sums["sequences"]
     if tokens <= 0:
@@ -265,6 +266,8 @@ def metrics_from_sums(sums: dict[str, float], with_ref_kl: bool = False,
         metrics["ref_kl"] = sums["sum_ref_kl"] / tokens
     if with_distill_kl:
         metrics["distill_kl"] = sums["sum_distill_kl"] / tokens
+    if with_end_signal:  # micro-batches weighted by their tokens
+        metrics["end_signal_mean"] = sums["sum_end_signal"] / tokens
     return metrics
 
 
@@ -351,7 +354,8 @@ class OfflineSDPOTrainer(Trainer):
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
         if "loss" in logs:  # a training log step: the same on every rank, so the reduction cannot deadlock
             logs.update(metrics_from_sums(self._reduce_sums(), with_ref_kl=self.ref_model is not None,
-                                           with_distill_kl=self.objective.loss_mode == "full_distillation"))
+                                           with_distill_kl=self.objective.loss_mode == "full_distillation",
+                                           with_end_signal=self.objective.end_signal_weight > 0))
         super().log(logs, start_time)
 
     # ------------------------------------------------------------------ teacher (--teacher)

@@ -5,7 +5,7 @@
 # rate per eval step and arm, the net effect (feedback - placebo) and the path of winrate.png.
 #
 # The settings are the profile configs/demo.yaml (chosen by measurement: docs/online.md,
-# "The demo"). DEMO_STYLE, DEMO_LR, DEMO_IGNORE_FIRST_K, DEMO_LOSS_MODE, DEMO_TEACHER, DEMO_TRAIN_N,
+# "The demo"). DEMO_STYLE, DEMO_LR, DEMO_IGNORE_FIRST_K, DEMO_LOSS_MODE, DEMO_TEACHER, DEMO_END_SIGNAL_WEIGHT, DEMO_TRAIN_N,
 # DEMO_EVAL_N, DEMO_EVAL_EVERY, DEMO_MAX_NEW_TOKENS (also the evaluation's) and DEMO_SEED override it when set,
 # and extra arguments go to eval_online_sdpo.py:
 #   DEMO_TRAIN_N=40 scripts/demo.sh --eval_every 10
@@ -55,6 +55,13 @@ setting LR lr
 setting IGNORE_FIRST_K ignore_first_k
 setting LOSS_MODE loss_mode
 setting TEACHER teacher
+setting END_SIGNAL_WEIGHT end_signal_weight
+# the end signal is simple_signal's (ObjectiveOptions refuses it with full_distillation): a full_distillation demo
+# runs without it unless DEMO_END_SIGNAL_WEIGHT says otherwise
+if [[ $LOSS_MODE == full_distillation && -z ${DEMO_END_SIGNAL_WEIGHT:-} ]]; then
+    END_SIGNAL_WEIGHT=0
+    overrides+=(--end_signal_weight 0)
+fi
 setting TRAIN_N train_n
 setting EVAL_N eval_n
 setting EVAL_EVERY eval_every
@@ -71,7 +78,8 @@ variable, when set, overrides one of them:
 
   Variable               Default                Flag
 $(printf '%s\n' "${help_rows[@]}")
-  DEMO_MAX_NEW_TOKENS also sets --eval_max_new_tokens.
+  DEMO_MAX_NEW_TOKENS also sets --eval_max_new_tokens. DEMO_LOSS_MODE=full_distillation turns the
+  end signal off (it is simple_signal's) unless DEMO_END_SIGNAL_WEIGHT is set.
 
 Other variables: OUTPUT_DIR (default \$BASE_WORK/sdpo_runs/demo-<time>), BASE_WORK (default
 \${SCRATCH:-\${TMPDIR:-/tmp}}), PYTHON (default .venv/bin/python), WANDB_MODE (default offline).
@@ -96,7 +104,7 @@ placebo     a second policy, same start, same prompts and seeds; its user always
 objective   $LOSS_MODE, signal centred per reply, first $IGNORE_FIRST_K reply tokens ignored, lr $LR, 1 step per interaction
             teacher $TEACHER; signal against the neutral follow-up "$(profile_value contrast_followup)"; none on a token
             that completes a repeated $(profile_value copy_guard_ngram)-gram of its reply; the end-of-turn token's
-            own signal at every position, weight $(profile_value end_signal_weight) (a cut-off reply never samples it)
+            own signal at every position, weight $END_SIGNAL_WEIGHT (a cut-off reply never samples it)
 run         $TRAIN_N interactions, $EVAL_N held-out prompts judged at step 0 (the baseline's own replies)$(
             [[ $EVAL_EVERY == 0 ]] || printf ', every %s' "$EVAL_EVERY") and at the end
 judge       rule-based '$STYLE' judge vs the initial policy's replies (shorter wins; both orders; a reply that

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from auxiliary.runtime.tiny_model import build_tiny_model
-from sdpo_objective import (ObjectiveOptions, Teacher, build_scoring_batch, end_token_id, hindsight_contexts,
+from sdpo_objective import (ObjectiveOptions, Teacher, build_scoring_batch, end_token_ids, hindsight_contexts,
                             hindsight_messages, reference_loss, render_context_ids, repeated_ngram_mask, sdpo_loss,
                             token_weights)
 from test_teacher_modes import _perturb
@@ -50,7 +50,7 @@ def _full_logit_reference(student, teacher_model, opts, ref_model=None):
         if ref_model is not None:
             ref_logp = torch.log_softmax(_response_logits(ref_model, CONTEXTS_X), -1)
             ref_logp = ref_logp.gather(-1, ids.unsqueeze(-1))[..., 0]
-    end = end_token_id(student) if opts.end_signal_weight else None
+    end = end_token_ids(student) if opts.end_signal_weight else None
     return reference_loss(_response_logits(student, CONTEXTS_X), teacher, ids, mask, opts, neutral, ref_logp, end)
 
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from auxiliary.runtime.tiny_model import build_tiny_model
-from sdpo_objective import ObjectiveOptions, Teacher, end_token_id, sdpo_loss, token_weights
+from sdpo_objective import ObjectiveOptions, Teacher, end_token_ids, sdpo_loss, token_weights
 from test_contrast_copy_guard import (CONTEXTS_NEUTRAL, CONTEXTS_X, CONTEXTS_XO, CONTRAST, RESPONSES,
                                       _assert_equals_reference, _batches, _response_logits)
 from test_teacher_modes import _perturb
@@ -43,7 +43,7 @@ def test_the_end_term_by_hand(tiny_model, tiny_tokenizer, contrast):
     unbatched forwards: A_end,t the teacher's log-prob of <end> under xo minus under x o_neutral (contrast) or minus
     the student's under x; w'_t the token weight, 0 where y_t is <end> itself."""
     model = tiny_model.eval()
-    end = end_token_id(model)
+    (end,) = end_token_ids(model)
     assert any(end in reply for reply in RESPONSES)  # the rule that skips the sampled end token is exercised
     options = dict(loss_mode="simple_signal", center_signal=True, ignore_first_k=1, copy_guard_ngram=2,
                    contrast_followup=CONTRAST if contrast else "")
@@ -97,10 +97,55 @@ def test_bad_end_signal_input_fails_clearly(tiny_tokenizer):
         sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(loss_mode="simple_signal", end_signal_weight=1.0))
 
 
-def test_end_token_is_the_first_of_several(tiny_tokenizer):
-    model = build_tiny_model(tiny_tokenizer, seed=0)
-    model.generation_config.eos_token_id = [7, 2]
-    assert end_token_id(model) == 7
+def _end_term(model, tokenizer, contrast=True, **options):
+    """loss(with the end signal, weight 1) - loss(without), both under `options`: the end term alone."""
+    batch_x, batch_xo, batch_neutral = _batches(tokenizer, neutral=contrast)
+    common = dict(loss_mode="simple_signal", contrast_followup=CONTRAST if contrast else "", **options)
+    with torch.no_grad():
+        with_end, stats = sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(end_signal_weight=1.0, **common),
+                                    batch_neutral=batch_neutral)
+        without, _ = sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(**common), batch_neutral=batch_neutral)
+    return float(with_end - without), stats
+
+
+def test_several_stop_tokens_sum_their_probability_and_none_of_them_gets_an_end_term(tiny_tokenizer):
+    """Llama 3 lists three stop tokens: <end> is any of them (log of the summed probability), and a reply position
+    whose token is one of them (here 9, the first token of the last reply) carries no end term."""
+    model = build_tiny_model(tiny_tokenizer, seed=0).eval()
+    model.generation_config.eos_token_id = [2, 9, 2]
+    assert end_token_ids(model) == [2, 9]
+    assert RESPONSES[3][0] == 9
+    _assert_equals_reference(model, model, tokenizer=tiny_tokenizer, loss_mode="simple_signal", end_signal_weight=1.0,
+                             contrast_followup=CONTRAST, logits_chunk_size=3)
+    several, stats = _end_term(model, tiny_tokenizer)
+    model.generation_config.eos_token_id = 2
+    assert end_token_ids(model) == [2]
+    one, _ = _end_term(model, tiny_tokenizer)
+    assert abs(several - one) > 1e-6 and "end_signal_mean" in stats
+
+
+def test_negate_signal_negates_the_end_signal_and_clipping_leaves_it_alone(tiny_model, tiny_tokenizer):
+    model = tiny_model.eval()
+    plain, stats = _end_term(model, tiny_tokenizer, center_signal=True)
+    negated, negated_stats = _end_term(model, tiny_tokenizer, center_signal=True, negate_signal=True)
+    assert abs(plain) > 1e-4 and negated == pytest.approx(-plain, rel=1e-4)
+    assert negated_stats["end_signal_mean"] == pytest.approx(-stats["end_signal_mean"])
+    clipped, _ = _end_term(model, tiny_tokenizer, center_signal=True, signal_clip=1e-3)
+    assert clipped == pytest.approx(plain, rel=1e-4)
+
+
+def test_no_spurious_end_signal_under_bf16_autocast_without_contrast(tiny_model, tiny_tokenizer):
+    """xo = x with the live teacher: A_end is 0 exactly, also when the fused head computes in bfloat16 (the student's
+    baseline is scored the way the teacher's log-probs are, not by the bf16 loop)."""
+    model = tiny_model.eval()
+    batch_x, _, _ = _batches(tiny_tokenizer, neutral=False)
+    opts = ObjectiveOptions(loss_mode="simple_signal", center_signal=True, end_signal_weight=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss, stats = sdpo_loss(model, batch_x, batch_x, opts)
+    loss.backward()
+    assert stats["fused_lm_head"] and float(loss) == 0.0 and stats["end_signal_mean"] == 0.0
+    assert max(float(p.grad.abs().max()) for p in model.parameters() if p.grad is not None) == 0.0
+    model.zero_grad(set_to_none=True)
 
 
 def test_online_and_offline_configs_take_the_flag():

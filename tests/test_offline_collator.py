@@ -117,6 +117,16 @@ def test_metrics_from_sums_hand_computed():
     assert metrics["completion_tokens"] == pytest.approx(2.0)
     assert metrics["prompt_truncated_frac"] == pytest.approx(1 / 3)
     assert "ref_kl" not in metrics and metrics_from_sums(new_sums()) == {}
+    assert "end_signal_mean" not in metrics
+
+
+def test_end_signal_mean_is_pooled_over_micro_batches_by_tokens():
+    sums = new_sums()
+    accumulate_stats(sums, {"tokens": 3, "logp_x": 0.0, "logp_xo": 0.0, "end_signal_mean": 0.5,
+                            "signal_per_sequence": [torch.zeros(3)]}, has_eos=[False])
+    accumulate_stats(sums, {"tokens": 1, "logp_x": 0.0, "logp_xo": 0.0, "end_signal_mean": -1.0,
+                            "signal_per_sequence": [torch.zeros(1)]}, has_eos=[False])
+    assert metrics_from_sums(sums, with_end_signal=True)["end_signal_mean"] == pytest.approx((1.5 - 1.0) / 4)
 
 
 def test_trainer_loss_and_logged_eos_signal_match_direct_computation(tiny_tokenizer, tiny_model, tmp_path):

@@ -806,6 +806,31 @@ def test_demo_accepts_dry_run_and_writes_nothing(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.parametrize("extra, weight", [({}, None), ({"DEMO_END_SIGNAL_WEIGHT": "0.5"}, "0.5")])
+def test_a_full_distillation_demo_runs_without_the_end_signal_unless_told(tmp_path, extra, weight):
+    """The profile's end signal is simple_signal's: DEMO_LOSS_MODE=full_distillation alone must not be refused."""
+    from auxiliary.runtime.cli import parse_dataclasses
+    from eval_online_sdpo import OnlineRunConfig, OnlineSDPOConfig
+
+    def parse_args(flags):
+        return parse_dataclasses((OnlineSDPOConfig, OnlineRunConfig), flags, prog="eval_online_sdpo.py")[0]
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DEMO_")}
+    env.update(BASE_WORK=str(tmp_path), DEMO_LOSS_MODE="full_distillation", **extra)
+    result = subprocess.run(["bash", str(REPO / "scripts" / "demo.sh"), "--dry-run"], capture_output=True, text=True,
+                            env=env, timeout=60)
+    assert result.returncode == 0, result.stderr
+    argv = shlex.split(result.stdout.strip().splitlines()[-1])
+    flags = argv[argv.index("eval_online_sdpo.py") + 1:]
+    assert has_pair(flags, "--end_signal_weight", weight or "0")
+    if weight is None:
+        config = parse_args(flags)
+        assert (config.loss_mode, config.end_signal_weight) == ("full_distillation", 0)
+    else:  # asked for both: the objective's own rule refuses, in one line
+        with pytest.raises((SystemExit, ValueError)):
+            parse_args(flags)
+
+
 def test_the_preferences_template_runs_the_sequential_preset_unless_given_one_and_resumes_a_requeued_job(work):
     env = case_env("eval_online_sdpo.sh", work, SLURM_JOB_ID="78")
     template = SLURM / "online_preferences.sbatch"
