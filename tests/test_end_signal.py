@@ -157,3 +157,30 @@ def test_online_and_offline_configs_take_the_flag():
     with pytest.raises(ValueError, match="--end_signal_weight needs --loss_mode simple_signal"):
         OfflineSDPOArguments(loss_mode="full_distillation", end_signal_weight=0.5)
     assert OfflineSDPOArguments(end_signal_weight=0.5).objective_options().end_signal_weight == 0.5
+
+
+def test_the_online_updater_trains_with_the_end_signal_and_logs_its_mean(tiny_tokenizer):
+    """A real train_step: the update moves log p(<end>) where the follow-up raised it (e large: the end term leads)."""
+    from online_sdpo_updater import OnlineSDPOUpdater
+    from online_sdpo_updater_config import OnlineSDPOConfig
+    from sdpo_objective import build_scoring_batch, score_tokens
+
+    messages = [{"role": "user", "content": "Write a short email to my manager."}]
+    reply = [5, 6, 7, 8, 9, 10, 11, 12]
+    config = OnlineSDPOConfig(model="tiny", device="cpu", loss_mode="simple_signal", contrast_followup=CONTRAST,
+                              end_signal_weight=50.0, lr=1e-3, max_grad_norm=0)
+    updater = OnlineSDPOUpdater(config, build_tiny_model(tiny_tokenizer, seed=0), tiny_tokenizer)
+    batch_x, _, _ = updater.build_batches([messages], [reply], ["Shorter!"])
+    (end,) = end_token_ids(updater.model)
+    with_end = build_scoring_batch([batch_x.input_ids[0].tolist()[:-len(reply)]], [reply[:4] + [end]],
+                                   tiny_tokenizer.pad_token_id)
+
+    def stop_logprob():
+        with torch.no_grad():
+            return float(score_tokens(updater.model.eval(), with_end)[0][-1])
+
+    before = stop_logprob()
+    metrics = updater.train_step(messages, reply, "Shorter!")
+    signal = metrics["end_signal_mean"]
+    assert signal != 0.0
+    assert (stop_logprob() - before) * signal > 0  # stopping moved the way its signal says
