@@ -88,6 +88,8 @@ SETTINGS: dict[str, list[str]] = {
     # the end of a reply gets a signal without the reply having to end: at each position, the hindsight signal of
     # the end-of-turn token (it rises at sentence ends under "too long" and not under "Thanks.")
     "contrast-guard3-frozen-end1": CONTRAST_GUARD + ["--teacher", "frozen", "--end_signal_weight", "1"],
+    # at weight 1 the end term's gradient is tens of times the sampled tokens' (both arms): a smaller weight
+    "contrast-guard3-frozen-end0.3": CONTRAST_GUARD + ["--teacher", "frozen", "--end_signal_weight", "0.3"],
 }
 
 
