@@ -2,7 +2,6 @@
 phase bookkeeping adds up (checked on hand-made timings)."""
 import json
 import math
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,11 +18,19 @@ EXPECTED_RATIOS = {"eval_generation_time_batched", "eval_generation_cpu_time_bat
                    "update_time_fused_head", "checkpoint_save_time", "step0_eval_time_cached_baseline"}
 
 
-def test_quick_run_prints_ratios_and_consistent_json(tmp_path):
+def test_quick_run_prints_ratios_and_consistent_json(tmp_path, monkeypatch, capsys):
+    import torch
+
     out = tmp_path / "online.json"
-    env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(ROOT), CACHE_DIR=str(tmp_path / "cache"))
-    done = subprocess.run([sys.executable, "bench/bench_online.py", "--quick", "--out", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=180)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("CACHE_DIR", str(tmp_path / "cache"))
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    try:  # in-process: a child would spend most of its time importing torch and transformers again
+        code = bench_online.main(["--quick", "--out", str(out)])
+    finally:
+        torch.set_num_threads(threads)
+        torch.set_rng_state(rng)
+    done = subprocess.CompletedProcess("bench_online.main", code, *capsys.readouterr())
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     ratios = bench_common.parse_ratio_lines(done.stdout)
     assert EXPECTED_RATIOS <= set(ratios), ratios

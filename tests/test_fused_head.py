@@ -286,18 +286,21 @@ def test_head_paths_tail_bucket_below_float32_range(path):
     torch.testing.assert_close(kl.double(), expected, rtol=2e-5, atol=1e-6)
 
 
-def test_bench_tail_bucket_tiny_prints_its_ratio():
-    import subprocess
+def test_bench_tail_bucket_tiny_prints_its_ratio(capsys):
     import sys
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
     sys.path.insert(0, str(repo / "bench"))
     import bench_common
+    import bench_tail_bucket
 
-    result = subprocess.run([sys.executable, "bench/bench_tail_bucket.py", "--rows", "12", "--hidden", "8",
-                             "--vocab", "300", "--chunk", "5", "--repeats", "1"], capture_output=True, text=True,
-                            timeout=300, cwd=repo)
-    assert result.returncode == 0, result.stderr[-2000:]
-    ratios = bench_common.parse_ratio_lines(result.stdout)
+    threads = torch.get_num_threads()
+    try:  # in-process: a child would spend its time importing torch again
+        returned = bench_tail_bucket.main(["--rows", "12", "--hidden", "8", "--vocab", "300", "--chunk", "5",
+                                           "--repeats", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    ratios = bench_common.parse_ratio_lines(capsys.readouterr().out)
     assert list(ratios) == ["tail_bucket_exact_vs_plain"] and ratios["tail_bucket_exact_vs_plain"] > 0
+    assert returned == pytest.approx(ratios, abs=1e-4)
