@@ -152,7 +152,9 @@ def test_flags_and_defaults_are_the_sdpo_trainers():
     assert (parsed.model, parsed.lr, parsed.batch_size) == ("m", 3e-6, 2)
 
 
-def test_bad_input_is_one_line_naming_file_line_and_field_with_exit_2(tiny_model_dir, tmp_path):
+def test_bad_input_is_one_line_naming_file_line_and_field_with_exit_2(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    import runpy
+
     from auxiliary.runtime.io_utils import DataError
 
     good = FIXTURE.read_text().splitlines()
@@ -163,10 +165,14 @@ def test_bad_input_is_one_line_naming_file_line_and_field_with_exit_2(tiny_model
         run_in_process(sft_main,
                        flags(tiny_model_dir, tmp_path / "out1") + ["--train_jsonl", str(tmp_path / "missing.jsonl")])
     (tmp_path / "bad.jsonl").write_text(good[0] + "\n{not json\n")
-    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, str(REPO / "offline_sdpo" / "main_offline_sft.py"),
-                           *flags(tiny_model_dir, tmp_path / "out2"), "--train_jsonl", str(tmp_path / "bad.jsonl")],
-                          env=env, capture_output=True, text=True, timeout=240)
+    # the script's own __main__ block (bad input -> one line, exit 2), run in this process: a child adds only imports
+    script = REPO / "offline_sdpo" / "main_offline_sft.py"
+    monkeypatch.setattr(sys, "argv", [str(script), *flags(tiny_model_dir, tmp_path / "out2"),
+                                      "--train_jsonl", str(tmp_path / "bad.jsonl")])
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exited:
+        run_in_process(lambda _: runpy.run_path(str(script), run_name="__main__"), None)
+    proc = subprocess.CompletedProcess(sys.argv, exited.value.code, *capsys.readouterr())
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(r"bad\.jsonl:2: malformed JSON", errors[0]) and "Traceback" not in proc.stderr
