@@ -140,6 +140,28 @@ def run_like_a_child(entry, argv: list[str], monkeypatch, capfd, **extra_env) ->
     return subprocess.CompletedProcess(argv, code, captured.out, captured.err)
 
 
+def main_block(script: Path):
+    """An entry for run_like_a_child: `script` run as `python script argv...` in this process (runpy), its
+    `if __name__ == "__main__":` block included, so the exit codes that block gives are checked without a child."""
+    import runpy
+
+    def entry(argv: list[str]) -> int:
+        saved = sys.argv
+        sys.argv = [str(script), *argv]
+        try:
+            runpy.run_path(str(script), run_name="__main__")
+        except SystemExit as exited:
+            if isinstance(exited.code, str):  # sys.exit("text"): Python prints it and exits 1
+                print(exited.code, file=sys.stderr)
+                return 1
+            return exited.code or 0
+        finally:
+            sys.argv = saved
+        return 0
+
+    return entry
+
+
 def run_cli(argv: list[str], env: dict, timeout: float = 180, **kw) -> subprocess.CompletedProcess:
     process = start_cli(argv, env, **kw)
     stdout, stderr = process.communicate(timeout=timeout)

@@ -15,7 +15,7 @@ import torch
 
 from offline_sdpo.main_offline_sdpo import main as sdpo_main
 from offline_sdpo.main_offline_sft import CONFIG_FILENAME, OfflineSFTArguments, main as sft_main
-from reliability_helpers import read_metrics, run_in_process
+from reliability_helpers import main_block, read_metrics, run_in_process
 
 REPO = Path(__file__).resolve().parent.parent
 FIXTURE = REPO / "tests" / "fixtures" / "offline" / "interactions.jsonl"
@@ -152,9 +152,7 @@ def test_flags_and_defaults_are_the_sdpo_trainers():
     assert (parsed.model, parsed.lr, parsed.batch_size) == ("m", 3e-6, 2)
 
 
-def test_bad_input_is_one_line_naming_file_line_and_field_with_exit_2(tiny_model_dir, tmp_path, monkeypatch, capsys):
-    import runpy
-
+def test_bad_input_is_one_line_naming_file_line_and_field_with_exit_2(tiny_model_dir, tmp_path, capsys):
     from auxiliary.runtime.io_utils import DataError
 
     good = FIXTURE.read_text().splitlines()
@@ -166,13 +164,10 @@ def test_bad_input_is_one_line_naming_file_line_and_field_with_exit_2(tiny_model
                        flags(tiny_model_dir, tmp_path / "out1") + ["--train_jsonl", str(tmp_path / "missing.jsonl")])
     (tmp_path / "bad.jsonl").write_text(good[0] + "\n{not json\n")
     # the script's own __main__ block (bad input -> one line, exit 2), run in this process: a child adds only imports
-    script = REPO / "offline_sdpo" / "main_offline_sft.py"
-    monkeypatch.setattr(sys, "argv", [str(script), *flags(tiny_model_dir, tmp_path / "out2"),
-                                      "--train_jsonl", str(tmp_path / "bad.jsonl")])
+    argv = [*flags(tiny_model_dir, tmp_path / "out2"), "--train_jsonl", str(tmp_path / "bad.jsonl")]
     capsys.readouterr()
-    with pytest.raises(SystemExit) as exited:
-        run_in_process(lambda _: runpy.run_path(str(script), run_name="__main__"), None)
-    proc = subprocess.CompletedProcess(sys.argv, exited.value.code, *capsys.readouterr())
+    code = run_in_process(main_block(REPO / "offline_sdpo" / "main_offline_sft.py"), argv)
+    proc = subprocess.CompletedProcess(argv, code, *capsys.readouterr())
     assert proc.returncode == 2, proc.stderr[-2000:]
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and re.search(r"bad\.jsonl:2: malformed JSON", errors[0]) and "Traceback" not in proc.stderr

@@ -3,20 +3,20 @@
 Each failure must end with one clear line on stderr naming the file, line or field (no traceback) and a
 non-zero exit; a prompt that is merely too long is dropped and counted, and train_n / eval_n larger than
 the data are clamped with a warning. The online failures run in process as a child would see them
-(reliability_helpers.run_like_a_child: the script is sys.exit(main())); the offline cases, whose exit codes
-come from the trainer's __main__ block, and the good run are child processes, 3 at a time (most of each
-one's time is Python start-up). test_eval_online.py and test_offline_training.py check the messages too.
+(reliability_helpers.run_like_a_child: the script is sys.exit(main())), and so do the offline cases, whose exit
+codes come from the trainer's __main__ block (reliability_helpers.main_block runs that block); the good run is a
+child process. test_eval_online.py and test_offline_training.py check the messages too.
 """
 from __future__ import annotations
 
 import json
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
 
 from reliability_helpers import (ERROR_PREFIX, REPO, clean_env, copy_without_chat_template, last_line, online_args,
-                                 read_json, read_jsonl, run_cli, run_like_a_child, write_prompts)
+                                 main_block, read_json, read_jsonl, run_cli, run_like_a_child,
+                                 write_prompts)
 
 OFFLINE_SCRIPT = REPO / "offline_sdpo" / "main_offline_sdpo.py"
 OFFLINE_FIXTURE = REPO / "tests" / "fixtures" / "offline" / "interactions.jsonl"
@@ -84,23 +84,12 @@ def inputs(tmp_path_factory, tiny_model_dir):
 
 @pytest.fixture(scope="module")
 def results(inputs, tiny_model_dir):
-    """The offline cases and one good online run with clamping and a dropped prompt, each a child process
-    (3 at a time): the offline trainer turns errors into exit codes in its __main__ block, and the good run's
-    warnings are log lines a terminal shows."""
+    """One good online run with clamping and a dropped prompt, a child process: its warnings are log lines a
+    terminal shows."""
     data = inputs
-    cases = offline_cases(tiny_model_dir, data)
     good_out = data / "out" / "clamped"
-    cases["clamped_and_dropped"] = (online_args(tiny_model_dir, data, good_out, train_n=50, eval_n=50, eval_every=0),
-                                    {}, None)
-
-    def run(item):
-        name, (argv, extra_env, _) = item
-        kwargs = {"script": OFFLINE_SCRIPT} if name.startswith("offline") else {}
-        return name, run_cli(argv, clean_env(**extra_env), timeout=300, **kwargs)
-
-    with ThreadPoolExecutor(max_workers=3) as pool:
-        done = dict(pool.map(run, cases.items()))
-    return {name: (done[name], cases[name][2]) for name in cases}, good_out
+    argv = online_args(tiny_model_dir, data, good_out, train_n=50, eval_n=50, eval_every=0)
+    return {"clamped_and_dropped": (run_cli(argv, clean_env(), timeout=300), None)}, good_out
 
 
 ONLINE_FAILURES = ["malformed_jsonl", "missing_field", "empty_prompt", "all_prompts_too_long", "unknown_style",
@@ -121,8 +110,10 @@ def test_online_bad_input_ends_with_one_clear_line(inputs, tiny_model_dir, case,
 
 
 @pytest.mark.parametrize("case", ["offline_malformed_jsonl", "offline_missing_field"])
-def test_offline_bad_input_ends_with_one_clear_line(results, case):
-    result, expected = results[0][case]
+def test_offline_bad_input_ends_with_one_clear_line(inputs, tiny_model_dir, case, monkeypatch, capfd):
+    argv, extra_env, expected = offline_cases(tiny_model_dir, inputs)[case]
+    # the trainer's __main__ block gives the exit code: run it in process as a child would see it
+    result = run_like_a_child(main_block(OFFLINE_SCRIPT), argv, monkeypatch, capfd, **extra_env)
     assert result.returncode == 2, result.stderr[-2000:]
     line = last_line(result.stderr)
     assert line.startswith("error:") and expected in line, result.stderr[-2000:]
