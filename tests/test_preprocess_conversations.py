@@ -2,10 +2,7 @@
 real data: pairing, truncation, English-only, seeded sampling and caps, bad input,
 atomic output."""
 import json
-import os
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -195,10 +192,11 @@ def test_bad_message_is_reported_with_line_and_index(tmp_path):
     assert not (tmp_path / "o.jsonl").exists()
 
 
-def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path):
-    result = subprocess.run([sys.executable, str(REPO / "auxiliary" / "preprocess_chat_logs.py"),
-                             "--input", str(LOGS / "malformed.jsonl"), "--out", str(tmp_path / "o.jsonl")],
-                            capture_output=True, text=True, timeout=60, env=dict(os.environ, HF_HUB_OFFLINE="1"))
+def test_cli_reports_bad_input_in_one_line_with_exit_code_2(tmp_path, monkeypatch, capfd):
+    from reliability_helpers import main_block, run_like_a_child
+
+    result = run_like_a_child(main_block(REPO / "auxiliary" / "preprocess_chat_logs.py"),
+                              ["--input", LOGS / "malformed.jsonl", "--out", tmp_path / "o.jsonl"], monkeypatch, capfd)
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {LOGS / 'malformed.jsonl'}:3: malformed JSON")

@@ -1,12 +1,11 @@
 """Environment errors end in one line naming the path and the cause, exit 2, no traceback."""
 import errno
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from auxiliary.runtime import io_utils
+from reliability_helpers import main_block, run_like_a_child
 
 REPO = Path(__file__).resolve().parent.parent
 CHAT_LOG = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, ' \
@@ -14,12 +13,12 @@ CHAT_LOG = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant
 
 
 @pytest.mark.parametrize("out", ["/proc/sdpo_no_such_dir/out.jsonl", "{file}/out.jsonl"])
-def test_preprocess_chat_logs_with_an_unwritable_output_says_so_in_one_line(tmp_path, out):
+def test_preprocess_chat_logs_with_an_unwritable_output_says_so_in_one_line(tmp_path, out, monkeypatch, capfd):
     source = tmp_path / "chat.jsonl"
     source.write_text(CHAT_LOG)
     out = out.format(file=source)  # a file where a folder should be
-    result = subprocess.run([sys.executable, str(REPO / "auxiliary" / "preprocess_chat_logs.py"), "--input",
-                             str(source), "--out", out], capture_output=True, text=True, timeout=120)
+    result = run_like_a_child(main_block(REPO / "auxiliary" / "preprocess_chat_logs.py"),
+                              ["--input", source, "--out", out], monkeypatch, capfd)
     lines = result.stderr.strip().splitlines()
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert lines == [lines[-1]] and lines[-1].startswith("error: cannot write /")
