@@ -47,7 +47,7 @@ def optimizer_tensors(folder: Path) -> list[torch.Tensor]:
     return [value for key in sorted(state) for _, value in sorted(state[key].items())]
 
 
-@pytest.mark.slow  # two CLI processes and a resumed run: about 30 s on 2 idle cores
+@pytest.mark.slow  # a CLI process, killed, beside an uninterrupted run and a resumed run in process
 def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tiny_model_dir, data_dir, tmp_path, stub_factory,
                                                                    monkeypatch, capfd):
     kill_step, steps = 4, 6
@@ -57,28 +57,26 @@ def test_sigkill_mid_step_then_resume_matches_an_uninterrupted_run(tiny_model_di
     flags = dict(user_simulator="claude", train_n=steps, eval_every=3, placebo=True, save_checkpoints=True,
                  checkpoint_every=2, max_checkpoints=5)
     full_stub, crash_stub = stub_factory(claude_answers(20)), stub_factory(claude_answers(20, hold_at=kill_step))
-    logs = {name: tmp_path / f"{name}.log" for name in ("full", "crash")}
-    full = start_cli(online_args(tiny_model_dir, data_dir, full_out, **flags),
-                     clean_env(ANTHROPIC_API_KEY="sk-test-resume", ANTHROPIC_BASE_URL=full_stub.base_url),
-                     log_path=logs["full"])
+    crash_log = tmp_path / "crash.log"
     crash = start_cli(online_args(tiny_model_dir, data_dir, crash_out, **flags),
                       clean_env(ANTHROPIC_API_KEY="sk-test-resume", ANTHROPIC_BASE_URL=crash_stub.base_url),
-                      log_path=logs["crash"])
-    try:
+                      log_path=crash_log)
+    try:  # the uninterrupted run in this process (as a child would see it) while the child heads for its kill
+        full = run_like_a_child(eval_online_sdpo.main, online_args(tiny_model_dir, data_dir, full_out, **flags),
+                                monkeypatch, capfd, ANTHROPIC_API_KEY="sk-test-resume",
+                                ANTHROPIC_BASE_URL=full_stub.base_url)
         deadline = time.monotonic() + 240
         while crash_stub.received < kill_step:  # step k's follow-up request is being held
-            assert crash.poll() is None, logs["crash"].read_text()[-3000:]
+            assert crash.poll() is None, crash_log.read_text()[-3000:]
             assert time.monotonic() < deadline, "the crash run never reached step k"
             time.sleep(0.1)
         os.kill(crash.pid, signal.SIGKILL)
         crash.wait(timeout=30)
-        full.wait(timeout=240)
     finally:
-        for process in (full, crash):
-            if process.poll() is None:
-                process.kill()
+        if crash.poll() is None:
+            crash.kill()
     assert crash.returncode == -signal.SIGKILL
-    assert full.returncode == 0, logs["full"].read_text()[-3000:]
+    assert full.returncode == 0, full.stderr[-3000:]
     # the state the kill left: steps 1..k-1 recorded, last complete checkpoint at step 2
     assert [m["step"] for m in read_jsonl(crash_out / "metrics.jsonl")] == list(range(1, kill_step))
     assert read_json(crash_out / "checkpoints" / "latest.json")["step"] == 2
