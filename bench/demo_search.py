@@ -90,6 +90,8 @@ SETTINGS: dict[str, list[str]] = {
     "contrast-guard3-frozen-end1": CONTRAST_GUARD + ["--teacher", "frozen", "--end_signal_weight", "1"],
     # at weight 1 the end term's gradient is tens of times the sampled tokens' (both arms): a smaller weight
     "contrast-guard3-frozen-end0.3": CONTRAST_GUARD + ["--teacher", "frozen", "--end_signal_weight", "0.3"],
+    # 0.3 broke more replies than 1: the other way
+    "contrast-guard3-frozen-end3": CONTRAST_GUARD + ["--teacher", "frozen", "--end_signal_weight", "3"],
 }
 
 
