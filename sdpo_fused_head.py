@@ -92,7 +92,7 @@ def fused_head_loss(head, plan, hidden_s, hidden_t, targets, chunk_size: int, te
             rows = slice(start, min(total, start + chunk))
             h = h_all[rows].to(compute_dtype)
             target = targets[rows].unsqueeze(1)
-            # simple_signal with the end signal reads one more column: the end token's, at every position
+            # simple_signal with the end signal also reads the stop tokens' columns, at every position
             end_column = None if plan.end_token_ids is None else stop_ids.expand(target.shape[0], -1)
             logits, cap_slope = logits_into(student_buffer[:h.shape[0]], h, w, softcap, with_slope=True)
             top = logits.topk(k, dim=-1) if distill else None
