@@ -266,12 +266,18 @@ def build_session(config: ChatConfig, on_event=None, user_id: str | None = None)
     """A loaded ChatSession of `user_id` (default: --user_id), with its own model and optimizer."""
     from auxiliary.chat.session import ChatSession, validate_user_id
     from auxiliary.runtime.io_utils import private_dir
+    from auxiliary.runtime.run_folder import folders_to_create, remove_unstarted
     from online_sdpo_updater import OnlineSDPOUpdater
 
     user_id = validate_user_id(user_id or config.user_id)
     # owner-only, and refused when someone else owns it: the default lives in a world-writable /tmp
+    created = folders_to_create(Path(config.resolved_adapters_dir()))
     adapters_dir = private_dir(config.resolved_adapters_dir())
-    updater = OnlineSDPOUpdater(config)
+    try:
+        updater = OnlineSDPOUpdater(config)
+    except BaseException:  # a model that does not load: the adapters folder this call made goes again
+        remove_unstarted(created, ())
+        raise
     session = ChatSession(updater, adapters_dir / user_id, min_signal=config.min_signal,
                           undo_depth=config.undo_depth, system_prompt=config.system_prompt,
                           log_interactions=config.log_interactions, on_event=on_event,

@@ -100,8 +100,12 @@ class OnlineRun:
         check_online_rules(self.sdpo, self.run, self.world.size)
         WandbRun.require(self.run.wandb)  # before the baseline is saved: a refused --overwrite changes no file
         self._check_prompt_files()  # before the output folder: nothing left behind
+        if not self.run.resume:  # the same: a model path or hub id that cannot load is one line, no folder
+            self._check_models()
         self.sdpo = self.world.start(self.sdpo)  # join the process group: this process's device
         self.out = self._open_folder()  # main process: create, lock, refuse a changed experiment on --resume
+        if self.run.resume:  # after the refusal of a changed experiment, which names the change
+            self._check_models()
         self.world.barrier()  # the others start once the folder is open (or the main process has failed)
         tokenizer, model_path = self._load_tokenizer()
         self._load_data(tokenizer)
@@ -123,6 +127,19 @@ class OnlineRun:
         require_prompt_file(self.run.train_jsonl, "train_jsonl")
         if self.run.eval_n:
             require_prompt_file(self.run.val_jsonl, "val_jsonl")
+
+    def _check_models(self) -> None:
+        """Each model the run will load (the policy, a --ref_model with --beta > 0; a local or vLLM user or judge; a
+        relevance model) exists and its config.json reads (model_loading.check_loadable: a hub id without network
+        must be in the cache)."""
+        from auxiliary.runtime.model_loading import check_loadable
+
+        run = self.run
+        names = [self.sdpo.model, self.sdpo.ref_model if self.sdpo.beta > 0 else None, run.relevance_model]
+        names += [run.user_model_name_or_path] if run.user_simulator in ("local", "vllm") else []
+        names += [run.judge_model] if run.judge in ("local", "vllm") else []
+        for name in dict.fromkeys(n for n in names if n):
+            check_loadable(name)
 
     def _open_folder(self) -> Path:
         run = self.run
@@ -325,13 +342,17 @@ def _expected_errors() -> tuple[tuple, tuple]:
              (ClaudeAuthError, ClaudeRequestError, EmptyFeedbackError))
 
 
-def fail(message: str, code: int = 2, run: "OnlineRun | None" = None) -> int:
+def fail(message: str, code: int = 2, run: "OnlineRun | None" = None, in_setup: bool = False) -> int:
+    """The one error line (and into run.log). A failed setup removes the output folder when this run created it
+    and it holds only the run marker and run.log (RunFolder.remove_if_unstarted): nothing half-written stays."""
     from auxiliary.runtime.cli import exit_with_error
 
     folder = getattr(run, "folder", None)
     if folder is not None:
         folder.log_error(message)  # the final error goes to run.log too
         folder.close()
+        if in_setup:
+            folder.remove_if_unstarted()
     return exit_with_error(message, code, prog="eval_online_sdpo.py")
 
 
@@ -349,12 +370,14 @@ def main(argv: list[str] | None = None) -> int:
         run.setup()
     except setup_errors as err:
         stop_vllm_engines()
-        return fail(str(err), 2, run)
+        return fail(str(err), 2, run, in_setup=True)
     except KeyboardInterrupt:  # Ctrl-C while models load: one line, not a traceback through transformers
         stop_vllm_engines()
-        return fail("interrupted during setup", 130, run)
+        return fail("interrupted during setup", 130, run, in_setup=True)
     except BaseException:
         stop_vllm_engines()  # a bug during setup: no engine outlives it
+        if run is not None and run.folder is not None:
+            run.folder.remove_if_unstarted()
         raise
     in_main_thread = threading.current_thread() is threading.main_thread()
     previous = signal.signal(signal.SIGTERM, _terminated) if in_main_thread else None  # SLURM preemption

@@ -95,7 +95,7 @@ def evaluate_model(spec, label: str, args: BenchmarkArgs, output_dir: Path, incl
 
 
 def run(args: BenchmarkArgs) -> Path | None:
-    from auxiliary.eval_checkpoints import check_adapter_fits_base, resolve_checkpoints
+    from auxiliary.eval_checkpoints import resolve_checkpoints
 
     args.check()
     require_harnesses(args.tasks)
@@ -110,12 +110,10 @@ def run(args: BenchmarkArgs) -> Path | None:
         return None
     if key_problem:
         raise DataError(key_problem)
-    for spec in specs:
-        if spec.kind == "lora":
-            check_adapter_fits_base(spec, args)
+    check_models(args, specs)
     from auxiliary.runtime.io_utils import atomic_write_json
 
-    output_dir.mkdir(parents=True, exist_ok=True)
+    output_dir.mkdir(parents=True, exist_ok=True)  # only now: a model that cannot load leaves no empty folder
     include_path = bench.write_task_configs(args, output_dir)
     reference = bench.load_alpaca_reference(args) if "alpaca_eval" in args.tasks else None
     annotators = bench.annotator_config(args, output_dir) if reference is not None else None
@@ -132,6 +130,20 @@ def run(args: BenchmarkArgs) -> Path | None:
     print(bench.format_table(models, args.tasks))
     print(f"\nwrote {output_dir / 'benchmarks.json'}")
     return output_dir / "benchmarks.json"
+
+
+def check_models(args: BenchmarkArgs, specs) -> None:
+    """Every model exists and reads (model_loading.check_loadable; a hub id without network must be cached), a LoRA
+    adapter fits its base; before the output folder is made and before minutes of the baseline's answers."""
+    from auxiliary.eval_checkpoints import check_adapter_fits_base
+    from auxiliary.runtime.model_loading import check_loadable
+
+    check_loadable(args.baseline_model)
+    for spec in specs:
+        if spec.kind == "lora":
+            check_adapter_fits_base(spec, args)
+        else:
+            check_loadable(spec.model_dir)
 
 
 def require_harnesses(tasks: list[str]) -> None:

@@ -317,7 +317,7 @@ def replot(args: SignalAnalysisArgs) -> Path:
 def run(args: SignalAnalysisArgs) -> Path:
     """Sample, score, write sdpo_signals.json and the figures; returns the JSON path."""
     from auxiliary.evals.eval_common import default_output_dir
-    from auxiliary.runtime.io_utils import atomic_write_json
+    from auxiliary.runtime.io_utils import atomic_write_json, require_writable_folder
     from auxiliary.runtime.model_loading import load_model_and_tokenizer
     from sdpo_objective import DEFAULT_HINDSIGHT_TEMPLATE, check_lm_head, validate_template
 
@@ -329,7 +329,7 @@ def run(args: SignalAnalysisArgs) -> Path:
     cases = load_cases(args.cases_json, args.n_cases)
     token_plot_indices(args.token_plot_cases, len(cases))  # fail on a bad spec before any model work
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir("signal_analysis")
-    output_dir.mkdir(parents=True, exist_ok=True)
+    require_writable_folder(output_dir)  # created with sdpo_signals.json: a failed load leaves no empty folder
 
     started = time.time()
     model, tokenizer, model_path = load_model_and_tokenizer(args.model, args.dtype, args.attn_implementation,

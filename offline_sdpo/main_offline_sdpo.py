@@ -188,9 +188,10 @@ def build_training_arguments(cfg: OfflineTrainingArguments, precision: str, opti
 def load_policy(cfg: OfflineTrainingArguments, model_path: str, attn: str):
     """fp32 master weights everywhere; bf16 is autocast by the Trainer (a 2e-6 update vanishes in bf16 weights)."""
     import torch
-    from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, attn_implementation=attn)
+    from auxiliary.runtime.model_loading import load_causal_lm
+
+    model = load_causal_lm(model_path, cfg.model, dtype=torch.float32, attn_implementation=attn)
     model.config.use_cache = False
     if cfg.use_lora:
         from peft import LoraConfig, get_peft_model
@@ -208,13 +209,12 @@ def load_reference(cfg: OfflineSDPOArguments, precision: str, attn: str):
     if cfg.beta <= 0:
         return None
     import torch
-    from transformers import AutoModelForCausalLM
 
-    from auxiliary.runtime.model_loading import resolve_model_path
+    from auxiliary.runtime.model_loading import load_causal_lm, resolve_model_path
 
     path = resolve_model_path(cfg.ref_model or cfg.model)
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
-    return AutoModelForCausalLM.from_pretrained(path, dtype=dtype, attn_implementation=attn)
+    return load_causal_lm(path, cfg.ref_model or cfg.model, dtype=dtype, attn_implementation=attn)
 
 
 def save_final_model(trainer, cfg: OfflineTrainingArguments, base_path: str, tokenizer) -> None:
@@ -280,8 +280,11 @@ def train_holding_output_dir(cfg: OfflineTrainingArguments, train_fn=None) -> di
     """train() (or `train_fn`) with --output_dir locked against a second run writing it. Only the first process of a
     torchrun/accelerate launch takes the lock: all its processes write the one folder together."""
     from auxiliary.runtime.locks import FolderLock, FolderLockError
+    from auxiliary.runtime.run_folder import folders_to_create, remove_unstarted
 
+    check_models(cfg)  # before the folder exists: a model that cannot load leaves nothing behind
     lock = FolderLock(cfg.output_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    created = folders_to_create(Path(cfg.output_dir)) if lock is not None else []
     if lock is not None:
         try:
             lock.acquire()
@@ -290,9 +293,24 @@ def train_holding_output_dir(cfg: OfflineTrainingArguments, train_fn=None) -> di
     try:
         check_output_dir(cfg)  # under the lock: a second run never deletes the first one's files
         return (train_fn or train)(cfg)
+    except BaseException:
+        if lock is not None:  # failed before it wrote anything (the model's weights, the records): no empty folder
+            lock.release()
+            remove_unstarted(created, ())
+        raise
     finally:
         if lock is not None:
             lock.release()
+
+
+def check_models(cfg: OfflineTrainingArguments) -> None:
+    """The policy and a reference model (--ref_model, with --beta > 0) exist and their config.json reads; a hub id
+    without network must be in the cache (model_loading.check_loadable). ModelLoadError: one line, exit 2."""
+    from auxiliary.runtime.model_loading import check_loadable
+
+    reference = getattr(cfg, "ref_model", None) if getattr(cfg, "beta", 0) > 0 else None  # loaded only with beta
+    for name in dict.fromkeys(n for n in (cfg.model, reference) if n):
+        check_loadable(name)
 
 
 # What a run leaves in --output_dir (besides checkpoint-N/ folders): an earlier run's results.

@@ -332,16 +332,18 @@ def plot_win_rate_bars(rows: Sequence[dict], path: str | Path, title: str) -> st
 
 
 def prepare_output_dir(args: StyleEvalArgs, tool: str) -> Path:
-    """The output folder, created; one that already holds results is refused unless --overwrite."""
+    """The output folder, checked writable but not created: write_outputs creates it with the results, so a run
+    that fails first (a model that does not load) leaves no empty folder. One that already holds results is
+    refused unless --overwrite."""
     from auxiliary.evals.eval_common import default_output_dir
+    from auxiliary.runtime.io_utils import require_writable_folder
 
     output_dir = Path(args.output_dir) if args.output_dir else default_output_dir(tool)
     earlier = [name for name in ("results.json", "completions.jsonl") if (output_dir / name).exists()]
     if earlier and not args.overwrite:
         raise DataError(f"{output_dir} already holds results ({', '.join(earlier)}) of an earlier run; "
                         "pass --overwrite to replace them or choose another --output_dir")
-    output_dir.mkdir(parents=True, exist_ok=True)
-    return output_dir
+    return require_writable_folder(output_dir)
 
 
 def write_outputs(output_dir: Path, meta: dict, baseline: dict, rows: list[dict], completions: list[dict],

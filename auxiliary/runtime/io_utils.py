@@ -220,6 +220,21 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 
 
+def require_writable_folder(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
+    """That `path` is a folder this process can write in, or one it could create (its nearest existing parent is
+    a folder it can write in), without creating it: a tool that writes its results only at the end creates the
+    folder then (atomic_write_* make the parents), so a run that fails before leaves no empty folder. DataError."""
+    path = Path(path).expanduser()
+    probe = path
+    while not os.path.lexists(probe) and probe != probe.parent:
+        probe = probe.parent
+    if not probe.is_dir():
+        raise DataError(f"{flag} {path}: {probe} is not a folder")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise DataError(f"{flag} {path}: {probe} is not writable")
+    return path
+
+
 def private_dir(path: str | os.PathLike, tighten_existing: bool = True) -> Path:
     """Create `path` (and missing parents) readable by its owner only, or tighten an existing one
     (tighten_existing=False: a folder that was there before keeps its mode, e.g. a user's own folder).

@@ -151,15 +151,49 @@ def load_failure(name_or_path: str, err: OSError) -> ModelLoadError:
 
 def check_loadable(name_or_path: str) -> str:
     """Fail now, in one line (ModelLoadError), when a model cannot be loaded, e.g. a hub id neither reachable nor
-    cached: for a model needed only after minutes of other work. Reads its config.json only; returns the path."""
+    cached (HF_HUB_OFFLINE=1: not in the cache), a folder that is not a model or whose config.json transformers
+    cannot read: for a model needed only after minutes of other work, or before a tool creates its output folder.
+    Reads config.json only (a LoRA adapter folder: its adapter_config.json and its base model's); returns the path."""
+    import json
+
     from transformers import AutoConfig
 
     path = resolve_model_path(name_or_path)
+    adapter = Path(path) / "adapter_config.json"
+    if adapter.is_file() and not (Path(path) / "config.json").exists():
+        try:
+            base = json.loads(adapter.read_text(encoding="utf-8")).get("base_model_name_or_path")
+        except (OSError, ValueError, AttributeError) as err:
+            raise ModelLoadError(f"could not load model '{name_or_path}': {adapter} is not an adapter's "
+                                 f"config ({type(err).__name__})") from None
+        if base:
+            check_loadable(base)
+        return path
     try:
         AutoConfig.from_pretrained(path)
     except OSError as err:
         raise load_failure(name_or_path, err) from None
+    except ValueError as err:  # a config.json transformers does not understand (an unknown model_type, say)
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0]
+        raise ModelLoadError(f"could not load model '{name_or_path}': {first}") from None
     return path
+
+
+def load_causal_lm(path: str, name_or_path: str | None = None, **kwargs):
+    """AutoModelForCausalLM.from_pretrained(path, **kwargs), its failures one line (ModelLoadError): a missing or
+    unreachable file, weights that are cut or not weights at all, weights that do not fit the config."""
+    from transformers import AutoModelForCausalLM
+
+    name = name_or_path or path
+    try:
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as err:
+        raise load_failure(name, err) from None
+    except Exception as err:  # safetensors' SafetensorError, torch's unpickling / size-mismatch errors, ...
+        if not isinstance(err, (ValueError, RuntimeError, EOFError)) and "Safetensor" not in type(err).__name__:
+            raise
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise ModelLoadError(f"could not load model '{name}': {type(err).__name__}: {first}") from None
 
 
 def load_tokenizer(path: str, require_chat_template: bool = True):
@@ -179,18 +213,14 @@ def load_tokenizer(path: str, require_chat_template: bool = True):
 def load_model_and_tokenizer(name_or_path: str, dtype: str = "auto", attn_implementation: str = "auto",
                              device: str = "auto", cache_dir: str | None = None):
     """Returns (model, tokenizer, resolved_path). The model is on `device` in eval mode."""
-    from transformers import AutoModelForCausalLM
-
     path = resolve_model_path(name_or_path, cache_dir)
     device = pick_device(device)
     try:
         tokenizer = load_tokenizer(path)
-        model = AutoModelForCausalLM.from_pretrained(
-            path, dtype=pick_dtype(dtype, device),
-            attn_implementation=pick_attn_implementation(attn_implementation, device)
-        )
     except OSError as err:
         raise load_failure(name_or_path, err) from None
+    model = load_causal_lm(path, name_or_path, dtype=pick_dtype(dtype, device),
+                           attn_implementation=pick_attn_implementation(attn_implementation, device))
     model.to(device)
     model.eval()
     return model, tokenizer, path

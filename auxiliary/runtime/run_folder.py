@@ -10,6 +10,7 @@
     folder.cached_baseline(signature) / folder.save_baseline(signature, replies)
     folder.write_checkpoint_marker(step, arms)
     folder.close()                                                  # the lock goes
+    folder.remove_if_unstarted()                                    # setup failed: a folder open() made goes again
 
 Rules of open(): a new folder is created owner-only (0700) and must be writable (a probe file is
 written and removed); it is locked (.lock: PID and host) so that a second run or a --resume while
@@ -156,6 +157,41 @@ def write_run_marker(folder: Path, tool: str) -> None:
                                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
 
 
+def folders_to_create(path: Path) -> list[Path]:
+    """The folders that creating `path` would make: itself and its missing parents, innermost first ([] when it
+    exists). A run notes them before it writes anything, so that remove_unstarted knows what it made."""
+    missing, probe = [], Path(path)
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    return missing
+
+
+def remove_unstarted(created: list[Path], own_files: tuple[str, ...]) -> bool:
+    """A run that failed before it wrote a result: remove the folders it created (`created`, from
+    folders_to_create, innermost first), but only while the innermost holds nothing but `own_files` this run
+    wrote there (its run marker, its run.log) and each parent is left empty. A folder that was there before, or
+    one holding anything else (a user's file written meanwhile), stays as it is. Returns whether it was removed."""
+    if not created:
+        return False
+    folder = created[0]
+    if folder.is_symlink() or not folder.is_dir():
+        return False
+    names = os.listdir(folder)
+    if any(name not in own_files and name != RUN_MARKER for name in names):
+        return False
+    if RUN_MARKER in names and not is_run_of_ours(folder):  # a file of that name someone else put there
+        return False
+    try:
+        for name in names:
+            (folder / name).unlink()
+        for made in created:  # rmdir never removes a folder that is not empty
+            made.rmdir()
+    except OSError:
+        pass
+    return not folder.exists()
+
+
 class RunFolder:
     def __init__(self, path: Path):
         self.path = Path(path)
@@ -164,6 +200,7 @@ class RunFolder:
         self.config_changes: dict = {}  # what a --resume --allow_config_change changed: {key: [old, new]}
         self.pending_overwrite = False  # --overwrite: cleared by clear_earlier_results once the checks have passed
         self.written: set[str] = set()  # files this run wrote before clear_earlier_results (kept by it)
+        self.created: list[Path] = []  # the folders open() made (the output folder and its missing parents)
 
     @classmethod
     def open(cls, path: Path, resume: bool, overwrite: bool) -> "RunFolder":
@@ -177,6 +214,7 @@ class RunFolder:
         found = run_files_in(out, RESULT_FILES + RESULT_FOLDERS)
         if found and not ours and (overwrite or not resume):
             raise RunFolderError(refusal_without_marker(out, found, overwrite, "--resume"))
+        folder.created = folders_to_create(out)
         try:
             private_dir(out, tighten_existing=ours)  # a folder of ours is 0700 already; a user's keeps its mode
             probe = out / f".write_test.{os.getpid()}"
@@ -223,6 +261,17 @@ class RunFolder:
         pending = self._run_log_handler()
         if isinstance(pending, logging.handlers.MemoryHandler):  # a refused --overwrite: its lines go nowhere
             logging.getLogger().removeHandler(pending)
+
+    def remove_if_unstarted(self) -> bool:
+        """Setup failed (a model that does not load, bad data): the folder goes again when open() created it and
+        it holds only what this run wrote there (the run marker and run.log): nothing half-written stays behind.
+        Closes the folder first. A folder that was there before keeps everything."""
+        self.close()
+        root = logging.getLogger()
+        for handler in [h for h in root.handlers if getattr(h, "is_sdpo_run_log", False)]:
+            root.removeHandler(handler)  # this run logs no more into the folder it removes
+            handler.close()
+        return remove_unstarted(self.created, ("run.log",))
 
     def log_error(self, message: str) -> None:
         """The run's final error, into run.log only (the console has it already)."""
