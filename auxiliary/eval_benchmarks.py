@@ -102,14 +102,15 @@ def run(args: BenchmarkArgs) -> Path | None:
     specs = resolve_checkpoints(args.checkpoints) if args.checkpoints else []
     output_dir = prepare_output_dir(args)
     bench.set_nltk_data(args.nltk_data)
-    key_problem = bench.annotator_key_problem(args)
+    problems = [problem for problem in (bench.ifeval_nltk_problem(args, try_download=not args.dry_run),
+                                        bench.annotator_key_problem(args)) if problem]
     if args.dry_run:
         print_plan(args, specs, output_dir)
-        if key_problem:
-            print(f"# warning: {key_problem} (a real run stops here)")
+        for problem in problems:
+            print(f"# warning: {problem} (a real run stops here)")
         return None
-    if key_problem:
-        raise DataError(key_problem)
+    if problems:
+        raise DataError(problems[0])
     check_models(args, specs)
     from auxiliary.runtime.io_utils import atomic_write_json
 

@@ -206,6 +206,51 @@ def test_a_missing_annotator_key_stops_the_run_before_any_answer_is_generated(ba
 
 
 @needs_harnesses
+def test_missing_nltk_data_for_ifeval_is_one_line_before_any_model_loads(tmp_path, tiny_models, monkeypatch, capfd):
+    import nltk
+
+    from auxiliary import eval_benchmarks
+    from auxiliary.evals import benchmarks as bench
+
+    empty = tmp_path / "nltk_data"
+    empty.mkdir()
+    monkeypatch.setattr(nltk.data, "path", [])  # only --nltk_data is searched (set_nltk_data puts it in)
+    monkeypatch.setenv("NLTK_DATA", str(empty))  # set_nltk_data sets it: restored after the test
+    monkeypatch.setattr(bench, "build_lm", lambda *a, **k: pytest.fail("a model was loaded before the NLTK check"))
+    downloads = []
+
+    def failing_download(name, quiet=False, **kw):  # what nltk.download prints without network, then False
+        downloads.append(name)
+        print("[nltk_data] Error loading punkt_tab: <urlopen error no network>")
+        print("[nltk_data] Error loading punkt_tab: <urlopen error no network>", file=sys.stderr)
+        return False
+
+    monkeypatch.setattr(nltk, "download", failing_download)
+    out = tmp_path / "out"
+    argv = ["--baseline_model", tiny_models[0], "--tasks", "ifeval", "--ifeval_jsonl", str(FIXTURES / "ifeval.jsonl"),
+            "--nltk_data", str(empty), "--limit", "1", "--output_dir", str(out)]
+    for offline, tried in (("1", []), ("0", ["punkt_tab"])):  # offline: not even tried; else lm_eval's try, quiet
+        monkeypatch.setenv("HF_HUB_OFFLINE", offline)
+        downloads.clear()
+        capfd.readouterr()
+        code = eval_benchmarks.main(argv)
+        captured = capfd.readouterr()
+        printed = captured.out + captured.err
+        assert code == 2 and "Traceback" not in printed, printed
+        line = [text for text in captured.err.splitlines() if text.strip()][-1]
+        assert line.startswith("error:") and "punkt_tab" in line and bench.NLTK_DOWNLOAD in line, printed
+        assert f"--nltk_data {empty}" in line and "[nltk_data]" not in printed and downloads == tried, printed
+        assert not out.exists()
+    downloads.clear()
+    assert eval_benchmarks.main(argv + ["--dry_run"]) == 0  # a dry run warns and downloads nothing
+    assert "# warning: IFEval's scorer needs NLTK's punkt_tab" in capfd.readouterr().out and downloads == []
+    bench.set_nltk_data(str(FIXTURES / "nltk_data"))  # the data there: no problem, nothing downloaded
+    assert bench.ifeval_nltk_problem(bench.BenchmarkArgs(baseline_model="x", tasks=["ifeval"])) is None
+    assert bench.ifeval_nltk_problem(bench.BenchmarkArgs(baseline_model="x", tasks=["alpaca_eval"])) is None
+    assert downloads == []
+
+
+@needs_harnesses
 def test_lm_eval_records_this_repositorys_commit_without_git_noise(tmp_path, monkeypatch, capfd):
     import lm_eval
     import lm_eval.evaluator
@@ -247,8 +292,9 @@ def test_a_benchmark_set_the_hub_cannot_give_is_one_line_not_a_write_error(task,
     datasets read as a file that could not be written. Now it says what works offline."""
     base, _ = tiny_models
     out = tmp_path / "out"
-    result = run_tool_in_process(["--baseline_model", base, "--tasks", task, "--limit", "1", "--output_dir", str(out)],
-                                 monkeypatch, capsys, HF_DATASETS_OFFLINE="1")
+    nltk = ["--nltk_data", str(FIXTURES / "nltk_data")] if task == "ifeval" else []  # else that is the line
+    result = run_tool_in_process(["--baseline_model", base, "--tasks", task, "--limit", "1", "--output_dir", str(out)]
+                                 + nltk, monkeypatch, capsys, HF_DATASETS_OFFLINE="1")
     last = result.stderr.strip().splitlines()[-1]
     assert result.returncode == 2, result.stderr[-2000:]
     assert last.startswith("error: a benchmark's data could not be loaded from the Hugging Face hub") and \

@@ -348,6 +348,41 @@ ANNOTATOR_KEYS = {"openai_completions": ("OPENAI_API_KEY", "OPENAI_API_KEYS", "O
                   "huggingface_api_completions": ("HUGGINGFACEHUB_API_TOKEN",)}
 
 
+NLTK_DOWNLOAD = "python -m nltk.downloader -d DIR punkt punkt_tab"
+
+
+def ifeval_nltk_problem(args: BenchmarkArgs, try_download: bool = True) -> Optional[str]:
+    """Why IFEval's scorer would miss its NLTK data, or None. lm_eval's ifeval module looks for
+    tokenizers/punkt_tab when it is imported and otherwise downloads it, printing a page of urlopen errors without
+    network (and a checker fails later). Checked before any model loads: with HF_HUB_OFFLINE=1 (or a dry run, which
+    writes nothing) the missing data is one line at once; otherwise the download lm_eval would make is tried here,
+    quietly, and only its failure is the line."""
+    if "ifeval" not in args.tasks:
+        return None
+    try:
+        import nltk
+    except ImportError:
+        return None  # require_harnesses names what is missing
+    try:
+        nltk.data.find("tokenizers/punkt_tab")
+        return None
+    except LookupError:
+        pass
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes", "on")
+    if try_download and not offline:
+        import contextlib
+        import io
+
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            if nltk.download("punkt_tab", quiet=True):
+                return None
+    where = f"--nltk_data {args.nltk_data}" if args.nltk_data else "NLTK_DATA or nltk's default folders"
+    how = "HF_HUB_OFFLINE=1" if offline else "not downloaded" if try_download else "a real run tries to download it"
+    return (f"IFEval's scorer needs NLTK's punkt_tab tokenizer (punkt too, for its sentence counts): not in {where} "
+            f"({how}); on a machine with network run `{NLTK_DOWNLOAD}` and pass --nltk_data DIR, or leave ifeval "
+            "out of --tasks")
+
+
 def annotator_key_problem(args: BenchmarkArgs) -> Optional[str]:
     """Why the AlpacaEval annotator could not be called (its API key missing), or None: checked before any
     answer is generated, so a missing key costs seconds, not a whole generation pass."""
