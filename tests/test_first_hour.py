@@ -58,6 +58,16 @@ def test_the_readme_links_the_page_at_the_top_and_shares_its_python_snippet():
     assert COMMANDS["python"]["body"] in readme
 
 
+def test_short_offline_runs_in_the_readme_and_the_page_start_learning_at_step_1():
+    """The offline trainers warm up over --warmup_ratio 0.05 of the steps, rounded up to a whole step whose learning
+    rate is 0: a documented run of a few steps says --warmup_ratio 0 (and the page's test checks step 1's rate)."""
+    texts = {"README.md": (REPO / "README.md").read_text(), "docs/first_hour.md": PAGE.read_text()}
+    short = [(where, line) for where, text in texts.items() for line in text.replace("\\\n", " ").splitlines()
+             if re.search(r"train_offline_s\w+\.sh.*--max_steps [1-9]\b", line)]
+    assert len(short) >= 5, short  # README: SDPO and SFT; the page: SDPO, SFT, LoRA
+    assert [item for item in short if "--warmup_ratio 0 " not in item[1] + " "] == []
+
+
 @contextlib.contextmanager
 def started(names: list[str], root: Path, drop_queued_at_exit: bool = True):
     """Run the commands of `names` and those they come after, two at a time, each a child process on one torch
@@ -158,6 +168,11 @@ def test_the_command_runs_as_written(name, first_hour_runs):
         fastest_path = readme[readme.index("## Fastest path"):readme.index("## The two commands")]
         written = sorted(p.name for p in (root / "tiny").iterdir() if not p.name.startswith("."))
         assert [f for f in written if f"`{f}`" not in fastest_path] == []
+    trained = re.search(r"OUTPUT_DIR=/tmp/sdpo-first-hour/(\S+) .*train_offline_", COMMANDS[name]["body"], re.S)
+    if trained:  # a short offline run learns from step 1: no warmup step at learning rate 0 (issue #29)
+        rows = [json.loads(line) for line in (root / trained.group(1) / "metrics.jsonl").read_text().splitlines()]
+        first = next(row for row in rows if row.get("step") == 1 and "learning_rate" in row)
+        assert first["learning_rate"] > 0, first
     if name == "wandb":
         runs = list((root / "wandb" / "wandb").glob("offline-run-*"))
         assert runs and any(p.suffix == ".wandb" for p in runs[0].iterdir())
