@@ -5,8 +5,11 @@ Each command is a ```bash (or ```python) block followed by a comment
 `<!-- first-hour: id=NAME; [slow;] [after=ID;] expect=TEXT -->`: the command must exit 0 and print
 TEXT (stdout or stderr); `after` runs that command first (once per session); `slow` marks the commands
 over ~30 s on 2 cores. The only change to a command is where it writes: /tmp/sdpo-first-hour becomes a
-temporary folder, so runs never meet. The commands run in the background from the session's first test on, two
-at a time, once per session even under pytest-xdist (conftest.first_hour_runs); their tests come last.
+temporary folder, so runs never meet; the models converted for them (SmolLM2 from its GGUF file, ~40 s of CPU) go to
+the cache a user's commands would use (CACHE_DIR, else BASE_WORK's, else /tmp/sdpo_cache, as this session sees it):
+converted once per machine, as for a user, not once per session. The commands run in the background from the
+session's first test on, two at a time, once per session even under pytest-xdist (conftest.first_hour_runs); their
+tests come last.
 FIRST_HOUR_TIMINGS=FILE appends each command's wall time and the load average (JSON lines), which is how the
 page's times were measured (this file alone).
 """
@@ -22,6 +25,8 @@ import time
 from pathlib import Path
 
 import pytest
+
+from auxiliary.runtime.model_loading import default_cache_dir
 
 REPO = Path(__file__).resolve().parent.parent
 PAGE = REPO / "docs" / "first_hour.md"
@@ -41,6 +46,7 @@ def page_commands() -> dict[str, dict]:
 
 
 COMMANDS = page_commands()
+USER_CACHE = default_cache_dir()  # the model cache of the one running the suite (before BASE_WORK is set for a command)
 # Lines of libraries that tell a new user nothing about their run (issue #29): none may print.
 LIBRARY_NOISE = ("Setting accelerator to CPU", "pkg_resources is deprecated", "fatal: not a git repository")
 QUOTED_METRICS = re.compile(r"'(loss|grad_norm|learning_rate)': '")  # transformers' log dict of strings
@@ -133,7 +139,7 @@ def run_command(name: str, root: Path, after=None) -> subprocess.CompletedProces
     body = command["body"].replace(OUT, str(root))
     env = {k: v for k, v in os.environ.items() if not re.search(r"(_KEY|_TOKEN|_SECRET|PASSWORD)$", k)}
     env.update(HF_HUB_OFFLINE="1", SDPO_ENV_FILE="", BASE_WORK=str(root), OMP_NUM_THREADS="1",
-               TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true")
+               TOKENIZERS_PARALLELISM="false", WANDB_SILENT="true", CACHE_DIR=str(USER_CACHE))
     env.pop("PYTHONPATH", None)  # the page's commands must find the modules on their own
     if command["language"] == "python":
         script = root / f"{name}.py"
