@@ -48,10 +48,21 @@ def prompt_dir(tmp_path_factory):
     return make
 
 
+def pytest_configure(config):
+    """Under `--dist loadfile` pytest-xdist queues the files by their number of tests, most first, unless told not
+    to: then the few-test files that take longest (two-process runs, end-to-end runs) came last and left one worker
+    alone at the end, and test_first_hour.py, which waits for its commands, came early. Here the files go in the
+    order pytest_collection_modifyitems gives."""
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
 def pytest_collection_modifyitems(items):
-    """docs/first_hour.md's commands (tests/test_first_hour.py) run in the background from the first test on
-    (first_hour_runs), beside the rest of the suite; their tests come last, when the results are in."""
-    items.sort(key=lambda item: item.path.name == "test_first_hour.py")
+    """Files with a test marked slow first, in the order collected, then the rest (short ones fill the end on both
+    workers); docs/first_hour.md's commands (tests/test_first_hour.py) run in the background from the first test on
+    (first_hour_runs), beside the rest of the suite, and their tests come last, when the results are in."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: (item.path.name == "test_first_hour.py", item.path not in slow_files))
 
 
 @pytest.fixture(scope="session", autouse=True)
