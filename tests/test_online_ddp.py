@@ -5,6 +5,7 @@ Run as a script under torchrun, this file is the worker of the first test.
 """
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -82,7 +83,7 @@ def torchrun_online(data, out, train_n, *extra):
                      "--output_dir", out, *extra])
 
 
-@pytest.mark.slow  # three torchrun runs
+@pytest.mark.slow  # two torchrun runs
 def test_eval_online_sdpo_under_torchrun_writes_once_and_resumes_exactly(tiny_model_dir, tmp_path):
     from reliability_helpers import read_jsonl, without_timings
 
@@ -107,9 +108,19 @@ def test_eval_online_sdpo_under_torchrun_writes_once_and_resumes_exactly(tiny_mo
     assert json.loads((out / "checkpoints/latest.json").read_text())["step"] == 4
     assert (out / "summary.json").is_file()
 
-    # stopped after the first update, then resumed on both processes from the main process's checkpoint
+    # stopped after the first update (killed in step 3: the records of steps 1-2 and the checkpoint of step 2, nothing
+    # after; a copy of the run's folder cut there, as the same run stopped there writes it up to there), then resumed
+    # on both processes from the main process's checkpoint
     part = tmp_path / "part"
-    assert torchrun_online(data, part, 2).returncode == 0
+    shutil.copytree(out, part)
+    marker = part / "checkpoints" / "latest.json"
+    marker.write_text(json.dumps({**json.loads(marker.read_text()), "step": 2}))
+    assert (part / "checkpoints" / "feedback" / "step_000002").is_dir()
+    shutil.rmtree(part / "checkpoints" / "feedback" / "step_000004")
+    for name in ("metrics.jsonl", "completions.jsonl"):
+        (part / name).write_text("".join(json.dumps(r) + "\n" for r in read_jsonl(part / name) if r["step"] <= 2))
+    (part / "eval_history.json").write_text(json.dumps([r for r in history if r["step"] <= 2]))
+    (part / "summary.json").unlink()
     resumed = torchrun_online(data, part, 4, "--resume")
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-4000:]
     assert without_timings(read_jsonl(part / "metrics.jsonl")) == without_timings(rows)
