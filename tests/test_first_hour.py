@@ -68,6 +68,21 @@ def test_short_offline_runs_in_the_readme_and_the_page_start_learning_at_step_1(
     assert [item for item in short if "--warmup_ratio 0 " not in item[1] + " "] == []
 
 
+def test_the_documented_cpu_chat_commands_are_short_and_say_how_long_they_take():
+    """The chat's default of 256 new tokens took 43 s a reply on the 135M model, rambling to the limit (issue #29):
+    the README's and docs/chat.md's CPU commands cap the reply at 64 tokens and say what that takes."""
+    for page in ("README.md", "docs/chat.md"):
+        text = (REPO / page).read_text()
+        commands = [line for line in text.splitlines()
+                    if re.search(r"chat_sdpo\.py --model smollm2-135m-instruct", line) and not line.startswith("|")]
+        assert commands, page
+        for line in commands:
+            limit = re.search(r"--max_new_tokens (\d+)", line)
+            assert limit and int(limit.group(1)) <= 64, (page, line)
+        flat = text.replace("\n# ", " ").replace("\n", " ")
+        assert re.search(r"about 14 s (a reply|\(up to 64 tokens\))", flat), page
+
+
 @contextlib.contextmanager
 def started(names: list[str], root: Path, drop_queued_at_exit: bool = True):
     """Run the commands of `names` and those they come after, two at a time, each a child process on one torch
