@@ -4,12 +4,12 @@ interpreter `make install` creates (.venv/bin/python).
 Each command is a ```bash (or ```python) block followed by a comment
 `<!-- first-hour: id=NAME; [slow;] [after=ID;] expect=TEXT -->`: the command must exit 0 and print
 TEXT (stdout or stderr); `after` runs that command first (once per session); `slow` marks the commands
-over ~30 s on 2 cores. The only change to a command is where it writes: /tmp/sdpo-first-hour becomes a
-temporary folder, so runs never meet; the models converted for them (SmolLM2 from its GGUF file, ~40 s of CPU) go to
-the cache a user's commands would use (CACHE_DIR, else BASE_WORK's, else /tmp/sdpo_cache, as this session sees it):
-converted once per machine, as for a user, not once per session. The commands run in the background from the
-session's first test on, two at a time, once per session even under pytest-xdist (conftest.first_hour_runs); their
-tests come last.
+that run SmolLM2-135M-Instruct (minutes on a busy 2-core machine; the tiny model's take seconds when idle).
+The only change to a command is where it writes: /tmp/sdpo-first-hour becomes a temporary folder, so runs never
+meet; the models converted for them (SmolLM2 from its GGUF file, ~40 s of CPU) go to the cache a user's commands
+would use (CACHE_DIR, else BASE_WORK's, else /tmp/sdpo_cache, as this session sees it): converted once per machine,
+as for a user, not once per session. The commands run in the background from the session's first test on, two at a
+time, once per session even under pytest-xdist (conftest.first_hour_runs); their tests come last.
 FIRST_HOUR_TIMINGS=FILE appends each command's wall time and the load average (JSON lines), which is how the
 page's times were measured (this file alone).
 """
@@ -58,6 +58,13 @@ def test_every_command_block_of_the_page_is_tested():
     assert "TIME_" not in PAGE.read_text() and "TIMING_LOAD" not in PAGE.read_text(), "a time is missing"
 
 
+def test_the_commands_marked_slow_are_those_on_the_135m_model_as_the_page_says():
+    slow = {name for name, command in COMMANDS.items() if command["slow"]}
+    assert slow == {name for name, command in COMMANDS.items()
+                    if "smollm2-135m-instruct" in command["body"] and "--dry-run" not in command["body"]}
+    assert "those that run SmolLM2-135M-Instruct are marked slow" in PAGE.read_text()
+
+
 def test_the_readme_links_the_page_at_the_top_and_shares_its_python_snippet():
     readme = (REPO / "README.md").read_text()
     assert "docs/first_hour.md" in "\n".join(readme.splitlines()[:12])
@@ -72,6 +79,21 @@ def test_short_offline_runs_in_the_readme_and_the_page_start_learning_at_step_1(
              if re.search(r"train_offline_s\w+\.sh.*--max_steps [1-9]\b", line)]
     assert len(short) >= 5, short  # README: SDPO and SFT; the page: SDPO, SFT, LoRA
     assert [item for item in short if "--warmup_ratio 0 " not in item[1] + " "] == []
+
+
+def test_the_documented_cpu_chat_commands_are_short_and_say_how_long_they_take():
+    """The chat's default of 256 new tokens took 43 s a reply on the 135M model, rambling to the limit (issue #29):
+    the README's and docs/chat.md's CPU commands cap the reply at 64 tokens and say what that takes."""
+    for page in ("README.md", "docs/chat.md"):
+        text = (REPO / page).read_text()
+        commands = [line for line in text.splitlines()
+                    if re.search(r"chat_sdpo\.py --model smollm2-135m-instruct", line) and not line.startswith("|")]
+        assert commands, page
+        for line in commands:
+            limit = re.search(r"--max_new_tokens (\d+)", line)
+            assert limit and int(limit.group(1)) <= 64, (page, line)
+        flat = text.replace("\n# ", " ").replace("\n", " ")
+        assert re.search(r"about 14 s (a reply|\(up to 64 tokens\))", flat), page
 
 
 @contextlib.contextmanager
