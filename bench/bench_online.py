@@ -485,6 +485,18 @@ def report(args, phases, evalgen, teacher, head, checkpoint, baseline, retok, se
     return lines, rates, ratios
 
 
+def detach_logs_under(folder: Path) -> None:
+    """The runs' run.log handlers stay on the root logger after their main() returns (in process, as here): those
+    writing into `folder`, which is about to go, are removed and closed, so that a later record in this process does not
+    try to reopen a file in a deleted folder (FileNotFoundError from logging, in whatever code logs next)."""
+    import logging
+
+    root = logging.getLogger()
+    for handler in [h for h in root.handlers if Path(getattr(h, "baseFilename", "/")).is_relative_to(folder)]:
+        root.removeHandler(handler)
+        handler.close()
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads and torch.device(args.device).type == "cpu":
@@ -512,6 +524,7 @@ def main(argv=None) -> int:
         print(f"throughput sweep: --interactions_per_update {args.batch_sizes} ...", file=sys.stderr, flush=True)
         sweep = sweep_batch_sizes(args, work_dir)
     finally:
+        detach_logs_under(work_dir)
         shutil.rmtree(work_dir, ignore_errors=True)
     elapsed = time.time() - started
     lines, rates, ratios = report(args, phases, evalgen, teacher, head, checkpoint, baseline, retok, setup_wall,

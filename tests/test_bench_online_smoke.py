@@ -32,6 +32,11 @@ def test_quick_run_prints_ratios_and_consistent_json(tmp_path, monkeypatch, caps
         torch.set_rng_state(rng)
     done = subprocess.CompletedProcess("bench_online.main", code, *capsys.readouterr())
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    # no handler is left logging into the runs' folders, which main() deleted (the next test's log line would fail)
+    import logging
+
+    left = [h.baseFilename for h in logging.getLogger().handlers if "bench_online_" in getattr(h, "baseFilename", "")]
+    assert left == []
     ratios = bench_common.parse_ratio_lines(done.stdout)
     assert EXPECTED_RATIOS <= set(ratios), ratios
     assert all(math.isfinite(v) and v > 0 for v in ratios.values()), ratios
