@@ -33,7 +33,8 @@ $(SYSDEPS):
 install: $(STAMP)
 
 # The suite on TEST_WORKERS pytest-xdist processes (one per core here), a test file per worker at a time
-# (--dist loadfile: a file's module fixtures are built once); tests/conftest.py gives each one torch thread.
+# (--dist loadfile: a file's module fixtures are built once); tests/conftest.py gives each one torch thread and hands
+# out the files with a test marked slow first, docs/first_hour.md's tests last.
 # ruff first: an undefined name fails in a second, before any test runs.
 TEST_WORKERS ?= 2
 test: $(STAMP) $(SYSDEPS)
