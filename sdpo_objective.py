@@ -675,6 +675,12 @@ class ObjectiveOptions:
         "help": "simple_signal: also teach where the reply should end: + w A_end,t log p(<end> | x, y<t) at every "
                 "weighted position, A_end,t the hindsight signal of the end-of-turn token there (against the neutral "
                 "follow-up with contrast); w this value (0 = off, the paper's; docs/objective.md)"})
+    end_signal_copy_guard: bool = field(default=True, metadata={
+        "help": "end signal with --copy_guard_ngram: the guard removes the end term too where it removes a token's "
+                "signal (false: the end term stays at those positions, inside a loop, where stopping is wanted)"})
+    end_signal_center: bool = field(default=False, metadata={
+        "help": "end signal: subtract each reply's weighted mean A_end (teach where in a reply to stop, not how much "
+                "more often)"})
     logits_chunk_size: Optional[int] = field(default=None, metadata={
         "help": f"response positions per chunk of the LM head / log-softmax (default: {CPU_CHUNK_SIZE} on CPU, "
                 f"{ACCELERATOR_CHUNK_SIZE} on GPU, chosen by bench/bench_chunk_size.py)"})
@@ -766,6 +772,7 @@ class TokenLoss:
     num_seq: int
     seq_index: torch.Tensor                     # the reply each token belongs to
     weight: torch.Tensor                        # token_weights: 0 where ignore_first_k or the copy guard drop a token
+    end_base_weight: torch.Tensor               # the end term's weight before stop tokens are removed
     tokens_per_seq: torch.Tensor                # weighted token count of each token's reply (>= 1)
     logp_xo: torch.Tensor | None = None         # teacher log p(y_t | xo) (simple_signal)
     logp_neutral: torch.Tensor | None = None    # teacher log p(y_t | x o_neutral) (simple_signal, contrast on)
@@ -782,7 +789,10 @@ class TokenLoss:
         seq_index = torch.arange(num_seq, device=mask.device).unsqueeze(1).expand_as(mask)[mask]
         weight = token_weights(response_ids, mask, opts)
         counts = torch.zeros(num_seq, device=weight.device).index_add_(0, seq_index, weight).clamp(min=1)
-        return cls(opts, num_seq, seq_index, weight, counts[seq_index])
+        end_base_weight = weight
+        if opts.end_signal_weight and opts.copy_guard_ngram and not opts.end_signal_copy_guard:
+            end_base_weight = token_weights(response_ids, mask, dataclasses.replace(opts, copy_guard_ngram=0))
+        return cls(opts, num_seq, seq_index, weight, end_base_weight, counts[seq_index])
 
     @property
     def contrast(self) -> bool:
@@ -813,17 +823,24 @@ class TokenLoss:
                        end_logp_neutral: torch.Tensor | None, end_logp_x: torch.Tensor | None) -> None:
         """Turn the end signal on. <end> is "any stop token": log p(<end>) = log sum_s p(s) over end_token_ids.
         A_end,t = log p_T(<end> | xo, y<t) - (log p_T(<end> | x o_neutral, y<t) with contrast, else the student's own
-        log p(<end> | x, y<t), computed the way the teacher's was, so that their rounding cancels). No centring or
-        clipping: <end> is one action among the vocabulary, not a token of the reply; negate_signal negates it too.
+        log p(<end> | x, y<t), computed the way the teacher's was, so that their rounding cancels). No clipping, and no
+        centring unless end_signal_center (each reply's mean over w'): <end> is one action among the vocabulary, not a
+        token of the reply; negate_signal negates it too.
         Where y_t is a stop token the sampled token carries that signal already: no end term there."""
         baseline = end_logp_neutral if self.contrast else end_logp_x
         if baseline is None:
             raise ValueError("the end signal needs the student's log p(<end> | x) without contrast")
         signal = (end_logp_xo - baseline).detach()
         self.end_token_ids = list(end_token_ids)
-        self.end_signal_values = -signal if self.opts.negate_signal else signal
+        signal = -signal if self.opts.negate_signal else signal
         stops = torch.tensor(self.end_token_ids, device=targets.device)
-        self.end_weight = self.weight * (~torch.isin(targets, stops)).float()
+        self.end_weight = self.end_base_weight * (~torch.isin(targets, stops)).float()
+        if self.opts.end_signal_center:
+            zeros = torch.zeros(self.num_seq, device=signal.device)
+            sums = zeros.index_add(0, self.seq_index, signal * self.end_weight)
+            counts = zeros.index_add(0, self.seq_index, self.end_weight)
+            signal = signal - (sums / counts.clamp(min=1))[self.seq_index]
+        self.end_signal_values = signal
 
     def kl(self, student_buckets: torch.Tensor, teacher_buckets: torch.Tensor) -> torch.Tensor:
         """The per-token divergence of full_distillation (`--divergence`; named kl for the default)."""
@@ -838,7 +855,8 @@ class TokenLoss:
         full_distillation:  sum_t w_t D_t / sum_t w_t, D_t the top-k divergence (reverse KL by default)
         beta > 0:           + beta * sum_t w_t k3_t / sum_t w_t, k3 the estimate of KL(policy || reference)
         end signal:         - (1/B) sum_b (1/|y_b|) sum_t e w'_t A_end,t log p(<end> | x, y<t), e = end_signal_weight,
-                            w'_t = w_t but 0 where y_t is a stop token (`use_end_tokens`)
+                            w'_t = w_t (without the copy guard when end_signal_copy_guard is off) but 0 where
+                            y_t is a stop token (`use_end_tokens`)
         w_t = token_weights, |y_b| = sum of w_t over reply b. logp_x and kl carry the gradient; the signal never does.
         """
         opts, weight = self.opts, self.weight[rows]

@@ -92,6 +92,12 @@ SETTINGS: dict[str, list[str]] = {
     "contrast-guard3-frozen-end0.3": CONTRAST_GUARD + ["--teacher", "frozen", "--end_signal_weight", "0.3"],
     # 0.3 broke more replies than 1: the other way
     "contrast-guard3-frozen-end3": CONTRAST_GUARD + ["--teacher", "frozen", "--end_signal_weight", "3"],
+    # the copy guard no longer removes the end term: inside a loop, where stopping is what the user wants
+    "contrast-guard3-frozen-end1-loopend": CONTRAST_GUARD + ["--teacher", "frozen", "--end_signal_weight", "1",
+                                                             "--end_signal_copy_guard", "false"],
+    # the end signal centred per reply: where in the reply stopping should rise, not a push to stop everywhere
+    "contrast-guard3-frozen-end1-centred": CONTRAST_GUARD + ["--teacher", "frozen", "--end_signal_weight", "1",
+                                                             "--end_signal_center", "true"],
 }
 
 

@@ -16,6 +16,10 @@ OPTIONS = [
     dict(end_signal_weight=1.3, contrast_followup=CONTRAST, center_signal=True, ignore_first_k=2, copy_guard_ngram=2,
          logits_chunk_size=3),
     dict(end_signal_weight=2.0, contrast_followup=CONTRAST, signal_clip=0.2, negate_signal=True),
+    dict(end_signal_weight=1.3, contrast_followup=CONTRAST, ignore_first_k=1, copy_guard_ngram=2,
+         end_signal_copy_guard=False, logits_chunk_size=3),
+    dict(end_signal_weight=1.1, contrast_followup=CONTRAST, ignore_first_k=1, copy_guard_ngram=2,
+         end_signal_center=True, logits_chunk_size=3),
 ]
 
 
@@ -37,11 +41,13 @@ def test_with_a_frozen_teacher_and_reference_kl(tiny_tokenizer):
                              contrast_followup=CONTRAST, copy_guard_ngram=2)
 
 
-@pytest.mark.parametrize("contrast", [False, True])
-def test_the_end_term_by_hand(tiny_model, tiny_tokenizer, contrast):
+@pytest.mark.parametrize("contrast,guard_end,center_end", [(False, True, False), (True, True, False),
+                                                          (True, False, False), (True, True, True)])
+def test_the_end_term_by_hand(tiny_model, tiny_tokenizer, contrast, guard_end, center_end):
     """loss(with) - loss(without) = -(1/B) sum_b (1/|y_b|) sum_t e w'_t A_end,t log p(<end> | x, y<t), from plain
     unbatched forwards: A_end,t the teacher's log-prob of <end> under xo minus under x o_neutral (contrast) or minus
-    the student's under x; w'_t the token weight, 0 where y_t is <end> itself."""
+    the student's under x; w'_t the token weight, 0 where y_t is <end> itself; with end_signal_copy_guard off, w'_t
+    is the weight without the copy guard (|y_b| keeps it); with end_signal_center, A_end minus its w'-mean."""
     model = tiny_model.eval()
     (end,) = end_token_ids(model)
     assert any(end in reply for reply in RESPONSES)  # the rule that skips the sampled end token is exercised
@@ -50,8 +56,9 @@ def test_the_end_term_by_hand(tiny_model, tiny_tokenizer, contrast):
     batch_x, batch_xo, batch_neutral = _batches(tiny_tokenizer, neutral=contrast)
     with torch.no_grad():
         without, _ = sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(**options), batch_neutral=batch_neutral)
-        with_end, _ = sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(end_signal_weight=0.5, **options),
-                                batch_neutral=batch_neutral)
+        with_end, _ = sdpo_loss(model, batch_x, batch_xo, ObjectiveOptions(
+            end_signal_weight=0.5, end_signal_copy_guard=guard_end, end_signal_center=center_end, **options),
+            batch_neutral=batch_neutral)
         student = torch.log_softmax(_response_logits(model, CONTEXTS_X), -1)[..., end]
         teacher = torch.log_softmax(_response_logits(model, CONTEXTS_XO), -1)[..., end]
         baseline = torch.log_softmax(_response_logits(model, CONTEXTS_NEUTRAL), -1)[..., end] if contrast else student
@@ -59,12 +66,20 @@ def test_the_end_term_by_hand(tiny_model, tiny_tokenizer, contrast):
     ids = torch.tensor([r + [0] * (width - len(r)) for r in RESPONSES])
     mask = torch.tensor([[True] * len(r) + [False] * (width - len(r)) for r in RESPONSES])
     flat_weights = token_weights(ids, mask, ObjectiveOptions(**options)).tolist()
+    end_options = {**options, "copy_guard_ngram": 2 if guard_end else 0}
+    flat_end_weights = token_weights(ids, mask, ObjectiveOptions(**end_options)).tolist()
+    assert guard_end or flat_end_weights != flat_weights  # the guard drops some token here
     expected, start = 0.0, 0
     for row, reply in enumerate(RESPONSES):
         weights = flat_weights[start:start + len(reply)]
+        end_weights = flat_end_weights[start:start + len(reply)]
         start += len(reply)
-        term = sum(w * (float(teacher[row, t]) - float(baseline[row, t])) * float(student[row, t])
-                   for t, w in enumerate(weights) if reply[t] != end)
+        kept = [(t, w) for t, w in enumerate(end_weights) if reply[t] != end]
+        signal = {t: float(teacher[row, t]) - float(baseline[row, t]) for t, _ in kept}
+        if center_end:  # each reply's mean A_end over the end term's weights
+            mean = sum(w * signal[t] for t, w in kept) / max(sum(w for _, w in kept), 1.0)
+            signal = {t: value - mean for t, value in signal.items()}
+        term = sum(w * signal[t] * float(student[row, t]) for t, w in kept)
         expected -= 0.5 * term / max(sum(weights), 1.0)
     expected /= len(RESPONSES)
     assert abs(expected) > 1e-4
