@@ -772,7 +772,6 @@ class TokenLoss:
     num_seq: int
     seq_index: torch.Tensor                     # the reply each token belongs to
     weight: torch.Tensor                        # token_weights: 0 where ignore_first_k or the copy guard drop a token
-    end_base_weight: torch.Tensor               # the end term's weight before stop tokens are removed
     tokens_per_seq: torch.Tensor                # weighted token count of each token's reply (>= 1)
     logp_xo: torch.Tensor | None = None         # teacher log p(y_t | xo) (simple_signal)
     logp_neutral: torch.Tensor | None = None    # teacher log p(y_t | x o_neutral) (simple_signal, contrast on)
@@ -781,6 +780,7 @@ class TokenLoss:
     end_token_ids: list[int] | None = None      # end_signal_weight > 0: the model's stop tokens (use_end_tokens)
     end_weight: torch.Tensor | None = None      # weight, 0 where y_t is a stop token itself
     end_signal_values: torch.Tensor | None = None  # A_end,t, no gradient (negated with negate_signal)
+    end_base_weight: torch.Tensor | None = None  # the end term's weight before stop tokens (None: `weight`)
 
     @classmethod
     def for_batch(cls, opts: ObjectiveOptions, response_ids: torch.Tensor, response_mask: torch.Tensor) -> "TokenLoss":
@@ -792,7 +792,7 @@ class TokenLoss:
         end_base_weight = weight
         if opts.end_signal_weight and opts.copy_guard_ngram and not opts.end_signal_copy_guard:
             end_base_weight = token_weights(response_ids, mask, dataclasses.replace(opts, copy_guard_ngram=0))
-        return cls(opts, num_seq, seq_index, weight, end_base_weight, counts[seq_index])
+        return cls(opts, num_seq, seq_index, weight, counts[seq_index], end_base_weight=end_base_weight)
 
     @property
     def contrast(self) -> bool:
@@ -834,7 +834,8 @@ class TokenLoss:
         self.end_token_ids = list(end_token_ids)
         signal = -signal if self.opts.negate_signal else signal
         stops = torch.tensor(self.end_token_ids, device=targets.device)
-        self.end_weight = self.end_base_weight * (~torch.isin(targets, stops)).float()
+        base = self.weight if self.end_base_weight is None else self.end_base_weight
+        self.end_weight = base * (~torch.isin(targets, stops)).float()
         if self.opts.end_signal_center:
             zeros = torch.zeros(self.num_seq, device=signal.device)
             sums = zeros.index_add(0, self.seq_index, signal * self.end_weight)
