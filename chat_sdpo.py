@@ -265,8 +265,8 @@ def _help() -> str:
 def build_session(config: ChatConfig, on_event=None, user_id: str | None = None):
     """A loaded ChatSession of `user_id` (default: --user_id), with its own model and optimizer."""
     from auxiliary.chat.session import ChatSession, validate_user_id
-    from auxiliary.runtime.io_utils import private_dir
-    from auxiliary.runtime.run_folder import folders_to_create, remove_unstarted
+    from auxiliary.runtime.io_utils import folders_to_create, private_dir
+    from auxiliary.runtime.run_folder import remove_unstarted
     from online_sdpo_updater import OnlineSDPOUpdater
 
     user_id = validate_user_id(user_id or config.user_id)

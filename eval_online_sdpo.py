@@ -65,9 +65,10 @@ from auxiliary.online.evaluator import BaselineError, Evaluator, Phases
 from auxiliary.online.records import step_rows
 from auxiliary.online.world import World
 from auxiliary.runtime.io_utils import DataError
+from auxiliary.runtime.model_loading import check_all_loadable
 from auxiliary.runtime.run_folder import RunFolder, RunFolderError, default_output_dir
 from auxiliary.runtime.wandb_run import WandbRun, WandbSetupError
-from online_sdpo_updater_config import OnlineRunConfig, OnlineSDPOConfig, check_online_rules
+from online_sdpo_updater_config import OnlineRunConfig, OnlineSDPOConfig, check_online_rules, models_loaded
 
 logger = logging.getLogger("eval_online_sdpo")
 
@@ -101,11 +102,11 @@ class OnlineRun:
         WandbRun.require(self.run.wandb)  # before the baseline is saved: a refused --overwrite changes no file
         self._check_prompt_files()  # before the output folder: nothing left behind
         if not self.run.resume:  # the same: a model path or hub id that cannot load is one line, no folder
-            self._check_models()
+            check_all_loadable(models_loaded(self.sdpo, self.run))
         self.sdpo = self.world.start(self.sdpo)  # join the process group: this process's device
         self.out = self._open_folder()  # main process: create, lock, refuse a changed experiment on --resume
         if self.run.resume:  # after the refusal of a changed experiment, which names the change
-            self._check_models()
+            check_all_loadable(models_loaded(self.sdpo, self.run))
         self.world.barrier()  # the others start once the folder is open (or the main process has failed)
         tokenizer, model_path = self._load_tokenizer()
         self._load_data(tokenizer)
@@ -127,19 +128,6 @@ class OnlineRun:
         require_prompt_file(self.run.train_jsonl, "train_jsonl")
         if self.run.eval_n:
             require_prompt_file(self.run.val_jsonl, "val_jsonl")
-
-    def _check_models(self) -> None:
-        """Each model the run will load (the policy, a --ref_model with --beta > 0; a local or vLLM user or judge; a
-        relevance model) exists and its config.json reads (model_loading.check_loadable: a hub id without network
-        must be in the cache)."""
-        from auxiliary.runtime.model_loading import check_loadable
-
-        run = self.run
-        names = [self.sdpo.model, self.sdpo.ref_model if self.sdpo.beta > 0 else None, run.relevance_model]
-        names += [run.user_model_name_or_path] if run.user_simulator in ("local", "vllm") else []
-        names += [run.judge_model] if run.judge in ("local", "vllm") else []
-        for name in dict.fromkeys(n for n in names if n):
-            check_loadable(name)
 
     def _open_folder(self) -> Path:
         run = self.run

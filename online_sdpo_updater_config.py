@@ -253,6 +253,14 @@ def online_rules(sdpo: OnlineSDPOConfig, run: OnlineRunConfig, processes: int = 
     ]
 
 
+def models_loaded(sdpo: OnlineSDPOConfig, run: OnlineRunConfig) -> list:
+    """Every model an online run loads (None where a role loads none): the policy, a --ref_model with --beta > 0, a
+    local or vLLM user or judge, the relevance model."""
+    return [sdpo.model, sdpo.ref_model if sdpo.beta > 0 else None, run.relevance_model,
+            run.user_model_name_or_path if run.user_simulator in ("local", "vllm") else None,
+            run.judge_model if run.judge in ("local", "vllm") else None]
+
+
 def check_online_rules(sdpo: OnlineSDPOConfig, run: OnlineRunConfig, processes: int = 1) -> None:
     """ValueError with the first broken rule of online_rules."""
     for broken, message in online_rules(sdpo, run, processes):

@@ -280,7 +280,8 @@ def train_holding_output_dir(cfg: OfflineTrainingArguments, train_fn=None) -> di
     """train() (or `train_fn`) with --output_dir locked against a second run writing it. Only the first process of a
     torchrun/accelerate launch takes the lock: all its processes write the one folder together."""
     from auxiliary.runtime.locks import FolderLock, FolderLockError
-    from auxiliary.runtime.run_folder import folders_to_create, remove_unstarted
+    from auxiliary.runtime.io_utils import folders_to_create
+    from auxiliary.runtime.run_folder import remove_unstarted
 
     check_models(cfg)  # before the folder exists: a model that cannot load leaves nothing behind
     lock = FolderLock(cfg.output_dir) if int(os.environ.get("RANK", "0")) == 0 else None
@@ -306,11 +307,10 @@ def train_holding_output_dir(cfg: OfflineTrainingArguments, train_fn=None) -> di
 def check_models(cfg: OfflineTrainingArguments) -> None:
     """The policy and a reference model (--ref_model, with --beta > 0) exist and their config.json reads; a hub id
     without network must be in the cache (model_loading.check_loadable). ModelLoadError: one line, exit 2."""
-    from auxiliary.runtime.model_loading import check_loadable
+    from auxiliary.runtime.model_loading import check_all_loadable
 
     reference = getattr(cfg, "ref_model", None) if getattr(cfg, "beta", 0) > 0 else None  # loaded only with beta
-    for name in dict.fromkeys(n for n in (cfg.model, reference) if n):
-        check_loadable(name)
+    check_all_loadable((cfg.model, reference))
 
 
 # What a run leaves in --output_dir (besides checkpoint-N/ folders): an earlier run's results.

@@ -147,7 +147,8 @@ def test_eval_tools_with_a_model_that_does_not_load_leave_no_folder(models, tiny
 
 
 def test_remove_unstarted_removes_only_what_this_run_made(tmp_path):
-    from auxiliary.runtime.run_folder import RUN_MARKER, folders_to_create, remove_unstarted, write_run_marker
+    from auxiliary.runtime.io_utils import folders_to_create
+    from auxiliary.runtime.run_folder import RUN_MARKER, remove_unstarted, write_run_marker
 
     def made(path: Path) -> list[Path]:
         created = folders_to_create(path)

@@ -220,14 +220,23 @@ PRIVATE_DIR_MODE = 0o700
 PRIVATE_FILE_MODE = 0o600
 
 
+def folders_to_create(path: str | os.PathLike) -> list[Path]:
+    """The folders that creating `path` would make: itself and its missing parents, innermost first ([] when it
+    exists). A run notes them before it writes anything, so that run_folder.remove_unstarted knows what it made."""
+    missing, probe = [], Path(path)
+    while not os.path.lexists(probe) and probe != probe.parent:
+        missing.append(probe)
+        probe = probe.parent
+    return missing
+
+
 def require_writable_folder(path: str | os.PathLike, flag: str = "--output_dir") -> Path:
     """That `path` is a folder this process can write in, or one it could create (its nearest existing parent is
     a folder it can write in), without creating it: a tool that writes its results only at the end creates the
     folder then (atomic_write_* make the parents), so a run that fails before leaves no empty folder. DataError."""
     path = Path(path).expanduser()
-    probe = path
-    while not os.path.lexists(probe) and probe != probe.parent:
-        probe = probe.parent
+    missing = folders_to_create(path)
+    probe = missing[-1].parent if missing else path
     if not probe.is_dir():
         raise DataError(f"{flag} {path}: {probe} is not a folder")
     if not os.access(probe, os.W_OK | os.X_OK):

@@ -197,6 +197,13 @@ def check_loadable(name_or_path: str) -> str:
     return path
 
 
+def check_all_loadable(names) -> None:
+    """check_loadable on each distinct name of `names` (None and "" skipped): every model a tool will load, checked
+    before it creates its output folder."""
+    for name in dict.fromkeys(name for name in names if name):
+        check_loadable(name)
+
+
 def load_causal_lm(path: str, name_or_path: str | None = None, **kwargs):
     """AutoModelForCausalLM.from_pretrained(path, **kwargs), its failures one line (ModelLoadError): a missing or
     unreachable file, weights that are cut or not weights at all, weights that do not fit the config."""

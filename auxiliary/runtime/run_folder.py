@@ -40,7 +40,8 @@ from pathlib import Path
 from auxiliary.runtime.checkpoints import (MARKER_FILE, CheckpointError, checkpoint_name, read_latest_marker,
                                            resume_point, write_marker)
 from auxiliary.runtime.io_utils import (PRIVATE_FILE_MODE, DataError, append_jsonl, atomic_write_json,
-                                        atomic_write_jsonl, base_work_dir, iter_jsonl, private_dir)
+                                        atomic_write_jsonl, base_work_dir, folders_to_create, iter_jsonl,
+                                        private_dir)
 from auxiliary.runtime.locks import FolderLock, FolderLockError
 
 logger = logging.getLogger("eval_online_sdpo")  # the run's own lines in run.log, as before the move
@@ -155,16 +156,6 @@ def write_run_marker(folder: Path, tool: str) -> None:
     if not is_run_of_ours(folder):  # atomic: a link or a stray file named like the marker is replaced, not followed
         atomic_write_json(Path(folder) / RUN_MARKER, {"project": PROJECT_IDENTITY, "tool": tool,
                                                       "created": time.strftime("%Y-%m-%dT%H:%M:%S")})
-
-
-def folders_to_create(path: Path) -> list[Path]:
-    """The folders that creating `path` would make: itself and its missing parents, innermost first ([] when it
-    exists). A run notes them before it writes anything, so that remove_unstarted knows what it made."""
-    missing, probe = [], Path(path)
-    while not os.path.lexists(probe) and probe != probe.parent:
-        missing.append(probe)
-        probe = probe.parent
-    return missing
 
 
 def remove_unstarted(created: list[Path], own_files: tuple[str, ...]) -> bool:
